@@ -1220,18 +1220,20 @@ def _read_ct2_variables(weight_files: list[Path]) -> _Variables:
     return variables
 
 
-def ct2_weight_files(model_dir: Path) -> list[Path]:
-    """Return model.bin, or model.bin.part1, .part2, ... in numeric order."""
-    single = model_dir / "model.bin"
+def ct2_weight_files(*model_dirs: Path) -> list[Path]:
+    """Return model.bin, or model.bin.part1, .part2, ... in numeric order, which may be spread
+    over several directories (a model split across packages)."""
+    single = model_dirs[0] / "model.bin"
     if single.is_file():
         return [single]
     parts: dict[int, Path] = {}
-    for path in model_dir.glob("model.bin.part*"):
-        match = re.fullmatch(r"model\.bin\.part(\d+)", path.name)
-        if match and path.is_file():
-            parts[int(match.group(1))] = path
+    for model_dir in model_dirs:
+        for path in model_dir.glob("model.bin.part*"):
+            match = re.fullmatch(r"model\.bin\.part(\d+)", path.name)
+            if match and path.is_file():
+                parts[int(match.group(1))] = path
     if not parts:
-        raise ModelImportError(f"no model.bin or model.bin.partN in {model_dir}")
+        raise ModelImportError(f"no model.bin or model.bin.partN in {', '.join(map(str, model_dirs))}")
     return [parts[n] for n in sorted(parts)]
 
 
@@ -2152,8 +2154,10 @@ def starter_source() -> tuple[Path, list[Path]] | None:
     if any(s is None or not s.submodule_search_locations for s in specs):
         return None
     dirs = [Path(list(s.submodule_search_locations)[0]) / "data" for s in specs]  # type: ignore[union-attr]
-    parts = [dirs[0] / "model.bin.part1", dirs[1] / "model.bin.part2"]
-    return (dirs[0], parts) if all(p.is_file() for p in parts) else None
+    try:
+        return dirs[0], ct2_weight_files(*dirs)
+    except ModelImportError:
+        return None
 
 
 def ensure_default_model(store: ModelStore) -> None:
@@ -2220,15 +2224,14 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 def cmd_models_import(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
-    source = Path(args.dir)
-    name = args.as_name or f"ggml-{source.resolve().name}"
-    name = name.removesuffix(".bin")
+    sources = [Path(d) for d in args.dirs]
+    name = (args.as_name or f"ggml-{sources[0].resolve().name}").removesuffix(".bin")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"--as must be a plain file name, got {name!r}")
     settings.models_path.mkdir(parents=True, exist_ok=True)
     dest = settings.models_path / f"{name}.bin"
-    convert_ctranslate2(source, dest)
-    print(f"imported {source} as model '{name}' ({dest}, {dest.stat().st_size / MiB:.0f} MiB)")
+    convert_ctranslate2(sources[0], dest, weight_files=ct2_weight_files(*sources))
+    print(f"imported {', '.join(map(str, sources))} as model '{name}' ({dest.stat().st_size / MiB:.0f} MiB)")
     return 0
 
 
@@ -2253,7 +2256,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.add_argument("--base-url", help=f"mirror to fetch from [AUDIOTEXT_MODELS_BASE_URL] ({MODELS_BASE_URL})")
     imp = models.add_parser("import", help="convert a CTranslate2 / faster-whisper model directory")
-    imp.add_argument("dir")
+    imp.add_argument("dirs", nargs="+", metavar="DIR",
+                     help="model directory (config.json, vocabulary.txt, model.bin); weights split into "
+                          "model.bin.partN may sit in further directories")
     imp.add_argument("--as", dest="as_name", help="model name (file NAME.bin); default ggml-<dir name>")
     for sub, run in ((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import)):
         sub.add_argument("--models-dir", dest="models_dir", type=Path, default=None,

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Regenerates the test audio clips with espeak-ng and ffmpeg.
+# Usage: ./make_clips.sh [output-dir]   (default: this folder)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+OUT="${1:-$HERE}"
+mkdir -p "$OUT"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+EN_TEXT="Hello, my name is John and I live in London."
+CA_TEXT="El meu germà i la meva família viuen a Barcelona."
+LONG_TEXT="Good morning and welcome to the weekly news. \
+Today the weather is sunny and warm in most of the country. \
+In the city, the new library opened its doors to the public on Monday. \
+Children and parents came to read books and play games. \
+The train to the coast will run every hour during the summer. \
+Please remember to bring water and a hat if you go to the beach. \
+That is all for today. Thank you for listening, and have a nice week."
+
+FF=(ffmpeg -hide_banner -loglevel error -y)
+
+espeak-ng -v en-us -s 140 -w "$TMP/en.raw.wav" "$EN_TEXT"
+espeak-ng -v ca    -s 140 -w "$TMP/ca.raw.wav" "$CA_TEXT"
+espeak-ng -v en-us -s 140 -w "$TMP/long_en.raw.wav" "$LONG_TEXT"
+
+# 16 kHz mono s16 masters
+for n in en ca long_en; do
+  "${FF[@]}" -i "$TMP/$n.raw.wav" -ac 1 -ar 16000 -c:a pcm_s16le "$TMP/$n.wav"
+done
+
+cp "$TMP/en.wav" "$OUT/en.wav"
+cp "$TMP/ca.wav" "$OUT/ca.wav"
+
+"${FF[@]}" -i "$TMP/en.wav" -c:a flac -compression_level 8 "$OUT/en.flac"
+"${FF[@]}" -i "$TMP/en.wav" -c:a libmp3lame -b:a 32k "$OUT/en.mp3"
+"${FF[@]}" -i "$TMP/en.wav" -c:a libvorbis -q:a 0 "$OUT/en.ogg"
+"${FF[@]}" -i "$TMP/en.wav" -c:a aac -b:a 32k "$OUT/en.m4a"
+"${FF[@]}" -i "$TMP/en.wav" -c:a libopus -b:a 24k -application voip "$OUT/en.webm"
+"${FF[@]}" -i "$TMP/en.wav" -f lavfi -i "color=c=black:s=64x64:r=1" \
+  -map 1:v -map 0:a -shortest \
+  -c:v libx264 -preset veryslow -tune stillimage -pix_fmt yuv420p -r 1 \
+  -c:a aac -b:a 32k -movflags +faststart "$OUT/en.mp4"
+
+"${FF[@]}" -i "$TMP/ca.wav" -c:a libopus -b:a 24k -application voip "$OUT/ca.webm"
+"${FF[@]}" -i "$TMP/long_en.wav" -c:a libopus -b:a 12k -application voip "$OUT/long_en.webm"
+
+"${FF[@]}" -f lavfi -i "anullsrc=r=16000:cl=mono" -t 2 -c:a pcm_s16le "$OUT/silence.wav"
+
+ls -l "$OUT"
