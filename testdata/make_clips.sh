@@ -20,6 +20,8 @@ Please remember to bring water and a hat if you go to the beach. \
 That is all for today. Thank you for listening, and have a nice week."
 
 FF=(ffmpeg -hide_banner -loglevel error -y)
+# output options for reproducible container bytes
+BX=(-fflags +bitexact -flags +bitexact)
 
 espeak-ng -v en-us -s 140 -w "$TMP/en.raw.wav" "$EN_TEXT"
 espeak-ng -v ca    -s 140 -w "$TMP/ca.raw.wav" "$CA_TEXT"
@@ -27,25 +29,27 @@ espeak-ng -v en-us -s 140 -w "$TMP/long_en.raw.wav" "$LONG_TEXT"
 
 # 16 kHz mono s16 masters
 for n in en ca long_en; do
-  "${FF[@]}" -i "$TMP/$n.raw.wav" -ac 1 -ar 16000 -c:a pcm_s16le "$TMP/$n.wav"
+  "${FF[@]}" -i "$TMP/$n.raw.wav" -ac 1 -ar 16000 -c:a pcm_s16le "${BX[@]}" "$TMP/$n.wav"
 done
 
 cp "$TMP/en.wav" "$OUT/en.wav"
-cp "$TMP/ca.wav" "$OUT/ca.wav"
+# ca.wav is 8 kHz s16, so a WAV that needs resampling is covered
+"${FF[@]}" -i "$TMP/ca.wav" -ar 8000 -c:a pcm_s16le "${BX[@]}" "$OUT/ca.wav"
 
-"${FF[@]}" -i "$TMP/en.wav" -c:a flac -compression_level 8 "$OUT/en.flac"
-"${FF[@]}" -i "$TMP/en.wav" -c:a libmp3lame -b:a 32k "$OUT/en.mp3"
-"${FF[@]}" -i "$TMP/en.wav" -c:a libvorbis -q:a 0 "$OUT/en.ogg"
-"${FF[@]}" -i "$TMP/en.wav" -c:a aac -b:a 32k "$OUT/en.m4a"
-"${FF[@]}" -i "$TMP/en.wav" -c:a libopus -b:a 24k -application voip "$OUT/en.webm"
+"${FF[@]}" -i "$TMP/en.wav" -c:a flac -compression_level 8 "${BX[@]}" "$OUT/en.flac"
+"${FF[@]}" -i "$TMP/en.wav" -c:a libmp3lame -b:a 32k "${BX[@]}" "$OUT/en.mp3"
+"${FF[@]}" -i "$TMP/en.wav" -c:a libvorbis -q:a 0 "${BX[@]}" "$OUT/en.ogg"
+"${FF[@]}" -i "$TMP/en.wav" -c:a aac -b:a 24k "${BX[@]}" "$OUT/en.m4a"
+"${FF[@]}" -i "$TMP/en.wav" -c:a libopus -b:a 24k -application voip "${BX[@]}" "$OUT/en.webm"
+EN_DUR="$(ffprobe -v error -show_entries format=duration -of csv=p=0 "$TMP/en.wav")"
 "${FF[@]}" -i "$TMP/en.wav" -f lavfi -i "color=c=black:s=64x64:r=1" \
-  -map 1:v -map 0:a -shortest \
+  -map 1:v -map 0:a -t "$EN_DUR" \
   -c:v libx264 -preset veryslow -tune stillimage -pix_fmt yuv420p -r 1 \
-  -c:a aac -b:a 32k -movflags +faststart "$OUT/en.mp4"
+  -c:a aac -b:a 24k -movflags +faststart "${BX[@]}" "$OUT/en.mp4"
 
-"${FF[@]}" -i "$TMP/ca.wav" -c:a libopus -b:a 24k -application voip "$OUT/ca.webm"
-"${FF[@]}" -i "$TMP/long_en.wav" -c:a libopus -b:a 12k -application voip "$OUT/long_en.webm"
+"${FF[@]}" -i "$TMP/ca.wav" -c:a libopus -b:a 24k -application voip "${BX[@]}" "$OUT/ca.webm"
+"${FF[@]}" -i "$TMP/long_en.wav" -c:a libopus -b:a 10k -application voip "${BX[@]}" "$OUT/long_en.webm"
 
-"${FF[@]}" -f lavfi -i "anullsrc=r=16000:cl=mono" -t 2 -c:a pcm_s16le "$OUT/silence.wav"
+"${FF[@]}" -f lavfi -i "anullsrc=r=16000:cl=mono" -t 2 -c:a pcm_s16le "${BX[@]}" "$OUT/silence.wav"
 
 ls -l "$OUT"
