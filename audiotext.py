@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import errno
 import hashlib
+import heapq
 import hmac
 import importlib.util
 import itertools
@@ -85,10 +86,10 @@ def _default_state_dir() -> Path:
 class Setting:
     """One knob: an environment variable, the matching `serve` flag and its parser."""
 
+    attr: str
     env: str
     flag: str
     parse: Callable[[str], Any]
-    default: Any
     help: str
 
 
@@ -116,23 +117,24 @@ def _flag(text: str) -> bool:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("AUDIOTEXT_API_TOKEN", "--token", str, None, "bearer token clients must send (required)"),
-    Setting("AUDIOTEXT_HOST", "--host", str, "127.0.0.1", "address to bind"),
-    Setting("AUDIOTEXT_PORT", "--port", int, 8791, "port to bind"),
-    Setting("AUDIOTEXT_STATE_DIR", "--state-dir", Path, None,
+    Setting("api_token", "AUDIOTEXT_API_TOKEN", "--token", str, "bearer token clients must send (required; the variable keeps it out of `ps`)"),
+    Setting("host", "AUDIOTEXT_HOST", "--host", str, "address to bind"),
+    Setting("port", "AUDIOTEXT_PORT", "--port", int, "port to bind"),
+    Setting("state_dir", "AUDIOTEXT_STATE_DIR", "--state-dir", Path,
             "jobs, uploads and models ($STATE_DIRECTORY under systemd, else ~/.local/share/audiotext)"),
-    Setting("AUDIOTEXT_MODELS_DIR", "--models-dir", Path, None, "ggml model files (default <state>/models)"),
-    Setting("AUDIOTEXT_DEFAULT_MODEL", "--default-model", str, "cpu-lite", "model used when a request names none"),
-    Setting("AUDIOTEXT_THREADS", "--threads", _positive_int, None, "inference threads in all (default: all cores)"),
-    Setting("AUDIOTEXT_WORKERS", "--workers", _positive_int, 1, "transcriptions run at once"),
-    Setting("AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, 512, "largest request body, MiB"),
-    Setting("AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float, 3 * 3600.0,
+    Setting("models_dir", "AUDIOTEXT_MODELS_DIR", "--models-dir", Path, "ggml model files (default <state>/models)"),
+    Setting("default_model", "AUDIOTEXT_DEFAULT_MODEL", "--default-model", str, "model used when a request names none"),
+    Setting("threads", "AUDIOTEXT_THREADS", "--threads", _positive_int,
+            "inference threads in all (default: all cores)"),
+    Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
+    Setting("max_upload_mb", "AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, "largest request body, MiB"),
+    Setting("max_audio_seconds", "AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float,
             "longest audio accepted, seconds"),
-    Setting("AUDIOTEXT_MAX_QUEUE", "--max-queue", _positive_int, 1000, "queued jobs before 429"),
-    Setting("AUDIOTEXT_JOB_TTL_HOURS", "--job-ttl-hours", _positive_float, 168.0,
+    Setting("max_queue", "AUDIOTEXT_MAX_QUEUE", "--max-queue", _positive_int, "queued jobs before 429"),
+    Setting("job_ttl_hours", "AUDIOTEXT_JOB_TTL_HOURS", "--job-ttl-hours", _positive_float,
             "finished jobs are removed after this many hours"),
-    Setting("AUDIOTEXT_KEEP_AUDIO", "--keep-audio", _flag, False, "keep a succeeded job's audio until its TTL"),
-    Setting("AUDIOTEXT_STOP_GRACE_SECONDS", "--stop-grace-seconds", _positive_float, 20.0,
+    Setting("keep_audio", "AUDIOTEXT_KEEP_AUDIO", "--keep-audio", _flag, "keep a succeeded job's audio until its TTL"),
+    Setting("stop_grace_seconds", "AUDIOTEXT_STOP_GRACE_SECONDS", "--stop-grace-seconds", _positive_float,
             "on SIGTERM, how long a running transcription may finish"),
 )
 
@@ -170,7 +172,7 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for setting in SETTINGS:
-            attr = _setting_attr(setting)
+            attr = setting.attr
             raw = environ.get(setting.env)
             if raw is not None and raw != "":
                 try:
@@ -179,10 +181,6 @@ class Settings:
                     raise ConfigError(f"{setting.env}={raw!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def _setting_attr(setting: Setting) -> str:
-    return "api_token" if setting.env == "AUDIOTEXT_API_TOKEN" else setting.env.removeprefix("AUDIOTEXT_").lower()
 
 
 class ConfigError(Exception):
@@ -1647,9 +1645,6 @@ class Scheduler:
     """
 
     def __init__(self, workers: int) -> None:
-        import heapq
-
-        self._heapq = heapq
         self._heap: list[Work] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
@@ -1668,7 +1663,7 @@ class Scheduler:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
                                headers={"Retry-After": "30"})
-            self._heapq.heappush(self._heap, work)
+            heapq.heappush(self._heap, work)
             self._cond.notify()
         return work
 
@@ -1678,7 +1673,7 @@ class Scheduler:
             for i, work in enumerate(self._heap):
                 if work.key == key:
                     self._heap.pop(i)
-                    self._heapq.heapify(self._heap)
+                    heapq.heapify(self._heap)
                     work.future.cancel()
                     return True
         return False
@@ -1716,7 +1711,7 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
-                work = self._heapq.heappop(self._heap)
+                work = heapq.heappop(self._heap)
                 if not work.future.set_running_or_notify_cancel():
                     continue
                 self.running[ident] = work
@@ -1812,9 +1807,7 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
                       param="timestamp_granularities[]")
     prompt = form.get("prompt")
     options = TranscribeOptions(
-        language=None if translate and _field_text(form, "language") is None else
-        _parse_language(_field_text(form, "language")),
-        prompt=prompt if prompt else None, temperature=_parse_temperature(_field_text(form, "temperature")),
+        language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None, temperature=_parse_temperature(_field_text(form, "temperature")),
         translate=translate, word_timestamps="word" in granularities)
     return TranscriptionRequest(_field_text(form, "model"), options, response_format,
                                 granularities or frozenset({"segment"}))
@@ -2243,7 +2236,7 @@ def ensure_default_model(store: ModelStore) -> None:
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {_setting_attr(s): getattr(args, _setting_attr(s), None) for s in SETTINGS}
+    overrides = {s.attr: getattr(args, s.attr, None) for s in SETTINGS}
     overrides["no_auth"] = getattr(args, "no_auth", None) or None
     return Settings.from_env(**overrides)
 
@@ -2302,9 +2295,16 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     for setting in SETTINGS:
-        parser.add_argument(setting.flag, dest=_setting_attr(setting), type=setting.parse, default=None,
-                            help=f"{setting.help} [{setting.env}]")
+        parser.add_argument(setting.flag, dest=setting.attr, type=setting.parse, default=None,
+                            help=f"{setting.help} [{setting.env}{_shown_default(defaults.get(setting.attr))}]")
+
+
+def _shown_default(value: Any) -> str:
+    if value is None or value is dataclasses.MISSING:
+        return ""
+    return f", default {value:g}" if isinstance(value, float) else f", default {value}"
 
 
 def build_parser() -> argparse.ArgumentParser:
