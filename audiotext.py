@@ -1787,7 +1787,8 @@ class Job:
         return round(min(1.0, self.seconds_done / self.audio_seconds), 4)
 
     def record(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _RECORD_FIELDS} | {"spec": dataclasses.asdict(self.spec)}
+        spec = dataclasses.asdict(self.spec) | {"granularities": list(self.spec.granularities)}
+        return {name: getattr(self, name) for name in _RECORD_FIELDS} | {"spec": spec}
 
 
 _NUMBER = (int, float)
@@ -1820,7 +1821,8 @@ def job_from_record(data: Any) -> Job:
     _check_fields(data, _RECORD_FIELDS, "job record")
     _check_fields(data["spec"], _SPEC_FIELDS, "job spec")
     job_id, audio_name = data["id"], data["audio_name"]
-    if not _JOB_ID.fullmatch(job_id) or audio_name != job_id + audio_suffix(audio_name.removeprefix(job_id)):
+    suffix = audio_name.removeprefix(job_id)
+    if not _JOB_ID.fullmatch(job_id) or audio_name != job_id + audio_suffix("audio" + suffix):
         raise CorruptRecord(f"job record has an invalid id or audio name: {job_id!r}, {audio_name!r}")
     if data["status"] not in JOB_STATUSES:
         raise CorruptRecord(f"job {job_id} has an unknown status {data['status']!r}")
@@ -2156,10 +2158,12 @@ class JobStore:
         return self.results / f"{job.id}.json"
 
     def _needed_files(self, job: Job) -> set[Path]:
+        if job.status in (QUEUED, RUNNING):
+            return {self._audio_path(job), self._sidecar_path(job)}
+        # The record goes with the job's pending state: one left behind would resurrect a
+        # finished job as queued if jobs.json had to be rebuilt.
         needed = {self._result_path(job)} if job.status == SUCCEEDED else set()
-        if job.status in (QUEUED, RUNNING) or self.keep_audio:
-            needed |= {self._audio_path(job), self._sidecar_path(job)}
-        return needed
+        return needed | {self._audio_path(job)} if self.keep_audio else needed
 
     def _tidy(self, job: Job) -> None:
         """Remove the job's files its state no longer needs: all of them once it left the table."""
