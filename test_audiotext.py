@@ -1660,6 +1660,7 @@ def test_job_routes_validate_ids_fields_and_paging(make_client: Callable[..., Te
                 break
         assert pages == [ids[4:2:-1], ids[2:0:-1], ids[:1]]  # newest first
         assert [j["task"] for j in all_jobs(client)] == ["transcribe", "translate"] * 2 + ["transcribe"]
+        assert [j["queue_position"] for j in all_jobs(client)] == [5, 4, 3, 2, 1]
         assert len(all_jobs(client, status="queued")) == 5 and all_jobs(client, status="succeeded") == []
         for params, param in (({"status": "done"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "101"}, "limit"),
                               ({"cursor": "x"}, "cursor")):
@@ -1868,7 +1869,10 @@ class FakeScheduler:
         return len(self.queue) < before
 
     def position(self, key: str) -> int | None:
-        return next((i for i, w in enumerate(self.queue) if w.key == key), None)
+        return self.positions().get(key)
+
+    def positions(self) -> dict[str, int]:
+        return {w.key: i for i, w in enumerate(self.queue) if w.key is not None}
 
     def run_next(self) -> str | None:
         if not self.queue:
@@ -2076,6 +2080,17 @@ def test_a_job_interrupted_three_times_fails(tmp_path: Path) -> None:
                             "job (a crash or a kill each time); giving up on it"}
 
 
+def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> None:
+    table = tmp_path / "jobs.json"
+    table.write_text('{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}')
+    store = audiotext.JobStore(tmp_path, FakeScheduler(), FakeEngine(), max_queue=10, ttl_seconds=60,
+                               keep_audio=False)
+    with pytest.raises(audiotext.JobTableTooNew, match="schema version 2, newer than the 1 this audiotext reads"):
+        store.open()
+    assert table.read_text() == '{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}'
+    assert not list(tmp_path.glob("jobs.json.*"))
+
+
 # Jobs: a real daemon killed mid-flight
 
 
@@ -2111,6 +2126,9 @@ def test_accepted_jobs_survive_sigkill(daemon_factory: Callable[..., Daemon], tm
     for thread in burst:
         thread.join()
     assert accepted
+    on_disk = {r["id"]: r["status"] for r in json.loads((state_dir / "jobs.json").read_text())["jobs"]}
+    assert set(accepted) <= set(on_disk)
+    assert {on_disk[i] for i in accepted} - set(FINISHED), "the kill came after every job had finished"
 
     restarted = daemon_factory(state_dir)
     with httpx.Client(base_url=restarted.url, timeout=30) as client:
