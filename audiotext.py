@@ -1687,6 +1687,12 @@ class Scheduler:
         with self._cond:
             return len(self._heap)
 
+    def positions(self) -> dict[str, int]:
+        """position() of every keyed item, from one sort: for listing many at once."""
+        with self._cond:
+            ordered = sorted(self._heap)
+        return {w.key: i for i, w in enumerate(ordered) if w.key is not None}
+
     def stop(self, *, grace: float) -> None:
         """Refuse new work, let running work finish within `grace`, then abort it; join."""
         with self._cond:
@@ -1729,13 +1735,669 @@ class Scheduler:
 # ---------------------------------------------------------------------------------------------
 
 # @@JOBS-BEGIN@@
-def start_jobs(state: AppState) -> Any:
+# The job table lives in memory and is mirrored to <state>/jobs.json after every change. Files:
+#   uploads/<id><ext>   the audio, from acceptance until the job finishes (longer with keep_audio)
+#   uploads/<id>.json   the job as accepted, while it is pending, so a lost jobs.json can be rebuilt
+#   results/<id>.json   the job as finished plus its transcript, written before it turns succeeded
+# jobs.json is the authority; the per-job records are read only when it is unreadable.
+
+JOBS_SCHEMA = 1
+MAX_INTERRUPTED_ATTEMPTS = 3  # a job the process died under this many times is given up on
+QUEUE_FULL_RETRY_SECONDS = 30
+SWEEP_INTERVAL_SECONDS = (0.1, 60.0)  # bounds; a tenth of the TTL in between
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+FINISHED_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELED})
+TASKS = ("transcribe", "translate")
+
+_JOB_ID = re.compile(r"job_[0-9a-f]{32}")
+_AUDIO_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
+_RESERVED_SUFFIXES = frozenset({".json", ".part"})  # the per-job record and temp files use these
+
+
+class JobError(Exception):
+    """A job operation a client asked for that cannot be done; mapped to HTTP in as_api_error."""
+
+
+class JobNotFound(JobError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no transcription job with id '{job_id}'")
+
+
+class JobConflict(JobError):
+    """The job is in the wrong state for the operation, such as a cancel after it finished."""
+
+
+class QueueFull(JobError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the job queue is full: {limit} jobs are queued, the AUDIOTEXT_MAX_QUEUE limit; "
+                         "retry later")
+        self.retry_after = QUEUE_FULL_RETRY_SECONDS
+
+
+class JobTableTooNew(Exception):
+    """jobs.json was written by a newer audiotext; starting would drop what it cannot read."""
+
+
+class JobFailure(Exception):
+    """Why a job could not be transcribed; its code and message become the job's `error`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CorruptRecord(ValueError):
+    """A job record without the shape this version writes."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the client asked for, fixed at acceptance."""
+
+    model: str
+    task: str = "transcribe"
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float = 0.0
+    word_timestamps: bool = False
+    response_format: str = "json"
+    granularities: tuple[str, ...] = ("segment",)
+
+    def options(self) -> TranscribeOptions:
+        return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
+                                 translate=self.task == "translate", word_timestamps=self.word_timestamps)
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int  # acceptance order: the queue order after a restart, and the listing order
+    spec: JobSpec
+    audio_name: str  # file name in uploads/
+    created_at: float
+    status: str = QUEUED
+    started_at: float | None = None
+    finished_at: float | None = None
+    audio_seconds: float | None = None
+    detected_language: str | None = None
+    attempts: int = 0  # runs the process died under
+    error: dict[str, str] | None = None
+    # Live only, never persisted. The worker writes seconds_done from whisper's segment
+    # callback without the table lock: a float store is atomic, and a status poll must never
+    # wait on a transcription.
+    seconds_done: float = 0.0
+    cancel_requested: bool = False
+
+    def record_progress(self, seconds_done: float) -> None:
+        self.seconds_done = seconds_done
+
+    def progress(self) -> float:
+        if self.status == SUCCEEDED:
+            return 1.0
+        if not self.audio_seconds:
+            return 0.0
+        return round(min(1.0, self.seconds_done / self.audio_seconds), 4)
+
+    def record(self) -> dict[str, Any]:
+        # Built field by field rather than with dataclasses.asdict, which is several times slower:
+        # save() snapshots every job this way while status polls wait on the table lock.
+        spec = {name: getattr(self.spec, name) for name in _SPEC_FIELDS}
+        spec["granularities"] = list(self.spec.granularities)
+        return {name: getattr(self, name) for name in _RECORD_FIELDS} | {"spec": spec}
+
+
+_NUMBER = (int, float)
+_OPTIONAL_NUMBER = (int, float, type(None))
+_OPTIONAL_STR = (str, type(None))
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,), "seq": (int,), "spec": (dict,), "audio_name": (str,), "created_at": _NUMBER,
+    "status": (str,), "started_at": _OPTIONAL_NUMBER, "finished_at": _OPTIONAL_NUMBER,
+    "audio_seconds": _OPTIONAL_NUMBER, "detected_language": _OPTIONAL_STR, "attempts": (int,),
+    "error": (dict, type(None)),
+}
+_SPEC_FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (str,), "task": (str,), "language": _OPTIONAL_STR, "prompt": _OPTIONAL_STR,
+    "temperature": _NUMBER, "word_timestamps": (bool,), "response_format": (str,), "granularities": (list,),
+}
+
+
+def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> None:
+    if not isinstance(data, dict):
+        raise CorruptRecord(f"{what} is not an object")
+    for name, types in fields.items():
+        value = data.get(name, ...)
+        # bool is an int to isinstance; only a bool field may hold one.
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            raise CorruptRecord(f"{what} has a missing or mistyped '{name}'")
+
+
+def job_from_record(data: Any) -> Job:
+    """The inverse of Job.record(), trusting nothing: the names in it become file paths."""
+    _check_fields(data, _RECORD_FIELDS, "job record")
+    _check_fields(data["spec"], _SPEC_FIELDS, "job spec")
+    job_id, audio_name = data["id"], data["audio_name"]
+    suffix = audio_name.removeprefix(job_id)
+    if not _JOB_ID.fullmatch(job_id) or audio_name != job_id + audio_suffix("audio" + suffix):
+        raise CorruptRecord(f"job record has an invalid id or audio name: {job_id!r}, {audio_name!r}")
+    if data["status"] not in JOB_STATUSES:
+        raise CorruptRecord(f"job {job_id} has an unknown status {data['status']!r}")
+    error = data["error"]
+    if error is not None and not (isinstance(error.get("message"), str) and isinstance(error.get("code"), str)):
+        raise CorruptRecord(f"job {job_id} has a malformed error")
+    spec = JobSpec(**{name: data["spec"][name] for name in _SPEC_FIELDS}
+                   | {"granularities": tuple(map(str, data["spec"]["granularities"]))})
+    return Job(**{name: data[name] for name in _RECORD_FIELDS} | {"spec": spec})
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(16)  # 128 random bits: knowing the id is what lets a client read it
+
+
+def audio_suffix(filename: str | None) -> str:
+    """The upload's extension when it is a plain one (FFmpeg probes better with it), else none."""
+    suffix = Path(filename or "").suffix.lower()
+    return suffix if _AUDIO_SUFFIX.fullmatch(suffix) and suffix not in _RESERVED_SUFFIXES else ""
+
+
+def transcript_to_json(transcript: Transcript) -> dict[str, Any]:
+    return dataclasses.asdict(transcript)
+
+
+def transcript_from_json(data: dict[str, Any]) -> Transcript:
+    return Transcript(**{**data, "segments": [Segment(**s) for s in data["segments"]],
+                         "words": [Word(**w) for w in data["words"]]})
+
+
+def _dump_json(value: Any) -> Callable[[BinaryIO], None]:
+    return lambda out: out.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _job_failure(exc: Exception) -> JobFailure:
+    """Any error a run can end in, as the code and message the job's `error` carries."""
+    if isinstance(exc, JobFailure):
+        return exc
+    if isinstance(exc, AudioError):
+        return JobFailure("invalid_audio", str(exc))
+    if isinstance(exc, ModelError):
+        return JobFailure("model_load_failed", str(exc))
+    if isinstance(exc, APIError):  # the model named at acceptance has left the models dir since
+        return JobFailure(exc.code or "invalid_request", exc.message)
+    if isinstance(exc, OSError):
+        return JobFailure("storage_error", f"storage error: {exc.strerror or exc}")
+    logger.error("transcription job failed unexpectedly", exc_info=exc)
+    return JobFailure("internal_error", "internal error while transcribing")
+
+
+# Runs one job on a worker thread: decode, load the model, transcribe. It may update the job's
+# audio_seconds and progress as it goes, and raises Aborted once the Event is set.
+Execute = Callable[[Job, Path, threading.Event], Transcript]
+
+
+def engine_execute(models: ModelStore, *, max_audio_seconds: float) -> Execute:
+    def execute(job: Job, audio_path: Path, abort: threading.Event) -> Transcript:
+        audio = decode_audio(audio_path, max_seconds=max_audio_seconds)
+        job.audio_seconds = round(len(audio) / SAMPLE_RATE, 3)
+        if abort.is_set():
+            raise Aborted()  # decoding a long file cannot be interrupted; at least skip the inference
+        model = models.get(job.spec.model)
+        if not model.multilingual and job.spec.language not in (None, "en"):
+            raise JobFailure("unsupported_language",
+                             f"model '{model.name}' is English-only and cannot transcribe language "
+                             f"'{job.spec.language}'; use a multilingual model such as cpu-lite")
+        return model.transcribe(audio, job.spec.options(), abort=abort, on_segment=job.record_progress)
+
+    return execute
+
+
+class JobStore:
+    """The job table, its files, and the runner the Scheduler executes. Knows nothing of HTTP."""
+
+    def __init__(self, state_dir: Path, scheduler: Any, execute: Execute, *, max_queue: int,
+                 ttl_seconds: float, keep_audio: bool) -> None:
+        self.table_path = state_dir / "jobs.json"
+        self.uploads = state_dir / "uploads"
+        self.results = state_dir / "results"
+        self._scheduler = scheduler  # submit / remove / position, as Scheduler has them
+        self._execute = execute
+        self.max_queue = max_queue
+        self.ttl_seconds = ttl_seconds
+        self.keep_audio = keep_audio
+        self._jobs: dict[str, Job] = {}
+        self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
+        self._lock = threading.Lock()  # the table; held for microseconds, never across I/O
+        self._save_lock = threading.Lock()  # one writer of jobs.json at a time, snapshots in order
+        self._seq = itertools.count()
+        self._sweeper: threading.Thread | None = None
+        self._stop_sweeping = threading.Event()
+
+    # -- reading
+
+    def get(self, job_id: str) -> Job:
+        """A copy, consistent as of one moment."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            return dataclasses.replace(job)
+
+    def page(self, *, status: str | None = None, limit: int = 20,
+             before_seq: int | None = None) -> tuple[list[Job], bool]:
+        """Newest first: (up to `limit` jobs, whether older ones follow)."""
+        with self._lock:
+            matching = sorted((j for j in self._jobs.values() if (status is None or j.status == status)
+                               and (before_seq is None or j.seq < before_seq)), key=lambda j: j.seq, reverse=True)
+            return [dataclasses.replace(j) for j in matching[:limit]], len(matching) > limit
+
+    def position(self, job_id: str) -> int | None:
+        """1 for the next to run, counting synchronous requests queued ahead; None unless queued."""
+        index = self._scheduler.position(job_id)
+        return None if index is None else index + 1
+
+    def positions(self) -> dict[str, int]:
+        return {key: index + 1 for key, index in self._scheduler.positions().items()}
+
+    def check_capacity(self) -> None:
+        """Refuse early, before a client spends its upload on a full queue."""
+        with self._lock:
+            if self._queued() >= self.max_queue:
+                raise QueueFull(self.max_queue)
+
+    def _queued(self) -> int:
+        return sum(1 for j in self._jobs.values() if j.status == QUEUED)
+
+    def result(self, job_id: str) -> Transcript:
+        job = self.get(job_id)
+        if job.status != SUCCEEDED:
+            raise JobConflict(f"job {job_id} is {job.status}, not succeeded; there is no result to read")
+        try:
+            data = json.loads(self._result_path(job).read_bytes())
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None  # deleted or expired since the status check
+        return transcript_from_json(data["transcript"])
+
+    # -- changing
+
+    def create(self, spec: JobSpec, spooled: Path, suffix: str, audio_seconds: float | None) -> Job:
+        """Move a validated upload in and record the job, durably, before anyone hears of it."""
+        job_id = new_job_id()
+        job = Job(job_id, next(self._seq), spec, job_id + suffix, time.time(), audio_seconds=audio_seconds)
+        audio, sidecar = self._audio_path(job), self._sidecar_path(job)
+        try:
+            write_atomically(sidecar, _dump_json({"schema": JOBS_SCHEMA, "job": job.record()}))
+            _fsync_file(spooled)
+            os.replace(spooled, audio)
+            fsync_directory(self.uploads)
+            self._insert(job)
+        except BaseException:
+            audio.unlink(missing_ok=True)
+            sidecar.unlink(missing_ok=True)
+            raise
+        logger.info("job %s accepted (%s, model %s)", job_id, spec.task, spec.model)
+        self._submit(job_id)
+        return self.get(job_id)
+
+    def _insert(self, job: Job) -> None:
+        with self._lock:
+            if self._queued() >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._jobs[job.id] = job
+        try:
+            self.save()
+        except BaseException:
+            with self._lock:
+                del self._jobs[job.id]
+            # Another thread's save may have carried the entry meanwhile; take it back out.
+            with contextlib.suppress(OSError):
+                self.save()
+            raise
+
+    def cancel(self, job_id: str) -> Job:
+        """A queued job is canceled now; a running one is aborted and turns canceled as it stops."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.status in FINISHED_STATUSES:
+                raise JobConflict(f"job {job_id} is already {job.status} and cannot be canceled")
+            job.cancel_requested = True
+            work = self._work.get(job_id)
+            dequeued = job.status == QUEUED and (work is None or self._scheduler.remove(job_id))
+            if dequeued:
+                self._work.pop(job_id, None)
+                self._mark_finished(job, CANCELED)
+            elif work is not None:
+                work.abort.set()  # whisper.cpp polls it between steps; the runner records the cancel
+        if dequeued:
+            self._after_finish(job)
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        """Forget the job and remove its files, stopping it first if it is queued or running."""
+        with self._lock:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                raise JobNotFound(job_id)
+            job.cancel_requested = True
+            work = self._work.pop(job_id, None)
+            if work is not None and not self._scheduler.remove(job_id):
+                work.abort.set()
+        self.save()
+        self._tidy(job)
+        logger.info("job %s deleted", job_id)
+
+    def sweep(self, now: float) -> int:
+        """Remove finished jobs whose TTL has passed, with their files."""
+        with self._lock:
+            expired = [j for j in self._jobs.values()
+                       if j.status in FINISHED_STATUSES and (j.finished_at or j.created_at) + self.ttl_seconds <= now]
+            for job in expired:
+                del self._jobs[job.id]
+        if expired:
+            self.save()
+            for job in expired:
+                self._tidy(job)
+            logger.info("removed %d finished job(s) older than %g hours", len(expired), self.ttl_seconds / 3600)
+        return len(expired)
+
+    # -- running, on a worker thread
+
+    def _submit(self, job_id: str) -> None:
+        # Under the table lock, so the runner cannot look for the job before its work is known.
+        with self._lock:
+            try:
+                work = self._scheduler.submit(lambda abort: self._run(job_id, abort), priority=PRIORITY_JOB,
+                                              key=job_id)
+            except APIError:
+                return  # shutting down: the job stays queued in jobs.json and runs after the restart
+            self._work[job_id] = work
+
+    def _run(self, job_id: str, abort: threading.Event) -> None:
+        job = self._start(job_id)
+        if job is None:
+            return
+        try:
+            transcript = self._execute(job, self._audio_path(job), abort)
+        except Aborted:
+            self._aborted(job)
+        except Exception as exc:
+            self._finish(job, FAILED, error=_job_failure(exc))
+        else:
+            self._succeed(job, transcript)
+        finally:
+            with self._lock:
+                self._work.pop(job_id, None)
+
+    def _start(self, job_id: str) -> Job | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status != QUEUED:
+                return None  # deleted or canceled between leaving the queue and starting
+            if job.cancel_requested:
+                self._mark_finished(job, CANCELED)
+            else:
+                job.status, job.started_at, job.seconds_done = RUNNING, time.time(), 0.0
+        if job.status == CANCELED:
+            self._after_finish(job)
+            return None
+        # Persisted before the work starts, so a crash from here on counts as an interrupted attempt.
+        self._save_quietly()
+        logger.info("job %s started", job_id)
+        return job
+
+    def _aborted(self, job: Job) -> None:
+        if job.cancel_requested:
+            self._finish(job, CANCELED)
+            return
+        # Shutdown: the client did not give up on the job, so it waits for the next start.
+        with self._lock:
+            if self._jobs.get(job.id) is not job:
+                return
+            job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
+        self._save_quietly()
+        logger.info("job %s interrupted by shutdown; it stays queued for the next start", job.id)
+
+    def _succeed(self, job: Job, transcript: Transcript) -> None:
+        finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
+                                       detected_language=transcript.language, audio_seconds=transcript.duration)
+        try:
+            # Durable before the job says succeeded: a succeeded job always has its result.
+            write_atomically(self._result_path(job), _dump_json(
+                {"schema": JOBS_SCHEMA, "job": finished.record(), "transcript": transcript_to_json(transcript)}))
+        except OSError as exc:
+            self._finish(job, FAILED, error=_job_failure(exc))
+            return
+        self._finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
+                     audio_seconds=transcript.duration)
+
+    def _finish(self, job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
+        with self._lock:
+            present = self._jobs.get(job.id) is job
+            if present:
+                self._mark_finished(job, status, error=error, **changes)
+        if present:
+            self._after_finish(job)
+        else:
+            self._tidy(job)  # deleted while it ran: whatever the run wrote goes too
+
+    @staticmethod
+    def _mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
+        job.status = status
+        job.finished_at = time.time()
+        job.error = {"message": str(error), "code": error.code} if error is not None else None
+        for name, value in changes.items():
+            setattr(job, name, value)
+
+    def _after_finish(self, job: Job) -> None:
+        self._save_quietly()
+        self._tidy(job)
+        if job.error:
+            logger.warning("job %s failed: %s", job.id, job.error["message"])
+        else:
+            logger.info("job %s %s", job.id, job.status)
+
+    # -- files
+
+    def _audio_path(self, job: Job) -> Path:
+        return self.uploads / job.audio_name
+
+    def _sidecar_path(self, job: Job) -> Path:
+        return self.uploads / f"{job.id}.json"
+
+    def _result_path(self, job: Job) -> Path:
+        return self.results / f"{job.id}.json"
+
+    def _needed_files(self, job: Job) -> set[Path]:
+        if job.status in (QUEUED, RUNNING):
+            return {self._audio_path(job), self._sidecar_path(job)}
+        # The record goes with the job's pending state: one left behind would resurrect a
+        # finished job as queued if jobs.json had to be rebuilt.
+        needed = {self._result_path(job)} if job.status == SUCCEEDED else set()
+        return needed | {self._audio_path(job)} if self.keep_audio else needed
+
+    def _tidy(self, job: Job) -> None:
+        """Remove the job's files its state no longer needs: all of them once it left the table."""
+        with self._lock:
+            needed = self._needed_files(job) if self._jobs.get(job.id) is job else set()
+        for path in {self._audio_path(job), self._sidecar_path(job), self._result_path(job)} - needed:
+            path.unlink(missing_ok=True)
+
+    # -- persistence
+
+    def save(self) -> None:
+        """Snapshot under the table lock, then write jobs.json atomically outside it."""
+        with self._save_lock:
+            with self._lock:
+                records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
+            write_atomically(self.table_path, _dump_json({"schema": JOBS_SCHEMA, "jobs": records}))
+
+    def _save_quietly(self) -> None:
+        # On a worker thread there is no one to tell; the next successful save carries the change.
+        try:
+            self.save()
+        except OSError as exc:
+            logger.error("could not write %s: %s", self.table_path, exc)
+
+    # -- start and stop
+
+    def open(self) -> None:
+        """Load the table (or rebuild it from the files), reconcile it with the disk, queue what is pending."""
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        self.results.mkdir(parents=True, exist_ok=True)
+        jobs = self._load()
+        for job in jobs:
+            self._reconcile(job)
+        self._jobs = {j.id: j for j in sorted(jobs, key=lambda j: j.seq)}
+        self._seq = itertools.count(max((j.seq for j in jobs), default=-1) + 1)
+        self._remove_strays()
+        self.sweep(time.time())
+        self.save()
+        pending = [j.id for j in self._jobs.values() if j.status == QUEUED]
+        for job_id in pending:
+            self._submit(job_id)
+        logger.info("job table loaded: %d job(s), %d queued", len(self._jobs), len(pending))
+
+    def _load(self) -> list[Job]:
+        try:
+            raw = self.table_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        try:
+            return _parse_table(raw)
+        except (ValueError, TypeError) as exc:  # JSON, UTF-8 and record errors are all ValueErrors
+            aside = self._move_aside()
+            jobs = self._recover_from_files()
+            logger.error("JOB TABLE UNREADABLE: %s is corrupt (%s); moved it to %s and recovered %d job(s) "
+                         "from uploads/ and results/", self.table_path, exc, aside.name, len(jobs))
+            return jobs
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in itertools.count():
+            aside = self.table_path.with_name(f"{self.table_path.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
+            if not aside.exists():
+                break
+        os.rename(self.table_path, aside)
+        fsync_directory(self.table_path.parent)
+        return aside
+
+    def _recover_from_files(self) -> list[Job]:
+        """Succeeded jobs from results/, accepted ones still holding their audio from uploads/."""
+        jobs: dict[str, Job] = {}
+        for path in sorted(self.results.glob("job_*.json")):
+            job = _read_job_record(path, check=lambda data: transcript_from_json(data["transcript"]))
+            if job is not None and job.status == SUCCEEDED:
+                jobs[job.id] = job
+        for path in sorted(self.uploads.glob("job_*.json")):
+            job = _read_job_record(path)
+            if job is not None and job.id not in jobs and self._audio_path(job).is_file():
+                jobs[job.id] = dataclasses.replace(job, status=QUEUED)
+        return list(jobs.values())
+
+    def _reconcile(self, job: Job) -> None:
+        """What the previous process left: interrupted runs, missing files."""
+        if job.status == RUNNING:
+            job.attempts += 1
+            job.status, job.started_at = QUEUED, None
+            if job.attempts >= MAX_INTERRUPTED_ATTEMPTS:
+                self._fail_at_start(job, "interrupted", f"the daemon stopped {job.attempts} times while "
+                                    "transcribing this job (a crash or a kill each time); giving up on it")
+        if job.status == QUEUED and not self._audio_path(job).is_file():
+            self._fail_at_start(job, "audio_missing", "the job's audio file is missing from the state "
+                                "directory's uploads/, so it cannot be transcribed")
+        if job.status == SUCCEEDED and not self._result_path(job).is_file():
+            self._fail_at_start(job, "result_missing", "the job's result file is missing from the state "
+                                "directory's results/")
+
+    def _fail_at_start(self, job: Job, code: str, message: str) -> None:
+        self._mark_finished(job, FAILED, error=JobFailure(code, message))
+        logger.warning("job %s failed: %s", job.id, message)
+
+    def _remove_strays(self) -> None:
+        needed = set().union(*(self._needed_files(j) for j in self._jobs.values()))
+        strays = [p for d in (self.uploads, self.results) for p in d.iterdir() if p.is_file() and p not in needed]
+        strays += [p for p in (self.table_path.with_name(self.table_path.name + ".part"),) if p.exists()]
+        for path in strays:
+            path.unlink(missing_ok=True)
+        if strays:
+            logger.warning("removed %d file(s) from uploads/ and results/ that no job needs", len(strays))
+
+    def start_sweeping(self) -> None:
+        low, high = SWEEP_INTERVAL_SECONDS
+        interval = max(low, min(high, self.ttl_seconds / 10))
+        self._sweeper = threading.Thread(target=self._sweep_loop, args=(interval,), name="audiotext-job-sweeper",
+                                         daemon=True)
+        self._sweeper.start()
+
+    def _sweep_loop(self, interval: float) -> None:
+        while not self._stop_sweeping.wait(interval):
+            try:
+                self.sweep(time.time())
+            except OSError as exc:
+                logger.error("could not remove expired jobs: %s", exc)
+
+    def close(self) -> None:
+        """After the workers have stopped: stop sweeping, write the final table."""
+        self._stop_sweeping.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
+        self._save_quietly()
+
+
+def _parse_table(raw: bytes) -> list[Job]:
+    data = json.loads(raw)
+    if not isinstance(data, dict) or not isinstance(data.get("schema"), int) or not isinstance(data.get("jobs"), list):
+        raise CorruptRecord("not a job table")
+    if data["schema"] > JOBS_SCHEMA:
+        raise JobTableTooNew(f"jobs.json has schema version {data['schema']}, newer than the {JOBS_SCHEMA} this "
+                             "audiotext reads; run the newer version, or move the file away to start empty")
+    jobs = [job_from_record(record) for record in data["jobs"]]
+    if len({j.id for j in jobs}) != len(jobs):
+        raise CorruptRecord("a job id appears twice")
+    return jobs
+
+
+def _read_job_record(path: Path, *, check: Callable[[Any], Any] = lambda data: None) -> Job | None:
+    """A per-job record file, if it is whole and names the job it is named after."""
+    try:
+        data = json.loads(path.read_bytes())
+        check(data)
+        job = job_from_record(data["job"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        logger.warning("cannot recover a job from %s: %s", path.name, exc)
+        return None
+    return job if path.stem == job.id else None
+
+
+def start_jobs(state: AppState) -> JobStore:
     """Load the job table, recover what a crash left, queue what is pending."""
-    return None
+    settings = state.settings
+    store = JobStore(settings.state_dir, state.scheduler,
+                     engine_execute(state.models, max_audio_seconds=settings.max_audio_seconds),
+                     max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
+                     keep_audio=settings.keep_audio)
+    try:
+        store.open()
+    except BaseException:
+        state.scheduler.stop(grace=0)  # startup fails; leave no worker behind
+        raise
+    store.start_sweeping()
+    return store
 
 
 def stop_jobs(state: AppState) -> None:
     """Flush the job table after the workers have stopped."""
+    if state.jobs is not None:
+        state.jobs.close()
 # @@JOBS-END@@
 
 
@@ -2002,8 +2664,163 @@ async def healthz(request: Any) -> Any:
 
 
 # @@JOB-ROUTES-BEGIN@@
+JOBS_PATH = "/v1/transcription-jobs"
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 100
+CANCEL_WAIT_SECONDS = 2.0  # a cancel waits this long for a running job to stop before answering
+CANCEL_POLL_SECONDS = 0.02
+
+
+def _job_store(request: Any) -> JobStore:
+    return _state(request).jobs
+
+
+def _unix(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
+    return {
+        "id": job.id, "object": "transcription.job", "status": job.status, "model": job.spec.model,
+        "task": job.spec.task, "language": {"requested": job.spec.language, "detected": job.detected_language},
+        "response_format": job.spec.response_format, "created_at": int(job.created_at),
+        "started_at": _unix(job.started_at), "finished_at": _unix(job.finished_at),
+        "audio_seconds": job.audio_seconds, "progress": job.progress(), "queue_position": queue_position,
+        "error": job.error, "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
+    }
+
+
+def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
+    return job_object(job, store.position(job.id) if job.status == QUEUED else None)
+
+
+def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
+    positions = store.positions() if any(j.status == QUEUED for j in jobs) else {}
+    return [job_object(j, positions.get(j.id) if j.status == QUEUED else None) for j in jobs]
+
+
+def _check_free_space(request: Any, settings: Settings) -> None:
+    """Refuse a declared body the disk cannot hold before reading any of it."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and shutil.disk_usage(spool_dir(settings)).free < int(length):
+        raise OSError(errno.ENOSPC, "not enough free space for the upload")
+
+
+async def _accept_job(state: AppState, form: Form) -> Job:
+    from starlette.concurrency import run_in_threadpool
+
+    task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
+    parsed = parse_transcription_request(form, translate=task == "translate")
+    upload = form.files.get("file")
+    if upload is None:
+        raise invalid("the 'file' form field is required", param="file")
+    model, _ = state.models.resolve(parsed.model)
+    # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
+    seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+    options = parsed.options
+    spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
+                   temperature=options.temperature, word_timestamps=options.word_timestamps,
+                   response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)))
+    # Several fsyncs happen before the job exists; they must not stall the event loop either.
+    return await run_in_threadpool(state.jobs.create, spec, upload.path, audio_suffix(upload.filename), seconds)
+
+
+async def create_job(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    state = _state(request)
+    state.jobs.check_capacity()
+    _check_free_space(request, state.settings)
+    form = await receive_form(request)
+    try:
+        job = await _accept_job(state, form)
+    finally:
+        form.cleanup()
+    return JSONResponse(_job_json(state.jobs, job), status_code=202,
+                        headers={"Location": f"{JOBS_PATH}/{job.id}"})
+
+
+async def get_job(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    store = _job_store(request)
+    return JSONResponse(_job_json(store, store.get(request.path_params["job_id"])))
+
+
+def _parse_limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIST_LIMIT
+    if not value.isdigit() or not 1 <= int(value) <= MAX_LIST_LIMIT:
+        raise invalid(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got '{value}'", param="limit")
+    return int(value)
+
+
+def _parse_cursor(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise invalid(f"cursor must be a next_cursor value from an earlier page, got '{value}'", param="cursor")
+    return int(value)
+
+
+async def list_jobs(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    store, params = _job_store(request), request.query_params
+    status = params.get("status")
+    if status is not None and status not in JOB_STATUSES:
+        raise invalid(f"status must be one of {', '.join(JOB_STATUSES)}; got '{status}'", param="status")
+    jobs, more = store.page(status=status, limit=_parse_limit(params.get("limit")),
+                            before_seq=_parse_cursor(params.get("cursor")))
+    return JSONResponse({"object": "list", "data": _jobs_json(store, jobs), "has_more": more,
+                         "next_cursor": str(jobs[-1].seq) if more else None})
+
+
+async def get_job_result(request: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    store, job_id = _job_store(request), request.path_params["job_id"]
+    job = store.get(job_id)
+    response_format = _parse_choice(request.query_params.get("response_format") or None, RESPONSE_FORMATS,
+                                    param="response_format", default=job.spec.response_format)
+    transcript = await run_in_threadpool(store.result, job_id)  # a long recording's result is megabytes
+    return render_transcript(transcript, response_format, frozenset(job.spec.granularities))
+
+
+async def cancel_job(request: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    store, job_id = _job_store(request), request.path_params["job_id"]
+    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    # A running job stops at whisper.cpp's next abort check; answer with the outcome if it is quick.
+    while job.status not in FINISHED_STATUSES and time.monotonic() < deadline:
+        await asyncio.sleep(CANCEL_POLL_SECONDS)
+        job = store.get(job_id)
+    return JSONResponse(_job_json(store, job))
+
+
+async def delete_job(request: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    job_id = request.path_params["job_id"]
+    await run_in_threadpool(_job_store(request).delete, job_id)
+    return JSONResponse({"id": job_id, "object": "transcription.job.deleted", "deleted": True})
+
+
 def job_routes() -> list[Any]:
-    return []
+    from starlette.routing import Route
+
+    return [
+        Route(JOBS_PATH, protected(create_job), methods=["POST"]),
+        Route(JOBS_PATH, protected(list_jobs), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}", protected(get_job), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}", protected(delete_job), methods=["DELETE"]),
+        Route(JOBS_PATH + "/{job_id}/result", protected(get_job_result), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}/cancel", protected(cancel_job), methods=["POST"]),
+    ]
 # @@JOB-ROUTES-END@@
 
 
@@ -2033,6 +2850,13 @@ def as_api_error(exc: Exception) -> APIError:
         return invalid(str(exc), param="file", code="invalid_audio")
     if isinstance(exc, Aborted):
         return APIError(499, "the transcription was aborted", code="aborted")
+    if isinstance(exc, JobNotFound):
+        return APIError(404, str(exc), type="not_found_error", code="job_not_found")
+    if isinstance(exc, JobConflict):
+        return APIError(409, str(exc), code="job_state_conflict")
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), type="server_error", code="queue_full",
+                        headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ModelError):
         return APIError(500, str(exc), type="server_error", code="model_load_failed")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -2101,7 +2925,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
     ]
     handlers = {APIError: _handle_api_error, HTTPException: _handle_http_exception,
                 Exception: _handle_layer_error}
-    for exc_type in (MultipartError, AudioError, Aborted, ModelError, OSError):
+    for exc_type in (MultipartError, AudioError, Aborted, ModelError, JobError, OSError):
         handlers[exc_type] = _handle_layer_error
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
