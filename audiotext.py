@@ -133,7 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queue", "AUDIOTEXT_MAX_QUEUE", "--max-queue", _positive_int, "queued jobs before 429"),
     Setting("job_ttl_hours", "AUDIOTEXT_JOB_TTL_HOURS", "--job-ttl-hours", _positive_float,
             "finished jobs are removed after this many hours"),
-    Setting("keep_audio", "AUDIOTEXT_KEEP_AUDIO", "--keep-audio", _flag, "keep a succeeded job's audio until its TTL"),
+    Setting("keep_audio", "AUDIOTEXT_KEEP_AUDIO", "--keep-audio", _flag, "keep a finished job's audio until its TTL"),
     Setting("stop_grace_seconds", "AUDIOTEXT_STOP_GRACE_SECONDS", "--stop-grace-seconds", _positive_float,
             "on SIGTERM, how long a running transcription may finish"),
 )
@@ -907,6 +907,13 @@ def check_ggml_file(path: Path) -> None:
             f.seek(elements // block * block_bytes, os.SEEK_CUR)
         if f.tell() != size:
             raise ModelError(f"{path.name} is truncated")
+
+
+def is_multilingual_file(path: Path) -> bool:
+    """whisper.cpp's own test, read from the header: English-only vocabularies stop short of 51865."""
+    with open(path, "rb") as f:
+        header = f.read(8)
+    return len(header) == 8 and struct.unpack("<2i", header)[1] >= 51_865
 
 
 _whisper_logger = logging.getLogger("audiotext.whisper")
@@ -2583,26 +2590,36 @@ async def _abort_on_disconnect(request: Any, abort: threading.Event) -> None:
             return
 
 
+def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[TranscriptionRequest,
+                                                                              UploadedFile, str]:
+    """Everything about an upload that can be refused before any decoding or queueing:
+    the fields, the file's presence, the model, and a language the model can handle."""
+    parsed = parse_transcription_request(form, translate=translate)
+    upload = form.files.get("file")
+    if upload is None:
+        raise invalid("the 'file' form field is required", param="file")
+    model, path = state.models.resolve(parsed.model)
+    language = parsed.options.language
+    if language not in (None, "en") and not is_multilingual_file(path):
+        raise invalid(f"model '{model}' is English-only and cannot transcribe language '{language}'; "
+                      "use a multilingual model such as cpu-lite", param="language", code="unsupported_language")
+    return parsed, upload, model
+
+
 async def transcribe_upload(request: Any, *, translate: bool) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     state = _state(request)
     form = await receive_form(request)
     try:
-        parsed = parse_transcription_request(form, translate=translate)
-        upload = form.files.get("file")
-        if upload is None:
-            raise invalid("the 'file' form field is required", param="file")
-        state.models.resolve(parsed.model)  # an unknown model is a 400 before any decoding
+        parsed, upload, _ = validate_upload(state, form, translate=translate)
         # Decoding is CPU-bound and blocking; a thread keeps the event loop answering.
         audio = await run_in_threadpool(decode_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
     finally:
         form.cleanup()
 
     def run(abort: threading.Event) -> Transcript:
-        model = state.models.get(parsed.model)
-        _check_language(model, parsed.options)
-        return model.transcribe(audio, parsed.options, abort=abort)
+        return state.models.get(parsed.model).transcribe(audio, parsed.options, abort=abort)
 
     work = state.scheduler.submit(run, priority=PRIORITY_SYNC)
     watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
@@ -2614,12 +2631,6 @@ async def transcribe_upload(request: Any, *, translate: bool) -> Any:
     finally:
         watcher.cancel()
     return render_transcript(transcript, parsed.response_format, parsed.granularities)
-
-
-def _check_language(model: LoadedModel, options: TranscribeOptions) -> None:
-    if not model.multilingual and options.language not in (None, "en"):
-        raise invalid(f"model '{model.name}' is English-only and cannot transcribe language "
-                      f"'{options.language}'; use a multilingual model such as cpu-lite", param="language")
 
 
 async def create_transcription(request: Any) -> Any:
@@ -2710,11 +2721,7 @@ async def _accept_job(state: AppState, form: Form) -> Job:
     from starlette.concurrency import run_in_threadpool
 
     task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
-    parsed = parse_transcription_request(form, translate=task == "translate")
-    upload = form.files.get("file")
-    if upload is None:
-        raise invalid("the 'file' form field is required", param="file")
-    model, _ = state.models.resolve(parsed.model)
+    parsed, upload, model = validate_upload(state, form, translate=task == "translate")
     # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
     seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
     options = parsed.options

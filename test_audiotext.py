@@ -2271,6 +2271,9 @@ def test_job_routes_validate_ids_fields_and_paging(make_client: Callable[..., Te
     refusals = [
         ({"task": "summarize"}, "en.webm", "task must be one of transcribe, translate; got 'summarize'", "task"),
         ({"model": "nope"}, "en.webm", re.compile("^unknown model 'nope'"), "model"),
+        ({"model": "cpu-tiny", "language": "ca"}, "ca.webm",
+         "model 'cpu-tiny' is English-only and cannot transcribe language 'ca'; use a multilingual model such as "
+         "cpu-lite", "language"),
         ({}, "make_clips.sh", "the uploaded file is not audio that FFmpeg can decode", "file"),
     ]
     for fields, clip, message, param in refusals:
