@@ -1597,6 +1597,137 @@ def test_curl_form_upload(daemon: Daemon) -> None:
     assert_heard(run.stdout, CA_WORDS)
 
 
+# Chromium exits without waiting for its helper processes. This parent runs it as a child subreaper,
+# so every helper it leaves behind is adopted and reaped here instead of lingering as a zombie.
+CHROMIUM_REAPER = """
+import ctypes, os, signal, subprocess, sys
+if ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("cannot become a child subreaper")
+browser = subprocess.Popen(sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda *_: browser.terminate())
+browser.wait()
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def run_chromium(url: str, tmp_path: Path, until: Callable[[], bool], timeout: float = 90) -> None:
+    """Open url in headless Chromium with a fresh profile, wait until `until()` holds, then shut it down."""
+    log_path = tmp_path / "chromium.log"
+    command = [
+        "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--remote-debugging-port=0",
+        # The daemon sends no CORS headers. These tests are about the bodies a browser builds, not about CORS.
+        "--disable-web-security",
+        url,
+    ]
+    with open(log_path, "wb") as log:
+        browser = subprocess.Popen([sys.executable, "-c", CHROMIUM_REAPER, *command], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not until():
+            if browser.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the page did not finish; chromium log:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.1)
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGKILL)
+            browser.wait()
+
+
+class PageHandler(CaptureHandler):
+    """A CaptureHandler that also answers GETs from `pages`: path -> (content type, body)."""
+
+    pages: dict[str, tuple[str, bytes]]
+    timeout = 60
+
+    def do_GET(self) -> None:
+        if self.path not in self.pages:
+            self.send_error(404)
+            return
+        content_type, body = self.pages[self.path]
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def page_server(pages: dict[str, tuple[str, bytes]]) -> Iterator[CaptureServer]:
+    captured: dict[str, Capture] = {}
+    handler = type("Handler", (PageHandler,), {"captured": captured, "pages": pages})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="browser-page-server", daemon=True)
+    thread.start()
+    try:
+        yield CaptureServer(f"http://127.0.0.1:{server.server_port}", captured)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+# Uploads its own clip.webm with FormData, first to /echo on its own server, then to the daemon,
+# and posts the daemon's answer (or the error) to /outcome.
+FORM_DATA_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<script>
+const daemon = DAEMON;
+async function upload() {
+  const clip = await fetch("/clip.webm");
+  if (!clip.ok) throw new Error(`GET /clip.webm: ${clip.status}`);
+  const form = new FormData();
+  form.append("model", "cpu-lite");
+  form.append("language", "ca");
+  form.append("file", await clip.blob(), "clip.webm");
+  const echo = await fetch("/echo", {method: "POST", body: form});
+  if (!echo.ok) throw new Error(`POST /echo: ${echo.status}`);
+  const response = await fetch(daemon.url + "/v1/audio/transcriptions",
+                               {method: "POST", headers: {Authorization: `Bearer ${daemon.token}`}, body: form});
+  return {status: response.status, text: await response.text()};
+}
+upload()
+  .catch((error) => ({error: String(error)}))
+  .then((outcome) => fetch("/outcome", {method: "POST", body: JSON.stringify(outcome)}));
+</script>
+"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_browser_form_data_upload(daemon: Daemon, tmp_path: Path, spool_dir: Path) -> None:
+    clip = (CLIPS / "ca.webm").read_bytes()
+    page = FORM_DATA_PAGE.replace("DAEMON", json.dumps({"url": daemon.url, "token": TOKEN}))
+    pages = {"/": ("text/html; charset=utf-8", page.encode()), "/clip.webm": ("audio/webm", clip)}
+    with page_server(pages) as server:
+        run_chromium(server.url + "/", tmp_path, until=lambda: "/outcome" in server.captured)
+
+    outcome = json.loads(server.captured["/outcome"].body)
+    assert outcome.get("status") == 200, outcome
+    assert_heard(json.loads(outcome["text"])["text"], CA_WORDS)
+
+    # The daemon's answer came from a body like this one, with another boundary.
+    echo = server.captured["/echo"]
+    assert echo.content_type.startswith("multipart/form-data; boundary=----WebKitFormBoundary"), echo.content_type
+    form = parse_capture(echo, spool_dir)
+    try:
+        assert form.fields == {"model": ["cpu-lite"], "language": ["ca"]}
+        upload = form.files["file"]
+        assert (upload.filename, upload.content_type, upload.size) == ("clip.webm", "audio/webm", len(clip))
+        assert upload.path.read_bytes() == clip
+    finally:
+        form.cleanup()
+
+
 @pytest.fixture(scope="module")
 def sdk(daemon: Daemon) -> Iterator[openai.OpenAI]:
     client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
