@@ -1718,6 +1718,16 @@ class Scheduler:
         with self._cond:
             return len(self._heap)
 
+    def stop(self, *, grace: float) -> None:
+        """Drain, let running work finish until the deadline, then abort it; join."""
+        self.drain(grace=grace)
+        assert self._deadline is not None
+        for thread in self._threads:
+            thread.join(max(0.0, self._deadline - time.monotonic()))
+        self.abort_running()
+        for thread in self._threads:
+            thread.join()
+
     def running_keys(self) -> list[str | None]:
         """What the workers are busy with: a job's key, or None for a waiting HTTP request."""
         with self._cond:
@@ -1744,16 +1754,6 @@ class Scheduler:
             running = list(self.running.values())
         for work in running:
             work.abort.set()
-
-    def stop(self, *, grace: float) -> None:
-        """Drain, let running work finish until the deadline, then abort it; join."""
-        self.drain(grace=grace)
-        assert self._deadline is not None
-        for thread in self._threads:
-            thread.join(max(0.0, self._deadline - time.monotonic()))
-        self.abort_running()
-        for thread in self._threads:
-            thread.join()
 
     def _loop(self) -> None:
         ident = threading.get_ident()
