@@ -47,7 +47,7 @@ import math
 import os
 import re
 import signal
-import secrets
+import secrets  # noqa: F401  (job ids, in the jobs section)
 import shutil
 import socket
 import struct
