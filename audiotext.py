@@ -2187,6 +2187,8 @@ async def metrics(request: Any) -> Any:
 
 # Polled by monitors every few seconds: a line per successful probe would bury everything else.
 QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
+# Any token is a valid HTTP method; labelling by whatever a client sends would let it mint series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RequestLog:
@@ -2223,7 +2225,8 @@ class RequestLog:
         route = self._route_template(scope)
         state: AppState | None = getattr(scope["app"].state, "audiotext", None)
         if state is not None:
-            state.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            state.metrics.requests.labels(route, method, str(status)).inc()
         # raw_path is the path as sent, percent-encoded, so a client cannot forge log lines.
         path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "backslashreplace")
         level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
@@ -2595,9 +2598,10 @@ def _store(settings: Settings) -> ModelStore:
     return ModelStore(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker)
 
 
-# After the grace, an aborted transcription needs a moment to answer its client with a 503
-# before uvicorn stops waiting for connections and drops them.
-ABORT_SETTLE_SECONDS = 5
+# After the grace, an aborted transcription needs time to answer its client with a 503 before
+# uvicorn stops waiting for connections and drops them: whisper.cpp honours the abort between
+# its passes, and one encoder pass takes seconds, more for a big model on a small CPU.
+ABORT_SETTLE_SECONDS = 10
 
 
 class NotifyingServer(uvicorn.Server):
@@ -2605,11 +2609,11 @@ class NotifyingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, *, app: Any, notifier: Notifier) -> None:
         super().__init__(config)
-        self.app = app
+        self._app = app
         self.notifier = notifier
 
     def app_state(self) -> AppState | None:
-        return getattr(self.app.state, "audiotext", None)  # set by the lifespan
+        return getattr(self._app.state, "audiotext", None)  # set by the lifespan
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         monitor = ServiceMonitor(self.notifier, lambda: service_status(self.app_state()),

@@ -2101,14 +2101,18 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, A
 
     response = http.client.HTTPResponse(sock)
     response.begin()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    body = response.read()
+    return response.status, headers, json.loads(body) if headers.get("content-type") == "application/json" else {
+        "raw": body.decode(errors="replace")}
 
 
 def test_sigterm_during_a_transcription_answers_or_aborts_it_and_exits_0(
         daemon_factory: Callable[..., Daemon], notify_socket: NotifySocket) -> None:
     server = daemon_factory(AUDIOTEXT_STOP_GRACE_SECONDS="1", **notify_socket.env)
     notify_socket.wait_for("READY=1")
-    long_body = multipart_body({"model": "cpu-lite"}, {"file": ("long.webm", (CLIPS / "long_en.webm").read_bytes(),
+    # tiny: whisper.cpp honours the abort between passes, and a short pass keeps the stop quick.
+    long_body = multipart_body({"model": "cpu-tiny"}, {"file": ("long.webm", (CLIPS / "long_en.webm").read_bytes(),
                                                                  None)})
     running = send_upload_head(server.url, long_body)
     running.sendall(long_body)
@@ -2122,7 +2126,7 @@ def test_sigterm_during_a_transcription_answers_or_aborts_it_and_exits_0(
     for sock in (late, running):
         with sock:
             status, headers, body = read_response(sock)
-        assert status in (200, 503) if sock is running else status == 503, body
+        assert status in (200, 503) if sock is running else status == 503, (body, server.log())
         if status == 503:
             assert body["error"]["code"] == "shutting_down" and headers["retry-after"] == "30"
     assert server.proc.wait(60) == 0, server.log()
