@@ -2430,7 +2430,10 @@ class ServiceMonitor:
         self._watchdog_seconds = watchdog_seconds
         self._tick = min(STATUS_INTERVAL_SECONDS, watchdog_seconds or STATUS_INTERVAL_SECONDS)
         self._last_status = ""
-        self._loop_seen = time.monotonic()
+        # Heartbeats posted to the event loop, and how many it has run: equal means it answered
+        # within the last tick.
+        self._beats_posted = 0
+        self._beats_run = 0
         self._next_ping = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audiotext-notify", daemon=True)
@@ -2454,16 +2457,18 @@ class ServiceMonitor:
             messages.append(f"STATUS={status}")
             self._last_status = status
         now = time.monotonic()
-        if self._watchdog_seconds and now >= self._next_ping and now - self._loop_seen < self._watchdog_seconds:
+        loop_answers = self._beats_run == self._beats_posted
+        if self._watchdog_seconds and now >= self._next_ping and loop_answers:
             messages.append("WATCHDOG=1")
             self._next_ping = now + self._watchdog_seconds
         if messages:
             self._notifier.send(*messages)
+        self._beats_posted += 1
         with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to vouch for
-            self._loop.call_soon_threadsafe(self._saw_loop)
+            self._loop.call_soon_threadsafe(self._beat)
 
-    def _saw_loop(self) -> None:
-        self._loop_seen = time.monotonic()
+    def _beat(self) -> None:
+        self._beats_run += 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2278,6 +2278,44 @@ def test_watchdog_interval(environ: dict[str, str], seconds: float | None) -> No
     assert audiotext.watchdog_interval(environ) == seconds
 
 
+class RecordingNotifier(audiotext.Notifier):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[str] = []
+
+    def send(self, *assignments: str) -> None:
+        self.sent.extend(assignments)
+
+
+def watchdog_pings(loop: asyncio.AbstractEventLoop, ticks: int) -> int:
+    """Run a ServiceMonitor against `loop` for `ticks` ticks; how many WATCHDOG=1 it sent."""
+    notifier, seen = RecordingNotifier(), []
+    monitor = audiotext.ServiceMonitor(notifier, lambda: seen.append(1) or "serving", loop, watchdog_seconds=0.01)
+    monitor.start()
+    deadline = time.monotonic() + 60
+    while len(seen) < ticks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monitor.stop()
+    return notifier.sent.count("WATCHDOG=1")
+
+
+def test_watchdog_pings_only_while_the_event_loop_answers() -> None:
+    wedged = asyncio.new_event_loop()  # never run, so the monitor's heartbeats never happen
+    try:
+        assert watchdog_pings(wedged, ticks=50) == 1  # the first, before any heartbeat was owed
+    finally:
+        wedged.close()
+    live = asyncio.new_event_loop()
+    runner = threading.Thread(target=live.run_forever)
+    runner.start()
+    try:
+        assert watchdog_pings(live, ticks=50) >= 2
+    finally:
+        live.call_soon_threadsafe(live.stop)
+        runner.join()
+        live.close()
+
+
 def test_journal_lines_carry_their_syslog_priority() -> None:
     import logging
 
