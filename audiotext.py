@@ -18,6 +18,12 @@ client sends is executed; a log line never carries a token or a transcript.
 Limits (all configurable, each error quotes the limit it hit): request body 512 MiB, text form
 field 64 KiB, 64 form parts, 16 KiB of headers per part, audio duration 3 hours.
 
+As a service (audiotext.service, ``Type=notify``): READY=1 once the port is bound and the default
+model loaded, STATUS= with the queue, WATCHDOG=1 while the event loop answers. On SIGTERM, uploads
+get 503 with Retry-After, a running transcription has AUDIOTEXT_STOP_GRACE_SECONDS to finish and
+is aborted after that, and the process exits 0. ``GET /metrics`` is Prometheus text, behind the
+token unless AUDIOTEXT_METRICS_PUBLIC=1. ``audiotext check`` tells whether ``serve`` would start.
+
 The module is laid out in the order the data travels: settings, errors, multipart, audio,
 engine and models, scheduling, jobs, HTTP, CLI.
 """
@@ -38,11 +44,13 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
-import secrets
+import secrets  # noqa: F401  (job ids, in the jobs section)
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -60,6 +68,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 import numpy as np
+import uvicorn
 
 __version__ = "0.1.0"
 
@@ -117,7 +126,8 @@ def _flag(text: str) -> bool:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("api_token", "AUDIOTEXT_API_TOKEN", "--token", str, "bearer token clients must send (required; the variable keeps it out of `ps`)"),
+    Setting("api_token", "AUDIOTEXT_API_TOKEN", "--token", str,
+            "bearer token clients must send (required; the variable keeps it out of `ps`)"),
     Setting("host", "AUDIOTEXT_HOST", "--host", str, "address to bind"),
     Setting("port", "AUDIOTEXT_PORT", "--port", int, "port to bind"),
     Setting("state_dir", "AUDIOTEXT_STATE_DIR", "--state-dir", Path,
@@ -136,6 +146,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keep_audio", "AUDIOTEXT_KEEP_AUDIO", "--keep-audio", _flag, "keep a finished job's audio until its TTL"),
     Setting("stop_grace_seconds", "AUDIOTEXT_STOP_GRACE_SECONDS", "--stop-grace-seconds", _positive_float,
             "on SIGTERM, how long a running transcription may finish"),
+    Setting("metrics_public", "AUDIOTEXT_METRICS_PUBLIC", "--metrics-public", _flag,
+            "serve GET /metrics without the token"),
 )
 
 
@@ -155,6 +167,7 @@ class Settings:
     job_ttl_hours: float = 168.0
     keep_audio: bool = False
     stop_grace_seconds: float = 20.0
+    metrics_public: bool = False
     no_auth: bool = False
 
     @property
@@ -226,6 +239,16 @@ class APIError(Exception):
 
 def invalid(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+# A restart reloads the default model, seconds on a small box; a client retrying sooner finds
+# the port closed.
+RETRY_AFTER_STOP_SECONDS = 30
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                    headers={"Retry-After": str(RETRY_AFTER_STOP_SECONDS)})
 
 
 # Durable files: what the job table, results and imported models are written with.
@@ -1102,6 +1125,11 @@ class ModelStore:
     def loaded(self) -> list[str]:
         return sorted(p.stem for p in self._loaded)
 
+    def load_seconds(self) -> dict[str, float]:
+        """How long each loaded model file took to load, by file name without .bin."""
+        # No _load_lock: it is held for a whole load, and this is read on the event loop.
+        return {path.stem: model.load_seconds for path, model in list(self._loaded.items())}
+
     def close(self) -> None:
         """Free every whisper.cpp context now, while the interpreter is whole."""
         with self._load_lock:
@@ -1656,6 +1684,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._stopping = False
+        self._deadline: float | None = None  # when running work gets aborted, once stopping
         self._threads = [threading.Thread(target=self._loop, name=f"audiotext-worker-{i}", daemon=True)
                          for i in range(workers)]
         self.running: dict[int, Work] = {}
@@ -1668,8 +1697,7 @@ class Scheduler:
         work = Work(priority, next(self._seq), fn, key=key)
         with self._cond:
             if self._stopping:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                               headers={"Retry-After": "30"})
+                raise shutting_down()
             heapq.heappush(self._heap, work)
             self._cond.notify()
         return work
@@ -1701,20 +1729,41 @@ class Scheduler:
         return {w.key: i for i, w in enumerate(ordered) if w.key is not None}
 
     def stop(self, *, grace: float) -> None:
-        """Refuse new work, let running work finish within `grace`, then abort it; join."""
+        """Drain, let running work finish until the deadline, then abort it; join."""
+        self.drain(grace=grace)
+        assert self._deadline is not None
+        for thread in self._threads:
+            thread.join(max(0.0, self._deadline - time.monotonic()))
+        self.abort_running()
+        for thread in self._threads:
+            thread.join()
+
+    def running_keys(self) -> list[str | None]:
+        """What the workers are busy with: a job's key, or None for a waiting HTTP request."""
         with self._cond:
+            return [work.key for work in self.running.values()]
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def drain(self, *, grace: float) -> None:
+        """Refuse new work and cancel what is queued; running work may go on for `grace` seconds,
+        counted from the first call, so a later stop() does not grant a second grace."""
+        with self._cond:
+            if self._deadline is None:
+                self._deadline = time.monotonic() + grace
             self._stopping = True
             for work in self._heap:
                 work.future.cancel()
             self._heap.clear()
             self._cond.notify_all()
-        deadline = time.monotonic() + grace
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        for work in list(self.running.values()):
+
+    def abort_running(self) -> None:
+        with self._cond:
+            running = list(self.running.values())
+        for work in running:
             work.abort.set()
-        for thread in self._threads:
-            thread.join()
 
     def _loop(self) -> None:
         ident = threading.get_ident()
@@ -1950,18 +1999,17 @@ def _job_failure(exc: Exception) -> JobFailure:
 Execute = Callable[[Job, Path, threading.Event], Transcript]
 
 
-def engine_execute(models: ModelStore, *, max_audio_seconds: float) -> Execute:
+# Transcribes decoded audio with a named model: (audio, model, options, abort, on_segment).
+Transcribe = Callable[[np.ndarray, str, TranscribeOptions, threading.Event, Callable[[float], None]], Transcript]
+
+
+def engine_execute(transcribe: Transcribe, *, max_audio_seconds: float) -> Execute:
     def execute(job: Job, audio_path: Path, abort: threading.Event) -> Transcript:
         audio = decode_audio(audio_path, max_seconds=max_audio_seconds)
         job.audio_seconds = round(len(audio) / SAMPLE_RATE, 3)
         if abort.is_set():
             raise Aborted()  # decoding a long file cannot be interrupted; at least skip the inference
-        model = models.get(job.spec.model)
-        if not model.multilingual and job.spec.language not in (None, "en"):
-            raise JobFailure("unsupported_language",
-                             f"model '{model.name}' is English-only and cannot transcribe language "
-                             f"'{job.spec.language}'; use a multilingual model such as cpu-lite")
-        return model.transcribe(audio, job.spec.options(), abort=abort, on_segment=job.record_progress)
+        return transcribe(audio, job.spec.model, job.spec.options(), abort, job.record_progress)
 
     return execute
 
@@ -1970,8 +2018,10 @@ class JobStore:
     """The job table, its files, and the runner the Scheduler executes. Knows nothing of HTTP."""
 
     def __init__(self, state_dir: Path, scheduler: Any, execute: Execute, *, max_queue: int,
-                 ttl_seconds: float, keep_audio: bool) -> None:
+                 ttl_seconds: float, keep_audio: bool,
+                 on_transition: Callable[[Job], None] = lambda job: None) -> None:
         self.table_path = state_dir / "jobs.json"
+        self._on_transition = on_transition  # each status change, for the log and the metrics
         self.uploads = state_dir / "uploads"
         self.results = state_dir / "results"
         self._scheduler = scheduler  # submit / remove / position, as Scheduler has them
@@ -2019,6 +2069,13 @@ class JobStore:
             if self._queued() >= self.max_queue:
                 raise QueueFull(self.max_queue)
 
+    def status_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict.fromkeys(JOB_STATUSES, 0)
+            for job in self._jobs.values():
+                counts[job.status] += 1
+        return counts
+
     def _queued(self) -> int:
         return sum(1 for j in self._jobs.values() if j.status == QUEUED)
 
@@ -2049,7 +2106,7 @@ class JobStore:
             audio.unlink(missing_ok=True)
             sidecar.unlink(missing_ok=True)
             raise
-        logger.info("job %s accepted (%s, model %s)", job_id, spec.task, spec.model)
+        self._on_transition(job)
         self._submit(job_id)
         return self.get(job_id)
 
@@ -2158,7 +2215,7 @@ class JobStore:
             return None
         # Persisted before the work starts, so a crash from here on counts as an interrupted attempt.
         self._save_quietly()
-        logger.info("job %s started", job_id)
+        self._on_transition(job)
         return job
 
     def _aborted(self, job: Job) -> None:
@@ -2171,7 +2228,7 @@ class JobStore:
                 return
             job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
         self._save_quietly()
-        logger.info("job %s interrupted by shutdown; it stays queued for the next start", job.id)
+        self._on_transition(job)
 
     def _succeed(self, job: Job, transcript: Transcript) -> None:
         finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
@@ -2207,10 +2264,7 @@ class JobStore:
     def _after_finish(self, job: Job) -> None:
         self._save_quietly()
         self._tidy(job)
-        if job.error:
-            logger.warning("job %s failed: %s", job.id, job.error["message"])
-        else:
-            logger.info("job %s %s", job.id, job.status)
+        self._on_transition(job)
 
     # -- files
 
@@ -2388,10 +2442,21 @@ def _read_job_record(path: Path, *, check: Callable[[Any], Any] = lambda data: N
 def start_jobs(state: AppState) -> JobStore:
     """Load the job table, recover what a crash left, queue what is pending."""
     settings = state.settings
+
+    def transcribe(audio: np.ndarray, model: str, options: TranscribeOptions, abort: threading.Event,
+                   on_segment: Callable[[float], None]) -> Transcript:
+        return run_transcription(state, audio, model, options, abort, on_segment)
+
+    def announce(job: Job) -> None:
+        ran = job.finished_at - job.started_at if job.status == SUCCEEDED and job.started_at else None
+        record_job_transition(state, job.id, job.status, model=job.spec.model, audio_seconds=job.audio_seconds,
+                              inference_seconds=ran, error=job.error["message"] if job.error else None)
+
     store = JobStore(settings.state_dir, state.scheduler,
-                     engine_execute(state.models, max_audio_seconds=settings.max_audio_seconds),
+                     engine_execute(transcribe, max_audio_seconds=settings.max_audio_seconds),
                      max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
-                     keep_audio=settings.keep_audio)
+                     keep_audio=settings.keep_audio, on_transition=announce)
+    state.metrics.count_jobs = store.status_counts
     try:
         store.open()
     except BaseException:
@@ -2531,6 +2596,64 @@ def render_transcript(transcript: Transcript, response_format: str,
     return JSONResponse({"text": transcript.text})
 
 
+# Inference takes from under a second (tiny, a voice note) to an hour (a long meeting, cpu-max).
+INFERENCE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+REAL_TIME_FACTOR_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+
+
+class Metrics:
+    """One app's Prometheus metrics, in a registry of its own: a process may hold several apps.
+
+    Counters move where things happen; gauges are read from the app's state at scrape time.
+    """
+
+    def __init__(self, state: AppState) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self._state = state
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter("audiotext_requests", "HTTP requests answered, by route template and status",
+                                ["route", "method", "status"], registry=registry)
+        self.upload_bytes = Counter("audiotext_upload_bytes", "Request body bytes received by upload routes",
+                                    registry=registry)
+        self.audio_seconds = Counter("audiotext_audio_seconds", "Seconds of audio transcribed", ["model"],
+                                     registry=registry)
+        self.inference_seconds = Histogram("audiotext_inference_seconds", "whisper.cpp time per transcription",
+                                           ["model"], buckets=INFERENCE_BUCKETS, registry=registry)
+        self.real_time_factor = Histogram("audiotext_real_time_factor",
+                                          "Inference seconds per audio second; below 1 is faster than real time",
+                                          ["model"], buckets=REAL_TIME_FACTOR_BUCKETS, registry=registry)
+        self.job_transitions = Counter("audiotext_job_transitions", "Jobs entering each status", ["status"],
+                                       registry=registry)
+        # The job table replaces this with its own count of jobs by status.
+        self.count_jobs: Callable[[], dict[str, int]] = dict
+        registry.register(self)
+
+    def observe_transcription(self, model: str, audio_seconds: float, inference_seconds: float) -> None:
+        self.audio_seconds.labels(model).inc(audio_seconds)
+        self.inference_seconds.labels(model).observe(inference_seconds)
+        if audio_seconds > 0:
+            self.real_time_factor.labels(model).observe(inference_seconds / audio_seconds)
+
+    def collect(self) -> Iterator[Any]:
+        """The gauges, read from the state when Prometheus scrapes."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        scheduler = self._state.scheduler
+        yield GaugeMetricFamily("audiotext_queue_depth", "Transcriptions waiting for a worker", scheduler.depth())
+        yield GaugeMetricFamily("audiotext_busy_workers", "Workers transcribing now", len(scheduler.running_keys()))
+        jobs = GaugeMetricFamily("audiotext_jobs", "Jobs in the job table, by status", labels=["status"])
+        for status, count in sorted(self.count_jobs().items()):
+            jobs.add_metric([status], count)
+        yield jobs
+        loads = GaugeMetricFamily("audiotext_model_load_seconds", "How long each loaded model took to load",
+                                  labels=["model"])
+        for model, seconds in sorted(self._state.models.load_seconds().items()):
+            loads.add_metric([model], seconds)
+        yield loads
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -2538,10 +2661,46 @@ class AppState:
     scheduler: Scheduler
     started_at: float = field(default_factory=time.time)
     jobs: Any = None
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self)
+
+    @property
+    def stopping(self) -> bool:
+        """SIGTERM has come: uploads are refused, and an aborted job is to stay queued."""
+        return self.scheduler.stopping
 
 
 def _state(request: Any) -> AppState:
     return request.app.state.audiotext
+
+
+def record_job_transition(state: AppState, job_id: str, status: str, *, model: str,
+                          audio_seconds: float | None = None, inference_seconds: float | None = None,
+                          error: str | None = None) -> None:
+    """The job table calls this on every status change: one log line, one counter."""
+    state.metrics.job_transitions.labels(status).inc()
+    rtf = inference_seconds / audio_seconds if audio_seconds and inference_seconds is not None else None
+    logger.log(logging.WARNING if error else logging.INFO, "job %s %s model=%s audio_seconds=%s rtf=%s%s", job_id,
+               status, model, "-" if audio_seconds is None else f"{audio_seconds:.1f}",
+               "-" if rtf is None else f"{rtf:.2f}", f" error: {error}" if error else "")
+
+
+def begin_stop(state: AppState) -> None:
+    """SIGTERM's first step, on the event loop: refuse uploads, drop the queue, and abort what still
+    runs when the grace is over, early enough for its waiting client to get a 503 to retry."""
+    grace = state.settings.stop_grace_seconds
+    state.scheduler.drain(grace=grace)
+    asyncio.get_running_loop().call_later(grace, state.scheduler.abort_running)
+    logger.info("stopping: %d transcription(s) running get %g s to finish", len(state.scheduler.running_keys()),
+                grace)
+
+
+def refuse_uploads_while_stopping(state: AppState) -> None:
+    """Every upload route calls this first: work accepted now could not finish before the exit."""
+    if state.stopping:
+        raise shutting_down()
 
 
 def _check_token(request: Any) -> None:
@@ -2574,11 +2733,17 @@ def spool_dir(settings: Settings) -> Path:
 
 
 async def receive_form(request: Any) -> Form:
-    settings = _state(request).settings
+    state = _state(request)
     length = request.headers.get("content-length")
-    return await read_form(request.stream(), request.headers.get("content-type"), spool_dir=spool_dir(settings),
-                           limits=form_limits(settings),
+    return await read_form(_counted(request.stream(), state.metrics), request.headers.get("content-type"),
+                           spool_dir=spool_dir(state.settings), limits=form_limits(state.settings),
                            content_length=int(length) if length and length.isdigit() else None)
+
+
+async def _counted(stream: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        metrics.upload_bytes.inc(len(chunk))
+        yield chunk
 
 
 async def _abort_on_disconnect(request: Any, abort: threading.Event) -> None:
@@ -2599,17 +2764,35 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
     if upload is None:
         raise invalid("the 'file' form field is required", param="file")
     model, path = state.models.resolve(parsed.model)
-    language = parsed.options.language
-    if language not in (None, "en") and not is_multilingual_file(path):
+    check_language(model, is_multilingual_file(path), parsed.options.language)
+    return parsed, upload, model
+
+
+def check_language(model: str, multilingual: bool, language: str | None) -> None:
+    if language not in (None, "en") and not multilingual:
         raise invalid(f"model '{model}' is English-only and cannot transcribe language '{language}'; "
                       "use a multilingual model such as cpu-lite", param="language", code="unsupported_language")
-    return parsed, upload, model
+
+
+def run_transcription(state: AppState, audio: np.ndarray, model_name: str | None, options: TranscribeOptions,
+                      abort: threading.Event, on_segment: Callable[[float], None] | None = None) -> Transcript:
+    """What a worker does for a request or a job: load, check, transcribe, count."""
+    model = state.models.get(model_name)
+    check_language(model.name, model.multilingual, options.language)  # the file may have changed since upload
+    started = time.monotonic()
+    transcript = model.transcribe(audio, options, abort=abort, on_segment=on_segment)
+    inference_seconds = time.monotonic() - started
+    state.metrics.observe_transcription(model.path.stem, transcript.duration, inference_seconds)
+    logger.debug("transcribed %.1f s of audio with %s in %.1f s", transcript.duration, model.path.stem,
+                 inference_seconds)
+    return transcript
 
 
 async def transcribe_upload(request: Any, *, translate: bool) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     state = _state(request)
+    refuse_uploads_while_stopping(state)
     form = await receive_form(request)
     try:
         parsed, upload, _ = validate_upload(state, form, translate=translate)
@@ -2619,14 +2802,23 @@ async def transcribe_upload(request: Any, *, translate: bool) -> Any:
         form.cleanup()
 
     def run(abort: threading.Event) -> Transcript:
-        return state.models.get(parsed.model).transcribe(audio, parsed.options, abort=abort)
+        return run_transcription(state, audio, parsed.model, parsed.options, abort)
 
     work = state.scheduler.submit(run, priority=PRIORITY_SYNC)
     watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
     try:
         transcript = await asyncio.wrap_future(work.future)
     except Aborted:
+        if state.stopping:
+            raise shutting_down() from None
         logger.info("transcription aborted: the client disconnected")
+        raise
+    except asyncio.CancelledError:
+        # A stop drained the queue before this request's turn: the client should retry, and
+        # unlike a cancelled task it is still there to be told.
+        task = asyncio.current_task()
+        if work.future.cancelled() and task is not None and not task.cancelling():
+            raise shutting_down() from None
         raise
     finally:
         watcher.cancel()
@@ -2672,6 +2864,73 @@ async def healthz(request: Any) -> Any:
     state = _state(request)
     return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running)})
+
+
+async def metrics(request: Any) -> Any:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.responses import Response
+
+    state = _state(request)
+    if not state.settings.metrics_public:
+        _check_token(request)
+    return Response(generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# Polled by monitors every few seconds: a line per successful probe would bury everything else.
+QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
+# Any token is a valid HTTP method; labelling by whatever a client sends would let it mint series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestLog:
+    """Pure ASGI middleware in place of uvicorn's access log: per request, one line and one count.
+
+    The line holds the method, the path without its query, the status and the milliseconds; never
+    a header (the token) nor a body (the audio, the transcript).
+    """
+
+    def __init__(self, app: Any, *, routes: list[Any]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status: int | None = None
+
+        async def send_noting_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            # No status means the app raised, and the error middleware outside this one answers 500.
+            self._record(scope, status or 500, time.monotonic() - started)
+
+    def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
+        route = self._route_template(scope)
+        state: AppState | None = getattr(scope["app"].state, "audiotext", None)
+        if state is not None:
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            state.metrics.requests.labels(route, method, str(status)).inc()
+        # raw_path is the path as sent, percent-encoded, so a client cannot forge log lines.
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "backslashreplace")
+        level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+        logger.log(level, "%s %s %d %.0f ms", scope["method"], path, status, seconds * 1000)
+
+    def _route_template(self, scope: dict[str, Any]) -> str:
+        """The route's template, not the raw path, so ids in paths do not multiply the series."""
+        from starlette.routing import Match
+
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return "unmatched"
 
 
 # @@JOB-ROUTES-BEGIN@@
@@ -2736,6 +2995,7 @@ async def create_job(request: Any) -> Any:
     from starlette.responses import JSONResponse
 
     state = _state(request)
+    refuse_uploads_while_stopping(state)
     state.jobs.check_capacity()
     _check_free_space(request, state.settings)
     form = await receive_form(request)
@@ -2893,6 +3153,7 @@ async def _handle_http_exception(request: Any, exc: Exception) -> Any:
 def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.routing import Route
 
     models = models or ModelStore(settings.models_path, default=settings.default_model,
@@ -2924,6 +3185,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/audio/transcriptions", protected(create_transcription), methods=["POST"]),
         Route("/v1/audio/translations", protected(create_translation), methods=["POST"]),
         Route("/v1/models", protected(list_models), methods=["GET"]),
@@ -2934,7 +3196,8 @@ def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
                 Exception: _handle_layer_error}
     for exc_type in (MultipartError, AudioError, Aborted, ModelError, JobError, OSError):
         handlers[exc_type] = _handle_layer_error
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+                     middleware=[Middleware(RequestLog, routes=routes)])
 
 
 def _clear_spool(directory: Path) -> None:
@@ -2942,6 +3205,120 @@ def _clear_spool(directory: Path) -> None:
     for leftover in directory.glob("upload-*"):
         with contextlib.suppress(OSError):
             leftover.unlink()
+
+
+# Service: what systemd is told (sd_notify(3)), without a library for a few datagrams.
+
+STATUS_INTERVAL_SECONDS = 1.0  # how often STATUS= is refreshed, when it has changed
+
+
+class Notifier:
+    """Sends sd_notify messages to $NOTIFY_SOCKET; does nothing when systemd did not set it."""
+
+    def __init__(self, address: str | None) -> None:
+        if address and address.startswith("@"):
+            address = "\0" + address[1:]  # Linux's abstract namespace, as systemd spells it
+        # Other forms (vsock:...) come from newer service managers that we do not run under.
+        self._address = address if address and address[0] in "/\0" else None
+        self._warned = False
+
+    @classmethod
+    def from_env(cls) -> Notifier:
+        return cls(os.environ.get("NOTIFY_SOCKET"))
+
+    def send(self, *assignments: str) -> None:
+        if self._address is None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(assignments).encode(), self._address)
+        except OSError as exc:
+            # Once is enough: a vanished socket would otherwise log every second.
+            if not self._warned:
+                logger.warning("cannot notify systemd: %s", exc.strerror or exc)
+                self._warned = True
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC, if it is meant for this process."""
+    environ = os.environ if environ is None else environ
+    pid = environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2 / 1e6 if usec > 0 else None
+
+
+def service_status(state: AppState | None) -> str:
+    """STATUS= for `systemctl status`: serving or stopping, the queue, what is running."""
+    if state is None:
+        return "starting: loading the default model"
+    keys = state.scheduler.running_keys()
+    jobs = [key for key in keys if key is not None]
+    parts = ["stopping" if state.stopping else "serving", f"{state.scheduler.depth()} queued"]
+    if jobs:
+        parts.append("running job " + ", ".join(jobs))
+    if len(keys) > len(jobs):
+        parts.append(f"{len(keys) - len(jobs)} request(s) transcribing")
+    if not keys:
+        parts.append("idle")
+    return "; ".join(parts)
+
+
+class ServiceMonitor:
+    """A thread that keeps systemd current: STATUS= when it changes, WATCHDOG=1 while the event
+    loop still runs callbacks (a thread that pinged regardless would hide a wedged loop)."""
+
+    def __init__(self, notifier: Notifier, status: Callable[[], str], loop: asyncio.AbstractEventLoop, *,
+                 watchdog_seconds: float | None) -> None:
+        self._notifier = notifier
+        self._status = status
+        self._loop = loop
+        self._watchdog_seconds = watchdog_seconds
+        self._tick = min(STATUS_INTERVAL_SECONDS, watchdog_seconds or STATUS_INTERVAL_SECONDS)
+        self._last_status = ""
+        # Heartbeats posted to the event loop, and how many it has run: equal means it answered
+        # within the last tick.
+        self._beats_posted = 0
+        self._beats_run = 0
+        self._next_ping = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audiotext-notify", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick):
+            self._report()
+
+    def _report(self) -> None:
+        messages = []
+        status = self._status()
+        if status != self._last_status:
+            messages.append(f"STATUS={status}")
+            self._last_status = status
+        now = time.monotonic()
+        loop_answers = self._beats_run == self._beats_posted
+        if self._watchdog_seconds and now >= self._next_ping and loop_answers:
+            messages.append("WATCHDOG=1")
+            self._next_ping = now + self._watchdog_seconds
+        if messages:
+            self._notifier.send(*messages)
+        self._beats_posted += 1
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to vouch for
+            self._loop.call_soon_threadsafe(self._beat)
+
+    def _beat(self) -> None:
+        self._beats_run += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3076,20 +3453,105 @@ def _store(settings: Settings) -> ModelStore:
     return ModelStore(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+# After the grace, an aborted transcription needs time to answer its client with a 503 before
+# uvicorn stops waiting for connections and drops them: whisper.cpp honours the abort between
+# its passes, and one encoder pass takes seconds, more for a big model on a small CPU.
+ABORT_SETTLE_SECONDS = 10
 
+
+class NotifyingServer(uvicorn.Server):
+    """uvicorn's server, telling systemd when the port is bound and when a stop begins."""
+
+    def __init__(self, config: uvicorn.Config, *, app: Any, notifier: Notifier) -> None:
+        super().__init__(config)
+        self._app = app
+        self.notifier = notifier
+
+    def app_state(self) -> AppState | None:
+        return getattr(self._app.state, "audiotext", None)  # set by the lifespan
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        monitor = ServiceMonitor(self.notifier, lambda: service_status(self.app_state()),
+                                 asyncio.get_running_loop(), watchdog_seconds=watchdog_interval())
+        monitor.start()
+        try:
+            await super().serve(sockets)
+        finally:
+            monitor.stop()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the lifespan has loaded the default model by now
+        if self.started:
+            self.notifier.send("READY=1", f"STATUS={service_status(self.app_state())}")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.notifier.send("STOPPING=1", "STATUS=stopping")
+        state = self.app_state()
+        if state is not None:
+            begin_stop(state)
+        await super().shutdown(sockets)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     check_auth_settings(settings)
     store = _store(settings)
     ensure_default_model(store)
-    config = uvicorn.Config(build_app(settings, models=store), host=settings.host, port=settings.port,
-                            log_config=None, timeout_graceful_shutdown=int(settings.stop_grace_seconds) + 1,
+    app = build_app(settings, models=store)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=math.ceil(settings.stop_grace_seconds) + ABORT_SETTLE_SECONDS,
                             server_header=False)
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; a handler that ignores it lets
     # a clean stop end with exit status 0, as a service manager expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.Server(config).run()
+    NotifyingServer(config, app=app, notifier=Notifier.from_env()).run()
+    return 0
+
+
+def check_state_dir(settings: Settings) -> str:
+    """The state dir exists or can be made, only its owner can write it, and one upload fits."""
+    directory = settings.state_dir
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"state dir {directory} is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _refuse_world_writable(directory, "state dir")
+        fd, probe = tempfile.mkstemp(prefix="check-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+        free = shutil.disk_usage(directory).free
+    except OSError as exc:
+        raise ConfigError(f"state dir {directory} is not usable: {exc.strerror or exc}") from None
+    if free < settings.max_upload_mb * MiB:
+        raise ConfigError(f"state dir {directory} has {free / MiB:.0f} MiB free, less than one upload at the "
+                          f"{settings.max_upload_mb} MiB limit (AUDIOTEXT_MAX_UPLOAD_MB)")
+    return f"state dir {directory}: writable, {free / (1024 * MiB):.1f} GiB free"
+
+
+def _refuse_world_writable(path: Path, what: str) -> None:
+    # Anyone who can write here can swap a model file (whisper.cpp trusts it) or read uploads.
+    mode = path.stat().st_mode
+    if mode & 0o002:
+        raise ConfigError(f"{what} {path} is writable by every user (mode {mode & 0o7777:o}); run chmod o-w on it")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Everything `serve` needs before it binds: settings, directories, the default model loading."""
+    settings = _settings_from_args(args)
+    check_auth_settings(settings)
+    auth = "token set" if settings.api_token else "no auth (loopback)"
+    print(f"ok  settings: {settings.host}:{settings.port}, {auth}, {settings.workers} worker(s) x "
+          f"{settings.threads_per_worker} thread(s)")
+    print(f"ok  {check_state_dir(settings)}")
+    store = _store(settings)
+    ensure_default_model(store)
+    _refuse_world_writable(store.models_dir, "models dir")
+    try:
+        model = store.get(None)
+    except (APIError, ModelError) as exc:
+        raise ConfigError(f"default model {settings.default_model}: {exc}") from None
+    print(f"ok  default model {settings.default_model}: {model.path} loaded in {model.load_seconds:.1f} s")
+    store.close()
     return 0
 
 
@@ -3146,6 +3608,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(serve)
     serve.add_argument("--no-auth", action="store_true", help="no token (only on a loopback address)")
     serve.set_defaults(run=cmd_serve)
+    check = commands.add_parser("check", help="check settings, directories and the default model; "
+                                              "exit non-zero if `serve` could not start")
+    _add_setting_flags(check)
+    check.add_argument("--no-auth", action="store_true", help="as for serve")
+    check.set_defaults(run=cmd_check)
     models = commands.add_parser("models", help="list, download or import models").add_subparsers(
         dest="models_command", required=True)
     listing = models.add_parser("list", help="aliases, files, sizes and what each resolves to")
@@ -3165,9 +3632,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class JournalFormatter(logging.Formatter):
+    """Prefixes each line with its syslog priority, which journald files the entry under, so
+    `journalctl -p warning` works."""
+
+    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        # journald splits at newlines; a traceback's every line keeps the priority.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets $JOURNAL_STREAM to stderr's device:inode when stderr goes to journald."""
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{stat.st_dev}:{stat.st_ino}"
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JournalFormatter if _stderr_is_journal() else logging.Formatter
+    handler.setFormatter(formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=os.environ.get("AUDIOTEXT_LOG_LEVEL", "INFO").upper(), handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("AUDIOTEXT_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

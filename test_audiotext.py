@@ -2120,6 +2120,412 @@ def test_models_pull_reports_a_missing_file(mirror: Any, tmp_path: Path) -> None
     assert f"{mirror.url}/ggml-nope.bin: HTTP 404" in run.stderr
 
 
+# ---------------------------------------------------------------------------------------------
+# Service
+# ---------------------------------------------------------------------------------------------
+
+UNIT = ROOT / "audiotext.service"
+
+
+def unit_values(name: str) -> list[str]:
+    """Every value a directive takes in audiotext.service, in order."""
+    pattern = re.compile(rf"^{re.escape(name)}=(.*)$", re.M)
+    return pattern.findall(UNIT.read_text())
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_exposure_is_at_most_2() -> None:
+    run = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)], capture_output=True,
+                         text=True, timeout=120)
+    match = re.search(r"Overall exposure level for audiotext\.service: (\d+\.\d+)", run.stdout)
+    assert match, run.stdout + run.stderr
+    assert float(match[1]) <= 2.0, run.stdout
+
+
+def test_unit_stop_timeout_outlasts_the_daemons_own() -> None:
+    """systemd must not SIGKILL a daemon that is still inside its own graceful stop."""
+    (timeout,) = unit_values("TimeoutStopSec")
+    own = Settings().stop_grace_seconds + audiotext.ABORT_SETTLE_SECONDS
+    assert float(timeout) > own
+
+
+MDWE_PROBE = """
+import ctypes, sys
+from pathlib import Path
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(77)
+import audiotext
+clips, models = Path(sys.argv[1]), Path(sys.argv[2])
+for clip in sorted(clips.glob("*.*")):
+    if clip.suffix != ".sh":
+        audiotext.decode_audio(clip, max_seconds=60)
+store = audiotext.ModelStore(models, default="cpu-tiny", threads=2)
+audio = audiotext.decode_audio(clips / "en.wav", max_seconds=60)
+print(store.get(None).transcribe(audio, audiotext.TranscribeOptions(), abort=audiotext.threading.Event()).text)
+"""
+
+
+def test_decoding_and_inference_need_no_writable_executable_memory(models_dir: Path) -> None:
+    """What the unit's MemoryDenyWriteExecute= forbids, refused by the kernel (PR_SET_MDWE) instead."""
+    run = subprocess.run([sys.executable, "-c", MDWE_PROBE, str(CLIPS), str(models_dir)], capture_output=True,
+                         text=True, timeout=300)
+    if run.returncode == 77:
+        pytest.skip("the kernel has no PR_SET_MDWE (Linux 6.3+)")
+    assert run.returncode == 0, run.stderr
+    assert_heard(run.stdout, EN_WORDS)
+
+
+class NotifySocket:
+    """The datagram socket systemd would listen on, bound in the abstract namespace."""
+
+    def __init__(self) -> None:
+        self.name = f"audiotext-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.messages: list[str] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": "@" + self.name}
+
+    def wait_for(self, line: str, timeout: float = 120) -> None:
+        """Read messages until one has `line` as one of its lines."""
+        deadline = time.monotonic() + timeout
+        while not any(line in m.split("\n") for m in self.messages):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {line!r} within {timeout} s; got {self.messages}"
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    notify = NotifySocket()
+    yield notify
+    notify.sock.close()
+
+
+def test_systemd_hears_ready_status_watchdog_and_stopping(daemon_factory: Callable[..., Daemon],
+                                                          notify_socket: NotifySocket) -> None:
+    server = daemon_factory(wait=False, WATCHDOG_USEC="1000000", **notify_socket.env)
+    notify_socket.wait_for("READY=1")
+    # No retry: READY=1 promises the port is bound and the default model loaded.
+    health = httpx.get(server.url + "/healthz").json()
+    assert health["models_loaded"] == ["ggml-base"]
+    notify_socket.wait_for("WATCHDOG=1")
+    assert "STATUS=serving; 0 queued; idle" in "\n".join(notify_socket.messages)
+    server.proc.send_signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1")
+    assert server.proc.wait(60) == 0, server.log()
+
+
+def send_upload_head(url: str, body: bytes) -> socket.socket:
+    """Open a transcription upload and send its headers only; the caller sends the body later."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode())
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
+    import http.client
+
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    body = response.read()
+    return response.status, headers, json.loads(body) if headers.get("content-type") == "application/json" else {
+        "raw": body.decode(errors="replace")}
+
+
+def test_sigterm_during_a_transcription_answers_or_aborts_it_and_exits_0(
+        daemon_factory: Callable[..., Daemon], notify_socket: NotifySocket) -> None:
+    server = daemon_factory(AUDIOTEXT_STOP_GRACE_SECONDS="1", **notify_socket.env)
+    notify_socket.wait_for("READY=1")
+    # tiny: whisper.cpp honours the abort between passes, and a short pass keeps the stop quick.
+    long_body = multipart_body({"model": "cpu-tiny"}, {"file": ("long.webm", (CLIPS / "long_en.webm").read_bytes(),
+                                                                 None)})
+    running = send_upload_head(server.url, long_body)
+    running.sendall(long_body)
+    notify_socket.wait_for("STATUS=serving; 0 queued; 1 request(s) transcribing")
+    late_body = multipart_body({"model": "cpu-tiny"}, {"file": ("en.wav", (CLIPS / "en.wav").read_bytes(), None)})
+    late = send_upload_head(server.url, late_body)  # accepted before the stop, body sent after it
+    time.sleep(0.5)  # lets the daemon start handling it: a connection still idle is simply closed
+    server.proc.send_signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1")
+    late.sendall(late_body)
+    for sock in (late, running):
+        with sock:
+            status, headers, body = read_response(sock)
+        assert status in (200, 503) if sock is running else status == 503, (body, server.log())
+        if status == 503:
+            assert body["error"]["code"] == "shutting_down" and headers["retry-after"] == "30"
+    assert server.proc.wait(60) == 0, server.log()
+    assert re.search(r"^INFO audiotext: POST /v1/audio/transcriptions 503 \d+ ms$", server.log(), re.M)
+
+
+def post_file(client: TestClient, path: str = "/v1/audio/transcriptions", clip: str = "en.wav",
+              **fields: str) -> Any:
+    with open(CLIPS / clip, "rb") as f:
+        return client.post(path, headers=AUTH, files={"file": (clip, f)}, data=fields)
+
+
+def test_uploads_get_503_with_retry_after_once_stopping(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    client.portal.call(audiotext.begin_stop, client.app.state.audiotext)  # what SIGTERM starts
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/transcription-jobs"):
+        response = post_file(client, path)
+        assert_error(response, 503, "the server is shutting down")
+        assert response.headers["retry-after"] == "30"
+    assert client.get("/healthz").status_code == 200  # reads are still answered
+    assert client.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def test_a_stop_answers_queued_requests_and_aborts_running_work(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(stop_grace_seconds=0.2)
+    state = client.app.state.audiotext
+    blocker = state.scheduler.submit(lambda abort: abort.wait(60), priority=audiotext.PRIORITY_JOB)
+    responses: list[Any] = []
+    waiting = threading.Thread(target=lambda: responses.append(post_file(client, model="cpu-tiny")))
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while state.scheduler.depth() == 0:  # decoded and queued behind the blocker
+        assert time.monotonic() < deadline and waiting.is_alive()
+        time.sleep(0.02)
+    client.portal.call(audiotext.begin_stop, state)
+    waiting.join(60)
+    assert_error(responses[0], 503, "the server is shutting down")
+    assert blocker.future.result(timeout=60) is True  # aborted once the grace was over
+
+
+def scrape(client: TestClient, headers: dict[str, str] = AUTH) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_metrics_move_when_a_file_is_transcribed(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    before = scrape(client)
+    assert post_file(client, model="cpu-tiny").status_code == 200
+    assert client.get("/v1/models/cpu-lite", headers=AUTH).status_code == 200
+    after = scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("audiotext_requests_total", route="/v1/audio/transcriptions", method="POST", status="200") == 1
+    assert moved("audiotext_requests_total", route="/v1/models/{model_id:path}", method="GET", status="200") == 1
+    assert moved("audiotext_audio_seconds_total", model="ggml-tiny.en") == pytest.approx(3.63, abs=0.01)
+    assert moved("audiotext_inference_seconds_count", model="ggml-tiny.en") == 1
+    assert moved("audiotext_inference_seconds_sum", model="ggml-tiny.en") > 0
+    assert moved("audiotext_real_time_factor_count", model="ggml-tiny.en") == 1
+    assert moved("audiotext_upload_bytes_total") > (CLIPS / "en.wav").stat().st_size
+    assert after[("audiotext_model_load_seconds", frozenset({("model", "ggml-base")}))] > 0
+    assert after[("audiotext_queue_depth", frozenset())] == 0
+    assert after[("audiotext_busy_workers", frozenset())] == 0
+
+
+@pytest.mark.parametrize(("public", "status"), [pytest.param(False, 401, id="behind_the_token"),
+                                                pytest.param(True, 200, id="public")])
+def test_metrics_need_the_token_unless_public(make_client: Callable[..., TestClient], public: bool,
+                                              status: int) -> None:
+    client = make_client(metrics_public=public)
+    assert client.get("/metrics").status_code == status
+    assert client.get("/metrics", headers=AUTH).status_code == 200
+
+
+def test_one_log_line_per_request_and_never_the_token_or_transcript(make_client: Callable[..., TestClient],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    caplog.set_level("DEBUG")
+    text = post_file(client, model="cpu-tiny").json()["text"]
+    assert_heard(text, EN_WORDS)
+    assert client.get(f"/v1/nothing?token={TOKEN}", headers=AUTH).status_code == 404
+    assert client.get("/healthz").status_code == 200
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "audiotext"]
+    requests_logged = [(level, re.sub(r"\d+ ms$", "N ms", message)) for level, message in lines
+                       if re.search(r" \d+ ms$", message)]
+    assert requests_logged == [("INFO", "POST /v1/audio/transcriptions 200 N ms"),
+                               ("INFO", "GET /v1/nothing 404 N ms"),
+                               ("DEBUG", "GET /healthz 200 N ms")]
+    # Everything the daemon's side logged; the test's own HTTP client logs its URLs.
+    everything = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
+    assert TOKEN not in everything
+    assert "London" not in everything and "my name is" not in everything.lower()
+
+
+def test_job_transitions_are_logged_and_counted(make_client: Callable[..., TestClient],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    state = client.app.state.audiotext
+    caplog.set_level("INFO", logger="audiotext")
+    audiotext.record_job_transition(state, "job_1", "running", model="cpu-lite")
+    audiotext.record_job_transition(state, "job_1", "succeeded", model="cpu-lite", audio_seconds=30.5,
+                                    inference_seconds=12.2)
+    assert [r.getMessage() for r in caplog.records if r.name == "audiotext"] == [
+        "job job_1 running model=cpu-lite audio_seconds=- rtf=-",
+        "job job_1 succeeded model=cpu-lite audio_seconds=30.5 rtf=0.40"]
+    state.metrics.count_jobs = lambda: {"queued": 2, "succeeded": 1}
+    after = scrape(client)
+    assert after[("audiotext_job_transitions_total", frozenset({("status", "succeeded")}))] == 1
+    assert after[("audiotext_jobs", frozenset({("status", "queued")}))] == 2
+
+
+def test_notifier_sends_one_datagram_per_message(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        listener.settimeout(10)
+        audiotext.Notifier(str(path)).send("READY=1", "STATUS=serving")
+        assert listener.recv(4096) == b"READY=1\nSTATUS=serving"
+
+
+def test_notifier_outside_systemd_or_with_its_socket_gone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    audiotext.Notifier(None).send("READY=1")  # not under systemd: nothing to do
+    gone = audiotext.Notifier(str(tmp_path / "gone"))
+    for _ in range(3):
+        gone.send("WATCHDOG=1")
+    assert [r.getMessage() for r in caplog.records] == ["cannot notify systemd: No such file or directory"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "seconds"),
+    [
+        pytest.param({}, None, id="unset"),
+        pytest.param({"WATCHDOG_USEC": "30000000"}, 15.0, id="half"),
+        pytest.param({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0, id="for_this_pid"),
+        pytest.param({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None, id="for_another_pid"),
+        pytest.param({"WATCHDOG_USEC": "0"}, None, id="zero"),
+        pytest.param({"WATCHDOG_USEC": "soon"}, None, id="garbage"),
+    ],
+)
+def test_watchdog_interval(environ: dict[str, str], seconds: float | None) -> None:
+    assert audiotext.watchdog_interval(environ) == seconds
+
+
+class RecordingNotifier(audiotext.Notifier):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[str] = []
+
+    def send(self, *assignments: str) -> None:
+        self.sent.extend(assignments)
+
+
+def watchdog_pings(loop: asyncio.AbstractEventLoop, ticks: int) -> int:
+    """Run a ServiceMonitor against `loop` for `ticks` ticks; how many WATCHDOG=1 it sent."""
+    notifier, seen = RecordingNotifier(), []
+    monitor = audiotext.ServiceMonitor(notifier, lambda: seen.append(1) or "serving", loop, watchdog_seconds=0.01)
+    monitor.start()
+    deadline = time.monotonic() + 60
+    while len(seen) < ticks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monitor.stop()
+    return notifier.sent.count("WATCHDOG=1")
+
+
+def test_watchdog_pings_only_while_the_event_loop_answers() -> None:
+    wedged = asyncio.new_event_loop()  # never run, so the monitor's heartbeats never happen
+    try:
+        assert watchdog_pings(wedged, ticks=50) == 1  # the first, before any heartbeat was owed
+    finally:
+        wedged.close()
+    live = asyncio.new_event_loop()
+    runner = threading.Thread(target=live.run_forever)
+    runner.start()
+    try:
+        assert watchdog_pings(live, ticks=50) >= 2
+    finally:
+        live.call_soon_threadsafe(live.stop)
+        runner.join()
+        live.close()
+
+
+def test_journal_lines_carry_their_syslog_priority() -> None:
+    import logging
+
+    formatter = audiotext.JournalFormatter("%(levelname)s %(name)s: %(message)s")
+    record = logging.makeLogRecord({"name": "audiotext", "levelno": logging.WARNING, "levelname": "WARNING",
+                                    "msg": "first\nsecond"})
+    assert formatter.format(record) == "<4>WARNING audiotext: first\n<4>second"
+
+
+def check_env(tmp_path: Path, models: Path, **env: str) -> dict[str, str]:
+    return {"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path / "state"),
+            "AUDIOTEXT_MODELS_DIR": str(models), **env}
+
+
+def test_check_loads_the_default_model_and_logs_for_journald(tmp_path: Path, models_dir: Path) -> None:
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        stat = os.fstat(stderr.fileno())
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
+        environ.update(check_env(tmp_path, models_dir), JOURNAL_STREAM=f"{stat.st_dev}:{stat.st_ino}")
+        run = subprocess.run([sys.executable, str(ROOT / "audiotext.py"), "check"], env=environ, stdout=subprocess.PIPE,
+                             stderr=stderr, text=True, timeout=120)
+    assert run.returncode == 0, stderr_path.read_text()
+    assert re.search(rf"^ok  default model cpu-lite: {re.escape(str(models_dir))}/ggml-base.bin loaded in ",
+                     run.stdout, re.M), run.stdout
+    assert "ok  state dir" in run.stdout
+    assert re.search(r"^<6>INFO audiotext: loaded model cpu-lite", stderr_path.read_text(), re.M)
+
+
+def world_writable_state(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "state").mkdir(mode=0o777)
+    (tmp_path / "state").chmod(0o777)  # mkdir's mode is filtered by the umask
+    return {}
+
+
+def broken_default_model(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "ggml-base.bin").write_bytes(b"\0" * 4096)
+    return {"AUDIOTEXT_MODELS_DIR": str(tmp_path / "models")}
+
+
+@pytest.mark.parametrize(
+    ("prepare", "message"),
+    [
+        pytest.param(lambda tmp: {"AUDIOTEXT_API_TOKEN": ""}, "AUDIOTEXT_API_TOKEN is not set", id="no_token"),
+        pytest.param(lambda tmp: {"AUDIOTEXT_WORKERS": "0"}, "AUDIOTEXT_WORKERS='0': must be at least 1",
+                     id="bad_setting"),
+        pytest.param(lambda tmp: (tmp / "state").write_bytes(b"") and {}, "state dir {tmp}/state is not a directory",
+                     id="state_dir_is_a_file"),
+        pytest.param(world_writable_state, "state dir {tmp}/state is writable by every user (mode 777)",
+                     id="world_writable_state_dir"),
+        pytest.param(lambda tmp: {"AUDIOTEXT_DEFAULT_MODEL": "cpu-balanced"},
+                     "no model file for the default model 'cpu-balanced'", id="no_model_file"),
+        pytest.param(broken_default_model, "ggml-base.bin is not a ggml whisper model (bad magic)",
+                     id="broken_model_file"),
+    ],
+)
+def test_check_fails_with_a_clear_message(tmp_path: Path, models_dir: Path, prepare: Callable[[Path], Any],
+                                          message: str) -> None:
+    env = check_env(tmp_path, models_dir)
+    env.update(prepare(tmp_path) or {})
+    run = run_cli("check", env=env, timeout=120)
+    assert run.returncode == 2
+    assert message.format(tmp=tmp_path) in run.stderr
+
+
+def test_check_fails_when_one_upload_would_not_fit(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(audiotext.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=100 * 1024 * 1024))
+    assert audiotext.main(["check", "--state-dir", str(tmp_path), "--token", TOKEN,
+                           "--models-dir", str(models_dir)]) == 2
+    assert (f"state dir {tmp_path} has 100 MiB free, less than one upload at the 512 MiB limit "
+            "(AUDIOTEXT_MAX_UPLOAD_MB)") in capsys.readouterr().err
+
 
 # ---------------------------------------------------------------------------------------------
 # Jobs
@@ -2912,3 +3318,24 @@ def test_accepted_jobs_survive_sigkill(daemon_factory: Callable[..., Daemon], tm
         assert {j["status"] for j in jobs.values()} == {"succeeded"}, jobs
         assert_heard(client.get(jobs[accepted[0]]["result_url"], headers=AUTH).json()["text"], EN_WORDS)
     assert state_files(state_dir)["uploads"] == []
+
+
+def test_jobs_feed_the_metrics_and_the_log(make_client: Callable[..., TestClient],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    caplog.set_level("INFO", logger="audiotext")
+    before = scrape(client)
+    job = submit_job(client, model="cpu-tiny")
+    done = wait_for_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    after = scrape(client)
+    assert after[("audiotext_jobs", frozenset({("status", "succeeded")}))] == 1
+    assert after[("audiotext_jobs", frozenset({("status", "queued")}))] == 0
+    seconds = ("audiotext_audio_seconds_total", frozenset({("model", "ggml-tiny.en")}))
+    assert after[seconds] - before.get(seconds, 0) == pytest.approx(done["audio_seconds"], abs=0.01)
+    for status in ("queued", "running", "succeeded"):
+        key = ("audiotext_job_transitions_total", frozenset({("status", status)}))
+        assert after[key] - before.get(key, 0) == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
+    assert [line.split()[2] for line in lines] == ["queued", "running", "succeeded"]
+    assert re.search(r"model=cpu-tiny audio_seconds=3\.\d rtf=\d+\.\d\d$", lines[-1]), lines[-1]
