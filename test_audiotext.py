@@ -213,10 +213,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
     assert shared.stop() == 0, shared.log()
 
 
-def post_clip(base_url: str, clip: str, *, path: str = "/v1/audio/transcriptions", headers: dict[str, str] = AUTH,
-              **fields: Any) -> httpx.Response:
+def post_clip(target: str | httpx.Client, clip: str = "en.wav", *, path: str = "/v1/audio/transcriptions",
+              headers: dict[str, str] = AUTH, **fields: Any) -> httpx.Response:
+    """Upload a test clip to a daemon's base URL or through an in-process client."""
     with open(CLIPS / clip, "rb") as f:
-        return httpx.post(base_url + path, headers=headers, files={"file": (clip, f)}, data=fields, timeout=120)
+        if isinstance(target, str):
+            return httpx.post(target + path, headers=headers, files={"file": (clip, f)}, data=fields, timeout=120)
+        return target.post(path, headers=headers, files={"file": (clip, f)}, data=fields)
 
 
 def assert_error(response: Any, status: int, message: str | re.Pattern[str], *, param: str | None = None) -> None:
@@ -2268,17 +2271,11 @@ def test_sigterm_during_a_transcription_answers_or_aborts_it_and_exits_0(
     assert re.search(r"^INFO audiotext: POST /v1/audio/transcriptions 503 \d+ ms$", server.log(), re.M)
 
 
-def post_file(client: TestClient, path: str = "/v1/audio/transcriptions", clip: str = "en.wav",
-              **fields: str) -> Any:
-    with open(CLIPS / clip, "rb") as f:
-        return client.post(path, headers=AUTH, files={"file": (clip, f)}, data=fields)
-
-
 def test_uploads_get_503_with_retry_after_once_stopping(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     client.portal.call(audiotext.begin_stop, client.app.state.audiotext)  # what SIGTERM starts
     for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/transcription-jobs"):
-        response = post_file(client, path)
+        response = post_clip(client, path=path)
         assert_error(response, 503, "the server is shutting down")
         assert response.headers["retry-after"] == "30"
     assert client.get("/healthz").status_code == 200  # reads are still answered
@@ -2290,7 +2287,7 @@ def test_a_stop_answers_queued_requests_and_aborts_running_work(make_client: Cal
     state = client.app.state.audiotext
     blocker = state.scheduler.submit(lambda abort: abort.wait(60), priority=audiotext.PRIORITY_JOB)
     responses: list[Any] = []
-    waiting = threading.Thread(target=lambda: responses.append(post_file(client, model="cpu-tiny")))
+    waiting = threading.Thread(target=lambda: responses.append(post_clip(client, model="cpu-tiny")))
     waiting.start()
     deadline = time.monotonic() + 60
     while state.scheduler.depth() == 0:  # decoded and queued behind the blocker
@@ -2315,7 +2312,7 @@ def scrape(client: TestClient, headers: dict[str, str] = AUTH) -> dict[tuple[str
 def test_metrics_move_when_a_file_is_transcribed(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     before = scrape(client)
-    assert post_file(client, model="cpu-tiny").status_code == 200
+    assert post_clip(client, model="cpu-tiny").status_code == 200
     assert client.get("/v1/models/cpu-lite", headers=AUTH).status_code == 200
     after = scrape(client)
 
@@ -2348,7 +2345,7 @@ def test_one_log_line_per_request_and_never_the_token_or_transcript(make_client:
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     client = make_client()
     caplog.set_level("DEBUG")
-    text = post_file(client, model="cpu-tiny").json()["text"]
+    text = post_clip(client, model="cpu-tiny").json()["text"]
     assert_heard(text, EN_WORDS)
     assert client.get(f"/v1/nothing?token={TOKEN}", headers=AUTH).status_code == 404
     assert client.get("/healthz").status_code == 200
@@ -2767,19 +2764,13 @@ def test_sync_requests_go_ahead_of_queued_jobs(make_client: Callable[..., TestCl
     with worker_held(client):
         job = submit_job(client)
         assert job["queue_position"] == 1
-        sync = threading.Thread(target=lambda: answers.append(post_clip_to(client, "en.webm")))
+        sync = threading.Thread(target=lambda: answers.append(post_clip(client, "en.webm", model="cpu-tiny")))
         sync.start()
         wait_until(lambda: get_job(client, job["id"])["queue_position"] == 2, what="the sync request to queue ahead")
     sync.join(180)
     assert answers and answers[0].status_code == 200
     assert_heard(answers[0].json()["text"], EN_WORDS)
     client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)  # its turn came after the sync request's
-
-
-def post_clip_to(client: httpx.Client, clip: str) -> httpx.Response:
-    with open(CLIPS / clip, "rb") as f:
-        return client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": (clip, f)},
-                           data={"model": "cpu-tiny"})
 
 
 def test_queue_full_answers_429(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
