@@ -69,6 +69,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Match, Route
 
 __version__ = "0.1.0"
 
@@ -1790,7 +1796,6 @@ class Scheduler:
 # Jobs
 # ---------------------------------------------------------------------------------------------
 
-# @@JOBS-BEGIN@@
 # The job table lives in memory and is mirrored to <state>/jobs.json after every change. Files:
 #   uploads/<id><ext>   the audio, from acceptance until the job finishes (longer with keep_audio)
 #   uploads/<id>.json   the job as accepted, while it is pending, so a lost jobs.json can be rebuilt
@@ -2470,7 +2475,6 @@ def stop_jobs(state: AppState) -> None:
     """Flush the job table after the workers have stopped."""
     if state.jobs is not None:
         state.jobs.close()
-# @@JOBS-END@@
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2583,8 +2587,6 @@ def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> di
 
 def render_transcript(transcript: Transcript, response_format: str,
                       granularities: frozenset[str] = frozenset({"segment"})) -> Any:
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
-
     if response_format == "text":
         return PlainTextResponse(transcript.text + "\n")
     if response_format == "srt":
@@ -2789,8 +2791,6 @@ def run_transcription(state: AppState, audio: np.ndarray, model_name: str | None
 
 
 async def transcribe_upload(request: Any, *, translate: bool) -> Any:
-    from starlette.concurrency import run_in_threadpool
-
     state = _state(request)
     refuse_uploads_while_stopping(state)
     form = await receive_form(request)
@@ -2838,8 +2838,6 @@ def _model_object(row: dict[str, Any], created: int) -> dict[str, Any]:
 
 
 async def list_models(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
     state = _state(request)
     created = int(state.started_at)
     data = [_model_object(row, created) for row in state.models.catalog() if row["file"]]
@@ -2847,8 +2845,6 @@ async def list_models(request: Any) -> Any:
 
 
 async def get_model(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
     state = _state(request)
     model_id = request.path_params["model_id"]
     for row in state.models.catalog():
@@ -2859,8 +2855,6 @@ async def get_model(request: Any) -> Any:
 
 
 async def healthz(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
     state = _state(request)
     return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running)})
@@ -2868,7 +2862,6 @@ async def healthz(request: Any) -> Any:
 
 async def metrics(request: Any) -> Any:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.responses import Response
 
     state = _state(request)
     if not state.settings.metrics_public:
@@ -2925,15 +2918,12 @@ class RequestLog:
 
     def _route_template(self, scope: dict[str, Any]) -> str:
         """The route's template, not the raw path, so ids in paths do not multiply the series."""
-        from starlette.routing import Match
-
         for route in self.routes:
             if route.matches(scope)[0] is not Match.NONE:
                 return route.path
         return "unmatched"
 
 
-# @@JOB-ROUTES-BEGIN@@
 JOBS_PATH = "/v1/transcription-jobs"
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 100
@@ -2977,8 +2967,6 @@ def _check_free_space(request: Any, settings: Settings) -> None:
 
 
 async def _accept_job(state: AppState, form: Form) -> Job:
-    from starlette.concurrency import run_in_threadpool
-
     task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
     parsed, upload, model = validate_upload(state, form, translate=task == "translate")
     # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
@@ -2992,8 +2980,6 @@ async def _accept_job(state: AppState, form: Form) -> Job:
 
 
 async def create_job(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
     state = _state(request)
     refuse_uploads_while_stopping(state)
     state.jobs.check_capacity()
@@ -3008,8 +2994,6 @@ async def create_job(request: Any) -> Any:
 
 
 async def get_job(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
     store = _job_store(request)
     return JSONResponse(_job_json(store, store.get(request.path_params["job_id"])))
 
@@ -3031,8 +3015,6 @@ def _parse_cursor(value: str | None) -> int | None:
 
 
 async def list_jobs(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
     store, params = _job_store(request), request.query_params
     status = params.get("status")
     if status is not None and status not in JOB_STATUSES:
@@ -3044,8 +3026,6 @@ async def list_jobs(request: Any) -> Any:
 
 
 async def get_job_result(request: Any) -> Any:
-    from starlette.concurrency import run_in_threadpool
-
     store, job_id = _job_store(request), request.path_params["job_id"]
     job = store.get(job_id)
     response_format = _parse_choice(request.query_params.get("response_format") or None, RESPONSE_FORMATS,
@@ -3055,9 +3035,6 @@ async def get_job_result(request: Any) -> Any:
 
 
 async def cancel_job(request: Any) -> Any:
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-
     store, job_id = _job_store(request), request.path_params["job_id"]
     job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
@@ -3069,17 +3046,12 @@ async def cancel_job(request: Any) -> Any:
 
 
 async def delete_job(request: Any) -> Any:
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-
     job_id = request.path_params["job_id"]
     await run_in_threadpool(_job_store(request).delete, job_id)
     return JSONResponse({"id": job_id, "object": "transcription.job.deleted", "deleted": True})
 
 
 def job_routes() -> list[Any]:
-    from starlette.routing import Route
-
     return [
         Route(JOBS_PATH, protected(create_job), methods=["POST"]),
         Route(JOBS_PATH, protected(list_jobs), methods=["GET"]),
@@ -3088,12 +3060,9 @@ def job_routes() -> list[Any]:
         Route(JOBS_PATH + "/{job_id}/result", protected(get_job_result), methods=["GET"]),
         Route(JOBS_PATH + "/{job_id}/cancel", protected(cancel_job), methods=["POST"]),
     ]
-# @@JOB-ROUTES-END@@
 
 
 def _error_response(exc: APIError) -> Any:
-    from starlette.responses import JSONResponse
-
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
@@ -3151,18 +3120,11 @@ async def _handle_http_exception(request: Any, exc: Exception) -> Any:
 
 
 def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
-    from starlette.routing import Route
-
     models = models or ModelStore(settings.models_path, default=settings.default_model,
                                   threads=settings.threads_per_worker)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        from starlette.concurrency import run_in_threadpool
-
         if models._resolve_quiet(models.default) is not None:
             # Load before the port is bound: the first request should not pay for it, and a
             # default model that cannot load should stop the daemon, not fail every request.
