@@ -3330,3 +3330,27 @@ def test_jobs_feed_the_metrics_and_the_log(make_client: Callable[..., TestClient
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
     assert [line.split()[2] for line in lines] == ["queued", "running", "succeeded"]
     assert re.search(r"model=cpu-tiny audio_seconds=3\.\d rtf=\d+\.\d\d$", lines[-1]), lines[-1]
+
+
+def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Callable[..., Daemon],
+                                                             notify_socket: NotifySocket, tmp_path: Path,
+                                                             ninety_seconds_wav: Path) -> None:
+    state = tmp_path / "state"
+    server = daemon_factory(state, AUDIOTEXT_STOP_GRACE_SECONDS="1", **notify_socket.env)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+    server.proc.send_signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1")
+    assert server.proc.wait(90) == 0, server.log()
+    record = json.loads((state / "jobs.json").read_text())["jobs"][0]
+    assert record["status"] in ("queued", "succeeded"), record
+    assert record["attempts"] == 0  # a graceful stop is not a crash
+
+    again = daemon_factory(state)
+    with httpx.Client(base_url=again.url, timeout=60) as client:
+        if record["status"] == "queued":
+            wait_for_job(client, job["id"], ["running", *FINISHED])  # picked up again after the restart
+            assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] == "canceled"
+        assert get_job(client, job["id"])["status"] in ("canceled", "succeeded")
+    assert again.stop() == 0
