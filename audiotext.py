@@ -3619,7 +3619,13 @@ def _configure_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter = JournalFormatter if _stderr_is_journal() else logging.Formatter
     handler.setFormatter(formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=os.environ.get("AUDIOTEXT_LOG_LEVEL", "INFO").upper(), handlers=[handler])
+    level = os.environ.get("AUDIOTEXT_LOG_LEVEL", "INFO").upper()
+    known = level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    logging.basicConfig(level=level if known else "INFO", handlers=[handler])
+    if not known:
+        logger.warning("AUDIOTEXT_LOG_LEVEL=%s is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", level)
+    # pywhispercpp narrates each call at INFO; the request line already says what happened.
+    logging.getLogger("pywhispercpp").setLevel(level if level == "DEBUG" else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
