@@ -736,31 +736,40 @@ class AudioError(Exception):
     """The upload is not audio we can use: empty, undecodable, silent of samples, or too long."""
 
 
-def decode_audio(path: Path, *, max_seconds: float) -> np.ndarray:
-    """Decode any container FFmpeg knows into 16 kHz mono float32, stopping at the limit."""
+@contextlib.contextmanager
+def open_audio(path: Path) -> Iterator[tuple[Any, Any]]:
+    """The container and its first audio stream; any FFmpeg error inside is the file's fault."""
     import av
 
     if path.stat().st_size == 0:
         raise AudioError("the uploaded file is empty")
-    limit = int(max_seconds * SAMPLE_RATE)
-    chunks: list[np.ndarray] = []
-    total = 0
     try:
         with av.open(str(path), mode="r") as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioError("the uploaded file has no audio track")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            for frame in _frames_then_flush(container.decode(stream)):
-                for out in resampler.resample(frame):
-                    samples = out.to_ndarray().reshape(-1)
-                    total += samples.size
-                    if total > limit:
-                        raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
-                    chunks.append(samples)
+            yield container, stream
     except av.FFmpegError as exc:
         logger.debug("decode failed for %s: %s", path.name, exc)
         raise AudioError("the uploaded file is not audio that FFmpeg can decode") from None
+
+
+def decode_audio(path: Path, *, max_seconds: float) -> np.ndarray:
+    """Decode any container FFmpeg knows into 16 kHz mono float32, stopping at the limit."""
+    import av
+
+    limit = int(max_seconds * SAMPLE_RATE)
+    chunks: list[np.ndarray] = []
+    total = 0
+    with open_audio(path) as (container, stream):
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        for frame in _frames_then_flush(container.decode(stream)):
+            for out in resampler.resample(frame):
+                samples = out.to_ndarray().reshape(-1)
+                total += samples.size
+                if total > limit:
+                    raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
+                chunks.append(samples)
     if total == 0:
         raise AudioError("the uploaded file contains no audio samples")
     return np.concatenate(chunks).astype(np.float32, copy=False)
@@ -770,16 +779,8 @@ def probe_audio(path: Path, *, max_seconds: float) -> float | None:
     """Cheap check at upload time that a file is audio; its duration when the container says."""
     import av
 
-    if path.stat().st_size == 0:
-        raise AudioError("the uploaded file is empty")
-    try:
-        with av.open(str(path), mode="r") as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
-            if stream is None:
-                raise AudioError("the uploaded file has no audio track")
-            seconds = float(container.duration) / av.time_base if container.duration else None
-    except av.FFmpegError:
-        raise AudioError("the uploaded file is not audio that FFmpeg can decode") from None
+    with open_audio(path) as (container, _):
+        seconds = float(container.duration) / av.time_base if container.duration else None
     if seconds is not None and seconds > max_seconds:
         raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
     return seconds
