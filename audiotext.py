@@ -48,7 +48,7 @@ import math
 import os
 import re
 import signal
-import secrets  # noqa: F401  (job ids, in the jobs section)
+import secrets
 import shutil
 import socket
 import struct
@@ -73,6 +73,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
@@ -744,7 +745,8 @@ def open_audio(path: Path) -> Iterator[tuple[Any, Any]]:
     if path.stat().st_size == 0:
         raise AudioError("the uploaded file is empty")
     try:
-        with av.open(str(path), mode="r") as container:
+        # Tags written by old tools in a legacy encoding must not make the audio unreadable.
+        with av.open(str(path), mode="r", metadata_errors="replace") as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioError("the uploaded file has no audio track")
@@ -772,7 +774,10 @@ def decode_audio(path: Path, *, max_seconds: float) -> np.ndarray:
                 chunks.append(samples)
     if total == 0:
         raise AudioError("the uploaded file contains no audio samples")
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    audio = np.concatenate(chunks).astype(np.float32, copy=False)
+    if not np.isfinite(audio).all():
+        raise AudioError("the uploaded audio contains invalid samples (NaN or infinity)")
+    return audio
 
 
 def probe_audio(path: Path, *, max_seconds: float) -> float | None:
@@ -892,6 +897,12 @@ BASE_PARAMS: dict[str, Any] = {
 }
 
 
+# whisper conditions on the last 224 prompt tokens and drops the rest, as OpenAI documents; a
+# prompt of tens of thousands of tokens crashes whisper.cpp outright. Keeping the tail in
+# characters bounds the tokens (at most a few per character) well inside what it handles.
+MAX_PROMPT_CHARS = 1000
+
+
 class Aborted(Exception):
     """A transcription stopped through its abort flag (cancel, client gone, shutdown)."""
 
@@ -913,7 +924,7 @@ def check_ggml_file(path: Path) -> None:
             return struct.unpack(f"<{count}i", raw)
 
         magic, n_vocab, *hparams = ints(12)
-        if magic != 0x67676D6C:
+        if magic != _GGML_MAGIC:
             raise ModelError(f"{path.name} is not a ggml whisper model (bad magic)")
         n_mels = hparams[8]
         if not 51_000 < n_vocab < 52_000 or n_mels not in (80, 128) or not all(0 < h < 10_000 for h in hparams[:9]):
@@ -986,7 +997,8 @@ class LoadedModel:
         language = options.language or ("auto" if self.multilingual else "en")
         params = dict(BASE_PARAMS, n_threads=self.threads, language=language,
                       translate=options.translate, temperature=options.temperature,
-                      initial_prompt=options.prompt or "", token_timestamps=options.word_timestamps)
+                      initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
+                      token_timestamps=options.word_timestamps)
         segment_cb = None
         if on_segment is not None:
             segment_cb = lambda seg: on_segment(seg.t1 / 100.0)  # noqa: E731  (t1 is in centiseconds)
@@ -1009,10 +1021,11 @@ class LoadedModel:
             for j in range(pw.whisper_full_n_tokens(ctx, i)):
                 data = pw.whisper_full_get_token_data(ctx, i, j)
                 if data.id < eot:
-                    text_tokens.append((data, _as_bytes(pw.whisper_full_get_token_text(ctx, i, j))))
+                    # Bytes, not text: a token may hold part of a character (an emoji, say).
+                    text_tokens.append((data, pw.whisper_token_to_bytes(ctx, data.id)))
             start = pw.whisper_full_get_segment_t0(ctx, i) / 100.0
             end = pw.whisper_full_get_segment_t1(ctx, i) / 100.0
-            text = _as_bytes(pw.whisper_full_get_segment_text(ctx, i)).decode("utf-8", "replace")
+            text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
             logprobs = [d.plog for d, _ in text_tokens]
             segments.append(Segment(
                 id=i, start=start, end=end, text=text, tokens=[d.id for d, _ in text_tokens],
@@ -1027,10 +1040,6 @@ class LoadedModel:
             text="".join(s.text for s in segments).strip(), language=language,
             duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
             task="translate" if options.translate else "transcribe")
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
 def _compression_ratio(text: str) -> float:
@@ -1176,7 +1185,6 @@ _GGML_F32_NAMES = frozenset(
         "decoder.positional_embedding",
     }
 )
-_WHISPER_SAMPLE_RATE = 16000
 _WHISPER_N_FFT = 400
 _ENDOFTEXT = "<|endoftext|>"
 
@@ -1517,7 +1525,7 @@ def _slaney_mel_to_hz(mel: np.ndarray) -> np.ndarray:
 def _slaney_mel_filterbank(
     n_mels: int = 80,
     n_fft: int = _WHISPER_N_FFT,
-    sample_rate: int = _WHISPER_SAMPLE_RATE,
+    sample_rate: int = SAMPLE_RATE,
     fmin: float = 0.0,
     fmax: float | None = None,
 ) -> np.ndarray:
@@ -2141,7 +2149,9 @@ class JobStore:
                 raise JobConflict(f"job {job_id} is already {job.status} and cannot be canceled")
             job.cancel_requested = True
             work = self._work.get(job_id)
-            dequeued = job.status == QUEUED and (work is None or self._scheduler.remove(job_id))
+            # A stop drains the queue, cancelling its futures: such work will never run either.
+            dequeued = job.status == QUEUED and (work is None or work.future.cancelled()
+                                                 or self._scheduler.remove(job_id))
             if dequeued:
                 self._work.pop(job_id, None)
                 self._mark_finished(job, CANCELED)
@@ -2225,14 +2235,16 @@ class JobStore:
         return job
 
     def _aborted(self, job: Job) -> None:
-        if job.cancel_requested:
-            self._finish(job, CANCELED)
-            return
-        # Shutdown: the client did not give up on the job, so it waits for the next start.
         with self._lock:
             if self._jobs.get(job.id) is not job:
                 return
-            job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
+            canceled = job.cancel_requested  # read under the lock: a cancel may be arriving now
+            if not canceled:
+                # Shutdown: the client did not give up on the job, so it waits for the next start.
+                job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
+        if canceled:
+            self._finish(job, CANCELED)
+            return
         self._save_quietly()
         self._on_transition(job)
 
@@ -2268,8 +2280,9 @@ class JobStore:
             setattr(job, name, value)
 
     def _after_finish(self, job: Job) -> None:
-        self._save_quietly()
-        self._tidy(job)
+        # While jobs.json on disk still says otherwise, the files it points to must stay.
+        if self._save_quietly():
+            self._tidy(job)
         self._on_transition(job)
 
     # -- files
@@ -2307,12 +2320,14 @@ class JobStore:
                 records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
             write_atomically(self.table_path, _dump_json({"schema": JOBS_SCHEMA, "jobs": records}))
 
-    def _save_quietly(self) -> None:
+    def _save_quietly(self) -> bool:
         # On a worker thread there is no one to tell; the next successful save carries the change.
         try:
             self.save()
         except OSError as exc:
             logger.error("could not write %s: %s", self.table_path, exc)
+            return False
+        return True
 
     # -- start and stop
 
@@ -2727,6 +2742,11 @@ def protected(endpoint: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapper
 
 
+def whole_number(text: str | None) -> int | None:
+    """A plain decimal count, as a header or a query parameter carries it; None otherwise."""
+    return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
+
+
 def form_limits(settings: Settings) -> FormLimits:
     return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
 
@@ -2737,10 +2757,9 @@ def spool_dir(settings: Settings) -> Path:
 
 async def receive_form(request: Any) -> Form:
     state = _state(request)
-    length = request.headers.get("content-length")
     return await read_form(_counted(request.stream(), state.metrics), request.headers.get("content-type"),
                            spool_dir=spool_dir(state.settings), limits=form_limits(state.settings),
-                           content_length=int(length) if length and length.isdigit() else None)
+                           content_length=whole_number(request.headers.get("content-length")))
 
 
 async def _counted(stream: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
@@ -2796,19 +2815,30 @@ async def transcribe_upload(request: Any, *, translate: bool) -> Any:
     refuse_uploads_while_stopping(state)
     form = await receive_form(request)
     try:
-        parsed, upload, _ = validate_upload(state, form, translate=translate)
-        # Decoding is CPU-bound and blocking; a thread keeps the event loop answering.
-        audio = await run_in_threadpool(decode_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+        transcript, parsed = await _transcribe_form(request, state, form, translate=translate)
     finally:
         form.cleanup()
+    return render_transcript(transcript, parsed.response_format, parsed.granularities)
+
+
+async def _transcribe_form(request: Any, state: AppState, form: Form, *,
+                           translate: bool) -> tuple[Transcript, TranscriptionRequest]:
+    parsed, upload, _ = validate_upload(state, form, translate=translate)
+    max_seconds = state.settings.max_audio_seconds
+    # Opening the container blocks; a thread keeps the event loop answering.
+    await run_in_threadpool(probe_audio, upload.path, max_seconds=max_seconds)
 
     def run(abort: threading.Event) -> Transcript:
+        # Decoded on the worker: the pool caps the CPU and memory that waiting uploads take.
+        audio = decode_audio(upload.path, max_seconds=max_seconds)
+        if abort.is_set():
+            raise Aborted()
         return run_transcription(state, audio, parsed.model, parsed.options, abort)
 
     work = state.scheduler.submit(run, priority=PRIORITY_SYNC)
     watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
     try:
-        transcript = await asyncio.wrap_future(work.future)
+        return await asyncio.wrap_future(work.future), parsed
     except Aborted:
         if state.stopping:
             raise shutting_down() from None
@@ -2823,7 +2853,6 @@ async def transcribe_upload(request: Any, *, translate: bool) -> Any:
         raise
     finally:
         watcher.cancel()
-    return render_transcript(transcript, parsed.response_format, parsed.granularities)
 
 
 async def create_transcription(request: Any) -> Any:
@@ -2962,8 +2991,10 @@ def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
 
 def _check_free_space(request: Any, settings: Settings) -> None:
     """Refuse a declared body the disk cannot hold before reading any of it."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and shutil.disk_usage(spool_dir(settings)).free < int(length):
+    length = whole_number(request.headers.get("content-length"))
+    if length is None or length > form_limits(settings).max_body_bytes:
+        return  # unknown, or a 413 the parser gives before reading
+    if shutil.disk_usage(spool_dir(settings)).free < length:
         raise OSError(errno.ENOSPC, "not enough free space for the upload")
 
 
@@ -3002,17 +3033,17 @@ async def get_job(request: Any) -> Any:
 def _parse_limit(value: str | None) -> int:
     if value is None:
         return DEFAULT_LIST_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIST_LIMIT:
+    limit = whole_number(value)
+    if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
         raise invalid(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got '{value}'", param="limit")
-    return int(value)
+    return limit
 
 
 def _parse_cursor(value: str | None) -> int | None:
-    if value is None:
-        return None
-    if not value.isdigit():
+    cursor = whole_number(value)
+    if value is not None and cursor is None:
         raise invalid(f"cursor must be a next_cursor value from an earlier page, got '{value}'", param="cursor")
-    return int(value)
+    return cursor
 
 
 async def list_jobs(request: Any) -> Any:
@@ -3087,6 +3118,8 @@ def as_api_error(exc: Exception) -> APIError:
         return invalid(str(exc), param="file", code="invalid_audio")
     if isinstance(exc, Aborted):
         return APIError(499, "the transcription was aborted", code="aborted")
+    if isinstance(exc, ClientDisconnect):
+        return APIError(499, "the client disconnected before the upload was complete", code="client_disconnected")
     if isinstance(exc, JobNotFound):
         return APIError(404, str(exc), type="not_found_error", code="job_not_found")
     if isinstance(exc, JobConflict):
@@ -3117,7 +3150,7 @@ async def _handle_http_exception(request: Any, exc: Exception) -> Any:
     kind = "not_found_error" if status == 404 else "invalid_request_error"
     if status == 404:
         detail = f"no route for {request.method} {request.url.path}"
-    return _error_response(APIError(status, str(detail), type=kind))
+    return _error_response(APIError(status, str(detail), type=kind, headers=getattr(exc, "headers", None)))
 
 
 def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
@@ -3157,7 +3190,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
     ]
     handlers = {APIError: _handle_api_error, HTTPException: _handle_http_exception,
                 Exception: _handle_layer_error}
-    for exc_type in (MultipartError, AudioError, Aborted, ModelError, JobError, OSError):
+    for exc_type in (MultipartError, AudioError, Aborted, ClientDisconnect, ModelError, JobError, OSError):
         handlers[exc_type] = _handle_layer_error
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
                      middleware=[Middleware(RequestLog, routes=routes)])
@@ -3392,7 +3425,7 @@ def ensure_default_model(store: ModelStore) -> None:
     if store._resolve_quiet(store.default) is not None:
         return
     source = starter_source()
-    if source is not None and store.default in ("cpu-lite", OPENAI_DEFAULT_ALIAS):
+    if source is not None and store.default == "cpu-lite":
         dest = store.models_dir / "ggml-base.bin"
         logger.info("default model %s has no file; importing the starter model into %s", store.default, dest)
         store.models_dir.mkdir(parents=True, exist_ok=True)
@@ -3553,7 +3586,9 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     for setting in SETTINGS:
-        parser.add_argument(setting.flag, dest=setting.attr, type=setting.parse, default=None,
+        # A yes/no flag may stand alone (--keep-audio) or take a value (--keep-audio 0), as its variable does.
+        switch = {"nargs": "?", "const": True} if setting.parse is _flag else {}
+        parser.add_argument(setting.flag, dest=setting.attr, type=setting.parse, default=None, **switch,
                             help=f"{setting.help} [{setting.env}{_shown_default(defaults.get(setting.attr))}]")
 
 
