@@ -3402,5 +3402,8 @@ def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Calla
         if record["status"] == "queued":
             wait_for_job(client, job["id"], ["running", *FINISHED])  # picked up again after the restart
             assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] == "canceled"
+        else:  # it finished within the grace: its result was kept
+            result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH)
+            assert "weekly news" in normalized(result.json()["text"])
         assert get_job(client, job["id"])["status"] in ("canceled", "succeeded")
     assert again.stop() == 0
