@@ -3524,6 +3524,19 @@ def check_state_dir(settings: Settings) -> str:
     return f"state dir {directory}: writable, {free / (1024 * MiB):.1f} GiB free"
 
 
+def check_job_table(path: Path) -> str:
+    """Only a table from a newer version stops `serve`; a corrupt one is set aside and recovered."""
+    try:
+        jobs = _parse_table(path.read_bytes())
+    except FileNotFoundError:
+        return "job table: none yet"
+    except JobTableTooNew as exc:
+        raise ConfigError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        return f"job table: unreadable ({exc}); serve will move it aside and recover from the files"
+    return f"job table: {len(jobs)} job(s)"
+
+
 def _refuse_world_writable(path: Path, what: str) -> None:
     # Anyone who can write here can swap a model file (whisper.cpp trusts it) or read uploads.
     mode = path.stat().st_mode
@@ -3539,6 +3552,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  settings: {settings.host}:{settings.port}, {auth}, {settings.workers} worker(s) x "
           f"{settings.threads_per_worker} thread(s)")
     print(f"ok  {check_state_dir(settings)}")
+    print(f"ok  {check_job_table(settings.state_dir / 'jobs.json')}")
     store = _store(settings)
     ensure_default_model(store)
     _refuse_world_writable(store.models_dir, "models dir")

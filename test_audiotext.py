@@ -3308,6 +3308,9 @@ def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> Non
         store.open()
     assert table.read_text() == '{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}'
     assert not list(tmp_path.glob("jobs.json.*"))
+    run = run_cli("check", env={"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path)})
+    assert run.returncode == 2
+    assert "jobs.json has schema version 2, newer than the 1 this audiotext reads" in run.stderr
 
 
 # Jobs: a real daemon killed mid-flight
