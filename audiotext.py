@@ -1075,6 +1075,10 @@ class ModelStore:
         self._loaded: dict[Path, LoadedModel] = {}
         self._load_lock = threading.Lock()
 
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ModelStore:
+        return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker)
+
     def files(self) -> dict[str, Path]:
         if not self.models_dir.is_dir():
             return {}
@@ -1729,9 +1733,7 @@ class Scheduler:
         return False
 
     def position(self, key: str) -> int | None:
-        with self._cond:
-            ordered = sorted(self._heap)
-        return next((i for i, w in enumerate(ordered) if w.key == key), None)
+        return self.positions().get(key)
 
     def depth(self) -> int:
         with self._cond:
@@ -3154,8 +3156,7 @@ async def _handle_http_exception(request: Any, exc: Exception) -> Any:
 
 
 def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
-    models = models or ModelStore(settings.models_path, default=settings.default_model,
-                                  threads=settings.threads_per_worker)
+    models = models or ModelStore.for_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -3445,10 +3446,6 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**overrides)
 
 
-def _store(settings: Settings) -> ModelStore:
-    return ModelStore(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker)
-
-
 # After the grace, an aborted transcription needs time to answer its client with a 503 before
 # uvicorn stops waiting for connections and drops them: whisper.cpp honours the abort between
 # its passes, and one encoder pass takes seconds, more for a big model on a small CPU.
@@ -3491,7 +3488,7 @@ class NotifyingServer(uvicorn.Server):
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     check_auth_settings(settings)
-    store = _store(settings)
+    store = ModelStore.for_settings(settings)
     ensure_default_model(store)
     app = build_app(settings, models=store)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
@@ -3553,7 +3550,7 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{settings.threads_per_worker} thread(s)")
     print(f"ok  {check_state_dir(settings)}")
     print(f"ok  {check_job_table(settings.state_dir / 'jobs.json')}")
-    store = _store(settings)
+    store = ModelStore.for_settings(settings)
     ensure_default_model(store)
     _refuse_world_writable(store.models_dir, "models dir")
     try:
@@ -3566,7 +3563,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    store = _store(_settings_from_args(args))
+    store = ModelStore.for_settings(_settings_from_args(args))
     print(f"models dir: {store.models_dir}  (default model: {store.default})")
     print(f"{'NAME':<26} {'KIND':<6} {'FILE':<32} {'SIZE':>10}")
     for row in store.catalog():
