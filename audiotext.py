@@ -1066,18 +1066,25 @@ def _words(tokens: list[tuple[Any, bytes]]) -> list[Word]:
 
 
 class ModelStore:
-    """What `model=` can name, and the models loaded so far (each loaded once, then kept)."""
+    """What `model=` can name, and the models loaded so far (each loaded once, then kept).
 
-    def __init__(self, models_dir: Path, *, default: str, threads: int) -> None:
+    A whisper.cpp context runs one transcription at a time, so a file gets up to `contexts`
+    of them (one per worker), loaded as concurrent use first needs them.
+    """
+
+    def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1) -> None:
         self.models_dir = models_dir
         self.default = default
         self.threads = threads
-        self._loaded: dict[Path, LoadedModel] = {}
+        self.contexts = contexts
+        self._loaded: dict[Path, list[LoadedModel]] = {}
+        self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
         self._load_lock = threading.Lock()
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ModelStore:
-        return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker)
+        return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
+                   contexts=settings.workers)
 
     def files(self) -> dict[str, Path]:
         if not self.models_dir.is_dir():
@@ -1130,30 +1137,47 @@ class ModelStore:
             return None
 
     def get(self, name: str | None) -> LoadedModel:
-        """Load on first use (blocking: call from a worker thread)."""
-        canonical, path = self.resolve(name)
-        with self._load_lock:
-            model = self._loaded.get(path)
-            if model is None:
-                try:
-                    model = LoadedModel(canonical, path, self.threads)
-                except (ModelError, RuntimeError, OSError, ValueError) as exc:
-                    raise ModelError(f"could not load model file {path.name}: {exc}") from exc
-                self._loaded[path] = model
+        """A context of the model, loaded on first use (blocking: call from a worker thread)."""
+        with self.checkout(name) as model:
             return model
 
+    @contextlib.contextmanager
+    def checkout(self, name: str | None) -> Iterator[LoadedModel]:
+        """The least used context of the model for one transcription; another is loaded while
+        every context is in use and the file has fewer than `contexts`."""
+        canonical, path = self.resolve(name)
+        with self._load_lock:
+            pool = self._loaded.setdefault(path, [])
+            model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
+            if (model is None or self._users.get(id(model))) and len(pool) < self.contexts:
+                model = self._load(canonical, path)
+                pool.append(model)
+            self._users[id(model)] = self._users.get(id(model), 0) + 1
+        try:
+            yield model
+        finally:
+            with self._load_lock:
+                self._users[id(model)] -= 1
+
+    def _load(self, canonical: str, path: Path) -> LoadedModel:
+        try:
+            return LoadedModel(canonical, path, self.threads)
+        except (ModelError, RuntimeError, OSError, ValueError) as exc:
+            raise ModelError(f"could not load model file {path.name}: {exc}") from exc
+
     def loaded(self) -> list[str]:
-        return sorted(p.stem for p in self._loaded)
+        return sorted(p.stem for p, pool in list(self._loaded.items()) if pool)
 
     def load_seconds(self) -> dict[str, float]:
         """How long each loaded model file took to load, by file name without .bin."""
         # No _load_lock: it is held for a whole load, and this is read on the event loop.
-        return {path.stem: model.load_seconds for path, model in list(self._loaded.items())}
+        return {path.stem: pool[0].load_seconds for path, pool in list(self._loaded.items()) if pool}
 
     def close(self) -> None:
         """Free every whisper.cpp context now, while the interpreter is whole."""
         with self._load_lock:
             self._loaded.clear()
+            self._users.clear()
 
 
 # CTranslate2 (faster-whisper) model directories -> whisper.cpp ggml files, for `models import`
@@ -2801,11 +2825,11 @@ def check_language(model: str, multilingual: bool, language: str | None) -> None
 def run_transcription(state: AppState, audio: np.ndarray, model_name: str | None, options: TranscribeOptions,
                       abort: threading.Event, on_segment: Callable[[float], None] | None = None) -> Transcript:
     """What a worker does for a request or a job: load, check, transcribe, count."""
-    model = state.models.get(model_name)
-    check_language(model.name, model.multilingual, options.language)  # the file may have changed since upload
-    started = time.monotonic()
-    transcript = model.transcribe(audio, options, abort=abort, on_segment=on_segment)
-    inference_seconds = time.monotonic() - started
+    with state.models.checkout(model_name) as model:
+        check_language(model.name, model.multilingual, options.language)  # the file may have changed
+        started = time.monotonic()
+        transcript = model.transcribe(audio, options, abort=abort, on_segment=on_segment)
+        inference_seconds = time.monotonic() - started
     state.metrics.observe_transcription(model.path.stem, transcript.duration, inference_seconds)
     logger.debug("transcribed %.1f s of audio with %s in %.1f s", transcript.duration, model.path.stem,
                  inference_seconds)
