@@ -2933,8 +2933,9 @@ def test_delete_a_running_job(make_client: Callable[..., TestClient], tmp_path: 
 
 
 def test_jobs_expire_after_the_ttl(make_client: Callable[..., TestClient], tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     canned_engine(monkeypatch)
+    caplog.set_level("INFO", logger="audiotext")
     client = make_client(job_ttl_hours=1 / 3600)
     job = submit_job(client)
     seen = set()
@@ -2947,6 +2948,7 @@ def test_jobs_expire_after_the_ttl(make_client: Callable[..., TestClient], tmp_p
 
     wait_until(gone, what="the finished job to expire")
     assert seen <= {"queued", "running", "succeeded"}
+    assert any(r.getMessage().startswith(f"job {job['id']} succeeded ") for r in caplog.records)  # it finished first
     # The sweeper forgets the job first, then writes the table and removes the files.
     wait_until(lambda: state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
                and json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"] == [],
