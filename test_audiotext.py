@@ -129,6 +129,18 @@ def no_worker_left_running() -> Iterator[None]:
     assert not left, f"threads left running: {left}"
 
 
+@contextlib.contextmanager
+def cpu_hogs(count: int = 2) -> Iterator[None]:
+    """Processes that keep every core busy, as a home-lab box running other services does."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1014,7 +1026,7 @@ def test_cleanup_when_the_stream_raises_cancelled_error(spool_dir: Path) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# Property tests
+# Multipart: property tests
 # ---------------------------------------------------------------------------------------------
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=300)
@@ -1140,7 +1152,7 @@ def test_mutated_bodies_raise_only_multipart_error_and_leave_no_file(fuzz_spool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Real clients
+# Multipart: the bodies real clients send
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1434,7 +1446,7 @@ def test_decode_audio_reads_the_audio_track_of_a_video() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engine and models
+# Model files and engine
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1457,10 +1469,11 @@ def test_aliases_resolve_to_the_imported_files(store: audiotext.ModelStore) -> N
 
 
 def test_unknown_model_lists_what_exists(store: audiotext.ModelStore) -> None:
-    with pytest.raises(audiotext.APIError) as info:
+    with pytest.raises(audiotext.UnknownModel) as info:
         store.resolve("large-v9")
-    assert info.value.message == "unknown model 'large-v9'; available: cpu-lite, cpu-tiny, ggml-base, ggml-tiny.en"
-    with pytest.raises(audiotext.APIError, match="model 'cpu-max' has no file in the models dir"):
+    assert str(info.value) == "unknown model 'large-v9'; available: cpu-lite, cpu-tiny, ggml-base, ggml-tiny.en"
+    assert info.value.param == "model"
+    with pytest.raises(audiotext.UnknownModel, match="model 'cpu-max' has no file in the models dir"):
         store.resolve("cpu-max")
 
 
@@ -1592,6 +1605,1306 @@ def test_split_weights_import_the_same_as_joined(tmp_path: Path, models_dir: Pat
             out.write(part.read_bytes())
     audiotext.convert_ctranslate2(joined, tmp_path / "joined.bin")
     assert (tmp_path / "joined.bin").read_bytes() == (models_dir / "ggml-base.bin").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------
+
+
+JOBS = "/v1/transcription-jobs"
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")
+FINISHED = ("succeeded", "failed", "canceled")
+DISK_FULL_MESSAGE = "not enough free disk space in the state directory to store the upload"
+
+
+def wait_until(condition: Callable[[], Any], *, what: str, timeout: float = 180, interval: float = 0.05) -> Any:
+    """Poll with a generous deadline: the box running the tests is shared and slow at times."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+    return value
+
+
+def submit_job(client: httpx.Client, clip: str = "en.webm", **fields: str) -> dict[str, Any]:
+    with open(CLIPS / clip, "rb") as f:
+        response = client.post(JOBS, headers=AUTH, files={"file": (clip, f)}, data={"model": "cpu-tiny", **fields})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"{JOBS}/{job['id']}"
+    return job
+
+
+def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    response = client.get(f"{JOBS}/{job_id}", headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for_job(client: httpx.Client, job_id: str, statuses: Iterable[str] = FINISHED,
+                 timeout: float = 180) -> dict[str, Any]:
+    wanted = tuple(statuses)
+    return wait_until(lambda: (job := get_job(client, job_id))["status"] in wanted and job,
+                      what=f"job {job_id} to be {' or '.join(wanted)}", timeout=timeout)
+
+
+def all_jobs(client: httpx.Client, **params: str) -> list[dict[str, Any]]:
+    response = client.get(JOBS, headers=AUTH, params={"limit": "100", **params})
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def state_files(state_dir: Path) -> dict[str, list[str]]:
+    """What the job store keeps on disk, by directory (the spool included)."""
+    return {name: sorted(p.name for p in (state_dir / name).iterdir()) if (state_dir / name).is_dir() else []
+            for name in ("tmp", "uploads", "results")}
+
+
+def job_client(tmp_path: Path, models_dir: Path, **overrides: Any) -> TestClient:
+    """An in-process app for tests that stop and start it on the same state dir."""
+    return TestClient(audiotext.build_app(make_settings(tmp_path, models_dir, **overrides)))
+
+
+def app_state(client: TestClient) -> audiotext.AppState:
+    return client.app.state.audiotext  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def worker_held(client: TestClient) -> Iterator[None]:
+    """Occupy the only worker, so jobs stay queued until the block ends (or the app stops)."""
+    release = threading.Event()
+
+    def hold(abort: threading.Event) -> None:
+        while not (release.wait(0.05) or abort.is_set()):
+            pass
+
+    work = app_state(client).scheduler.submit(hold, priority=audiotext.PRIORITY_SYNC)
+    wait_until(work.future.running, what="the worker to be held")
+    try:
+        yield
+    finally:
+        release.set()
+
+
+@pytest.fixture(scope="module")
+def ninety_seconds_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """long_en three times over: long enough that a cancel or a shutdown lands mid-inference."""
+    audio = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    path = tmp_path_factory.mktemp("clips") / "long90.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(audiotext.SAMPLE_RATE)
+        out.writeframes((np.tile(audio, 3) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def submit_file(client: httpx.Client, path: Path, **fields: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        response = client.post(JOBS, headers=AUTH, files={"file": (path.name, f)},
+                               data={"model": "cpu-tiny", **fields})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def canned_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs finish the moment they start, with a fixed transcript: for tests of the table, not of speech."""
+    monkeypatch.setattr(audiotext, "engine_runner", lambda engine: lambda job, audio, abort: FAKE_TRANSCRIPT)
+
+
+def clip_seconds(path: Path) -> float:
+    return len(audiotext.decode_audio(path, max_seconds=600)) / audiotext.SAMPLE_RATE
+
+
+# Jobs: the user's flow, end to end
+
+
+@needs_curl
+def test_job_curl_flow(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory()
+
+    def curl(*args: str) -> tuple[int, str]:
+        command = ["curl", "-s", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {TOKEN}", *args]
+        output = subprocess.run(command, cwd=CLIPS, check=True, timeout=120, capture_output=True, text=True).stdout
+        body, _, status = output.rpartition("\n")
+        return int(status), body
+
+    create = ["-F", "model=cpu-lite", "-F", "language=ca", "-F", "file=@ca.webm", f"{daemon.url}{JOBS}"]
+    status, body = curl(*create)
+    assert status == 202, body
+    first = json.loads(body)
+    status, body = curl(*create)
+    assert status == 202, body
+    second = json.loads(body)
+    assert first["status"] in ("queued", "running") and second["status"] == "queued"
+    assert first["language"] == {"requested": "ca", "detected": None}
+
+    status, body = curl("-X", "POST", f"{daemon.url}{JOBS}/{second['id']}/cancel")
+    assert (status, json.loads(body)["status"]) == (200, "canceled")
+
+    with httpx.Client(base_url=daemon.url, timeout=30) as client:
+        done = wait_for_job(client, first["id"])
+    assert done["status"] == "succeeded", done
+    assert done["language"] == {"requested": "ca", "detected": "ca"}
+    status, body = curl(f"{daemon.url}{done['result_url']}")
+    assert status == 200, body
+    assert_heard(json.loads(body)["text"], CA_WORDS)
+    status, body = curl(f"{daemon.url}{JOBS}/{first['id']}/result?response_format=text")
+    assert status == 200
+    assert_heard(body, CA_WORDS)
+
+
+def test_job_result_is_the_sync_endpoints_body(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client()
+    fields = {"model": "cpu-tiny", "response_format": "verbose_json", "timestamp_granularities[]": ["word", "segment"]}
+    job = submit_job(client, **fields)
+    assert JOB_ID.fullmatch(job["id"])
+    assert job["object"] == "transcription.job"
+    # Probed from the container at upload, then measured on the decoded samples.
+    assert job["audio_seconds"] == pytest.approx(clip_seconds(CLIPS / "en.webm"), abs=0.05)
+    done = wait_for_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 1.0 and done["error"] is None and done["queue_position"] is None
+    assert done["language"] == {"requested": None, "detected": "en"}
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    assert done["result_url"] == f"{JOBS}/{job['id']}/result"
+
+    with open(CLIPS / "en.webm", "rb") as f:
+        sync = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.webm", f)}, data=fields)
+    result = client.get(done["result_url"], headers=AUTH)
+    assert (result.status_code, result.headers["content-type"]) == (200, sync.headers["content-type"])
+    assert result.content == sync.content
+    assert_heard(result.json()["text"], EN_WORDS)
+
+    as_srt = client.get(done["result_url"], headers=AUTH, params={"response_format": "srt"})
+    segments = result.json()["segments"]
+    assert (as_srt.status_code, as_srt.headers["content-type"]) == (200, "application/x-subrip")
+    assert as_srt.text.startswith("1\n00:00:00,000 --> ") and segments[0]["text"].strip() in as_srt.text
+    assert_error(client.get(done["result_url"], headers=AUTH, params={"response_format": "docx"}), 400,
+                 "response_format must be one of json, text, srt, vtt, verbose_json; got 'docx'",
+                 param="response_format")
+    # The audio went as soon as the result was safe; the result stays until the TTL.
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": [f"{job['id']}.json"]}
+
+
+# Jobs: cancel, conflicts, limits
+
+
+def test_cancel_while_queued(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client()
+    with worker_held(client):
+        first, second = submit_job(client), submit_job(client)
+        assert (first["queue_position"], second["queue_position"]) == (1, 2)
+        canceled = client.post(f"{JOBS}/{first['id']}/cancel", headers=AUTH)
+        assert canceled.status_code == 200
+        assert canceled.json()["status"] == "canceled" and canceled.json()["finished_at"] is not None
+        assert get_job(client, second["id"])["queue_position"] == 1
+        assert second["id"] in "".join(state_files(tmp_path / "state")["uploads"])
+        assert first["id"] not in "".join(state_files(tmp_path / "state")["uploads"])
+        assert_error(client.post(f"{JOBS}/{first['id']}/cancel", headers=AUTH), 409,
+                     f"job {first['id']} is already canceled and cannot be canceled")
+        assert_error(client.get(f"{JOBS}/{first['id']}/result", headers=AUTH), 409,
+                     f"job {first['id']} is canceled, not succeeded; there is no result to read")
+        client.post(f"{JOBS}/{second['id']}/cancel", headers=AUTH)
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+
+
+def test_cancel_while_running_stops_the_engine(make_client: Callable[..., TestClient], tmp_path: Path,
+                                               ninety_seconds_wav: Path) -> None:
+    client = make_client()
+    job = submit_file(client, ninety_seconds_wav)
+    wait_for_job(client, job["id"], ["running"])
+    response = client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)
+    assert response.status_code == 200
+    canceled = wait_for_job(client, job["id"], timeout=30)
+    assert canceled["status"] == "canceled" and canceled["progress"] < 1
+    state = app_state(client)
+    model = state.models.get("cpu-tiny")
+    # Nothing is left inferring: the worker is free and the model's context unlocked.
+    wait_until(lambda: not state.scheduler.running and not model.lock.locked(), what="the engine to stop", timeout=30)
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+
+
+def test_result_before_finish_and_cancel_after_finish_are_conflicts(
+        make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    canned_engine(monkeypatch)
+    client = make_client()
+    with worker_held(client):
+        job = submit_job(client)
+        assert_error(client.get(f"{JOBS}/{job['id']}/result", headers=AUTH), 409,
+                     f"job {job['id']} is queued, not succeeded; there is no result to read")
+    assert wait_for_job(client, job["id"])["status"] == "succeeded"
+    assert_error(client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH), 409,
+                 f"job {job['id']} is already succeeded and cannot be canceled")
+    assert client.get(f"{JOBS}/{job['id']}/result", headers=AUTH).json() == {"text": "ok"}
+
+
+def test_sync_requests_go_ahead_of_queued_jobs(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    answers: list[httpx.Response] = []
+    with worker_held(client):
+        job = submit_job(client)
+        assert job["queue_position"] == 1
+        sync = threading.Thread(target=lambda: answers.append(post_clip(client, "en.webm", model="cpu-tiny")))
+        sync.start()
+        wait_until(lambda: get_job(client, job["id"])["queue_position"] == 2, what="the sync request to queue ahead")
+    sync.join(180)
+    assert answers and answers[0].status_code == 200
+    assert_heard(answers[0].json()["text"], EN_WORDS)
+    client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)  # its turn came after the sync request's
+
+
+def test_queue_full_answers_429(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client(max_queue=2)
+    with worker_held(client):
+        accepted = [submit_job(client)["id"], submit_job(client)["id"]]
+        with open(CLIPS / "en.webm", "rb") as f:
+            refused = client.post(JOBS, headers=AUTH, files={"file": ("en.webm", f)}, data={"model": "cpu-tiny"})
+        assert_error(refused, 429, "the job queue is full: 2 jobs are queued, the AUDIOTEXT_MAX_QUEUE limit; "
+                                   "retry later")
+        assert refused.headers["retry-after"] == "30"
+        assert [j["id"] for j in all_jobs(client)] == accepted[::-1]
+        assert len(state_files(tmp_path / "state")["uploads"]) == 4  # two jobs, audio and record each
+        for job_id in accepted:
+            client.post(f"{JOBS}/{job_id}/cancel", headers=AUTH)
+    assert state_files(tmp_path / "state")["tmp"] == []
+
+
+def test_job_routes_validate_ids_fields_and_paging(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client()
+    unknown = "job_" + "0" * 32
+    for method, path in (("GET", ""), ("GET", "/result"), ("POST", "/cancel"), ("DELETE", "")):
+        assert_error(client.request(method, f"{JOBS}/{unknown}{path}", headers=AUTH), 404,
+                     f"no transcription job with id '{unknown}'")
+    assert client.get(JOBS).status_code == 401
+    refusals = [
+        ({"task": "summarize"}, "en.webm", "task must be one of transcribe, translate; got 'summarize'", "task"),
+        ({"model": "nope"}, "en.webm", re.compile("^unknown model 'nope'"), "model"),
+        ({"model": "cpu-tiny", "language": "ca"}, "ca.webm",
+         "model 'cpu-tiny' is English-only and cannot transcribe language 'ca'; use a multilingual model such as "
+         "cpu-lite", "language"),
+        ({}, "make_clips.sh", "the uploaded file is not audio that FFmpeg can decode", "file"),
+    ]
+    for fields, clip, message, param in refusals:
+        with open(CLIPS / clip, "rb") as f:
+            response = client.post(JOBS, headers=AUTH, files={"file": (clip, f)}, data=fields)
+        assert_error(response, 400, message, param=param)
+    assert_error(client.post(JOBS, headers=AUTH, files={"x": ("x", b"")}, data={"model": "cpu-tiny"}), 400,
+                 "the 'file' form field is required", param="file")
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+
+    with worker_held(client):
+        ids = [submit_job(client, task="translate" if i % 2 else "transcribe")["id"] for i in range(5)]
+        assert len(set(ids)) == 5 and all(JOB_ID.fullmatch(i) for i in ids)
+        pages, cursor = [], None
+        while True:
+            response = client.get(JOBS, headers=AUTH, params={"limit": "2", **({"cursor": cursor} if cursor else {})})
+            body = response.json()
+            pages.append([j["id"] for j in body["data"]])
+            cursor = body["next_cursor"]
+            assert body["has_more"] == (cursor is not None)
+            if cursor is None:
+                break
+        assert pages == [ids[4:2:-1], ids[2:0:-1], ids[:1]]  # newest first
+        assert [j["task"] for j in all_jobs(client)] == ["transcribe", "translate"] * 2 + ["transcribe"]
+        assert [j["queue_position"] for j in all_jobs(client)] == [5, 4, 3, 2, 1]
+        assert len(all_jobs(client, status="queued")) == 5 and all_jobs(client, status="succeeded") == []
+        for params, param in (({"status": "done"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "101"}, "limit"),
+                              ({"limit": "\u00b2"}, "limit"), ({"cursor": "x"}, "cursor"), ({"cursor": "9" * 5000}, "cursor")):
+            assert client.get(JOBS, headers=AUTH, params=params).json()["error"]["param"] == param
+
+        deleted = client.delete(f"{JOBS}/{ids[2]}", headers=AUTH)
+        assert deleted.json() == {"id": ids[2], "object": "transcription.job.deleted", "deleted": True}
+        assert client.get(f"{JOBS}/{ids[2]}", headers=AUTH).status_code == 404
+        assert not [n for n in state_files(tmp_path / "state")["uploads"] if n.startswith(ids[2])]
+        for job_id in ids:
+            client.delete(f"{JOBS}/{job_id}", headers=AUTH)
+    assert all_jobs(client) == []
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+
+
+def test_delete_a_running_job(make_client: Callable[..., TestClient], tmp_path: Path,
+                              ninety_seconds_wav: Path) -> None:
+    client = make_client()
+    job = submit_file(client, ninety_seconds_wav)
+    wait_for_job(client, job["id"], ["running"])
+    assert client.delete(f"{JOBS}/{job['id']}", headers=AUTH).status_code == 200
+    assert client.get(f"{JOBS}/{job['id']}", headers=AUTH).status_code == 404
+    state = app_state(client)
+    wait_until(lambda: not state.scheduler.running, what="the deleted job to stop", timeout=30)
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+    assert json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"] == []
+
+
+def test_jobs_expire_after_the_ttl(make_client: Callable[..., TestClient], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    canned_engine(monkeypatch)
+    caplog.set_level("INFO", logger="audiotext")
+    client = make_client(job_ttl_hours=1 / 3600)
+    job = submit_job(client)
+    seen = set()
+
+    def gone() -> bool:
+        response = client.get(f"{JOBS}/{job['id']}", headers=AUTH)
+        if response.status_code == 200:
+            seen.add(response.json()["status"])
+        return response.status_code == 404
+
+    wait_until(gone, what="the finished job to expire")
+    assert seen <= {"queued", "running", "succeeded"}
+    assert any(r.getMessage().startswith(f"job {job['id']} succeeded ") for r in caplog.records)  # it finished first
+    # The sweeper forgets the job first, then writes the table and removes the files.
+    wait_until(lambda: state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+               and json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"] == [],
+               what="the expired job's files to go", timeout=30)
+
+
+class FullDiskError(OSError):
+    def __init__(self) -> None:
+        super().__init__(errno.ENOSPC, "No space left on device")
+
+
+def fail_durable_write(monkeypatch: pytest.MonkeyPatch, which: Callable[[Path], bool]) -> None:
+    """The disk fills up while one of the store's files is being written."""
+    real = audiotext.write_atomically
+
+    def write_atomically(dest: Path, write: Callable[[Any], None]) -> None:
+        if not which(dest):
+            return real(dest, write)
+
+        def write_then_fail(out: Any) -> None:
+            write(out)
+            raise FullDiskError()
+
+        return real(dest, write_then_fail)
+
+    monkeypatch.setattr(audiotext, "write_atomically", write_atomically)
+
+
+def fail_upload_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fsync_file(path: Path) -> None:
+        raise FullDiskError()
+
+    monkeypatch.setattr(audiotext, "fsync_file", fsync_file)
+
+
+def report_no_free_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audiotext.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+
+
+@pytest.mark.parametrize("inject", [
+    pytest.param(lambda mp: mp.setattr(audiotext.os, "fdopen", lambda fd, mode: FullDisk(fd, "write")), id="spool"),
+    pytest.param(lambda mp: fail_durable_write(mp, lambda dest: dest.parent.name == "uploads"), id="job_record"),
+    pytest.param(fail_upload_fsync, id="upload_fsync"),
+    pytest.param(lambda mp: fail_durable_write(mp, lambda dest: dest.name == "jobs.json"), id="jobs_json"),
+    pytest.param(report_no_free_space, id="free_space_check"),
+])
+def test_disk_full_on_upload_answers_507_and_leaves_nothing(
+        make_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        inject: Callable[[pytest.MonkeyPatch], None]) -> None:
+    client = make_client()
+    with worker_held(client):
+        inject(monkeypatch)
+        with open(CLIPS / "en.webm", "rb") as f:
+            response = client.post(JOBS, headers=AUTH, files={"file": ("en.webm", f)}, data={"model": "cpu-tiny"})
+        monkeypatch.undo()
+        assert_error(response, 507, DISK_FULL_MESSAGE)
+        assert all_jobs(client) == []
+        assert json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"] == []
+        assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+        assert not list((tmp_path / "state").glob("*.part"))
+
+
+# Jobs: stop, restart and recovery
+
+
+def test_shutdown_puts_a_running_job_back_in_the_queue(tmp_path: Path, models_dir: Path,
+                                                       ninety_seconds_wav: Path) -> None:
+    with job_client(tmp_path, models_dir, stop_grace_seconds=0.2) as client:
+        job = submit_file(client, ninety_seconds_wav)
+        progressing = wait_for_job(client, job["id"], ["running"])
+        progressing = wait_until(lambda: (j := get_job(client, job["id"]))["progress"] > 0 and j,
+                                 what="progress from the first segments")
+        assert 0 < progressing["progress"] < 1
+        assert progressing["audio_seconds"] == pytest.approx(clip_seconds(ninety_seconds_wav), abs=0.01)
+    record = json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]
+    assert (record["status"], record["attempts"], record["started_at"]) == ("queued", 0, None)
+
+    with job_client(tmp_path, models_dir) as client:
+        again = wait_for_job(client, job["id"], ["running", *FINISHED])
+        assert again["status"] == "running"  # queued again on start, and picked up
+        assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).status_code == 200
+        assert wait_for_job(client, job["id"])["status"] == "canceled"
+
+
+def stop_with_jobs_queued(tmp_path: Path, models_dir: Path, count: int) -> list[str]:
+    """Jobs accepted while the worker is busy, then a shutdown: they stay queued on disk."""
+    with job_client(tmp_path, models_dir, stop_grace_seconds=0.1) as client:
+        held = worker_held(client)
+        held.__enter__()
+        ids = [submit_job(client)["id"] for _ in range(count)]
+    held.__exit__(None, None, None)  # released only once the app has stopped, so the jobs never ran
+    return ids
+
+
+def test_a_corrupt_jobs_json_is_moved_aside_and_jobs_recovered(
+        tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    canned_engine(monkeypatch)
+    with job_client(tmp_path, models_dir) as client:
+        done = submit_job(client, language="en", response_format="srt")
+        assert wait_for_job(client, done["id"])["status"] == "succeeded"
+    [pending] = stop_with_jobs_queued(tmp_path, models_dir, 1)
+    table = tmp_path / "state" / "jobs.json"
+    truncated = table.read_bytes()[: table.stat().st_size // 2]
+    table.write_bytes(truncated)
+
+    with caplog.at_level(logging.ERROR, logger="audiotext"), job_client(tmp_path, models_dir) as client:
+        [aside] = (tmp_path / "state").glob("jobs.json.corrupt-*")
+        assert aside.read_bytes() == truncated
+        assert any("JOB TABLE UNREADABLE" in r.message and "recovered 2 job(s)" in r.message for r in caplog.records)
+        recovered = get_job(client, done["id"])
+        assert (recovered["status"], recovered["response_format"]) == ("succeeded", "srt")
+        assert recovered["language"] == {"requested": "en", "detected": "en"}
+        assert client.get(recovered["result_url"], headers=AUTH).text == "1\n00:00:00,000 --> 00:00:01,000\nok\n"
+        requeued = wait_for_job(client, pending)
+        assert requeued["status"] == "succeeded", requeued
+        assert client.get(requeued["result_url"], headers=AUTH).json() == {"text": "ok"}
+    assert len(json.loads(table.read_text())["jobs"]) == 2
+
+
+def test_a_missing_upload_fails_its_job_and_stray_files_go(tmp_path: Path, models_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    canned_engine(monkeypatch)
+    missing, kept = stop_with_jobs_queued(tmp_path, models_dir, 2)
+    state_dir = tmp_path / "state"
+    [audio] = [p for p in (state_dir / "uploads").iterdir() if p.name == f"{missing}.webm"]
+    audio.unlink()
+    strays = [state_dir / "uploads" / ("job_" + "1" * 32 + ".webm"), state_dir / "results" / "notes.txt",
+              state_dir / "results" / ("job_" + "2" * 32 + ".json.part"), state_dir / "jobs.json.part"]
+    for stray in strays:
+        stray.write_bytes(b"x")
+
+    with job_client(tmp_path, models_dir) as client:
+        failed = get_job(client, missing)
+        assert failed["status"] == "failed"
+        assert failed["error"] == {"code": "audio_missing", "message": "the job's audio file is missing from the "
+                                   "state directory's uploads/, so it cannot be transcribed"}
+        assert wait_for_job(client, kept)["status"] == "succeeded"  # the other job is unaffected
+    # Checked once stopped: while the app runs, a save has its own jobs.json.part for a moment.
+    assert not [s for s in strays if s.exists()]
+    assert state_files(state_dir) == {"tmp": [], "uploads": [], "results": [f"{kept}.json"]}
+
+
+# Jobs: the table against a fake engine, through crashes and restarts
+
+
+class SimulatedCrash(BaseException):
+    """The process dies mid-transcription: nothing after this point runs."""
+
+
+class FakeScheduler:
+    """The Scheduler's interface, with the test deciding when a queued item runs."""
+
+    def __init__(self) -> None:
+        self.queue: list[audiotext.Work] = []
+        self._seq = 0
+
+    def submit(self, fn: Callable[[threading.Event], Any], *, priority: int, key: str | None = None) -> audiotext.Work:
+        self._seq += 1
+        work = audiotext.Work(priority, self._seq, fn, key=key)
+        self.queue = sorted([*self.queue, work])
+        return work
+
+    def remove(self, key: str) -> bool:
+        before = len(self.queue)
+        self.queue = [w for w in self.queue if w.key != key]
+        return len(self.queue) < before
+
+    def position(self, key: str) -> int | None:
+        return self.positions().get(key)
+
+    def positions(self) -> dict[str, int]:
+        return {w.key: i for i, w in enumerate(self.queue) if w.key is not None}
+
+    def run_next(self) -> str | None:
+        if not self.queue:
+            return None
+        work = self.queue.pop(0)
+        work.fn(work.abort)
+        return work.key
+
+
+FAKE_TRANSCRIPT = audiotext.Transcript(
+    text="ok", language="en", duration=1.0, words=[],
+    segments=[audiotext.Segment(id=0, start=0.0, end=1.0, text=" ok", tokens=[1], avg_logprob=-0.1)])
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.outcome = "succeed"
+
+    def __call__(self, job: audiotext.Job, audio: Path, abort: threading.Event) -> audiotext.Transcript:
+        assert audio.read_bytes().startswith(b"audio of ")  # the job's own upload, moved in
+        if self.outcome == "crash":
+            raise SimulatedCrash()
+        if self.outcome == "fail":
+            raise audiotext.AudioError("the uploaded file is not audio that FFmpeg can decode")
+        return FAKE_TRANSCRIPT
+
+
+MAX_QUEUE_IN_MACHINE = 3
+
+
+class JobTableMachine(RuleBasedStateMachine):
+    """Create, cancel, finish, delete, expire, crash and restart; the table, jobs.json and the
+    files on disk must agree with a model of what each job should be after every step."""
+
+    jobs = Bundle("jobs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state_dir = Path(tempfile.mkdtemp(prefix="job-table-"))
+        (self.state_dir / "tmp").mkdir()
+        self.engine = FakeEngine()
+        self.expected: dict[str, tuple[str, int]] = {}  # id -> (status, interrupted attempts)
+        self.keep_audio = False
+        self.audio_lost: set[str] = set()
+        self.uploads = 0
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def start(self) -> None:
+        self.scheduler = FakeScheduler()
+        self.store = audiotext.JobStore(self.state_dir, self.scheduler, self.engine, max_queue=MAX_QUEUE_IN_MACHINE,
+                                        ttl_seconds=3600, keep_audio=self.keep_audio)
+        self.store.open()
+
+    @initialize(keep_audio=st.booleans())
+    def first_start(self, keep_audio: bool) -> None:
+        self.keep_audio = keep_audio
+        self.start()
+
+    def queued(self) -> int:
+        return sum(1 for status, _ in self.expected.values() if status == "queued")
+
+    @rule(target=jobs, filename=st.sampled_from(["a.webm", "B.WAV", "noext", "x.json", "y.tar.gz", "z.part"]))
+    def create(self, filename: str) -> Any:
+        self.uploads += 1
+        spooled = self.state_dir / "tmp" / f"upload-{self.uploads}"
+        spooled.write_bytes(b"audio of " + str(self.uploads).encode())
+        try:
+            job = self.store.create(audiotext.JobSpec(model="fake"), spooled, audiotext.audio_suffix(filename), 1.0)
+        except audiotext.QueueFull:
+            assert self.queued() == MAX_QUEUE_IN_MACHINE
+            spooled.unlink(missing_ok=True)  # the route's form.cleanup()
+            return multiple()
+        assert self.queued() < MAX_QUEUE_IN_MACHINE and not spooled.exists()
+        self.expected[job.id] = ("queued", 0)
+        return job.id
+
+    @rule(job_id=jobs)
+    def cancel(self, job_id: str) -> None:
+        if job_id not in self.expected:
+            with pytest.raises(audiotext.JobNotFound):
+                self.store.cancel(job_id)
+        elif self.expected[job_id][0] in FINISHED:
+            with pytest.raises(audiotext.JobConflict):
+                self.store.cancel(job_id)
+        else:
+            assert self.store.cancel(job_id).status == "canceled"
+            self.expected[job_id] = ("canceled", self.expected[job_id][1])
+
+    @rule(outcome=st.sampled_from(["succeed", "fail"]))
+    def finish_next(self, outcome: str) -> None:
+        self.engine.outcome = outcome
+        job_id = self.scheduler.run_next()
+        if job_id is not None:
+            self.expected[job_id] = ("succeeded" if outcome == "succeed" else "failed", self.expected[job_id][1])
+
+    @rule()
+    def crash_while_running(self) -> None:
+        self.engine.outcome = "crash"
+        if not self.scheduler.queue:
+            return
+        with pytest.raises(SimulatedCrash):
+            self.scheduler.run_next()
+        [job_id] = [i for i, (status, _) in self.expected.items() if status == "queued"
+                    and self.store.get(i).status == "running"]
+        attempts = self.expected[job_id][1] + 1
+        self.expected[job_id] = ("failed" if attempts >= 3 else "queued", attempts)
+        event(f"crash on attempt {attempts}")
+        self.start()  # the process died: no close(), a fresh start on the same directory
+
+    @rule(graceful=st.booleans())
+    def restart(self, graceful: bool) -> None:
+        if graceful:
+            self.store.close()
+        self.start()
+
+    @rule(job_id=jobs)
+    def delete(self, job_id: str) -> None:
+        if job_id in self.expected:
+            self.store.delete(job_id)
+            del self.expected[job_id]
+        else:
+            with pytest.raises(audiotext.JobNotFound):
+                self.store.delete(job_id)
+
+    @rule()
+    def expire(self) -> None:
+        removed = self.store.sweep(time.time() + 3601)
+        finished = [i for i, (status, _) in self.expected.items() if status in FINISHED]
+        assert removed == len(finished)
+        for job_id in finished:
+            del self.expected[job_id]
+
+    @rule(keep=st.floats(0, 0.99))
+    def corrupt_the_table_and_restart(self, keep: float) -> None:
+        table = self.state_dir / "jobs.json"
+        table.write_bytes(table.read_bytes()[: int(table.stat().st_size * keep)])
+        event("corrupt table, " + ("jobs to recover" if self.expected else "empty"))
+        self.start()
+        [aside] = self.state_dir.glob("jobs.json.corrupt-*")
+        aside.unlink()
+        # Succeeded jobs come back from results/, pending ones from their records in uploads/.
+        self.expected = {i: (s, a) if s == "succeeded" else ("queued", 0)
+                         for i, (s, a) in self.expected.items() if s in ("succeeded", "queued")}
+
+    @rule(job_id=jobs)
+    def lose_the_audio_and_restart(self, job_id: str) -> None:
+        if self.expected.get(job_id, ("",))[0] != "queued":
+            return
+        (self.store.layout.uploads / self.store.get(job_id).audio_name).unlink()
+        self.audio_lost.add(job_id)
+        self.start()
+        self.expected[job_id] = ("failed", self.expected[job_id][1])
+        assert self.store.get(job_id).error["code"] == "audio_missing"  # type: ignore[index]
+
+    @invariant()
+    def table_disk_and_model_agree(self) -> None:
+        jobs, _ = self.store.page(limit=1000)
+        assert {j.id: (j.status, j.attempts) for j in jobs} == self.expected
+        on_disk = json.loads((self.state_dir / "jobs.json").read_bytes())
+        assert on_disk["schema"] == audiotext.JOBS_SCHEMA
+        assert on_disk["jobs"] == [j.record() for j in sorted(jobs, key=lambda j: j.seq)]
+        uploads, results = set(), set()
+        for job in jobs:
+            if job.status == "queued":
+                uploads |= {job.audio_name, f"{job.id}.json"}
+            elif self.keep_audio and job.id not in self.audio_lost:
+                uploads.add(job.audio_name)
+            if job.status == "succeeded":
+                results.add(f"{job.id}.json")
+                assert self.store.result(job.id) == FAKE_TRANSCRIPT
+        assert state_files(self.state_dir) == {"tmp": [], "uploads": sorted(uploads), "results": sorted(results)}
+        queued = [j.id for j in sorted(jobs, key=lambda j: j.seq) if j.status == "queued"]
+        assert [w.key for w in self.scheduler.queue] == queued
+
+
+JobTableMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None,
+                                             derandomize=True, database=None)
+test_job_table_state_machine = JobTableMachine.TestCase
+
+
+def test_a_job_interrupted_three_times_fails(tmp_path: Path) -> None:
+    engine, spooled = FakeEngine(), tmp_path / "tmp" / "upload-1"
+    spooled.parent.mkdir()
+    spooled.write_bytes(b"audio of 1")
+    engine.outcome = "crash"
+
+    def start() -> tuple[audiotext.JobStore, FakeScheduler]:
+        scheduler = FakeScheduler()
+        store = audiotext.JobStore(tmp_path, scheduler, engine, max_queue=10, ttl_seconds=60, keep_audio=False)
+        store.open()
+        return store, scheduler
+
+    store, scheduler = start()
+    job = store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0)
+    for attempt in range(1, 4):
+        with pytest.raises(SimulatedCrash):
+            scheduler.run_next()
+        store, scheduler = start()
+        assert store.get(job.id).attempts == attempt
+    failed = store.get(job.id)
+    assert failed.status == "failed" and scheduler.queue == []
+    assert failed.error == {"code": "interrupted", "message": "the daemon stopped 3 times while transcribing this "
+                            "job (a crash or a kill each time); giving up on it"}
+
+
+def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> None:
+    table = tmp_path / "jobs.json"
+    table.write_text('{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}')
+    store = audiotext.JobStore(tmp_path, FakeScheduler(), FakeEngine(), max_queue=10, ttl_seconds=60,
+                               keep_audio=False)
+    with pytest.raises(audiotext.JobTableTooNew, match="schema version 2, newer than the 1 this audiotext reads"):
+        store.open()
+    assert table.read_text() == '{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}'
+    assert not list(tmp_path.glob("jobs.json.*"))
+    run = run_cli("check", env={"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path)})
+    assert run.returncode == 2
+    assert "jobs.json has schema version 2, newer than the 1 this audiotext reads" in run.stderr
+
+
+# Jobs: a real daemon killed mid-flight
+
+
+BURST = 8
+
+
+@pytest.mark.parametrize("kill_at", ["mid_burst", "after_burst", "while_running"])
+def test_accepted_jobs_survive_sigkill(daemon_factory: Callable[..., Daemon], tmp_path: Path, kill_at: str) -> None:
+    state_dir = tmp_path / "state"
+    daemon = daemon_factory(state_dir)
+    accepted: list[str] = []
+
+    def create() -> None:
+        try:
+            response = post_clip(daemon.url, "en.webm", path=JOBS, model="cpu-tiny")
+        except httpx.HTTPError:
+            return  # the daemon died under the request; it was never accepted
+        if response.status_code == 202:
+            accepted.append(response.json()["id"])
+
+    burst = [threading.Thread(target=create) for _ in range(BURST)]
+    for thread in burst:
+        thread.start()
+    if kill_at == "mid_burst":
+        wait_until(lambda: len(accepted) >= 3, what="the first acceptances")
+    else:
+        for thread in burst:
+            thread.join()
+    with httpx.Client(base_url=daemon.url, timeout=30) as client:
+        if kill_at == "while_running":
+            wait_until(lambda: all_jobs(client, status="running"), what="a job to be running")
+    daemon.stop(signal.SIGKILL)
+    for thread in burst:
+        thread.join()
+    assert accepted
+    on_disk = {r["id"]: r["status"] for r in json.loads((state_dir / "jobs.json").read_text())["jobs"]}
+    assert set(accepted) <= set(on_disk)
+    assert {on_disk[i] for i in accepted} - set(FINISHED), "the kill came after every job had finished"
+
+    restarted = daemon_factory(state_dir)
+    with httpx.Client(base_url=restarted.url, timeout=30) as client:
+        wait_until(lambda: all(j["status"] in FINISHED for j in all_jobs(client)), what="every job to finish",
+                   timeout=300, interval=0.5)
+        jobs = {j["id"]: j for j in all_jobs(client)}
+        assert set(accepted) <= set(jobs)
+        # Every job in the table, answered or not, went through; nothing was left running.
+        assert {j["status"] for j in jobs.values()} == {"succeeded"}, jobs
+        assert_heard(client.get(jobs[accepted[0]]["result_url"], headers=AUTH).json()["text"], EN_WORDS)
+    assert state_files(state_dir)["uploads"] == []
+
+
+def test_jobs_feed_the_metrics_and_the_log(make_client: Callable[..., TestClient],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    caplog.set_level("INFO", logger="audiotext")
+    before = scrape(client)
+    job = submit_job(client, model="cpu-tiny")
+    done = wait_for_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    # The status turns first, then the transition is counted and logged: wait for that too.
+    succeeded = ("audiotext_job_transitions_total", frozenset({("status", "succeeded")}))
+    after = wait_until(lambda: (page := scrape(client)).get(succeeded) and page, what="the count of the success")
+    assert after[("audiotext_jobs", frozenset({("status", "succeeded")}))] == 1
+    assert after[("audiotext_jobs", frozenset({("status", "queued")}))] == 0
+    seconds = ("audiotext_audio_seconds_total", frozenset({("model", "ggml-tiny.en")}))
+    assert after[seconds] - before.get(seconds, 0) == pytest.approx(done["audio_seconds"], abs=0.01)
+    for status in ("queued", "running", "succeeded"):
+        key = ("audiotext_job_transitions_total", frozenset({("status", status)}))
+        assert after[key] - before.get(key, 0) == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
+    assert [line.split()[2] for line in lines] == ["queued", "running", "succeeded"]
+    assert re.search(r"model=cpu-tiny audio_seconds=3\.\d rtf=\d+\.\d\d$", lines[-1]), lines[-1]
+
+
+def fail_first_job_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = audiotext.engine_runner
+    faults = [RuntimeError("injected fault in the run")]
+
+    def runner(engine: audiotext.Engine) -> audiotext.Execute:
+        execute = real(engine)
+
+        def first_fails(job: audiotext.Job, audio: Path, abort: threading.Event) -> audiotext.Transcript:
+            if faults:
+                raise faults.pop()
+            return execute(job, audio, abort)
+
+        return first_fails
+
+    monkeypatch.setattr(audiotext, "engine_runner", runner)
+
+
+def fail_first_running_transition(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = audiotext.record_job_transition
+    faults = [RuntimeError("injected fault in the bookkeeping")]
+
+    def record(state: audiotext.AppState, job_id: str, status: str, **details: Any) -> None:
+        if status == "running" and faults:
+            raise faults.pop()
+        real(state, job_id, status, **details)
+
+    monkeypatch.setattr(audiotext, "record_job_transition", record)
+
+
+@pytest.mark.parametrize("inject", [pytest.param(fail_first_job_run, id="run"),
+                                    pytest.param(fail_first_running_transition, id="status_transition")])
+def test_a_fault_in_a_job_fails_it_with_a_traceback_and_the_daemon_serves_on(
+        make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        inject: Callable[[pytest.MonkeyPatch], None]) -> None:
+    inject(monkeypatch)
+    client = make_client()
+    caplog.set_level("INFO", logger="audiotext")
+    job = submit_job(client, model="cpu-tiny")
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["error"]) == ("failed", {"code": "internal_error",
+                                                          "message": "internal error while transcribing"})
+    tracebacks = [r for r in caplog.records if r.exc_info and "injected fault" in str(r.exc_info[1])]
+    assert len(tracebacks) == 1, [r.getMessage() for r in caplog.records]
+    saved = json.loads((client.app.state.audiotext.settings.state_dir / "jobs.json").read_text())
+    assert [(j["id"], j["status"]) for j in saved["jobs"]] == [(job["id"], "failed")]
+    assert_heard(post_clip(client, model="cpu-tiny").json()["text"], EN_WORDS)
+    assert wait_for_job(client, submit_job(client, model="cpu-tiny")["id"])["status"] == "succeeded"
+
+
+def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Callable[..., Daemon],
+                                                             notify_socket: NotifySocket, tmp_path: Path,
+                                                             ninety_seconds_wav: Path) -> None:
+    state = tmp_path / "state"
+    server = daemon_factory(state, AUDIOTEXT_STOP_GRACE_SECONDS="1", **notify_socket.env)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+    server.proc.send_signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1")
+    assert server.proc.wait(90) == 0, server.log()
+    record = json.loads((state / "jobs.json").read_text())["jobs"][0]
+    assert record["status"] in ("queued", "succeeded"), record
+    assert record["attempts"] == 0  # a graceful stop is not a crash
+
+    again = daemon_factory(state)
+    with httpx.Client(base_url=again.url, timeout=60) as client:
+        if record["status"] == "queued":
+            wait_for_job(client, job["id"], ["running", *FINISHED])  # picked up again after the restart
+            assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] == "canceled"
+        else:  # it finished within the grace: its result was kept
+            result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH)
+            assert "weekly news" in normalized(result.json()["text"])
+        assert get_job(client, job["id"])["status"] in ("canceled", "succeeded")
+    assert again.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Service
+# ---------------------------------------------------------------------------------------------
+
+UNIT = ROOT / "audiotext.service"
+
+
+def unit_values(name: str) -> list[str]:
+    """Every value a directive takes in audiotext.service, in order."""
+    pattern = re.compile(rf"^{re.escape(name)}=(.*)$", re.M)
+    return pattern.findall(UNIT.read_text())
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_exposure_is_at_most_2() -> None:
+    run = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)], capture_output=True,
+                         text=True, timeout=120)
+    match = re.search(r"Overall exposure level for audiotext\.service: (\d+\.\d+)", run.stdout)
+    assert match, run.stdout + run.stderr
+    assert float(match[1]) <= 2.0, run.stdout
+
+
+def test_unit_stop_timeout_outlasts_the_daemons_own() -> None:
+    """systemd must not SIGKILL a daemon that is still inside its own graceful stop."""
+    (timeout,) = unit_values("TimeoutStopSec")
+    own = Settings().stop_grace_seconds + audiotext.ABORT_SETTLE_SECONDS
+    assert float(timeout) > own
+
+
+MDWE_PROBE = """
+import ctypes, sys
+from pathlib import Path
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(77)
+import audiotext
+clips, models = Path(sys.argv[1]), Path(sys.argv[2])
+for clip in sorted(clips.glob("*.*")):
+    if clip.suffix != ".sh":
+        audiotext.decode_audio(clip, max_seconds=60)
+store = audiotext.ModelStore(models, default="cpu-tiny", threads=2)
+audio = audiotext.decode_audio(clips / "en.wav", max_seconds=60)
+print(store.get(None).transcribe(audio, audiotext.TranscribeOptions(), abort=audiotext.threading.Event()).text)
+"""
+
+
+def test_decoding_and_inference_need_no_writable_executable_memory(models_dir: Path) -> None:
+    """What the unit's MemoryDenyWriteExecute= forbids, refused by the kernel (PR_SET_MDWE) instead."""
+    run = subprocess.run([sys.executable, "-c", MDWE_PROBE, str(CLIPS), str(models_dir)], capture_output=True,
+                         text=True, timeout=300)
+    if run.returncode == 77:
+        pytest.skip("the kernel has no PR_SET_MDWE (Linux 6.3+)")
+    assert run.returncode == 0, run.stderr
+    assert_heard(run.stdout, EN_WORDS)
+
+
+class NotifySocket:
+    """The datagram socket systemd would listen on, bound in the abstract namespace."""
+
+    def __init__(self) -> None:
+        self.name = f"audiotext-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.messages: list[str] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": "@" + self.name}
+
+    def wait_for(self, line: str, timeout: float = 120) -> None:
+        """Read messages until one has `line` as one of its lines."""
+        deadline = time.monotonic() + timeout
+        while not any(line in m.split("\n") for m in self.messages):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {line!r} within {timeout} s; got {self.messages}"
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    notify = NotifySocket()
+    yield notify
+    notify.sock.close()
+
+
+def test_systemd_hears_ready_status_watchdog_and_stopping(daemon_factory: Callable[..., Daemon],
+                                                          notify_socket: NotifySocket) -> None:
+    server = daemon_factory(wait=False, WATCHDOG_USEC="1000000", **notify_socket.env)
+    notify_socket.wait_for("READY=1")
+    # No retry: READY=1 promises the port is bound and the default model loaded.
+    health = httpx.get(server.url + "/healthz").json()
+    assert health["models_loaded"] == ["ggml-base"]
+    notify_socket.wait_for("WATCHDOG=1")
+    assert "STATUS=serving; 0 queued; idle" in "\n".join(notify_socket.messages)
+    server.proc.send_signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1")
+    assert server.proc.wait(60) == 0, server.log()
+
+
+def send_upload_head(url: str, body: bytes) -> socket.socket:
+    """Open a transcription upload and send its headers only; the caller sends the body later."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode())
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
+    import http.client
+
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    body = response.read()
+    return response.status, headers, json.loads(body) if headers.get("content-type") == "application/json" else {
+        "raw": body.decode(errors="replace")}
+
+
+@pytest.mark.parametrize("hogs", [pytest.param(0, id="idle"), pytest.param(2, id="both_cores_busy")])
+def test_sigterm_during_a_transcription_answers_or_aborts_it_and_exits_0(
+        daemon_factory: Callable[..., Daemon], notify_socket: NotifySocket, hogs: int) -> None:
+    with cpu_hogs(hogs):
+        sigterm_during_a_transcription(daemon_factory, notify_socket)
+
+
+def sigterm_during_a_transcription(daemon_factory: Callable[..., Daemon], notify_socket: NotifySocket) -> None:
+    server = daemon_factory(AUDIOTEXT_STOP_GRACE_SECONDS="1", **notify_socket.env)
+    notify_socket.wait_for("READY=1")
+    # tiny: whisper.cpp honours the abort between passes, and a short pass keeps the stop quick.
+    long_body = multipart_body({"model": "cpu-tiny"}, {"file": ("long.webm", (CLIPS / "long_en.webm").read_bytes(),
+                                                                 None)})
+    running = send_upload_head(server.url, long_body)
+    running.sendall(long_body)
+    notify_socket.wait_for("STATUS=serving; 0 queued; 1 request(s) transcribing")
+    late_body = multipart_body({"model": "cpu-tiny"}, {"file": ("en.wav", (CLIPS / "en.wav").read_bytes(), None)})
+    late = send_upload_head(server.url, late_body)  # accepted before the stop, body sent after it
+    time.sleep(0.5)  # lets the daemon start handling it: a connection still idle is simply closed
+    server.proc.send_signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1")
+    late.sendall(late_body)
+    for sock in (late, running):
+        with sock:
+            status, headers, body = read_response(sock)
+        assert status in (200, 503) if sock is running else status == 503, (body, server.log())
+        if status == 503:
+            assert body["error"]["code"] == "shutting_down" and headers["retry-after"] == "30"
+    assert server.proc.wait(60) == 0, server.log()
+    assert re.search(r"^INFO audiotext: POST /v1/audio/transcriptions 503 \d+ ms$", server.log(), re.M)
+
+
+def test_uploads_get_503_with_retry_after_once_stopping(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    client.portal.call(audiotext.begin_stop, client.app.state.audiotext)  # what SIGTERM starts
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/transcription-jobs"):
+        response = post_clip(client, path=path)
+        assert_error(response, 503, "the server is shutting down")
+        assert response.headers["retry-after"] == "30"
+    assert client.get("/healthz").status_code == 200  # reads are still answered
+    assert client.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def test_a_stop_answers_queued_requests_and_aborts_running_work(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(stop_grace_seconds=0.2)
+    state = client.app.state.audiotext
+    blocker = state.scheduler.submit(lambda abort: abort.wait(60), priority=audiotext.PRIORITY_JOB)
+    # A sync request goes ahead of a job: the blocker must be running before the request queues.
+    wait_until(blocker.future.running, what="the blocker to be running")
+    responses: list[Any] = []
+    waiting = threading.Thread(target=lambda: responses.append(post_clip(client, model="cpu-tiny")))
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while state.scheduler.depth() == 0:  # decoded and queued behind the blocker
+        assert time.monotonic() < deadline and waiting.is_alive()
+        time.sleep(0.02)
+    client.portal.call(audiotext.begin_stop, state)
+    waiting.join(60)
+    assert_error(responses[0], 503, "the server is shutting down")
+    assert blocker.future.result(timeout=60) is True  # aborted once the grace was over
+
+
+def scrape(client: TestClient, headers: dict[str, str] = AUTH) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_metrics_move_when_a_file_is_transcribed(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    before = scrape(client)
+    assert post_clip(client, model="cpu-tiny").status_code == 200
+    assert client.get("/v1/models/cpu-lite", headers=AUTH).status_code == 200
+    after = scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("audiotext_requests_total", route="/v1/audio/transcriptions", method="POST", status="200") == 1
+    assert moved("audiotext_requests_total", route="/v1/models/{model_id:path}", method="GET", status="200") == 1
+    assert moved("audiotext_audio_seconds_total", model="ggml-tiny.en") == pytest.approx(3.63, abs=0.01)
+    assert moved("audiotext_inference_seconds_count", model="ggml-tiny.en") == 1
+    assert moved("audiotext_inference_seconds_sum", model="ggml-tiny.en") > 0
+    assert moved("audiotext_real_time_factor_count", model="ggml-tiny.en") == 1
+    assert moved("audiotext_upload_bytes_total") > (CLIPS / "en.wav").stat().st_size
+    assert after[("audiotext_model_load_seconds", frozenset({("model", "ggml-base")}))] > 0
+    assert after[("audiotext_queue_depth", frozenset())] == 0
+    assert after[("audiotext_busy_workers", frozenset())] == 0
+
+
+@pytest.mark.parametrize(("public", "status"), [pytest.param(False, 401, id="behind_the_token"),
+                                                pytest.param(True, 200, id="public")])
+def test_metrics_need_the_token_unless_public(make_client: Callable[..., TestClient], public: bool,
+                                              status: int) -> None:
+    client = make_client(metrics_public=public)
+    assert client.get("/metrics").status_code == status
+    assert client.get("/metrics", headers=AUTH).status_code == 200
+
+
+def test_one_log_line_per_request_and_never_the_token_or_transcript(make_client: Callable[..., TestClient],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    caplog.set_level("DEBUG")
+    text = post_clip(client, model="cpu-tiny").json()["text"]
+    assert_heard(text, EN_WORDS)
+    assert client.get(f"/v1/nothing?token={TOKEN}", headers=AUTH).status_code == 404
+    assert client.get("/healthz").status_code == 200
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "audiotext"]
+    requests_logged = [(level, re.sub(r"\d+ ms$", "N ms", message)) for level, message in lines
+                       if re.search(r" \d+ ms$", message)]
+    assert requests_logged == [("INFO", "POST /v1/audio/transcriptions 200 N ms"),
+                               ("INFO", "GET /v1/nothing 404 N ms"),
+                               ("DEBUG", "GET /healthz 200 N ms")]
+    # Everything the daemon's side logged; the test's own HTTP client logs its URLs.
+    everything = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
+    assert TOKEN not in everything
+    assert "London" not in everything and "my name is" not in everything.lower()
+
+
+def test_job_transitions_are_logged_and_counted(make_client: Callable[..., TestClient],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    state = client.app.state.audiotext
+    caplog.set_level("INFO", logger="audiotext")
+    audiotext.record_job_transition(state, "job_1", "running", model="cpu-lite")
+    audiotext.record_job_transition(state, "job_1", "succeeded", model="cpu-lite", audio_seconds=30.5,
+                                    inference_seconds=12.2)
+    assert [r.getMessage() for r in caplog.records if r.name == "audiotext"] == [
+        "job job_1 running model=cpu-lite audio_seconds=- rtf=-",
+        "job job_1 succeeded model=cpu-lite audio_seconds=30.5 rtf=0.40"]
+    state.metrics.count_jobs = lambda: {"queued": 2, "succeeded": 1}
+    after = scrape(client)
+    assert after[("audiotext_job_transitions_total", frozenset({("status", "succeeded")}))] == 1
+    assert after[("audiotext_jobs", frozenset({("status", "queued")}))] == 2
+
+
+def test_notifier_sends_one_datagram_per_message(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        listener.settimeout(10)
+        audiotext.Notifier(str(path)).send("READY=1", "STATUS=serving")
+        assert listener.recv(4096) == b"READY=1\nSTATUS=serving"
+
+
+def test_notifier_outside_systemd_or_with_its_socket_gone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    audiotext.Notifier(None).send("READY=1")  # not under systemd: nothing to do
+    gone = audiotext.Notifier(str(tmp_path / "gone"))
+    for _ in range(3):
+        gone.send("WATCHDOG=1")
+    assert [r.getMessage() for r in caplog.records] == ["cannot notify systemd: No such file or directory"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "seconds"),
+    [
+        pytest.param({}, None, id="unset"),
+        pytest.param({"WATCHDOG_USEC": "30000000"}, 15.0, id="half"),
+        pytest.param({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0, id="for_this_pid"),
+        pytest.param({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None, id="for_another_pid"),
+        pytest.param({"WATCHDOG_USEC": "0"}, None, id="zero"),
+        pytest.param({"WATCHDOG_USEC": "soon"}, None, id="garbage"),
+    ],
+)
+def test_watchdog_interval(environ: dict[str, str], seconds: float | None) -> None:
+    assert audiotext.watchdog_interval(environ) == seconds
+
+
+class RecordingNotifier(audiotext.Notifier):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[str] = []
+
+    def send(self, *assignments: str) -> None:
+        self.sent.extend(assignments)
+
+
+def watchdog_pings(loop: asyncio.AbstractEventLoop, ticks: int) -> int:
+    """Run a ServiceMonitor against `loop` for `ticks` ticks; how many WATCHDOG=1 it sent."""
+    notifier, seen = RecordingNotifier(), []
+    monitor = audiotext.ServiceMonitor(notifier, lambda: seen.append(1) or "serving", loop, watchdog_seconds=0.01)
+    monitor.start()
+    deadline = time.monotonic() + 60
+    while len(seen) < ticks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monitor.stop()
+    return notifier.sent.count("WATCHDOG=1")
+
+
+def test_watchdog_pings_only_while_the_event_loop_answers() -> None:
+    wedged = asyncio.new_event_loop()  # never run, so the monitor's heartbeats never happen
+    try:
+        assert watchdog_pings(wedged, ticks=50) == 1  # the first, before any heartbeat was owed
+    finally:
+        wedged.close()
+    live = asyncio.new_event_loop()
+    runner = threading.Thread(target=live.run_forever)
+    runner.start()
+    try:
+        assert watchdog_pings(live, ticks=50) >= 2
+    finally:
+        live.call_soon_threadsafe(live.stop)
+        runner.join()
+        live.close()
+
+
+def test_journal_lines_carry_their_syslog_priority() -> None:
+    import logging
+
+    formatter = audiotext.JournalFormatter("%(levelname)s %(name)s: %(message)s")
+    record = logging.makeLogRecord({"name": "audiotext", "levelno": logging.WARNING, "levelname": "WARNING",
+                                    "msg": "first\nsecond"})
+    assert formatter.format(record) == "<4>WARNING audiotext: first\n<4>second"
+
+
+def check_env(tmp_path: Path, models: Path, **env: str) -> dict[str, str]:
+    return {"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path / "state"),
+            "AUDIOTEXT_MODELS_DIR": str(models), **env}
+
+
+def test_check_loads_the_default_model_and_logs_for_journald(tmp_path: Path, models_dir: Path) -> None:
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        stat = os.fstat(stderr.fileno())
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
+        environ.update(check_env(tmp_path, models_dir), JOURNAL_STREAM=f"{stat.st_dev}:{stat.st_ino}")
+        run = subprocess.run([sys.executable, str(ROOT / "audiotext.py"), "check"], env=environ, stdout=subprocess.PIPE,
+                             stderr=stderr, text=True, timeout=120)
+    assert run.returncode == 0, stderr_path.read_text()
+    assert re.search(rf"^ok  default model cpu-lite: {re.escape(str(models_dir))}/ggml-base.bin loaded in ",
+                     run.stdout, re.M), run.stdout
+    assert "ok  state dir" in run.stdout
+    assert re.search(r"^<6>INFO audiotext: loaded model cpu-lite", stderr_path.read_text(), re.M)
+
+
+def world_writable_state(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "state").mkdir(mode=0o777)
+    (tmp_path / "state").chmod(0o777)  # mkdir's mode is filtered by the umask
+    return {}
+
+
+def broken_default_model(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "ggml-base.bin").write_bytes(b"\0" * 4096)
+    return {"AUDIOTEXT_MODELS_DIR": str(tmp_path / "models")}
+
+
+@pytest.mark.parametrize(
+    ("prepare", "message"),
+    [
+        pytest.param(lambda tmp: {"AUDIOTEXT_API_TOKEN": ""}, "AUDIOTEXT_API_TOKEN is not set", id="no_token"),
+        pytest.param(lambda tmp: {"AUDIOTEXT_WORKERS": "0"}, "AUDIOTEXT_WORKERS='0': must be at least 1",
+                     id="bad_setting"),
+        pytest.param(lambda tmp: (tmp / "state").write_bytes(b"") and {}, "state dir {tmp}/state is not a directory",
+                     id="state_dir_is_a_file"),
+        pytest.param(world_writable_state, "state dir {tmp}/state is writable by every user (mode 777)",
+                     id="world_writable_state_dir"),
+        pytest.param(lambda tmp: {"AUDIOTEXT_DEFAULT_MODEL": "cpu-balanced"},
+                     "no model file for the default model 'cpu-balanced'", id="no_model_file"),
+        pytest.param(broken_default_model, "ggml-base.bin is not a ggml whisper model (bad magic)",
+                     id="broken_model_file"),
+    ],
+)
+def test_check_fails_with_a_clear_message(tmp_path: Path, models_dir: Path, prepare: Callable[[Path], Any],
+                                          message: str) -> None:
+    env = check_env(tmp_path, models_dir)
+    env.update(prepare(tmp_path) or {})
+    run = run_cli("check", env=env, timeout=120)
+    assert run.returncode == 2
+    assert message.format(tmp=tmp_path) in run.stderr
+
+
+def test_check_fails_when_one_upload_would_not_fit(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(audiotext.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=100 * 1024 * 1024))
+    assert audiotext.main(["check", "--state-dir", str(tmp_path), "--token", TOKEN,
+                           "--models-dir", str(models_dir)]) == 2
+    assert (f"state dir {tmp_path} has 100 MiB free, less than one upload at the 512 MiB limit "
+            "(AUDIOTEXT_MAX_UPLOAD_MB)") in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2198,1244 +3511,3 @@ def test_models_pull_reports_a_missing_file(mirror: Any, tmp_path: Path) -> None
     run = run_cli("models", "pull", "nope", "--models-dir", str(tmp_path), "--base-url", mirror.url)
     assert run.returncode == 2
     assert f"{mirror.url}/ggml-nope.bin: HTTP 404" in run.stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# Service
-# ---------------------------------------------------------------------------------------------
-
-UNIT = ROOT / "audiotext.service"
-
-
-def unit_values(name: str) -> list[str]:
-    """Every value a directive takes in audiotext.service, in order."""
-    pattern = re.compile(rf"^{re.escape(name)}=(.*)$", re.M)
-    return pattern.findall(UNIT.read_text())
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_unit_exposure_is_at_most_2() -> None:
-    run = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)], capture_output=True,
-                         text=True, timeout=120)
-    match = re.search(r"Overall exposure level for audiotext\.service: (\d+\.\d+)", run.stdout)
-    assert match, run.stdout + run.stderr
-    assert float(match[1]) <= 2.0, run.stdout
-
-
-def test_unit_stop_timeout_outlasts_the_daemons_own() -> None:
-    """systemd must not SIGKILL a daemon that is still inside its own graceful stop."""
-    (timeout,) = unit_values("TimeoutStopSec")
-    own = Settings().stop_grace_seconds + audiotext.ABORT_SETTLE_SECONDS
-    assert float(timeout) > own
-
-
-MDWE_PROBE = """
-import ctypes, sys
-from pathlib import Path
-if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
-    sys.exit(77)
-import audiotext
-clips, models = Path(sys.argv[1]), Path(sys.argv[2])
-for clip in sorted(clips.glob("*.*")):
-    if clip.suffix != ".sh":
-        audiotext.decode_audio(clip, max_seconds=60)
-store = audiotext.ModelStore(models, default="cpu-tiny", threads=2)
-audio = audiotext.decode_audio(clips / "en.wav", max_seconds=60)
-print(store.get(None).transcribe(audio, audiotext.TranscribeOptions(), abort=audiotext.threading.Event()).text)
-"""
-
-
-def test_decoding_and_inference_need_no_writable_executable_memory(models_dir: Path) -> None:
-    """What the unit's MemoryDenyWriteExecute= forbids, refused by the kernel (PR_SET_MDWE) instead."""
-    run = subprocess.run([sys.executable, "-c", MDWE_PROBE, str(CLIPS), str(models_dir)], capture_output=True,
-                         text=True, timeout=300)
-    if run.returncode == 77:
-        pytest.skip("the kernel has no PR_SET_MDWE (Linux 6.3+)")
-    assert run.returncode == 0, run.stderr
-    assert_heard(run.stdout, EN_WORDS)
-
-
-class NotifySocket:
-    """The datagram socket systemd would listen on, bound in the abstract namespace."""
-
-    def __init__(self) -> None:
-        self.name = f"audiotext-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name)
-        self.messages: list[str] = []
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"NOTIFY_SOCKET": "@" + self.name}
-
-    def wait_for(self, line: str, timeout: float = 120) -> None:
-        """Read messages until one has `line` as one of its lines."""
-        deadline = time.monotonic() + timeout
-        while not any(line in m.split("\n") for m in self.messages):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no {line!r} within {timeout} s; got {self.messages}"
-            self.sock.settimeout(remaining)
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                pass
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[NotifySocket]:
-    notify = NotifySocket()
-    yield notify
-    notify.sock.close()
-
-
-def test_systemd_hears_ready_status_watchdog_and_stopping(daemon_factory: Callable[..., Daemon],
-                                                          notify_socket: NotifySocket) -> None:
-    server = daemon_factory(wait=False, WATCHDOG_USEC="1000000", **notify_socket.env)
-    notify_socket.wait_for("READY=1")
-    # No retry: READY=1 promises the port is bound and the default model loaded.
-    health = httpx.get(server.url + "/healthz").json()
-    assert health["models_loaded"] == ["ggml-base"]
-    notify_socket.wait_for("WATCHDOG=1")
-    assert "STATUS=serving; 0 queued; idle" in "\n".join(notify_socket.messages)
-    server.proc.send_signal(signal.SIGTERM)
-    notify_socket.wait_for("STOPPING=1")
-    assert server.proc.wait(60) == 0, server.log()
-
-
-def send_upload_head(url: str, body: bytes) -> socket.socket:
-    """Open a transcription upload and send its headers only; the caller sends the body later."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode())
-    return sock
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
-    import http.client
-
-    response = http.client.HTTPResponse(sock)
-    response.begin()
-    headers = {k.lower(): v for k, v in response.getheaders()}
-    body = response.read()
-    return response.status, headers, json.loads(body) if headers.get("content-type") == "application/json" else {
-        "raw": body.decode(errors="replace")}
-
-
-def test_sigterm_during_a_transcription_answers_or_aborts_it_and_exits_0(
-        daemon_factory: Callable[..., Daemon], notify_socket: NotifySocket) -> None:
-    server = daemon_factory(AUDIOTEXT_STOP_GRACE_SECONDS="1", **notify_socket.env)
-    notify_socket.wait_for("READY=1")
-    # tiny: whisper.cpp honours the abort between passes, and a short pass keeps the stop quick.
-    long_body = multipart_body({"model": "cpu-tiny"}, {"file": ("long.webm", (CLIPS / "long_en.webm").read_bytes(),
-                                                                 None)})
-    running = send_upload_head(server.url, long_body)
-    running.sendall(long_body)
-    notify_socket.wait_for("STATUS=serving; 0 queued; 1 request(s) transcribing")
-    late_body = multipart_body({"model": "cpu-tiny"}, {"file": ("en.wav", (CLIPS / "en.wav").read_bytes(), None)})
-    late = send_upload_head(server.url, late_body)  # accepted before the stop, body sent after it
-    time.sleep(0.5)  # lets the daemon start handling it: a connection still idle is simply closed
-    server.proc.send_signal(signal.SIGTERM)
-    notify_socket.wait_for("STOPPING=1")
-    late.sendall(late_body)
-    for sock in (late, running):
-        with sock:
-            status, headers, body = read_response(sock)
-        assert status in (200, 503) if sock is running else status == 503, (body, server.log())
-        if status == 503:
-            assert body["error"]["code"] == "shutting_down" and headers["retry-after"] == "30"
-    assert server.proc.wait(60) == 0, server.log()
-    assert re.search(r"^INFO audiotext: POST /v1/audio/transcriptions 503 \d+ ms$", server.log(), re.M)
-
-
-def test_uploads_get_503_with_retry_after_once_stopping(make_client: Callable[..., TestClient]) -> None:
-    client = make_client()
-    client.portal.call(audiotext.begin_stop, client.app.state.audiotext)  # what SIGTERM starts
-    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/transcription-jobs"):
-        response = post_clip(client, path=path)
-        assert_error(response, 503, "the server is shutting down")
-        assert response.headers["retry-after"] == "30"
-    assert client.get("/healthz").status_code == 200  # reads are still answered
-    assert client.get("/v1/models", headers=AUTH).status_code == 200
-
-
-def test_a_stop_answers_queued_requests_and_aborts_running_work(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(stop_grace_seconds=0.2)
-    state = client.app.state.audiotext
-    blocker = state.scheduler.submit(lambda abort: abort.wait(60), priority=audiotext.PRIORITY_JOB)
-    responses: list[Any] = []
-    waiting = threading.Thread(target=lambda: responses.append(post_clip(client, model="cpu-tiny")))
-    waiting.start()
-    deadline = time.monotonic() + 60
-    while state.scheduler.depth() == 0:  # decoded and queued behind the blocker
-        assert time.monotonic() < deadline and waiting.is_alive()
-        time.sleep(0.02)
-    client.portal.call(audiotext.begin_stop, state)
-    waiting.join(60)
-    assert_error(responses[0], 503, "the server is shutting down")
-    assert blocker.future.result(timeout=60) is True  # aborted once the grace was over
-
-
-def scrape(client: TestClient, headers: dict[str, str] = AUTH) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    response = client.get("/metrics", headers=headers)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
-
-
-def test_metrics_move_when_a_file_is_transcribed(make_client: Callable[..., TestClient]) -> None:
-    client = make_client()
-    before = scrape(client)
-    assert post_clip(client, model="cpu-tiny").status_code == 200
-    assert client.get("/v1/models/cpu-lite", headers=AUTH).status_code == 200
-    after = scrape(client)
-
-    def moved(name: str, **labels: str) -> float:
-        key = (name, frozenset(labels.items()))
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    assert moved("audiotext_requests_total", route="/v1/audio/transcriptions", method="POST", status="200") == 1
-    assert moved("audiotext_requests_total", route="/v1/models/{model_id:path}", method="GET", status="200") == 1
-    assert moved("audiotext_audio_seconds_total", model="ggml-tiny.en") == pytest.approx(3.63, abs=0.01)
-    assert moved("audiotext_inference_seconds_count", model="ggml-tiny.en") == 1
-    assert moved("audiotext_inference_seconds_sum", model="ggml-tiny.en") > 0
-    assert moved("audiotext_real_time_factor_count", model="ggml-tiny.en") == 1
-    assert moved("audiotext_upload_bytes_total") > (CLIPS / "en.wav").stat().st_size
-    assert after[("audiotext_model_load_seconds", frozenset({("model", "ggml-base")}))] > 0
-    assert after[("audiotext_queue_depth", frozenset())] == 0
-    assert after[("audiotext_busy_workers", frozenset())] == 0
-
-
-@pytest.mark.parametrize(("public", "status"), [pytest.param(False, 401, id="behind_the_token"),
-                                                pytest.param(True, 200, id="public")])
-def test_metrics_need_the_token_unless_public(make_client: Callable[..., TestClient], public: bool,
-                                              status: int) -> None:
-    client = make_client(metrics_public=public)
-    assert client.get("/metrics").status_code == status
-    assert client.get("/metrics", headers=AUTH).status_code == 200
-
-
-def test_one_log_line_per_request_and_never_the_token_or_transcript(make_client: Callable[..., TestClient],
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    client = make_client()
-    caplog.set_level("DEBUG")
-    text = post_clip(client, model="cpu-tiny").json()["text"]
-    assert_heard(text, EN_WORDS)
-    assert client.get(f"/v1/nothing?token={TOKEN}", headers=AUTH).status_code == 404
-    assert client.get("/healthz").status_code == 200
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "audiotext"]
-    requests_logged = [(level, re.sub(r"\d+ ms$", "N ms", message)) for level, message in lines
-                       if re.search(r" \d+ ms$", message)]
-    assert requests_logged == [("INFO", "POST /v1/audio/transcriptions 200 N ms"),
-                               ("INFO", "GET /v1/nothing 404 N ms"),
-                               ("DEBUG", "GET /healthz 200 N ms")]
-    # Everything the daemon's side logged; the test's own HTTP client logs its URLs.
-    everything = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
-    assert TOKEN not in everything
-    assert "London" not in everything and "my name is" not in everything.lower()
-
-
-def test_job_transitions_are_logged_and_counted(make_client: Callable[..., TestClient],
-                                                caplog: pytest.LogCaptureFixture) -> None:
-    client = make_client()
-    state = client.app.state.audiotext
-    caplog.set_level("INFO", logger="audiotext")
-    audiotext.record_job_transition(state, "job_1", "running", model="cpu-lite")
-    audiotext.record_job_transition(state, "job_1", "succeeded", model="cpu-lite", audio_seconds=30.5,
-                                    inference_seconds=12.2)
-    assert [r.getMessage() for r in caplog.records if r.name == "audiotext"] == [
-        "job job_1 running model=cpu-lite audio_seconds=- rtf=-",
-        "job job_1 succeeded model=cpu-lite audio_seconds=30.5 rtf=0.40"]
-    state.metrics.count_jobs = lambda: {"queued": 2, "succeeded": 1}
-    after = scrape(client)
-    assert after[("audiotext_job_transitions_total", frozenset({("status", "succeeded")}))] == 1
-    assert after[("audiotext_jobs", frozenset({("status", "queued")}))] == 2
-
-
-def test_notifier_sends_one_datagram_per_message(tmp_path: Path) -> None:
-    path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind(str(path))
-        listener.settimeout(10)
-        audiotext.Notifier(str(path)).send("READY=1", "STATUS=serving")
-        assert listener.recv(4096) == b"READY=1\nSTATUS=serving"
-
-
-def test_notifier_outside_systemd_or_with_its_socket_gone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    audiotext.Notifier(None).send("READY=1")  # not under systemd: nothing to do
-    gone = audiotext.Notifier(str(tmp_path / "gone"))
-    for _ in range(3):
-        gone.send("WATCHDOG=1")
-    assert [r.getMessage() for r in caplog.records] == ["cannot notify systemd: No such file or directory"]
-
-
-@pytest.mark.parametrize(
-    ("environ", "seconds"),
-    [
-        pytest.param({}, None, id="unset"),
-        pytest.param({"WATCHDOG_USEC": "30000000"}, 15.0, id="half"),
-        pytest.param({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0, id="for_this_pid"),
-        pytest.param({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None, id="for_another_pid"),
-        pytest.param({"WATCHDOG_USEC": "0"}, None, id="zero"),
-        pytest.param({"WATCHDOG_USEC": "soon"}, None, id="garbage"),
-    ],
-)
-def test_watchdog_interval(environ: dict[str, str], seconds: float | None) -> None:
-    assert audiotext.watchdog_interval(environ) == seconds
-
-
-class RecordingNotifier(audiotext.Notifier):
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.sent: list[str] = []
-
-    def send(self, *assignments: str) -> None:
-        self.sent.extend(assignments)
-
-
-def watchdog_pings(loop: asyncio.AbstractEventLoop, ticks: int) -> int:
-    """Run a ServiceMonitor against `loop` for `ticks` ticks; how many WATCHDOG=1 it sent."""
-    notifier, seen = RecordingNotifier(), []
-    monitor = audiotext.ServiceMonitor(notifier, lambda: seen.append(1) or "serving", loop, watchdog_seconds=0.01)
-    monitor.start()
-    deadline = time.monotonic() + 60
-    while len(seen) < ticks and time.monotonic() < deadline:
-        time.sleep(0.01)
-    monitor.stop()
-    return notifier.sent.count("WATCHDOG=1")
-
-
-def test_watchdog_pings_only_while_the_event_loop_answers() -> None:
-    wedged = asyncio.new_event_loop()  # never run, so the monitor's heartbeats never happen
-    try:
-        assert watchdog_pings(wedged, ticks=50) == 1  # the first, before any heartbeat was owed
-    finally:
-        wedged.close()
-    live = asyncio.new_event_loop()
-    runner = threading.Thread(target=live.run_forever)
-    runner.start()
-    try:
-        assert watchdog_pings(live, ticks=50) >= 2
-    finally:
-        live.call_soon_threadsafe(live.stop)
-        runner.join()
-        live.close()
-
-
-def test_journal_lines_carry_their_syslog_priority() -> None:
-    import logging
-
-    formatter = audiotext.JournalFormatter("%(levelname)s %(name)s: %(message)s")
-    record = logging.makeLogRecord({"name": "audiotext", "levelno": logging.WARNING, "levelname": "WARNING",
-                                    "msg": "first\nsecond"})
-    assert formatter.format(record) == "<4>WARNING audiotext: first\n<4>second"
-
-
-def check_env(tmp_path: Path, models: Path, **env: str) -> dict[str, str]:
-    return {"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path / "state"),
-            "AUDIOTEXT_MODELS_DIR": str(models), **env}
-
-
-def test_check_loads_the_default_model_and_logs_for_journald(tmp_path: Path, models_dir: Path) -> None:
-    stderr_path = tmp_path / "stderr"
-    with open(stderr_path, "wb") as stderr:
-        stat = os.fstat(stderr.fileno())
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
-        environ.update(check_env(tmp_path, models_dir), JOURNAL_STREAM=f"{stat.st_dev}:{stat.st_ino}")
-        run = subprocess.run([sys.executable, str(ROOT / "audiotext.py"), "check"], env=environ, stdout=subprocess.PIPE,
-                             stderr=stderr, text=True, timeout=120)
-    assert run.returncode == 0, stderr_path.read_text()
-    assert re.search(rf"^ok  default model cpu-lite: {re.escape(str(models_dir))}/ggml-base.bin loaded in ",
-                     run.stdout, re.M), run.stdout
-    assert "ok  state dir" in run.stdout
-    assert re.search(r"^<6>INFO audiotext: loaded model cpu-lite", stderr_path.read_text(), re.M)
-
-
-def world_writable_state(tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "state").mkdir(mode=0o777)
-    (tmp_path / "state").chmod(0o777)  # mkdir's mode is filtered by the umask
-    return {}
-
-
-def broken_default_model(tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "ggml-base.bin").write_bytes(b"\0" * 4096)
-    return {"AUDIOTEXT_MODELS_DIR": str(tmp_path / "models")}
-
-
-@pytest.mark.parametrize(
-    ("prepare", "message"),
-    [
-        pytest.param(lambda tmp: {"AUDIOTEXT_API_TOKEN": ""}, "AUDIOTEXT_API_TOKEN is not set", id="no_token"),
-        pytest.param(lambda tmp: {"AUDIOTEXT_WORKERS": "0"}, "AUDIOTEXT_WORKERS='0': must be at least 1",
-                     id="bad_setting"),
-        pytest.param(lambda tmp: (tmp / "state").write_bytes(b"") and {}, "state dir {tmp}/state is not a directory",
-                     id="state_dir_is_a_file"),
-        pytest.param(world_writable_state, "state dir {tmp}/state is writable by every user (mode 777)",
-                     id="world_writable_state_dir"),
-        pytest.param(lambda tmp: {"AUDIOTEXT_DEFAULT_MODEL": "cpu-balanced"},
-                     "no model file for the default model 'cpu-balanced'", id="no_model_file"),
-        pytest.param(broken_default_model, "ggml-base.bin is not a ggml whisper model (bad magic)",
-                     id="broken_model_file"),
-    ],
-)
-def test_check_fails_with_a_clear_message(tmp_path: Path, models_dir: Path, prepare: Callable[[Path], Any],
-                                          message: str) -> None:
-    env = check_env(tmp_path, models_dir)
-    env.update(prepare(tmp_path) or {})
-    run = run_cli("check", env=env, timeout=120)
-    assert run.returncode == 2
-    assert message.format(tmp=tmp_path) in run.stderr
-
-
-def test_check_fails_when_one_upload_would_not_fit(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    real_usage = shutil.disk_usage
-    monkeypatch.setattr(audiotext.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=100 * 1024 * 1024))
-    assert audiotext.main(["check", "--state-dir", str(tmp_path), "--token", TOKEN,
-                           "--models-dir", str(models_dir)]) == 2
-    assert (f"state dir {tmp_path} has 100 MiB free, less than one upload at the 512 MiB limit "
-            "(AUDIOTEXT_MAX_UPLOAD_MB)") in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------
-# Jobs
-# ---------------------------------------------------------------------------------------------
-
-
-JOBS = "/v1/transcription-jobs"
-JOB_ID = re.compile(r"job_[0-9a-f]{32}")
-FINISHED = ("succeeded", "failed", "canceled")
-DISK_FULL_MESSAGE = "not enough free disk space in the state directory to store the upload"
-
-
-def wait_until(condition: Callable[[], Any], *, what: str, timeout: float = 180, interval: float = 0.05) -> Any:
-    """Poll with a generous deadline: the box running the tests is shared and slow at times."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-    return value
-
-
-def submit_job(client: httpx.Client, clip: str = "en.webm", **fields: str) -> dict[str, Any]:
-    with open(CLIPS / clip, "rb") as f:
-        response = client.post(JOBS, headers=AUTH, files={"file": (clip, f)}, data={"model": "cpu-tiny", **fields})
-    assert response.status_code == 202, response.text
-    job = response.json()
-    assert response.headers["location"] == f"{JOBS}/{job['id']}"
-    return job
-
-
-def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    response = client.get(f"{JOBS}/{job_id}", headers=AUTH)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_for_job(client: httpx.Client, job_id: str, statuses: Iterable[str] = FINISHED,
-                 timeout: float = 180) -> dict[str, Any]:
-    wanted = tuple(statuses)
-    return wait_until(lambda: (job := get_job(client, job_id))["status"] in wanted and job,
-                      what=f"job {job_id} to be {' or '.join(wanted)}", timeout=timeout)
-
-
-def all_jobs(client: httpx.Client, **params: str) -> list[dict[str, Any]]:
-    response = client.get(JOBS, headers=AUTH, params={"limit": "100", **params})
-    assert response.status_code == 200, response.text
-    return response.json()["data"]
-
-
-def state_files(state_dir: Path) -> dict[str, list[str]]:
-    """What the job store keeps on disk, by directory (the spool included)."""
-    return {name: sorted(p.name for p in (state_dir / name).iterdir()) if (state_dir / name).is_dir() else []
-            for name in ("tmp", "uploads", "results")}
-
-
-def job_client(tmp_path: Path, models_dir: Path, **overrides: Any) -> TestClient:
-    """An in-process app for tests that stop and start it on the same state dir."""
-    return TestClient(audiotext.build_app(make_settings(tmp_path, models_dir, **overrides)))
-
-
-def app_state(client: TestClient) -> audiotext.AppState:
-    return client.app.state.audiotext  # type: ignore[attr-defined]
-
-
-@contextlib.contextmanager
-def worker_held(client: TestClient) -> Iterator[None]:
-    """Occupy the only worker, so jobs stay queued until the block ends (or the app stops)."""
-    release = threading.Event()
-
-    def hold(abort: threading.Event) -> None:
-        while not (release.wait(0.05) or abort.is_set()):
-            pass
-
-    work = app_state(client).scheduler.submit(hold, priority=audiotext.PRIORITY_SYNC)
-    wait_until(work.future.running, what="the worker to be held")
-    try:
-        yield
-    finally:
-        release.set()
-
-
-@pytest.fixture(scope="module")
-def ninety_seconds_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """long_en three times over: long enough that a cancel or a shutdown lands mid-inference."""
-    audio = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
-    path = tmp_path_factory.mktemp("clips") / "long90.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(audiotext.SAMPLE_RATE)
-        out.writeframes((np.tile(audio, 3) * 32767).astype("<i2").tobytes())
-    return path
-
-
-def submit_file(client: httpx.Client, path: Path, **fields: str) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        response = client.post(JOBS, headers=AUTH, files={"file": (path.name, f)},
-                               data={"model": "cpu-tiny", **fields})
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
-def canned_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Jobs finish the moment they start, with a fixed transcript: for tests of the table, not of speech."""
-    monkeypatch.setattr(audiotext, "engine_execute", lambda models, **limits: lambda job, audio, abort: FAKE_TRANSCRIPT)
-
-
-def clip_seconds(path: Path) -> float:
-    return len(audiotext.decode_audio(path, max_seconds=600)) / audiotext.SAMPLE_RATE
-
-
-# Jobs: the user's flow, end to end
-
-
-@needs_curl
-def test_job_curl_flow(daemon_factory: Callable[..., Daemon]) -> None:
-    daemon = daemon_factory()
-
-    def curl(*args: str) -> tuple[int, str]:
-        command = ["curl", "-s", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {TOKEN}", *args]
-        output = subprocess.run(command, cwd=CLIPS, check=True, timeout=120, capture_output=True, text=True).stdout
-        body, _, status = output.rpartition("\n")
-        return int(status), body
-
-    create = ["-F", "model=cpu-lite", "-F", "language=ca", "-F", "file=@ca.webm", f"{daemon.url}{JOBS}"]
-    status, body = curl(*create)
-    assert status == 202, body
-    first = json.loads(body)
-    status, body = curl(*create)
-    assert status == 202, body
-    second = json.loads(body)
-    assert first["status"] in ("queued", "running") and second["status"] == "queued"
-    assert first["language"] == {"requested": "ca", "detected": None}
-
-    status, body = curl("-X", "POST", f"{daemon.url}{JOBS}/{second['id']}/cancel")
-    assert (status, json.loads(body)["status"]) == (200, "canceled")
-
-    with httpx.Client(base_url=daemon.url, timeout=30) as client:
-        done = wait_for_job(client, first["id"])
-    assert done["status"] == "succeeded", done
-    assert done["language"] == {"requested": "ca", "detected": "ca"}
-    status, body = curl(f"{daemon.url}{done['result_url']}")
-    assert status == 200, body
-    assert_heard(json.loads(body)["text"], CA_WORDS)
-    status, body = curl(f"{daemon.url}{JOBS}/{first['id']}/result?response_format=text")
-    assert status == 200
-    assert_heard(body, CA_WORDS)
-
-
-def test_job_result_is_the_sync_endpoints_body(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
-    client = make_client()
-    fields = {"model": "cpu-tiny", "response_format": "verbose_json", "timestamp_granularities[]": ["word", "segment"]}
-    job = submit_job(client, **fields)
-    assert JOB_ID.fullmatch(job["id"])
-    assert job["object"] == "transcription.job"
-    # Probed from the container at upload, then measured on the decoded samples.
-    assert job["audio_seconds"] == pytest.approx(clip_seconds(CLIPS / "en.webm"), abs=0.05)
-    done = wait_for_job(client, job["id"])
-    assert done["status"] == "succeeded", done
-    assert done["progress"] == 1.0 and done["error"] is None and done["queue_position"] is None
-    assert done["language"] == {"requested": None, "detected": "en"}
-    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
-    assert done["result_url"] == f"{JOBS}/{job['id']}/result"
-
-    with open(CLIPS / "en.webm", "rb") as f:
-        sync = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.webm", f)}, data=fields)
-    result = client.get(done["result_url"], headers=AUTH)
-    assert (result.status_code, result.headers["content-type"]) == (200, sync.headers["content-type"])
-    assert result.content == sync.content
-    assert_heard(result.json()["text"], EN_WORDS)
-
-    as_srt = client.get(done["result_url"], headers=AUTH, params={"response_format": "srt"})
-    segments = result.json()["segments"]
-    assert (as_srt.status_code, as_srt.headers["content-type"]) == (200, "application/x-subrip")
-    assert as_srt.text.startswith("1\n00:00:00,000 --> ") and segments[0]["text"].strip() in as_srt.text
-    assert_error(client.get(done["result_url"], headers=AUTH, params={"response_format": "docx"}), 400,
-                 "response_format must be one of json, text, srt, vtt, verbose_json; got 'docx'",
-                 param="response_format")
-    # The audio went as soon as the result was safe; the result stays until the TTL.
-    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": [f"{job['id']}.json"]}
-
-
-# Jobs: cancel, conflicts, limits
-
-
-def test_cancel_while_queued(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
-    client = make_client()
-    with worker_held(client):
-        first, second = submit_job(client), submit_job(client)
-        assert (first["queue_position"], second["queue_position"]) == (1, 2)
-        canceled = client.post(f"{JOBS}/{first['id']}/cancel", headers=AUTH)
-        assert canceled.status_code == 200
-        assert canceled.json()["status"] == "canceled" and canceled.json()["finished_at"] is not None
-        assert get_job(client, second["id"])["queue_position"] == 1
-        assert second["id"] in "".join(state_files(tmp_path / "state")["uploads"])
-        assert first["id"] not in "".join(state_files(tmp_path / "state")["uploads"])
-        assert_error(client.post(f"{JOBS}/{first['id']}/cancel", headers=AUTH), 409,
-                     f"job {first['id']} is already canceled and cannot be canceled")
-        assert_error(client.get(f"{JOBS}/{first['id']}/result", headers=AUTH), 409,
-                     f"job {first['id']} is canceled, not succeeded; there is no result to read")
-        client.post(f"{JOBS}/{second['id']}/cancel", headers=AUTH)
-    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
-
-
-def test_cancel_while_running_stops_the_engine(make_client: Callable[..., TestClient], tmp_path: Path,
-                                               ninety_seconds_wav: Path) -> None:
-    client = make_client()
-    job = submit_file(client, ninety_seconds_wav)
-    wait_for_job(client, job["id"], ["running"])
-    response = client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)
-    assert response.status_code == 200
-    canceled = wait_for_job(client, job["id"], timeout=30)
-    assert canceled["status"] == "canceled" and canceled["progress"] < 1
-    state = app_state(client)
-    model = state.models.get("cpu-tiny")
-    # Nothing is left inferring: the worker is free and the model's context unlocked.
-    wait_until(lambda: not state.scheduler.running and not model.lock.locked(), what="the engine to stop", timeout=30)
-    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
-
-
-def test_result_before_finish_and_cancel_after_finish_are_conflicts(
-        make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
-    canned_engine(monkeypatch)
-    client = make_client()
-    with worker_held(client):
-        job = submit_job(client)
-        assert_error(client.get(f"{JOBS}/{job['id']}/result", headers=AUTH), 409,
-                     f"job {job['id']} is queued, not succeeded; there is no result to read")
-    assert wait_for_job(client, job["id"])["status"] == "succeeded"
-    assert_error(client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH), 409,
-                 f"job {job['id']} is already succeeded and cannot be canceled")
-    assert client.get(f"{JOBS}/{job['id']}/result", headers=AUTH).json() == {"text": "ok"}
-
-
-def test_sync_requests_go_ahead_of_queued_jobs(make_client: Callable[..., TestClient]) -> None:
-    client = make_client()
-    answers: list[httpx.Response] = []
-    with worker_held(client):
-        job = submit_job(client)
-        assert job["queue_position"] == 1
-        sync = threading.Thread(target=lambda: answers.append(post_clip(client, "en.webm", model="cpu-tiny")))
-        sync.start()
-        wait_until(lambda: get_job(client, job["id"])["queue_position"] == 2, what="the sync request to queue ahead")
-    sync.join(180)
-    assert answers and answers[0].status_code == 200
-    assert_heard(answers[0].json()["text"], EN_WORDS)
-    client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)  # its turn came after the sync request's
-
-
-def test_queue_full_answers_429(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
-    client = make_client(max_queue=2)
-    with worker_held(client):
-        accepted = [submit_job(client)["id"], submit_job(client)["id"]]
-        with open(CLIPS / "en.webm", "rb") as f:
-            refused = client.post(JOBS, headers=AUTH, files={"file": ("en.webm", f)}, data={"model": "cpu-tiny"})
-        assert_error(refused, 429, "the job queue is full: 2 jobs are queued, the AUDIOTEXT_MAX_QUEUE limit; "
-                                   "retry later")
-        assert refused.headers["retry-after"] == "30"
-        assert [j["id"] for j in all_jobs(client)] == accepted[::-1]
-        assert len(state_files(tmp_path / "state")["uploads"]) == 4  # two jobs, audio and record each
-        for job_id in accepted:
-            client.post(f"{JOBS}/{job_id}/cancel", headers=AUTH)
-    assert state_files(tmp_path / "state")["tmp"] == []
-
-
-def test_job_routes_validate_ids_fields_and_paging(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
-    client = make_client()
-    unknown = "job_" + "0" * 32
-    for method, path in (("GET", ""), ("GET", "/result"), ("POST", "/cancel"), ("DELETE", "")):
-        assert_error(client.request(method, f"{JOBS}/{unknown}{path}", headers=AUTH), 404,
-                     f"no transcription job with id '{unknown}'")
-    assert client.get(JOBS).status_code == 401
-    refusals = [
-        ({"task": "summarize"}, "en.webm", "task must be one of transcribe, translate; got 'summarize'", "task"),
-        ({"model": "nope"}, "en.webm", re.compile("^unknown model 'nope'"), "model"),
-        ({"model": "cpu-tiny", "language": "ca"}, "ca.webm",
-         "model 'cpu-tiny' is English-only and cannot transcribe language 'ca'; use a multilingual model such as "
-         "cpu-lite", "language"),
-        ({}, "make_clips.sh", "the uploaded file is not audio that FFmpeg can decode", "file"),
-    ]
-    for fields, clip, message, param in refusals:
-        with open(CLIPS / clip, "rb") as f:
-            response = client.post(JOBS, headers=AUTH, files={"file": (clip, f)}, data=fields)
-        assert_error(response, 400, message, param=param)
-    assert_error(client.post(JOBS, headers=AUTH, files={"x": ("x", b"")}, data={"model": "cpu-tiny"}), 400,
-                 "the 'file' form field is required", param="file")
-    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
-
-    with worker_held(client):
-        ids = [submit_job(client, task="translate" if i % 2 else "transcribe")["id"] for i in range(5)]
-        assert len(set(ids)) == 5 and all(JOB_ID.fullmatch(i) for i in ids)
-        pages, cursor = [], None
-        while True:
-            response = client.get(JOBS, headers=AUTH, params={"limit": "2", **({"cursor": cursor} if cursor else {})})
-            body = response.json()
-            pages.append([j["id"] for j in body["data"]])
-            cursor = body["next_cursor"]
-            assert body["has_more"] == (cursor is not None)
-            if cursor is None:
-                break
-        assert pages == [ids[4:2:-1], ids[2:0:-1], ids[:1]]  # newest first
-        assert [j["task"] for j in all_jobs(client)] == ["transcribe", "translate"] * 2 + ["transcribe"]
-        assert [j["queue_position"] for j in all_jobs(client)] == [5, 4, 3, 2, 1]
-        assert len(all_jobs(client, status="queued")) == 5 and all_jobs(client, status="succeeded") == []
-        for params, param in (({"status": "done"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "101"}, "limit"),
-                              ({"limit": "\u00b2"}, "limit"), ({"cursor": "x"}, "cursor"), ({"cursor": "9" * 5000}, "cursor")):
-            assert client.get(JOBS, headers=AUTH, params=params).json()["error"]["param"] == param
-
-        deleted = client.delete(f"{JOBS}/{ids[2]}", headers=AUTH)
-        assert deleted.json() == {"id": ids[2], "object": "transcription.job.deleted", "deleted": True}
-        assert client.get(f"{JOBS}/{ids[2]}", headers=AUTH).status_code == 404
-        assert not [n for n in state_files(tmp_path / "state")["uploads"] if n.startswith(ids[2])]
-        for job_id in ids:
-            client.delete(f"{JOBS}/{job_id}", headers=AUTH)
-    assert all_jobs(client) == []
-    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
-
-
-def test_delete_a_running_job(make_client: Callable[..., TestClient], tmp_path: Path,
-                              ninety_seconds_wav: Path) -> None:
-    client = make_client()
-    job = submit_file(client, ninety_seconds_wav)
-    wait_for_job(client, job["id"], ["running"])
-    assert client.delete(f"{JOBS}/{job['id']}", headers=AUTH).status_code == 200
-    assert client.get(f"{JOBS}/{job['id']}", headers=AUTH).status_code == 404
-    state = app_state(client)
-    wait_until(lambda: not state.scheduler.running, what="the deleted job to stop", timeout=30)
-    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
-    assert json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"] == []
-
-
-def test_jobs_expire_after_the_ttl(make_client: Callable[..., TestClient], tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    canned_engine(monkeypatch)
-    caplog.set_level("INFO", logger="audiotext")
-    client = make_client(job_ttl_hours=1 / 3600)
-    job = submit_job(client)
-    seen = set()
-
-    def gone() -> bool:
-        response = client.get(f"{JOBS}/{job['id']}", headers=AUTH)
-        if response.status_code == 200:
-            seen.add(response.json()["status"])
-        return response.status_code == 404
-
-    wait_until(gone, what="the finished job to expire")
-    assert seen <= {"queued", "running", "succeeded"}
-    assert any(r.getMessage().startswith(f"job {job['id']} succeeded ") for r in caplog.records)  # it finished first
-    # The sweeper forgets the job first, then writes the table and removes the files.
-    wait_until(lambda: state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
-               and json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"] == [],
-               what="the expired job's files to go", timeout=30)
-
-
-class FullDiskError(OSError):
-    def __init__(self) -> None:
-        super().__init__(errno.ENOSPC, "No space left on device")
-
-
-def fail_durable_write(monkeypatch: pytest.MonkeyPatch, which: Callable[[Path], bool]) -> None:
-    """The disk fills up while one of the store's files is being written."""
-    real = audiotext.write_atomically
-
-    def write_atomically(dest: Path, write: Callable[[Any], None]) -> None:
-        if not which(dest):
-            return real(dest, write)
-
-        def write_then_fail(out: Any) -> None:
-            write(out)
-            raise FullDiskError()
-
-        return real(dest, write_then_fail)
-
-    monkeypatch.setattr(audiotext, "write_atomically", write_atomically)
-
-
-def fail_upload_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fsync_file(path: Path) -> None:
-        raise FullDiskError()
-
-    monkeypatch.setattr(audiotext, "_fsync_file", fsync_file)
-
-
-def report_no_free_space(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audiotext.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-
-
-@pytest.mark.parametrize("inject", [
-    pytest.param(lambda mp: mp.setattr(audiotext.os, "fdopen", lambda fd, mode: FullDisk(fd, "write")), id="spool"),
-    pytest.param(lambda mp: fail_durable_write(mp, lambda dest: dest.parent.name == "uploads"), id="job_record"),
-    pytest.param(fail_upload_fsync, id="upload_fsync"),
-    pytest.param(lambda mp: fail_durable_write(mp, lambda dest: dest.name == "jobs.json"), id="jobs_json"),
-    pytest.param(report_no_free_space, id="free_space_check"),
-])
-def test_disk_full_on_upload_answers_507_and_leaves_nothing(
-        make_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        inject: Callable[[pytest.MonkeyPatch], None]) -> None:
-    client = make_client()
-    with worker_held(client):
-        inject(monkeypatch)
-        with open(CLIPS / "en.webm", "rb") as f:
-            response = client.post(JOBS, headers=AUTH, files={"file": ("en.webm", f)}, data={"model": "cpu-tiny"})
-        monkeypatch.undo()
-        assert_error(response, 507, DISK_FULL_MESSAGE)
-        assert all_jobs(client) == []
-        assert json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"] == []
-        assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
-        assert not list((tmp_path / "state").glob("*.part"))
-
-
-# Jobs: stop, restart and recovery
-
-
-def test_shutdown_puts_a_running_job_back_in_the_queue(tmp_path: Path, models_dir: Path,
-                                                       ninety_seconds_wav: Path) -> None:
-    with job_client(tmp_path, models_dir, stop_grace_seconds=0.2) as client:
-        job = submit_file(client, ninety_seconds_wav)
-        progressing = wait_for_job(client, job["id"], ["running"])
-        progressing = wait_until(lambda: (j := get_job(client, job["id"]))["progress"] > 0 and j,
-                                 what="progress from the first segments")
-        assert 0 < progressing["progress"] < 1
-        assert progressing["audio_seconds"] == pytest.approx(clip_seconds(ninety_seconds_wav), abs=0.01)
-    record = json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]
-    assert (record["status"], record["attempts"], record["started_at"]) == ("queued", 0, None)
-
-    with job_client(tmp_path, models_dir) as client:
-        again = wait_for_job(client, job["id"], ["running", *FINISHED])
-        assert again["status"] == "running"  # queued again on start, and picked up
-        assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).status_code == 200
-        assert wait_for_job(client, job["id"])["status"] == "canceled"
-
-
-def stop_with_jobs_queued(tmp_path: Path, models_dir: Path, count: int) -> list[str]:
-    """Jobs accepted while the worker is busy, then a shutdown: they stay queued on disk."""
-    with job_client(tmp_path, models_dir, stop_grace_seconds=0.1) as client:
-        held = worker_held(client)
-        held.__enter__()
-        ids = [submit_job(client)["id"] for _ in range(count)]
-    held.__exit__(None, None, None)  # released only once the app has stopped, so the jobs never ran
-    return ids
-
-
-def test_a_corrupt_jobs_json_is_moved_aside_and_jobs_recovered(
-        tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    canned_engine(monkeypatch)
-    with job_client(tmp_path, models_dir) as client:
-        done = submit_job(client, language="en", response_format="srt")
-        assert wait_for_job(client, done["id"])["status"] == "succeeded"
-    [pending] = stop_with_jobs_queued(tmp_path, models_dir, 1)
-    table = tmp_path / "state" / "jobs.json"
-    truncated = table.read_bytes()[: table.stat().st_size // 2]
-    table.write_bytes(truncated)
-
-    with caplog.at_level(logging.ERROR, logger="audiotext"), job_client(tmp_path, models_dir) as client:
-        [aside] = (tmp_path / "state").glob("jobs.json.corrupt-*")
-        assert aside.read_bytes() == truncated
-        assert any("JOB TABLE UNREADABLE" in r.message and "recovered 2 job(s)" in r.message for r in caplog.records)
-        recovered = get_job(client, done["id"])
-        assert (recovered["status"], recovered["response_format"]) == ("succeeded", "srt")
-        assert recovered["language"] == {"requested": "en", "detected": "en"}
-        assert client.get(recovered["result_url"], headers=AUTH).text == "1\n00:00:00,000 --> 00:00:01,000\nok\n"
-        requeued = wait_for_job(client, pending)
-        assert requeued["status"] == "succeeded", requeued
-        assert client.get(requeued["result_url"], headers=AUTH).json() == {"text": "ok"}
-    assert len(json.loads(table.read_text())["jobs"]) == 2
-
-
-def test_a_missing_upload_fails_its_job_and_stray_files_go(tmp_path: Path, models_dir: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    canned_engine(monkeypatch)
-    missing, kept = stop_with_jobs_queued(tmp_path, models_dir, 2)
-    state_dir = tmp_path / "state"
-    [audio] = [p for p in (state_dir / "uploads").iterdir() if p.name == f"{missing}.webm"]
-    audio.unlink()
-    strays = [state_dir / "uploads" / ("job_" + "1" * 32 + ".webm"), state_dir / "results" / "notes.txt",
-              state_dir / "results" / ("job_" + "2" * 32 + ".json.part"), state_dir / "jobs.json.part"]
-    for stray in strays:
-        stray.write_bytes(b"x")
-
-    with job_client(tmp_path, models_dir) as client:
-        failed = get_job(client, missing)
-        assert failed["status"] == "failed"
-        assert failed["error"] == {"code": "audio_missing", "message": "the job's audio file is missing from the "
-                                   "state directory's uploads/, so it cannot be transcribed"}
-        assert wait_for_job(client, kept)["status"] == "succeeded"  # the other job is unaffected
-    # Checked once stopped: while the app runs, a save has its own jobs.json.part for a moment.
-    assert not [s for s in strays if s.exists()]
-    assert state_files(state_dir) == {"tmp": [], "uploads": [], "results": [f"{kept}.json"]}
-
-
-# Jobs: the table against a fake engine, through crashes and restarts
-
-
-class SimulatedCrash(BaseException):
-    """The process dies mid-transcription: nothing after this point runs."""
-
-
-class FakeScheduler:
-    """The Scheduler's interface, with the test deciding when a queued item runs."""
-
-    def __init__(self) -> None:
-        self.queue: list[audiotext.Work] = []
-        self._seq = 0
-
-    def submit(self, fn: Callable[[threading.Event], Any], *, priority: int, key: str | None = None) -> audiotext.Work:
-        self._seq += 1
-        work = audiotext.Work(priority, self._seq, fn, key=key)
-        self.queue = sorted([*self.queue, work])
-        return work
-
-    def remove(self, key: str) -> bool:
-        before = len(self.queue)
-        self.queue = [w for w in self.queue if w.key != key]
-        return len(self.queue) < before
-
-    def position(self, key: str) -> int | None:
-        return self.positions().get(key)
-
-    def positions(self) -> dict[str, int]:
-        return {w.key: i for i, w in enumerate(self.queue) if w.key is not None}
-
-    def run_next(self) -> str | None:
-        if not self.queue:
-            return None
-        work = self.queue.pop(0)
-        work.fn(work.abort)
-        return work.key
-
-
-FAKE_TRANSCRIPT = audiotext.Transcript(
-    text="ok", language="en", duration=1.0, words=[],
-    segments=[audiotext.Segment(id=0, start=0.0, end=1.0, text=" ok", tokens=[1], avg_logprob=-0.1)])
-
-
-class FakeEngine:
-    def __init__(self) -> None:
-        self.outcome = "succeed"
-
-    def __call__(self, job: audiotext.Job, audio: Path, abort: threading.Event) -> audiotext.Transcript:
-        assert audio.read_bytes().startswith(b"audio of ")  # the job's own upload, moved in
-        if self.outcome == "crash":
-            raise SimulatedCrash()
-        if self.outcome == "fail":
-            raise audiotext.AudioError("the uploaded file is not audio that FFmpeg can decode")
-        return FAKE_TRANSCRIPT
-
-
-MAX_QUEUE_IN_MACHINE = 3
-
-
-class JobTableMachine(RuleBasedStateMachine):
-    """Create, cancel, finish, delete, expire, crash and restart; the table, jobs.json and the
-    files on disk must agree with a model of what each job should be after every step."""
-
-    jobs = Bundle("jobs")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.state_dir = Path(tempfile.mkdtemp(prefix="job-table-"))
-        (self.state_dir / "tmp").mkdir()
-        self.engine = FakeEngine()
-        self.expected: dict[str, tuple[str, int]] = {}  # id -> (status, interrupted attempts)
-        self.keep_audio = False
-        self.audio_lost: set[str] = set()
-        self.uploads = 0
-
-    def teardown(self) -> None:
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def start(self) -> None:
-        self.scheduler = FakeScheduler()
-        self.store = audiotext.JobStore(self.state_dir, self.scheduler, self.engine, max_queue=MAX_QUEUE_IN_MACHINE,
-                                        ttl_seconds=3600, keep_audio=self.keep_audio)
-        self.store.open()
-
-    @initialize(keep_audio=st.booleans())
-    def first_start(self, keep_audio: bool) -> None:
-        self.keep_audio = keep_audio
-        self.start()
-
-    def queued(self) -> int:
-        return sum(1 for status, _ in self.expected.values() if status == "queued")
-
-    @rule(target=jobs, filename=st.sampled_from(["a.webm", "B.WAV", "noext", "x.json", "y.tar.gz", "z.part"]))
-    def create(self, filename: str) -> Any:
-        self.uploads += 1
-        spooled = self.state_dir / "tmp" / f"upload-{self.uploads}"
-        spooled.write_bytes(b"audio of " + str(self.uploads).encode())
-        try:
-            job = self.store.create(audiotext.JobSpec(model="fake"), spooled, audiotext.audio_suffix(filename), 1.0)
-        except audiotext.QueueFull:
-            assert self.queued() == MAX_QUEUE_IN_MACHINE
-            spooled.unlink(missing_ok=True)  # the route's form.cleanup()
-            return multiple()
-        assert self.queued() < MAX_QUEUE_IN_MACHINE and not spooled.exists()
-        self.expected[job.id] = ("queued", 0)
-        return job.id
-
-    @rule(job_id=jobs)
-    def cancel(self, job_id: str) -> None:
-        if job_id not in self.expected:
-            with pytest.raises(audiotext.JobNotFound):
-                self.store.cancel(job_id)
-        elif self.expected[job_id][0] in FINISHED:
-            with pytest.raises(audiotext.JobConflict):
-                self.store.cancel(job_id)
-        else:
-            assert self.store.cancel(job_id).status == "canceled"
-            self.expected[job_id] = ("canceled", self.expected[job_id][1])
-
-    @rule(outcome=st.sampled_from(["succeed", "fail"]))
-    def finish_next(self, outcome: str) -> None:
-        self.engine.outcome = outcome
-        job_id = self.scheduler.run_next()
-        if job_id is not None:
-            self.expected[job_id] = ("succeeded" if outcome == "succeed" else "failed", self.expected[job_id][1])
-
-    @rule()
-    def crash_while_running(self) -> None:
-        self.engine.outcome = "crash"
-        if not self.scheduler.queue:
-            return
-        with pytest.raises(SimulatedCrash):
-            self.scheduler.run_next()
-        [job_id] = [i for i, (status, _) in self.expected.items() if status == "queued"
-                    and self.store.get(i).status == "running"]
-        attempts = self.expected[job_id][1] + 1
-        self.expected[job_id] = ("failed" if attempts >= 3 else "queued", attempts)
-        event(f"crash on attempt {attempts}")
-        self.start()  # the process died: no close(), a fresh start on the same directory
-
-    @rule(graceful=st.booleans())
-    def restart(self, graceful: bool) -> None:
-        if graceful:
-            self.store.close()
-        self.start()
-
-    @rule(job_id=jobs)
-    def delete(self, job_id: str) -> None:
-        if job_id in self.expected:
-            self.store.delete(job_id)
-            del self.expected[job_id]
-        else:
-            with pytest.raises(audiotext.JobNotFound):
-                self.store.delete(job_id)
-
-    @rule()
-    def expire(self) -> None:
-        removed = self.store.sweep(time.time() + 3601)
-        finished = [i for i, (status, _) in self.expected.items() if status in FINISHED]
-        assert removed == len(finished)
-        for job_id in finished:
-            del self.expected[job_id]
-
-    @rule(keep=st.floats(0, 0.99))
-    def corrupt_the_table_and_restart(self, keep: float) -> None:
-        table = self.state_dir / "jobs.json"
-        table.write_bytes(table.read_bytes()[: int(table.stat().st_size * keep)])
-        event("corrupt table, " + ("jobs to recover" if self.expected else "empty"))
-        self.start()
-        [aside] = self.state_dir.glob("jobs.json.corrupt-*")
-        aside.unlink()
-        # Succeeded jobs come back from results/, pending ones from their records in uploads/.
-        self.expected = {i: (s, a) if s == "succeeded" else ("queued", 0)
-                         for i, (s, a) in self.expected.items() if s in ("succeeded", "queued")}
-
-    @rule(job_id=jobs)
-    def lose_the_audio_and_restart(self, job_id: str) -> None:
-        if self.expected.get(job_id, ("",))[0] != "queued":
-            return
-        (self.store.uploads / self.store.get(job_id).audio_name).unlink()
-        self.audio_lost.add(job_id)
-        self.start()
-        self.expected[job_id] = ("failed", self.expected[job_id][1])
-        assert self.store.get(job_id).error["code"] == "audio_missing"  # type: ignore[index]
-
-    @invariant()
-    def table_disk_and_model_agree(self) -> None:
-        jobs, _ = self.store.page(limit=1000)
-        assert {j.id: (j.status, j.attempts) for j in jobs} == self.expected
-        on_disk = json.loads((self.state_dir / "jobs.json").read_bytes())
-        assert on_disk["schema"] == audiotext.JOBS_SCHEMA
-        assert on_disk["jobs"] == [j.record() for j in sorted(jobs, key=lambda j: j.seq)]
-        uploads, results = set(), set()
-        for job in jobs:
-            if job.status == "queued":
-                uploads |= {job.audio_name, f"{job.id}.json"}
-            elif self.keep_audio and job.id not in self.audio_lost:
-                uploads.add(job.audio_name)
-            if job.status == "succeeded":
-                results.add(f"{job.id}.json")
-                assert self.store.result(job.id) == FAKE_TRANSCRIPT
-        assert state_files(self.state_dir) == {"tmp": [], "uploads": sorted(uploads), "results": sorted(results)}
-        queued = [j.id for j in sorted(jobs, key=lambda j: j.seq) if j.status == "queued"]
-        assert [w.key for w in self.scheduler.queue] == queued
-
-
-JobTableMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None,
-                                             derandomize=True, database=None)
-test_job_table_state_machine = JobTableMachine.TestCase
-
-
-def test_a_job_interrupted_three_times_fails(tmp_path: Path) -> None:
-    engine, spooled = FakeEngine(), tmp_path / "tmp" / "upload-1"
-    spooled.parent.mkdir()
-    spooled.write_bytes(b"audio of 1")
-    engine.outcome = "crash"
-
-    def start() -> tuple[audiotext.JobStore, FakeScheduler]:
-        scheduler = FakeScheduler()
-        store = audiotext.JobStore(tmp_path, scheduler, engine, max_queue=10, ttl_seconds=60, keep_audio=False)
-        store.open()
-        return store, scheduler
-
-    store, scheduler = start()
-    job = store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0)
-    for attempt in range(1, 4):
-        with pytest.raises(SimulatedCrash):
-            scheduler.run_next()
-        store, scheduler = start()
-        assert store.get(job.id).attempts == attempt
-    failed = store.get(job.id)
-    assert failed.status == "failed" and scheduler.queue == []
-    assert failed.error == {"code": "interrupted", "message": "the daemon stopped 3 times while transcribing this "
-                            "job (a crash or a kill each time); giving up on it"}
-
-
-def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> None:
-    table = tmp_path / "jobs.json"
-    table.write_text('{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}')
-    store = audiotext.JobStore(tmp_path, FakeScheduler(), FakeEngine(), max_queue=10, ttl_seconds=60,
-                               keep_audio=False)
-    with pytest.raises(audiotext.JobTableTooNew, match="schema version 2, newer than the 1 this audiotext reads"):
-        store.open()
-    assert table.read_text() == '{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}'
-    assert not list(tmp_path.glob("jobs.json.*"))
-    run = run_cli("check", env={"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path)})
-    assert run.returncode == 2
-    assert "jobs.json has schema version 2, newer than the 1 this audiotext reads" in run.stderr
-
-
-# Jobs: a real daemon killed mid-flight
-
-
-BURST = 8
-
-
-@pytest.mark.parametrize("kill_at", ["mid_burst", "after_burst", "while_running"])
-def test_accepted_jobs_survive_sigkill(daemon_factory: Callable[..., Daemon], tmp_path: Path, kill_at: str) -> None:
-    state_dir = tmp_path / "state"
-    daemon = daemon_factory(state_dir)
-    accepted: list[str] = []
-
-    def create() -> None:
-        try:
-            response = post_clip(daemon.url, "en.webm", path=JOBS, model="cpu-tiny")
-        except httpx.HTTPError:
-            return  # the daemon died under the request; it was never accepted
-        if response.status_code == 202:
-            accepted.append(response.json()["id"])
-
-    burst = [threading.Thread(target=create) for _ in range(BURST)]
-    for thread in burst:
-        thread.start()
-    if kill_at == "mid_burst":
-        wait_until(lambda: len(accepted) >= 3, what="the first acceptances")
-    else:
-        for thread in burst:
-            thread.join()
-    with httpx.Client(base_url=daemon.url, timeout=30) as client:
-        if kill_at == "while_running":
-            wait_until(lambda: all_jobs(client, status="running"), what="a job to be running")
-    daemon.stop(signal.SIGKILL)
-    for thread in burst:
-        thread.join()
-    assert accepted
-    on_disk = {r["id"]: r["status"] for r in json.loads((state_dir / "jobs.json").read_text())["jobs"]}
-    assert set(accepted) <= set(on_disk)
-    assert {on_disk[i] for i in accepted} - set(FINISHED), "the kill came after every job had finished"
-
-    restarted = daemon_factory(state_dir)
-    with httpx.Client(base_url=restarted.url, timeout=30) as client:
-        wait_until(lambda: all(j["status"] in FINISHED for j in all_jobs(client)), what="every job to finish",
-                   timeout=300, interval=0.5)
-        jobs = {j["id"]: j for j in all_jobs(client)}
-        assert set(accepted) <= set(jobs)
-        # Every job in the table, answered or not, went through; nothing was left running.
-        assert {j["status"] for j in jobs.values()} == {"succeeded"}, jobs
-        assert_heard(client.get(jobs[accepted[0]]["result_url"], headers=AUTH).json()["text"], EN_WORDS)
-    assert state_files(state_dir)["uploads"] == []
-
-
-def test_jobs_feed_the_metrics_and_the_log(make_client: Callable[..., TestClient],
-                                           caplog: pytest.LogCaptureFixture) -> None:
-    client = make_client()
-    caplog.set_level("INFO", logger="audiotext")
-    before = scrape(client)
-    job = submit_job(client, model="cpu-tiny")
-    done = wait_for_job(client, job["id"])
-    assert done["status"] == "succeeded", done
-    after = scrape(client)
-    assert after[("audiotext_jobs", frozenset({("status", "succeeded")}))] == 1
-    assert after[("audiotext_jobs", frozenset({("status", "queued")}))] == 0
-    seconds = ("audiotext_audio_seconds_total", frozenset({("model", "ggml-tiny.en")}))
-    assert after[seconds] - before.get(seconds, 0) == pytest.approx(done["audio_seconds"], abs=0.01)
-    for status in ("queued", "running", "succeeded"):
-        key = ("audiotext_job_transitions_total", frozenset({("status", status)}))
-        assert after[key] - before.get(key, 0) == 1
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
-    assert [line.split()[2] for line in lines] == ["queued", "running", "succeeded"]
-    assert re.search(r"model=cpu-tiny audio_seconds=3\.\d rtf=\d+\.\d\d$", lines[-1]), lines[-1]
-
-
-def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Callable[..., Daemon],
-                                                             notify_socket: NotifySocket, tmp_path: Path,
-                                                             ninety_seconds_wav: Path) -> None:
-    state = tmp_path / "state"
-    server = daemon_factory(state, AUDIOTEXT_STOP_GRACE_SECONDS="1", **notify_socket.env)
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        job = submit_file(client, ninety_seconds_wav)
-        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
-    server.proc.send_signal(signal.SIGTERM)
-    notify_socket.wait_for("STOPPING=1")
-    assert server.proc.wait(90) == 0, server.log()
-    record = json.loads((state / "jobs.json").read_text())["jobs"][0]
-    assert record["status"] in ("queued", "succeeded"), record
-    assert record["attempts"] == 0  # a graceful stop is not a crash
-
-    again = daemon_factory(state)
-    with httpx.Client(base_url=again.url, timeout=60) as client:
-        if record["status"] == "queued":
-            wait_for_job(client, job["id"], ["running", *FINISHED])  # picked up again after the restart
-            assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] == "canceled"
-        else:  # it finished within the grace: its result was kept
-            result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH)
-            assert "weekly news" in normalized(result.json()["text"])
-        assert get_job(client, job["id"])["status"] in ("canceled", "succeeded")
-    assert again.stop() == 0
