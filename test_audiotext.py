@@ -1592,6 +1592,16 @@ def test_vad_keeps_segment_times_on_the_recording_s_clock(store: audiotext.Model
         assert abs(a.start - b.start) <= 0.5 and abs(a.end - b.end) <= 0.5, (a, b)
 
 
+def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> None:
+    assert (audiotext.audio_ctx_for(3.6), audiotext.audio_ctx_for(20.0)) == (180 + 64, 1000 + 64)
+    assert audiotext.audio_ctx_for(20.1) == 0  # whisper's whole 30 s window
+    model = audiotext.LoadedModel("cpu-tiny", models_dir / "ggml-tiny.en.bin", 2, fit_short_audio=True)
+    audio = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    result = model.transcribe(audio, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
+    assert_heard(result.text, EN_WORDS)
+    assert result.segments[-1].end <= result.duration + 0.5
+
+
 def test_vad_import_refuses_a_file_that_would_run_code(tmp_path: Path) -> None:
     import pickle
     import zipfile
