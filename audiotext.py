@@ -1029,6 +1029,11 @@ GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
 }
 
 
+# The type whisper.cpp gives every 2-D weight, by the header's ftype (less the quantisation
+# version): a tensor of any other type fails its load in a way that crashes the process.
+_WEIGHT_TYPE_BY_FTYPE = {0: 0, 1: 1, 2: 2, 3: 3, 7: 8, 8: 6, 9: 7, 10: 10, 11: 11, 12: 12, 13: 13, 14: 14}
+
+
 def check_ggml_file(path: Path) -> None:
     """Walk a ggml file's header and tensor table; whisper.cpp crashes the process on some bad files."""
     size = path.stat().st_size
@@ -1045,6 +1050,7 @@ def check_ggml_file(path: Path) -> None:
         n_mels = hparams[8]
         if not 51_000 < n_vocab < 52_000 or n_mels not in (80, 128) or not all(0 < h < 10_000 for h in hparams[:9]):
             raise ModelError(f"{path.name} has implausible model dimensions")
+        weight_type = _WEIGHT_TYPE_BY_FTYPE.get(hparams[9] % 1000)
         filter_rows, filter_cols = ints(2)
         f.seek(4 * filter_rows * filter_cols, os.SEEK_CUR)
         (n_tokens,) = ints(1)
@@ -1057,7 +1063,10 @@ def check_ggml_file(path: Path) -> None:
             elements = 1
             for dim in ints(n_dims):
                 elements *= dim
-            f.seek(name_len, os.SEEK_CUR)
+            name = f.read(name_len).decode("utf-8", "replace")
+            if n_dims == 2 and name not in _GGML_F32_NAMES and weight_type not in (None, ggml_type):
+                raise ModelError(f"{path.name}: tensor {name} has type {ggml_type}, but the header says every "
+                                 f"weight has type {weight_type}")
             if ggml_type not in GGML_TYPE_SIZES:
                 return  # a newer quantisation: leave the rest to whisper.cpp
             block, block_bytes = GGML_TYPE_SIZES[ggml_type]

@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3530,6 +3531,8 @@ def test_disk_full_while_spooling_is_507_and_leaves_nothing(make_client: Callabl
         pytest.param(b"not a model", "ggml-broken.bin is truncated", id="garbage"),
         pytest.param(b"\0" * 4096, "ggml-broken.bin is not a ggml whisper model (bad magic)", id="zeros"),
         pytest.param("tiny-head", "ggml-broken.bin is truncated", id="truncated_real_model"),
+        pytest.param("tiny-said-q8_0", "ggml-broken.bin: tensor encoder.blocks.0.attn.query.weight has type 1, "
+                     "but the header says every weight has type 8", id="tensors_not_of_the_header_s_type"),
     ],
 )
 def test_a_broken_model_file_is_a_500_in_the_envelope(make_client: Callable[..., TestClient], tmp_path: Path,
@@ -3539,6 +3542,9 @@ def test_a_broken_model_file_is_a_500_in_the_envelope(make_client: Callable[...,
     shutil.copy(models_dir / "ggml-tiny.en.bin", broken_dir / "ggml-tiny.en.bin")
     if content == "tiny-head":
         content = (models_dir / "ggml-tiny.en.bin").read_bytes()[:20_000_000]
+    if content == "tiny-said-q8_0":  # f16 tensors under a q8_0 header: whisper.cpp would crash
+        real = (models_dir / "ggml-tiny.en.bin").read_bytes()
+        content = real[:44] + struct.pack("<i", 2007) + real[48:]
     (broken_dir / "ggml-broken.bin").write_bytes(content)
     client = make_client(models_dir=broken_dir, default_model="cpu-tiny")
     with open(CLIPS / "en.wav", "rb") as f:
