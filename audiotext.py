@@ -81,7 +81,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
 __version__ = "0.1.0"
@@ -2208,6 +2208,10 @@ def audio_ctx_for(seconds: float) -> int:
 _NON_SPEECH = re.compile(r"\s*(\[[^\]]*\]|\([^)]*\)|\*[^*]*\*)\s*")
 
 
+# Told of each segment as whisper.cpp finishes it: (start, end, text), times in seconds.
+SegmentSink = Callable[[float, float, str], None]
+
+
 class LoadedModel:
     """One whisper.cpp context and the lock that serialises its use (a context is not reentrant).
 
@@ -2244,7 +2248,7 @@ class LoadedModel:
                     " (with VAD)" if vad_path else "")
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
-                   on_segment: Callable[[float], None] | None = None) -> Transcript:
+                   on_segment: SegmentSink | None = None) -> Transcript:
         with self.lock:
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
             status = self._run(audio, self._params(audio, options), abort, on_segment)
@@ -2266,7 +2270,7 @@ class LoadedModel:
                     vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
-             on_segment: Callable[[float], None] | None) -> int:
+             on_segment: SegmentSink | None) -> int:
         """whisper_full with the whole parameter set; its status, which Model.transcribe drops."""
         import _pywhispercpp as pw
 
@@ -2275,8 +2279,12 @@ class LoadedModel:
         model._params.vad_params = self._vad_params
 
         def new_segments(ctx: Any, n_new: int, user_data: Any = None) -> None:
-            last = pw.whisper_full_n_segments(ctx) - 1
-            on_segment(pw.whisper_full_get_segment_t1(ctx, last) / 100.0)  # type: ignore[misc]
+            count = pw.whisper_full_n_segments(ctx)
+            for i in range(count - n_new, count):
+                text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
+                if not _NON_SPEECH.fullmatch(text):  # t0 and t1 are in centiseconds
+                    on_segment(pw.whisper_full_get_segment_t0(ctx, i) / 100.0,  # type: ignore[misc]
+                               pw.whisper_full_get_segment_t1(ctx, i) / 100.0, text)
 
         pw.assign_new_segment_callback(model._params, new_segments if on_segment is not None else None)
         pw.assign_abort_callback(model._params, abort.is_set)
@@ -2506,22 +2514,31 @@ class Engine:
         self._on_transcribed = on_transcribed
 
     def transcribe_file(self, path: Path, model_name: str | None, options: TranscribeOptions,
-                        abort: threading.Event, *, on_progress: Progress | None = None) -> Transcript:
+                        abort: threading.Event, *, on_progress: Progress | None = None,
+                        on_segment: SegmentSink | None = None) -> Transcript:
         audio = decode_audio(path, max_seconds=self.max_audio_seconds)
         if on_progress is not None:
             on_progress(0.0, len(audio) / SAMPLE_RATE)
         if abort.is_set():
             raise Aborted()  # decoding a long file cannot be interrupted; at least skip the inference
-        return self.transcribe(audio, model_name, options, abort, on_progress=on_progress)
+        return self.transcribe(audio, model_name, options, abort, on_progress=on_progress, on_segment=on_segment)
 
     def transcribe(self, audio: np.ndarray, model_name: str | None, options: TranscribeOptions,
-                   abort: threading.Event, *, on_progress: Progress | None = None) -> Transcript:
+                   abort: threading.Event, *, on_progress: Progress | None = None,
+                   on_segment: SegmentSink | None = None) -> Transcript:
         seconds = len(audio) / SAMPLE_RATE
-        on_segment = None if on_progress is None else (lambda done: on_progress(done, seconds))
+
+        def segment_done(start: float, end: float, text: str) -> None:
+            if on_progress is not None:
+                on_progress(end, seconds)
+            if on_segment is not None:
+                on_segment(start, end, text)
+
         with self.models.checkout(model_name, vad=options.vad) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
             started = time.monotonic()
-            transcript = model.transcribe(audio, options, abort=abort, on_segment=on_segment)
+            transcript = model.transcribe(audio, options, abort=abort,
+                                          on_segment=segment_done if on_progress or on_segment else None)
             inference_seconds = time.monotonic() - started
         self._on_transcribed(model.path.stem, transcript.duration, inference_seconds)
         logger.debug("transcribed %.1f s of audio with %s in %.1f s", transcript.duration, model.path.stem,
@@ -3792,6 +3809,7 @@ class APIError(Exception):
 
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+STREAM_FORMATS = ("json", "text")  # as OpenAI: subtitles and verbose_json come whole
 GRANULARITIES = ("segment", "word")
 
 
@@ -3801,6 +3819,7 @@ class TranscriptionRequest:
     options: TranscribeOptions
     response_format: str
     granularities: frozenset[str]
+    stream: bool = False
 
 
 def _field_text(form: Form, name: str) -> str | None:
@@ -3856,6 +3875,18 @@ def _parse_vad(form: Form) -> bool | None:
         raise InvalidRequest(f"vad must be true or false, got '{vad}'", param="vad") from None
 
 
+def _parse_stream(form: Form, response_format: str) -> bool:
+    value = _field_text(form, "stream")
+    try:
+        stream = value is not None and _flag(value)
+    except ValueError:
+        raise InvalidRequest(f"stream must be true or false, got '{value}'", param="stream") from None
+    if stream and response_format not in STREAM_FORMATS:
+        raise InvalidRequest(f"stream=true needs response_format json or text, not '{response_format}'",
+                             param="stream")
+    return stream
+
+
 def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
     """The one place request fields become engine options; a bad value is a 400 naming the field."""
     response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
@@ -3874,7 +3905,7 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
         temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
         word_timestamps="word" in granularities, vad=_parse_vad(form))
     return TranscriptionRequest(_field_text(form, "model"), options, response_format,
-                                granularities or frozenset({"segment"}))
+                                granularities or frozenset({"segment"}), _parse_stream(form, response_format))
 
 
 def _timestamp(seconds: float, *, sep: str) -> str:
@@ -4008,26 +4039,81 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
 async def transcribe_upload(request: Request, *, translate: bool) -> Response:
     state = _state(request)
     refuse_uploads_while_stopping(state)
-    form = await receive_form(request)
+    form: Form | None = await receive_form(request)
+    assert form is not None
     try:
-        transcript, parsed = await _transcribe_form(request, state, form, translate=translate)
+        parsed, upload, _ = validate_upload(state, form, translate=translate)
+        # Opening the container blocks; a thread keeps the event loop answering.
+        await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+        if parsed.stream:
+            response = stream_transcription(request, state, form, parsed, upload)
+            form = None  # the stream removes the upload when it ends
+            return response
+        transcript = await wait_for_work(request, state, submit_transcription(state, parsed, upload))
     finally:
-        form.cleanup()
+        if form is not None:
+            form.cleanup()
     return render_transcript(transcript, parsed.response_format, parsed.granularities)
 
 
-async def _transcribe_form(request: Request, state: AppState, form: Form, *,
-                           translate: bool) -> tuple[Transcript, TranscriptionRequest]:
-    parsed, upload, _ = validate_upload(state, form, translate=translate)
-    # Opening the container blocks; a thread keeps the event loop answering.
-    await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
-
+def submit_transcription(state: AppState, parsed: TranscriptionRequest, upload: UploadedFile, *,
+                         on_segment: SegmentSink | None = None) -> Work:
     def run(abort: threading.Event) -> Transcript:
         # Decoded on the worker: the pool caps the CPU and memory that waiting uploads take.
-        return state.engine.transcribe_file(upload.path, parsed.model, parsed.options, abort)
+        return state.engine.transcribe_file(upload.path, parsed.model, parsed.options, abort, on_segment=on_segment)
 
-    work = state.scheduler.submit(run, priority=PRIORITY_SYNC)
-    return await wait_for_work(request, state, work), parsed
+    return state.scheduler.submit(run, priority=PRIORITY_SYNC)
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def stream_transcription(request: Request, state: AppState, form: Form, parsed: TranscriptionRequest,
+                         upload: UploadedFile) -> StreamingResponse:
+    """Server-sent events as OpenAI streams a transcription: a transcript.text.delta per segment as
+    whisper.cpp finishes it, then transcript.text.done. Whatever goes wrong once the stream has
+    begun is an `error` event, which the SDKs raise; a client that leaves aborts the work."""
+    loop = asyncio.get_running_loop()
+    segments: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_segment(start: float, end: float, text: str) -> None:  # on the worker thread
+        loop.call_soon_threadsafe(segments.put_nowait, text)
+
+    work = submit_transcription(state, parsed, upload, on_segment=on_segment)
+
+    async def events() -> AsyncIterator[bytes]:
+        outcome = asyncio.ensure_future(wait_for_work(request, state, work))
+        try:
+            first = True
+            async for text in _until_done(segments, outcome):
+                yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
+                first = False
+            transcript: Transcript = outcome.result()
+            yield _sse({"type": "transcript.text.done", "text": transcript.text,
+                        "usage": {"type": "duration", "seconds": math.ceil(transcript.duration)}})
+        except Exception as exc:
+            if is_unexpected(exc):
+                log_unexpected(exc, f"in a stream on {request.url.path}")
+            yield _sse(as_api_error(exc).body())
+        finally:
+            outcome.cancel()  # a client gone mid-stream: wait_for_work aborts the work
+            form.cleanup()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+async def _until_done(queue: asyncio.Queue[str], outcome: asyncio.Future[Any]) -> AsyncIterator[str]:
+    """What the queue holds until the outcome is known, and what was left in it then."""
+    while not outcome.done():
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            break
+        yield getter.result()
+    while not queue.empty():
+        yield queue.get_nowait()
 
 
 async def wait_for_work(request: Request, state: AppState, work: Work) -> Any:

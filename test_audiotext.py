@@ -1635,8 +1635,8 @@ def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> Non
     abort = threading.Event()
     seen: list[float] = []
 
-    def on_segment(seconds: float) -> None:
-        seen.append(seconds)
+    def on_segment(start: float, end: float, text: str) -> None:
+        seen.append(end)
         abort.set()  # stop as soon as the first segment is out
 
     with pytest.raises(audiotext.Aborted):
@@ -3311,6 +3311,67 @@ def test_openai_sdk_verbose_json_with_words_and_segments(sdk: openai.OpenAI) -> 
     assert [normalized(w.word) for w in result.words[:2]] == ["hello", "my"]
 
 
+def test_openai_sdk_streams_deltas_then_the_whole_text(sdk: openai.OpenAI) -> None:
+    events = list(sdk_transcribe(sdk, "en.webm", stream=True))
+    assert [e.type for e in events][-1] == "transcript.text.done"
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert deltas and events[-1].text == sdk_transcribe(sdk, "en.webm").text
+    assert "".join(deltas).strip() == events[-1].text
+    assert events[-1].usage.type == "duration" and events[-1].usage.seconds == 4
+
+
+@pytest.fixture(scope="module")
+def sixty_seconds_webm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """long_en twice over (two of whisper's 30 s windows), as Opus in WebM."""
+    import av
+
+    audio = np.tile(audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60), 2)
+    path = tmp_path_factory.mktemp("clips") / "sixty.webm"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libopus", rate=48000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate = audiotext.SAMPLE_RATE
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+            out.mux(stream.encode(chunk))
+        out.mux(stream.encode(None))
+    return path
+
+
+def test_a_stream_s_first_words_come_long_before_its_end(sdk: openai.OpenAI, sixty_seconds_webm: Path) -> None:
+    started = time.monotonic()
+    arrivals: list[tuple[str, float]] = []
+    with open(sixty_seconds_webm, "rb") as f:
+        for event in sdk.audio.transcriptions.create(file=f, model="cpu-tiny", stream=True):
+            arrivals.append((event.type, time.monotonic() - started))
+    first_delta = next(t for kind, t in arrivals if kind == "transcript.text.delta")
+    done = arrivals[-1]
+    assert done[0] == "transcript.text.done"
+    # One window of two is out when the first delta arrives: about half way, whatever the load.
+    assert first_delta < 0.8 * done[1], arrivals
+
+
+def test_a_stream_that_fails_once_begun_is_an_error_the_sdk_raises(sdk: openai.OpenAI, tmp_path: Path) -> None:
+    damaged = bytearray((CLIPS / "en.mp3").read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle:middle + 200] = random.Random(0).randbytes(200)  # the container opens; decoding fails
+    (tmp_path / "damaged.mp3").write_bytes(damaged)
+    with open(tmp_path / "damaged.mp3", "rb") as f, pytest.raises(
+            openai.APIError, match="the uploaded file is not audio that FFmpeg can decode"):
+        list(sdk.audio.transcriptions.create(file=f, model="cpu-tiny", stream=True))
+    assert sdk_transcribe(sdk, "en.webm").text  # and the daemon serves on
+
+
+def test_a_stream_is_server_sent_events(daemon: Daemon) -> None:
+    with httpx.stream("POST", daemon.url + "/v1/audio/transcriptions", headers=AUTH, timeout=60,
+                      files={"file": ("en.wav", (CLIPS / "en.wav").read_bytes())},
+                      data={"model": "cpu-tiny", "stream": "true", "language": "en"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line]
+    assert [e["type"] for e in events][-1] == "transcript.text.done"
+
+
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK marks an overload deprecated
 def test_openai_sdk_translation(sdk: openai.OpenAI) -> None:
     with open(CLIPS / "ca.webm", "rb") as f:
@@ -3409,6 +3470,10 @@ BAD_REQUESTS = [
                  "form field 'prompt' exceeds the 64 KiB limit", "prompt", id="huge_text_field"),
     pytest.param(multipart_body({"vad": "maybe"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "vad must be true or false, got 'maybe'", "vad", id="vad_not_a_switch"),
+    pytest.param(multipart_body({"stream": "true", "response_format": "srt"}, {"file": ("a.webm", AUDIO_BYTES, None)}),
+                 400, "stream=true needs response_format json or text, not 'srt'", "stream", id="stream_srt"),
+    pytest.param(multipart_body({"stream": "sometimes"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "stream must be true or false, got 'sometimes'", "stream", id="stream_not_a_switch"),
     pytest.param(multipart_body({"chunking_strategy": "magic"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "chunking_strategy must be 'auto' (voice activity detection); got 'magic'", "chunking_strategy",
                  id="chunking_strategy"),
