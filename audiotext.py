@@ -2156,13 +2156,14 @@ _whisper_logger = logging.getLogger("audiotext.whisper")
 
 
 def set_thread_wait_policy(*, spin: bool) -> None:
-    """ggml's OpenMP threads spin while they wait for each other: a little faster on an idle box,
-    2-5x slower when anything else wants the CPU, as on a home server. libgomp reads the policy
-    once, as it loads, so this must run before the first model is; an OMP_WAIT_POLICY the
-    operator set is left alone."""
-    if "_pywhispercpp" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+    """ggml's OpenMP threads spin a while as they wait for each other (libgomp's default): a
+    little faster on an idle box, 2-5x slower when anything else wants the CPU, as on a home
+    server. PASSIVE makes them sleep at once. libgomp reads the policy once, as it loads, so this
+    must run before the first model is; an OMP_WAIT_POLICY the operator set is left alone, and
+    spin leaves libgomp's default (ACTIVE would spin for minutes after each transcription)."""
+    if spin or "_pywhispercpp" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
         return
-    os.environ["OMP_WAIT_POLICY"] = "ACTIVE" if spin else "PASSIVE"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _route_whisper_logs() -> None:
@@ -2191,7 +2192,9 @@ VAD_PARAMS = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_dura
 # a short clip's own length plus a margin makes voice notes and commands 3-9 times faster, but
 # whisper was trained on 30 s windows: base then misheard a word in one clip of several and,
 # without a language given, misheard the Opus test clip and its language. So it is a setting,
-# off by default (AUDIOTEXT_FIT_SHORT_AUDIO). Past 20 s the saving is small.
+# off by default (AUDIOTEXT_FIT_SHORT_AUDIO). Past 20 s the saving is small. whisper.cpp's flash
+# attention leaves the padding of a shorter window unmasked, so a context whose window changes
+# from call to call must run without it, or one call's leftovers garble the next.
 SHORT_AUDIO_SECONDS = 20.0
 AUDIO_CTX_MARGIN_FRAMES = 64
 
@@ -2234,7 +2237,8 @@ class LoadedModel:
         self.fit_short_audio = fit_short_audio
         self.lock = threading.Lock()
         self.threads = threads
-        self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False, **BASE_PARAMS)
+        self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False,
+                            context_params={"flash_attn": not fit_short_audio}, **BASE_PARAMS)
         if getattr(self._model, "_ctx", None) is None:
             raise ModelError(f"whisper.cpp could not load {path}")
         import _pywhispercpp as pw

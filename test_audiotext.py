@@ -1601,6 +1601,12 @@ def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> Non
     result = model.transcribe(audio, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
     assert_heard(result.text, EN_WORDS)
     assert result.segments[-1].end <= result.duration + 0.5
+    # Windows of other lengths in between must leave nothing behind in the context.
+    for clip in ("long_en.webm", "en.flac"):
+        other = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
+        model.transcribe(other, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
+    again = model.transcribe(audio, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
+    assert again.text == result.text
 
 
 def test_vad_import_refuses_a_file_that_would_run_code(tmp_path: Path) -> None:
