@@ -165,8 +165,7 @@ QUICK_CLIPS = "s5,s11,s60"
 
 
 def read_wav(path: Path) -> array.array[int]:
-    """16 kHz mono s16 WAV -> samples (the standard library only: the clips are built by the parent,
-    which need not have numpy's attention)."""
+    """16 kHz mono s16 WAV -> samples."""
     with wave.open(str(path)) as w:
         if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (SR, 1, 2):
             raise ValueError(f"{path}: want {SR} Hz mono s16")
@@ -276,14 +275,15 @@ def run_audiotext_cli(*argv: str) -> None:
         sys.exit(f"bench_peers: `audiotext {' '.join(argv)}` failed")
 
 
-def ensure_ggml_models(family: Family, models_dir: Path, vad: bool) -> None:
+def ensure_ggml_models(family: Family, models_dir: Path) -> None:
+    """f16 and q8_0 files of the family, and the VAD model, imported as a user would."""
     source_dir, weights = source_files(family.fw_name)
     dirs = sorted({str(p.parent) for p in weights} | {str(source_dir)}, key=lambda d: d != str(source_dir))
     for name, quantize in ((family.ggml_name, []), (f"{family.ggml_name}-q8_0", ["--quantize", "q8_0"])):
         if not (models_dir / f"{name}.bin").is_file():
             print(f"importing {name} ...", file=sys.stderr, flush=True)
             run_audiotext_cli("models", "import", *dirs, "--as", name, *quantize, "--models-dir", str(models_dir))
-    if vad and not (models_dir / _audiotext().VAD_MODEL_FILE).is_file():
+    if not (models_dir / _audiotext().VAD_MODEL_FILE).is_file():
         print("importing the Silero VAD model ...", file=sys.stderr, flush=True)
         run_audiotext_cli("models", "import-vad", "--models-dir", str(models_dir))
 
@@ -298,9 +298,11 @@ def ensure_fw_model(family: Family, fw_models: Path) -> Path:
     dest = fw_models / family.fw_name
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-        if not (dest / name).exists():
-            (dest / name).symlink_to(source_dir / name)
-    if not (dest / "model.bin").exists():
+        (dest / name).unlink(missing_ok=True)  # relinked each time: the packages may have moved
+        (dest / name).symlink_to(source_dir / name)
+    whole = sum(p.stat().st_size for p in weights)
+    if not (dest / "model.bin").exists() or (dest / "model.bin").stat().st_size != whole:
+        (dest / "model.bin").unlink(missing_ok=True)
         if len(weights) == 1:
             (dest / "model.bin").symlink_to(weights[0])
         else:
@@ -704,7 +706,7 @@ def main() -> None:
 
     cache = args.cache.resolve()
     ensure_clips(sorted(set(names) | {WARMUP_CLIP}), cache / "clips")
-    ensure_ggml_models(family, cache / "models", vad=True)
+    ensure_ggml_models(family, cache / "models")
     fw_dir = ensure_fw_model(family, cache / "fw-models")
     fw_python = ensure_fw_venv(cache / "fw-venv")
 
