@@ -2659,7 +2659,10 @@ def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Calla
     with httpx.Client(base_url=again.url, timeout=60) as client:
         if record["status"] == "queued":
             wait_for_job(client, job["id"], ["running", *FINISHED])  # picked up again after the restart
-            assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] == "canceled"
+            # The cancel answers within 2 s; on a busy box whisper.cpp may take longer to stop.
+            assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] in ("running",
+                                                                                                 "canceled")
+            assert wait_for_job(client, job["id"], timeout=60)["status"] == "canceled"
         else:  # it finished within the grace: its result was kept
             result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH)
             assert "weekly news" in normalized(result.json()["text"])
