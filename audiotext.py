@@ -27,7 +27,7 @@ token unless AUDIOTEXT_METRICS_PUBLIC=1. ``audiotext check`` tells whether ``ser
 
 The module is laid out in the order the data travels, each section using only what stands above
 it: settings, errors, files, multipart, audio, model files, engine, scheduling, jobs, service,
-HTTP, CLI. A later section hands an earlier one a callable rather than being reached for.
+Wyoming, HTTP, CLI. A later section hands an earlier one a callable rather than being reached for.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import hmac
 import importlib.metadata
 import importlib.util
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -130,6 +131,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses and CIDRs, comma-separated: `192.168.1.20, 10.0.0.0/24`."""
+    return tuple(ipaddress.ip_network(word, strict=False) for word in _comma_list(text))
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -169,6 +186,27 @@ SETTINGS: tuple[Setting, ...] = (
             "on SIGTERM, how long a running transcription may finish"),
     Setting("metrics_public", "AUDIOTEXT_METRICS_PUBLIC", "--metrics-public", _flag,
             "serve GET /metrics without the token"),
+    Setting("wyoming_port", "AUDIOTEXT_WYOMING_PORT", "--wyoming-port", _port,
+            "serve speech-to-text to Home Assistant over the Wyoming protocol on this port "
+            "(off unless set; 10300 is the convention)"),
+    Setting("wyoming_host", "AUDIOTEXT_WYOMING_HOST", "--wyoming-host", str,
+            "address the Wyoming listener binds; other than loopback, AUDIOTEXT_WYOMING_ALLOW is required"),
+    Setting("wyoming_allow", "AUDIOTEXT_WYOMING_ALLOW", "--wyoming-allow", _networks,
+            "the only clients the Wyoming listener talks to, addresses or CIDRs (Wyoming has no token)"),
+    Setting("wyoming_model", "AUDIOTEXT_WYOMING_MODEL", "--wyoming-model", str,
+            "model for Wyoming requests that name none (default: the default model)"),
+    Setting("wyoming_languages", "AUDIOTEXT_WYOMING_LANGUAGES", "--wyoming-languages", _comma_list,
+            "languages offered to Home Assistant, e.g. en,ca (default: all the model knows); "
+            "with one, a request that names none gets it instead of detection"),
+    Setting("wyoming_fit_short_audio", "AUDIOTEXT_WYOMING_FIT_SHORT_AUDIO", "--wyoming-fit-short-audio", _flag,
+            "encode a voice command at its own length (see AUDIOTEXT_FIT_SHORT_AUDIO): a 3 s command "
+            "answers several times sooner"),
+    Setting("wyoming_max_audio_seconds", "AUDIOTEXT_WYOMING_MAX_AUDIO_SECONDS", "--wyoming-max-audio-seconds",
+            _positive_float, "longest voice command, seconds"),
+    Setting("wyoming_idle_seconds", "AUDIOTEXT_WYOMING_IDLE_SECONDS", "--wyoming-idle-seconds", _positive_float,
+            "a Wyoming client silent this long is disconnected, seconds"),
+    Setting("wyoming_max_sessions", "AUDIOTEXT_WYOMING_MAX_SESSIONS", "--wyoming-max-sessions", _positive_int,
+            "Wyoming connections served at once; more are told so and closed"),
 )
 
 
@@ -192,6 +230,15 @@ class Settings:
     keep_audio: bool = False
     stop_grace_seconds: float = 20.0
     metrics_public: bool = False
+    wyoming_port: int | None = None
+    wyoming_host: str = "127.0.0.1"
+    wyoming_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    wyoming_model: str | None = None
+    wyoming_languages: tuple[str, ...] = ()
+    wyoming_fit_short_audio: bool = True
+    wyoming_max_audio_seconds: float = 60.0
+    wyoming_idle_seconds: float = 10.0
+    wyoming_max_sessions: int = 8
     no_auth: bool = False
 
     @property
@@ -236,6 +283,14 @@ def check_auth_settings(settings: Settings) -> None:
                           "or pass --no-auth on a loopback address")
     if not _is_loopback(settings.host):
         raise ConfigError(f"--no-auth is only allowed on a loopback address, not {settings.host}")
+
+
+def check_wyoming_settings(settings: Settings) -> None:
+    """Wyoming has no authentication: off loopback, the allow-list is what keeps strangers out."""
+    if settings.wyoming_port is not None and not _is_loopback(settings.wyoming_host) and not settings.wyoming_allow:
+        raise ConfigError(f"AUDIOTEXT_WYOMING_HOST={settings.wyoming_host} is not a loopback address and the "
+                          "Wyoming protocol has no token: set AUDIOTEXT_WYOMING_ALLOW to the addresses of "
+                          "the clients (e.g. the Home Assistant box), or bind to 127.0.0.1")
 
 
 
@@ -343,6 +398,15 @@ class JobFailure(Exception):
 
 class CorruptRecord(ValueError):
     """A job record without the shape this version writes."""
+
+
+class WyomingSessionError(Exception):
+    """A Wyoming client broke a rule of its session: the session ends with an `error` event
+    carrying `code`. Wyoming is not HTTP, so it has no row in the table below."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # A restart reloads the default model, seconds on a small box; a client retrying sooner finds
@@ -2101,6 +2165,7 @@ class TranscribeOptions:
     translate: bool = False
     word_timestamps: bool = False
     vad: bool | None = None  # None: the daemon's AUDIOTEXT_VAD
+    fit_short_audio: bool | None = None  # None: the daemon's AUDIOTEXT_FIT_SHORT_AUDIO
 
 
 @dataclass
@@ -2374,7 +2439,7 @@ class ModelStore:
         self.vad = vad  # what a request that does not say gets, when the VAD model is present
         self.fit_short_audio = fit_short_audio
         set_thread_wait_policy(spin=spin_threads)
-        self._loaded: dict[tuple[Path, bool], list[LoadedModel]] = {}
+        self._loaded: dict[tuple[Path, bool, bool], list[LoadedModel]] = {}  # (file, VAD, fit) -> contexts
         self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
         self._load_lock = threading.Lock()
 
@@ -2452,22 +2517,25 @@ class ModelStore:
         check_language(canonical, is_multilingual_file(path), language)
         return canonical
 
-    def get(self, name: str | None, *, vad: bool | None = None) -> LoadedModel:
+    def get(self, name: str | None, *, vad: bool | None = None, fit_short_audio: bool | None = None) -> LoadedModel:
         """A context of the model, loaded on first use (blocking: call from a worker thread)."""
-        with self.checkout(name, vad=vad) as model:
+        with self.checkout(name, vad=vad, fit_short_audio=fit_short_audio) as model:
             return model
 
     @contextlib.contextmanager
-    def checkout(self, name: str | None, *, vad: bool | None = None) -> Iterator[LoadedModel]:
+    def checkout(self, name: str | None, *, vad: bool | None = None,
+                 fit_short_audio: bool | None = None) -> Iterator[LoadedModel]:
         """The least used context of the model for one transcription; another is loaded while
-        every context is in use and the file has fewer than `contexts`."""
+        every context is in use and the file has fewer than `contexts`. A context fits short
+        audio or not for life (see audio_ctx_for), so each way has contexts of its own."""
         canonical, path = self.resolve(name)
         vad_path = self.vad_path if self.uses_vad(vad) else None
+        fit = self.fit_short_audio if fit_short_audio is None else fit_short_audio
         with self._load_lock:
-            pool = self._loaded.setdefault((path, vad_path is not None), [])
+            pool = self._loaded.setdefault((path, vad_path is not None, fit), [])
             model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
             if (model is None or self._users.get(id(model))) and len(pool) < self.contexts:
-                model = self._load(canonical, path, vad_path)
+                model = self._load(canonical, path, vad_path, fit)
                 pool.append(model)
             self._users[id(model)] = self._users.get(id(model), 0) + 1
         try:
@@ -2476,20 +2544,19 @@ class ModelStore:
             with self._load_lock:
                 self._users[id(model)] -= 1
 
-    def _load(self, canonical: str, path: Path, vad_path: Path | None) -> LoadedModel:
+    def _load(self, canonical: str, path: Path, vad_path: Path | None, fit_short_audio: bool) -> LoadedModel:
         try:
-            return LoadedModel(canonical, path, self.threads, vad_path=vad_path,
-                               fit_short_audio=self.fit_short_audio)
+            return LoadedModel(canonical, path, self.threads, vad_path=vad_path, fit_short_audio=fit_short_audio)
         except (ModelError, RuntimeError, OSError, ValueError) as exc:
             raise ModelError(f"could not load model file {path.name}: {exc}") from exc
 
     def loaded(self) -> list[str]:
-        return sorted({p.stem for (p, _), pool in list(self._loaded.items()) if pool})
+        return sorted({p.stem for (p, _, _), pool in list(self._loaded.items()) if pool})
 
     def load_seconds(self) -> dict[str, float]:
         """How long each loaded model file took to load, by file name without .bin."""
         # No _load_lock: it is held for a whole load, and this is read on the event loop.
-        return {path.stem: pool[0].load_seconds for (path, _), pool in list(self._loaded.items()) if pool}
+        return {path.stem: pool[0].load_seconds for (path, _, _), pool in list(self._loaded.items()) if pool}
 
     def close(self) -> None:
         """Free every whisper.cpp context now, while the interpreter is whole."""
@@ -2538,7 +2605,7 @@ class Engine:
             if on_segment is not None:
                 on_segment(start, end, text)
 
-        with self.models.checkout(model_name, vad=options.vad) as model:
+        with self.models.checkout(model_name, vad=options.vad, fit_short_audio=options.fit_short_audio) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
             started = time.monotonic()
             transcript = model.transcribe(audio, options, abort=abort,
@@ -3409,6 +3476,8 @@ class Metrics:
                                           ["model"], buckets=REAL_TIME_FACTOR_BUCKETS, registry=registry)
         self.job_transitions = Counter("audiotext_job_transitions", "Jobs entering each status", ["status"],
                                        registry=registry)
+        self.sessions = Counter("audiotext_sessions", "Sessions of a protocol other than HTTP, by how they ended",
+                                ["protocol", "outcome"], registry=registry)
         # The job table replaces this with its own count of jobs by status.
         self.count_jobs: Callable[[], dict[str, int]] = dict
         registry.register(self)
@@ -3523,6 +3592,20 @@ def start_service(settings: Settings, models: ModelStore) -> AppState:
     logger.info("audiotext %s ready, %d worker(s) x %d thread(s)", __version__, settings.workers,
                 settings.threads_per_worker)
     return state
+
+
+async def until_done(queue: asyncio.Queue[str], outcome: asyncio.Future[Any]) -> AsyncIterator[str]:
+    """What a worker put in the queue until the outcome is known, and what was left in it then:
+    how segments reach a streaming client as whisper.cpp produces them."""
+    while not outcome.done():
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            break
+        yield getter.result()
+    while not queue.empty():
+        yield queue.get_nowait()
 
 
 def begin_stop(state: AppState) -> None:
@@ -3786,6 +3869,464 @@ def _configure_logging() -> None:
         logger.warning("AUDIOTEXT_LOG_LEVEL=%s is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", level)
     # pywhispercpp narrates each call at INFO; the request line already says what happened.
     logging.getLogger("pywhispercpp").setLevel(level if level == "DEBUG" else logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wyoming
+# ---------------------------------------------------------------------------------------------
+
+# Home Assistant's voice pipeline takes speech-to-text from any server speaking Wyoming: events
+# as JSON lines, some followed by a binary payload, over plain TCP, one connection per voice
+# command. The `wyoming` package reads and writes the events; this section decides what a
+# session may do. A command is sync work: it goes ahead of queued jobs, like an HTTP request.
+#
+# A session, as Home Assistant runs it:
+#   client: describe                    server: info (program, models, languages)
+#   client: transcribe (name, language), audio-start, audio-chunk..., audio-stop
+#   server: transcript-start, transcript-chunk per segment, transcript, transcript-stop; close.
+# A client that knows nothing of streaming reads until `transcript` and ignores the rest.
+
+# One event's JSON header line, and its data plus payload: an audio chunk is a few KiB, so these
+# only stop a client from making the daemon buffer whatever it declares.
+WYOMING_MAX_LINE_BYTES = 64 * 1024
+WYOMING_MAX_EVENT_BYTES = 1 * MiB
+WYOMING_SAMPLE_TYPES = {1: np.uint8, 2: np.int16, 4: np.int32}  # bytes per sample -> PCM type
+WYOMING_MAX_RATE = 192_000
+WYOMING_MAX_CHANNELS = 8
+WYOMING_PROGRAM_URL = "https://github.com/ggml-org/whisper.cpp"
+WHISPER_URL = "https://github.com/openai/whisper"
+
+
+def wyoming_session_seconds(settings: Settings) -> float:
+    """However it keeps talking, a session ends after this: twice the longest command, plus time
+    to describe, wait for a worker and transcribe."""
+    return 2 * settings.wyoming_max_audio_seconds + 120
+
+
+def check_wyoming_service(settings: Settings, models: ModelStore) -> None:
+    """What the listener would serve with: known languages and a model that is there."""
+    unknown = [code for code in settings.wyoming_languages if code not in LANGUAGE_NAMES]
+    if unknown:
+        raise ConfigError(f"AUDIOTEXT_WYOMING_LANGUAGES: unknown language code(s) {', '.join(unknown)}; "
+                          "use ISO 639-1 codes such as en, ca, de")
+    if settings.wyoming_model is not None:
+        try:
+            models.resolve(settings.wyoming_model)
+        except UnknownModel as exc:
+            raise ConfigError(f"AUDIOTEXT_WYOMING_MODEL: {exc}") from None
+
+
+def bind_wyoming(settings: Settings) -> socket.socket | None:
+    """The listening socket, bound before the daemon starts, so that a taken port or a bad
+    address stops `serve` with a message instead of failing after it said it was ready."""
+    if settings.wyoming_port is None:
+        return None
+    try:
+        infos = socket.getaddrinfo(settings.wyoming_host, settings.wyoming_port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for Wyoming on {settings.wyoming_host}:{settings.wyoming_port}: "
+                          f"{exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class PcmCollector:
+    """A command's audio chunks, in whatever rate, width and channel count the client sends,
+    turned into 16 kHz mono float32 as they arrive, up to a length limit."""
+
+    def __init__(self, rate: Any, width: Any, channels: Any, *, max_seconds: float) -> None:
+        import av
+
+        self.format = self._checked_format(rate, width, channels)
+        self.max_seconds = max_seconds
+        self.seconds = 0.0
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._pieces: list[np.ndarray] = []
+
+    @staticmethod
+    def _checked_format(rate: Any, width: Any, channels: Any) -> tuple[int, int, int]:
+        if not (type(rate) is int and 1 <= rate <= WYOMING_MAX_RATE):
+            raise WyomingSessionError("bad_audio_format", f"rate must be 1 to {WYOMING_MAX_RATE} Hz, got {rate!r}")
+        if width not in WYOMING_SAMPLE_TYPES or type(width) is not int:
+            raise WyomingSessionError("bad_audio_format", f"width must be 1, 2 or 4 bytes, got {width!r}")
+        if not (type(channels) is int and 1 <= channels <= WYOMING_MAX_CHANNELS):
+            raise WyomingSessionError("bad_audio_format",
+                                      f"channels must be 1 to {WYOMING_MAX_CHANNELS}, got {channels!r}")
+        return rate, width, channels
+
+    def add(self, rate: Any, width: Any, channels: Any, payload: bytes) -> None:
+        if self._checked_format(rate, width, channels) != self.format:
+            raise WyomingSessionError("bad_audio_format", "an audio-chunk's format differs from its audio-start's")
+        frame_bytes = width * channels
+        if len(payload) % frame_bytes:
+            raise WyomingSessionError("bad_audio_format",
+                                      f"an audio-chunk of {len(payload)} bytes is not whole frames of {frame_bytes}")
+        frames = len(payload) // frame_bytes
+        self.seconds += frames / rate
+        if self.seconds > self.max_seconds:
+            raise WyomingSessionError("audio_too_long",
+                                      f"the audio is longer than the {_seconds(self.max_seconds)} limit "
+                                      "(AUDIOTEXT_WYOMING_MAX_AUDIO_SECONDS)")
+        if frames:
+            self._resample(self._as_mono_float(payload, width, channels), rate)
+
+    @staticmethod
+    def _as_mono_float(payload: bytes, width: int, channels: int) -> np.ndarray:
+        samples = np.frombuffer(payload, dtype=WYOMING_SAMPLE_TYPES[width]).reshape(-1, channels)
+        mono = samples.mean(axis=1, dtype=np.float64)
+        if width == 1:  # 8-bit PCM is unsigned, centred on 128
+            return ((mono - 128.0) / 128.0).astype(np.float32)
+        return (mono / float(2 ** (8 * width - 1))).astype(np.float32)
+
+    def _resample(self, mono: np.ndarray | None, rate: int) -> None:
+        import av
+
+        frame = None
+        if mono is not None:
+            frame = av.AudioFrame.from_ndarray(mono.reshape(1, -1), format="flt", layout="mono")
+            frame.sample_rate = rate
+        for out in self._resampler.resample(frame):
+            self._pieces.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+
+    def finish(self) -> np.ndarray:
+        self._resample(None, self.format[0])  # the resampler's buffered tail
+        return np.concatenate(self._pieces) if self._pieces else np.zeros(0, dtype=np.float32)
+
+
+class _BoundedReader:
+    """What the `wyoming` package reads events through: every wait bounded by the idle limit and
+    every declared size by WYOMING_MAX_EVENT_BYTES, so a client can neither hold a session with
+    silence nor make the daemon buffer what it likes."""
+
+    def __init__(self, reader: asyncio.StreamReader, *, idle_seconds: float) -> None:
+        self._reader = reader
+        self._idle_seconds = idle_seconds
+
+    async def readline(self) -> bytes:
+        return await self._within_idle(self._reader.readline())
+
+    async def readexactly(self, n: int) -> bytes:
+        if not isinstance(n, int) or not 0 <= n <= WYOMING_MAX_EVENT_BYTES:
+            raise WyomingSessionError("event_too_large", f"an event declares {n!r} bytes; the limit is "
+                                      f"{WYOMING_MAX_EVENT_BYTES // MiB} MiB")
+        return await self._within_idle(self._reader.readexactly(n))
+
+    async def _within_idle(self, read: Awaitable[bytes]) -> bytes:
+        try:
+            return await asyncio.wait_for(read, self._idle_seconds)
+        except TimeoutError:
+            raise WyomingSessionError("idle", f"nothing was received for {self._idle_seconds:g} s "
+                                      "(AUDIOTEXT_WYOMING_IDLE_SECONDS)") from None
+
+
+def wyoming_info(state: AppState) -> Any:
+    """The `info` answer: one ASR program, the models present and the languages each can do."""
+    from wyoming.info import AsrModel, AsrProgram, Attribution, Info
+
+    settings = state.settings
+    files = state.models.files()
+    default = state.models.find(settings.wyoming_model or settings.default_model)
+    ordered = sorted(files.items(), key=lambda item: item[1] != default)  # Home Assistant takes the first
+    whisper = Attribution(name="OpenAI Whisper", url=WHISPER_URL)
+    models = [AsrModel(name=name, attribution=whisper, installed=True, description=f"whisper.cpp {path.name}",
+                       version=None, languages=wyoming_languages(settings, is_multilingual_file(path)))
+              for name, path in ordered]
+    program = AsrProgram(name="audiotext", attribution=Attribution(name="whisper.cpp", url=WYOMING_PROGRAM_URL),
+                         installed=True, description="audiotext speech-to-text (whisper.cpp)",
+                         version=__version__, models=models, supports_transcript_streaming=True)
+    return Info(asr=[program])
+
+
+def wyoming_languages(settings: Settings, multilingual: bool) -> list[str]:
+    known = list(LANGUAGE_NAMES) if multilingual else ["en"]
+    if settings.wyoming_languages:
+        return [code for code in settings.wyoming_languages if code in known]
+    return known
+
+
+class WyomingSession:
+    """One client connection: read events, answer them, end on the first broken rule.
+
+    Everything a session holds (its audio, its work in the queue) goes with it: the work is
+    aborted when the client leaves, the daemon stops, or the session runs out of time.
+    """
+
+    def __init__(self, state: AppState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.writer = writer
+        self.peer = _peer_address(writer)
+        self._raw_reader = reader
+        self._reader = _BoundedReader(reader, idle_seconds=self.settings.wyoming_idle_seconds)
+        self._model: str | None = None
+        self._language: str | None = None
+        self._chosen = False  # a `transcribe` event came, or the defaults were taken
+        self._audio: PcmCollector | None = None
+
+    async def run(self) -> str:
+        """Serve the session to its end; what ended it, for the log and the metrics."""
+        try:
+            async with asyncio.timeout(wyoming_session_seconds(self.settings)):
+                return await self._serve()
+        except WyomingSessionError as exc:
+            await self.send_error(exc.code, str(exc))
+            return exc.code
+        except TimeoutError:
+            await self.send_error("session_too_long", "the session went on for longer than "
+                                  f"{wyoming_session_seconds(self.settings):g} s")
+            return "session_too_long"
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return "disconnected"
+        except Exception as exc:  # what the engine or the scheduler raised: the table names it
+            code = meaning_of(exc).code or "error"
+            if is_unexpected(exc):
+                log_unexpected(exc, f"in a Wyoming session from {self.peer}")
+            await self.send_error(code, describe(exc))
+            return code
+
+    async def _serve(self) -> str:
+        from wyoming.event import async_read_event
+
+        while True:
+            try:
+                # None for a closed connection, and also for a line that is not JSON or too long.
+                event = await async_read_event(self._reader)  # type: ignore[arg-type]
+            except (AttributeError, KeyError, TypeError):
+                event = None  # JSON, but not shaped like an event
+            if event is None:
+                if self._raw_reader.at_eof():
+                    return "closed"
+                raise WyomingSessionError("bad_event", "not a Wyoming event: each event is one line of JSON "
+                                          "with a `type`, then its data and payload")
+            outcome = await self._handle(event)
+            if outcome is not None:
+                return outcome
+
+    async def _handle(self, event: Any) -> str | None:
+        """One event; the session's outcome once it is over, else None."""
+        from wyoming.asr import Transcribe
+        from wyoming.audio import AudioChunk, AudioStart, AudioStop
+        from wyoming.info import Describe
+        from wyoming.ping import Ping, Pong
+
+        if Describe.is_type(event.type):
+            await self._write(wyoming_info(self.state).event())
+        elif Ping.is_type(event.type):
+            await self._write(Pong(text=Ping.from_event(event).text).event())
+        elif Transcribe.is_type(event.type):
+            self._choose(Transcribe.from_event(event))
+        elif AudioStart.is_type(event.type):
+            if self._audio is not None:
+                raise WyomingSessionError("bad_sequence", "audio-start came twice")
+            data = event.data or {}
+            self._audio = PcmCollector(data.get("rate"), data.get("width"), data.get("channels"),
+                                       max_seconds=self.settings.wyoming_max_audio_seconds)
+        elif AudioChunk.is_type(event.type):
+            if self._audio is None:
+                raise WyomingSessionError("bad_sequence", "audio-chunk came before audio-start")
+            data = event.data or {}
+            self._audio.add(data.get("rate"), data.get("width"), data.get("channels"), event.payload or b"")
+        elif AudioStop.is_type(event.type):
+            if self._audio is None:
+                raise WyomingSessionError("bad_sequence", "audio-stop came before audio-start")
+            await self._transcribe(self._audio)
+            return "transcript"
+        # Events of other services (wake, tts, ...) are not for us; a later protocol may add more.
+        return None
+
+    def _choose(self, transcribe: Any) -> None:
+        """Check a `transcribe` event's model and language now, before any audio is sent."""
+        language = transcribe.language or None
+        if language is not None:
+            language = language.split("-")[0].split("_")[0].lower()  # Home Assistant may send en-US
+            if self.settings.wyoming_languages and language not in self.settings.wyoming_languages:
+                raise WyomingSessionError("unsupported_language",
+                                          f"language '{language}' is not among AUDIOTEXT_WYOMING_LANGUAGES "
+                                          f"({', '.join(self.settings.wyoming_languages)})")
+        elif len(self.settings.wyoming_languages) == 1:
+            language = self.settings.wyoming_languages[0]
+        model = transcribe.name or self.settings.wyoming_model
+        self.state.models.check_request(model, language)  # UnknownModel, UnsupportedLanguage
+        self._model, self._language, self._chosen = model, language, True
+
+    async def _transcribe(self, collected: PcmCollector) -> None:
+        from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
+
+        audio = collected.finish()
+        if not self._chosen:
+            self._choose(Transcribe())
+        options = TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_segment(start: float, end: float, text: str) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        def run(abort: threading.Event) -> Transcript:
+            return self.state.engine.transcribe(audio, self._model, options, abort, on_segment=on_segment)
+
+        started = time.monotonic()
+        work = self.state.scheduler.submit(run, priority=PRIORITY_SYNC)
+        outcome = asyncio.ensure_future(self._wait_for(work))
+        try:
+            await self._write(TranscriptStart(language=self._language).event())
+            first = True
+            async for text in until_done(pieces, outcome):
+                await self._write(TranscriptChunk(text=text.lstrip() if first else text).event())
+                first = False
+            transcript = outcome.result()
+        finally:
+            outcome.cancel()
+        language = self._language or transcript.language
+        await self._write(Transcript(text=transcript.text, language=language).event())
+        await self._write(TranscriptStop().event())
+        logger.info("wyoming %s transcript model=%s audio_seconds=%.1f %.0f ms", self.peer,
+                    self._model or self.settings.wyoming_model or self.settings.default_model,
+                    collected.seconds, (time.monotonic() - started) * 1000)
+
+    async def _wait_for(self, work: Work) -> Transcript:
+        """The worker's transcript; the work is aborted if the client leaves or the stop's grace
+        ends first."""
+        outcome = asyncio.wrap_future(work.future)
+        gone = asyncio.ensure_future(self._raw_reader.read(1))  # b"" once the client has closed
+        grace_over = asyncio.ensure_future(self.state.grace_over.wait())
+        try:
+            while not outcome.done():
+                await asyncio.wait({outcome, gone, grace_over}, return_when=asyncio.FIRST_COMPLETED)
+                if grace_over.done():
+                    raise SchedulerStopped()
+                if gone.done():
+                    if not gone.exception() and gone.result():
+                        gone = asyncio.ensure_future(self._raw_reader.read(1))  # talk after audio-stop: ignored
+                        continue
+                    raise ConnectionResetError("the client left before its transcript")
+            return outcome.result()
+        finally:
+            if not outcome.done():
+                work.future.cancel()
+                work.abort.set()
+            gone.cancel()
+            grace_over.cancel()
+
+    async def _write(self, event: Any) -> None:
+        from wyoming.event import async_write_event
+
+        try:
+            await asyncio.wait_for(async_write_event(event, self.writer), self.settings.wyoming_idle_seconds)
+        except TimeoutError:
+            raise ConnectionResetError("the client stopped reading") from None
+
+    async def send_error(self, code: str, message: str) -> None:
+        from wyoming.error import Error
+
+        logger.info("wyoming %s error %s: %s", self.peer, code, message)
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await self._write(Error(text=message, code=code).event())
+
+
+# After an error event, what the client had already sent is read and dropped for a moment before
+# closing: a socket closed with unread input sends a reset, which can destroy the error event
+# before the client reads it.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 4 * MiB
+
+
+async def _drain_before_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_SECONDS):
+            dropped = 0
+            while dropped < LINGER_BYTES and (chunk := await reader.read(64 * 1024)):
+                dropped += len(chunk)
+
+
+def _peer_address(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+
+
+class WyomingListener:
+    """The Wyoming server on the daemon's event loop: admits clients by address and number,
+    runs a session for each, counts and logs how each ended."""
+
+    def __init__(self, state: AppState, sock: socket.socket) -> None:
+        self.state = state
+        self.settings = state.settings
+        self._sock = sock
+        self._server: asyncio.base_events.Server | None = None
+        self._sessions: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        # The first voice command should not wait for a model to load, and a model that cannot
+        # load should stop the daemon now rather than fail every command.
+        await asyncio.to_thread(self.state.models.get, self.settings.wyoming_model,
+                                fit_short_audio=self.settings.wyoming_fit_short_audio)
+        self._server = await asyncio.start_server(self._accept, sock=self._sock, limit=WYOMING_MAX_LINE_BYTES)
+        host, port = self._sock.getsockname()[:2]
+        logger.info("Wyoming speech-to-text on %s:%d", host, port)
+
+    async def close(self) -> None:
+        """Stop accepting, end the sessions left (their work is aborted), close the socket."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def allowed(self, address: str) -> bool:
+        if not self.settings.wyoming_allow:
+            return True  # bound to loopback: check_wyoming_settings insists on a list otherwise
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.settings.wyoming_allow)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        session = WyomingSession(self.state, reader, writer)
+        started = time.monotonic()
+        outcome = "disconnected"
+        try:
+            outcome = await self._admit_and_run(session)
+            if outcome not in ("closed", "transcript", "refused"):
+                await _drain_before_close(reader, writer)
+        finally:
+            self._sessions.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        self.state.metrics.sessions.labels("wyoming", outcome).inc()
+        logger.debug("wyoming %s session ended (%s) after %.0f ms", session.peer, outcome,
+                     (time.monotonic() - started) * 1000)
+
+    async def _admit_and_run(self, session: WyomingSession) -> str:
+        if not self.allowed(session.peer):
+            return "refused"  # not one word to a stranger; counted, logged at DEBUG so a flood cannot fill the log
+        if self.state.stopping:
+            await session.send_error("shutting_down", str(SchedulerStopped()))
+            return "shutting_down"
+        if len(self._sessions) > self.settings.wyoming_max_sessions:
+            await session.send_error("too_many_sessions", f"{self.settings.wyoming_max_sessions} Wyoming "
+                                      "sessions are open, the AUDIOTEXT_WYOMING_MAX_SESSIONS limit; retry later")
+            return "too_many_sessions"
+        return await session.run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4090,7 +4631,7 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
         outcome = asyncio.ensure_future(wait_for_work(request, state, work))
         try:
             first = True
-            async for text in _until_done(segments, outcome):
+            async for text in until_done(segments, outcome):
                 yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
                 first = False
             transcript: Transcript = outcome.result()
@@ -4105,19 +4646,6 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
             form.cleanup()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
-async def _until_done(queue: asyncio.Queue[str], outcome: asyncio.Future[Any]) -> AsyncIterator[str]:
-    """What the queue holds until the outcome is known, and what was left in it then."""
-    while not outcome.done():
-        getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
-        if not getter.done():
-            getter.cancel()
-            break
-        yield getter.result()
-    while not queue.empty():
-        yield queue.get_nowait()
 
 
 async def wait_for_work(request: Request, state: AppState, work: Work) -> Any:
@@ -4429,16 +4957,22 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     return _error_response(APIError(status, str(detail), type=kind, headers=getattr(exc, "headers", None)))
 
 
-def build_app(settings: Settings, *, models: ModelStore | None = None) -> Starlette:
+def build_app(settings: Settings, *, models: ModelStore | None = None,
+              wyoming_socket: socket.socket | None = None) -> Starlette:
     models = models or ModelStore.for_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await run_in_threadpool(start_service, settings, models)
         app.state.audiotext = state
+        wyoming = WyomingListener(state, wyoming_socket) if wyoming_socket is not None else None
         try:
+            if wyoming is not None:
+                await wyoming.start()
             yield
         finally:
+            if wyoming is not None:
+                await wyoming.close()
             await run_in_threadpool(stop_service, state)
 
     routes = [
@@ -4472,10 +5006,14 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     check_auth_settings(settings)
+    check_wyoming_settings(settings)
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
     ensure_vad_model(store)
-    app = build_app(settings, models=store)
+    if settings.wyoming_port is not None:
+        check_wyoming_service(settings, store)
+    wyoming_socket = bind_wyoming(settings)
+    app = build_app(settings, models=store, wyoming_socket=wyoming_socket)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=math.ceil(settings.stop_grace_seconds) + ABORT_SETTLE_SECONDS,
                             server_header=False)
@@ -4530,6 +5068,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Everything `serve` needs before it binds: settings, directories, the default model loading."""
     settings = _settings_from_args(args)
     check_auth_settings(settings)
+    check_wyoming_settings(settings)
     auth = "token set" if settings.api_token else "no auth (loopback)"
     print(f"ok  settings: {settings.host}:{settings.port}, {auth}, {settings.workers} worker(s) x "
           f"{settings.threads_per_worker} thread(s)")
@@ -4547,6 +5086,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  VAD: {model.vad_path}" if model.vad_path else
           f"--  VAD: off ({'AUDIOTEXT_VAD=0' if not settings.vad else 'no ' + VAD_MODEL_FILE})")
     print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
+    if settings.wyoming_port is not None:
+        check_wyoming_service(settings, store)
+        bind_wyoming(settings).close()  # type: ignore[union-attr]
+        allow = ", ".join(map(str, settings.wyoming_allow)) or "loopback only"
+        print(f"ok  Wyoming: {settings.wyoming_host}:{settings.wyoming_port} is free, clients: {allow}")
     store.close()
     return 0
 

@@ -1494,7 +1494,7 @@ def test_each_worker_gets_a_context_of_its_own(models_dir: Path) -> None:
                 assert third in (first, second)
         with store.checkout("cpu-tiny") as again:
             assert again in (first, second)  # idle ones are reused, not loaded again
-        assert len(store._loaded[(models_dir / "ggml-tiny.en.bin", True)]) == 2  # the contexts with VAD
+        assert len(store._loaded[(models_dir / "ggml-tiny.en.bin", True, False)]) == 2  # the contexts with VAD
         audio = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
         results: list[audiotext.Transcript] = []
 
@@ -3639,6 +3639,279 @@ def test_a_default_model_that_cannot_load_stops_the_daemon(tmp_path: Path) -> No
     assert run.returncode != 0
     assert "ggml-base.bin is not a ggml whisper model (bad magic)" in run.stderr
 
+
+# ---------------------------------------------------------------------------------------------
+# Wyoming
+# ---------------------------------------------------------------------------------------------
+
+WYOMING_IDLE_SECONDS = 2
+WYOMING_MAX_AUDIO_SECONDS = 8
+
+
+def pcm_of(clip: str, *, rate: int = 16_000, layout: str = "mono") -> bytes:
+    """A test clip as the raw 16-bit PCM a Wyoming client streams, at any rate and layout."""
+    import av
+
+    out = bytearray()
+    with av.open(str(CLIPS / clip)) as container:
+        resampler = av.AudioResampler(format="s16", layout=layout, rate=rate)
+        for frame in [*container.decode(audio=0), None]:
+            for piece in resampler.resample(frame):
+                out += piece.to_ndarray().tobytes()
+    return bytes(out)
+
+
+@dataclass
+class WyomingAnswer:
+    events: list[Any]  # wyoming Event objects, in the order they came
+    closed: bool  # the server closed the connection after them
+
+    def of(self, event_type: str) -> list[Any]:
+        return [e for e in self.events if e.type == event_type]
+
+    @property
+    def text(self) -> str:
+        (transcript,) = self.of("transcript")
+        return transcript.data["text"]
+
+    @property
+    def error(self) -> dict[str, Any]:
+        (error,) = self.of("error")
+        return error.data
+
+
+def wyoming_session(port: int, *events: Any, timeout: float = 120) -> WyomingAnswer:
+    """Send events on one connection, as Home Assistant does, then read until the server closes."""
+    from wyoming.client import AsyncTcpClient
+
+    async def talk() -> WyomingAnswer:
+        client = AsyncTcpClient("127.0.0.1", port)
+        await client.connect()
+        received = []
+        try:
+            with contextlib.suppress(ConnectionError):  # the server may end a session mid-way
+                for event in events:
+                    await client.write_event(event.event() if hasattr(event, "event") else event)
+            while True:
+                try:
+                    event = await asyncio.wait_for(client.read_event(), timeout)
+                except ConnectionResetError:
+                    event = None
+                if event is None:
+                    return WyomingAnswer(received, closed=True)
+                received.append(event)
+        finally:
+            with contextlib.suppress(ConnectionError):
+                await client.disconnect()
+
+    return asyncio.run(talk())
+
+
+def command(clip: str, *, language: str | None = None, name: str | None = None, rate: int = 16_000,
+            layout: str = "mono", samples_per_chunk: int = 1024) -> list[Any]:
+    """transcribe, audio-start, audio-chunk..., audio-stop for a clip."""
+    from wyoming.asr import Transcribe
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+
+    channels = 2 if layout == "stereo" else 1
+    pcm = pcm_of(clip, rate=rate, layout=layout)
+    step = samples_per_chunk * 2 * channels
+    chunks = [AudioChunk(rate=rate, width=2, channels=channels, audio=pcm[i:i + step])
+              for i in range(0, len(pcm), step)]
+    return [Transcribe(name=name, language=language), AudioStart(rate=rate, width=2, channels=channels),
+            *chunks, AudioStop()]
+
+
+@pytest.fixture(scope="module")
+def wyoming_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[tuple[Daemon, int]]:
+    port = free_port()
+    daemon = start_daemon(tmp_path_factory.mktemp("wyoming"), models_dir, AUDIOTEXT_WYOMING_PORT=str(port),
+                          AUDIOTEXT_WYOMING_IDLE_SECONDS=str(WYOMING_IDLE_SECONDS),
+                          AUDIOTEXT_WYOMING_MAX_AUDIO_SECONDS=str(WYOMING_MAX_AUDIO_SECONDS))
+    yield daemon, port
+    assert daemon.stop() == 0, daemon.log()
+
+
+def wyoming_sessions(daemon: Daemon) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(daemon.url + "/metrics", headers=AUTH, timeout=30).text
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "audiotext_sessions_total" and s.labels["protocol"] == "wyoming"}
+
+
+def test_wyoming_describe_lists_the_models_present_and_their_languages(wyoming_daemon: tuple[Daemon, int]) -> None:
+    from wyoming.info import Describe, Info
+
+    _, port = wyoming_daemon
+    answer = wyoming_session(port, Describe())
+    (program,) = Info.from_event(answer.of("info")[0]).asr
+    assert program.name == "audiotext" and program.installed and program.supports_transcript_streaming
+    models = {model.name: model.languages for model in program.models}
+    assert set(models) == {"ggml-tiny.en", "ggml-base"}
+    assert program.models[0].name == "ggml-base"  # the default model first: Home Assistant's pick
+    assert models["ggml-tiny.en"] == ["en"]
+    assert {"en", "ca", "de"} <= set(models["ggml-base"]) and len(models["ggml-base"]) > 90
+
+
+def test_wyoming_transcribes_english_and_catalan_as_home_assistant_does(wyoming_daemon: tuple[Daemon, int]) -> None:
+    daemon, port = wyoming_daemon
+    before = wyoming_sessions(daemon).get("transcript", 0)
+    english = wyoming_session(port, *command("en.wav", language="en"))
+    assert_heard(english.text, EN_WORDS)
+    assert english.of("transcript")[0].data["language"] == "en"
+    catalan = wyoming_session(port, *command("ca.wav", language="ca"))
+    assert_heard(catalan.text, CA_WORDS)
+    assert catalan.of("transcript")[0].data["language"] == "ca"
+    assert english.closed and catalan.closed
+    assert wyoming_sessions(daemon)["transcript"] == before + 2
+    assert re.search(r"wyoming 127\.0\.0\.1 transcript model=\S+ audio_seconds=3\.\d \d+ ms", daemon.log())
+
+
+def test_wyoming_takes_44k_stereo_and_names_a_model(wyoming_daemon: tuple[Daemon, int]) -> None:
+    _, port = wyoming_daemon
+    answer = wyoming_session(port, *command("en.wav", name="ggml-tiny.en", rate=44_100, layout="stereo",
+                                            samples_per_chunk=4410))
+    assert_heard(answer.text, EN_WORDS)
+
+
+def test_wyoming_streams_a_transcript_in_the_order_clients_expect(wyoming_daemon: tuple[Daemon, int]) -> None:
+    _, port = wyoming_daemon
+    answer = wyoming_session(port, *command("en.wav", language="en"))
+    types = [event.type for event in answer.events]
+    assert types[0] == "transcript-start" and types[-2:] == ["transcript", "transcript-stop"], types
+    chunks = [event.data["text"] for event in answer.of("transcript-chunk")]
+    assert chunks and set(types[1:-2]) == {"transcript-chunk"}
+    assert "".join(chunks).strip() == answer.text.strip()
+
+
+def test_a_voice_command_goes_ahead_of_queued_jobs(wyoming_daemon: tuple[Daemon, int]) -> None:
+    daemon, port = wyoming_daemon
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        first, second = (submit_job(client, "long_en.webm", vad="false") for _ in range(2))
+        wait_for_job(client, first["id"], ("running",))
+        answer = wyoming_session(port, *command("en.wav", language="en", name="ggml-tiny.en"))
+        # Queued behind the second job, the command would be answered only after it had finished.
+        assert get_job(client, second["id"])["status"] in ("queued", "running")
+        assert_heard(answer.text, EN_WORDS)
+        for job in (first, second):
+            assert wait_for_job(client, job["id"])["status"] == "succeeded"
+
+
+def bad_session_cases() -> dict[str, tuple[list[Any] | bytes, str]]:
+    """What a bad client sends (events, or raw bytes for what the wyoming package cannot write),
+    and the code of the error event it must get."""
+    from wyoming.asr import Transcribe
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+
+    one_second = bytes(2 * 16_000)
+    too_long = [AudioChunk(rate=16_000, width=2, channels=1, audio=one_second)] * (WYOMING_MAX_AUDIO_SECONDS + 1)
+    return {
+        "chunk before start": ([AudioChunk(rate=16_000, width=2, channels=1, audio=one_second)], "bad_sequence"),
+        "stop before start": ([AudioStop()], "bad_sequence"),
+        "over the length limit": ([AudioStart(rate=16_000, width=2, channels=1), *too_long, AudioStop()],
+                                  "audio_too_long"),
+        "odd bytes": ([AudioStart(rate=16_000, width=2, channels=1),
+                       AudioChunk(rate=16_000, width=2, channels=1, audio=b"\0\0\0")], "bad_audio_format"),
+        "absurd rate": ([AudioStart(rate=10**9, width=2, channels=1)], "bad_audio_format"),
+        "unknown model": ([Transcribe(name="no-such-model")], "model_not_found"),
+        "language the model lacks": ([Transcribe(name="ggml-tiny.en", language="ca")], "unsupported_language"),
+        "silent client": ([AudioStart(rate=16_000, width=2, channels=1)], "idle"),
+        "huge declared payload": (b'{"type": "audio-start", "data": {"rate": 16000, "width": 2, "channels": 1}}\n'
+                                  b'{"type": "audio-chunk", "payload_length": 2000000000}\n', "event_too_large"),
+        "not json": (b"\x00\xff\x13 not json at all\n", "bad_event"),
+        "json, not an event": (b"[1, 2, 3]\n", "bad_event"),
+        "a line without end": (b"x" * 200_000, "bad_event"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_session_cases()))
+def test_a_bad_wyoming_session_gets_an_error_and_the_daemon_keeps_serving(
+        wyoming_daemon: tuple[Daemon, int], case: str) -> None:
+    daemon, port = wyoming_daemon
+    sent, code = bad_session_cases()[case]
+    answer = raw_wyoming(port, sent) if isinstance(sent, bytes) else wyoming_session(port, *sent)
+    assert answer.closed
+    assert answer.error["code"] == code, answer.error
+    assert answer.error["text"]
+    assert not answer.of("transcript")
+    assert httpx.get(daemon.url + "/healthz", timeout=10).status_code == 200
+    assert not leftover_files(daemon.state_dir)
+
+
+def raw_wyoming(port: int, data: bytes) -> WyomingAnswer:
+    """Bytes straight onto the socket, then the events the server answers with."""
+    from wyoming.event import read_event
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(data)
+        with sock.makefile("rb") as reader:
+            events = []
+            while (event := read_event(reader)) is not None:
+                events.append(event)
+    return WyomingAnswer(events, closed=True)
+
+
+def leftover_files(state_dir: Path) -> list[Path]:
+    """Files a session could have left: spooled uploads, results, job audio."""
+    layout = audiotext.StateLayout(state_dir)
+    return [p for d in (layout.spool, layout.uploads, layout.results) if d.is_dir() for p in d.iterdir()]
+
+
+def test_wyoming_refuses_addresses_outside_its_allow_list(daemon_factory: Callable[..., Daemon]) -> None:
+    from wyoming.info import Describe
+
+    port = free_port()
+    daemon = daemon_factory(AUDIOTEXT_WYOMING_PORT=str(port), AUDIOTEXT_WYOMING_ALLOW="192.0.2.0/24",
+                            AUDIOTEXT_DEFAULT_MODEL="ggml-tiny.en")
+    answer = wyoming_session(port, Describe(), timeout=30)
+    assert answer.closed and answer.events == []
+    assert wyoming_sessions(daemon) == {"refused": 1}
+    assert httpx.get(daemon.url + "/healthz", timeout=10).status_code == 200
+
+
+def serve_fails(tmp_path: Path, models_dir: Path, **env: str) -> str:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
+    environ.update(AUDIOTEXT_API_TOKEN=TOKEN, AUDIOTEXT_PORT=str(free_port()), AUDIOTEXT_STATE_DIR=str(tmp_path),
+                   AUDIOTEXT_MODELS_DIR=str(models_dir), **env)
+    run = subprocess.run([sys.executable, str(ROOT / "audiotext.py"), "serve"], env=environ, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    return run.stderr
+
+
+def test_wyoming_off_loopback_needs_an_allow_list_and_a_free_port(tmp_path: Path, models_dir: Path) -> None:
+    message = serve_fails(tmp_path, models_dir, AUDIOTEXT_WYOMING_PORT="10300", AUDIOTEXT_WYOMING_HOST="0.0.0.0")
+    assert "AUDIOTEXT_WYOMING_ALLOW" in message
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        message = serve_fails(tmp_path, models_dir, AUDIOTEXT_WYOMING_PORT=str(taken.getsockname()[1]),
+                              AUDIOTEXT_DEFAULT_MODEL="ggml-tiny.en")
+    assert "cannot listen for Wyoming on 127.0.0.1" in message
+    message = serve_fails(tmp_path, models_dir, AUDIOTEXT_WYOMING_PORT="10300", AUDIOTEXT_WYOMING_LANGUAGES="en,xx",
+                          AUDIOTEXT_DEFAULT_MODEL="ggml-tiny.en")
+    assert "unknown language code(s) xx" in message
+
+
+def test_pcm_collector_turns_any_format_into_16k_mono() -> None:
+    t = np.arange(44_100) / 44_100
+    tone = np.sin(2 * np.pi * 440 * t)
+    stereo = np.stack([tone, tone], axis=1)
+    formats = {1: (stereo * 127 + 128).astype(np.uint8), 2: (stereo * 32767).astype(np.int16),
+               4: (stereo * (2**31 - 1)).astype(np.int32)}
+    for width, samples in formats.items():
+        collector = audiotext.PcmCollector(44_100, width, 2, max_seconds=5)
+        payload = samples.tobytes()
+        for i in range(0, len(payload), 4 * width * 100):  # 100-frame chunks, not a multiple of anything
+            collector.add(44_100, width, 2, payload[i:i + 4 * width * 100])
+        audio = collector.finish()
+        assert audio.dtype == np.float32
+        assert abs(audio.size - 16_000) <= 64, (width, audio.size)
+        assert 0.65 < float(np.sqrt(np.mean(audio[1000:-1000] ** 2))) < 0.75, width  # a sine's RMS is 0.707
+    with pytest.raises(audiotext.WyomingSessionError, match="differs from its audio-start"):
+        audiotext.PcmCollector(16_000, 2, 1, max_seconds=5).add(16_000, 2, 2, bytes(8))
 
 # ---------------------------------------------------------------------------------------------
 # CLI
