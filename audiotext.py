@@ -142,6 +142,17 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(word.strip() for word in text.split(",") if word.strip())
 
 
+def _alias_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """`name=model` pairs, comma-separated."""
+    pairs = []
+    for word in _comma_list(text):
+        name, sep, target = (part.strip() for part in word.partition("="))
+        if not (sep and name and target):
+            raise ValueError(f"expected name=model pairs separated by commas, got {word!r}")
+        pairs.append((name, target))
+    return tuple(pairs)
+
+
 def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Addresses and CIDRs, comma-separated: `192.168.1.20, 10.0.0.0/24`."""
     return tuple(ipaddress.ip_network(word, strict=False) for word in _comma_list(text))
@@ -165,6 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
             "jobs, uploads and models ($STATE_DIRECTORY under systemd, else ~/.local/share/audiotext)"),
     Setting("models_dir", "AUDIOTEXT_MODELS_DIR", "--models-dir", Path, "ggml model files (default <state>/models)"),
     Setting("default_model", "AUDIOTEXT_DEFAULT_MODEL", "--default-model", str, "model used when a request names none"),
+    Setting("model_aliases", "AUDIOTEXT_MODEL_ALIASES", "--model-aliases", _alias_pairs,
+            "names of your own for models, e.g. gpt-4o-transcribe=cpu-balanced,notes=ggml-small-q8_0; "
+            "OpenAI's model names otherwise mean the default model"),
     Setting("threads", "AUDIOTEXT_THREADS", "--threads", _positive_int,
             "inference threads in all (default: all cores)"),
     Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
@@ -218,6 +232,7 @@ class Settings:
     state_dir: Path = field(default_factory=_default_state_dir)
     models_dir: Path | None = None
     default_model: str = "cpu-lite"
+    model_aliases: tuple[tuple[str, str], ...] = ()
     threads: int | None = None
     workers: int = 1
     vad: bool = True
@@ -2181,7 +2196,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "cpu-balanced": ("ggml-small-q8_0", "ggml-small-q5_1", "ggml-small"),
     "cpu-max": ("ggml-large-v3-turbo-q5_0", "ggml-large-v3-turbo-q8_0", "ggml-large-v3-turbo"),
 }
-OPENAI_DEFAULT_ALIAS = "whisper-1"
+# OpenAI's transcription model names: a client written for any of them gets the default model,
+# unless AUDIOTEXT_MODEL_ALIASES maps it elsewhere.
+OPENAI_MODEL_NAMES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 
 # whisper's language codes and the English names OpenAI reports in verbose_json.
 LANGUAGE_NAMES: dict[str, str] = dict(pair.split(":") for pair in (
@@ -2478,9 +2495,11 @@ class ModelStore:
     """
 
     def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1, vad: bool = True,
-                 spin_threads: bool = False, fit_short_audio: bool = False) -> None:
+                 spin_threads: bool = False, fit_short_audio: bool = False,
+                 aliases: dict[str, str] | None = None) -> None:
         self.models_dir = models_dir
         self.default = default
+        self.user_aliases = dict(aliases or {})  # name -> a file, an alias or an OpenAI name
         self.threads = threads
         self.contexts = contexts
         self.vad = vad  # what a request that does not say gets, when the VAD model is present
@@ -2494,7 +2513,7 @@ class ModelStore:
     def for_settings(cls, settings: Settings) -> ModelStore:
         return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
                    contexts=settings.workers, vad=settings.vad, spin_threads=settings.spin_threads,
-                   fit_short_audio=settings.fit_short_audio)
+                   fit_short_audio=settings.fit_short_audio, aliases=dict(settings.model_aliases))
 
     def files(self) -> dict[str, Path]:
         """Whisper models by name: every *.bin in the models dir but the VAD model."""
@@ -2513,9 +2532,15 @@ class ModelStore:
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """Map a requested name to (canonical name, file); UnknownModel lists what exists."""
-        requested = name or self.default
-        if requested == OPENAI_DEFAULT_ALIAS:
-            requested = self.default
+        if name in self.user_aliases:
+            try:
+                return self._resolve(self._followed(name))
+            except UnknownModel as exc:
+                raise UnknownModel(f"model '{name}' is AUDIOTEXT_MODEL_ALIASES' name for "
+                                   f"'{self.user_aliases[name]}': {exc}") from None
+        return self._resolve(self._followed(name or self.default))
+
+    def _resolve(self, requested: str) -> tuple[str, Path]:
         files = self.files()
         if requested in files:
             return requested, files[requested]
@@ -2530,6 +2555,11 @@ class ModelStore:
                                f"available: {listing}")
         raise UnknownModel(f"unknown model '{requested}'; available: {listing}")
 
+    def _followed(self, name: str) -> str:
+        """A user's alias, then an OpenAI name, to what it stands for: one step each, no loops."""
+        name = self.user_aliases.get(name, name)
+        return self.default if name in OPENAI_MODEL_NAMES else name
+
     @staticmethod
     def _alias_target(alias: str, files: dict[str, Path]) -> Path | None:
         return next((files[c] for c in ALIASES[alias] if c in files), None)
@@ -2542,10 +2572,10 @@ class ModelStore:
             target = self._alias_target(alias, files)
             rows.append({"id": alias, "alias": True, "file": target.name if target else None,
                          "size": target.stat().st_size if target else None})
-        default_target = self.find(self.default)
-        rows.append({"id": OPENAI_DEFAULT_ALIAS, "alias": True,
-                     "file": default_target.name if default_target else None,
-                     "size": default_target.stat().st_size if default_target else None})
+        for alias in (*OPENAI_MODEL_NAMES, *(a for a in self.user_aliases if a not in OPENAI_MODEL_NAMES)):
+            target = self.find(alias)
+            rows.append({"id": alias, "alias": True, "file": target.name if target else None,
+                         "size": target.stat().st_size if target else None})
         for name, path in files.items():
             rows.append({"id": name, "alias": False, "file": path.name, "size": path.stat().st_size})
         return rows

@@ -2864,6 +2864,31 @@ def scrape(client: TestClient, headers: dict[str, str] = AUTH) -> dict[tuple[str
             for family in text_string_to_metric_families(response.text) for s in family.samples}
 
 
+def test_openai_model_names_and_aliases_of_ones_own(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(model_aliases=(("gpt-4o-transcribe", "cpu-tiny"), ("notes", "ggml-tiny.en"),
+                                        ("broken", "ggml-nothing")))
+    ids = {m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert {"whisper-1", "gpt-4o-mini-transcribe", "gpt-4o-transcribe", "notes"} <= ids
+    assert "broken" not in ids  # an alias whose model has no file is not offered
+    for model in ("gpt-4o-mini-transcribe", "gpt-4o-transcribe", "notes"):
+        response = post_clip(client, model=model, response_format="verbose_json")
+        assert response.status_code == 200, response.text
+        assert_heard(response.json()["text"], EN_WORDS)
+    store = client.app.state.audiotext.models  # type: ignore[attr-defined]
+    assert store.resolve("gpt-4o-mini-transcribe")[1].name == "ggml-base.bin"  # OpenAI's names: the default
+    assert store.resolve("gpt-4o-transcribe")[1].name == "ggml-tiny.en.bin"  # unless mapped
+    assert_error(post_clip(client, model="broken"), 400,
+                 re.compile(r"^model 'broken' is AUDIOTEXT_MODEL_ALIASES' name for 'ggml-nothing': unknown model"),
+                 param="model")
+
+
+def test_model_aliases_setting_is_parsed_and_checked() -> None:
+    settings = Settings.from_env({"AUDIOTEXT_MODEL_ALIASES": "gpt-4o-transcribe=cpu-balanced, notes = ggml-small"})
+    assert settings.model_aliases == (("gpt-4o-transcribe", "cpu-balanced"), ("notes", "ggml-small"))
+    with pytest.raises(audiotext.ConfigError, match="expected name=model pairs"):
+        Settings.from_env({"AUDIOTEXT_MODEL_ALIASES": "gpt-4o-transcribe"})
+
+
 def test_metrics_move_when_a_file_is_transcribed(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     before = scrape(client)
