@@ -2230,6 +2230,7 @@ class TranscribeOptions:
     word_timestamps: bool = False
     vad: bool | None = None  # None: the daemon's AUDIOTEXT_VAD
     fit_short_audio: bool | None = None  # None: the daemon's AUDIOTEXT_FIT_SHORT_AUDIO
+    vad_tuning: tuple[tuple[str, float], ...] = ()  # VAD_TUNABLE fields to set over VAD_PARAMS
 
 
 @dataclass
@@ -2317,6 +2318,9 @@ def cpu_features() -> list[str]:
 # speech, 30 ms of padding) cut words at the edges of a pause and shift the next segment's start.
 VAD_PARAMS = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_duration_ms": 500,
               "speech_pad_ms": 100, "samples_overlap": 0.1}
+# What a request may change (OpenAI's chunking_strategy server_vad), with the range that makes sense.
+VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_pad_ms": (0, 2000),
+                                               "min_silence_duration_ms": (0, 10_000)}
 # whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. Encoding
 # a short clip's own length plus a margin makes voice notes and commands 3-9 times faster, but
 # whisper was trained on 30 s windows: base then misheard a word in one clip of several and,
@@ -2342,6 +2346,15 @@ _NON_SPEECH = re.compile(r"\s*(\[[^\]]*\]|\([^)]*\)|\*[^*]*\*)\s*")
 
 # Told of each segment as whisper.cpp finishes it: (start, end, text), times in seconds.
 SegmentSink = Callable[[float, float, str], None]
+
+
+def _vad_params(tuning: tuple[tuple[str, float], ...]) -> Any:
+    import _pywhispercpp as pw
+
+    params = pw.whisper_vad_params()
+    for field_name, value in {**VAD_PARAMS, **dict(tuning)}.items():
+        setattr(params, field_name, type(VAD_PARAMS[field_name])(value))
+    return params
 
 
 class LoadedModel:
@@ -2373,9 +2386,7 @@ class LoadedModel:
         import _pywhispercpp as pw
 
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
-        self._vad_params = pw.whisper_vad_params()
-        for field_name, value in VAD_PARAMS.items():
-            setattr(self._vad_params, field_name, value)
+        self._vad_params = _vad_params(())
         self.load_seconds = time.monotonic() - started
         logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
                     " (with VAD)" if vad_path else "")
@@ -2384,7 +2395,8 @@ class LoadedModel:
                    on_segment: SegmentSink | None = None) -> Transcript:
         with self.lock:
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
-            status = self._run(audio, self._params(audio, options), abort, on_segment)
+            vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
+            status = self._run(audio, self._params(audio, options), abort, on_segment, vad_params)
             if abort.is_set():
                 raise Aborted()
             if status != 0:
@@ -2403,13 +2415,13 @@ class LoadedModel:
                     vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
-             on_segment: SegmentSink | None) -> int:
+             on_segment: SegmentSink | None, vad_params: Any) -> int:
         """whisper_full with the whole parameter set; its status, which Model.transcribe drops."""
         import _pywhispercpp as pw
 
         model = self._model
         model._set_params(params)  # as Model.transcribe does; it would not tell us the status
-        model._params.vad_params = self._vad_params
+        model._params.vad_params = vad_params
 
         def new_segments(ctx: Any, n_new: int, user_data: Any = None) -> None:
             count = pw.whisper_full_n_segments(ctx)
@@ -2866,11 +2878,12 @@ class JobSpec:
     response_format: str = "json"
     granularities: tuple[str, ...] = ("segment",)
     vad: bool | None = None
+    vad_tuning: dict[str, float] = field(default_factory=dict)
 
     def options(self) -> TranscribeOptions:
         return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
                                  translate=self.task == "translate", word_timestamps=self.word_timestamps,
-                                 vad=self.vad)
+                                 vad=self.vad, vad_tuning=tuple(sorted(self.vad_tuning.items())))
 
 
 @dataclass
@@ -2909,6 +2922,7 @@ class Job:
         # save() snapshots every job this way while status polls wait on the table lock.
         spec = {name: getattr(self.spec, name) for name in _SPEC_FIELDS}
         spec["granularities"] = list(self.spec.granularities)
+        spec["vad_tuning"] = dict(self.spec.vad_tuning)
         return {name: getattr(self, name) for name in _RECORD_FIELDS} | {"spec": spec}
 
 
@@ -2924,10 +2938,10 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
 _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "task": (str,), "language": _OPTIONAL_STR, "prompt": _OPTIONAL_STR,
     "temperature": _NUMBER, "word_timestamps": (bool,), "response_format": (str,), "granularities": (list,),
-    "vad": (bool, type(None)),
+    "vad": (bool, type(None)), "vad_tuning": (dict,),
 }
 # Fields added since schema 1 began, with the value a record written before them means.
-_SPEC_ADDED: dict[str, Any] = {"vad": None}
+_SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}}
 
 
 def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> None:
@@ -2955,6 +2969,9 @@ def job_from_record(data: Any) -> Job:
     error = data["error"]
     if error is not None and not (isinstance(error.get("message"), str) and isinstance(error.get("code"), str)):
         raise CorruptRecord(f"job {job_id} has a malformed error")
+    tuning = data["spec"]["vad_tuning"]
+    if not all(name in VAD_TUNABLE and isinstance(value, _NUMBER) for name, value in tuning.items()):
+        raise CorruptRecord(f"job {job_id} has a malformed vad_tuning")
     spec = JobSpec(**{name: data["spec"][name] for name in _SPEC_FIELDS}
                    | {"granularities": tuple(map(str, data["spec"]["granularities"]))})
     return Job(**{name: data[name] for name in _RECORD_FIELDS} | {"spec": spec})
@@ -4483,18 +4500,65 @@ def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, de
     return value
 
 
-def _parse_vad(form: Form) -> bool | None:
-    """`vad` (true/false) or OpenAI's `chunking_strategy=auto`; None leaves it to AUDIOTEXT_VAD."""
-    vad, strategy = _field_text(form, "vad"), _field_text(form, "chunking_strategy")
-    if strategy is not None and strategy != "auto":
-        raise InvalidRequest(f"chunking_strategy must be 'auto' (voice activity detection); got '{strategy}'",
-                             param="chunking_strategy")
+# OpenAI's server_vad fields -> whisper.cpp's VAD parameters.
+SERVER_VAD_FIELDS = {"threshold": "threshold", "prefix_padding_ms": "speech_pad_ms",
+                     "silence_duration_ms": "min_silence_duration_ms"}
+
+
+def _parse_vad(form: Form) -> tuple[bool | None, tuple[tuple[str, float], ...]]:
+    """`vad` (true/false) and OpenAI's `chunking_strategy`: "auto", or server_vad with its
+    parameters, as a JSON object or as the SDKs send it, `chunking_strategy[type]=server_vad` and
+    so on. (None: AUDIOTEXT_VAD decides, and the VAD's own tuning.)"""
+    strategy = _parse_chunking_strategy(form)
+    vad = _field_text(form, "vad")
     if vad is None:
-        return True if strategy == "auto" else None
+        return (None if strategy is None else True), tuple(sorted(strategy.items())) if strategy else ()
     try:
-        return _flag(vad)
+        return _flag(vad), tuple(sorted(strategy.items())) if strategy else ()
     except ValueError:
         raise InvalidRequest(f"vad must be true or false, got '{vad}'", param="vad") from None
+
+
+def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
+    """None when absent; else the VAD tuning it asks for ({} for "auto")."""
+    raw = _field_text(form, "chunking_strategy")
+    fields = {key[len("chunking_strategy["):-1]: value.strip() for key, values in form.fields.items()
+              if key.startswith("chunking_strategy[") and key.endswith("]") for value in values[:1]}
+    if raw is not None and raw.startswith("{"):
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            raise InvalidRequest("chunking_strategy is not valid JSON", param="chunking_strategy") from None
+        if not isinstance(fields, dict):
+            raise InvalidRequest("chunking_strategy must be \"auto\" or an object", param="chunking_strategy")
+    elif raw is not None:
+        if raw != "auto" or fields:  # a plain string; the other form is an object
+            raise InvalidRequest(f"chunking_strategy must be 'auto' (voice activity detection); got '{raw}'",
+                                 param="chunking_strategy")
+        return {}
+    if not fields:
+        return None
+    if fields.get("type") != "server_vad":
+        raise InvalidRequest(f"chunking_strategy[type] must be 'server_vad'; got '{fields.get('type')}'",
+                             param="chunking_strategy[type]")
+    tuning = {}
+    for name, value in fields.items():
+        if name == "type":
+            continue
+        if name not in SERVER_VAD_FIELDS:
+            raise InvalidRequest(f"chunking_strategy has no field '{name}'; it takes type, "
+                                 f"{', '.join(SERVER_VAD_FIELDS)}", param=f"chunking_strategy[{name}]")
+        target = SERVER_VAD_FIELDS[name]
+        low, high = VAD_TUNABLE[target]
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not low <= number <= high:
+            raise InvalidRequest(f"chunking_strategy[{name}] must be a number from {low:g} to {high:g}; "
+                                 f"got '{value}'", param=f"chunking_strategy[{name}]")
+        tuning[target] = number
+    return tuning
 
 
 def _parse_stream(form: Form, response_format: str) -> bool:
@@ -4522,10 +4586,11 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
         raise InvalidRequest("timestamp_granularities[] needs response_format=verbose_json",
                              param="timestamp_granularities[]")
     prompt = form.get("prompt")
+    vad, vad_tuning = _parse_vad(form)
     options = TranscribeOptions(
         language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None,
         temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
-        word_timestamps="word" in granularities, vad=_parse_vad(form))
+        word_timestamps="word" in granularities, vad=vad, vad_tuning=vad_tuning)
     return TranscriptionRequest(_field_text(form, "model"), options, response_format,
                                 granularities or frozenset({"segment"}), _parse_stream(form, response_format))
 
@@ -4908,7 +4973,7 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
     spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
                    response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
-                   vad=options.vad)
+                   vad=options.vad, vad_tuning=dict(options.vad_tuning))
     # Several fsyncs happen before the job exists; they must not stall the event loop either.
     return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
 

@@ -2503,6 +2503,20 @@ def test_a_job_record_written_before_the_vad_field_still_loads() -> None:
     assert audiotext.job_from_record(record) == job
 
 
+def test_a_job_keeps_its_vad_tuning_and_a_bad_one_is_refused() -> None:
+    spec = audiotext.JobSpec(model="cpu-tiny", vad=True, vad_tuning={"threshold": 0.4, "speech_pad_ms": 200})
+    job = audiotext.Job("job_" + "1" * 32, 0, spec, "job_" + "1" * 32 + ".wav", 1.0)
+    record = json.loads(json.dumps(job.record()))  # as jobs.json holds it
+    assert audiotext.job_from_record(record) == job
+    assert job.spec.options().vad_tuning == (("speech_pad_ms", 200), ("threshold", 0.4))
+    old = job.record()
+    del old["spec"]["vad_tuning"]  # written before the field existed
+    assert audiotext.job_from_record(old).spec.vad_tuning == {}
+    record["spec"]["vad_tuning"] = {"os.system": 1}
+    with pytest.raises(audiotext.CorruptRecord, match="malformed vad_tuning"):
+        audiotext.job_from_record(record)
+
+
 def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> None:
     table = tmp_path / "jobs.json"
     table.write_text('{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}')
@@ -3439,6 +3453,51 @@ def test_vad_is_a_choice_per_request(daemon: Daemon, fields: dict[str, str]) -> 
     response = post_clip(daemon.url, model="cpu-tiny", **fields)
     assert response.status_code == 200, response.text
     assert_heard(response.json()["text"], EN_WORDS)
+
+
+def test_server_vad_tuning_reaches_the_vad(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    heard = post_clip(client, model="cpu-tiny", **{"chunking_strategy[type]": "server_vad",
+                                                   "chunking_strategy[threshold]": "0.5",
+                                                   "chunking_strategy[silence_duration_ms]": "800"})
+    assert heard.status_code == 200, heard.text
+    assert_heard(heard.json()["text"], EN_WORDS)
+    # At a threshold nothing reaches, the VAD finds no speech: whisper.cpp got the parameter.
+    deaf = post_clip(client, model="cpu-tiny", chunking_strategy='{"type": "server_vad", "threshold": 1}')
+    assert deaf.status_code == 200, deaf.text
+    assert deaf.json()["text"] == ""
+
+
+def test_openai_sdk_chunking_strategy(sdk: openai.OpenAI) -> None:
+    assert_heard(sdk_transcribe(sdk, chunking_strategy="auto").text, EN_WORDS)
+    tuned = sdk_transcribe(sdk, chunking_strategy={"type": "server_vad", "threshold": 0.4, "prefix_padding_ms": 200,
+                                                   "silence_duration_ms": 700})
+    assert_heard(tuned.text, EN_WORDS)
+
+
+@needs_curl
+def test_curl_chunking_strategy_as_json(daemon: Daemon) -> None:
+    run = subprocess.run(["curl", "-sS", daemon.url + "/v1/audio/transcriptions", "-H", f"Authorization: Bearer {TOKEN}",
+                          "-F", "model=cpu-tiny", "-F", 'chunking_strategy={"type": "server_vad", "threshold": 0.5}',
+                          "-F", f"file=@{CLIPS / 'en.wav'}"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert_heard(json.loads(run.stdout)["text"], EN_WORDS)
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"chunking_strategy[type]": "magic"}, "chunking_strategy[type]", "must be 'server_vad'; got 'magic'"),
+    ({"chunking_strategy[type]": "server_vad", "chunking_strategy[threshold]": "2"}, "chunking_strategy[threshold]",
+     "must be a number from 0 to 1; got '2'"),
+    ({"chunking_strategy[type]": "server_vad", "chunking_strategy[loudness]": "1"}, "chunking_strategy[loudness]",
+     "has no field 'loudness'"),
+    ({"chunking_strategy": '{"type": "server_vad", "silence_duration_ms": "soon"}'},
+     "chunking_strategy[silence_duration_ms]", "must be a number from 0 to 10000; got 'soon'"),
+    ({"chunking_strategy": "{not json"}, "chunking_strategy", "is not valid JSON"),
+])
+def test_bad_chunking_strategy_is_a_400_naming_the_field(make_client: Callable[..., TestClient],
+                                                          fields: dict[str, str], param: str, message: str) -> None:
+    assert_error(post_clip(make_client(), model="cpu-tiny", **fields), 400, re.compile(re.escape(message)),
+                 param=param)
 
 
 def test_a_client_that_disconnects_aborts_its_transcription(daemon_factory: Callable[..., Daemon]) -> None:
