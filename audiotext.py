@@ -4615,12 +4615,18 @@ def to_vtt(transcript: Transcript) -> str:
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
+def usage(transcript: Transcript) -> dict[str, Any]:
+    """OpenAI's usage for audio billed by length: whole seconds, rounded up."""
+    return {"type": "duration", "seconds": math.ceil(transcript.duration)}
+
+
 def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task": transcript.task,
         "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
         "duration": transcript.duration,
         "text": transcript.text,
+        "usage": usage(transcript),
     }
     if "segment" in granularities:
         body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
@@ -4639,7 +4645,7 @@ def render_transcript(transcript: Transcript, response_format: str,
         return Response(to_vtt(transcript), media_type="text/vtt")
     if response_format == "verbose_json":
         return JSONResponse(to_verbose_json(transcript, granularities))
-    return JSONResponse({"text": transcript.text})
+    return JSONResponse({"text": transcript.text, "usage": usage(transcript)})
 
 
 def _state(request: Request) -> AppState:
@@ -4777,8 +4783,7 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
                 yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
                 first = False
             transcript: Transcript = outcome.result()
-            yield _sse({"type": "transcript.text.done", "text": transcript.text,
-                        "usage": {"type": "duration", "seconds": math.ceil(transcript.duration)}})
+            yield _sse({"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)})
         except Exception as exc:
             if is_unexpected(exc):
                 log_unexpected(exc, f"in a stream on {request.url.path}")

@@ -2000,7 +2000,7 @@ def test_result_before_finish_and_cancel_after_finish_are_conflicts(
     assert wait_for_job(client, job["id"])["status"] == "succeeded"
     assert_error(client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH), 409,
                  f"job {job['id']} is already succeeded and cannot be canceled")
-    assert client.get(f"{JOBS}/{job['id']}/result", headers=AUTH).json() == {"text": "ok"}
+    assert client.get(f"{JOBS}/{job['id']}/result", headers=AUTH).json() == {"text": "ok", "usage": {"type": "duration", "seconds": 1}}
 
 
 def test_sync_requests_go_ahead_of_queued_jobs(make_client: Callable[..., TestClient]) -> None:
@@ -2232,7 +2232,7 @@ def test_a_corrupt_jobs_json_is_moved_aside_and_jobs_recovered(
         assert client.get(recovered["result_url"], headers=AUTH).text == "1\n00:00:00,000 --> 00:00:01,000\nok\n"
         requeued = wait_for_job(client, pending)
         assert requeued["status"] == "succeeded", requeued
-        assert client.get(requeued["result_url"], headers=AUTH).json() == {"text": "ok"}
+        assert client.get(requeued["result_url"], headers=AUTH).json() == {"text": "ok", "usage": {"type": "duration", "seconds": 1}}
     assert len(json.loads(table.read_text())["jobs"]) == 2
 
 
@@ -3327,6 +3327,12 @@ def sdk_transcribe(sdk: openai.OpenAI, clip: str = "en.webm", **kwargs: Any) -> 
 
 def test_openai_sdk_json(sdk: openai.OpenAI) -> None:
     assert_heard(sdk_transcribe(sdk).text, EN_WORDS)
+
+
+def test_openai_sdk_usage_in_json_and_verbose_json(sdk: openai.OpenAI) -> None:
+    for response_format in ("json", "verbose_json"):
+        result = sdk_transcribe(sdk, "en.wav", response_format=response_format)
+        assert result.usage.type == "duration" and result.usage.seconds == 4  # 3.63 s, rounded up as OpenAI bills
 
 
 def test_openai_sdk_text(sdk: openai.OpenAI) -> None:
