@@ -62,7 +62,8 @@ from wyoming.info import Describe, Info
 
 # bench_peers.py stands beside this file, and a script's own folder is on the import path
 from bench_peers import (FAMILIES, LANGUAGE, ROOT, SR, BenchError, Hogs, clip_seconds, cpu_model, ensure_fw_model,
-                         ensure_fw_venv, ensure_ggml_models, request_timeout, speak, wer, write_wav)
+                         ensure_fw_venv, ensure_ggml_models, normalise, request_timeout, speak, wer,
+                         write_wav)
 
 # Voice commands of 2-4 s as a Home Assistant user says them.
 COMMANDS = {
@@ -126,6 +127,11 @@ def spelled_out(text: str) -> str:
     with numbers below 100 only."""
     text = text.replace("°", " degrees")
     return re.sub(r"\b\d{1,2}\b", lambda m: number_in_words(int(m.group())), text)
+
+
+def words(text: str) -> list[str]:
+    """What is compared of two transcripts: the words, not their case or punctuation."""
+    return normalise(spelled_out(text))
 
 
 def command_wer(reference: str, hypothesis: str) -> float:
@@ -433,7 +439,7 @@ def print_report(servers: list[Server], results: Results, totals: dict[str, Tota
             print(f"    {label:24} {command_wer(COMMANDS[name], text):4.0%}  {text}")
     if len(labels) > 2:
         differ = [name for name in clips for r in range(args.runs)
-                  if results[(name, "audiotext")][r].text != results[(name, "audiotext fit=0")][r].text]
+                  if words(results[(name, "audiotext")][r].text) != words(results[(name, "audiotext fit=0")][r].text)]
         print(f"\naudiotext with and without {FIT_SETTING}: "
               + (f"different words in {len(differ)} of {len(clips) * args.runs} commands ({', '.join(sorted(set(differ)))})"
                  if differ else "the same words in every command"))
