@@ -3622,12 +3622,19 @@ class AppState:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self)
         self.engine = Engine(self.models, max_audio_seconds=self.settings.max_audio_seconds,
-                             on_transcribed=self.metrics.observe_transcription)
+                             on_transcribed=self.record_transcription)
 
     @property
     def stopping(self) -> bool:
         """SIGTERM has come: uploads are refused, and an aborted job is to stay queued."""
         return self.scheduler.stopping
+
+    def record_transcription(self, model: str, audio_seconds: float, inference_seconds: float) -> None:
+        """Every transcription, whoever asked for it: one log line, the metrics."""
+        rtf = inference_seconds / audio_seconds if audio_seconds > 0 else 0.0
+        logger.info("transcribed model=%s audio_seconds=%.1f processing_seconds=%.2f rtf=%.2f", model,
+                    audio_seconds, inference_seconds, rtf)
+        self.metrics.observe_transcription(model, audio_seconds, inference_seconds)
 
 
 def record_job_transition(state: AppState, job_id: str, status: str, *, model: str,
@@ -4868,8 +4875,10 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-# Polled by monitors every few seconds: a line per successful probe would bury everything else.
+# Polled by monitors and scripts every second or so: a line per successful poll would bury
+# everything else. The job routes are JOBS_PATH's, spelled out as this is read first.
 QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
+QUIET_POLLS = frozenset({("GET", "/v1/transcription-jobs"), ("GET", "/v1/transcription-jobs/{job_id}")})
 # Any token is a valid HTTP method; labelling by whatever a client sends would let it mint series.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -4912,7 +4921,8 @@ class RequestLog:
             state.metrics.requests.labels(route, method, str(status)).inc()
         # raw_path is the path as sent, percent-encoded, so a client cannot forge log lines.
         path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "backslashreplace")
-        level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+        quiet = route in QUIET_ROUTES or (scope["method"], route) in QUIET_POLLS
+        level = logging.DEBUG if quiet and status < 400 else logging.INFO
         logger.log(level, "%s %s %d %.0f ms", scope["method"], path, status, seconds * 1000)
 
     def _route_template(self, scope: dict[str, Any]) -> str:

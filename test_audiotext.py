@@ -2955,6 +2955,25 @@ def test_one_log_line_per_request_and_never_the_token_or_transcript(make_client:
     assert "London" not in everything and "my name is" not in everything.lower()
 
 
+def test_status_polls_are_quiet_and_each_transcription_says_how_fast(make_client: Callable[..., TestClient],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    caplog.set_level("DEBUG")
+    job = submit_job(client)  # type: ignore[arg-type]
+    wait_for_job(client, job["id"])  # type: ignore[arg-type]
+    assert client.get(JOBS, headers=AUTH).status_code == 200
+    assert client.get(f"{JOBS}/job_{'0' * 32}", headers=AUTH).status_code == 404
+    levels = {re.sub(r"job_[0-9a-f]{32}", "ID", re.sub(r"\d+ ms$", "N ms", r.getMessage())): r.levelname
+              for r in caplog.records if r.name == "audiotext"}
+    assert levels["POST /v1/transcription-jobs 202 N ms"] == "INFO"
+    assert levels["GET /v1/transcription-jobs/ID 200 N ms"] == "DEBUG"  # a script polling each second
+    assert levels["GET /v1/transcription-jobs 200 N ms"] == "DEBUG"
+    assert levels["GET /v1/transcription-jobs/ID 404 N ms"] == "INFO"  # a mistake is worth a line
+    (line,) = [m for m in levels if m.startswith("transcribed model=")]
+    assert re.fullmatch(r"transcribed model=ggml-tiny\.en audio_seconds=\d+\.\d processing_seconds=\d+\.\d\d "
+                        r"rtf=\d+\.\d\d", line) and levels[line] == "INFO"
+
+
 def test_job_transitions_are_logged_and_counted(make_client: Callable[..., TestClient],
                                                 caplog: pytest.LogCaptureFixture) -> None:
     client = make_client()
