@@ -3168,12 +3168,13 @@ def readme_example(language: str) -> str:
 
 
 def client_env(daemon: Daemon) -> dict[str, str]:
-    return {**os.environ, "AUDIOTEXT_URL": daemon.url, "AUDIOTEXT_API_TOKEN": TOKEN}
+    return {**os.environ, "AUDIOTEXT_BASE_URL": daemon.url, "AUDIOTEXT_API_TOKEN": TOKEN}
 
 
-def test_readme_python_urllib_example(daemon: Daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("language", [pytest.param("python", id="urllib"), pytest.param("py", id="openai_sdk")])
+def test_readme_python_example(daemon: Daemon, tmp_path: Path, language: str) -> None:
     shutil.copy(CLIPS / "ca.webm", tmp_path / "clip.webm")
-    (tmp_path / "example.py").write_text(readme_example("python"))
+    (tmp_path / "example.py").write_text(readme_example(language))
     run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=client_env(daemon), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
