@@ -3394,6 +3394,50 @@ def test_openai_sdk_streams_deltas_then_the_whole_text(sdk: openai.OpenAI) -> No
     assert events[-1].usage.type == "duration" and events[-1].usage.seconds == 4
 
 
+NODE_OPENAI_SDK = "openai@7"
+NODE_SDK_STREAM = """
+import fs from "node:fs";
+import OpenAI from "openai";
+
+const client = new OpenAI({ baseURL: process.env.AUDIOTEXT_BASE_URL + "/v1", apiKey: process.env.AUDIOTEXT_API_TOKEN });
+const file = () => fs.createReadStream(process.argv[2]);
+const plain = await client.audio.transcriptions.create({ file: file(), model: "cpu-tiny" });
+const stream = await client.audio.transcriptions.create({ file: file(), model: "cpu-tiny", stream: true });
+const deltas = [];
+let done = null;
+for await (const event of stream) {
+  if (event.type === "transcript.text.delta") deltas.push(event.delta);
+  else if (event.type === "transcript.text.done") done = event;
+}
+console.log(JSON.stringify({ plain: plain.text, deltas, done }));
+"""
+
+
+@pytest.fixture(scope="session")
+def node_sdk_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official OpenAI SDK for Node, from the npm registry, in a folder of its own."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed")
+    directory = tmp_path_factory.mktemp("node-openai")
+    (directory / "package.json").write_text('{"type": "module", "private": true}')
+    run = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent", NODE_OPENAI_SDK], cwd=directory,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return directory
+
+
+def test_openai_node_sdk_streams_deltas_then_the_whole_text(daemon: Daemon, node_sdk_dir: Path) -> None:
+    (node_sdk_dir / "stream.mjs").write_text(NODE_SDK_STREAM)
+    run = subprocess.run(["node", "stream.mjs", str(CLIPS / "en.webm")], cwd=node_sdk_dir, env=client_env(daemon),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["deltas"] and result["done"]["text"] == result["plain"]
+    assert "".join(result["deltas"]).strip() == result["done"]["text"]
+    assert result["done"]["usage"] == {"type": "duration", "seconds": 4}
+    assert_heard(result["plain"], EN_WORDS)
+
+
 @pytest.fixture(scope="module")
 def sixty_seconds_webm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """long_en twice over (two of whisper's 30 s windows), as Opus in WebM."""
