@@ -4460,12 +4460,22 @@ GRANULARITIES = ("segment", "word")
 
 
 @dataclass(frozen=True)
+class LineLayout:
+    """Subtitles people can read: cues of at most `count` lines of at most `width` characters
+    (the whisper command line's max_line_width and max_line_count). None: whisper's segments."""
+
+    width: int | None = None
+    count: int | None = None
+
+
+@dataclass(frozen=True)
 class TranscriptionRequest:
     model: str | None
     options: TranscribeOptions
     response_format: str
     granularities: frozenset[str]
     stream: bool = False
+    layout: LineLayout = LineLayout()
 
 
 def _field_text(form: Form, name: str) -> str | None:
@@ -4568,6 +4578,26 @@ def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
     return tuning
 
 
+MAX_LINE_WIDTH = (1, 1000)
+MAX_LINE_COUNT = (1, 20)
+
+
+def _parse_line_layout(get: Callable[[str], str | None], response_format: str) -> LineLayout:
+    """max_line_width and max_line_count, from a form or a query; subtitles only."""
+    values = {}
+    for name, (low, high) in (("max_line_width", MAX_LINE_WIDTH), ("max_line_count", MAX_LINE_COUNT)):
+        raw = (get(name) or "").strip()
+        if not raw:
+            continue
+        if not (raw.isdigit() and low <= int(raw) <= high):
+            raise InvalidRequest(f"{name} must be a whole number from {low} to {high}; got '{raw}'", param=name)
+        if response_format not in ("srt", "vtt"):
+            raise InvalidRequest(f"{name} applies to response_format srt or vtt, not '{response_format}'",
+                                 param=name)
+        values[name.removeprefix("max_line_")] = int(raw)
+    return LineLayout(**values)
+
+
 def _parse_stream(form: Form, response_format: str) -> bool:
     value = _field_text(form, "stream")
     try:
@@ -4594,12 +4624,14 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
                              param="timestamp_granularities[]")
     prompt = form.get("prompt")
     vad, vad_tuning = _parse_vad(form)
+    layout = _parse_line_layout(form.get, response_format)
     options = TranscribeOptions(
         language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None,
         temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
-        word_timestamps="word" in granularities, vad=vad, vad_tuning=vad_tuning)
+        # Lines cut at words want each word's time.
+        word_timestamps="word" in granularities or layout != LineLayout(), vad=vad, vad_tuning=vad_tuning)
     return TranscriptionRequest(_field_text(form, "model"), options, response_format,
-                                granularities or frozenset({"segment"}), _parse_stream(form, response_format))
+                                granularities or frozenset({"segment"}), _parse_stream(form, response_format), layout)
 
 
 def _timestamp(seconds: float, *, sep: str) -> str:
@@ -4610,15 +4642,62 @@ def _timestamp(seconds: float, *, sep: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{millis:03d}"
 
 
-def to_srt(transcript: Transcript) -> str:
-    blocks = [f"{n}\n{_timestamp(s.start, sep=',')} --> {_timestamp(s.end, sep=',')}\n{s.text.strip()}\n"
-              for n, s in enumerate(transcript.segments, start=1)]
+SUBTITLE_LINE_WIDTH = 42  # the common broadcast limit, when only a line count is asked for
+Cue = tuple[float, float, str]
+
+
+def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> list[Cue]:
+    if layout.width is None and layout.count is None:
+        return [(s.start, s.end, s.text.strip()) for s in transcript.segments]
+    cues: list[Cue] = []
+    for segment in transcript.segments:
+        words = _segment_words(segment, transcript.words)
+        lines = _wrap(words, layout.width or SUBTITLE_LINE_WIDTH)
+        per_cue = layout.count or len(lines)
+        for i in range(0, len(lines), per_cue):
+            group = lines[i:i + per_cue]
+            end = segment.end if i + per_cue >= len(lines) else group[-1][-1].end
+            cues.append((group[0][0].start, end, "\n".join(" ".join(w.word for w in line) for line in group)))
+    return cues
+
+
+def _segment_words(segment: Segment, words: list[Word]) -> list[Word]:
+    """The segment's words with their own times when whisper gave them, else spread over the
+    segment in proportion to their length."""
+    timed = [Word(w.word.strip(), w.start, w.end) for w in words
+             if segment.start <= w.start < segment.end and w.word.strip()]
+    if timed:
+        return timed
+    texts = segment.text.split()
+    total = sum(len(t) + 1 for t in texts) or 1
+    spread, done = [], 0
+    for text in texts:
+        start = segment.start + (segment.end - segment.start) * done / total
+        done += len(text) + 1
+        spread.append(Word(text, start, segment.start + (segment.end - segment.start) * done / total))
+    return spread
+
+
+def _wrap(words: list[Word], width: int) -> list[list[Word]]:
+    """Lines of whole words, each at most `width` characters unless one word is longer."""
+    lines: list[list[Word]] = []
+    for word in words:
+        if lines and sum(len(w.word) + 1 for w in lines[-1]) + len(word.word) <= width:
+            lines[-1].append(word)
+        else:
+            lines.append([word])
+    return lines
+
+
+def to_srt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
+    blocks = [f"{n}\n{_timestamp(start, sep=',')} --> {_timestamp(end, sep=',')}\n{text}\n"
+              for n, (start, end, text) in enumerate(subtitle_cues(transcript, layout), start=1)]
     return "\n".join(blocks)
 
 
-def to_vtt(transcript: Transcript) -> str:
-    blocks = [f"{_timestamp(s.start, sep='.')} --> {_timestamp(s.end, sep='.')}\n{s.text.strip()}\n"
-              for s in transcript.segments]
+def to_vtt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
+    blocks = [f"{_timestamp(start, sep='.')} --> {_timestamp(end, sep='.')}\n{text}\n"
+              for start, end, text in subtitle_cues(transcript, layout)]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
@@ -4643,13 +4722,14 @@ def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> di
 
 
 def render_transcript(transcript: Transcript, response_format: str,
-                      granularities: frozenset[str] = frozenset({"segment"})) -> Response:
+                      granularities: frozenset[str] = frozenset({"segment"}),
+                      layout: LineLayout = LineLayout()) -> Response:
     if response_format == "text":
         return PlainTextResponse(transcript.text + "\n")
     if response_format == "srt":
-        return Response(to_srt(transcript), media_type="application/x-subrip")
+        return Response(to_srt(transcript, layout), media_type="application/x-subrip")
     if response_format == "vtt":
-        return Response(to_vtt(transcript), media_type="text/vtt")
+        return Response(to_vtt(transcript, layout), media_type="text/vtt")
     if response_format == "verbose_json":
         return JSONResponse(to_verbose_json(transcript, granularities))
     return JSONResponse({"text": transcript.text, "usage": usage(transcript)})
@@ -4753,7 +4833,7 @@ async def transcribe_upload(request: Request, *, translate: bool) -> Response:
     finally:
         if form is not None:
             form.cleanup()
-    return render_transcript(transcript, parsed.response_format, parsed.granularities)
+    return render_transcript(transcript, parsed.response_format, parsed.granularities, parsed.layout)
 
 
 def submit_transcription(state: AppState, parsed: TranscriptionRequest, upload: UploadedFile, *,
@@ -5043,8 +5123,9 @@ async def get_job_result(request: Request) -> Response:
     job = store.get(job_id)
     response_format = _parse_choice(request.query_params.get("response_format") or None, RESPONSE_FORMATS,
                                     param="response_format", default=job.spec.response_format)
+    layout = _parse_line_layout(request.query_params.get, response_format)
     transcript = await run_in_threadpool(store.result, job_id)  # a long recording's result is megabytes
-    return render_transcript(transcript, response_format, frozenset(job.spec.granularities))
+    return render_transcript(transcript, response_format, frozenset(job.spec.granularities), layout)
 
 
 async def cancel_job(request: Request) -> Response:

@@ -3525,6 +3525,44 @@ def test_vad_is_a_choice_per_request(daemon: Daemon, fields: dict[str, str]) -> 
     assert_heard(response.json()["text"], EN_WORDS)
 
 
+def test_subtitle_lines_are_cut_at_words_within_the_asked_width(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    plain = post_clip(client, "long_en.webm", model="cpu-tiny", response_format="srt")
+    shaped = post_clip(client, "long_en.webm", model="cpu-tiny", response_format="srt", max_line_width="20",
+                       max_line_count="2")
+    assert plain.status_code == shaped.status_code == 200, shaped.text
+    cues = [block.split("\n") for block in shaped.text.strip().split("\n\n")]
+    assert len(cues) > len(plain.text.strip().split("\n\n"))  # more, shorter cues
+    starts = []
+    for number, (index, times, *lines) in enumerate(cues, start=1):
+        assert index == str(number) and 1 <= len(lines) <= 2, lines
+        assert all(len(line) <= 20 or " " not in line for line in lines), lines
+        start, end = times.split(" --> ")
+        assert start <= end
+        starts.append(start)
+    assert starts == sorted(starts)
+    assert srt_words(shaped.text) == srt_words(plain.text)  # the same words, only laid out anew
+
+
+def srt_words(srt: str) -> list[str]:
+    return normalized(" ".join(line for block in srt.strip().split("\n\n") for line in block.split("\n")[2:])).split()
+
+
+def test_subtitle_layout_for_a_job_result_and_bad_values(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    job = submit_job(client, "en.wav")  # type: ignore[arg-type]
+    wait_for_job(client, job["id"])  # type: ignore[arg-type]
+    vtt = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH,
+                     params={"response_format": "vtt", "max_line_width": "12"})
+    assert vtt.status_code == 200, vtt.text
+    lines = [line for line in vtt.text.split("\n")[2:] if line and "-->" not in line]
+    assert len(lines) >= 3 and all(len(line) <= 12 or " " not in line for line in lines), lines
+    assert_error(client.get(f"{JOBS}/{job['id']}/result", headers=AUTH, params={"max_line_width": "12"}), 400,
+                 "max_line_width applies to response_format srt or vtt, not 'json'", param="max_line_width")
+    assert_error(post_clip(client, model="cpu-tiny", response_format="srt", max_line_count="0"), 400,
+                 "max_line_count must be a whole number from 1 to 20; got '0'", param="max_line_count")
+
+
 def test_server_vad_tuning_reaches_the_vad(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     heard = post_clip(client, model="cpu-tiny", **{"chunking_strategy[type]": "server_vad",
