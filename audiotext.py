@@ -189,6 +189,11 @@ SETTINGS: tuple[Setting, ...] = (
             "but words and the detected language are less reliable"),
     Setting("spin_threads", "AUDIOTEXT_SPIN_THREADS", "--spin-threads", _flag,
             "inference threads spin while they wait: slightly faster on an idle box, far slower on a busy one"),
+    Setting("model_memory_mb", "AUDIOTEXT_MODEL_MEMORY_MB", "--model-memory-mb", _positive_int,
+            "memory for loaded models, MiB; the least recently used are unloaded to stay within it "
+            "(default: half the machine's memory)"),
+    Setting("model_idle_seconds", "AUDIOTEXT_MODEL_IDLE_SECONDS", "--model-idle-seconds", float,
+            "a model other than the default unused this long is unloaded, seconds (0: never)"),
     Setting("max_upload_mb", "AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, "largest request body, MiB"),
     Setting("max_audio_seconds", "AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float,
             "longest audio accepted, seconds"),
@@ -238,6 +243,8 @@ class Settings:
     vad: bool = True
     fit_short_audio: bool = False
     spin_threads: bool = False
+    model_memory_mb: int | None = None
+    model_idle_seconds: float = 1800.0
     max_upload_mb: int = 512
     max_audio_seconds: float = 3 * 3600.0
     max_queue: int = 1000
@@ -339,6 +346,13 @@ class UnsupportedLanguage(InvalidRequest):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, param="language")
+
+
+class ModelTooLarge(InvalidRequest):
+    """A model that would not fit in AUDIOTEXT_MODEL_MEMORY_MB even with nothing else loaded."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
 
 
 class MultipartError(InvalidRequest):
@@ -450,6 +464,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorMeaning] = {
     BodyTooLarge: ErrorMeaning(413, _CLIENT, "request_too_large"),
     MultipartError: ErrorMeaning(400, _CLIENT, "invalid_multipart"),
     UnknownModel: ErrorMeaning(400, _CLIENT, "model_not_found"),
+    ModelTooLarge: ErrorMeaning(400, _CLIENT, "model_too_large"),
     UnsupportedLanguage: ErrorMeaning(400, _CLIENT, "unsupported_language"),
     InvalidRequest: ErrorMeaning(400, _CLIENT, None, job_code="invalid_request"),
     AudioError: ErrorMeaning(400, _CLIENT, "invalid_audio"),
@@ -2348,6 +2363,34 @@ _NON_SPEECH = re.compile(r"\s*(\[[^\]]*\]|\([^)]*\)|\*[^*]*\*)\s*")
 SegmentSink = Callable[[float, float, str], None]
 
 
+def _rss_bytes() -> int:
+    """The process's resident memory now (Linux); 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap back to the system: a model's buffers are many allocations,
+    and without this much of an unloaded model stays resident."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator decides
+
+
+def default_model_memory_bytes() -> int:
+    """Half the machine's memory: room for the models, and for the OS and everything else."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (OSError, ValueError):
+        return 4096 * MiB
+
+
 def _vad_params(tuning: tuple[tuple[str, float], ...]) -> Any:
     import _pywhispercpp as pw
 
@@ -2372,7 +2415,7 @@ class LoadedModel:
         check_ggml_file(path)
         if vad_path is not None:
             check_vad_file(vad_path)
-        started = time.monotonic()
+        started, rss_before = time.monotonic(), _rss_bytes()
         self.name = name
         self.path = path
         self.vad_path = vad_path
@@ -2388,15 +2431,23 @@ class LoadedModel:
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
         self._vad_params = _vad_params(())
         self.load_seconds = time.monotonic() - started
+        # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file.
+        # The first transcription adds the buffers whisper.cpp allocates on first use.
+        self.memory_bytes = max(_rss_bytes() - rss_before, path.stat().st_size)
+        self._first_run_measured = False
         logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
                     " (with VAD)" if vad_path else "")
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
                    on_segment: SegmentSink | None = None) -> Transcript:
         with self.lock:
+            rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
             vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
             status = self._run(audio, self._params(audio, options), abort, on_segment, vad_params)
+            if not self._first_run_measured:
+                self.memory_bytes += max(0, _rss_bytes() - rss_before)
+                self._first_run_measured = True
             if abort.is_set():
                 raise Aborted()
             if status != 0:
@@ -2499,18 +2550,32 @@ def check_language(model: str, multilingual: bool, language: str | None) -> None
                                   f"'{language}'; use a multilingual model such as cpu-lite")
 
 
+# Until a context of a file has been loaded and measured, what it is expected to take: the
+# file, plus whisper.cpp's buffers (its KV caches and compute graphs grow with the model).
+CONTEXT_OVERHEAD_RATIO = 1.15
+CONTEXT_OVERHEAD_BYTES = 32 * MiB
+
+
 class ModelStore:
-    """What `model=` can name, and the models loaded so far (each loaded once, then kept).
+    """What `model=` can name, and the models loaded so far.
 
     A whisper.cpp context runs one transcription at a time, so a file gets up to `contexts`
-    of them (one per worker), loaded as concurrent use first needs them.
+    of them (one per worker), loaded as concurrent use first needs them. Loaded contexts stay
+    within `memory_budget` bytes: before a load, the least recently used contexts not in use are
+    unloaded; one never in use again for `idle_seconds` is unloaded too (the default model's
+    stay, so the next request does not wait for a load).
     """
 
     def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1, vad: bool = True,
                  spin_threads: bool = False, fit_short_audio: bool = False,
-                 aliases: dict[str, str] | None = None) -> None:
+                 aliases: dict[str, str] | None = None, memory_budget: int | None = None,
+                 idle_seconds: float = 0.0) -> None:
         self.models_dir = models_dir
         self.default = default
+        self.memory_budget = memory_budget or default_model_memory_bytes()
+        self.idle_seconds = idle_seconds
+        self._last_used: dict[int, float] = {}  # id(context) -> when its last transcription ended
+        self._sweeping = threading.Event()  # set: the idle sweeper is to stop
         self.user_aliases = dict(aliases or {})  # name -> a file, an alias or an OpenAI name
         self.threads = threads
         self.contexts = contexts
@@ -2525,7 +2590,9 @@ class ModelStore:
     def for_settings(cls, settings: Settings) -> ModelStore:
         return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
                    contexts=settings.workers, vad=settings.vad, spin_threads=settings.spin_threads,
-                   fit_short_audio=settings.fit_short_audio, aliases=dict(settings.model_aliases))
+                   fit_short_audio=settings.fit_short_audio, aliases=dict(settings.model_aliases),
+                   memory_budget=settings.model_memory_mb * MiB if settings.model_memory_mb else None,
+                   idle_seconds=settings.model_idle_seconds)
 
     def files(self) -> dict[str, Path]:
         """Whisper models by name: every *.bin in the models dir but the VAD model."""
@@ -2604,6 +2671,7 @@ class ModelStore:
         is checked against before any decoding or queueing."""
         canonical, path = self.resolve(name)
         check_language(canonical, is_multilingual_file(path), language)
+        self._check_fits(canonical, path)
         return canonical
 
     def get(self, name: str | None, *, vad: bool | None = None, fit_short_audio: bool | None = None) -> LoadedModel:
@@ -2624,6 +2692,7 @@ class ModelStore:
             pool = self._loaded.setdefault((path, vad_path is not None, fit), [])
             model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
             if (model is None or self._users.get(id(model))) and len(pool) < self.contexts:
+                self._make_room(self._check_fits(canonical, path))
                 model = self._load(canonical, path, vad_path, fit)
                 pool.append(model)
             self._users[id(model)] = self._users.get(id(model), 0) + 1
@@ -2632,6 +2701,73 @@ class ModelStore:
         finally:
             with self._load_lock:
                 self._users[id(model)] -= 1
+                self._last_used[id(model)] = time.monotonic()
+
+    def _expected_bytes(self, path: Path) -> int:
+        measured = [m.memory_bytes for (p, _, _), pool in self._loaded.items() if p == path for m in pool]
+        if measured:
+            return max(measured)
+        return int(path.stat().st_size * CONTEXT_OVERHEAD_RATIO) + CONTEXT_OVERHEAD_BYTES
+
+    def _check_fits(self, canonical: str, path: Path) -> int:
+        """What a context of the model is expected to take; ModelTooLarge if that is over the budget."""
+        expected = self._expected_bytes(path)
+        if expected > self.memory_budget:
+            raise ModelTooLarge(f"model '{canonical}' needs about {expected // MiB} MiB loaded, more than the "
+                                f"{self.memory_budget // MiB} MiB AUDIOTEXT_MODEL_MEMORY_MB allows")
+        return expected
+
+    def memory_in_use(self) -> int:
+        return sum(m.memory_bytes for pool in self._loaded.values() for m in pool)
+
+    def _make_room(self, needed: int) -> None:
+        """Unload the least recently used contexts nobody is using until `needed` more fits.
+        Contexts in use are never touched: the budget may be over until they are free."""
+        idle = sorted((m for pool in self._loaded.values() for m in pool if not self._users.get(id(m))),
+                      key=lambda m: self._last_used.get(id(m), 0.0))
+        while idle and self.memory_in_use() + needed > self.memory_budget:
+            self._unload(idle.pop(0), "to stay within AUDIOTEXT_MODEL_MEMORY_MB")
+        if self.memory_in_use() + needed > self.memory_budget:
+            logger.warning("loading a model beyond AUDIOTEXT_MODEL_MEMORY_MB (%d MiB): the others are in use",
+                           self.memory_budget // MiB)
+
+    def _unload(self, model: LoadedModel, why: str) -> None:
+        for key, pool in list(self._loaded.items()):
+            if model in pool:
+                pool.remove(model)
+                if not pool:
+                    del self._loaded[key]
+        self._users.pop(id(model), None)
+        self._last_used.pop(id(model), None)
+        del model._model  # whisper_free, now rather than whenever the last reference goes
+        _return_freed_memory()
+        logger.info("unloaded model %s (%d MiB) %s", model.path.stem, model.memory_bytes // MiB, why)
+
+    def unload_idle(self) -> None:
+        """Unload the contexts unused for idle_seconds, but the default model's."""
+        if self.idle_seconds <= 0:
+            return
+        default = self.find(self.default)
+        now = time.monotonic()
+        with self._load_lock:
+            for pool in list(self._loaded.values()):
+                for model in list(pool):
+                    used = self._last_used.get(id(model))
+                    if (model.path != default and not self._users.get(id(model)) and used is not None
+                            and now - used > self.idle_seconds):
+                        self._unload(model, f"after {self.idle_seconds:g} s unused")
+
+    def start_idle_sweeper(self) -> None:
+        """A thread (audiotext-model-sweeper) that calls unload_idle; close() stops it."""
+        if self.idle_seconds <= 0:
+            return
+        interval = min(60.0, max(0.1, self.idle_seconds / 4))
+
+        def sweep() -> None:
+            while not self._sweeping.wait(interval):
+                self.unload_idle()
+
+        threading.Thread(target=sweep, name="audiotext-model-sweeper", daemon=True).start()
 
     def _load(self, canonical: str, path: Path, vad_path: Path | None, fit_short_audio: bool) -> LoadedModel:
         try:
@@ -2642,6 +2778,13 @@ class ModelStore:
     def loaded(self) -> list[str]:
         return sorted({p.stem for (p, _, _), pool in list(self._loaded.items()) if pool})
 
+    def memory_by_model(self) -> dict[str, int]:
+        """Bytes each loaded model file's contexts take, by file name without .bin."""
+        sizes: dict[str, int] = {}
+        for (path, _, _), pool in list(self._loaded.items()):
+            sizes[path.stem] = sizes.get(path.stem, 0) + sum(m.memory_bytes for m in pool)
+        return {name: size for name, size in sizes.items() if size}
+
     def load_seconds(self) -> dict[str, float]:
         """How long each loaded model file took to load, by file name without .bin."""
         # No _load_lock: it is held for a whole load, and this is read on the event loop.
@@ -2649,6 +2792,7 @@ class ModelStore:
 
     def close(self) -> None:
         """Free every whisper.cpp context now, while the interpreter is whole."""
+        self._sweeping.set()
         with self._load_lock:
             self._loaded.clear()
             self._users.clear()
@@ -3598,6 +3742,11 @@ class Metrics:
         for model, seconds in sorted(self._state.models.load_seconds().items()):
             loads.add_metric([model], seconds)
         yield loads
+        memory = GaugeMetricFamily("audiotext_model_memory_bytes", "Memory each loaded model's contexts take",
+                                   labels=["model"])
+        for model, size in sorted(self._state.models.memory_by_model().items()):
+            memory.add_metric([model], size)
+        yield memory
 
 
 
@@ -3681,6 +3830,7 @@ def start_service(settings: Settings, models: ModelStore) -> AppState:
         # should stop the daemon, not fail every request.
         models.get(None)
     state = AppState(settings, models, Scheduler(settings.workers))
+    models.start_idle_sweeper()
     spool = StateLayout(settings.state_dir).spool
     spool.mkdir(parents=True, exist_ok=True)
     _clear_spool(spool)
@@ -4941,7 +5091,10 @@ async def get_model(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     state = _state(request)
+    memory = state.models.memory_by_model()
     return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
+                         "models_memory_mb": {name: round(size / MiB) for name, size in sorted(memory.items())},
+                         "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
                          "vad": state.models.uses_vad(None), "cpu_features": cpu_features()})
 

@@ -63,6 +63,7 @@ from audiotext import (
 ROOT = Path(__file__).resolve().parent
 CLIPS = ROOT / "testdata"
 TOKEN = "test-token-0123456789"
+MiB_BYTES = 1024 * 1024
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EN_WORDS = ("hello", "my name is john", "london")  # testdata/en.*: "Hello, my name is John and I live in London."
 CA_WORDS = ("barcelona", "família")  # testdata/ca.*: "El meu germà i la meva família viuen a Barcelona."
@@ -2876,6 +2877,56 @@ def scrape(client: TestClient, headers: dict[str, str] = AUTH) -> dict[tuple[str
     assert response.headers["content-type"].startswith("text/plain; version=")
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def daemon_rss(daemon: Daemon) -> int:
+    status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def test_models_are_unloaded_to_stay_within_the_memory_budget(daemon_factory: Callable[..., Daemon],
+                                                               quantized_models: Path, tmp_path: Path) -> None:
+    models = tmp_path / "three"
+    models.mkdir()
+    for name in ("ggml-tiny.en.bin", "ggml-tiny.en-q8_0.bin", "ggml-tiny.en-q5_1.bin", audiotext.VAD_MODEL_FILE):
+        (models / name).symlink_to(quantized_models / name)
+    # First learn what each takes, with room for all three.
+    roomy = daemon_factory(models=models, AUDIOTEXT_DEFAULT_MODEL="ggml-tiny.en-q5_1")
+    names = ("ggml-tiny.en", "ggml-tiny.en-q8_0", "ggml-tiny.en-q5_1")
+    for name in names:
+        assert post_clip(roomy.url, model=name).status_code == 200
+    sizes = httpx.get(roomy.url + "/healthz").json()["models_memory_mb"]
+    assert set(sizes) == set(names), sizes
+    roomy.stop()
+    # Room for the two largest, not for all three.
+    budget = sum(sorted(sizes.values())[1:]) + 4
+    assert budget < sum(sizes.values())
+    tight = daemon_factory(models=models, AUDIOTEXT_DEFAULT_MODEL="ggml-tiny.en-q5_1",
+                           AUDIOTEXT_MODEL_MEMORY_MB=str(budget))
+    base_rss = daemon_rss(tight) - sizes["ggml-tiny.en-q5_1"] * MiB_BYTES  # the default is loaded at start
+    for name in ("ggml-tiny.en", "ggml-tiny.en-q8_0", "ggml-tiny.en"):
+        response = post_clip(tight.url, model=name)
+        assert response.status_code == 200, response.text
+        assert_heard(response.json()["text"], EN_WORDS)
+        health = httpx.get(tight.url + "/healthz").json()
+        assert sum(health["models_memory_mb"].values()) <= budget, health
+        assert daemon_rss(tight) <= base_rss + (budget + 64) * MiB_BYTES  # a margin for allocator slack
+    assert "unloaded model" in tight.log() and "to stay within AUDIOTEXT_MODEL_MEMORY_MB" in tight.log()
+
+
+def test_a_model_too_large_for_the_budget_is_a_clear_400(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(model_memory_mb=150, default_model="ggml-tiny.en")
+    assert_error(post_clip(client, model="ggml-base"), 400,
+                 re.compile(r"^model 'ggml-base' needs about \d+ MiB loaded, more than the 150 MiB "
+                            r"AUDIOTEXT_MODEL_MEMORY_MB allows$"), param="model")
+
+
+def test_an_idle_model_is_unloaded_but_not_the_default(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(model_idle_seconds=0.5, default_model="ggml-tiny.en")
+    assert post_clip(client, model="ggml-base", language="en").status_code == 200
+    assert "ggml-base" in client.get("/healthz").json()["models_loaded"]
+    wait_until(lambda: client.get("/healthz").json()["models_loaded"] == ["ggml-tiny.en"],
+               what="the idle base model to be unloaded", timeout=60)
 
 
 def test_openai_model_names_and_aliases_of_ones_own(make_client: Callable[..., TestClient]) -> None:
