@@ -2132,15 +2132,15 @@ def fail_durable_write(monkeypatch: pytest.MonkeyPatch, which: Callable[[Path], 
     """The disk fills up while one of the store's files is being written."""
     real = audiotext.write_atomically
 
-    def write_atomically(dest: Path, write: Callable[[Any], None]) -> None:
+    def write_atomically(dest: Path, write: Callable[[Any], None], **options: Any) -> None:
         if not which(dest):
-            return real(dest, write)
+            return real(dest, write, **options)
 
         def write_then_fail(out: Any) -> None:
             write(out)
             raise FullDiskError()
 
-        return real(dest, write_then_fail)
+        return real(dest, write_then_fail, **options)
 
     monkeypatch.setattr(audiotext, "write_atomically", write_atomically)
 
@@ -3014,7 +3014,7 @@ def test_journal_lines_carry_their_syslog_priority() -> None:
 
 def check_env(tmp_path: Path, models: Path, **env: str) -> dict[str, str]:
     return {"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path / "state"),
-            "AUDIOTEXT_MODELS_DIR": str(models), **env}
+            "AUDIOTEXT_MODELS_DIR": str(models), "AUDIOTEXT_PORT": str(free_port()), **env}
 
 
 def test_check_loads_the_default_model_and_logs_for_journald(tmp_path: Path, models_dir: Path) -> None:
