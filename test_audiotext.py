@@ -14,6 +14,7 @@ import http.server
 import io
 import json
 import logging
+import math
 import mimetypes
 import os
 import random
@@ -2668,6 +2669,215 @@ def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Calla
             assert "weekly news" in normalized(result.json()["text"])
         assert get_job(client, job["id"])["status"] in ("canceled", "succeeded")
     assert again.stop() == 0
+
+
+# Jobs: storage faults that clear never lose an accepted job
+
+
+def fail_result_writes(monkeypatch: pytest.MonkeyPatch, code: int, times: float) -> list[int]:
+    """The disk refuses the next `times` result writes with `code`; returns the list of refusals."""
+    real = audiotext.JobFiles.write_result
+    refused: list[int] = []
+
+    def write_result(self: audiotext.JobFiles, finished: audiotext.Job, transcript: audiotext.Transcript) -> None:
+        if len(refused) < times:
+            refused.append(code)
+            raise OSError(code, os.strerror(code))
+        real(self, finished, transcript)
+
+    monkeypatch.setattr(audiotext.JobFiles, "write_result", write_result)
+    return refused
+
+
+def count_engine_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    real = audiotext.engine_runner
+    runs: list[str] = []
+
+    def runner(engine: audiotext.Engine) -> audiotext.Execute:
+        execute = real(engine)
+
+        def counted(job: audiotext.Job, audio: Path, abort: threading.Event) -> audiotext.Transcript:
+            runs.append(job.id)
+            return execute(job, audio, abort)
+
+        return counted
+
+    monkeypatch.setattr(audiotext, "engine_runner", runner)
+    return runs
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EMFILE, errno.EIO],
+                         ids=["disk_full", "read_only", "no_file_handles", "io_error"])
+def test_a_result_the_disk_refuses_is_written_once_it_takes_it(
+        make_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, code: int) -> None:
+    refused = fail_result_writes(monkeypatch, code, times=2)
+    runs = count_engine_runs(monkeypatch)
+    client = make_client()
+    caplog.set_level("INFO", logger="audiotext")
+    job = submit_job(client)
+    done = wait_for_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    assert_heard(client.get(done["result_url"], headers=AUTH).json()["text"], EN_WORDS)
+    assert refused == [code, code] and runs == [job["id"]]  # transcribed once; only the write was done again
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
+    assert [line.split()[2] for line in lines] == ["queued", "running", "hit", "queued", "running", "hit",
+                                                   "queued", "running", "succeeded"]
+    assert f"({os.strerror(code)}); queued again, retry 2 of 30 in 2 s" in lines[5]
+    faults = ("audiotext_storage_faults_total", frozenset({("what", "job_run")}))
+    assert scrape(client)[faults] == 2
+    wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["status"] == "succeeded",
+               what="jobs.json to say succeeded", timeout=30)
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": [f"{job['id']}.json"]}
+
+
+def test_storage_retries_are_bounded(make_client: Callable[..., TestClient], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fail_result_writes(monkeypatch, errno.EROFS, times=math.inf)
+    client = make_client(storage_retries=1)
+    job = submit_job(client)
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["error"]) == ("failed", {
+        "code": "storage_error", "message": "storage error: Read-only file system, still after 1 retries "
+                                            "(AUDIOTEXT_STORAGE_RETRIES)"})
+    wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["status"] == "failed",
+               what="jobs.json to say failed", timeout=30)
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+
+
+class ReadOnlyDisk:
+    """Every write and removal in the state dir fails with EROFS until `writable()`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.read_only = True
+
+        def refusing(real: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if self.read_only:
+                    raise OSError(errno.EROFS, "Read-only file system")
+                return real(*args, **kwargs)
+            return call
+
+        for name in ("write_table", "write_result", "remove"):
+            monkeypatch.setattr(audiotext.JobFiles, name, refusing(getattr(audiotext.JobFiles, name)))
+
+    def writable(self) -> None:
+        self.read_only = False
+
+
+def test_cancel_delete_and_finish_on_a_read_only_disk_leave_nothing_behind_once_writable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, scheduler = FakeEngine(), FakeScheduler()
+    (tmp_path / "tmp").mkdir()
+    store = audiotext.JobStore(tmp_path, scheduler, engine, max_queue=10, ttl_seconds=3600, keep_audio=False)
+    store.open()
+    ids = []
+    for n in range(4):
+        spooled = tmp_path / "tmp" / f"upload-{n}"
+        spooled.write_bytes(b"audio of %d" % n)
+        ids.append(store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id)
+    canceled, deleted, succeeded, failed = ids
+    before = (tmp_path / "jobs.json").read_bytes()
+    files_before = state_files(tmp_path)
+
+    disk = ReadOnlyDisk(monkeypatch)
+    assert store.cancel(canceled).status == "canceled"
+    store.delete(deleted)
+    scheduler.remove(canceled)
+    assert scheduler.run_next() == succeeded  # its result cannot be written: queued again
+    assert store.get(succeeded).status == "queued"
+    engine.outcome = "fail"  # a decoding failure, not a storage fault: the job fails, as it should
+    assert scheduler.run_next() == failed
+    assert store.get(failed).status == "failed"
+    # The disk took nothing: jobs.json and the files are as they were, which the table still explains.
+    assert (tmp_path / "jobs.json").read_bytes() == before and state_files(tmp_path) == files_before
+    store.retry_storage(math.inf)
+    assert (tmp_path / "jobs.json").read_bytes() == before
+
+    disk.writable()
+    engine.outcome = "succeed"
+    store.retry_storage(math.inf)  # what the sweeper does: write jobs.json, remove what it no longer needs
+    assert scheduler.run_next() == succeeded
+    on_disk = {j["id"]: j["status"] for j in json.loads((tmp_path / "jobs.json").read_text())["jobs"]}
+    assert on_disk == {canceled: "canceled", succeeded: "succeeded", failed: "failed"}
+    assert state_files(tmp_path) == {"tmp": [], "uploads": [], "results": [f"{succeeded}.json"]}
+    assert store.result(succeeded) == FAKE_TRANSCRIPT
+
+
+def test_a_job_whose_audio_goes_while_the_daemon_runs_fails_audio_missing(
+        make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client()
+    with worker_held(client):
+        job = submit_job(client)
+        (tmp_path / "state" / "uploads" / f"{job['id']}.webm").unlink()
+    failed = wait_for_job(client, job["id"])
+    assert (failed["status"], failed["error"]) == ("failed", {
+        "code": "audio_missing", "message": "the job's audio file is missing from the state directory's uploads/, "
+                                            "so it cannot be transcribed"})
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small file system of its own at `path`, which a test can fill or make read-only (as root,
+    a read-only mode bit would not stop the daemon)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill_up(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 1):  # then the last pages, a byte at a time
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only"])
+def test_a_disk_that_fails_under_a_running_job_loses_nothing(daemon_factory: Callable[..., Daemon], tmp_path: Path,
+                                                             ninety_seconds_wav: Path, fault: str) -> None:
+    with tmpfs(tmp_path / "state", "32m") as state:
+        server = daemon_factory(tmp_path / "home", AUDIOTEXT_STATE_DIR=str(state))
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            job = submit_file(client, ninety_seconds_wav)
+            wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+            if fault == "disk_full":
+                filler = fill_up(state)
+            else:
+                subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+            wait_until(lambda: "queued again, retry 2 of 30" in server.log(), what="the second storage fault")
+            # The job is still accepted, its audio kept; the disk shows it as it was before the fault.
+            assert get_job(client, job["id"])["status"] in ("queued", "running")
+            assert json.loads((state / "jobs.json").read_text())["jobs"][0]["status"] == "running"
+            assert (state / "uploads" / f"{job['id']}.wav").is_file()
+            if fault == "disk_full":
+                filler.unlink()
+            else:
+                subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
+            done = wait_for_job(client, job["id"], timeout=120)
+            assert done["status"] == "succeeded", done
+            assert "weekly news" in normalized(client.get(done["result_url"], headers=AUTH).json()["text"])
+            wait_until(lambda: json.loads((state / "jobs.json").read_text())["jobs"][0]["status"] == "succeeded",
+                       what="jobs.json to say succeeded", timeout=90)
+            assert state_files(state) == {"tmp": [], "uploads": [], "results": [f"{job['id']}.json"]}
+            metrics = client.get("/metrics", headers=AUTH).text
+            assert re.search(r'^audiotext_storage_faults_total\{what="job_run"\} [2-9]', metrics, re.M), metrics
+        assert server.stop() == 0, server.log()
+        assert "Traceback" not in server.log()
+
 
 
 # ---------------------------------------------------------------------------------------------
