@@ -510,10 +510,12 @@ class Episode:
         if first:
             logger.log(self._level, self._begins, detail)
 
-    def cleared(self) -> None:
+    def cleared(self, *, quiet_for: float = 0.0) -> None:
+        """It is over, if it has not recurred for `quiet_for` seconds."""
+        now = time.monotonic()
         with self._lock:
-            if self._began is not None:
-                self._close(time.monotonic())
+            if self._began is not None and now - self._last >= quiet_for:
+                self._close(now)
 
     @property
     def active(self) -> bool:
@@ -3972,9 +3974,17 @@ class ServiceMonitor:
 # Files a daemon needs besides its connections: the runtime's own, the job table, a job's audio
 # and result, a model being loaded, uploads being decoded.
 FILE_HANDLE_RESERVE = 64
-# A connection's socket, the upload it may be spooling, and one more: an accept burst takes up to
-# the listen backlog (set to the connection limit) before any of them can be refused.
+# A connection's socket, the upload it may be spooling, and one more: accept bursts (see
+# listen_backlog) take files before any of them can be refused.
 FILES_PER_CONNECTION = 3
+ACCEPT_SETTLE_SECONDS = 5.0  # this long without a refusal or a failed accept ends an episode of them
+
+
+def listen_backlog(max_connections: int) -> int:
+    """asyncio accepts up to the listen backlog in one go, and a connection refused holds its file
+    until the loop's next turns: a quarter of the limit keeps those bursts within the files
+    FILES_PER_CONNECTION sets aside."""
+    return max(8, min(2048, max_connections // 4))
 
 
 def raise_open_file_limit() -> int:
@@ -4031,11 +4041,14 @@ class ConnectionGuard:
 
     def admit(self, open_connections: int) -> bool:
         """Whether a connection just made may stay; it is counted in `open_connections`."""
-        self.accept_failures.cleared()
+        # Each end has some slack, so that a flood that goes on is one episode, not one per
+        # connection that closes and lets the next one in.
+        self.accept_failures.cleared(quiet_for=ACCEPT_SETTLE_SECONDS)
         if open_connections > self.max_connections:
             self.refusals.occurred(str(self.max_connections))
             return False
-        self.refusals.cleared()
+        if open_connections <= self.max_connections // 2:
+            self.refusals.cleared(quiet_for=ACCEPT_SETTLE_SECONDS)
         return True
 
     def handle_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -4957,10 +4970,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(settings, models=store)
     limit = connection_limit(settings.max_connections, raise_open_file_limit())
     guard = ConnectionGuard(max_connections=limit, header_timeout=settings.header_timeout_seconds)
-    # The backlog bounds how many connections one accept burst opens before any can be refused.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=math.ceil(settings.stop_grace_seconds) + ABORT_SETTLE_SECONDS,
-                            server_header=False, http=guard.protocol(), backlog=limit)
+                            server_header=False, http=guard.protocol(), backlog=listen_backlog(limit))
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; a handler that ignores it lets
     # a clean stop end with exit status 0, as a service manager expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

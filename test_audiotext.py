@@ -170,7 +170,7 @@ class Daemon:
 
 
 def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str] = (), wait: bool = True,
-                 **env: str) -> Daemon:
+                 preexec_fn: Callable[[], None] | None = None, **env: str) -> Daemon:
     port = free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
@@ -182,7 +182,7 @@ def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str
     log_path = state_dir / f"daemon-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "audiotext.py"), "serve", *args], env=environ,
-                                stdout=log, stderr=subprocess.STDOUT, cwd=state_dir)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=state_dir, preexec_fn=preexec_fn)
     daemon = Daemon(proc, f"http://127.0.0.1:{port}", state_dir, log_path)
     if wait:
         wait_until_serving(daemon)
@@ -2982,11 +2982,11 @@ def test_systemd_hears_ready_status_watchdog_and_stopping(daemon_factory: Callab
     assert server.proc.wait(60) == 0, server.log()
 
 
-def send_upload_head(url: str, body: bytes) -> socket.socket:
+def send_upload_head(url: str, body: bytes, path: str = "/v1/audio/transcriptions") -> socket.socket:
     """Open a transcription upload and send its headers only; the caller sends the body later."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
                   f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode())
     return sock
 
@@ -3287,6 +3287,195 @@ def test_check_fails_when_one_upload_would_not_fit(tmp_path: Path, models_dir: P
                            "--models-dir", str(models_dir)]) == 2
     assert (f"state dir {tmp_path} has 100 MiB free, less than one upload at the 512 MiB limit "
             "(AUDIOTEXT_MAX_UPLOAD_MB)") in capsys.readouterr().err
+
+
+
+# Service: connections
+
+
+def open_file_limit(limit: int) -> Callable[[], None]:
+    def lower() -> None:  # in the child, before it runs the daemon
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return lower
+
+
+def address(daemon: Daemon) -> tuple[str, int]:
+    host, port = daemon.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_unit_raises_the_open_file_limit_above_the_connection_limit() -> None:
+    (limit,) = unit_values("LimitNOFILE")
+    assert audiotext.connection_limit(Settings().max_connections, int(limit)) == Settings().max_connections
+
+
+def test_an_idle_connection_flood_neither_exhausts_files_nor_floods_the_log(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, ninety_seconds_wav: Path) -> None:
+    """1,100 connections that send nothing, opened again as fast as the daemon drops them, while a
+    job runs, on a daemon allowed 256 open files."""
+    import selectors
+
+    state = tmp_path / "state"
+    server = daemon_factory(state, preexec_fn=open_file_limit(256), AUDIOTEXT_MAX_CONNECTIONS="1000",
+                            AUDIOTEXT_HEADER_TIMEOUT_SECONDS="2")
+    assert "serving at most 64 connections, not AUDIOTEXT_MAX_CONNECTIONS=1000: the open-file limit is 256" in \
+        server.log()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+    log_lines = len(server.log().splitlines())
+
+    def job_status() -> str:
+        with contextlib.suppress(ValueError, OSError):
+            return json.loads((state / "jobs.json").read_text())["jobs"][0]["status"]
+        return "?"
+
+    selector = selectors.DefaultSelector()
+
+    def connect() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(address(server))
+        selector.register(sock, selectors.EVENT_READ)
+
+    most_files, answers = 0, 0
+    try:
+        for _ in range(1100):
+            connect()
+        deadline = time.monotonic() + 240
+        while job_status() != "succeeded":  # the flood lasts as long as the job
+            assert time.monotonic() < deadline and server.proc.poll() is None, server.log()[-3000:]
+            for key, _ in selector.select(timeout=0.2):  # answered or dropped by the daemon: again
+                sock = key.fileobj
+                selector.unregister(sock)
+                with contextlib.suppress(OSError):
+                    answers += bool(sock.recv(4096))
+                sock.close()
+                connect()
+            most_files = max(most_files, open_files(server.proc.pid))
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+    flood_over = time.monotonic()
+    while True:  # answered within a second of the flood ending
+        try:
+            assert httpx.get(server.url + "/healthz", timeout=1).status_code == 200
+            break
+        except (httpx.HTTPError, AssertionError):
+            assert time.monotonic() - flood_over < 1, server.log()[-3000:]
+    assert most_files < 256 and answers > 1100  # refused with a 503 rather than left to hang
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        done = get_job(client, job["id"])
+        assert done["status"] == "succeeded", done
+        assert "weekly news" in normalized(client.get(done["result_url"], headers=AUTH).json()["text"])
+    log = server.log()
+    flood_lines = log.splitlines()[log_lines:]
+    assert len(flood_lines) < 40, "\n".join(flood_lines)
+    assert "Too many open files" not in log and "Traceback" not in log
+    assert any("open connections reached the limit of 64" in line for line in flood_lines), flood_lines
+    assert server.stop() == 0
+
+
+def test_connections_past_the_limit_get_503_in_the_envelope(daemon_factory: Callable[..., Daemon]) -> None:
+    server = daemon_factory(AUDIOTEXT_MAX_CONNECTIONS="3")
+    idle = [socket.create_connection(address(server)) for _ in range(3)]
+    try:
+        with socket.create_connection(address(server)) as sock:  # the daemon takes connections in order
+            status, headers, body = read_response(sock)
+        assert (status, headers["retry-after"], headers["connection"]) == (503, "5", "close")
+        assert body == {"error": {"message": "the server has 3 connections open, its AUDIOTEXT_MAX_CONNECTIONS "
+                                             "limit; retry later", "type": "server_error", "param": None,
+                                  "code": "too_many_connections"}}
+    finally:
+        for sock in idle:
+            sock.close()
+    # Once a while has passed without a refusal, the next connection let in ends the episode.
+    wait_until(lambda: httpx.get(server.url + "/healthz").status_code == 200
+               and "open connections are below the limit again; 1 refused over" in server.log(),
+               what="the end of the refusals to be logged", timeout=60, interval=0.5)
+
+
+def send_slowly(sock: socket.socket, data: bytes, *, interval: float, timeout: float) -> bytes:
+    """Send a byte every `interval` seconds until the daemon answers or closes; what it said."""
+    sock.settimeout(interval)
+    started = time.monotonic()
+    for byte in data:
+        assert time.monotonic() - started < timeout, "the daemon never cut the client off"
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break
+        try:
+            answer = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return b""
+        return answer + (sock.recv(65536) if answer else b"")
+    sock.settimeout(timeout)
+    return sock.recv(65536)
+
+
+def test_headers_sent_a_byte_a_second_are_cut_off_with_408(daemon_factory: Callable[..., Daemon]) -> None:
+    server = daemon_factory(AUDIOTEXT_HEADER_TIMEOUT_SECONDS="2")
+    head = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n" + "X-Pad: y\r\n" * 20).encode()
+    with socket.create_connection(address(server)) as sock:
+        started = time.monotonic()
+        answer = send_slowly(sock, head, interval=0.5, timeout=30)
+        assert 2 <= time.monotonic() - started < 10
+    status_line, _, body = answer.partition(b"\r\n\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert json.loads(body)["error"] == {
+        "message": "the request's headers did not arrive within 2 s (AUDIOTEXT_HEADER_TIMEOUT_SECONDS)",
+        "type": "invalid_request_error", "param": None, "code": "request_timeout"}
+    with socket.create_connection(address(server)) as silent:  # never said a word: closed without one
+        silent.settimeout(30)
+        assert silent.recv(100) == b""
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    pytest.param("stall", "the upload stalled: nothing arrived for 2 s (AUDIOTEXT_BODY_TIMEOUT_SECONDS)", id="stall"),
+    pytest.param("trickle", "the upload is slower than 1000 bytes/s (AUDIOTEXT_MIN_UPLOAD_RATE)", id="trickle"),
+])
+def test_a_slow_upload_is_cut_off_with_408_and_its_file_removed(daemon_factory: Callable[..., Daemon],
+                                                                kind: str, message: str) -> None:
+    server = daemon_factory(AUDIOTEXT_BODY_TIMEOUT_SECONDS="2", AUDIOTEXT_MIN_UPLOAD_RATE="1000")
+    body = multipart_body({"model": "cpu-tiny"}, {"file": ("en.wav", (CLIPS / "en.wav").read_bytes(), None)})
+    for path in ("/v1/audio/transcriptions", JOBS):
+        with send_upload_head(server.url, body, path=path) as sock:
+            sock.sendall(body[:2000])  # the file part has begun: an upload is being spooled
+            wait_until(lambda: state_files(server.state_dir)["tmp"], what="the upload to be spooled", timeout=30)
+            answer = send_slowly(sock, body[2000:], interval=10 if kind == "stall" else 0.2, timeout=60)
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"\r\nconnection: close" in head, answer
+        assert json.loads(payload)["error"] == {"message": message, "type": "invalid_request_error", "param": None,
+                                                "code": "request_timeout"}
+        assert state_files(server.state_dir)["tmp"] == []
+    assert post_clip(server.url).status_code == 200
+
+
+def test_during_a_stop_new_connections_are_answered(daemon_factory: Callable[..., Daemon],
+                                                   notify_socket: NotifySocket, ninety_seconds_wav: Path) -> None:
+    server = daemon_factory(AUDIOTEXT_STOP_GRACE_SECONDS="5", **notify_socket.env)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+        server.proc.send_signal(signal.SIGTERM)
+        notify_socket.wait_for("STOPPING=1")
+        response = post_clip(server.url)
+        assert_error(response, 503, "the server is shutting down")
+        assert response.headers["retry-after"] == "30"
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    assert server.proc.wait(60) == 0, server.log()
 
 
 # ---------------------------------------------------------------------------------------------
