@@ -4039,6 +4039,46 @@ def test_a_default_model_that_cannot_load_stops_the_daemon(tmp_path: Path) -> No
     assert "ggml-base.bin is not a ggml whisper model (bad magic)" in run.stderr
 
 
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", JOBS])
+def test_a_declared_length_of_any_size_is_refused_before_reading(daemon: Daemon, path: str) -> None:
+    """h11 passes up to 20 digits; 19 and 20 are still a number, and far over the limit."""
+    host, port = daemon.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
+                      f"{CONTENT_TYPE}\r\nContent-Length: {'9' * 20}\r\n\r\n").encode())
+        sock.settimeout(30)
+        status, _, body = read_response(sock)
+    assert (status, body["error"]["message"]) == (413, "request body exceeds the 512 MiB limit")
+
+
+def test_a_token_is_matched_as_utf8(make_client: Callable[..., TestClient]) -> None:
+    token = "clé-ünïcode-☃"
+    client = make_client(api_token=token)
+    assert client.get("/v1/models", headers={"Authorization": b"Bearer " + token.encode()}).status_code == 200
+    with contextlib.suppress(UnicodeEncodeError):  # a client that sends Latin-1 sends other bytes
+        latin1 = b"Bearer " + "clé-ünïcode".encode("latin-1")
+        assert client.get("/v1/models", headers={"Authorization": latin1}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer cl"}).status_code == 401
+
+
+def test_job_files_are_private_whatever_the_umask(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        client = make_client()
+        with worker_held(client):
+            job = submit_job(client)
+            state = tmp_path / "state"
+            pending = [state / "uploads" / f"{job['id']}.webm", state / "uploads" / f"{job['id']}.json"]
+            assert {oct(p.stat().st_mode & 0o777) for p in pending} == {"0o600"}
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"
+        for path in (state / "jobs.json", state / "results" / f"{job['id']}.json"):
+            assert oct(path.stat().st_mode & 0o777) == "0o600", path
+        for folder in ("uploads", "results", "tmp"):
+            assert oct((state / folder).stat().st_mode & 0o777) == "0o700", folder
+    finally:
+        os.umask(old)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -4168,3 +4208,49 @@ def test_models_pull_reports_a_missing_file(mirror: Any, tmp_path: Path) -> None
     run = run_cli("models", "pull", "nope", "--models-dir", str(tmp_path), "--base-url", mirror.url)
     assert run.returncode == 2
     assert f"{mirror.url}/ggml-nope.bin: HTTP 404" in run.stderr
+
+
+def test_a_taken_port_fails_check_and_serve_before_ready(tmp_path: Path, models_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = check_env(tmp_path, models_dir, AUDIOTEXT_PORT=str(port), AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
+        for command in ("check", "serve"):
+            run = run_cli(command, env=env, timeout=120)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
+            assert not re.search(r"\bready\b", run.stderr) and "Traceback" not in run.stderr
+
+
+def job_table_is_a_directory(state: Path) -> str:
+    (state / "jobs.json").mkdir(parents=True)
+    return f"job table {state}/jobs.json cannot be read: Is a directory"
+
+
+def read_only_state_dir(state: Path) -> str:
+    mount = contextlib.ExitStack()
+    mount.enter_context(tmpfs(state, "1m"))
+    (state / "results").mkdir()  # as the first start left it
+    subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+    unmount_after_test.append(mount)
+    return f"state dir {state} is not usable: Read-only file system"
+
+
+unmount_after_test: list[contextlib.ExitStack] = []
+
+
+@pytest.mark.parametrize("prepare", [pytest.param(job_table_is_a_directory, id="jobs_json_is_a_directory"),
+                                     pytest.param(read_only_state_dir, id="read_only_state_dir")])
+def test_an_unusable_state_dir_is_a_message_not_a_traceback(tmp_path: Path, models_dir: Path,
+                                                            prepare: Callable[[Path], str]) -> None:
+    try:
+        message = prepare(tmp_path / "state")
+        env = check_env(tmp_path, models_dir, AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
+        for command in ("check", "serve"):
+            run = run_cli(command, env=env, timeout=120)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert message in run.stderr and "Traceback" not in run.stderr
+    finally:
+        while unmount_after_test:
+            unmount_after_test.pop().close()
