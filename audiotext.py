@@ -18,6 +18,11 @@ client sends is executed; a log line never carries a token or a transcript.
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
 client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part.
+Connections: 500 at once, below the open-file limit (AUDIOTEXT_MAX_CONNECTIONS, 503 past it);
+headers within 20 s, uploads that neither stall for 30 s nor average under 1 KiB/s (408).
+
+A storage fault that clears (a full or read-only disk, no file handles) never loses an accepted
+job: it runs again once the disk takes writes (AUDIOTEXT_STORAGE_RETRIES).
 
 As a service (audiotext.service, ``Type=notify``): READY=1 once the port is bound and the default
 model loaded, STATUS= with the queue, WATCHDOG=1 while the event loop answers. On SIGTERM, uploads
