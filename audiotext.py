@@ -4225,6 +4225,20 @@ def _configure_logging() -> None:
         logger.warning("AUDIOTEXT_LOG_LEVEL=%s is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", level)
     # pywhispercpp narrates each call at INFO; the request line already says what happened.
     logging.getLogger("pywhispercpp").setLevel(level if level == "DEBUG" else logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(client_mistakes_at_debug)
+
+
+# What uvicorn logs at WARNING about a single client's request, for anyone to cause at will.
+UVICORN_CLIENT_MISTAKES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+
+def client_mistakes_at_debug(record: logging.LogRecord) -> bool:
+    """A logging filter: uvicorn's warnings about one client's bad request become DEBUG lines, as
+    the daemon's own are, so that a client sending garbage cannot fill the log."""
+    if record.levelno == logging.WARNING and record.getMessage() in UVICORN_CLIENT_MISTAKES:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3403,6 +3403,37 @@ def test_connections_past_the_limit_get_503_in_the_envelope(daemon_factory: Call
                what="the end of the refusals to be logged", timeout=60, interval=0.5)
 
 
+def test_failed_accepts_are_one_line_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    guard = audiotext.ConnectionGuard(max_connections=10, header_timeout=20)
+    loop = asyncio.new_event_loop()
+    try:
+        caplog.set_level("DEBUG")
+        for _ in range(1000):  # what asyncio's accept loop reports while the process has no files left
+            guard.handle_loop_exception(loop, {"message": "socket.accept() out of system resource",
+                                               "exception": OSError(errno.EMFILE, "Too many open files")})
+        guard.handle_loop_exception(loop, {"message": "something else", "exception": RuntimeError("other")})
+    finally:
+        loop.close()
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == ("audiotext", "ERROR", "cannot accept connections: Too many open files; retrying each second")
+    assert [name for name, _, _ in lines[1:]] == ["asyncio"]  # anything else still goes to asyncio's handler
+    guard.accept_failures._last -= audiotext.ACCEPT_SETTLE_SECONDS  # as if a quiet while had passed
+    assert guard.admit(1)
+    assert re.fullmatch(r"accepting connections again after 1000 failed accept\(s\) over \d+ s",
+                        caplog.records[-1].getMessage())
+
+
+def test_garbage_requests_do_not_fill_the_log(daemon: Daemon) -> None:
+    before = len(daemon.log().splitlines())
+    for _ in range(20):
+        with socket.create_connection(address(daemon)) as sock:
+            sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            sock.settimeout(30)
+            assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+    assert httpx.get(daemon.url + "/healthz").status_code == 200
+    assert len(daemon.log().splitlines()) - before < 3, daemon.log().splitlines()[before:]
+
+
 def send_slowly(sock: socket.socket, data: bytes, *, interval: float, timeout: float) -> bytes:
     """Send a byte every `interval` seconds until the daemon answers or closes; what it said."""
     sock.settimeout(interval)
