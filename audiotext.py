@@ -522,10 +522,6 @@ class Episode:
             if self._began is not None and now - self._last >= quiet_for:
                 self._close(now)
 
-    @property
-    def active(self) -> bool:
-        return self._began is not None
-
     def _close(self, now: float) -> None:
         assert self._began is not None
         logger.warning(self._ends, self.count, now - self._began)
@@ -3211,8 +3207,10 @@ class JobStore:
         self._table_faults = 0  # failed writes of jobs.json in a row
         self._table_retry_at = 0.0
         self._table_episode = Episode(
-            "cannot write the job table jobs.json: %s; jobs stay in memory and are written as soon as the disk "
-            "takes it", "wrote the job table again after %d failed attempt(s) over %.0f s", quiet_seconds=3600)
+            "the state dir refuses writes (%s): the job table stays in memory, and jobs.json and the job files "
+            "are brought up to date as soon as it takes them",
+            "the state dir takes writes again: jobs.json written after %d failed attempt(s) over %.0f s",
+            quiet_seconds=3600)
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._seq = itertools.count()
