@@ -18,6 +18,11 @@ client sends is executed; a log line never carries a token or a transcript.
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
 client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part.
+Connections: 500 at once, below the open-file limit (AUDIOTEXT_MAX_CONNECTIONS, 503 past it);
+headers within 20 s, uploads that neither stall for 30 s nor average under 1 KiB/s (408).
+
+A storage fault that clears (a full or read-only disk, no file handles) never loses an accepted
+job: it runs again once the disk takes writes (AUDIOTEXT_STORAGE_RETRIES).
 
 As a service (audiotext.service, ``Type=notify``): READY=1 once the port is bound and the default
 model loaded, STATUS= with the queue, WATCHDOG=1 while the event loop answers. On SIGTERM, uploads
@@ -71,6 +76,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Protocol
@@ -158,6 +164,13 @@ def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
     return tuple(ipaddress.ip_network(word, strict=False) for word in _comma_list(text))
 
 
+def _whole(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -226,6 +239,17 @@ SETTINGS: tuple[Setting, ...] = (
             "a Wyoming client silent this long is disconnected, seconds"),
     Setting("wyoming_max_sessions", "AUDIOTEXT_WYOMING_MAX_SESSIONS", "--wyoming-max-sessions", _positive_int,
             "Wyoming connections served at once; more are told so and closed"),
+    Setting("max_connections", "AUDIOTEXT_MAX_CONNECTIONS", "--max-connections", _positive_int,
+            "connections open at once; past it a new one gets 503 (lowered to fit the open-file limit)"),
+    Setting("header_timeout_seconds", "AUDIOTEXT_HEADER_TIMEOUT_SECONDS", "--header-timeout-seconds",
+            _positive_float, "a request's headers must arrive within this many seconds, else 408"),
+    Setting("body_timeout_seconds", "AUDIOTEXT_BODY_TIMEOUT_SECONDS", "--body-timeout-seconds", _positive_float,
+            "an upload that sends nothing for this many seconds is cut off with 408"),
+    Setting("min_upload_rate", "AUDIOTEXT_MIN_UPLOAD_RATE", "--min-upload-rate", _positive_int,
+            "slowest upload accepted, bytes per second on average, after its first body timeout's worth"),
+    Setting("storage_retries", "AUDIOTEXT_STORAGE_RETRIES", "--storage-retries", _whole,
+            "times a job is run again after a storage fault (disk full or read-only, no file handles) "
+            "before it fails with storage_error"),
 )
 
 
@@ -261,6 +285,11 @@ class Settings:
     wyoming_max_audio_seconds: float = 60.0
     wyoming_idle_seconds: float = 10.0
     wyoming_max_sessions: int = 8
+    max_connections: int = 500
+    header_timeout_seconds: float = 20.0
+    body_timeout_seconds: float = 30.0
+    min_upload_rate: int = 1024
+    storage_retries: int = 30
     no_auth: bool = False
 
     @property
@@ -367,6 +396,18 @@ class BodyTooLarge(MultipartError):
     status_code = 413
 
 
+class RequestTimeout(Exception):
+    """A client that sends its request too slowly: headers, or an upload that stalls or trickles."""
+
+
+class TooManyConnections(Exception):
+    """Every connection the daemon allows is open; this one is answered and closed at once."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the server has {limit} connections open, its AUDIOTEXT_MAX_CONNECTIONS limit; "
+                         "retry later")
+
+
 class AudioError(Exception):
     """The upload is not audio we can use: empty, undecodable, silent of samples, or too long."""
 
@@ -442,6 +483,7 @@ class WyomingSessionError(Exception):
 # the port closed.
 RETRY_AFTER_STOP_SECONDS = 30
 QUEUE_FULL_RETRY_SECONDS = 30
+BUSY_RETRY_SECONDS = 5  # connections free up as fast as requests finish
 
 
 @dataclass(frozen=True)
@@ -454,6 +496,7 @@ class ErrorMeaning:
     message: str | None = None  # said instead of the exception's own words
     retry_after: int | None = None
     job_code: str | None = None  # when a job's error.code differs from the HTTP code
+    closes_connection: bool = False  # the client may still be sending: the answer ends the connection
 
 
 _CLIENT, _SERVER, _NOT_FOUND = "invalid_request_error", "server_error", "not_found_error"
@@ -469,6 +512,9 @@ ERROR_TABLE: dict[type[BaseException], ErrorMeaning] = {
     InvalidRequest: ErrorMeaning(400, _CLIENT, None, job_code="invalid_request"),
     AudioError: ErrorMeaning(400, _CLIENT, "invalid_audio"),
     Aborted: ErrorMeaning(499, _CLIENT, "aborted", "the transcription was aborted"),
+    RequestTimeout: ErrorMeaning(408, _CLIENT, "request_timeout", closes_connection=True),
+    TooManyConnections: ErrorMeaning(503, _SERVER, "too_many_connections", retry_after=BUSY_RETRY_SECONDS,
+                                     closes_connection=True),
     ClientDisconnect: ErrorMeaning(499, _CLIENT, "client_disconnected",
                                    "the client disconnected before the upload was complete"),
     JobNotFound: ErrorMeaning(404, _NOT_FOUND, "job_not_found"),
@@ -507,6 +553,73 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"storage error: {exc.strerror or exc}"
     return str(exc)
+
+
+def error_envelope(exc: BaseException) -> dict[str, Any]:
+    """OpenAI's error body for an exception, for the places that answer below the app."""
+    meaning = meaning_of(exc)
+    return {"error": {"message": describe(exc), "type": meaning.type, "param": getattr(exc, "param", None),
+                      "code": meaning.code}}
+
+
+# A disk that filled up or turned read-only, a process or system out of file handles, an I/O
+# error: faults an operator clears, after which the same write succeeds.
+TRANSIENT_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE,
+                                      errno.EIO})
+
+
+def transient_storage_fault(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` (itself, or what it was raised from) if it is one that clears."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; the bound only guards against a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in TRANSIENT_STORAGE_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class Episode:
+    """A condition that can recur thousands of times a second (no file handles to accept with, a
+    full disk): one line when it begins, one when it is over, with the count in between.
+
+    It is over when cleared(), or when it has not recurred for `quiet_seconds`. Thread-safe.
+    """
+
+    def __init__(self, begins: str, ends: str, *, quiet_seconds: float = 60.0, level: int = logging.ERROR) -> None:
+        self._begins, self._ends = begins, ends  # %-formats: (detail,) and (count, seconds)
+        self._quiet = quiet_seconds
+        self._level = level
+        self._lock = threading.Lock()
+        self._began: float | None = None
+        self._last = 0.0
+        self.count = 0
+
+    def occurred(self, detail: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._began is not None and now - self._last > self._quiet:
+                self._close(self._last)
+            first = self._began is None
+            if first:
+                self._began, self.count = now, 0
+            self.count += 1
+            self._last = now
+        if first:
+            logger.log(self._level, self._begins, detail)
+
+    def cleared(self, *, quiet_for: float = 0.0) -> None:
+        """It is over, if it has not recurred for `quiet_for` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if self._began is not None and now - self._last >= quiet_for:
+                self._close(now)
+
+    def _close(self, now: float) -> None:
+        assert self._began is not None
+        logger.warning(self._ends, self.count, now - self._began)
+        self._began = None
 
 
 def log_unexpected(exc: BaseException, where: str) -> None:
@@ -575,11 +688,20 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(dest: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Readers see the old file or the whole new one, never a part, even across a power cut."""
+# Uploads, transcripts and the job table are the clients' data: the daemon's user only, whatever
+# the umask (uploads are spooled by mkstemp, which does the same).
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def write_atomically(dest: Path, write: Callable[[BinaryIO], None], *, mode: int = 0o666) -> None:
+    """Readers see the old file or the whole new one, never a part, even across a power cut.
+    The file gets `mode`, or by default what open() gives: 0666 less the umask."""
     temp = dest.with_name(dest.name + ".part")
     try:
-        with open(temp, "wb") as out:
+        with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode), "wb") as out:
+            if mode != 0o666:
+                os.fchmod(out.fileno(), mode)  # a .part left by a crash keeps its old mode otherwise
             write(out)
             out.flush()
             os.fsync(out.fileno())
@@ -2997,6 +3119,8 @@ class Scheduler:
 
 JOBS_SCHEMA = 1
 MAX_INTERRUPTED_ATTEMPTS = 3  # a job the process died under this many times is given up on
+STORAGE_RETRY_SECONDS = (1.0, 60.0)  # the pause after a first storage fault, doubling up to the second
+AUDIO_MISSING = "the job's audio file is missing from the state directory's uploads/, so it cannot be transcribed"
 SWEEP_INTERVAL_SECONDS = (0.1, 60.0)  # bounds; a tenth of the TTL in between
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
@@ -3049,6 +3173,8 @@ class Job:
     # wait on a transcription.
     seconds_done: float = 0.0
     cancel_requested: bool = False
+    storage_faults: int = 0  # runs a storage fault put back in the queue, in this process
+    held_transcript: Transcript | None = None  # a run's, finished but not yet written to results/
 
     def record_progress(self, seconds_done: float, seconds_total: float) -> None:
         self.audio_seconds = round(seconds_total, 3)
@@ -3138,6 +3264,11 @@ def transcript_to_json(transcript: Transcript) -> dict[str, Any]:
 def transcript_from_json(data: dict[str, Any]) -> Transcript:
     return Transcript(**{**data, "segments": [Segment(**s) for s in data["segments"]],
                          "words": [Word(**w) for w in data["words"]]})
+
+
+def storage_retry_delay(fault_count: int) -> float:
+    first, most = STORAGE_RETRY_SECONDS
+    return min(most, first * 2 ** (fault_count - 1))
 
 
 def job_failure(exc: BaseException) -> JobFailure:
@@ -3253,7 +3384,7 @@ class JobFiles:
         """Durably move a validated upload in, with the record that can rebuild its job."""
         audio, sidecar = self.audio(job), self.sidecar(job)
         try:
-            write_atomically(sidecar, dump_json({"schema": JOBS_SCHEMA, "job": job.record()}))
+            write_atomically(sidecar, dump_json({"schema": JOBS_SCHEMA, "job": job.record()}), mode=PRIVATE_FILE_MODE)
             fsync_file(spooled)
             os.replace(spooled, audio)
             fsync_directory(self.layout.uploads)
@@ -3263,21 +3394,23 @@ class JobFiles:
 
     def write_result(self, finished: Job, transcript: Transcript) -> None:
         write_atomically(self.result(finished), dump_json(
-            {"schema": JOBS_SCHEMA, "job": finished.record(), "transcript": transcript_to_json(transcript)}))
+            {"schema": JOBS_SCHEMA, "job": finished.record(), "transcript": transcript_to_json(transcript)}),
+            mode=PRIVATE_FILE_MODE)
 
     def read_result(self, job: Job) -> Transcript:
         data = json.loads(self.result(job).read_bytes())
         return transcript_from_json(data["transcript"])
 
     def write_table(self, records: list[dict[str, Any]]) -> None:
-        write_atomically(self.layout.job_table, dump_json({"schema": JOBS_SCHEMA, "jobs": records}))
+        write_atomically(self.layout.job_table, dump_json({"schema": JOBS_SCHEMA, "jobs": records}),
+                         mode=PRIVATE_FILE_MODE)
 
     # -- at start
 
     def load_table(self) -> list[Job]:
         """The jobs in jobs.json; when it is unreadable, set it aside and rebuild from the files."""
-        self.layout.uploads.mkdir(parents=True, exist_ok=True)
-        self.layout.results.mkdir(parents=True, exist_ok=True)
+        self.layout.uploads.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        self.layout.results.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         table = self.layout.job_table
         try:
             raw = table.read_bytes()
@@ -3325,8 +3458,7 @@ class JobFiles:
                 _fail_at_start(job, "interrupted", f"the daemon stopped {job.attempts} times while "
                                "transcribing this job (a crash or a kill each time); giving up on it")
         if job.status == QUEUED and not self.audio(job).is_file():
-            _fail_at_start(job, "audio_missing", "the job's audio file is missing from the state "
-                           "directory's uploads/, so it cannot be transcribed")
+            _fail_at_start(job, "audio_missing", AUDIO_MISSING)
         if job.status == SUCCEEDED and not self.result(job).is_file():
             _fail_at_start(job, "result_missing", "the job's result file is missing from the state "
                            "directory's results/")
@@ -3346,29 +3478,50 @@ class JobStore:
     """The job table and each job's lifecycle, run on the scheduler. Knows nothing of HTTP.
 
     Threads: the scheduler's workers run jobs here; start_sweeping() starts one more thread,
-    audiotext-job-sweeper, that close() joins. Files: through JobFiles, and jobs.json after every
-    change. Locks, always taken in this order: `_save_lock` (one writer of jobs.json), then `_lock`
-    (the table; held for microseconds, never across I/O), then the scheduler's own, which
-    submit() and remove() take while `_lock` is held.
+    audiotext-job-sweeper, that close() joins: it removes expired jobs and does again what a
+    storage fault stopped (see retry_storage). Files: through JobFiles, and jobs.json after every
+    change; a job's files are removed only once jobs.json no longer needs them. Locks, always
+    taken in this order: `_save_lock` (one writer of jobs.json), then `_lock` (the table; held for
+    microseconds, never across I/O), then the scheduler's own, which submit() and remove() take
+    while `_lock` is held.
+
+    A storage fault that clears (TRANSIENT_STORAGE_ERRNOS) never loses an accepted job: a run it
+    stops goes back to the queue and runs again after a pause, up to `storage_retries` times; a
+    jobs.json it cannot write is written again until it can, the table in memory staying the
+    authority meanwhile.
     """
 
     def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, *, max_queue: int,
-                 ttl_seconds: float, keep_audio: bool,
-                 on_transition: Callable[[Job], None] = lambda job: None) -> None:
+                 ttl_seconds: float, keep_audio: bool, storage_retries: int = 30,
+                 on_transition: Callable[[Job], None] = lambda job: None,
+                 on_storage_fault: Callable[[str], None] = lambda what: None) -> None:
         self.layout = StateLayout(state_dir)
         self.files = JobFiles(self.layout, keep_audio=keep_audio)
         self._on_transition = on_transition  # each status change, for the log and the metrics
+        self._on_storage_fault = on_storage_fault  # "job_run" or "job_table", for the metrics
         self._scheduler = scheduler
         self._execute = execute
         self.max_queue = max_queue
         self.ttl_seconds = ttl_seconds
+        self.storage_retries = storage_retries
         self._jobs: dict[str, Job] = {}
         self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
+        self._retry_at: dict[str, float] = {}  # queued again after a storage fault: when to submit (monotonic)
+        self._untidy: dict[str, Job] = {}  # jobs whose unneeded files wait for jobs.json to be written
+        self._disk_behind = False  # jobs.json, or a file it no longer needs, could not be written or removed
+        self._table_faults = 0  # failed writes of jobs.json in a row
+        self._table_retry_at = 0.0
+        self._table_episode = Episode(
+            "the state dir refuses writes (%s): the job table stays in memory, and jobs.json and the job files "
+            "are brought up to date as soon as it takes them",
+            "the state dir takes writes again: jobs.json written after %d failed attempt(s) over %.0f s",
+            quiet_seconds=3600)
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._seq = itertools.count()
         self._sweeper: threading.Thread | None = None
-        self._stop_sweeping = threading.Event()
+        self._wake = threading.Event()  # the sweeper recomputes when it is next due
+        self._closing = False
 
     # -- reading
 
@@ -3467,6 +3620,7 @@ class JobStore:
                                                  or self._scheduler.remove(job_id))
             if dequeued:
                 self._work.pop(job_id, None)
+                self._retry_at.pop(job_id, None)
                 mark_finished(job, CANCELED)
             elif work is not None:
                 work.abort.set()  # whisper.cpp polls it between steps; the runner records the cancel
@@ -3481,11 +3635,13 @@ class JobStore:
             if job is None:
                 raise JobNotFound(job_id)
             job.cancel_requested = True
+            self._retry_at.pop(job_id, None)
             work = self._work.pop(job_id, None)
             if work is not None and not self._scheduler.remove(job_id):
                 work.abort.set()
-        self.save()
-        self._tidy(job)
+            self._untidy[job.id] = job
+        # On a disk that refuses the write, the delete still stands: the sweeper writes it later.
+        self._save_quietly()
         logger.info("job %s deleted", job_id)
 
     def sweep(self, now: float) -> int:
@@ -3495,10 +3651,9 @@ class JobStore:
                        if j.status in FINISHED_STATUSES and (j.finished_at or j.created_at) + self.ttl_seconds <= now]
             for job in expired:
                 del self._jobs[job.id]
+                self._untidy[job.id] = job
         if expired:
-            self.save()
-            for job in expired:
-                self._tidy(job)
+            self._save_quietly()
             logger.info("removed %d finished job(s) older than %g hours", len(expired), self.ttl_seconds / 3600)
         return len(expired)
 
@@ -3525,17 +3680,59 @@ class JobStore:
             self._fail_after_fault(job_id, exc)
         finally:
             with self._lock:
-                self._work.pop(job_id, None)
+                work = self._work.get(job_id)
+                if work is not None and work.abort is abort:  # not a later run's, queued after a fault
+                    del self._work[job_id]
 
     def _transcribe(self, job: Job, abort: threading.Event) -> None:
-        try:
-            transcript = self._execute(job, self.files.audio(job), abort)
-        except Aborted:
-            self._aborted(job)
-        except Exception as exc:
-            self._finish(job, FAILED, error=job_failure(exc))
-        else:
-            self._succeed(job, transcript)
+        transcript, job.held_transcript = job.held_transcript, None
+        if transcript is None:
+            try:
+                transcript = self._execute(job, self.files.audio(job), abort)
+            except Aborted:
+                self._aborted(job)
+                return
+            except Exception as exc:
+                if not self._retry_later(job, exc):
+                    self._finish(job, FAILED, error=self._failure(job, exc))
+                return
+        self._succeed(job, transcript)
+
+    def _failure(self, job: Job, exc: Exception) -> JobFailure:
+        if not self.files.audio(job).exists():
+            return JobFailure("audio_missing", AUDIO_MISSING)  # removed while the daemon ran
+        fault = transient_storage_fault(exc)
+        if fault is not None:
+            return JobFailure("storage_error", f"storage error: {fault.strerror or fault}, still after "
+                              f"{job.storage_faults} retries (AUDIOTEXT_STORAGE_RETRIES)")
+        return job_failure(exc)
+
+    def _retry_later(self, job: Job, exc: Exception) -> bool:
+        """Put a run that a storage fault stopped back in the queue, to run again after a pause;
+        False when the fault is not one that clears, or the job's retries are spent."""
+        fault = transient_storage_fault(exc)
+        if fault is None or job.storage_faults >= self.storage_retries:
+            return False
+        with self._lock:
+            present = self._jobs.get(job.id) is job
+            if present and not job.cancel_requested:
+                job.storage_faults += 1
+                job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
+                delay = storage_retry_delay(job.storage_faults)
+                self._retry_at[job.id] = time.monotonic() + delay
+            else:
+                present = False
+        if not present:  # canceled or deleted meanwhile
+            job.held_transcript = None
+            self._finish(job, CANCELED)
+            return True
+        logger.warning("job %s hit a storage fault (%s); queued again, retry %d of %d in %g s", job.id,
+                       fault.strerror or fault, job.storage_faults, self.storage_retries, delay)
+        self._on_storage_fault("job_run")
+        self._save_quietly()
+        self._announce(job)
+        self._wake.set()
+        return True
 
     def _start(self, job_id: str) -> Job | None:
         with self._lock:
@@ -3575,7 +3772,10 @@ class JobStore:
             # Durable before the job says succeeded: a succeeded job always has its result.
             self.files.write_result(finished, transcript)
         except OSError as exc:
-            self._finish(job, FAILED, error=job_failure(exc))
+            job.held_transcript = transcript  # the next run only has to write it
+            if not self._retry_later(job, exc):
+                job.held_transcript = None
+                self._finish(job, FAILED, error=self._failure(job, exc))
             return
         self._finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
                      audio_seconds=transcript.duration)
@@ -3587,8 +3787,10 @@ class JobStore:
                 mark_finished(job, status, error=error, **changes)
         if present:
             self._after_finish(job)
-        else:
-            self._tidy(job)  # deleted while it ran: whatever the run wrote goes too
+        else:  # deleted while it ran: whatever the run wrote goes too, once jobs.json says so
+            with self._lock:
+                self._untidy[job.id] = job
+            self._save_quietly()
 
     def _fail_after_fault(self, job_id: str, exc: Exception) -> None:
         """The last word on a run that raised where nothing should: logged, failed, saved."""
@@ -3598,14 +3800,16 @@ class JobStore:
             if job is None or job.status in FINISHED_STATUSES:
                 return
             mark_finished(job, FAILED, error=JobFailure("internal_error", "internal error while transcribing"))
-        if self._save_quietly():
-            self._tidy(job)
+            self._untidy[job.id] = job
+        self._save_quietly()
         self._announce_quietly(job)
 
     def _after_finish(self, job: Job) -> None:
-        # While jobs.json on disk still says otherwise, the files it points to must stay.
-        if self._save_quietly():
-            self._tidy(job)
+        # While jobs.json on disk still says otherwise, the files it points to must stay: they
+        # go once it has been written, now or when the disk takes writes again.
+        with self._lock:
+            self._untidy[job.id] = job
+        self._save_quietly()
         self._announce(job)
 
     def _announce(self, job: Job) -> None:
@@ -3626,20 +3830,71 @@ class JobStore:
     # -- persistence
 
     def save(self) -> None:
-        """Snapshot under the table lock, then write jobs.json atomically outside it."""
+        """Snapshot under the table lock, then write jobs.json atomically outside it; then remove
+        the files of the jobs it no longer needs them for."""
         with self._save_lock:
             with self._lock:
                 records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
-            self.files.write_table(records)
+            try:
+                self.files.write_table(records)
+            except OSError as exc:
+                self._disk_refused(exc)
+                raise
+            with self._lock:
+                written, self._untidy = self._untidy, {}
+            self._tidy_written(list(written.values()))
+
+    def _tidy_written(self, jobs: list[Job]) -> None:
+        failed: OSError | None = None
+        for job in jobs:
+            try:
+                self._tidy(job)
+            except OSError as exc:
+                failed = exc
+                with self._lock:
+                    self._untidy.setdefault(job.id, job)
+        if failed is not None:
+            self._disk_refused(failed)
+            return
+        with self._lock:
+            self._disk_behind, self._table_faults = False, 0
+        self._table_episode.cleared()
+
+    def _disk_refused(self, exc: OSError) -> None:
+        """jobs.json or a file removal failed: the sweeper tries again after a pause."""
+        with self._lock:
+            self._disk_behind = True
+            self._table_faults += 1
+            self._table_retry_at = time.monotonic() + storage_retry_delay(self._table_faults)
+        self._table_episode.occurred(str(exc.strerror or exc))
+        self._on_storage_fault("job_table")
+        self._wake.set()
 
     def _save_quietly(self) -> bool:
-        # On a worker thread there is no one to tell; the next successful save carries the change.
+        # On a worker thread there is no one to tell; the sweeper writes it again (retry_storage).
         try:
             self.save()
-        except OSError as exc:
-            logger.error("could not write %s: %s", self.layout.job_table, exc)
+        except OSError:
             return False
         return True
+
+    def retry_storage(self, now: float) -> None:
+        """What waits on the disk: runs due again after a storage fault, and, after a failed
+        write, jobs.json with the files it no longer needs. `now` is time.monotonic()."""
+        with self._lock:
+            due = [job_id for job_id, at in self._retry_at.items() if at <= now]
+            for job_id in due:
+                del self._retry_at[job_id]
+            write = self._disk_behind and self._table_retry_at <= now
+        if write:
+            self._save_quietly()
+        for job_id in due:
+            self._submit(job_id)
+
+    def _next_retry(self) -> float:
+        with self._lock:
+            times = list(self._retry_at.values()) + ([self._table_retry_at] if self._disk_behind else [])
+        return min(times, default=math.inf)
 
     # -- start and stop
 
@@ -3666,18 +3921,27 @@ class JobStore:
         self._sweeper.start()
 
     def _sweep_loop(self, interval: float) -> None:
-        while not self._stop_sweeping.wait(interval):
-            try:
+        next_sweep = time.monotonic() + interval
+        while True:
+            self._wake.clear()
+            if self._closing:
+                return
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + interval
                 self.sweep(time.time())
-            except OSError as exc:
-                logger.error("could not remove expired jobs: %s", exc)
+            self.retry_storage(now)
+            self._wake.wait(max(0.0, min(next_sweep, self._next_retry()) - time.monotonic()))
 
     def close(self) -> None:
-        """After the workers have stopped: stop sweeping, write the final table."""
-        self._stop_sweeping.set()
+        """After the workers have stopped: stop sweeping, write the final table. Runs waiting
+        out a storage fault stay queued in it for the next start."""
+        self._closing = True
+        self._wake.set()
         if self._sweeper is not None:
             self._sweeper.join()
-        self._save_quietly()
+        if not self._save_quietly():
+            logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3716,6 +3980,10 @@ class Metrics:
                                        registry=registry)
         self.sessions = Counter("audiotext_sessions", "Sessions of a protocol other than HTTP, by how they ended",
                                 ["protocol", "outcome"], registry=registry)
+        self.storage_faults = Counter("audiotext_storage_faults",
+                                      "Storage faults that clear (full or read-only disk, no file handles), by what "
+                                      "they stopped: a job's run (queued again) or a write of the job table",
+                                      ["what"], registry=registry)
         # The job table replaces this with its own count of jobs by status.
         self.count_jobs: Callable[[], dict[str, int]] = dict
         registry.register(self)
@@ -3808,7 +4076,9 @@ def open_jobs(state: AppState) -> JobStore:
     settings = state.settings
     store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine),
                      max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
-                     keep_audio=settings.keep_audio, on_transition=lambda job: announce_job(state, job))
+                     keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
+                     on_transition=lambda job: announce_job(state, job),
+                     on_storage_fault=lambda what: state.metrics.storage_faults.labels(what).inc())
     state.metrics.count_jobs = store.status_counts
     store.open()
     store.start_sweeping()
@@ -3832,7 +4102,7 @@ def start_service(settings: Settings, models: ModelStore) -> AppState:
     state = AppState(settings, models, Scheduler(settings.workers))
     models.start_idle_sweeper()
     spool = StateLayout(settings.state_dir).spool
-    spool.mkdir(parents=True, exist_ok=True)
+    spool.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
     _clear_spool(spool)
     state.scheduler.start()
     try:
@@ -3840,8 +4110,6 @@ def start_service(settings: Settings, models: ModelStore) -> AppState:
     except BaseException:
         state.scheduler.stop(grace=0)  # startup fails; leave no worker behind
         raise
-    logger.info("audiotext %s ready, %d worker(s) x %d thread(s)", __version__, settings.workers,
-                settings.threads_per_worker)
     return state
 
 
@@ -4037,6 +4305,157 @@ class ServiceMonitor:
         self._beats_run += 1
 
 
+# Connections: a limit below the open-file limit, deadlines for slow clients, and one log line
+# per episode of exhaustion.
+
+# Files a daemon needs besides its connections: the runtime's own, the job table, a job's audio
+# and result, a model being loaded, uploads being decoded.
+FILE_HANDLE_RESERVE = 64
+# A connection's socket, the upload it may be spooling, and one more: accept bursts (see
+# listen_backlog) take files before any of them can be refused.
+FILES_PER_CONNECTION = 3
+ACCEPT_SETTLE_SECONDS = 5.0  # this long without a refusal or a failed accept ends an episode of them
+
+
+def listen_backlog(max_connections: int) -> int:
+    """asyncio accepts up to the listen backlog in one go, and a connection refused holds its file
+    until the loop's next turns: a quarter of the limit keeps those bursts within the files
+    FILES_PER_CONNECTION sets aside."""
+    return max(8, min(2048, max_connections // 4))
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one, as servers do (systemd leaves a soft
+    1024 unless the unit sets LimitNOFILE=); returns the limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+    return soft
+
+
+def connection_limit(wanted: int, file_limit: int) -> int:
+    """AUDIOTEXT_MAX_CONNECTIONS, lowered if need be so that connections cannot use up the files."""
+    fitting = max(1, (file_limit - FILE_HANDLE_RESERVE) // FILES_PER_CONNECTION)
+    if wanted > fitting:
+        logger.warning("serving at most %d connections, not AUDIOTEXT_MAX_CONNECTIONS=%d: the open-file limit is "
+                       "%d (raise it with LimitNOFILE= or ulimit -n)", fitting, wanted, file_limit)
+    return min(wanted, fitting)
+
+
+def raw_error_response(exc: Exception) -> bytes:
+    """A whole HTTP/1.1 answer in the error envelope that ends the connection, for the protocol
+    level, where there is no app to render it."""
+    meaning = meaning_of(exc)
+    body = json.dumps(error_envelope(exc)).encode()
+    head = [f"HTTP/1.1 {meaning.status} {HTTPStatus(meaning.status).phrase}", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close"]
+    if meaning.retry_after:
+        head.append(f"retry-after: {meaning.retry_after}")
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + body
+
+
+class ConnectionGuard:
+    """What one server's connections share: their limit, the deadline for a request's headers,
+    and the log of exhaustion. asyncio logs a traceback for every accept() that fails for want of
+    file handles, thousands a second; here each episode is one line when it begins and one when
+    it ends. The event loop's thread only."""
+
+    def __init__(self, *, max_connections: int, header_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.refusals = Episode("open connections reached the limit of %s (AUDIOTEXT_MAX_CONNECTIONS); new ones "
+                                "get 503 until some close", "open connections are below the limit again; %d "
+                                "refused over %.0f s", level=logging.WARNING)
+        self.accept_failures = Episode("cannot accept connections: %s; retrying each second",
+                                       "accepting connections again after %d failed accept(s) over %.0f s")
+
+    def admit(self, open_connections: int) -> bool:
+        """Whether a connection just made may stay; it is counted in `open_connections`."""
+        # Each end has some slack, so that a flood that goes on is one episode, not one per
+        # connection that closes and lets the next one in.
+        self.accept_failures.cleared(quiet_for=ACCEPT_SETTLE_SECONDS)
+        if open_connections > self.max_connections:
+            self.refusals.occurred(str(self.max_connections))
+            return False
+        if open_connections <= self.max_connections // 2:
+            self.refusals.cleared(quiet_for=ACCEPT_SETTLE_SECONDS)
+        return True
+
+    def handle_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and str(context.get("message", "")).startswith("socket.accept()"):
+            self.accept_failures.occurred(str(exc.strerror or exc))
+            return
+        loop.default_exception_handler(context)
+
+    def protocol(self) -> type[asyncio.Protocol]:
+        """uvicorn's HTTP/1.1 protocol, held to this guard's limits."""
+        return _guarded_protocol(self)
+
+
+def _guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        """Refuses a connection past the limit with 503, and gives each request's headers a
+        deadline: uvicorn's keep-alive timeout stops at the first byte, so a client sending one
+        a second would hold its connection for ever. A request whose headers are in is the
+        app's: an upload's body has a deadline of its own (read_paced)."""
+
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if guard.admit(len(self.connections)):
+                self._await_request()
+                return
+            transport.write(raw_error_response(TooManyConnections(guard.max_connections)))
+            transport.close()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers are in
+                self._stop_header_timer()
+
+        def on_response_complete(self) -> None:
+            self._await_request()  # first: a pipelined request that uvicorn now handles stops it
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+        def _await_request(self) -> None:
+            self._stop_header_timer()
+            self._header_timer = self.loop.call_later(guard.header_timeout, self._headers_too_slow)
+
+        def _stop_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            if self.conn.trailing_data[0]:  # a request had begun: say why it ends
+                logger.debug("request headers too slow from %s", self.client)
+                self.transport.write(raw_error_response(RequestTimeout(
+                    f"the request's headers did not arrive within {guard.header_timeout:g} s "
+                    "(AUDIOTEXT_HEADER_TIMEOUT_SECONDS)")))
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
 # How long uvicorn waits, after the grace, for the answers then due to be written before it
 # drops the connections left. The answers are sent at the end of the grace whether or not
 # whisper.cpp has honoured its abort yet, so this only has to cover writing them out.
@@ -4044,19 +4463,25 @@ ABORT_SETTLE_SECONDS = 10
 
 
 class NotifyingServer(uvicorn.Server):
-    """uvicorn's server, telling systemd when the port is bound and when a stop begins."""
+    """uvicorn's server, telling systemd when the port is bound and when a stop begins, and
+    logging exhaustion through its connection guard."""
 
-    def __init__(self, config: uvicorn.Config, *, app: Any, notifier: Notifier) -> None:
+    def __init__(self, config: uvicorn.Config, *, app: Any, notifier: Notifier,
+                 guard: ConnectionGuard | None = None) -> None:
         super().__init__(config)
         self._app = app
         self.notifier = notifier
+        self.guard = guard
 
     def app_state(self) -> AppState | None:
         return getattr(self._app.state, "audiotext", None)  # set by the lifespan
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        monitor = ServiceMonitor(self.notifier, lambda: service_status(self.app_state()),
-                                 asyncio.get_running_loop(), watchdog_seconds=watchdog_interval())
+        loop = asyncio.get_running_loop()
+        if self.guard is not None:
+            loop.set_exception_handler(self.guard.handle_loop_exception)
+        monitor = ServiceMonitor(self.notifier, lambda: service_status(self.app_state()), loop,
+                                 watchdog_seconds=watchdog_interval())
         monitor.start()
         try:
             await super().serve(sockets)
@@ -4066,17 +4491,23 @@ class NotifyingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # the lifespan has loaded the default model by now
         if self.started:
-            self.notifier.send("READY=1", f"STATUS={service_status(self.app_state())}")
+            state = self.app_state()
+            if state is not None:
+                settings = state.settings
+                logger.info("audiotext %s ready on %s:%d, %d worker(s) x %d thread(s)", __version__, settings.host,
+                            settings.port, settings.workers, settings.threads_per_worker)
+            self.notifier.send("READY=1", f"STATUS={service_status(state)}")
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The stop sequence, from SIGTERM to exit status 0:
 
         0 s      STOPPING=1. begin_stop(): uploads get 503 + Retry-After; queued work is dropped,
-                 its waiting clients get the 503 and its jobs stay queued on disk. uvicorn stops
-                 accepting connections.
-        grace    (AUDIOTEXT_STOP_GRACE_SECONDS) running transcriptions may finish and answer.
+                 its waiting clients get the 503 and its jobs stay queued on disk.
+        grace    (AUDIOTEXT_STOP_GRACE_SECONDS) running transcriptions may finish and answer;
+                 new connections are still answered (an upload with that 503, a status read).
         abort    end_grace(): what still runs is aborted, and each client still waiting gets its
-                 503 at once, without waiting for whisper.cpp to notice the abort.
+                 503 at once, without waiting for whisper.cpp to notice the abort. uvicorn stops
+                 accepting connections once nothing runs or the grace is over.
         settle   (ABORT_SETTLE_SECONDS) uvicorn lets those answers go out, then closes what is left.
         join     the lifespan's stop_service(): workers joined (an aborted job goes back to
                  queued), jobs.json written, models freed. The unit's TimeoutStopSec covers all this.
@@ -4085,6 +4516,12 @@ class NotifyingServer(uvicorn.Server):
         state = self.app_state()
         if state is not None:
             begin_stop(state)
+            started = time.monotonic()
+            while state.scheduler.running_keys() and not state.grace_over.is_set() and not self.force_exit:
+                await asyncio.sleep(0.1)
+            # uvicorn's own wait then covers only what is left of grace and settle.
+            self.config.timeout_graceful_shutdown = max(
+                ABORT_SETTLE_SECONDS, (self.config.timeout_graceful_shutdown or 0) - (time.monotonic() - started))
         await super().shutdown(sockets)
 
 
@@ -4120,6 +4557,20 @@ def _configure_logging() -> None:
         logger.warning("AUDIOTEXT_LOG_LEVEL=%s is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", level)
     # pywhispercpp narrates each call at INFO; the request line already says what happened.
     logging.getLogger("pywhispercpp").setLevel(level if level == "DEBUG" else logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(client_mistakes_at_debug)
+
+
+# What uvicorn logs at WARNING about a single client's request, for anyone to cause at will.
+UVICORN_CLIENT_MISTAKES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+
+def client_mistakes_at_debug(record: logging.LogRecord) -> bool:
+    """A logging filter: uvicorn's warnings about one client's bad request become DEBUG lines, as
+    the daemon's own are, so that a client sending garbage cannot fill the log."""
+    if record.levelno == logging.WARNING and record.getMessage() in UVICORN_CLIENT_MISTAKES:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4901,7 +5352,9 @@ def _check_token(request: Request) -> None:
         return  # --no-auth on loopback, refused at startup otherwise
     header = request.headers.get("authorization", "")
     scheme, _, supplied = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+    # Starlette decodes header bytes as Latin-1; encoding back gives the bytes as sent, which a
+    # client sends as UTF-8, the token's encoding in the environment.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode("latin-1"), token.encode()):
         raise APIError(401, "missing or invalid bearer token; send 'Authorization: Bearer <token>'",
                        type="authentication_error", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
@@ -4924,6 +5377,55 @@ def whole_number(text: str | None) -> int | None:
     return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
 
 
+BEYOND_ANY_LIMIT = 10**18  # a declared length with more digits than this is more than any disk holds
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length, however many digits it has (one past every limit when more
+    than whole_number reads), or None when there is none."""
+    text = request.headers.get("content-length")
+    if text is None or not re.fullmatch(r"[0-9]+", text):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else BEYOND_ANY_LIMIT
+
+
+@dataclass(frozen=True)
+class UploadPace:
+    """How slowly a client may send a body: a stall of `stall_seconds` ends it, and after the
+    first `stall_seconds` it must keep up `min_rate` bytes a second on average."""
+
+    stall_seconds: float
+    min_rate: float
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> UploadPace:
+        return cls(settings.body_timeout_seconds, settings.min_upload_rate)
+
+
+async def read_paced(chunks: AsyncIterator[bytes], pace: UploadPace) -> AsyncIterator[bytes]:
+    """The chunks, until the client falls behind the pace: then RequestTimeout (408), which
+    read_form turns into removing what it spooled."""
+    loop = asyncio.get_running_loop()
+    started, received = loop.time(), 0
+    iterator = aiter(chunks)
+    while True:
+        now = loop.time()
+        stall_deadline = now + pace.stall_seconds
+        rate_deadline = started + pace.stall_seconds + received / pace.min_rate
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), max(0.0, min(stall_deadline, rate_deadline) - now))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"the upload stalled: nothing arrived for {pace.stall_seconds:g} s (AUDIOTEXT_BODY_TIMEOUT_SECONDS)"
+                if stall_deadline <= rate_deadline else
+                f"the upload is slower than {pace.min_rate:g} bytes/s (AUDIOTEXT_MIN_UPLOAD_RATE)") from None
+        received += len(chunk)
+        yield chunk
+
+
 def form_limits(settings: Settings) -> FormLimits:
     return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
 
@@ -4934,9 +5436,10 @@ def spool_dir(settings: Settings) -> Path:
 
 async def receive_form(request: Request) -> Form:
     state = _state(request)
-    return await read_form(_counted(request.stream(), state.metrics), request.headers.get("content-type"),
+    body = read_paced(request.stream(), UploadPace.for_settings(state.settings))
+    return await read_form(_counted(body, state.metrics), request.headers.get("content-type"),
                            spool_dir=spool_dir(state.settings), limits=form_limits(state.settings),
-                           content_length=whole_number(request.headers.get("content-length")))
+                           content_length=declared_length(request))
 
 
 async def _counted(stream: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
@@ -5205,7 +5708,7 @@ def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
 
 def _check_free_space(request: Request, settings: Settings) -> None:
     """Refuse a declared body the disk cannot hold before reading any of it."""
-    length = whole_number(request.headers.get("content-length"))
+    length = declared_length(request)
     if length is None or length > form_limits(settings).max_body_bytes:
         return  # unknown, or a 413 the parser gives before reading
     if shutil.disk_usage(spool_dir(settings)).free < length:
@@ -5327,7 +5830,9 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     meaning = meaning_of(exc)
-    headers = {"Retry-After": str(meaning.retry_after)} if meaning.retry_after else None
+    headers = {"Retry-After": str(meaning.retry_after)} if meaning.retry_after else {}
+    if meaning.closes_connection:
+        headers["Connection"] = "close"
     param = "file" if isinstance(exc, AudioError) else getattr(exc, "param", None)
     return APIError(meaning.status, describe(exc), type=meaning.type, param=param, code=meaning.code,
                     headers=headers)
@@ -5398,34 +5903,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     check_auth_settings(settings)
     check_wyoming_settings(settings)
+    # What would otherwise fail only after the model has loaded, as a traceback or a bind error.
+    check_state_usable(settings.state_dir)
+    check_job_table(StateLayout(settings.state_dir).job_table)
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
     ensure_vad_model(store)
+    check_port_free(settings)
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
     wyoming_socket = bind_wyoming(settings)
     app = build_app(settings, models=store, wyoming_socket=wyoming_socket)
+    limit = connection_limit(settings.max_connections, raise_open_file_limit())
+    guard = ConnectionGuard(max_connections=limit, header_timeout=settings.header_timeout_seconds)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=math.ceil(settings.stop_grace_seconds) + ABORT_SETTLE_SECONDS,
-                            server_header=False)
+                            server_header=False, http=guard.protocol(), backlog=listen_backlog(limit))
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; a handler that ignores it lets
     # a clean stop end with exit status 0, as a service manager expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    NotifyingServer(config, app=app, notifier=Notifier.from_env()).run()
+    NotifyingServer(config, app=app, notifier=Notifier.from_env(), guard=guard).run()
     return 0
+
+
+def check_port_free(settings: Settings) -> str:
+    """Bind the address as uvicorn will, and let go: a port taken by another process (a second
+    audiotext, say) fails here, before the default model is loaded."""
+    try:
+        addresses = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(f"cannot resolve AUDIOTEXT_HOST={settings.host}: {exc.strerror or exc}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} "
+                                  "(another audiotext, or another server, on that port?)") from None
+    return f"port {settings.host}:{settings.port}: free"
+
+
+def check_state_usable(directory: Path) -> None:
+    """The state dir and the job files' folders in it are directories this process can write."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"state dir {directory} is not a directory")
+    layout = StateLayout(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for folder in (layout.uploads, layout.results, layout.spool, directory):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{folder} in the state dir is not a directory; move it away")
+            if folder.is_dir():
+                fd, probe = tempfile.mkstemp(prefix="check-", dir=folder)
+                os.close(fd)
+                os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"state dir {directory} is not usable: {exc.strerror or exc}") from None
 
 
 def check_state_dir(settings: Settings) -> str:
     """The state dir exists or can be made, only its owner can write it, and one upload fits."""
     directory = settings.state_dir
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"state dir {directory} is not a directory")
+    check_state_usable(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         _refuse_world_writable(directory, "state dir")
-        fd, probe = tempfile.mkstemp(prefix="check-", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
         free = shutil.disk_usage(directory).free
     except OSError as exc:
         raise ConfigError(f"state dir {directory} is not usable: {exc.strerror or exc}") from None
@@ -5443,6 +5986,8 @@ def check_job_table(path: Path) -> str:
         return "job table: none yet"
     except JobTableTooNew as exc:
         raise ConfigError(str(exc)) from None
+    except OSError as exc:  # a directory in its place, no permission: nothing serve could move aside
+        raise ConfigError(f"job table {path} cannot be read: {exc.strerror or exc}") from None
     except (ValueError, TypeError) as exc:
         return f"job table: unreadable ({exc}); serve will move it aside and recover from the files"
     return f"job table: {len(jobs)} job(s)"
@@ -5465,6 +6010,7 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{settings.threads_per_worker} thread(s)")
     print(f"ok  {check_state_dir(settings)}")
     print(f"ok  {check_job_table(StateLayout(settings.state_dir).job_table)}")
+    print(f"ok  {check_port_free(settings)}")
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
     ensure_vad_model(store)

@@ -14,6 +14,7 @@ import http.server
 import io
 import json
 import logging
+import math
 import mimetypes
 import os
 import random
@@ -170,7 +171,7 @@ class Daemon:
 
 
 def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str] = (), wait: bool = True,
-                 **env: str) -> Daemon:
+                 preexec_fn: Callable[[], None] | None = None, **env: str) -> Daemon:
     port = free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
@@ -182,7 +183,7 @@ def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str
     log_path = state_dir / f"daemon-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "audiotext.py"), "serve", *args], env=environ,
-                                stdout=log, stderr=subprocess.STDOUT, cwd=state_dir)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=state_dir, preexec_fn=preexec_fn)
     daemon = Daemon(proc, f"http://127.0.0.1:{port}", state_dir, log_path)
     if wait:
         wait_until_serving(daemon)
@@ -2133,15 +2134,15 @@ def fail_durable_write(monkeypatch: pytest.MonkeyPatch, which: Callable[[Path], 
     """The disk fills up while one of the store's files is being written."""
     real = audiotext.write_atomically
 
-    def write_atomically(dest: Path, write: Callable[[Any], None]) -> None:
+    def write_atomically(dest: Path, write: Callable[[Any], None], **options: Any) -> None:
         if not which(dest):
-            return real(dest, write)
+            return real(dest, write, **options)
 
         def write_then_fail(out: Any) -> None:
             write(out)
             raise FullDiskError()
 
-        return real(dest, write_then_fail)
+        return real(dest, write_then_fail, **options)
 
     monkeypatch.setattr(audiotext, "write_atomically", write_atomically)
 
@@ -2685,6 +2686,215 @@ def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Calla
     assert again.stop() == 0
 
 
+# Jobs: storage faults that clear never lose an accepted job
+
+
+def fail_result_writes(monkeypatch: pytest.MonkeyPatch, code: int, times: float) -> list[int]:
+    """The disk refuses the next `times` result writes with `code`; returns the list of refusals."""
+    real = audiotext.JobFiles.write_result
+    refused: list[int] = []
+
+    def write_result(self: audiotext.JobFiles, finished: audiotext.Job, transcript: audiotext.Transcript) -> None:
+        if len(refused) < times:
+            refused.append(code)
+            raise OSError(code, os.strerror(code))
+        real(self, finished, transcript)
+
+    monkeypatch.setattr(audiotext.JobFiles, "write_result", write_result)
+    return refused
+
+
+def count_engine_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    real = audiotext.engine_runner
+    runs: list[str] = []
+
+    def runner(engine: audiotext.Engine) -> audiotext.Execute:
+        execute = real(engine)
+
+        def counted(job: audiotext.Job, audio: Path, abort: threading.Event) -> audiotext.Transcript:
+            runs.append(job.id)
+            return execute(job, audio, abort)
+
+        return counted
+
+    monkeypatch.setattr(audiotext, "engine_runner", runner)
+    return runs
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EMFILE, errno.EIO],
+                         ids=["disk_full", "read_only", "no_file_handles", "io_error"])
+def test_a_result_the_disk_refuses_is_written_once_it_takes_it(
+        make_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, code: int) -> None:
+    refused = fail_result_writes(monkeypatch, code, times=2)
+    runs = count_engine_runs(monkeypatch)
+    client = make_client()
+    caplog.set_level("INFO", logger="audiotext")
+    job = submit_job(client)
+    done = wait_for_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    assert_heard(client.get(done["result_url"], headers=AUTH).json()["text"], EN_WORDS)
+    assert refused == [code, code] and runs == [job["id"]]  # transcribed once; only the write was done again
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
+    assert [line.split()[2] for line in lines] == ["queued", "running", "hit", "queued", "running", "hit",
+                                                   "queued", "running", "succeeded"]
+    assert f"({os.strerror(code)}); queued again, retry 2 of 30 in 2 s" in lines[5]
+    faults = ("audiotext_storage_faults_total", frozenset({("what", "job_run")}))
+    assert scrape(client)[faults] == 2
+    wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["status"] == "succeeded",
+               what="jobs.json to say succeeded", timeout=30)
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": [f"{job['id']}.json"]}
+
+
+def test_storage_retries_are_bounded(make_client: Callable[..., TestClient], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fail_result_writes(monkeypatch, errno.EROFS, times=math.inf)
+    client = make_client(storage_retries=1)
+    job = submit_job(client)
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["error"]) == ("failed", {
+        "code": "storage_error", "message": "storage error: Read-only file system, still after 1 retries "
+                                            "(AUDIOTEXT_STORAGE_RETRIES)"})
+    wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["status"] == "failed",
+               what="jobs.json to say failed", timeout=30)
+    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+
+
+class ReadOnlyDisk:
+    """Every write and removal in the state dir fails with EROFS until `writable()`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.read_only = True
+
+        def refusing(real: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if self.read_only:
+                    raise OSError(errno.EROFS, "Read-only file system")
+                return real(*args, **kwargs)
+            return call
+
+        for name in ("write_table", "write_result", "remove"):
+            monkeypatch.setattr(audiotext.JobFiles, name, refusing(getattr(audiotext.JobFiles, name)))
+
+    def writable(self) -> None:
+        self.read_only = False
+
+
+def test_cancel_delete_and_finish_on_a_read_only_disk_leave_nothing_behind_once_writable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, scheduler = FakeEngine(), FakeScheduler()
+    (tmp_path / "tmp").mkdir()
+    store = audiotext.JobStore(tmp_path, scheduler, engine, max_queue=10, ttl_seconds=3600, keep_audio=False)
+    store.open()
+    ids = []
+    for n in range(4):
+        spooled = tmp_path / "tmp" / f"upload-{n}"
+        spooled.write_bytes(b"audio of %d" % n)
+        ids.append(store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id)
+    canceled, deleted, succeeded, failed = ids
+    before = (tmp_path / "jobs.json").read_bytes()
+    files_before = state_files(tmp_path)
+
+    disk = ReadOnlyDisk(monkeypatch)
+    assert store.cancel(canceled).status == "canceled"
+    store.delete(deleted)
+    scheduler.remove(canceled)
+    assert scheduler.run_next() == succeeded  # its result cannot be written: queued again
+    assert store.get(succeeded).status == "queued"
+    engine.outcome = "fail"  # a decoding failure, not a storage fault: the job fails, as it should
+    assert scheduler.run_next() == failed
+    assert store.get(failed).status == "failed"
+    # The disk took nothing: jobs.json and the files are as they were, which the table still explains.
+    assert (tmp_path / "jobs.json").read_bytes() == before and state_files(tmp_path) == files_before
+    store.retry_storage(math.inf)
+    assert (tmp_path / "jobs.json").read_bytes() == before
+
+    disk.writable()
+    engine.outcome = "succeed"
+    store.retry_storage(math.inf)  # what the sweeper does: write jobs.json, remove what it no longer needs
+    assert scheduler.run_next() == succeeded
+    on_disk = {j["id"]: j["status"] for j in json.loads((tmp_path / "jobs.json").read_text())["jobs"]}
+    assert on_disk == {canceled: "canceled", succeeded: "succeeded", failed: "failed"}
+    assert state_files(tmp_path) == {"tmp": [], "uploads": [], "results": [f"{succeeded}.json"]}
+    assert store.result(succeeded) == FAKE_TRANSCRIPT
+
+
+def test_a_job_whose_audio_goes_while_the_daemon_runs_fails_audio_missing(
+        make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client()
+    with worker_held(client):
+        job = submit_job(client)
+        (tmp_path / "state" / "uploads" / f"{job['id']}.webm").unlink()
+    failed = wait_for_job(client, job["id"])
+    assert (failed["status"], failed["error"]) == ("failed", {
+        "code": "audio_missing", "message": "the job's audio file is missing from the state directory's uploads/, "
+                                            "so it cannot be transcribed"})
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small file system of its own at `path`, which a test can fill or make read-only (as root,
+    a read-only mode bit would not stop the daemon)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill_up(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 1):  # then the last pages, a byte at a time
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only"])
+def test_a_disk_that_fails_under_a_running_job_loses_nothing(daemon_factory: Callable[..., Daemon], tmp_path: Path,
+                                                             ninety_seconds_wav: Path, fault: str) -> None:
+    with tmpfs(tmp_path / "state", "32m") as state:
+        server = daemon_factory(tmp_path / "home", AUDIOTEXT_STATE_DIR=str(state))
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            job = submit_file(client, ninety_seconds_wav)
+            wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+            if fault == "disk_full":
+                filler = fill_up(state)
+            else:
+                subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+            wait_until(lambda: "queued again, retry 2 of 30" in server.log(), what="the second storage fault")
+            # The job is still accepted, its audio kept; the disk shows it as it was before the fault.
+            assert get_job(client, job["id"])["status"] in ("queued", "running")
+            assert json.loads((state / "jobs.json").read_text())["jobs"][0]["status"] == "running"
+            assert (state / "uploads" / f"{job['id']}.wav").is_file()
+            if fault == "disk_full":
+                filler.unlink()
+            else:
+                subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
+            done = wait_for_job(client, job["id"], timeout=120)
+            assert done["status"] == "succeeded", done
+            assert "weekly news" in normalized(client.get(done["result_url"], headers=AUTH).json()["text"])
+            wait_until(lambda: json.loads((state / "jobs.json").read_text())["jobs"][0]["status"] == "succeeded",
+                       what="jobs.json to say succeeded", timeout=90)
+            assert state_files(state) == {"tmp": [], "uploads": [], "results": [f"{job['id']}.json"]}
+            metrics = client.get("/metrics", headers=AUTH).text
+            assert re.search(r'^audiotext_storage_faults_total\{what="job_run"\} [2-9]', metrics, re.M), metrics
+        assert server.stop() == 0, server.log()
+        assert "Traceback" not in server.log()
+
+
+
 # ---------------------------------------------------------------------------------------------
 # Service
 # ---------------------------------------------------------------------------------------------
@@ -2787,11 +2997,11 @@ def test_systemd_hears_ready_status_watchdog_and_stopping(daemon_factory: Callab
     assert server.proc.wait(60) == 0, server.log()
 
 
-def send_upload_head(url: str, body: bytes) -> socket.socket:
+def send_upload_head(url: str, body: bytes, path: str = "/v1/audio/transcriptions") -> socket.socket:
     """Open a transcription upload and send its headers only; the caller sends the body later."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
                   f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode())
     return sock
 
@@ -3123,7 +3333,7 @@ def test_journal_lines_carry_their_syslog_priority() -> None:
 
 def check_env(tmp_path: Path, models: Path, **env: str) -> dict[str, str]:
     return {"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_STATE_DIR": str(tmp_path / "state"),
-            "AUDIOTEXT_MODELS_DIR": str(models), **env}
+            "AUDIOTEXT_MODELS_DIR": str(models), "AUDIOTEXT_PORT": str(free_port()), **env}
 
 
 def test_check_loads_the_default_model_and_logs_for_journald(tmp_path: Path, models_dir: Path) -> None:
@@ -3186,6 +3396,226 @@ def test_check_fails_when_one_upload_would_not_fit(tmp_path: Path, models_dir: P
                            "--models-dir", str(models_dir)]) == 2
     assert (f"state dir {tmp_path} has 100 MiB free, less than one upload at the 512 MiB limit "
             "(AUDIOTEXT_MAX_UPLOAD_MB)") in capsys.readouterr().err
+
+
+
+# Service: connections
+
+
+def open_file_limit(limit: int) -> Callable[[], None]:
+    def lower() -> None:  # in the child, before it runs the daemon
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return lower
+
+
+def address(daemon: Daemon) -> tuple[str, int]:
+    host, port = daemon.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_unit_raises_the_open_file_limit_above_the_connection_limit() -> None:
+    (limit,) = unit_values("LimitNOFILE")
+    assert audiotext.connection_limit(Settings().max_connections, int(limit)) == Settings().max_connections
+
+
+def test_an_idle_connection_flood_neither_exhausts_files_nor_floods_the_log(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, ninety_seconds_wav: Path) -> None:
+    """1,100 connections that send nothing, opened again as fast as the daemon drops them, while a
+    job runs, on a daemon allowed 256 open files."""
+    import selectors
+
+    state = tmp_path / "state"
+    server = daemon_factory(state, preexec_fn=open_file_limit(256), AUDIOTEXT_MAX_CONNECTIONS="1000",
+                            AUDIOTEXT_HEADER_TIMEOUT_SECONDS="2")
+    assert "serving at most 64 connections, not AUDIOTEXT_MAX_CONNECTIONS=1000: the open-file limit is 256" in \
+        server.log()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+    log_lines = len(server.log().splitlines())
+
+    def job_status() -> str:
+        with contextlib.suppress(ValueError, OSError):
+            return json.loads((state / "jobs.json").read_text())["jobs"][0]["status"]
+        return "?"
+
+    selector = selectors.DefaultSelector()
+
+    def connect() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(address(server))
+        selector.register(sock, selectors.EVENT_READ)
+
+    most_files, answers = 0, 0
+    try:
+        for _ in range(1100):
+            connect()
+        deadline = time.monotonic() + 240
+        while job_status() != "succeeded":  # the flood lasts as long as the job
+            assert time.monotonic() < deadline and server.proc.poll() is None, server.log()[-3000:]
+            for key, _ in selector.select(timeout=0.2):  # answered or dropped by the daemon: again
+                sock = key.fileobj
+                selector.unregister(sock)
+                with contextlib.suppress(OSError):
+                    answers += bool(sock.recv(4096))
+                sock.close()
+                connect()
+            most_files = max(most_files, open_files(server.proc.pid))
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+    flood_over = time.monotonic()
+    while True:  # answered within a second of the flood ending
+        try:
+            assert httpx.get(server.url + "/healthz", timeout=1).status_code == 200
+            break
+        except (httpx.HTTPError, AssertionError):
+            assert time.monotonic() - flood_over < 1, server.log()[-3000:]
+    assert most_files < 256 and answers > 1100  # refused with a 503 rather than left to hang
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        done = get_job(client, job["id"])
+        assert done["status"] == "succeeded", done
+        assert "weekly news" in normalized(client.get(done["result_url"], headers=AUTH).json()["text"])
+    log = server.log()
+    flood_lines = log.splitlines()[log_lines:]
+    assert len(flood_lines) < 40, "\n".join(flood_lines)
+    assert "Too many open files" not in log and "Traceback" not in log
+    assert any("open connections reached the limit of 64" in line for line in flood_lines), flood_lines
+    assert server.stop() == 0
+
+
+def test_connections_past_the_limit_get_503_in_the_envelope(daemon_factory: Callable[..., Daemon]) -> None:
+    server = daemon_factory(AUDIOTEXT_MAX_CONNECTIONS="3")
+    idle = [socket.create_connection(address(server)) for _ in range(3)]
+    try:
+        with socket.create_connection(address(server)) as sock:  # the daemon takes connections in order
+            status, headers, body = read_response(sock)
+        assert (status, headers["retry-after"], headers["connection"]) == (503, "5", "close")
+        assert body == {"error": {"message": "the server has 3 connections open, its AUDIOTEXT_MAX_CONNECTIONS "
+                                             "limit; retry later", "type": "server_error", "param": None,
+                                  "code": "too_many_connections"}}
+    finally:
+        for sock in idle:
+            sock.close()
+    # Once a while has passed without a refusal, the next connection let in ends the episode.
+    wait_until(lambda: httpx.get(server.url + "/healthz").status_code == 200
+               and "open connections are below the limit again; 1 refused over" in server.log(),
+               what="the end of the refusals to be logged", timeout=60, interval=0.5)
+
+
+def test_failed_accepts_are_one_line_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    guard = audiotext.ConnectionGuard(max_connections=10, header_timeout=20)
+    loop = asyncio.new_event_loop()
+    try:
+        caplog.set_level("DEBUG")
+        for _ in range(1000):  # what asyncio's accept loop reports while the process has no files left
+            guard.handle_loop_exception(loop, {"message": "socket.accept() out of system resource",
+                                               "exception": OSError(errno.EMFILE, "Too many open files")})
+        guard.handle_loop_exception(loop, {"message": "something else", "exception": RuntimeError("other")})
+    finally:
+        loop.close()
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == ("audiotext", "ERROR", "cannot accept connections: Too many open files; retrying each second")
+    assert [name for name, _, _ in lines[1:]] == ["asyncio"]  # anything else still goes to asyncio's handler
+    guard.accept_failures._last -= audiotext.ACCEPT_SETTLE_SECONDS  # as if a quiet while had passed
+    assert guard.admit(1)
+    assert re.fullmatch(r"accepting connections again after 1000 failed accept\(s\) over \d+ s",
+                        caplog.records[-1].getMessage())
+
+
+def test_garbage_requests_do_not_fill_the_log(daemon: Daemon) -> None:
+    before = len(daemon.log().splitlines())
+    for _ in range(20):
+        with socket.create_connection(address(daemon)) as sock:
+            sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            sock.settimeout(30)
+            assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+    assert httpx.get(daemon.url + "/healthz").status_code == 200
+    assert len(daemon.log().splitlines()) - before < 3, daemon.log().splitlines()[before:]
+
+
+def send_slowly(sock: socket.socket, data: bytes, *, interval: float, timeout: float) -> bytes:
+    """Send a byte every `interval` seconds until the daemon answers or closes; what it said."""
+    sock.settimeout(interval)
+    started = time.monotonic()
+    for byte in data:
+        assert time.monotonic() - started < timeout, "the daemon never cut the client off"
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break
+        try:
+            answer = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return b""
+        return answer + (sock.recv(65536) if answer else b"")
+    sock.settimeout(timeout)
+    return sock.recv(65536)
+
+
+def test_headers_sent_a_byte_a_second_are_cut_off_with_408(daemon_factory: Callable[..., Daemon]) -> None:
+    server = daemon_factory(AUDIOTEXT_HEADER_TIMEOUT_SECONDS="2")
+    head = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n" + "X-Pad: y\r\n" * 20).encode()
+    with socket.create_connection(address(server)) as sock:
+        started = time.monotonic()
+        answer = send_slowly(sock, head, interval=0.5, timeout=30)
+        assert 2 <= time.monotonic() - started < 10
+    status_line, _, body = answer.partition(b"\r\n\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert json.loads(body)["error"] == {
+        "message": "the request's headers did not arrive within 2 s (AUDIOTEXT_HEADER_TIMEOUT_SECONDS)",
+        "type": "invalid_request_error", "param": None, "code": "request_timeout"}
+    with socket.create_connection(address(server)) as silent:  # never said a word: closed without one
+        silent.settimeout(30)
+        assert silent.recv(100) == b""
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    pytest.param("stall", "the upload stalled: nothing arrived for 2 s (AUDIOTEXT_BODY_TIMEOUT_SECONDS)", id="stall"),
+    pytest.param("trickle", "the upload is slower than 1000 bytes/s (AUDIOTEXT_MIN_UPLOAD_RATE)", id="trickle"),
+])
+def test_a_slow_upload_is_cut_off_with_408_and_its_file_removed(daemon_factory: Callable[..., Daemon],
+                                                                kind: str, message: str) -> None:
+    server = daemon_factory(AUDIOTEXT_BODY_TIMEOUT_SECONDS="2", AUDIOTEXT_MIN_UPLOAD_RATE="1000")
+    body = multipart_body({"model": "cpu-tiny"}, {"file": ("en.wav", (CLIPS / "en.wav").read_bytes(), None)})
+    for path in ("/v1/audio/transcriptions", JOBS):
+        with send_upload_head(server.url, body, path=path) as sock:
+            sock.sendall(body[:2000])  # the file part has begun: an upload is being spooled
+            wait_until(lambda: state_files(server.state_dir)["tmp"], what="the upload to be spooled", timeout=30)
+            answer = send_slowly(sock, body[2000:], interval=10 if kind == "stall" else 0.2, timeout=60)
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"\r\nconnection: close" in head, answer
+        assert json.loads(payload)["error"] == {"message": message, "type": "invalid_request_error", "param": None,
+                                                "code": "request_timeout"}
+        assert state_files(server.state_dir)["tmp"] == []
+    assert post_clip(server.url).status_code == 200
+
+
+def test_during_a_stop_new_connections_are_answered(daemon_factory: Callable[..., Daemon],
+                                                   notify_socket: NotifySocket, ninety_seconds_wav: Path) -> None:
+    server = daemon_factory(AUDIOTEXT_STOP_GRACE_SECONDS="5", **notify_socket.env)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+        server.proc.send_signal(signal.SIGTERM)
+        notify_socket.wait_for("STOPPING=1")
+        response = post_clip(server.url)
+        assert_error(response, 503, "the server is shutting down")
+        assert response.headers["retry-after"] == "30"
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    assert server.proc.wait(60) == 0, server.log()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3883,6 +4313,46 @@ def test_a_default_model_that_cannot_load_stops_the_daemon(tmp_path: Path) -> No
     assert "ggml-base.bin is not a ggml whisper model (bad magic)" in run.stderr
 
 
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", JOBS])
+def test_a_declared_length_of_any_size_is_refused_before_reading(daemon: Daemon, path: str) -> None:
+    """h11 passes up to 20 digits; 19 and 20 are still a number, and far over the limit."""
+    host, port = daemon.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
+                      f"{CONTENT_TYPE}\r\nContent-Length: {'9' * 20}\r\n\r\n").encode())
+        sock.settimeout(30)
+        status, _, body = read_response(sock)
+    assert (status, body["error"]["message"]) == (413, "request body exceeds the 512 MiB limit")
+
+
+def test_a_token_is_matched_as_utf8(make_client: Callable[..., TestClient]) -> None:
+    token = "clé-ünïcode-☃"
+    client = make_client(api_token=token)
+    assert client.get("/v1/models", headers={"Authorization": b"Bearer " + token.encode()}).status_code == 200
+    with contextlib.suppress(UnicodeEncodeError):  # a client that sends Latin-1 sends other bytes
+        latin1 = b"Bearer " + "clé-ünïcode".encode("latin-1")
+        assert client.get("/v1/models", headers={"Authorization": latin1}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer cl"}).status_code == 401
+
+
+def test_job_files_are_private_whatever_the_umask(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        client = make_client()
+        with worker_held(client):
+            job = submit_job(client)
+            state = tmp_path / "state"
+            pending = [state / "uploads" / f"{job['id']}.webm", state / "uploads" / f"{job['id']}.json"]
+            assert {oct(p.stat().st_mode & 0o777) for p in pending} == {"0o600"}
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"
+        for path in (state / "jobs.json", state / "results" / f"{job['id']}.json"):
+            assert oct(path.stat().st_mode & 0o777) == "0o600", path
+        for folder in ("uploads", "results", "tmp"):
+            assert oct((state / folder).stat().st_mode & 0o777) == "0o700", folder
+    finally:
+        os.umask(old)
+
+
 # ---------------------------------------------------------------------------------------------
 # Wyoming
 # ---------------------------------------------------------------------------------------------
@@ -4321,3 +4791,49 @@ def test_models_pull_reports_a_missing_file(mirror: Any, tmp_path: Path) -> None
     run = run_cli("models", "pull", "nope", "--models-dir", str(tmp_path), "--base-url", mirror.url)
     assert run.returncode == 2
     assert f"{mirror.url}/ggml-nope.bin: HTTP 404" in run.stderr
+
+
+def test_a_taken_port_fails_check_and_serve_before_ready(tmp_path: Path, models_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = check_env(tmp_path, models_dir, AUDIOTEXT_PORT=str(port), AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
+        for command in ("check", "serve"):
+            run = run_cli(command, env=env, timeout=120)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
+            assert not re.search(r"\bready\b", run.stderr) and "Traceback" not in run.stderr
+
+
+def job_table_is_a_directory(state: Path) -> str:
+    (state / "jobs.json").mkdir(parents=True)
+    return f"job table {state}/jobs.json cannot be read: Is a directory"
+
+
+def read_only_state_dir(state: Path) -> str:
+    mount = contextlib.ExitStack()
+    mount.enter_context(tmpfs(state, "1m"))
+    (state / "results").mkdir()  # as the first start left it
+    subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+    unmount_after_test.append(mount)
+    return f"state dir {state} is not usable: Read-only file system"
+
+
+unmount_after_test: list[contextlib.ExitStack] = []
+
+
+@pytest.mark.parametrize("prepare", [pytest.param(job_table_is_a_directory, id="jobs_json_is_a_directory"),
+                                     pytest.param(read_only_state_dir, id="read_only_state_dir")])
+def test_an_unusable_state_dir_is_a_message_not_a_traceback(tmp_path: Path, models_dir: Path,
+                                                            prepare: Callable[[Path], str]) -> None:
+    try:
+        message = prepare(tmp_path / "state")
+        env = check_env(tmp_path, models_dir, AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
+        for command in ("check", "serve"):
+            run = run_cli(command, env=env, timeout=120)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert message in run.stderr and "Traceback" not in run.stderr
+    finally:
+        while unmount_after_test:
+            unmount_after_test.pop().close()
