@@ -4445,7 +4445,7 @@ WEB_PAGE_STYLE = """
 }
 * { box-sizing: border-box; }
 body { margin: 0; background: var(--bg); color: var(--text); }
-header, main { max-width: 54rem; margin: 0 auto; padding: 0 1rem; }
+header, main { max-width: 54rem; margin: 0 auto; padding-inline: 1rem; }
 header { display: flex; align-items: baseline; gap: .6rem; padding-top: 1rem; }
 h1 { font-size: 1.4rem; margin: 0; letter-spacing: -.01em; }
 h2 { font-size: 1.05rem; margin: 1.6rem 0 .6rem; }
@@ -4499,11 +4499,15 @@ progress { display: block; width: 100%; height: .45rem; margin: .5rem 0 .2rem; a
 .text:empty { display: none; }
 .actions { display: flex; flex-wrap: wrap; align-items: center; gap: .4rem; margin-top: .7rem; }
 .actions .gap { margin-left: auto; }
-.actions .downloads { display: contents; }
-.downloads span { color: var(--muted); font-size: .875rem; margin-left: .4rem; }
+.downloads { display: flex; align-items: center; gap: .4rem; }
+.downloads span { color: var(--muted); font-size: .875rem; margin: 0 .1rem 0 .4rem; }
+main { padding-bottom: 2rem; }
 @media (max-width: 30rem) {
-  header, main { padding: 0 .75rem; }
-  .actions .gap { margin-left: 0; }
+  header, main { padding-inline: .75rem; }
+  .panel, .job { padding-inline: .8rem; }
+  .actions button { padding-inline: .6rem; }
+  .downloads { order: 1; flex-basis: 100%; }
+  .downloads span { margin-left: 0; }
 }
 """
 
@@ -4617,6 +4621,13 @@ function statusText(card) {
   return job.status;
 }
 
+function when(unix) {
+  const date = new Date(unix * 1000);
+  const today = date.toDateString() === new Date().toDateString();
+  return today ? date.toLocaleTimeString([], {timeStyle: "short"})
+    : date.toLocaleString([], {dateStyle: "medium", timeStyle: "short"});
+}
+
 function metaText(card) {
   const job = card.job;
   if (!job) return card.size;
@@ -4624,7 +4635,7 @@ function metaText(card) {
   return [job.model, language ? languageName(language) : "language: detect",
           job.task === "translate" ? "translated" : "",
           job.audio_seconds ? clock(job.audio_seconds) : "",
-          new Date(job.created_at * 1000).toLocaleString()].filter(Boolean).join(" · ");
+          when(job.created_at)].filter(Boolean).join(" · ");
 }
 
 function render(card) {

@@ -3151,7 +3151,7 @@ CHROMIUM_REAPER = """
 import ctypes, os, signal, subprocess, sys
 if ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
     sys.exit("cannot become a child subreaper")
-browser = subprocess.Popen(sys.argv[1:])
+browser = subprocess.Popen(sys.argv[1:], close_fds=False)  # a DevTools pipe on fds 3 and 4 goes through
 signal.signal(signal.SIGTERM, lambda *_: browser.terminate())
 browser.wait()
 while True:
@@ -3769,6 +3769,300 @@ def test_cors_headers_ride_on_answers_and_errors_alike(make_client: Callable[...
     unlisted = make_client(state_dir=tmp_path / "other")
     assert "access-control-allow-origin" not in unlisted.get("/v1/models", headers={**AUTH, **origin}).headers
     assert_error(preflight(unlisted, "/v1/models", "GET"), 405, re.compile("Method Not Allowed"))
+
+
+# The browser tests below drive Chromium over the DevTools protocol on a pipe: JSON messages ended by
+# a NUL byte, which it reads from its fd 3 and writes to its fd 4. This puts the pipe's ends there.
+CHROMIUM_PIPES = """
+import fcntl, os, sys
+ends = [fcntl.fcntl(int(sys.argv.pop(1)), fcntl.F_DUPFD, 10) for _ in range(2)]
+for fd, end in zip((3, 4), ends):
+    os.dup2(end, fd)
+    os.close(end)
+"""
+
+
+class DevTools:
+    """A headless Chromium with a fresh profile, and the protocol's requests, replies and events."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        to_browser, self._to_browser = os.pipe()
+        self._from_browser, from_browser = os.pipe()
+        command = [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'devtools-profile'}", "--remote-debugging-pipe", "about:blank",
+        ]
+        self.log_path = tmp_path / "chromium.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CHROMIUM_PIPES + CHROMIUM_REAPER, str(to_browser), str(from_browser), *command],
+                pass_fds=(to_browser, from_browser), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(to_browser)
+        os.close(from_browser)
+        self._ids = iter(range(1, 1 << 30))
+        self._replies: dict[int, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._closed = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="devtools-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        pending = b""
+        while chunk := os.read(self._from_browser, 1 << 16):
+            *messages, pending = (pending + chunk).split(b"\0")
+            with self._changed:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self._replies[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def send(self, method: str, session: str | None = None, timeout: float = 120, **params: Any) -> dict[str, Any]:
+        key = next(self._ids)
+        message = {"id": key, "method": method, "params": params} | ({"sessionId": session} if session else {})
+        data = memoryview(json.dumps(message).encode() + b"\0")
+        while data:
+            data = data[os.write(self._to_browser, data):]
+        with self._changed:
+            if not self._changed.wait_for(lambda: key in self._replies or self._closed, timeout):
+                pytest.fail(f"no reply to {method} within {timeout} s")
+            if self._closed and key not in self._replies:
+                pytest.fail(f"chromium went away; its log:\n{self.log_path.read_text(errors='replace')}")
+            reply = self._replies.pop(key)
+        if "error" in reply:
+            raise AssertionError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            os.close(self._to_browser)
+            self._reader.join(30)
+            os.close(self._from_browser)
+
+
+KEYS = {"Enter": {"code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"},
+        "Tab": {"code": "Tab", "windowsVirtualKeyCode": 9}}
+
+
+class Tab:
+    """The browser's one tab."""
+
+    def __init__(self, devtools: DevTools) -> None:
+        self.devtools = devtools
+        page = next(t for t in devtools.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = devtools.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(f"{domain}.enable")
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        return self.devtools.send(method, self.session, **params)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (a promise is awaited)."""
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, *, what: str, timeout: float = 240) -> Any:
+        return wait_until(lambda: self.evaluate(expression), what=what, timeout=timeout, interval=0.1)
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'",
+                      what=f"{url} to load", timeout=60)
+
+    def reload(self) -> None:
+        self.evaluate("window.beforeReload = true")
+        self.call("Page.reload")
+        self.wait_for("!window.beforeReload && document.readyState === 'complete'", what="the reload", timeout=60)
+
+    def press(self, key: str) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key=key, **KEYS[key])
+
+    def type(self, text: str) -> None:
+        self.call("Input.insertText", text=text)
+
+    def set_files(self, selector: str, paths: Iterable[Path]) -> None:
+        """As if the files were picked in the file input's dialog."""
+        element = self.call("Runtime.evaluate", expression=f"document.querySelector({json.dumps(selector)})")
+        self.call("DOM.setFileInputFiles", files=[str(p) for p in paths], objectId=element["result"]["objectId"])
+
+    def allow_downloads(self, directory: Path) -> None:
+        directory.mkdir(exist_ok=True)
+        self.devtools.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(directory),
+                           eventsEnabled=True)
+
+    def screenshot(self, path: Path, *, width: int, height: int, phone: bool = False) -> Path:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=2 if phone else 1,
+                  mobile=phone)
+        self.evaluate("window.scrollTo(0, 0)")
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def problems(self) -> list[str]:
+        """Script errors and console errors, policy violations among them; failed requests are not problems."""
+        found = []
+        for event in [e for e in self.devtools.events if e.get("sessionId") == self.session]:
+            params = event["params"]
+            if event["method"] == "Runtime.exceptionThrown":
+                found.append(str(params["exceptionDetails"]))
+            elif event["method"] == "Log.entryAdded" and params["entry"]["level"] == "error" \
+                    and params["entry"]["source"] != "network":
+                found.append(params["entry"]["text"])
+            elif event["method"] == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+                found.append(str(params["args"]))
+        return found
+
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+
+
+@pytest.fixture
+def tab(tmp_path: Path) -> Iterator[Tab]:
+    devtools = DevTools(tmp_path)
+    try:
+        yield Tab(devtools)
+    finally:
+        devtools.close()
+
+
+# The page's job cards, by file name: its status, and the text shown.
+CARD_JS = """(name) => [...document.querySelectorAll("#jobs > li")].find((li) => li.querySelector(".name").textContent === name)"""
+
+
+def card(tab: Tab, name: str, expression: str) -> Any:
+    """`expression` about the card `li` of the file `name`; null while there is no such card."""
+    return tab.evaluate(f"(() => {{ const li = ({CARD_JS})({json.dumps(name)}); return li ? ({expression}) : null; }})()")
+
+
+def wait_for_card(tab: Tab, name: str, statuses: Iterable[str], timeout: float = 300) -> None:
+    wanted = tuple(statuses)
+    wait_until(lambda: card(tab, name, "li.dataset.status") in wanted, what=f"{name} to be {' or '.join(wanted)}",
+               timeout=timeout, interval=0.1)
+
+
+def press_button(tab: Tab, name: str, label: str) -> None:
+    """Focus a card's button and press Enter on it, as someone on a keyboard does."""
+    found = card(tab, name, f"""(() => {{ const b = [...li.querySelectorAll("button")].find(
+        (b) => b.textContent === {json.dumps(label)} && b.offsetParent !== null); if (b) b.focus(); return !!b; }})()""")
+    assert found, f"no visible {label} button on the card of {name}"
+    tab.press("Enter")
+
+
+def choose(tab: Tab, **values: str) -> None:
+    for field, value in values.items():
+        tab.evaluate(f"document.getElementById({json.dumps(field)}).value = {json.dumps(value)}")
+
+
+def job_named(client: httpx.Client, tab: Tab, name: str) -> dict[str, Any]:
+    job_id = tab.evaluate(f"Object.entries(JSON.parse(localStorage.getItem('audiotext.names')))"
+                          f".find(([id, n]) => n === {json.dumps(name)})[0]")
+    return get_job(client, job_id)
+
+
+@needs_chromium
+def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daemon], tab: Tab, tmp_path: Path,
+                                              ninety_seconds_wav: Path, request: pytest.FixtureRequest) -> None:
+    daemon = daemon_factory(AUDIOTEXT_WORKERS="1")  # one at a time, so later jobs wait in the queue
+    client = httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60)
+    request.addfinalizer(client.close)
+    tab.allow_downloads(tmp_path / "downloads")
+    tab.open(daemon.url + "/")
+
+    # The token, typed: a wrong one is refused in the API's words, the right one kept in the browser.
+    tab.wait_for("document.activeElement === document.getElementById('token')", what="the token field's focus")
+    tab.type("not-the-token")
+    tab.press("Enter")
+    refusal = httpx.get(daemon.url + "/v1/models", headers={"Authorization": "Bearer not-the-token"})
+    assert tab.wait_for("document.getElementById('signin-error').textContent", what="the refusal") \
+        == refusal.json()["error"]["message"]
+    tab.type(TOKEN)
+    tab.press("Enter")
+    tab.wait_for("[...document.getElementById('model').options].some((o) => o.value === 'cpu-lite')",
+                 what="the models to be listed")
+    assert tab.evaluate("localStorage.getItem('audiotext.token')") == TOKEN
+    tab.press("Tab")
+    assert tab.evaluate("document.activeElement.matches(':focus-visible') && "
+                        "getComputedStyle(document.activeElement).outlineStyle"), "keyboard focus is visible"
+
+    # A long recording takes the only worker; the files after it wait in the queue.
+    choose(tab, model="cpu-lite", language="")
+    tab.set_files("#files", [ninety_seconds_wav])
+    wait_for_card(tab, ninety_seconds_wav.name, ["running"])
+    choose(tab, language="ca")
+    tab.set_files("#files", [CLIPS / "ca.wav"])
+    choose(tab, language="")
+    tab.set_files("#files", [CLIPS / "en.wav", CLIPS / "en.webm"])
+    for name in ("ca.wav", "en.wav", "en.webm"):
+        wait_for_card(tab, name, ["queued"])
+    assert job_named(client, tab, "en.webm")["status"] == "queued"
+
+    press_button(tab, "en.webm", "Cancel")
+    wait_for_card(tab, "en.webm", ["canceled"])
+    canceled = job_named(client, tab, "en.webm")
+    assert (canceled["status"], canceled["started_at"]) == ("canceled", None), "canceled while queued"
+    press_button(tab, ninety_seconds_wav.name, "Cancel")  # and the running one, not to wait for it
+    wait_for_card(tab, ninety_seconds_wav.name, ["canceled"])
+
+    for name, words in (("ca.wav", CA_WORDS), ("en.wav", EN_WORDS)):
+        wait_for_card(tab, name, ["succeeded"])
+        text = wait_until(lambda: card(tab, name, "li.querySelector('.text').textContent"), what=f"{name}'s text")
+        assert_heard(text, words)
+    assert card(tab, "ca.wav", "li.querySelector('.meta').textContent").startswith("cpu-lite · Catalan · ")
+    assert card(tab, "en.wav", "li.querySelector('.meta').textContent").startswith("cpu-lite · English · ")
+    en = job_named(client, tab, "en.wav")
+    assert en["language"] == {"requested": None, "detected": "en"}
+
+    # Subtitles, downloaded as the API serves them.
+    press_button(tab, "en.wav", "SRT")
+    srt = tmp_path / "downloads" / "en.srt"
+    wait_until(lambda: srt.exists() and srt.read_text(), what="the download of en.srt", timeout=60)
+    assert srt.read_text() == client.get(f"{JOBS}/{en['id']}/result", params={"response_format": "srt"}).text
+    assert re.match(r"1\n00:00:00,\d{3} --> 00:00:0\d,\d{3}\n\S", srt.read_text())
+    assert_heard(srt.read_text(), EN_WORDS)
+
+    # A file that is no audio is refused, in the API's words.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a shopping list, not a recording\n")
+    tab.set_files("#files", [notes])
+    wait_for_card(tab, "notes.txt", ["refused"])
+    with open(notes, "rb") as f:
+        refusal = client.post(JOBS, files={"file": (notes.name, f)}, data={"model": "cpu-lite"})
+    assert refusal.status_code == 400
+    assert card(tab, "notes.txt", "li.querySelector('.error').textContent") == refusal.json()["error"]["message"]
+
+    # A reload lists the jobs from the API, newest first, with their names and texts.
+    tab.reload()
+    names = ["en.webm", "en.wav", "ca.wav", ninety_seconds_wav.name]
+    tab.wait_for(f"""JSON.stringify([...document.querySelectorAll("#jobs .name")].map((n) => n.textContent))
+                     === {json.dumps(json.dumps(names, separators=(",", ":")))}""", what="the jobs after a reload")
+    text = wait_until(lambda: card(tab, "ca.wav", "li.querySelector('.text').textContent"), what="the text again")
+    assert_heard(text, CA_WORDS)
+    shots = [tab.screenshot(tmp_path / "web-desktop.png", width=1100, height=900),
+             tab.screenshot(tmp_path / "web-phone.png", width=390, height=844, phone=True)]
+    tab.call("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "dark"}])
+    assert tab.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(17, 20, 24)"
+    shots.append(tab.screenshot(tmp_path / "web-phone-dark.png", width=390, height=844, phone=True))
+    print("screenshots:", *shots)
+
+    press_button(tab, "en.webm", "Delete")
+    tab.wait_for(f"!({CARD_JS})('en.webm')", what="the deleted job's card to go")
+    assert client.get(f"{JOBS}/{canceled['id']}").status_code == 404
+    assert tab.problems() == []
 
 
 # ---------------------------------------------------------------------------------------------
