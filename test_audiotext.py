@@ -4065,6 +4065,69 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     assert tab.problems() == []
 
 
+# Run in a page on another origin: every kind of call a browser client of the API makes.
+CROSS_ORIGIN_CALLS = """async (api, token) => {
+  const call = async (path, init = {}) => {
+    try {
+      const response = await fetch(api + path, init);
+      return {status: response.status, body: await response.text(), location: response.headers.get("Location")};
+    } catch (error) {
+      return {blocked: String(error)};
+    }
+  };
+  const auth = {Authorization: "Bearer " + token};
+  const form = new FormData();
+  form.append("model", "cpu-tiny");
+  form.append("file", await (await fetch("/en.wav")).blob(), "en.wav");
+  const created = await call("/v1/transcription-jobs", {method: "POST", headers: auth, body: form});
+  const id = created.status === 202 ? JSON.parse(created.body).id : "job_" + "1".repeat(32);
+  return {
+    models: await call("/v1/models", {headers: auth}),
+    created,
+    canceled: await call(`/v1/transcription-jobs/${id}/cancel`, {method: "POST", headers: auth}),
+    deleted: await call(`/v1/transcription-jobs/${id}`, {method: "DELETE", headers: auth}),
+    wrong_token: await call("/v1/models", {headers: {Authorization: "Bearer wrong"}}),
+    missing: await call(`/v1/transcription-jobs/${id}`, {headers: auth}),
+    health: await call("/healthz"),
+  };
+}"""
+
+
+@needs_chromium
+def test_a_page_on_another_origin_may_call_the_api_only_when_allowed(
+        daemon_factory: Callable[..., Daemon], daemon: Daemon, tab: Tab) -> None:
+    pages = {"/": ("text/html; charset=utf-8", b"<!doctype html><title>notes</title>"),
+             "/en.wav": ("audio/wav", (CLIPS / "en.wav").read_bytes())}
+    with page_server(pages) as page:
+        allowing = daemon_factory(AUDIOTEXT_CORS_ORIGINS=f"https://notes.example.org, {page.url}")
+        tab.open(page.url + "/")
+        allowed = tab.evaluate(f"({CROSS_ORIGIN_CALLS})({json.dumps(allowing.url)}, {json.dumps(TOKEN)})")
+        with httpx.Client(base_url=daemon.url, timeout=30) as client:
+            jobs_before = len(all_jobs(client))
+        refused = tab.evaluate(f"({CROSS_ORIGIN_CALLS})({json.dumps(daemon.url)}, {json.dumps(TOKEN)})")
+
+    assert {name: outcome.get("status") for name, outcome in allowed.items()} == {
+        "models": 200, "created": 202, "canceled": 200, "deleted": 200, "wrong_token": 401, "missing": 404,
+        "health": 200}, allowed
+    assert "cpu-lite" in [m["id"] for m in json.loads(allowed["models"]["body"])["data"]]
+    job = json.loads(allowed["created"]["body"])
+    assert allowed["created"]["location"] == f"{JOBS}/{job['id']}"  # an exposed header
+    assert json.loads(allowed["canceled"]["body"])["status"] in ("canceled", "running")
+    # Errors can be read, in the API's words.
+    with httpx.Client(base_url=allowing.url, timeout=30) as client:
+        for name, response in (("wrong_token", client.get("/v1/models", headers={"Authorization": "Bearer wrong"})),
+                               ("missing", client.get(f"{JOBS}/{job['id']}", headers=AUTH))):
+            assert json.loads(allowed[name]["body"]) == response.json()
+
+    # Without the origin in its list, the browser lets the page read nothing, and sends nothing that
+    # needs a preflight: no job was created.
+    assert all(set(outcome) == {"blocked"} for outcome in refused.values()), refused
+    assert "Failed to fetch" in refused["models"]["blocked"]
+    with httpx.Client(base_url=daemon.url, timeout=30) as client:
+        assert len(all_jobs(client)) == jobs_before
+    assert "OPTIONS /v1/transcription-jobs 405" in daemon.log()
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
