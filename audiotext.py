@@ -9,11 +9,13 @@ nothing else needs installing.
     audiotext models pull base            # fetch an official ggml file
     audiotext models import DIR --as NAME # convert a CTranslate2 / faster-whisper model
 
-Security stance: every route but ``GET /healthz`` wants ``Authorization: Bearer <token>``,
-compared in constant time. The daemon refuses to start without a token unless told
-``--no-auth`` *and* bound to a loopback address. Uploads are streamed to disk in the state
-directory, never held in memory, and removed as soon as they are no longer needed. Nothing a
-client sends is executed; a log line never carries a token or a transcript.
+Security stance: every route but ``GET /healthz`` and the web page at ``GET /`` (which asks for
+the token and sends it) wants ``Authorization: Bearer <token>``, compared in constant time. The
+daemon refuses to start without a token unless told ``--no-auth`` *and* bound to a loopback
+address. Uploads are streamed to disk in the state directory, never held in memory, and removed
+as soon as they are no longer needed. Nothing a client sends is executed; a log line never carries
+a token or a transcript. Browsers let pages from other origins call the API only when
+AUDIOTEXT_CORS_ORIGINS lists them.
 
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
@@ -4445,7 +4447,7 @@ WEB_PAGE_STYLE = """
 }
 * { box-sizing: border-box; }
 body { margin: 0; background: var(--bg); color: var(--text); }
-header, main { max-width: 54rem; margin: 0 auto; padding-inline: 1rem; }
+header, main { max-width: 54rem; margin: 0 auto; padding-left: 1rem; padding-right: 1rem; }
 header { display: flex; align-items: baseline; gap: .6rem; padding-top: 1rem; }
 h1 { font-size: 1.4rem; margin: 0; letter-spacing: -.01em; }
 h2 { font-size: 1.05rem; margin: 1.6rem 0 .6rem; }
@@ -4494,7 +4496,13 @@ input[type=radio] { accent-color: var(--accent); width: 1.1rem; height: 1.1rem; 
 .status[data-status=succeeded] { color: var(--ok); }
 .status[data-status=failed], .status[data-status=refused] { color: var(--bad); }
 .status[data-status=canceled], .status[data-status=waiting], .status[data-status=queued] { color: var(--muted); }
-progress { display: block; width: 100%; height: .45rem; margin: .5rem 0 .2rem; accent-color: var(--accent); }
+progress {
+  display: block; width: 100%; height: .4rem; margin: .55rem 0 .25rem; border: 0; border-radius: 99px;
+  background: var(--line); color: var(--accent); -webkit-appearance: none; appearance: none; overflow: hidden;
+}
+progress::-webkit-progress-bar { background: var(--line); }
+progress::-webkit-progress-value { background: var(--accent); border-radius: 99px; }
+progress::-moz-progress-bar { background: var(--accent); border-radius: 99px; }
 .text { white-space: pre-wrap; margin: .5rem 0 0; max-height: 18rem; overflow: auto; }
 .text:empty { display: none; }
 .actions { display: flex; flex-wrap: wrap; align-items: center; gap: .4rem; margin-top: .7rem; }
@@ -4503,9 +4511,9 @@ progress { display: block; width: 100%; height: .45rem; margin: .5rem 0 .2rem; a
 .downloads span { color: var(--muted); font-size: .875rem; margin: 0 .1rem 0 .4rem; }
 main { padding-bottom: 2rem; }
 @media (max-width: 30rem) {
-  header, main { padding-inline: .75rem; }
-  .panel, .job { padding-inline: .8rem; }
-  .actions button { padding-inline: .6rem; }
+  header, main { padding-left: .75rem; padding-right: .75rem; }
+  .panel, .job { padding-left: .8rem; padding-right: .8rem; }
+  .actions button { padding-left: .6rem; padding-right: .6rem; }
   .downloads { order: 1; flex-basis: 100%; }
   .downloads span { margin-left: 0; }
 }
@@ -4616,7 +4624,10 @@ function statusText(card) {
   if (card.phase === "waiting") return "waiting to upload";
   if (card.phase === "uploading") return `uploading ${Math.floor(card.sent * 100)}%`;
   if (card.phase === "refused") return "not sent";
-  if (job.status === "queued") return job.queue_position ? `queued, #${job.queue_position}` : "queued";
+  if (job.status === "queued") {
+    const position = job.queue_position;
+    return position > 1 ? `queued, #${position} in line` : position === 1 ? "queued, next" : "queued";
+  }
   if (job.status === "running") return `running ${Math.floor(job.progress * 100)}%`;
   return job.status;
 }
@@ -4632,7 +4643,7 @@ function metaText(card) {
   const job = card.job;
   if (!job) return card.size;
   const language = job.language.detected || job.language.requested;
-  return [job.model, language ? languageName(language) : "language: detect",
+  return [job.model, language ? languageName(language) : "detect language",
           job.task === "translate" ? "translated" : "",
           job.audio_seconds ? clock(job.audio_seconds) : "",
           when(job.created_at)].filter(Boolean).join(" · ");
@@ -4642,12 +4653,13 @@ function render(card) {
   const {el, job} = card;
   const status = card.phase || job.status;
   const running = status === "uploading" || status === "queued" || status === "running";
+  const moving = status === "uploading" || status === "running";
   el.dataset.status = status;
   el.querySelector(".status").dataset.status = status;
   el.querySelector(".status").textContent = statusText(card);
   el.querySelector(".meta").textContent = metaText(card);
   const bar = el.querySelector("progress");
-  bar.hidden = !running && status !== "waiting";
+  bar.hidden = !moving;
   bar.value = status === "uploading" ? card.sent : status === "running" ? job.progress : 0;
   el.querySelector(".error").textContent = card.error || (job && job.error ? job.error.message : "");
   el.querySelector(".text").textContent = card.text || "";
