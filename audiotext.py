@@ -4525,11 +4525,10 @@ const JOBS = "v1/transcription-jobs";  // relative, so the page also works behin
 const FINISHED = new Set(["succeeded", "failed", "canceled"]);
 const FORMATS = {text: ["txt", "text/plain"], srt: ["srt", "application/x-subrip"], vtt: ["vtt", "text/vtt"],
                  verbose_json: ["json", "application/json"]};
-const POLL_MS = 1000;
+const POLL_MS = {running: 1000, queued: 3000};  // a long queue of waiting jobs need not be asked about often
 const KEY = {token: "audiotext.token", names: "audiotext.names", options: "audiotext.options"};
 const $ = (id) => document.getElementById(id);
-const cards = new Map();  // job id -> card; a card is {el, name, id, job, phase, sent, error, text}
-const cardOf = new WeakMap();  // li -> card
+const cardOf = new WeakMap();  // li -> its card: {el, name, id, job, phase, sent, error, text, said}
 let uploads = Promise.resolve();  // one upload at a time, in the order the files came
 
 class ApiError extends Error {
@@ -4574,12 +4573,11 @@ function messageOf(xhr) {
 
 // How a job's news arrives: by polling, until it finishes or is gone. `update` gets each state, or
 // null once the job no longer exists, and returns false when nobody shows the job any more.
-async function follow(id, update) {
+async function follow(job, update) {
   for (;;) {
-    await sleep(POLL_MS);
-    let job;
+    await sleep(POLL_MS[job.status] || POLL_MS.queued);
     try {
-      job = await api("GET", `${JOBS}/${id}`);
+      job = await api("GET", `${JOBS}/${job.id}`);
     } catch (error) {
       if (error.status === 404) return update(null);
       if (error.status === 401) return;
@@ -4669,6 +4667,9 @@ function render(card) {
   el.querySelector("[data-action=cancel]").hidden = !running;
   el.querySelector("[data-action=delete]").textContent = card.id ? "Delete" : "Dismiss";
   el.querySelector("[data-action=delete]").hidden = status === "uploading";
+  // Said once per change of state, not per percent: a screen reader need not count along.
+  if (card.said !== undefined && card.said !== status) $("announce").textContent = `${card.name}: ${status}`;
+  card.said = status;
 }
 
 function addCard(name, {atTop}) {
@@ -4683,7 +4684,6 @@ function addCard(name, {atTop}) {
 
 function removeCard(card) {
   card.removed = true;
-  if (card.id) cards.delete(card.id);
   card.el.remove();
   $("empty").hidden = $("jobs").children.length > 0;
 }
@@ -4691,10 +4691,9 @@ function removeCard(card) {
 async function track(card, job) {
   card.id = job.id;
   card.job = job;
-  cards.set(job.id, card);
   render(card);
   if (!FINISHED.has(job.status)) {
-    await follow(job.id, (next) => {
+    await follow(job, (next) => {
       if (card.removed) return false;
       if (next === null) { removeCard(card); return false; }
       card.job = next;
@@ -4762,6 +4761,7 @@ async function act(card, button) {
       if (card.id) await api("DELETE", `${JOBS}/${card.id}`);
       if (card.id) forgetName(card.id);
       removeCard(card);
+      $("jobs-title").focus();  // the button is gone; the list is the nearest place to carry on from
       return;
     }
   } catch (error) {
@@ -4916,16 +4916,17 @@ WEB_PAGE_BODY = """<header>
       </label>
     </form>
     <p class="error" id="notice" role="alert"></p>
-    <h2 id="jobs-title">Jobs</h2>
+    <h2 id="jobs-title" tabindex="-1">Jobs</h2>
     <p class="hint" id="empty">No jobs yet.</p>
     <ol id="jobs" aria-labelledby="jobs-title"></ol>
+    <p id="announce" class="visually-hidden" aria-live="polite"></p>
   </div>
 </main>
 <template id="job-card">
   <li class="job">
-    <div class="head"><span class="name"></span><span class="status" aria-live="polite"></span></div>
+    <div class="head"><span class="name"></span><span class="status"></span></div>
     <div class="meta"></div>
-    <progress max="1" value="0"></progress>
+    <progress max="1" value="0" aria-label="Progress"></progress>
     <p class="error" role="alert"></p>
     <p class="text"></p>
     <div class="actions">

@@ -3963,6 +3963,18 @@ def press_button(tab: Tab, name: str, label: str) -> None:
     tab.press("Enter")
 
 
+# Caught mid-upload: the bar and the words both show a share of the file sent.
+UPLOAD_UNDER_WAY_JS = """li.dataset.status === "uploading" && li.querySelector("progress").value > 0
+    && li.querySelector("progress").value < 1 && li.querySelector(".status").textContent"""
+
+
+def throttle(tab: Tab, *, upload_bytes_per_second: int) -> None:
+    """Slow the browser's uploads down (-1: no limit)."""
+    tab.call("Network.enable")
+    tab.call("Network.emulateNetworkConditions", offline=False, latency=0, downloadThroughput=-1,
+             uploadThroughput=upload_bytes_per_second)
+
+
 def choose(tab: Tab, **values: str) -> None:
     for field, value in values.items():
         tab.evaluate(f"document.getElementById({json.dumps(field)}).value = {json.dumps(value)}")
@@ -3999,9 +4011,14 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     assert tab.evaluate("document.activeElement.matches(':focus-visible') && "
                         "getComputedStyle(document.activeElement).outlineStyle"), "keyboard focus is visible"
 
-    # A long recording takes the only worker; the files after it wait in the queue.
+    # A long recording takes the only worker, after an upload slow enough to show its progress;
+    # the files after it wait in the queue.
     choose(tab, model="cpu-lite", language="")
+    throttle(tab, upload_bytes_per_second=500_000)
     tab.set_files("#files", [ninety_seconds_wav])
+    assert wait_until(lambda: card(tab, ninety_seconds_wav.name, UPLOAD_UNDER_WAY_JS), what="the upload's progress",
+                      interval=0.02).startswith("uploading ")
+    throttle(tab, upload_bytes_per_second=-1)
     wait_for_card(tab, ninety_seconds_wav.name, ["running"])
     choose(tab, language="ca")
     tab.set_files("#files", [CLIPS / "ca.wav"])
@@ -4027,7 +4044,13 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     en = job_named(client, tab, "en.wav")
     assert en["language"] == {"requested": None, "detected": "en"}
 
-    # Subtitles, downloaded as the API serves them.
+    # The text, copied; subtitles, downloaded as the API serves them.
+    tab.devtools.send("Browser.grantPermissions", origin=daemon.url,
+                      permissions=["clipboardReadWrite", "clipboardSanitizedWrite"])
+    press_button(tab, "en.wav", "Copy text")
+    tab.wait_for(f"({CARD_JS})('en.wav').querySelector('[data-action=copy]').textContent === 'Copied'",
+                 what="the copy")
+    assert tab.evaluate("navigator.clipboard.readText()") == card(tab, "en.wav", "li.querySelector('.text').textContent")
     press_button(tab, "en.wav", "SRT")
     srt = tmp_path / "downloads" / "en.srt"
     wait_until(lambda: srt.exists() and srt.read_text(), what="the download of en.srt", timeout=60)
@@ -4062,6 +4085,13 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     press_button(tab, "en.webm", "Delete")
     tab.wait_for(f"!({CARD_JS})('en.webm')", what="the deleted job's card to go")
     assert client.get(f"{JOBS}/{canceled['id']}").status_code == 404
+    assert tab.evaluate("document.activeElement.id") == "jobs-title"  # the keyboard carries on from the list
+
+    tab.evaluate("document.getElementById('forget').focus()")
+    tab.press("Enter")
+    tab.wait_for("!document.getElementById('signin').hidden", what="the token to be asked for again")
+    assert tab.evaluate("[localStorage.getItem('audiotext.token'), document.querySelectorAll('#jobs > li').length]") \
+        == [None, 0]
     assert tab.problems() == []
 
 
