@@ -5229,7 +5229,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _shown_default(value: Any) -> str:
-    if value is None or value is dataclasses.MISSING:
+    if value is None or value is dataclasses.MISSING or value == ():
         return ""
     return f", default {value:g}" if isinstance(value, float) else f", default {value}"
 

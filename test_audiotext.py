@@ -3678,6 +3678,7 @@ def test_the_page_is_served_without_the_token_under_a_strict_policy(make_client:
 def test_the_page_can_be_turned_off(make_client: Callable[..., TestClient]) -> None:
     settings = Settings.from_env({"AUDIOTEXT_WEB_UI": "0"})
     assert settings.web_ui is False and Settings().web_ui is True
+    assert audiotext.build_parser().parse_args(["serve", "--web-ui", "0"]).web_ui is False
     assert_error(make_client(web_ui=False).get("/"), 404, "no route for GET /")
 
 
