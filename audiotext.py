@@ -88,6 +88,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
+from starlette.types import ASGIApp
 
 __version__ = "0.1.0"
 
@@ -5044,11 +5045,21 @@ class CORS(CORSMiddleware):
         return JSONResponse(error.body(), status_code=400, headers=kept)
 
 
-def cors_middleware(origins: tuple[str, ...]) -> Middleware:
-    """Pages on these origins may call the API. It sits outside the exception handlers, so errors carry
-    the headers too, and it answers a preflight itself: browsers send those without the token."""
-    return Middleware(CORS, allow_origins=origins, allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
-                      expose_headers=CORS_EXPOSED)
+class App(Starlette):
+    """Starlette, wrapped in CORS when origins are listed. Outermost, outside even the handler of
+    unexpected errors, so every error reaches the page that asked, a 500 too; it answers preflights
+    itself, as browsers send them without the token (so they are neither logged nor counted)."""
+
+    def __init__(self, *args: Any, cors_origins: tuple[str, ...] = (), **kwargs: Any) -> None:
+        self.cors_origins = cors_origins
+        super().__init__(*args, **kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if not self.cors_origins:
+            return stack
+        return CORS(stack, allow_origins=self.cors_origins, allow_methods=CORS_METHODS,
+                    allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED)
 
 
 def build_app(settings: Settings, *, models: ModelStore | None = None) -> Starlette:
@@ -5077,10 +5088,8 @@ def build_app(settings: Settings, *, models: ModelStore | None = None) -> Starle
     # Each family by name: Starlette answers a handler for bare Exception and then re-raises, so
     # only what is unexpected should get that far.
     handlers |= {exc_type: _handle_layer_error for exc_type in ERROR_TABLE}
-    middleware = [Middleware(RequestLog, routes=routes)]
-    if settings.cors_origins:
-        middleware.append(cors_middleware(settings.cors_origins))
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=middleware)
+    return App(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+               middleware=[Middleware(RequestLog, routes=routes)], cors_origins=settings.cors_origins)
 
 
 

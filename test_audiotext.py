@@ -3749,6 +3749,19 @@ def test_cors_refusals_are_in_the_error_envelope(make_client: Callable[..., Test
     assert_error(preflight(client, "/v1/models", "GET", headers="x-secret"), 400, re.compile(r"refused \(headers\)"))
 
 
+def test_cors_headers_ride_on_an_unexpected_500(tmp_path: Path, models_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> list[str]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(audiotext, "cpu_features", broken)
+    app = audiotext.build_app(make_settings(tmp_path, models_dir, cors_origins=(PAGE_ORIGIN,)))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/healthz", headers={"Origin": PAGE_ORIGIN})
+    assert_error(response, 500, "internal server error")
+    assert response.headers["access-control-allow-origin"] == PAGE_ORIGIN
+
+
 def test_cors_headers_ride_on_answers_and_errors_alike(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
     client = make_client(cors_origins=(PAGE_ORIGIN,))
     origin = {"Origin": PAGE_ORIGIN}
