@@ -4455,7 +4455,9 @@ h2 { font-size: 1.05rem; margin: 1.6rem 0 .6rem; }
 .version, .hint, .meta { color: var(--muted); font-size: .875rem; }
 header button { margin-left: auto; }
 [hidden] { display: none !important; }
-.panel { background: var(--surface); border: 1px solid var(--line); border-radius: 12px; padding: 1rem; margin-top: 1rem; }
+.panel {
+  background: var(--surface); border: 1px solid var(--line); border-radius: 12px; padding: 1rem; margin-top: 1rem;
+}
 label, legend { font-weight: 600; font-size: .9rem; }
 input, select, button { font: inherit; color: inherit; }
 input[type=password], select {
@@ -4813,8 +4815,8 @@ function restoreOptions() {
   let saved = {};
   try { saved = JSON.parse(localStorage.getItem(KEY.options)) || {}; } catch (e) { /* start afresh */ }
   if (saved.language) $("language").value = saved.language;
-  const task = document.querySelector(`input[name=task][value=${saved.task === "translate" ? "translate" : "transcribe"}]`);
-  task.checked = true;
+  const task = saved.task === "translate" ? "translate" : "transcribe";
+  document.querySelector(`input[name=task][value=${task}]`).checked = true;
   return saved;
 }
 

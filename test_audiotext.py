@@ -3712,7 +3712,8 @@ def test_cors_origins_setting(value: str, origins: tuple[str, ...]) -> None:
 @pytest.mark.parametrize("value", ["notes.example.org", "ftp://a.example", "https://a.example/app",
                                    "https://a.example?x", "https://user@a.example", "http://a.example:99999"])
 def test_cors_origins_setting_refuses_what_is_no_origin(value: str) -> None:
-    with pytest.raises(audiotext.ConfigError, match=re.escape(f"AUDIOTEXT_CORS_ORIGINS={value!r}: {value!r} is not an origin")):
+    message = f"AUDIOTEXT_CORS_ORIGINS={value!r}: {value!r} is not an origin"
+    with pytest.raises(audiotext.ConfigError, match=re.escape(message)):
         Settings.from_env({"AUDIOTEXT_CORS_ORIGINS": value})
 
 
@@ -3741,7 +3742,8 @@ def test_cors_preflight_is_answered_without_the_token(make_client: Callable[...,
 def test_cors_refusals_are_in_the_error_envelope(make_client: Callable[..., TestClient]) -> None:
     client = make_client(cors_origins=(PAGE_ORIGIN,))
     message = re.compile(r"^cross-origin request refused \(origin\): the daemon allows the origins in "
-                         r"AUDIOTEXT_CORS_ORIGINS, the methods GET, POST, DELETE and the headers Authorization, Content-Type$")
+                         r"AUDIOTEXT_CORS_ORIGINS, the methods GET, POST, DELETE and the headers "
+                         r"Authorization, Content-Type$")
     response = preflight(client, "/v1/models", "GET", origin="http://elsewhere.example")
     assert_error(response, 400, message)
     assert "access-control-allow-origin" not in response.headers
@@ -3955,12 +3957,13 @@ def tab(tmp_path: Path) -> Iterator[Tab]:
 
 
 # The page's job cards, by file name: its status, and the text shown.
-CARD_JS = """(name) => [...document.querySelectorAll("#jobs > li")].find((li) => li.querySelector(".name").textContent === name)"""
+CARD_JS = """(name) => [...document.querySelectorAll("#jobs > li")]
+    .find((li) => li.querySelector(".name").textContent === name)"""
 
 
 def card(tab: Tab, name: str, expression: str) -> Any:
     """`expression` about the card `li` of the file `name`; null while there is no such card."""
-    return tab.evaluate(f"(() => {{ const li = ({CARD_JS})({json.dumps(name)}); return li ? ({expression}) : null; }})()")
+    return tab.evaluate(f"((li) => li ? ({expression}) : null)(({CARD_JS})({json.dumps(name)}))")
 
 
 def wait_for_card(tab: Tab, name: str, statuses: Iterable[str], timeout: float = 300) -> None:
@@ -3971,8 +3974,8 @@ def wait_for_card(tab: Tab, name: str, statuses: Iterable[str], timeout: float =
 
 def press_button(tab: Tab, name: str, label: str) -> None:
     """Focus a card's button and press Enter on it, as someone on a keyboard does."""
-    found = card(tab, name, f"""(() => {{ const b = [...li.querySelectorAll("button")].find(
-        (b) => b.textContent === {json.dumps(label)} && b.offsetParent !== null); if (b) b.focus(); return !!b; }})()""")
+    found = card(tab, name, f"""((button) => button ? (button.focus(), true) : false)([...li.querySelectorAll("button")]
+        .find((b) => b.textContent === {json.dumps(label)} && b.offsetParent !== null))""")
     assert found, f"no visible {label} button on the card of {name}"
     tab.press("Enter")
 
@@ -4064,7 +4067,8 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     press_button(tab, "en.wav", "Copy text")
     tab.wait_for(f"({CARD_JS})('en.wav').querySelector('[data-action=copy]').textContent === 'Copied'",
                  what="the copy")
-    assert tab.evaluate("navigator.clipboard.readText()") == card(tab, "en.wav", "li.querySelector('.text').textContent")
+    shown = card(tab, "en.wav", "li.querySelector('.text').textContent")
+    assert tab.evaluate("navigator.clipboard.readText()") == shown
     press_button(tab, "en.wav", "SRT")
     srt = tmp_path / "downloads" / "en.srt"
     wait_until(lambda: srt.exists() and srt.read_text(), what="the download of en.srt", timeout=60)
