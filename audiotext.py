@@ -2469,7 +2469,11 @@ class LoadedModel:
         return Transcript(
             text="".join(s.text for s in segments).strip(), language=language,
             duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
-            task="translate" if options.translate else "transcribe")
+            task=_task(options))
+
+
+def _task(options: TranscribeOptions) -> str:
+    return "translate" if options.translate else "transcribe"
 
 
 def _compression_ratio(text: str) -> float:
@@ -2655,8 +2659,12 @@ WINDOW_CUT_SEARCH_SECONDS = 15.0
 CUT_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms
 CUT_PAUSE_FRAMES = 20  # 0.4 s: a pause between words, not the gap before a plosive
 PROMPT_CARRY_CHARS = 200
-# (where the window starts in the recording, in samples; its samples)
-Window = tuple[int, np.ndarray]
+# A window of a longer recording whose every sample is below this (-80 dBFS, a few steps of 16-bit
+# audio) has nothing to hear: it is not transcribed, which makes hours of digital silence cost
+# seconds instead of minutes of VAD. A recording of one window is transcribed whatever it holds.
+SILENT_PEAK = 1e-4
+# (where the window starts in the recording, in samples; its samples; whether it is the last)
+Window = tuple[int, np.ndarray, bool]
 
 
 def quietest_cut(window: np.ndarray, *, search_samples: int) -> int:
@@ -2676,9 +2684,9 @@ def array_windows(audio: np.ndarray, *, window_samples: int, search_samples: int
     offset = 0
     while len(audio) - offset > window_samples:
         cut = quietest_cut(audio[offset:offset + window_samples], search_samples=search_samples)
-        yield offset, audio[offset:offset + cut]
+        yield offset, audio[offset:offset + cut], False
         offset += cut
-    yield offset, audio[offset:]
+    yield offset, audio[offset:], True
 
 
 def stream_windows(chunks: Iterable[np.ndarray], *, window_samples: int, search_samples: int) -> Iterator[Window]:
@@ -2691,14 +2699,14 @@ def stream_windows(chunks: Iterable[np.ndarray], *, window_samples: int, search_
         while chunk.size:
             if filled == window_samples:
                 cut = quietest_cut(buffer, search_samples=search_samples)
-                yield offset, buffer[:cut]
+                yield offset, buffer[:cut], False
                 buffer[:window_samples - cut] = buffer[cut:]  # numpy copies overlapping ranges safely
                 filled, offset = window_samples - cut, offset + cut
             take = min(chunk.size, window_samples - filled)
             buffer[filled:filled + take] = chunk[:take]
             filled += take
             chunk = chunk[take:]
-    yield offset, buffer[:filled]
+    yield offset, buffer[:filled], True
 
 
 def carried_prompt(prompt: str | None, previous_text: str) -> str | None:
@@ -2708,6 +2716,10 @@ def carried_prompt(prompt: str | None, previous_text: str) -> str | None:
         tail = tail[tail.index(" ") + 1:]  # from a word's start, not the middle of one
     joined = " ".join(part for part in ((prompt or "").strip(), tail.strip()) if part)
     return joined or None
+
+
+def is_silent(samples: np.ndarray) -> bool:
+    return samples.size == 0 or (float(samples.max()) < SILENT_PEAK and float(samples.min()) > -SILENT_PEAK)
 
 
 def on_recording_clock(offset: float, seconds: float) -> float:
@@ -2776,8 +2788,8 @@ class Engine:
                             on_progress: Progress | None, on_segment: SegmentSink | None) -> Transcript:
         parts: list[tuple[float, Transcript]] = []
         window_options, language = options, options.language
-        inference_seconds, end, model_file = 0.0, 0, ""
-        for start, samples in windows:
+        inference_seconds, end, model_file = 0.0, 0, self.models.resolve(model_name)[1].stem
+        for start, samples, last in windows:
             if parts:
                 self._between_windows()
                 window_options = dataclasses.replace(options, language=language,
@@ -2787,6 +2799,11 @@ class Engine:
             offset, end = start / SAMPLE_RATE, start + len(samples)
             if on_progress is not None:
                 on_progress(offset, total_seconds())
+            if is_silent(samples) and (parts or not last):
+                parts.append((offset, Transcript(text="", language=language or "en",
+                                                 duration=round(len(samples) / SAMPLE_RATE, 3), segments=[],
+                                                 words=[], task=_task(options))))
+                continue
             transcript, seconds, model_file = self._transcribe_window(
                 samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
                 on_progress=on_progress, on_segment=on_segment)
@@ -2843,6 +2860,8 @@ class Scheduler:
     """One queue for sync requests and jobs, served by a fixed pool of worker threads.
 
     The pool size caps concurrent inference, so sync and async work never oversubscribe the CPU.
+    A long transcription calls serve_more_urgent() between two windows, and its thread runs what
+    has been queued ahead of it meanwhile: a request waits for one window of a job, not the job.
     Threads: `workers` daemon threads named audiotext-worker-N, started by start() and joined by
     stop(). What a work item raises goes to its future for the submitter to read; one that no
     layer raised on purpose is also logged with its traceback here, since a job's future has no
@@ -2858,6 +2877,7 @@ class Scheduler:
         self._threads = [threading.Thread(target=self._loop, name=f"audiotext-worker-{i}", daemon=True)
                          for i in range(workers)]
         self.running: dict[int, Work] = {}
+        self._paused: dict[int, Work] = {}  # by thread: the work waiting for what runs in its stead
 
     def start(self) -> None:
         for thread in self._threads:
@@ -2929,7 +2949,7 @@ class Scheduler:
 
     def abort_running(self) -> None:
         with self._cond:
-            running = list(self.running.values())
+            running = [*self.running.values(), *self._paused.values()]
         for work in running:
             work.abort.set()
 
@@ -2946,14 +2966,38 @@ class Scheduler:
                     continue
                 self.running[ident] = work
             try:
-                work.future.set_result(work.fn(work.abort))
-            except BaseException as exc:  # the waiting side decides what the error means
-                if is_unexpected(exc):
-                    log_unexpected(exc, "in work run by " + threading.current_thread().name)
-                work.future.set_exception(exc)
+                self._run(work)
             finally:
                 with self._cond:
                     self.running.pop(ident, None)
+
+    def serve_more_urgent(self) -> None:
+        """On a worker thread, at a point where its work may pause: run, one after another, the
+        queued work more urgent than it, then return to it. Elsewhere it does nothing."""
+        ident = threading.get_ident()
+        while True:
+            with self._cond:
+                current = self.running.get(ident)
+                if current is None or not self._heap or self._heap[0].priority >= current.priority:
+                    return
+                work = heapq.heappop(self._heap)
+                if not work.future.set_running_or_notify_cancel():
+                    continue
+                self.running[ident], self._paused[ident] = work, current
+            try:
+                self._run(work)
+            finally:
+                with self._cond:
+                    self.running[ident] = self._paused.pop(ident)
+
+    @staticmethod
+    def _run(work: Work) -> None:
+        try:
+            work.future.set_result(work.fn(work.abort))
+        except BaseException as exc:  # the waiting side decides what the error means
+            if is_unexpected(exc):
+                log_unexpected(exc, "in work run by " + threading.current_thread().name)
+            work.future.set_exception(exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3734,7 +3778,8 @@ class AppState:
         self.metrics = Metrics(self)
         self.engine = Engine(self.models, max_audio_seconds=self.settings.max_audio_seconds,
                              window_seconds=self.settings.window_seconds,
-                             on_transcribed=self.metrics.observe_transcription)
+                             on_transcribed=self.metrics.observe_transcription,
+                             between_windows=self.scheduler.serve_more_urgent)
 
     @property
     def stopping(self) -> bool:

@@ -1957,6 +1957,80 @@ def test_abort_between_windows_stops_the_rest(store: audiotext.ModelStore, windo
 
 
 # ---------------------------------------------------------------------------------------------
+# Scheduling: a window at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_request_queued_behind_a_long_job_runs_at_its_next_window() -> None:
+    scheduler = audiotext.Scheduler(1)
+    scheduler.start()
+    order: list[str] = []
+    started, queued = threading.Event(), threading.Event()
+
+    def job(abort: threading.Event) -> bool:
+        order.append("job: first window")
+        started.set()
+        assert queued.wait(30)
+        scheduler.serve_more_urgent()  # between two windows
+        order.append("job: second window")
+        return abort.is_set()
+
+    try:
+        job_work = scheduler.submit(job, priority=audiotext.PRIORITY_JOB, key="job")
+        assert started.wait(30)
+        later_job = scheduler.submit(lambda abort: order.append("the next job"), priority=audiotext.PRIORITY_JOB)
+        request = scheduler.submit(lambda abort: order.append("request"), priority=audiotext.PRIORITY_SYNC)
+        queued.set()
+        assert job_work.future.result(30) is False and later_job.future.result(30) is None
+        request.future.result(30)
+        assert order == ["job: first window", "request", "job: second window", "the next job"]
+        scheduler.serve_more_urgent()  # on a thread that is no worker: nothing to do, nothing done
+    finally:
+        scheduler.stop(grace=0)
+
+
+def test_a_stop_aborts_a_job_paused_for_a_request() -> None:
+    scheduler = audiotext.Scheduler(1)
+    scheduler.start()
+    inside = threading.Event()
+
+    def request(abort: threading.Event) -> None:
+        inside.set()
+        assert abort.wait(30)
+
+    def job(abort: threading.Event) -> bool:
+        scheduler.submit(request, priority=audiotext.PRIORITY_SYNC)
+        scheduler.serve_more_urgent()
+        return abort.is_set()
+
+    job_work = scheduler.submit(job, priority=audiotext.PRIORITY_JOB)
+    assert inside.wait(30)
+    scheduler.stop(grace=0)
+    assert job_work.future.result(0) is True
+
+
+def test_a_sync_request_is_answered_while_a_long_job_still_runs(daemon_factory: Callable[..., Daemon],
+                                                                 tmp_path: Path) -> None:
+    """One worker, 30 s windows: a voice note waits for the window in progress, not the rest of the job."""
+    speech = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    recording = encode_audio(tmp_path / "meeting.flac", np.tile(speech, 8))  # 4 minutes, 8 windows
+    daemon = daemon_factory(AUDIOTEXT_DEFAULT_MODEL="cpu-tiny", AUDIOTEXT_WINDOW_SECONDS="30")
+    with httpx.Client(base_url=daemon.url, timeout=300) as client:
+        accepted = post_file(client, recording, route=JOBS, model="cpu-tiny")
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        wait_until(lambda: get_job(client, job_id)["progress"] > 0, what="the job's first segments")
+        answer = post_file(client, CLIPS / "en.wav", model="cpu-tiny")
+        job = get_job(client, job_id)
+        assert answer.status_code == 200, answer.text
+        assert_heard(answer.json()["text"], EN_WORDS)
+        assert job["status"] == "running" and job["progress"] < 0.9, job
+        done = wait_for_job(client, job_id, timeout=600)
+    assert done["status"] == "succeeded", done
+    assert done["audio_seconds"] == pytest.approx(8 * len(speech) / audiotext.SAMPLE_RATE, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------------------------
 
@@ -3825,6 +3899,135 @@ def test_a_default_model_that_cannot_load_stops_the_daemon(tmp_path: Path) -> No
                                 "AUDIOTEXT_PORT": str(free_port())})
     assert run.returncode != 0
     assert "ggml-base.bin is not a ggml whisper model (bad magic)" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: long, hostile and damaged recordings
+# ---------------------------------------------------------------------------------------------
+
+
+def post_file(target: str | httpx.Client, path: Path, *, route: str = "/v1/audio/transcriptions",
+              timeout: float = 600, **fields: str) -> httpx.Response:
+    with open(path, "rb") as f:
+        if isinstance(target, str):
+            return httpx.post(target + route, headers=AUTH, files={"file": (path.name, f)}, data=fields,
+                              timeout=timeout)
+        return target.post(route, headers=AUTH, files={"file": (path.name, f)}, data=fields)
+
+
+LONG_WORDS = ("weekly news", "library", "beach")  # testdata/long_en.*, before and after the damage
+
+
+def test_a_damaged_mp3_is_transcribed_and_the_answer_says_what_was_skipped(
+        make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client()
+    path = damaged_mp3(tmp_path)
+    verbose = post_file(client, path, model="cpu-tiny", response_format="verbose_json")
+    assert verbose.status_code == 200, verbose.text
+    body = verbose.json()
+    assert_heard(body["text"], LONG_WORDS)
+    assert 0 < body["skipped_audio_seconds"] < 1 and body["duration"] > 29
+    assert float(verbose.headers[audiotext.SKIPPED_AUDIO_HEADER]) == body["skipped_audio_seconds"]
+    as_text = post_file(client, path, model="cpu-tiny", response_format="text")
+    assert as_text.status_code == 200 and as_text.headers["x-audiotext-skipped-audio"] == f"{body['skipped_audio_seconds']:g}"
+
+    job = post_file(client, path, route=JOBS, model="cpu-tiny", response_format="srt")
+    assert job.status_code == 202, job.text
+    assert job.json()["skipped_audio_seconds"] == 0.0  # known once decoded
+    done = wait_for_job(client, job.json()["id"])
+    assert done["status"] == "succeeded" and done["skipped_audio_seconds"] == body["skipped_audio_seconds"], done
+    result = client.get(done["result_url"], headers=AUTH)
+    assert result.headers[audiotext.SKIPPED_AUDIO_HEADER] == as_text.headers[audiotext.SKIPPED_AUDIO_HEADER]
+
+    clean = post_file(client, CLIPS / "en.mp3", model="cpu-tiny", response_format="verbose_json")
+    assert "skipped_audio_seconds" not in clean.json() and audiotext.SKIPPED_AUDIO_HEADER not in clean.headers
+
+
+def test_a_job_record_from_before_skipped_audio_reads_as_none_skipped() -> None:
+    job = audiotext.Job(id="job_" + "0" * 32, seq=1, spec=audiotext.JobSpec(model="cpu-tiny"),
+                        audio_name="job_" + "0" * 32 + ".wav", created_at=1.0)
+    record = job.record()
+    del record["skipped_audio_seconds"]
+    assert audiotext.job_from_record(record) == job
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's high-water mark of resident memory (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024  # type: ignore[union-attr]
+
+
+# A window of 300 s is 18.3 MiB of samples; whisper.cpp's mel and VAD buffers for it, the decoder and the
+# upload's parsing take a little more. Decoding a recording whole took 3.5 times its samples: 2.6 GB
+# for three hours.
+MEMORY_BOUND_MIB = 100
+
+
+def one_hz_wav(path: Path, samples: bytes) -> Path:
+    """A 16-bit mono WAV whose header says 1 sample per second: each 2 bytes are a second of audio."""
+    fmt = struct.pack("<HHIIHH", 1, 1, 1, 2, 2, 16)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(samples)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt
+                     + b"data" + struct.pack("<I", len(samples)) + samples)
+    return path
+
+
+def silent_flac(path: Path, seconds: float, *, hide_length: bool = False) -> Path:
+    """Silence at 8 kHz in FLAC's largest blocks: three hours fit in about 26 KB."""
+    encode_audio(path, np.zeros(int(seconds * 8000), np.float32), rate=8000, frame_size=65535)
+    if hide_length:
+        data = bytearray(path.read_bytes())
+        data[21] &= 0xF0  # STREAMINFO's 36-bit sample count, 0: "unknown length"
+        data[22:26] = bytes(4)
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture
+def tiny_daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A daemon with only tiny.en loaded, warmed up by one transcription: its peak is the baseline."""
+    daemon = daemon_factory(AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
+    assert post_clip(daemon.url, "en.wav", model="cpu-tiny").status_code == 200
+    return daemon
+
+
+def test_hostile_recordings_are_decoded_in_bounded_memory(tiny_daemon: Daemon, tmp_path: Path) -> None:
+    baseline = peak_rss_mib(tiny_daemon.proc.pid)
+    three_hours = silent_flac(tmp_path / "silence.flac", 2 * 3600 + 59 * 60)
+    assert three_hours.stat().st_size < 40_000
+    response = post_file(tiny_daemon.url, three_hours, model="cpu-tiny", response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    assert (response.json()["text"], response.json()["duration"]) == ("", 10740.0)
+
+    hidden = silent_flac(tmp_path / "hidden.flac", 3 * 3600 + 10 * 60, hide_length=True)
+    assert_error(post_file(tiny_daemon.url, hidden, model="cpu-tiny"), 400,
+                 "audio is longer than the 3 hours limit", param="file")
+
+    assert_error(post_file(tiny_daemon.url, one_hz_wav(tmp_path / "long.wav", random.Random(1).randbytes(26_000)),
+                           model="cpu-tiny"), 400, "audio is longer than the 3 hours limit", param="file")
+    response = post_file(tiny_daemon.url, one_hz_wav(tmp_path / "slow.wav", bytes(2 * 10_000)), model="cpu-tiny",
+                         response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    assert response.json()["duration"] == 10_000.0
+    growth = peak_rss_mib(tiny_daemon.proc.pid) - baseline
+    assert growth < MEMORY_BOUND_MIB, f"peak RSS grew by {growth:.0f} MiB over {baseline:.0f} MiB"
+
+
+def test_an_hour_long_recording_is_transcribed_in_windows_in_bounded_memory(tiny_daemon: Daemon,
+                                                                             tmp_path: Path) -> None:
+    """61 minutes, a sentence every 4.5 minutes so each 5-minute window has words to hear."""
+    speech = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    starts = [10.0 + 270.0 * k for k in range(14)]
+    recording = encode_audio(tmp_path / "hour.flac", utterances(speech, starts, 61 * 60.0))
+    baseline = peak_rss_mib(tiny_daemon.proc.pid)
+    response = post_file(tiny_daemon.url, recording, model="cpu-tiny", response_format="verbose_json", timeout=1200)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["duration"] == 3660.0
+    assert normalized(body["text"]).count("my name is john") == len(starts), body["text"]
+    segment_starts = [s["start"] for s in body["segments"]]
+    assert segment_starts == sorted(segment_starts) and segment_starts[-1] > starts[-1] - 30
+    growth = peak_rss_mib(tiny_daemon.proc.pid) - baseline
+    assert growth < MEMORY_BOUND_MIB, f"peak RSS grew by {growth:.0f} MiB over {baseline:.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
