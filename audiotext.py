@@ -17,7 +17,10 @@ client sends is executed; a log line never carries a token or a transcript.
 
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
-client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part.
+client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part. Audio
+is decoded as it is read and transcribed in windows of AUDIOTEXT_WINDOW_SECONDS cut at pauses, so
+memory holds one window however long the recording; a damaged packet is skipped and the answer
+says how many seconds were (X-Audiotext-Skipped-Audio, skipped_audio_seconds).
 
 As a service (audiotext.service, ``Type=notify``): READY=1 once the port is bound and the default
 model loaded, STATUS= with the queue, WATCHDOG=1 while the event loop answers. On SIGTERM, uploads
@@ -1046,7 +1049,8 @@ def _samples(container: Any, stream: Any, report: DecodeReport) -> Iterator[np.n
         try:
             frames = packet.decode()
         except av.FFmpegError as exc:
-            seconds = float(packet.duration * packet.time_base) if packet.duration and packet.time_base else frame_seconds
+            stated = packet.duration and packet.time_base
+            seconds = float(packet.duration * packet.time_base) if stated else frame_seconds
             report.skipped_packets += 1
             report.skipped_seconds += seconds
             gap += seconds
@@ -1054,7 +1058,7 @@ def _samples(container: Any, stream: Any, report: DecodeReport) -> Iterator[np.n
             continue
         for frame in frames:
             report.decoded_frames += 1
-            frame_seconds = frame.samples / frame.sample_rate
+            frame_seconds = frame.samples / frame.sample_rate if frame.sample_rate else frame_seconds
             if gap:
                 yield from _silence(gap)
                 gap = 0.0
@@ -1126,8 +1130,8 @@ def _slices(frame: Any) -> list[Any]:
     per_sample = samples.shape[1] // frame.samples  # packed formats interleave the channels
     pieces = []
     for start in range(0, frame.samples, step):
-        piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start * per_sample:(start + step) * per_sample]),
-                                           format=frame.format.name, layout=frame.layout.name)
+        part = np.ascontiguousarray(samples[:, start * per_sample:(start + step) * per_sample])
+        piece = av.AudioFrame.from_ndarray(part, format=frame.format.name, layout=frame.layout.name)
         piece.sample_rate = frame.sample_rate
         pieces.append(piece)
     return pieces
@@ -4609,7 +4613,8 @@ def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
         "response_format": job.spec.response_format, "created_at": int(job.created_at),
         "started_at": _unix(job.started_at), "finished_at": _unix(job.finished_at),
         "audio_seconds": job.audio_seconds, "skipped_audio_seconds": job.skipped_audio_seconds,
-        "progress": job.progress(), "queue_position": queue_position, "error": job.error, "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
+        "progress": job.progress(), "queue_position": queue_position, "error": job.error,
+        "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
     }
 
 
