@@ -2657,8 +2657,8 @@ Progress = Callable[[float, float], None]
 # A recording longer than a window (AUDIOTEXT_WINDOW_SECONDS) is transcribed a window at a time,
 # so that memory holds one window's samples however long the recording is. A window ends at the
 # quietest 0.4 s of its last seconds, a pause rather than the middle of a word, and the last
-# words before the cut prompt the next window, as whisper carries text from one 30 s chunk to
-# the next within a window.
+# words before the cut are the next window's initial prompt: it starts in the middle of a
+# conversation, and the prompt tells whisper which one (names, spelling, punctuation).
 WINDOW_CUT_SEARCH_SECONDS = 15.0
 CUT_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms
 CUT_PAUSE_FRAMES = 20  # 0.4 s: a pause between words, not the gap before a plosive
@@ -2724,6 +2724,12 @@ def carried_prompt(prompt: str | None, previous_text: str) -> str | None:
 
 def is_silent(samples: np.ndarray) -> bool:
     return samples.size == 0 or (float(samples.max()) < SILENT_PEAK and float(samples.min()) > -SILENT_PEAK)
+
+
+def nothing_heard(samples: np.ndarray, language: str, options: TranscribeOptions) -> Transcript:
+    """The transcript of a window not worth transcribing."""
+    return Transcript(text="", language=language, duration=round(len(samples) / SAMPLE_RATE, 3), segments=[],
+                      words=[], task=_task(options))
 
 
 def on_recording_clock(offset: float, seconds: float) -> float:
@@ -2804,15 +2810,13 @@ class Engine:
             if on_progress is not None:
                 on_progress(offset, total_seconds())
             if is_silent(samples) and (parts or not last):
-                parts.append((offset, Transcript(text="", language=language or "en",
-                                                 duration=round(len(samples) / SAMPLE_RATE, 3), segments=[],
-                                                 words=[], task=_task(options))))
+                parts.append((offset, nothing_heard(samples, language or "en", options)))
                 continue
             transcript, seconds, model_file = self._transcribe_window(
                 samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
                 on_progress=on_progress, on_segment=on_segment)
             if language is None and transcript.segments:
-                language = transcript.language  # detected once, as whisper does within a window
+                language = transcript.language  # detected once, as whisper.cpp does within a call
             parts.append((offset, transcript))
             inference_seconds += seconds
         whole = join_windows(parts, language=language or parts[0][1].language,

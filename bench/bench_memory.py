@@ -15,6 +15,7 @@ Each prints the process's peak RSS (getrusage's ru_maxrss) before and after, in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import subprocess
@@ -66,6 +67,14 @@ def import_models(directory: Path) -> None:
     audiotext.main(["models", "import-vad", "--models-dir", str(directory)])
 
 
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def build_recording(path: Path, minutes: float) -> Path:
     """A sentence every minute in silence, written a minute at a time: the bench itself stays small."""
     import av
@@ -103,7 +112,7 @@ def main() -> None:
         if models is None:
             models = Path(temp) / "models"
             import_models(models)
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        print(f"{cpu_name()}, {os.cpu_count()} cores, "
               f"window {audiotext.Settings().window_seconds:g} s, tiny.en with VAD")
         print(f"{'minutes':>7} {'file KiB':>8} | {'engine: before':>14} {'peak':>6} {'growth':>6} {'s':>6} "
               f"{'words':>5} | {'whole decode: peak':>18} {'growth':>6}")
