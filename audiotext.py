@@ -2747,12 +2747,15 @@ class LoadedModel:
                     " (with VAD)" if vad_path else "")
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
-                   on_segment: SegmentSink | None = None) -> Transcript:
+                   on_segment: SegmentSink | None = None,
+                   on_fraction: Callable[[float], None] | None = None) -> Transcript:
+        """on_fraction hears whisper.cpp's own progress through this call, 0 to 1: long before a
+        segment is done (the encoder's pass over 30 s comes first), which is what a bar wants."""
         with self.lock:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
             vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
-            status = self._run(audio, self._params(audio, options), abort, on_segment, vad_params)
+            status = self._run(audio, self._params(audio, options), abort, on_segment, vad_params, on_fraction)
             if not self._first_run_measured:
                 self.memory_bytes += max(0, _rss_bytes() - rss_before)
                 self._first_run_measured = True
@@ -2774,7 +2777,7 @@ class LoadedModel:
                     vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
-             on_segment: SegmentSink | None, vad_params: Any) -> int:
+             on_segment: SegmentSink | None, vad_params: Any, on_fraction: Callable[[float], None] | None) -> int:
         """whisper_full with the whole parameter set; its status, which Model.transcribe drops."""
         import _pywhispercpp as pw
 
@@ -2790,7 +2793,11 @@ class LoadedModel:
                     on_segment(pw.whisper_full_get_segment_t0(ctx, i) / 100.0,  # type: ignore[misc]
                                pw.whisper_full_get_segment_t1(ctx, i) / 100.0, text)
 
+        def progress(percent: int, user_data: Any = None) -> None:
+            on_fraction(percent / 100)  # type: ignore[misc]
+
         pw.assign_new_segment_callback(model._params, new_segments if on_segment is not None else None)
+        pw.assign_progress_callback(model._params, progress if on_fraction is not None else None)
         pw.assign_abort_callback(model._params, abort.is_set)
         return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
 
@@ -3297,11 +3304,15 @@ class Engine:
             if on_segment is not None:
                 on_segment(on_recording_clock(offset, start), on_recording_clock(offset, end), text)
 
+        def window_fraction(fraction: float) -> None:
+            on_progress(offset + fraction * len(samples) / SAMPLE_RATE, total_seconds())  # type: ignore[misc]
+
         with self.models.checkout(model_name, vad=options.vad, fit_short_audio=options.fit_short_audio) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
             started = time.monotonic()
             transcript = model.transcribe(samples, options, abort=abort,
-                                          on_segment=segment_done if on_progress or on_segment else None)
+                                          on_segment=segment_done if on_progress or on_segment else None,
+                                          on_fraction=window_fraction if on_progress else None)
             return transcript, time.monotonic() - started, model.path.stem
 
 
@@ -3536,10 +3547,20 @@ class Job:
     cancel_requested: bool = False
     storage_faults: int = 0  # runs a storage fault put back in the queue, in this process
     held_transcript: Transcript | None = None  # a run's, finished but not yet written to results/
+    # The segments of the run in progress, as whisper.cpp finishes them, for the events stream.
+    heard: list[tuple[float, float, str]] = field(default_factory=list, compare=False, repr=False)
+
+    def start_run(self) -> None:
+        self.seconds_done = 0.0
+        self.heard = []
 
     def record_progress(self, seconds_done: float, seconds_total: float) -> None:
+        # Two sources report (whisper.cpp's progress and each segment's end); never step back.
         self.audio_seconds = round(seconds_total, 3)
-        self.seconds_done = seconds_done
+        self.seconds_done = max(self.seconds_done, seconds_done)
+
+    def record_segment(self, start: float, end: float, text: str) -> None:
+        self.heard.append((start, end, text))  # one append: atomic, no lock for a reader to wait on
 
     def progress(self) -> float:
         if self.status == SUCCEEDED:
@@ -3661,8 +3682,9 @@ Execute = Callable[[Job, Path, threading.Event], Transcript]
 
 def engine_runner(engine: Engine) -> Execute:
     def execute(job: Job, audio_path: Path, abort: threading.Event) -> Transcript:
+        job.start_run()
         return engine.transcribe_file(audio_path, job.spec.model, job.spec.options(), abort,
-                                      on_progress=job.record_progress)
+                                      on_progress=job.record_progress, on_segment=job.record_segment)
 
     return execute
 
@@ -6133,6 +6155,86 @@ async def get_job(request: Request) -> Response:
     return JSONResponse(_job_json(store, store.get(request.path_params["job_id"])))
 
 
+# How often an events stream looks at its job (progress need move no faster than people read),
+# and how long it may say nothing before a comment keeps proxies from closing it.
+JOB_EVENTS_POLL_SECONDS = 0.25
+JOB_EVENTS_KEEPALIVE_SECONDS = 15.0
+
+
+async def job_events(request: Request) -> Response:
+    """Server-sent events of a job: its status changes, its progress, its segments as whisper.cpp
+    finishes them, ending when the job does. A late reader first gets what has happened so far."""
+    store, job_id = _job_store(request), request.path_params["job_id"]
+    store.get(job_id)  # an unknown id is a 404, before the stream begins
+    return StreamingResponse(_job_event_stream(store, job_id), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
+
+
+def _status_history(job: Job) -> list[tuple[str, float]]:
+    """(status, when) of the job's life so far, from the times it keeps."""
+    history = [(QUEUED, job.created_at)]
+    if job.started_at is not None and job.status != QUEUED:
+        history.append((RUNNING, job.started_at))
+    if job.status in FINISHED_STATUSES:
+        history.append((job.status, job.finished_at or time.time()))
+    return history
+
+
+def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
+    return _sse({"type": "transcription.job.segment", "id": index, "start": round(start, 3), "end": round(end, 3),
+                 "text": text})
+
+
+async def _job_event_stream(store: JobStore, job_id: str) -> AsyncIterator[bytes]:
+    try:
+        async for event in _job_events(store, job_id):
+            yield event
+    except Exception as exc:  # the stream has begun: an `error` event, as a transcription's stream has
+        if is_unexpected(exc):
+            log_unexpected(exc, f"in the events of job {job_id}")
+        yield _sse(as_api_error(exc).body())
+
+
+async def _job_events(store: JobStore, job_id: str) -> AsyncIterator[bytes]:
+    sent_statuses: set[str] = set()
+    sent_segments, sent_progress, quiet_since = 0, -1.0, time.monotonic()
+    while True:
+        try:
+            job = store.get(job_id)
+        except JobNotFound:
+            yield _sse({"type": "transcription.job.deleted", "id": job_id})
+            return
+        before = (len(sent_statuses), sent_segments, sent_progress)
+        history = _status_history(job)
+        for status, at in history[:-1] if job.status in FINISHED_STATUSES else history:
+            if status not in sent_statuses:  # the terminal one waits for the last segments
+                sent_statuses.add(status)
+                yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
+                            "job": _job_json(store, job)})
+        heard = job.heard
+        if job.status == SUCCEEDED and not heard:  # finished before this process started
+            transcript = await run_in_threadpool(store.result, job_id)
+            heard = [(s.start, s.end, s.text) for s in transcript.segments]
+        for index in range(sent_segments, len(heard)):
+            yield _segment_event(index, *heard[index])
+        sent_segments = len(heard)
+        if job.status == RUNNING and job.progress() != sent_progress:
+            sent_progress = job.progress()
+            yield _sse({"type": "transcription.job.progress", "progress": sent_progress,
+                        "seconds_done": round(job.seconds_done, 3), "audio_seconds": job.audio_seconds})
+        if job.status in FINISHED_STATUSES:
+            status, at = history[-1]
+            yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
+                        "job": _job_json(store, job)})
+            return
+        if (len(sent_statuses), sent_segments, sent_progress) != before:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > JOB_EVENTS_KEEPALIVE_SECONDS:
+            quiet_since = time.monotonic()
+            yield b": still " + job.status.encode() + b"\n\n"
+        await asyncio.sleep(JOB_EVENTS_POLL_SECONDS)
+
+
 def _parse_limit(value: str | None) -> int:
     if value is None:
         return DEFAULT_LIST_LIMIT
@@ -6194,6 +6296,7 @@ def job_routes() -> list[Route]:
         Route(JOBS_PATH + "/{job_id}", protected(get_job), methods=["GET"]),
         Route(JOBS_PATH + "/{job_id}", protected(delete_job), methods=["DELETE"]),
         Route(JOBS_PATH + "/{job_id}/result", protected(get_job_result), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}/events", protected(job_events), methods=["GET"]),
         Route(JOBS_PATH + "/{job_id}/cancel", protected(cancel_job), methods=["POST"]),
     ]
 

@@ -4230,6 +4230,40 @@ def test_a_stream_that_fails_once_begun_is_an_error_the_sdk_raises(sdk: openai.O
     assert sdk_transcribe(sdk, "en.webm").text  # and the daemon serves on
 
 
+def job_events(url: str, job_id: str) -> list[dict[str, Any]]:
+    """A job's events stream read to its end with a plain SSE reading of httpx."""
+    events = []
+    with httpx.stream("GET", f"{url}{JOBS}/{job_id}/events", headers=AUTH, timeout=300) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    return events
+
+
+def test_a_job_s_events_stream_its_statuses_progress_and_segments(daemon: Daemon, sixty_seconds_webm: Path) -> None:
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        job = submit_job(client, str(sixty_seconds_webm))
+        live = job_events(daemon.url, job["id"])
+        late = job_events(daemon.url, job["id"])  # after the end: the whole story again
+        result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH, params={"response_format": "verbose_json"})
+    for events in (live, late):
+        statuses = [e["status"] for e in events if e["type"] == "transcription.job.status"]
+        assert statuses == ["queued", "running", "succeeded"], statuses
+        assert events[-1]["type"] == "transcription.job.status" and events[-1]["job"]["status"] == "succeeded"
+        segments = [e for e in events if e["type"] == "transcription.job.segment"]
+        assert [s["text"] for s in segments] == [s["text"] for s in result.json()["segments"]]
+        assert [s["id"] for s in segments] == list(range(len(segments)))
+    progress = [e["progress"] for e in live if e["type"] == "transcription.job.progress"]
+    assert progress and all(0 <= p <= 1 for p in progress) and progress == sorted(progress)
+    assert any(0 < p < 1 for p in progress)  # it moved before the end
+
+
+def test_job_events_for_an_unknown_job_are_a_404(daemon: Daemon) -> None:
+    assert_error(httpx.get(f"{daemon.url}{JOBS}/job_{'0' * 32}/events", headers=AUTH), 404,
+                 f"no transcription job with id 'job_{'0' * 32}'")
+
+
 def test_a_stream_is_server_sent_events(daemon: Daemon) -> None:
     with httpx.stream("POST", daemon.url + "/v1/audio/transcriptions", headers=AUTH, timeout=60,
                       files={"file": ("en.wav", (CLIPS / "en.wav").read_bytes())},
