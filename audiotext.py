@@ -2553,6 +2553,7 @@ class TranscribeOptions:
     vad: bool | None = None  # None: the daemon's AUDIOTEXT_VAD
     fit_short_audio: bool | None = None  # None: the daemon's AUDIOTEXT_FIT_SHORT_AUDIO
     vad_tuning: tuple[tuple[str, float], ...] = ()  # VAD_TUNABLE fields to set over VAD_PARAMS
+    logprobs: bool = False  # each token's log probability, as OpenAI's include[]=logprobs
 
 
 @dataclass
@@ -2585,6 +2586,7 @@ class Transcript:
     words: list[Word]
     task: str = "transcribe"
     skipped_audio_seconds: float = 0.0  # of damaged audio left out (see DecodeReport)
+    logprobs: list[dict[str, Any]] | None = None  # {token, bytes, logprob} per token, when asked for
 
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
@@ -2808,6 +2810,7 @@ class LoadedModel:
         eot = pw.whisper_token_eot(ctx)
         segments: list[Segment] = []
         words: list[Word] = []
+        token_logprobs: list[dict[str, Any]] = []
         for i in range(pw.whisper_full_n_segments(ctx)):
             text_tokens = []
             for j in range(pw.whisper_full_n_tokens(ctx, i)):
@@ -2828,12 +2831,15 @@ class LoadedModel:
                 compression_ratio=_compression_ratio(text)))
             if options.word_timestamps:
                 words.extend(_words(text_tokens))
+            if options.logprobs:
+                token_logprobs.extend({"token": raw.decode("utf-8", "replace"), "bytes": list(raw),
+                                       "logprob": round(d.plog, 6)} for d, raw in text_tokens)
         language = options.language or (pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
                                          if self.multilingual else "en")
         return Transcript(
             text="".join(s.text for s in segments).strip(), language=language,
             duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
-            task=_task(options))
+            task=_task(options), logprobs=token_logprobs if options.logprobs else None)
 
 
 def _task(options: TranscribeOptions) -> str:
@@ -3218,8 +3224,9 @@ def join_windows(parts: list[tuple[float, Transcript]], *, language: str, durati
                                                 seek=int(start * 100) // 3000 * 3000))
         words.extend(Word(w.word, on_recording_clock(offset, w.start), on_recording_clock(offset, w.end))
                      for w in transcript.words)
+    logprobs = [p for _, t in parts for p in t.logprobs or ()] if parts[0][1].logprobs is not None else None
     return Transcript(text="".join(s.text for s in segments).strip(), language=language, duration=duration,
-                      segments=segments, words=words, task=parts[0][1].task)
+                      segments=segments, words=words, task=parts[0][1].task, logprobs=logprobs)
 
 
 class Engine:
@@ -5588,6 +5595,21 @@ def _parse_line_layout(get: Callable[[str], str | None], response_format: str) -
     return LineLayout(**values)
 
 
+INCLUDABLE = ("logprobs",)
+
+
+def _parse_include(form: Form, response_format: str) -> bool:
+    """OpenAI's include[]: only logprobs exists, and only for json (and its stream)."""
+    values = [v.strip() for v in form.fields.get("include[]", []) + form.fields.get("include", []) if v.strip()]
+    for value in values:
+        if value not in INCLUDABLE:
+            raise InvalidRequest(f"include[] may hold {', '.join(INCLUDABLE)}; got '{value}'", param="include[]")
+    if values and response_format != "json":
+        raise InvalidRequest(f"include[]=logprobs needs response_format json, not '{response_format}'",
+                             param="include[]")
+    return bool(values)
+
+
 def _parse_stream(form: Form, response_format: str) -> bool:
     value = _field_text(form, "stream")
     try:
@@ -5615,11 +5637,13 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
     prompt = form.get("prompt")
     vad, vad_tuning = _parse_vad(form)
     layout = _parse_line_layout(form.get, response_format)
+    logprobs = _parse_include(form, response_format)
     options = TranscribeOptions(
         language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None,
         temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
         # Lines cut at words want each word's time.
-        word_timestamps="word" in granularities or layout != LineLayout(), vad=vad, vad_tuning=vad_tuning)
+        word_timestamps="word" in granularities or layout != LineLayout(), vad=vad, vad_tuning=vad_tuning,
+        logprobs=logprobs)
     return TranscriptionRequest(_field_text(form, "model"), options, response_format,
                                 granularities or frozenset({"segment"}), _parse_stream(form, response_format), layout)
 
@@ -5737,7 +5761,10 @@ def _render_body(transcript: Transcript, response_format: str, granularities: fr
         return Response(to_vtt(transcript, layout), media_type="text/vtt")
     if response_format == "verbose_json":
         return JSONResponse(to_verbose_json(transcript, granularities))
-    return JSONResponse({"text": transcript.text, "usage": usage(transcript)})
+    body: dict[str, Any] = {"text": transcript.text, "usage": usage(transcript)}
+    if transcript.logprobs is not None:
+        body["logprobs"] = transcript.logprobs
+    return JSONResponse(body)
 
 
 def _state(request: Request) -> AppState:
@@ -5928,6 +5955,8 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
                 first = False
             transcript: Transcript = outcome.result()
             done = {"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)}
+            if transcript.logprobs is not None:
+                done["logprobs"] = transcript.logprobs
             if transcript.skipped_audio_seconds:  # the headers went out before anything was decoded
                 done["skipped_audio_seconds"] = transcript.skipped_audio_seconds
             yield _sse(done)
@@ -6126,6 +6155,9 @@ def _check_free_space(request: Request, settings: Settings) -> None:
 async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
     task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
     parsed, upload, model = validate_upload(state, form, translate=task == "translate")
+    if parsed.options.logprobs:  # the caller's cleanup removes the upload
+        raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",
+                             param="include[]")
     # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
     seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
     options = parsed.options

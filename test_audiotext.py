@@ -4099,6 +4099,30 @@ def test_openai_sdk_usage_in_json_and_verbose_json(sdk: openai.OpenAI) -> None:
         assert result.usage.type == "duration" and result.usage.seconds == 4  # 3.63 s, rounded up as OpenAI bills
 
 
+def test_openai_sdk_logprobs_in_json_and_stream(sdk: openai.OpenAI) -> None:
+    result = sdk_transcribe(sdk, "en.wav", include=["logprobs"])
+    assert result.logprobs and "".join(p.token for p in result.logprobs).strip() == result.text
+    assert all(p.logprob <= 0 and bytes(map(int, p.bytes)).decode("utf-8", "replace") == p.token
+               for p in result.logprobs)  # the SDK types bytes as numbers
+    done = list(sdk_transcribe(sdk, "en.wav", include=["logprobs"], stream=True))[-1]
+    assert done.type == "transcript.text.done" and [p.token for p in done.logprobs] == [p.token for p in result.logprobs]
+    assert sdk_transcribe(sdk, "en.wav").model_extra.get("logprobs") is None  # only when asked for
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"include[]": "entropy"}, "include[] may hold logprobs; got 'entropy'"),
+    ({"include[]": "logprobs", "response_format": "srt"}, "include[]=logprobs needs response_format json, not 'srt'"),
+])
+def test_bad_include_is_a_400_naming_it(make_client: Callable[..., TestClient], fields: dict[str, str],
+                                        message: str) -> None:
+    assert_error(post_clip(make_client(), model="cpu-tiny", **fields), 400, message, param="include[]")
+
+
+def test_include_logprobs_is_refused_for_a_job(daemon: Daemon) -> None:
+    assert_error(post_clip(daemon.url, path=JOBS, model="cpu-tiny", **{"include[]": "logprobs"}), 400,
+                 "include[]=logprobs is for transcriptions answered at once, not jobs", param="include[]")
+
+
 def test_openai_sdk_text(sdk: openai.OpenAI) -> None:
     text = sdk_transcribe(sdk, response_format="text")
     assert isinstance(text, str)
