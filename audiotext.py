@@ -2587,6 +2587,8 @@ class Transcript:
     task: str = "transcribe"
     skipped_audio_seconds: float = 0.0  # of damaged audio left out (see DecodeReport)
     logprobs: list[dict[str, Any]] | None = None  # {token, bytes, logprob} per token, when asked for
+    model_file: str = ""  # the ggml file that ran, without .bin
+    processing_seconds: float = 0.0  # whisper.cpp's time for it
 
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
@@ -3296,6 +3298,7 @@ class Engine:
             inference_seconds += seconds
         whole = join_windows(parts, language=language or parts[0][1].language,
                              duration=round(end / SAMPLE_RATE, 3))
+        whole = dataclasses.replace(whole, model_file=model_file, processing_seconds=round(inference_seconds, 3))
         self._on_transcribed(model_file, whole.duration, inference_seconds)
         logger.debug("transcribed %.1f s of audio in %d window(s) with %s in %.1f s", whole.duration, len(parts),
                      model_file, inference_seconds)
@@ -5748,7 +5751,18 @@ def render_transcript(transcript: Transcript, response_format: str,
     response = _render_body(transcript, response_format, granularities, layout)
     if transcript.skipped_audio_seconds:
         response.headers[SKIPPED_AUDIO_HEADER] = f"{transcript.skipped_audio_seconds:g}"
+    response.headers.update(speed_headers(transcript))
     return response
+
+
+def speed_headers(transcript: Transcript) -> dict[str, str]:
+    """Which model file ran and how fast, on every answer that carries a transcript."""
+    if not transcript.model_file:
+        return {}
+    rtf = transcript.processing_seconds / transcript.duration if transcript.duration else 0.0
+    return {"X-Audiotext-Model": transcript.model_file, "X-Audiotext-Audio-Seconds": f"{transcript.duration:g}",
+            "X-Audiotext-Processing-Seconds": f"{transcript.processing_seconds:g}",
+            "X-Audiotext-Real-Time-Factor": f"{rtf:.3f}"}
 
 
 def _render_body(transcript: Transcript, response_format: str, granularities: frozenset[str],

@@ -3402,6 +3402,22 @@ def test_an_idle_model_is_unloaded_but_not_the_default(make_client: Callable[...
                what="the idle base model to be unloaded", timeout=60)
 
 
+def test_answers_say_which_model_file_ran_and_how_fast(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    for response_format in ("json", "srt"):
+        response = post_clip(client, model="cpu-tiny", response_format=response_format)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-audiotext-model"] == "ggml-tiny.en"
+        assert float(response.headers["x-audiotext-audio-seconds"]) == pytest.approx(3.63, abs=0.01)
+        processing = float(response.headers["x-audiotext-processing-seconds"])
+        assert processing > 0
+        assert float(response.headers["x-audiotext-real-time-factor"]) == pytest.approx(processing / 3.63, abs=0.002)
+    job = submit_job(client)  # type: ignore[arg-type]
+    wait_for_job(client, job["id"])  # type: ignore[arg-type]
+    result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH)
+    assert result.headers["x-audiotext-model"] == "ggml-tiny.en"  # kept with the job's result
+
+
 def test_openai_model_names_and_aliases_of_ones_own(make_client: Callable[..., TestClient]) -> None:
     client = make_client(model_aliases=(("gpt-4o-transcribe", "cpu-tiny"), ("notes", "ggml-tiny.en"),
                                         ("broken", "ggml-nothing")))
