@@ -2587,8 +2587,9 @@ class Transcript:
     task: str = "transcribe"
     skipped_audio_seconds: float = 0.0  # of damaged audio left out (see DecodeReport)
     logprobs: list[dict[str, Any]] | None = None  # {token, bytes, logprob} per token, when asked for
-    model_file: str = ""  # the ggml file that ran, without .bin
-    processing_seconds: float = 0.0  # whisper.cpp's time for it
+    # How it was made, not what it says: left out of comparisons.
+    model_file: str = field(default="", compare=False)  # the ggml file that ran, without .bin
+    processing_seconds: float = field(default=0.0, compare=False)  # whisper.cpp's time for it
 
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call

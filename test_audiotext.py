@@ -4886,13 +4886,14 @@ def test_a_bad_wyoming_session_gets_an_error_and_the_daemon_keeps_serving(
         wyoming_daemon: tuple[Daemon, int], case: str) -> None:
     daemon, port = wyoming_daemon
     sent, code = bad_session_cases()[case]
+    files_before = leftover_files(daemon.state_dir)  # other tests' jobs may have left results
     answer = raw_wyoming(port, sent) if isinstance(sent, bytes) else wyoming_session(port, *sent)
     assert answer.closed
     assert answer.error["code"] == code, answer.error
     assert answer.error["text"]
     assert not answer.of("transcript")
     assert httpx.get(daemon.url + "/healthz", timeout=10).status_code == 200
-    assert not leftover_files(daemon.state_dir)
+    assert leftover_files(daemon.state_dir) == files_before
 
 
 def raw_wyoming(port: int, data: bytes) -> WyomingAnswer:
@@ -4911,7 +4912,7 @@ def raw_wyoming(port: int, data: bytes) -> WyomingAnswer:
 def leftover_files(state_dir: Path) -> list[Path]:
     """Files a session could have left: spooled uploads, results, job audio."""
     layout = audiotext.StateLayout(state_dir)
-    return [p for d in (layout.spool, layout.uploads, layout.results) if d.is_dir() for p in d.iterdir()]
+    return sorted(p for d in (layout.spool, layout.uploads, layout.results) if d.is_dir() for p in d.iterdir())
 
 
 def test_wyoming_refuses_addresses_outside_its_allow_list(daemon_factory: Callable[..., Daemon]) -> None:
