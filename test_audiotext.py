@@ -3252,8 +3252,9 @@ def test_each_finished_job_posts_one_signed_webhook(daemon_factory: Callable[...
             assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job["finished_at"])) == payload["timestamp"]
         assert by_job[succeeded["id"]][0]["path"] == "/jobs/mine?ref=1"  # the job's own URL wins
         assert by_job[canceled["id"]][0]["path"] == "/all"
-        metrics = client.get("/metrics", headers=AUTH).text
-        assert re.search(r'^audiotext_webhook_deliveries_total\{outcome="delivered"\} 2\.0$', metrics, re.M), metrics
+        # Counted once the receiver's answer is in, a moment after it has the message.
+        wait_until(lambda: re.search(r'^audiotext_webhook_deliveries_total\{outcome="delivered"\} 2\.0$',
+                                     client.get("/metrics", headers=AUTH).text, re.M), what="two deliveries counted")
         # Delivered means settled: no job in the table owes one any more, and none is sent twice.
         wait_until(lambda: all(r["webhook"] is None for r in json.loads((daemon.state_dir / "jobs.json").read_text())
                                ["jobs"]), what="jobs.json to owe nothing")
