@@ -54,6 +54,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import http.client
 import importlib.metadata
 import importlib.util
 import io
@@ -64,6 +65,7 @@ import logging
 import math
 import os
 import pickle
+import random
 import re
 import signal
 import secrets
@@ -227,6 +229,36 @@ def _origin(text: str) -> str:
     return f"{parts.scheme}://{host}{shown_port}"
 
 
+def _webhook_url(text: str) -> str:
+    """An http or https URL with a host and nothing a log line or a header could be forged with."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or any(c.isspace() or ord(c) < 32 for c in text):
+        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
+def _webhook_prefixes(text: str) -> tuple[str, ...]:
+    """URL prefixes, comma-separated; one without a path gets a `/`, so that
+    https://hooks.example.org cannot be matched by https://hooks.example.org.evil.net."""
+    prefixes = []
+    for word in _comma_list(text):
+        _webhook_url(word)
+        prefixes.append(word if urllib.parse.urlsplit(word).path else word + "/")
+    return tuple(prefixes)
+
+
+def _webhook_secret(text: str) -> str:
+    """`whsec_` and base64, as Standard Webhooks writes a signing secret."""
+    try:
+        key = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        key = b""
+    if not text.startswith("whsec_") or len(key) < 16:
+        raise ValueError("expected whsec_ followed by at least 16 bytes in base64, e.g. "
+                         "whsec_$(openssl rand -base64 32)")
+    return text
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("api_token", "AUDIOTEXT_API_TOKEN", "--token", str,
             "bearer token clients must send (required; the variable keeps it out of `ps`)"),
@@ -305,6 +337,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cors_origins", "AUDIOTEXT_CORS_ORIGINS", "--cors-origins", _origins,
             "comma-separated origins whose pages may call the API from a browser, "
             "e.g. https://notes.example.org; * for any; none by default"),
+    Setting("webhook_url", "AUDIOTEXT_WEBHOOK_URL", "--webhook-url", _webhook_url,
+            "every finished job is posted here, unless the job names its own webhook_url (off unless set)"),
+    Setting("webhook_allowed_urls", "AUDIOTEXT_WEBHOOK_ALLOWED_URLS", "--webhook-allowed-urls", _webhook_prefixes,
+            "URL prefixes a job's own webhook_url must start with, comma-separated, e.g. "
+            "https://hooks.example.org/audiotext/; none by default, which refuses per-job URLs"),
+    Setting("webhook_secret", "AUDIOTEXT_WEBHOOK_SECRET", "--webhook-secret", _webhook_secret,
+            "signing secret for webhooks, whsec_<base64> (Standard Webhooks); required when webhooks are on"),
+    Setting("webhook_max_age_hours", "AUDIOTEXT_WEBHOOK_MAX_AGE_HOURS", "--webhook-max-age-hours",
+            _positive_float, "a webhook not delivered this many hours after its job finished is given up on"),
 )
 
 
@@ -348,6 +389,10 @@ class Settings:
     storage_retries: int = 30
     web_ui: bool = True
     cors_origins: tuple[str, ...] = ()
+    webhook_url: str | None = None
+    webhook_allowed_urls: tuple[str, ...] = ()
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_max_age_hours: float = 24.0
     no_auth: bool = False
 
     @property
@@ -392,6 +437,14 @@ def check_auth_settings(settings: Settings) -> None:
                           "or pass --no-auth on a loopback address")
     if not _is_loopback(settings.host):
         raise ConfigError(f"--no-auth is only allowed on a loopback address, not {settings.host}")
+
+
+def check_webhook_settings(settings: Settings) -> None:
+    """An unsigned webhook could be forged by anyone who can reach the receiver."""
+    if (settings.webhook_url or settings.webhook_allowed_urls) and not settings.webhook_secret:
+        raise ConfigError("webhooks are on (AUDIOTEXT_WEBHOOK_URL or AUDIOTEXT_WEBHOOK_ALLOWED_URLS) but "
+                          "AUDIOTEXT_WEBHOOK_SECRET is not set; set it to whsec_ and 32 random bytes in base64, "
+                          "e.g. whsec_$(openssl rand -base64 32)")
 
 
 def check_wyoming_settings(settings: Settings) -> None:
@@ -3504,6 +3557,8 @@ MAX_INTERRUPTED_ATTEMPTS = 3  # a job the process died under this many times is 
 STORAGE_RETRY_SECONDS = (1.0, 60.0)  # the pause after a first storage fault, doubling up to the second
 AUDIO_MISSING = "the job's audio file is missing from the state directory's uploads/, so it cannot be transcribed"
 SWEEP_INTERVAL_SECONDS = (0.1, 60.0)  # bounds; a tenth of the TTL in between
+WEBHOOK_RETRY_SECONDS = (1.0, 600.0)  # the pause after a first failed delivery, doubling up to the second
+WEBHOOK_TIMEOUT_SECONDS = 10.0  # for each attempt's connect, and each read of the answer
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
@@ -3529,6 +3584,7 @@ class JobSpec:
     granularities: tuple[str, ...] = ("segment",)
     vad: bool | None = None
     vad_tuning: dict[str, float] = field(default_factory=dict)
+    webhook_url: str | None = None  # where its end is posted, instead of AUDIOTEXT_WEBHOOK_URL
 
     def options(self) -> TranscribeOptions:
         return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
@@ -3551,6 +3607,9 @@ class Job:
     attempts: int = 0  # runs the process died under
     error: dict[str, str] | None = None
     skipped_audio_seconds: float = 0.0  # damaged audio left out of the transcript
+    # The webhook its end still owes, until delivered or given up on: url, id, body (the JSON
+    # text, built as it finished) and created_at. Replaced whole, never changed in place.
+    webhook: dict[str, Any] | None = None
     # Live only, never persisted. The worker writes seconds_done from whisper's segment
     # callback without the table lock: a float store is atomic, and a status poll must never
     # wait on a transcription.
@@ -3596,16 +3655,17 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (str,), "seq": (int,), "spec": (dict,), "audio_name": (str,), "created_at": _NUMBER,
     "status": (str,), "started_at": _OPTIONAL_NUMBER, "finished_at": _OPTIONAL_NUMBER,
     "audio_seconds": _OPTIONAL_NUMBER, "detected_language": _OPTIONAL_STR, "attempts": (int,),
-    "error": (dict, type(None)), "skipped_audio_seconds": _NUMBER,
+    "error": (dict, type(None)), "skipped_audio_seconds": _NUMBER, "webhook": (dict, type(None)),
 }
 _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "task": (str,), "language": _OPTIONAL_STR, "prompt": _OPTIONAL_STR,
     "temperature": _NUMBER, "word_timestamps": (bool,), "response_format": (str,), "granularities": (list,),
-    "vad": (bool, type(None)), "vad_tuning": (dict,),
+    "vad": (bool, type(None)), "vad_tuning": (dict,), "webhook_url": _OPTIONAL_STR,
 }
+_WEBHOOK_FIELDS: dict[str, tuple[type, ...]] = {"url": (str,), "id": (str,), "body": (str,), "created_at": _NUMBER}
 # Fields added since schema 1 began, with the value a record written before them means.
-_SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}}
-_RECORD_ADDED: dict[str, Any] = {"skipped_audio_seconds": 0.0}
+_SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}, "webhook_url": None}
+_RECORD_ADDED: dict[str, Any] = {"skipped_audio_seconds": 0.0, "webhook": None}
 
 
 def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> None:
@@ -3638,6 +3698,8 @@ def job_from_record(data: Any) -> Job:
     tuning = data["spec"]["vad_tuning"]
     if not all(name in VAD_TUNABLE and isinstance(value, _NUMBER) for name, value in tuning.items()):
         raise CorruptRecord(f"job {job_id} has a malformed vad_tuning")
+    if data["webhook"] is not None:
+        _check_fields(data["webhook"], _WEBHOOK_FIELDS, f"job {job_id}'s webhook")
     spec = JobSpec(**{name: data["spec"][name] for name in _SPEC_FIELDS}
                    | {"granularities": tuple(map(str, data["spec"]["granularities"]))})
     return Job(**{name: data[name] for name in _RECORD_FIELDS} | {"spec": spec})
@@ -3891,11 +3953,14 @@ class JobStore:
     def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, *, max_queue: int,
                  ttl_seconds: float, keep_audio: bool, storage_retries: int = 30,
                  on_transition: Callable[[Job], None] = lambda job: None,
-                 on_storage_fault: Callable[[str], None] = lambda what: None) -> None:
+                 on_storage_fault: Callable[[str], None] = lambda what: None,
+                 webhook_for: Callable[[Job], tuple[str, str] | None] = lambda job: None) -> None:
         self.layout = StateLayout(state_dir)
         self.files = JobFiles(self.layout, keep_audio=keep_audio)
         self._on_transition = on_transition  # each status change, for the log and the metrics
         self._on_storage_fault = on_storage_fault  # "job_run" or "job_table", for the metrics
+        self._webhook_for = webhook_for  # a finished job's webhook, (url, body), or None for none
+        self.webhook_owed = threading.Event()  # set when a job comes to owe one, for WebhookSender
         self._scheduler = scheduler
         self._execute = execute
         self.max_queue = max_queue
@@ -4199,6 +4264,7 @@ class JobStore:
                 return
             mark_finished(job, FAILED, error=JobFailure("internal_error", "internal error while transcribing"))
             self._untidy[job.id] = job
+            self._owe_webhook(job)
         self._save_quietly()
         self._announce_quietly(job)
 
@@ -4207,8 +4273,34 @@ class JobStore:
         # go once it has been written, now or when the disk takes writes again.
         with self._lock:
             self._untidy[job.id] = job
+            self._owe_webhook(job)
         self._save_quietly()
         self._announce(job)
+
+    def _owe_webhook(self, job: Job) -> None:
+        """As a job finishes, under the lock: the webhook goes into jobs.json with the status that
+        causes it, so that no crash can lose one or send it for a job still running."""
+        built = self._webhook_for(job)
+        if built is None:
+            return
+        url, body = built
+        job.webhook = {"url": url, "id": f"msg_{job.id}_{job.status}", "body": body,
+                       "created_at": job.finished_at or time.time()}
+        self.webhook_owed.set()
+
+    def owed_webhooks(self) -> list[tuple[str, dict[str, Any]]]:
+        """(job id, webhook) of each job that still owes one, oldest job first."""
+        with self._lock:
+            return [(j.id, j.webhook) for j in self._jobs.values() if j.webhook is not None]
+
+    def webhook_settled(self, job_id: str, message_id: str) -> None:
+        """Delivered or given up on: the job owes it no more."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.webhook is None or job.webhook["id"] != message_id:
+                return  # deleted or expired meanwhile
+            job.webhook = None
+        self._save_quietly()
 
     def _announce(self, job: Job) -> None:
         self._on_transition(job)
@@ -4300,7 +4392,10 @@ class JobStore:
         """Load the table (or rebuild it from the files), reconcile it with the disk, queue what is pending."""
         jobs = self.files.load_table()
         for job in jobs:
+            was = job.status
             self.files.reconcile(job)
+            if job.status in FINISHED_STATUSES and was not in FINISHED_STATUSES:
+                self._owe_webhook(job)  # given up on at start: its client hears as from any end
         self._jobs = {j.id: j for j in sorted(jobs, key=lambda j: j.seq)}
         self._seq = itertools.count(max((j.seq for j in jobs), default=-1) + 1)
         self.files.remove_strays(list(self._jobs.values()))
@@ -4340,6 +4435,129 @@ class JobStore:
             self._sweeper.join()
         if not self._save_quietly():
             logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
+
+
+def webhook_retry_delay(failures: int) -> float:
+    """Exponential, with jitter so that receivers back from an outage are not hit all at once."""
+    first, most = WEBHOOK_RETRY_SECONDS
+    return min(most, first * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+def sign_webhook(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks' signature: HMAC-SHA256 over `id.timestamp.body`."""
+    digest = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def webhook_key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_"))
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # A redirect would take the message, and its signature, to a URL nobody allowed.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _url_host(url: str) -> str:
+    """What a log line names of a receiver: its host, never a path or query that may hold a token."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+class WebhookSender:
+    """Delivers the webhooks that finished jobs owe, signed as Standard Webhooks says.
+
+    Threads: one, audiotext-webhooks, from start() until close(): it alone calls receivers, so a
+    slow or dead one delays other deliveries, never a transcription or a request. Files: none;
+    what is owed lives in the job table (Job.webhook), so a restart resumes it. A failed attempt
+    is tried again after webhook_retry_delay(), from the start after a restart, until the webhook
+    is max_age_seconds older than its job's end. A job deleted or expired first takes it along.
+    """
+
+    def __init__(self, store: JobStore, key: bytes, *, max_age_seconds: float,
+                 timeout: float = WEBHOOK_TIMEOUT_SECONDS, on_attempt: Callable[[str], None] = lambda outcome: None):
+        self._store = store
+        self._key = key
+        self.max_age_seconds = max_age_seconds
+        self.timeout = timeout
+        self._on_attempt = on_attempt  # "delivered", "failed" or "expired", for the metrics
+        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._failures: dict[str, int] = {}  # failed attempts in this process, by message id
+        self._next_at: dict[str, float] = {}  # when to try again (monotonic), by message id
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._deliver_loop, name="audiotext-webhooks", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop after the attempt in flight, if any; what is still owed waits for the next start."""
+        self._closing = True
+        self._store.webhook_owed.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout * 3)
+            if self._thread.is_alive():
+                logger.warning("a webhook receiver is still answering; its delivery is retried at the next start")
+
+    def _deliver_loop(self) -> None:
+        while not self._closing:
+            self._store.webhook_owed.clear()
+            owed = self._store.owed_webhooks()
+            for job_id, webhook in owed:
+                if self._closing:
+                    return
+                if self._next_at.get(webhook["id"], 0.0) <= time.monotonic():
+                    self._attempt(job_id, webhook)
+            current = {webhook["id"] for _, webhook in owed}
+            self._next_at = {k: v for k, v in self._next_at.items() if k in current}
+            self._failures = {k: v for k, v in self._failures.items() if k in current}
+            due = min(self._next_at.values(), default=None)
+            self._store.webhook_owed.wait(None if due is None else max(0.0, due - time.monotonic()))
+
+    def _attempt(self, job_id: str, webhook: dict[str, Any]) -> None:
+        message_id, host = webhook["id"], _url_host(webhook["url"])
+        if time.time() - webhook["created_at"] > self.max_age_seconds:
+            logger.warning("webhook %s to %s given up on: not delivered within %g hours of the job's end",
+                           message_id, host, self.max_age_seconds / 3600)
+            self._settle(job_id, message_id, "expired")
+            return
+        answer = self._post(webhook)
+        attempt = self._failures.get(message_id, 0) + 1
+        if isinstance(answer, int) and 200 <= answer < 300:
+            logger.info("webhook %s to %s delivered (HTTP %d), attempt %d", message_id, host, answer, attempt)
+            self._settle(job_id, message_id, "delivered")
+            return
+        self._failures[message_id] = attempt
+        delay = webhook_retry_delay(attempt)
+        self._next_at[message_id] = time.monotonic() + delay
+        logger.warning("webhook %s to %s failed (%s), attempt %d; trying again in %.1f s", message_id, host,
+                       f"HTTP {answer}" if isinstance(answer, int) else answer, attempt, delay)
+        self._on_attempt("failed")
+
+    def _settle(self, job_id: str, message_id: str, outcome: str) -> None:
+        self._store.webhook_settled(job_id, message_id)
+        self._on_attempt(outcome)
+
+    def _post(self, webhook: dict[str, Any]) -> int | str:
+        """The receiver's status code, or what kept it from answering."""
+        body, timestamp = webhook["body"].encode(), int(time.time())
+        request = urllib.request.Request(webhook["url"], data=body, method="POST", headers={
+            "Content-Type": "application/json", "User-Agent": f"audiotext/{__version__}",
+            "webhook-id": webhook["id"], "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign_webhook(self._key, webhook["id"], timestamp, body)})
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                response.read(64 * 1024)  # the answer is not used; read a little so keep-alive peers are content
+                return response.status
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code
+        except urllib.error.URLError as exc:
+            return str(exc.reason)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            return str(exc) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4382,6 +4600,9 @@ class Metrics:
                                       "Storage faults that clear (full or read-only disk, no file handles), by what "
                                       "they stopped: a job's run (queued again) or a write of the job table",
                                       ["what"], registry=registry)
+        self.webhook_deliveries = Counter("audiotext_webhook_deliveries",
+                                          "Webhook attempts, by outcome: delivered, failed (tried again later) "
+                                          "or expired (given up on)", ["outcome"], registry=registry)
         # The job table replaces this with its own count of jobs by status.
         self.count_jobs: Callable[[], dict[str, int]] = dict
         registry.register(self)
@@ -4420,8 +4641,9 @@ class Metrics:
 class AppState:
     """One running daemon: what start_service() builds and stop_service() takes down.
 
-    Threads: the scheduler's workers (audiotext-worker-N) and the job sweeper
-    (audiotext-job-sweeper). Files: the state directory's, through the job store and the spool.
+    Threads: the scheduler's workers (audiotext-worker-N), the job sweeper (audiotext-job-sweeper)
+    and, with webhooks on, their sender (audiotext-webhooks). Files: the state directory's,
+    through the job store and the spool.
     """
 
     settings: Settings
@@ -4429,6 +4651,7 @@ class AppState:
     scheduler: Scheduler
     started_at: float = field(default_factory=time.time)
     jobs: JobStore | None = None
+    webhooks: WebhookSender | None = None
     metrics: Metrics = field(init=False)
     engine: Engine = field(init=False)
     # Set on the event loop when a stop's grace is over: clients still waiting are answered then.
@@ -4471,17 +4694,43 @@ def announce_job(state: AppState, job: Job) -> None:
                           inference_seconds=ran, error=job.error["message"] if job.error else None)
 
 
-def open_jobs(state: AppState) -> JobStore:
-    """Load the job table, recover what a crash left, queue what is pending, start sweeping."""
+WEBHOOK_EVENTS = {SUCCEEDED: "transcription.job.succeeded", FAILED: "transcription.job.failed",
+                  CANCELED: "transcription.job.canceled"}
+
+# A job as the API shows it (the HTTP section's job_object), for the webhooks' `data`.
+DescribeJob = Callable[[Job], dict[str, Any]]
+
+
+def webhook_for(settings: Settings, describe_job: DescribeJob) -> Callable[[Job], tuple[str, str] | None]:
+    """What a finished job posts, and where: its own webhook_url, else AUDIOTEXT_WEBHOOK_URL."""
+    def build(job: Job) -> tuple[str, str] | None:
+        url = job.spec.webhook_url or settings.webhook_url
+        if url is None or not settings.webhook_secret:
+            return None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.finished_at or time.time()))
+        return url, json.dumps({"type": WEBHOOK_EVENTS[job.status], "timestamp": when, "data": describe_job(job)})
+
+    return build
+
+
+def open_jobs(state: AppState, describe_job: DescribeJob) -> JobStore:
+    """Load the job table, recover what a crash left, queue what is pending, start sweeping and,
+    with webhooks on, delivering what finished jobs owe."""
     settings = state.settings
     store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine),
                      max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
                      keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
                      on_transition=lambda job: announce_job(state, job),
-                     on_storage_fault=lambda what: state.metrics.storage_faults.labels(what).inc())
+                     on_storage_fault=lambda what: state.metrics.storage_faults.labels(what).inc(),
+                     webhook_for=webhook_for(settings, describe_job))
     state.metrics.count_jobs = store.status_counts
     store.open()
     store.start_sweeping()
+    if settings.webhook_secret:
+        state.webhooks = WebhookSender(store, webhook_key(settings.webhook_secret),
+                                       max_age_seconds=settings.webhook_max_age_hours * 3600,
+                                       on_attempt=lambda outcome: state.metrics.webhook_deliveries.labels(outcome).inc())
+        state.webhooks.start()
     return store
 
 
@@ -4492,7 +4741,7 @@ def _clear_spool(directory: Path) -> None:
             leftover.unlink()
 
 
-def start_service(settings: Settings, models: ModelStore) -> AppState:
+def start_service(settings: Settings, models: ModelStore, describe_job: DescribeJob) -> AppState:
     """Everything a daemon runs, started in order. Blocking (it loads the default model and reads
     the job table): the lifespan runs it on a thread, before uvicorn binds the port."""
     if models.find(models.default) is not None:
@@ -4506,7 +4755,7 @@ def start_service(settings: Settings, models: ModelStore) -> AppState:
     _clear_spool(spool)
     state.scheduler.start()
     try:
-        state.jobs = open_jobs(state)
+        state.jobs = open_jobs(state, describe_job)
     except BaseException:
         state.scheduler.stop(grace=0)  # startup fails; leave no worker behind
         raise
@@ -4544,8 +4793,11 @@ def end_grace(state: AppState) -> None:
 
 def stop_service(state: AppState) -> None:
     """The last steps of a stop, once no request is left: join the workers (aborting what still
-    runs when the grace is over), write the final job table, free the models."""
+    runs when the grace is over), stop the webhook sender (what it still owes stays in the job
+    table for the next start), write the final job table, free the models."""
     state.scheduler.stop(grace=state.settings.stop_grace_seconds)
+    if state.webhooks is not None:
+        state.webhooks.close()
     if state.jobs is not None:
         state.jobs.close()
     state.models.close()
@@ -6167,8 +6419,27 @@ def _check_free_space(request: Request, settings: Settings) -> None:
         raise OSError(errno.ENOSPC, "not enough free space for the upload")
 
 
+def _parse_webhook_url(value: str | None, settings: Settings) -> str | None:
+    """Only a URL under one of the operator's prefixes: a client must not make the daemon call
+    whatever address it likes, inside the network it stands in."""
+    if not value:
+        return None
+    if not settings.webhook_allowed_urls:
+        raise InvalidRequest("webhook_url is not accepted here: AUDIOTEXT_WEBHOOK_ALLOWED_URLS lists no URL a job "
+                             "may name", param="webhook_url")
+    try:
+        _webhook_url(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"webhook_url: {exc}", param="webhook_url") from None
+    if not value.startswith(settings.webhook_allowed_urls):
+        raise InvalidRequest(f"webhook_url must start with one of {', '.join(settings.webhook_allowed_urls)}",
+                             param="webhook_url")
+    return value
+
+
 async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
     task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
+    webhook_url = _parse_webhook_url(_field_text(form, "webhook_url"), state.settings)
     parsed, upload, model = validate_upload(state, form, translate=task == "translate")
     if parsed.options.logprobs:  # the caller's cleanup removes the upload
         raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",
@@ -6179,7 +6450,7 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
     spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
                    response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
-                   vad=options.vad, vad_tuning=dict(options.vad_tuning))
+                   vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url)
     # Several fsyncs happen before the job exists; they must not stall the event loop either.
     return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
 
@@ -6991,7 +7262,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state = await run_in_threadpool(start_service, settings, models)
+        state = await run_in_threadpool(start_service, settings, models, lambda job: job_object(job, None))
         app.state.audiotext = state
         wyoming = WyomingListener(state, wyoming_socket) if wyoming_socket is not None else None
         try:
@@ -7036,6 +7307,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     check_auth_settings(settings)
     check_wyoming_settings(settings)
+    check_webhook_settings(settings)
     # What would otherwise fail only after the model has loaded, as a traceback or a bind error.
     check_state_usable(settings.state_dir)
     check_job_table(StateLayout(settings.state_dir).job_table)
@@ -7138,6 +7410,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     check_auth_settings(settings)
     check_wyoming_settings(settings)
+    check_webhook_settings(settings)
     auth = "token set" if settings.api_token else "no auth (loopback)"
     print(f"ok  settings: {settings.host}:{settings.port}, {auth}, {settings.workers} worker(s) x "
           f"{settings.threads_per_worker} thread(s)")

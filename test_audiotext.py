@@ -3157,6 +3157,183 @@ def test_a_disk_that_fails_under_a_running_job_loses_nothing(daemon_factory: Cal
         assert "Traceback" not in server.log()
 
 
+# ---------------------------------------------------------------------------------------------
+# Jobs: webhooks
+# ---------------------------------------------------------------------------------------------
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"audiotext-test-webhook-secret-32").decode()
+
+
+class WebhookReceiver:
+    """A receiver on loopback that checks each message as a Standard Webhooks library does, and
+    answers 500 to the first `failures` of them."""
+
+    def __init__(self, failures: int = 0) -> None:
+        from standardwebhooks.webhooks import Webhook
+
+        self.failures = failures
+        self.attempts: list[dict[str, str]] = []  # the headers of every request, in order
+        self.delivered: list[tuple[dict[str, str], dict[str, Any]]] = []  # answered 2xx: (headers, payload)
+        self.rejected: list[str] = []
+        verifier = Webhook(WEBHOOK_SECRET)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()} | {"path": self.path}
+                receiver.attempts.append(headers)
+                try:
+                    payload = verifier.verify(body, headers)
+                except Exception as exc:
+                    receiver.rejected.append(repr(exc))
+                    self.send_response(400)
+                else:
+                    if receiver.failures > 0:
+                        receiver.failures -= 1
+                        self.send_response(500)
+                    else:
+                        receiver.delivered.append((headers, payload))
+                        self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[..., WebhookReceiver]]:
+    started: list[WebhookReceiver] = []
+
+    def start(failures: int = 0) -> WebhookReceiver:
+        started.append(WebhookReceiver(failures))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.close()
+
+
+def test_each_finished_job_posts_one_signed_webhook(daemon_factory: Callable[..., Daemon],
+                                                    receiver: Callable[..., WebhookReceiver]) -> None:
+    hooks = receiver()
+    daemon = daemon_factory(AUDIOTEXT_WEBHOOK_URL=hooks.url + "/all", AUDIOTEXT_WEBHOOK_SECRET=WEBHOOK_SECRET,
+                            AUDIOTEXT_WEBHOOK_ALLOWED_URLS=hooks.url + "/jobs/")
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        for url in (hooks.url + "/elsewhere", "http://169.254.169.254/latest/meta-data", hooks.url + "/jobs"):
+            with open(CLIPS / "en.wav", "rb") as f:
+                response = client.post(JOBS, headers=AUTH, files={"file": ("en.wav", f)},
+                                       data={"model": "cpu-tiny", "webhook_url": url})
+            assert_error(response, 400, f"webhook_url must start with one of {hooks.url}/jobs/", param="webhook_url")
+        assert all_jobs(client) == []
+        succeeded = submit_job(client, "en.wav", webhook_url=hooks.url + "/jobs/mine?ref=1")
+        canceled = submit_job(client, "long_en.webm")
+        assert client.post(f"{JOBS}/{canceled['id']}/cancel", headers=AUTH).status_code == 200
+        finals = {job["id"]: wait_for_job(client, job["id"]) for job in (succeeded, canceled)}
+        assert [j["status"] for j in finals.values()] == ["succeeded", "canceled"]
+        wait_until(lambda: len(hooks.delivered) == 2, what="both webhooks", timeout=60)
+        by_job = {payload["data"]["id"]: (headers, payload) for headers, payload in hooks.delivered}
+        for job_id, job in finals.items():
+            headers, payload = by_job[job_id]
+            assert payload == {"type": f"transcription.job.{job['status']}", "timestamp": payload["timestamp"],
+                               "data": job}
+            assert headers["webhook-id"] == f"msg_{job_id}_{job['status']}"
+            assert headers["content-type"] == "application/json"
+            assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job["finished_at"])) == payload["timestamp"]
+        assert by_job[succeeded["id"]][0]["path"] == "/jobs/mine?ref=1"  # the job's own URL wins
+        assert by_job[canceled["id"]][0]["path"] == "/all"
+        # Counted once the receiver's answer is in, a moment after it has the message.
+        wait_until(lambda: re.search(r'^audiotext_webhook_deliveries_total\{outcome="delivered"\} 2\.0$',
+                                     client.get("/metrics", headers=AUTH).text, re.M), what="two deliveries counted")
+        # Delivered means settled: no job in the table owes one any more, and none is sent twice.
+        wait_until(lambda: all(r["webhook"] is None for r in json.loads((daemon.state_dir / "jobs.json").read_text())
+                               ["jobs"]), what="jobs.json to owe nothing")
+    assert daemon.stop() == 0
+    assert len(hooks.attempts) == 2 and hooks.rejected == []
+    assert WEBHOOK_SECRET.removeprefix("whsec_") not in daemon.log()
+
+
+def test_webhook_retried_with_the_same_id_until_delivered(make_client: Callable[..., TestClient],
+                                                          receiver: Callable[..., WebhookReceiver],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    hooks = receiver(failures=2)
+    client = make_client(webhook_url=hooks.url + "/hook", webhook_secret=WEBHOOK_SECRET)
+    caplog.set_level("INFO", logger="audiotext")
+    job = submit_job(client, "en.wav")
+    started = time.monotonic()
+    wait_until(lambda: hooks.delivered, what="the webhook, at its third attempt", timeout=60)
+    assert time.monotonic() - started < 30  # retries 0.5-1 s, then 1-2 s after the first failure
+    assert [h["webhook-id"] for h in hooks.attempts] == [f"msg_{job['id']}_succeeded"] * 3
+    assert hooks.rejected == []
+    page = wait_until(lambda: (p := scrape(client)).get(
+        ("audiotext_webhook_deliveries_total", frozenset({("outcome", "delivered")}))) and p, what="the count")
+    assert page[("audiotext_webhook_deliveries_total", frozenset({("outcome", "failed")}))] == 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webhook ")]
+    assert [re.sub(r"in \d+\.\d s", "in N s", line) for line in lines] == [
+        f"webhook msg_{job['id']}_succeeded to {hooks.url} failed (HTTP 500), attempt 1; trying again in N s",
+        f"webhook msg_{job['id']}_succeeded to {hooks.url} failed (HTTP 500), attempt 2; trying again in N s",
+        f"webhook msg_{job['id']}_succeeded to {hooks.url} delivered (HTTP 204), attempt 3"]
+
+
+def test_webhook_survives_sigkill_and_restart(daemon_factory: Callable[..., Daemon], tmp_path: Path,
+                                              receiver: Callable[..., WebhookReceiver]) -> None:
+    hooks = receiver(failures=1_000_000)  # down, as far as the daemon can tell
+    env = {"AUDIOTEXT_WEBHOOK_URL": hooks.url + "/hook", "AUDIOTEXT_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    state_dir = tmp_path / "state"
+    daemon = daemon_factory(state_dir, **env)
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        job = submit_job(client, "en.wav")
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"
+    wait_until(lambda: hooks.attempts, what="a first, failed attempt", timeout=60)
+    owed = json.loads((state_dir / "jobs.json").read_text())["jobs"][0]["webhook"]
+    assert owed["id"] == f"msg_{job['id']}_succeeded"
+    daemon.stop(signal.SIGKILL)
+    hooks.failures = 0
+    restarted = daemon_factory(state_dir, **env)
+    wait_until(lambda: hooks.delivered, what="the webhook after the restart", timeout=60)
+    [(headers, payload)] = hooks.delivered
+    assert headers["webhook-id"] == owed["id"] and json.loads(owed["body"]) == payload
+    assert payload["type"] == "transcription.job.succeeded" and payload["data"]["id"] == job["id"]
+    wait_until(lambda: json.loads((state_dir / "jobs.json").read_text())["jobs"][0]["webhook"] is None,
+               what="jobs.json to owe nothing")
+    assert restarted.stop() == 0
+
+
+def test_job_records_from_before_webhooks_still_load() -> None:
+    job = audiotext.Job("job_" + "0" * 32, 0, audiotext.JobSpec(model="cpu-tiny"), "job_" + "0" * 32 + ".wav", 1.0)
+    record = job.record()
+    del record["webhook"], record["spec"]["webhook_url"]
+    assert audiotext.job_from_record(record) == job
+    with pytest.raises(audiotext.CorruptRecord, match="webhook"):
+        audiotext.job_from_record(job.record() | {"webhook": {"url": "http://x/", "id": 3}})
+
+
+def test_webhook_settings_are_checked() -> None:
+    settings = Settings.from_env({"AUDIOTEXT_WEBHOOK_ALLOWED_URLS": "https://hooks.example.org, http://10.0.0.5/in/",
+                                  "AUDIOTEXT_WEBHOOK_SECRET": WEBHOOK_SECRET})
+    # Without the `/`, https://hooks.example.org.evil.net would pass as one of these.
+    assert settings.webhook_allowed_urls == ("https://hooks.example.org/", "http://10.0.0.5/in/")
+    audiotext.check_webhook_settings(settings)
+    assert WEBHOOK_SECRET not in repr(settings)
+    for name, value in (("AUDIOTEXT_WEBHOOK_SECRET", "not-whsec"), ("AUDIOTEXT_WEBHOOK_SECRET", "whsec_c2hvcnQ="),
+                        ("AUDIOTEXT_WEBHOOK_URL", "ftp://hooks.example.org/"),
+                        ("AUDIOTEXT_WEBHOOK_ALLOWED_URLS", "hooks.example.org")):
+        with pytest.raises(audiotext.ConfigError, match=f"^{name}="):
+            Settings.from_env({name: value})
+    with pytest.raises(audiotext.ConfigError, match="AUDIOTEXT_WEBHOOK_SECRET is not set"):
+        audiotext.check_webhook_settings(Settings.from_env({"AUDIOTEXT_WEBHOOK_URL": "http://127.0.0.1:9/hook"}))
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Service
