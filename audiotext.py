@@ -194,6 +194,16 @@ def _window_seconds(text: str) -> float:
     return value
 
 
+_INSTANCE = re.compile(r"[A-Za-z0-9-]{1,16}")
+
+
+def _instance(text: str) -> str:
+    """A name that goes into job ids and so into URLs and file names."""
+    if not _INSTANCE.fullmatch(text):
+        raise ValueError("expected at most 16 letters, digits and dashes, e.g. box-2")
+    return text
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -273,6 +283,10 @@ SETTINGS: tuple[Setting, ...] = (
             "OpenAI's model names otherwise mean the default model"),
     Setting("threads", "AUDIOTEXT_THREADS", "--threads", _positive_int,
             "inference threads in all (default: all cores)"),
+    Setting("instance", "AUDIOTEXT_INSTANCE", "--instance", _instance,
+            "this daemon's name among several behind one load balancer, up to 16 letters, digits and dashes: "
+            "its job ids carry it (job_<name>_...) so the balancer can send a job's requests here "
+            "(none by default)"),
     Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
     Setting("vad", "AUDIOTEXT_VAD", "--vad", _flag,
             "skip silence and noise with the Silero VAD model (models import-vad); a request's vad=false wins"),
@@ -359,6 +373,7 @@ class Settings:
     default_model: str = "cpu-lite"
     model_aliases: tuple[tuple[str, str], ...] = ()
     threads: int | None = None
+    instance: str = ""
     workers: int = 1
     vad: bool = True
     fit_short_audio: bool = False
@@ -3565,7 +3580,9 @@ JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINISHED_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELED})
 TASKS = ("transcribe", "translate")
 
-_JOB_ID = re.compile(r"job_[0-9a-f]{32}")
+# job_<instance>_<32 hex> from a named daemon (AUDIOTEXT_INSTANCE), job_<32 hex> from an unnamed
+# one; a daemon keeps both, as it may have been given its name after accepting jobs.
+_JOB_ID = re.compile(rf"job_(?:{_INSTANCE.pattern}_)?[0-9a-f]{{32}}")
 _AUDIO_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
 _RESERVED_SUFFIXES = frozenset({".json", ".part"})  # the per-job record and temp files use these
 
@@ -3705,8 +3722,10 @@ def job_from_record(data: Any) -> Job:
     return Job(**{name: data[name] for name in _RECORD_FIELDS} | {"spec": spec})
 
 
-def new_job_id() -> str:
-    return "job_" + secrets.token_hex(16)  # 128 random bits: knowing the id is what lets a client read it
+def new_job_id(instance: str = "") -> str:
+    # 128 random bits: knowing the id is what lets a client read it. The instance name first, so a
+    # load balancer routes on a fixed prefix.
+    return "job_" + (instance + "_" if instance else "") + secrets.token_hex(16)
 
 
 def audio_suffix(filename: str | None) -> str:
@@ -3951,7 +3970,7 @@ class JobStore:
     """
 
     def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, *, max_queue: int,
-                 ttl_seconds: float, keep_audio: bool, storage_retries: int = 30,
+                 ttl_seconds: float, keep_audio: bool, storage_retries: int = 30, instance: str = "",
                  on_transition: Callable[[Job], None] = lambda job: None,
                  on_storage_fault: Callable[[str], None] = lambda what: None,
                  webhook_for: Callable[[Job], tuple[str, str] | None] = lambda job: None) -> None:
@@ -3966,6 +3985,7 @@ class JobStore:
         self.max_queue = max_queue
         self.ttl_seconds = ttl_seconds
         self.storage_retries = storage_retries
+        self.instance = instance  # carried in the ids of the jobs it creates
         self._jobs: dict[str, Job] = {}
         self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
         self._retry_at: dict[str, float] = {}  # queued again after a storage fault: when to submit (monotonic)
@@ -4040,7 +4060,7 @@ class JobStore:
 
     def create(self, spec: JobSpec, spooled: Path, suffix: str, audio_seconds: float | None) -> Job:
         """Move a validated upload in and record the job, durably, before anyone hears of it."""
-        job_id = new_job_id()
+        job_id = new_job_id(self.instance)
         job = Job(job_id, next(self._seq), spec, job_id + suffix, time.time(), audio_seconds=audio_seconds)
         self.files.accept(job, spooled)
         try:
@@ -4720,7 +4740,7 @@ def open_jobs(state: AppState, describe_job: DescribeJob) -> JobStore:
     store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine),
                      max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
                      keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
-                     on_transition=lambda job: announce_job(state, job),
+                     instance=settings.instance, on_transition=lambda job: announce_job(state, job),
                      on_storage_fault=lambda what: state.metrics.storage_faults.labels(what).inc(),
                      webhook_for=webhook_for(settings, describe_job))
     state.metrics.count_jobs = store.status_counts
@@ -6298,7 +6318,8 @@ async def get_model(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     state = _state(request)
     memory = state.models.memory_by_model()
-    return JSONResponse({"status": "ok", "version": __version__, "models_loaded": state.models.loaded(),
+    return JSONResponse({"status": "ok", "version": __version__, "instance": state.settings.instance or None,
+                         "models_loaded": state.models.loaded(),
                          "models_memory_mb": {name: round(size / MiB) for name, size in sorted(memory.items())},
                          "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),

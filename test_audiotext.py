@@ -174,7 +174,7 @@ class Daemon:
 
 def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str] = (), wait: bool = True,
                  preexec_fn: Callable[[], None] | None = None, **env: str) -> Daemon:
-    port = free_port()
+    port = int(env.pop("AUDIOTEXT_PORT", 0)) or free_port()  # a restart may keep its port
     state_dir.mkdir(parents=True, exist_ok=True)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOTEXT_")}
     environ.update(AUDIOTEXT_API_TOKEN=TOKEN, AUDIOTEXT_PORT=str(port), AUDIOTEXT_STATE_DIR=str(state_dir),
@@ -183,7 +183,7 @@ def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str
         environ["AUDIOTEXT_MODELS_DIR"] = str(models_dir)
     environ.update(env)
     log_path = state_dir / f"daemon-{port}.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:  # a restart on the same port adds to its log
         proc = subprocess.Popen([sys.executable, str(ROOT / "audiotext.py"), "serve", *args], env=environ,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=state_dir, preexec_fn=preexec_fn)
     daemon = Daemon(proc, f"http://127.0.0.1:{port}", state_dir, log_path)
@@ -2040,7 +2040,7 @@ def test_a_sync_request_is_answered_while_a_long_job_still_runs(daemon_factory: 
 
 
 JOBS = "/v1/transcription-jobs"
-JOB_ID = re.compile(r"job_[0-9a-f]{32}")
+JOB_ID = re.compile(r"job_(?:[A-Za-z0-9-]{1,16}_)?[0-9a-f]{32}")
 FINISHED = ("succeeded", "failed", "canceled")
 DISK_FULL_MESSAGE = "not enough free disk space in the state directory to store the upload"
 
@@ -3332,6 +3332,145 @@ def test_webhook_settings_are_checked() -> None:
             Settings.from_env({name: value})
     with pytest.raises(audiotext.ConfigError, match="AUDIOTEXT_WEBHOOK_SECRET is not set"):
         audiotext.check_webhook_settings(Settings.from_env({"AUDIOTEXT_WEBHOOK_URL": "http://127.0.0.1:9/hook"}))
+
+
+# Jobs: several daemons behind a load balancer
+
+
+def test_instance_setting_is_checked() -> None:
+    for value in ("a", "box-2", "X" * 16):
+        assert Settings.from_env({"AUDIOTEXT_INSTANCE": value}).instance == value
+    assert Settings.from_env({}).instance == ""
+    # An underscore would make the name and the random part of an id ambiguous.
+    for value in ("a_b", "x" * 17, "a/b", "caf\u00e9", "a b"):
+        with pytest.raises(audiotext.ConfigError, match="^AUDIOTEXT_INSTANCE=.*at most 16 letters, digits and dashes"):
+            Settings.from_env({"AUDIOTEXT_INSTANCE": value})
+
+
+def test_a_daemon_given_a_name_names_new_jobs_and_keeps_serving_its_older_ones(
+        tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    canned_engine(monkeypatch)
+    with job_client(tmp_path, models_dir) as client:
+        assert client.get("/healthz").json()["instance"] is None
+        old = submit_job(client)["id"]
+        assert re.fullmatch(r"job_[0-9a-f]{32}", old)
+    [pending] = stop_with_jobs_queued(tmp_path, models_dir, 1)
+
+    for _ in range(2):  # once as jobs.json left them, once as the named daemon wrote them
+        with job_client(tmp_path, models_dir, instance="box-2") as client:
+            assert client.get("/healthz").json()["instance"] == "box-2"
+            new = submit_job(client)["id"]
+            assert re.fullmatch(r"job_box-2_[0-9a-f]{32}", new)
+            for job_id in (old, pending, new):
+                assert wait_for_job(client, job_id)["status"] == "succeeded"
+                assert client.get(f"{JOBS}/{job_id}/result", headers=AUTH).json()["text"] == "ok"
+    assert {j["id"] for j in json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"]} >= {old, pending}
+
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+README_LB_ADDRESSES = {"a": "10.0.0.11:8791", "b": "10.0.0.12:8791"}
+
+
+def readme_haproxy_config() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## More than one box"):]
+    return section[section.index("```haproxy\n") + len("```haproxy\n"):section.index("```\n", section.index("```haproxy"))]
+
+
+@contextlib.contextmanager
+def haproxy_in_front(tmp_path: Path, daemons: dict[str, Daemon]) -> Iterator[str]:
+    """The README's configuration run by a real haproxy, on loopback: yields its base URL."""
+    config = readme_haproxy_config()
+    for name, address in README_LB_ADDRESSES.items():
+        assert address in config
+        config = config.replace(address, daemons[name].url.removeprefix("http://"))
+    port = free_port()
+    assert "bind :8790\n" in config
+    config = config.replace("bind :8790\n", f"bind 127.0.0.1:{port}\n")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    check = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log_path = tmp_path / "haproxy.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(path)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is not None or _answers(url + "/healthz"), what="haproxy to listen", timeout=30)
+        assert proc.poll() is None, log_path.read_text()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def sync_requests_answered(daemon: Daemon) -> float:
+    text = httpx.get(daemon.url + "/metrics", headers=AUTH).text
+    labels = ('method="POST"', 'route="/v1/audio/transcriptions"', 'status="200"')
+    return sum(float(row.rsplit(" ", 1)[1]) for row in text.splitlines()
+               if row.startswith("audiotext_requests_total{") and all(label in row for label in labels))
+
+
+def instance_of(job_id: str) -> str:
+    match = re.fullmatch(r"job_([ab])_[0-9a-f]{32}", job_id)
+    assert match, job_id
+    return match[1]
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
+def test_two_daemons_behind_haproxy_share_sync_requests_and_each_serves_its_own_jobs(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, ninety_seconds_wav: Path) -> None:
+    env = dict(AUDIOTEXT_DEFAULT_MODEL="cpu-tiny", AUDIOTEXT_STOP_GRACE_SECONDS="1", AUDIOTEXT_THREADS="1")
+    daemons = {name: daemon_factory(tmp_path / f"state-{name}", wait=False, AUDIOTEXT_INSTANCE=name, **env)
+               for name in ("a", "b")}
+    for daemon in daemons.values():
+        wait_until_serving(daemon)
+    with haproxy_in_front(tmp_path, daemons) as url, httpx.Client(base_url=url, timeout=120) as client:
+        for _ in range(4):
+            assert_heard(post_clip(url, model="cpu-tiny").json()["text"], EN_WORDS)
+        assert {name: sync_requests_answered(d) > 0 for name, d in daemons.items()} == {"a": True, "b": True}
+
+        # A long job keeps one daemon's only worker busy; short jobs go to both until one queues behind it.
+        long = submit_file(client, ninety_seconds_wav)
+        held = instance_of(long["id"])
+        wait_for_job(client, long["id"], ["running"])
+        for _ in range(10):
+            short = submit_job(client)
+            if instance_of(short["id"]) == held:
+                break
+            other = short  # on the other daemon: polled, read and deleted through the balancer
+            assert wait_for_job(client, other["id"])["status"] == "succeeded"
+            assert_heard(client.get(f"{JOBS}/{other['id']}/result", headers=AUTH).json()["text"], EN_WORDS)
+            assert client.delete(f"{JOBS}/{other['id']}", headers=AUTH).status_code == 200
+            assert client.get(f"{JOBS}/{other['id']}", headers=AUTH).status_code == 404
+        else:
+            pytest.fail(f"ten short jobs and none went to daemon {held}")
+        assert get_job(client, short["id"])["status"] == "queued"
+        other_daemon = daemons["b" if held == "a" else "a"]
+        assert httpx.get(f"{other_daemon.url}{JOBS}/{short['id']}", headers=AUTH).status_code == 404
+
+        stopped = daemons[held]
+        assert stopped.stop() == 0, stopped.log()
+        assert client.get(f"{JOBS}/{short['id']}", headers=AUTH).status_code == 503
+        assert_heard(post_clip(url, model="cpu-tiny").json()["text"], EN_WORDS)  # the other serves meanwhile
+
+        port = stopped.url.rsplit(":", 1)[1]
+        daemon_factory(stopped.state_dir, AUDIOTEXT_INSTANCE=held, AUDIOTEXT_PORT=port, **env)
+        # Back once haproxy's checks see it up: the long job first, as it was accepted first.
+        wait_until(lambda: client.get(f"{JOBS}/{long['id']}", headers=AUTH).status_code == 200,
+                   what=f"daemon {held} back behind haproxy", timeout=60)
+        canceled = client.post(f"{JOBS}/{long['id']}/cancel", headers=AUTH)
+        assert canceled.status_code in (200, 409), canceled.text  # 409: it finished within the stop's grace
+        assert wait_for_job(client, long["id"])["status"] in ("canceled", "succeeded")
+        assert wait_for_job(client, short["id"])["status"] == "succeeded"
+        assert_heard(client.get(f"{JOBS}/{short['id']}/result", headers=AUTH).json()["text"], EN_WORDS)
 
 
 
