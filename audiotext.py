@@ -2812,9 +2812,11 @@ class LoadedModel:
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
         self._vad_params = _vad_params(())
         self.load_seconds = time.monotonic() - started
-        # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file.
-        # The first transcription adds the buffers whisper.cpp allocates on first use.
-        self.memory_bytes = max(_rss_bytes() - rss_before, path.stat().st_size)
+        # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file,
+        # nor more than a context ever takes (the process may grow by other work meanwhile). The
+        # first transcription adds the buffers whisper.cpp allocates on first use.
+        self._file_bytes = path.stat().st_size
+        self.memory_bytes = self._plausible(_rss_bytes() - rss_before)
         self._first_run_measured = False
         logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
                     " (with VAD)" if vad_path else "")
@@ -2830,7 +2832,7 @@ class LoadedModel:
             vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
             status = self._run(audio, self._params(audio, options), abort, on_segment, vad_params, on_fraction)
             if not self._first_run_measured:
-                self.memory_bytes += max(0, _rss_bytes() - rss_before)
+                self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
                 self._first_run_measured = True
             if abort.is_set():
                 raise Aborted()
@@ -2838,6 +2840,9 @@ class LoadedModel:
                 # Its segments would be the previous call's: say so rather than answer with them.
                 raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
             return self._collect(audio, options)
+
+    def _plausible(self, measured: int) -> int:
+        return min(max(measured, self._file_bytes), int(self._file_bytes * CONTEXT_MAX_RATIO) + CONTEXT_OVERHEAD_BYTES * 4)
 
     def _params(self, audio: np.ndarray, options: TranscribeOptions) -> dict[str, Any]:
         # An English-only model cannot detect languages; asked to, it guesses among all of them.
@@ -2950,6 +2955,7 @@ def check_language(model: str, multilingual: bool, language: str | None) -> None
 # file, plus whisper.cpp's buffers (its KV caches and compute graphs grow with the model).
 CONTEXT_OVERHEAD_RATIO = 1.15
 CONTEXT_OVERHEAD_BYTES = 32 * MiB
+CONTEXT_MAX_RATIO = 2.0  # what a measurement is capped at: other work may grow the process meanwhile
 
 
 class ModelStore:
@@ -2971,6 +2977,7 @@ class ModelStore:
         self.memory_budget = memory_budget or default_model_memory_bytes()
         self.idle_seconds = idle_seconds
         self._last_used: dict[int, float] = {}  # id(context) -> when its last transcription ended
+        self.pinned: set[Path] = set()  # files kept loaded however idle, besides the default's
         self._sweeping = threading.Event()  # set: the idle sweeper is to stop
         self.user_aliases = dict(aliases or {})  # name -> a file, an alias or an OpenAI name
         self.threads = threads
@@ -3096,11 +3103,13 @@ class ModelStore:
             yield model
         finally:
             with self._load_lock:
-                self._users[id(model)] -= 1
-                self._last_used[id(model)] = time.monotonic()
+                if id(model) in self._users:  # not if close() came first
+                    self._users[id(model)] -= 1
+                    self._last_used[id(model)] = time.monotonic()
 
     def _expected_bytes(self, path: Path) -> int:
-        measured = [m.memory_bytes for (p, _, _), pool in self._loaded.items() if p == path for m in pool]
+        # No lock (this runs on the event loop too): snapshots, as workers may change the pools.
+        measured = [m.memory_bytes for (p, _, _), pool in list(self._loaded.items()) if p == path for m in list(pool)]
         if measured:
             return max(measured)
         return int(path.stat().st_size * CONTEXT_OVERHEAD_RATIO) + CONTEXT_OVERHEAD_BYTES
@@ -3149,7 +3158,8 @@ class ModelStore:
             for pool in list(self._loaded.values()):
                 for model in list(pool):
                     used = self._last_used.get(id(model))
-                    if (model.path != default and not self._users.get(id(model)) and used is not None
+                    if (model.path != default and model.path not in self.pinned
+                            and not self._users.get(id(model)) and used is not None
                             and now - used > self.idle_seconds):
                         self._unload(model, f"after {self.idle_seconds:g} s unused")
 
@@ -3178,13 +3188,14 @@ class ModelStore:
         """Bytes each loaded model file's contexts take, by file name without .bin."""
         sizes: dict[str, int] = {}
         for (path, _, _), pool in list(self._loaded.items()):
-            sizes[path.stem] = sizes.get(path.stem, 0) + sum(m.memory_bytes for m in pool)
+            sizes[path.stem] = sizes.get(path.stem, 0) + sum(m.memory_bytes for m in list(pool))
         return {name: size for name, size in sizes.items() if size}
 
     def load_seconds(self) -> dict[str, float]:
         """How long each loaded model file took to load, by file name without .bin."""
         # No _load_lock: it is held for a whole load, and this is read on the event loop.
-        return {path.stem: pool[0].load_seconds for (path, _, _), pool in list(self._loaded.items()) if pool}
+        firsts = ((path, next(iter(list(pool)), None)) for (path, _, _), pool in list(self._loaded.items()))
+        return {path.stem: first.load_seconds for path, first in firsts if first is not None}
 
     def close(self) -> None:
         """Free every whisper.cpp context now, while the interpreter is whole."""
@@ -3762,6 +3773,7 @@ def job_failure(exc: BaseException) -> JobFailure:
 def mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
     job.status = status
     job.finished_at = time.time()
+    job.heard = []  # the result file has the segments now; events streams read them there
     job.error = {"message": str(error), "code": error.code} if error is not None else None
     for name, value in changes.items():
         setattr(job, name, value)
@@ -5474,7 +5486,7 @@ class WyomingSession:
             try:
                 # None for a closed connection, and also for a line that is not JSON or too long.
                 event = await async_read_event(self._reader)  # type: ignore[arg-type]
-            except (AttributeError, KeyError, TypeError):
+            except (AttributeError, KeyError, TypeError, RecursionError):
                 event = None  # JSON, but not shaped like an event
             if event is None:
                 if self._raw_reader.at_eof():
@@ -5492,6 +5504,8 @@ class WyomingSession:
         from wyoming.info import Describe
         from wyoming.ping import Ping, Pong
 
+        if not isinstance(event.type, str) or not isinstance(event.data, dict):
+            raise WyomingSessionError("bad_event", "an event's type must be a string and its data an object")
         if Describe.is_type(event.type):
             await self._write(wyoming_info(self.state).event())
         elif Ping.is_type(event.type):
@@ -5519,6 +5533,9 @@ class WyomingSession:
 
     def _choose(self, transcribe: Any) -> None:
         """Check a `transcribe` event's model and language now, before any audio is sent."""
+        for field_name in ("name", "language"):
+            if getattr(transcribe, field_name) is not None and not isinstance(getattr(transcribe, field_name), str):
+                raise WyomingSessionError("bad_event", f"transcribe's {field_name} must be a string")
         language = transcribe.language or None
         if language is not None:
             language = language.split("-")[0].split("_")[0].lower()  # Home Assistant may send en-US
@@ -5538,6 +5555,11 @@ class WyomingSession:
         audio = collected.finish()
         if not self._chosen:
             self._choose(Transcribe())
+        if audio.size == 0:  # audio-start, then audio-stop: nothing said
+            for event in (TranscriptStart(language=self._language), Transcript(text="", language=self._language),
+                          TranscriptStop()):
+                await self._write(event.event())
+            return
         options = TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
@@ -5643,8 +5665,10 @@ class WyomingListener:
     async def start(self) -> None:
         # The first voice command should not wait for a model to load, and a model that cannot
         # load should stop the daemon now rather than fail every command.
-        await asyncio.to_thread(self.state.models.get, self.settings.wyoming_model,
+        models = self.state.models
+        await asyncio.to_thread(models.get, self.settings.wyoming_model,
                                 fit_short_audio=self.settings.wyoming_fit_short_audio)
+        models.pinned.add(models.resolve(self.settings.wyoming_model)[1])  # idle between commands, yet wanted
         self._server = await asyncio.start_server(self._accept, sock=self._sock, limit=WYOMING_MAX_LINE_BYTES)
         host, port = self._sock.getsockname()[:2]
         logger.info("Wyoming speech-to-text on %s:%d", host, port)
@@ -5841,7 +5865,7 @@ def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
         target = SERVER_VAD_FIELDS[name]
         low, high = VAD_TUNABLE[target]
         try:
-            number = float(value)
+            number = math.nan if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
             number = math.nan
         if not low <= number <= high:
@@ -5940,9 +5964,16 @@ def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> 
     if layout.width is None and layout.count is None:
         return [(s.start, s.end, s.text.strip()) for s in transcript.segments]
     cues: list[Cue] = []
+    timed = iter(w for w in transcript.words if w.word.strip())
+    pending = next(timed, None)
     for segment in transcript.segments:
-        words = _segment_words(segment, transcript.words)
-        lines = _wrap(words, layout.width or SUBTITLE_LINE_WIDTH)
+        own: list[Word] = []  # each word once, in the segment it starts in (or the last one)
+        while pending is not None and (pending.start < segment.end or segment is transcript.segments[-1]):
+            own.append(Word(pending.word.strip(), pending.start, pending.end))
+            pending = next(timed, None)
+        lines = _wrap(own or _spread_words(segment), layout.width or SUBTITLE_LINE_WIDTH)
+        if not lines:
+            continue  # a segment with no words is no cue
         per_cue = layout.count or len(lines)
         for i in range(0, len(lines), per_cue):
             group = lines[i:i + per_cue]
@@ -5951,13 +5982,8 @@ def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> 
     return cues
 
 
-def _segment_words(segment: Segment, words: list[Word]) -> list[Word]:
-    """The segment's words with their own times when whisper gave them, else spread over the
-    segment in proportion to their length."""
-    timed = [Word(w.word.strip(), w.start, w.end) for w in words
-             if segment.start <= w.start < segment.end and w.word.strip()]
-    if timed:
-        return timed
+def _spread_words(segment: Segment) -> list[Word]:
+    """Without word times, the segment's words spread over it in proportion to their length."""
     texts = segment.text.split()
     total = sum(len(t) + 1 for t in texts) or 1
     spread, done = [], 0
@@ -6452,6 +6478,9 @@ def _parse_webhook_url(value: str | None, settings: Settings) -> str | None:
         _webhook_url(value)
     except ValueError as exc:
         raise InvalidRequest(f"webhook_url: {exc}", param="webhook_url") from None
+    segments = urllib.parse.unquote(urllib.parse.urlsplit(value).path).split("/")
+    if "." in segments or ".." in segments:  # a server would resolve them past the allowed prefix
+        raise InvalidRequest("webhook_url may not hold . or .. path segments", param="webhook_url")
     if not value.startswith(settings.webhook_allowed_urls):
         raise InvalidRequest(f"webhook_url must start with one of {', '.join(settings.webhook_allowed_urls)}",
                              param="webhook_url")
@@ -6503,10 +6532,10 @@ JOB_EVENTS_KEEPALIVE_SECONDS = 15.0
 async def job_events(request: Request) -> Response:
     """Server-sent events of a job: its status changes, its progress, its segments as whisper.cpp
     finishes them, ending when the job does. A late reader first gets what has happened so far."""
-    store, job_id = _job_store(request), request.path_params["job_id"]
+    state, store, job_id = _state(request), _job_store(request), request.path_params["job_id"]
     store.get(job_id)  # an unknown id is a 404, before the stream begins
-    return StreamingResponse(_job_event_stream(store, job_id), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store"})
+    return StreamingResponse(_job_event_stream(store, job_id, stopping=lambda: state.stopping),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 def _status_history(job: Job) -> list[tuple[str, float]]:
@@ -6524,9 +6553,9 @@ def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
                  "text": text})
 
 
-async def _job_event_stream(store: JobStore, job_id: str) -> AsyncIterator[bytes]:
+async def _job_event_stream(store: JobStore, job_id: str, *, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
     try:
-        async for event in _job_events(store, job_id):
+        async for event in _job_events(store, job_id, stopping):
             yield event
     except Exception as exc:  # the stream has begun: an `error` event, as a transcription's stream has
         if is_unexpected(exc):
@@ -6534,7 +6563,8 @@ async def _job_event_stream(store: JobStore, job_id: str) -> AsyncIterator[bytes
         yield _sse(as_api_error(exc).body())
 
 
-async def _job_events(store: JobStore, job_id: str) -> AsyncIterator[bytes]:
+async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """The stream's events; it ends with the job, or when the daemon stops (a client reconnects)."""
     sent_statuses: set[str] = set()
     sent_segments, sent_progress, quiet_since = 0, -1.0, time.monotonic()
     while True:
@@ -6551,9 +6581,10 @@ async def _job_events(store: JobStore, job_id: str) -> AsyncIterator[bytes]:
                 yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
                             "job": _job_json(store, job)})
         heard = job.heard
-        if job.status == SUCCEEDED and not heard:  # finished before this process started
+        if job.status == SUCCEEDED and not heard:  # the result file holds them now
             transcript = await run_in_threadpool(store.result, job_id)
             heard = [(s.start, s.end, s.text) for s in transcript.segments]
+        sent_segments = min(sent_segments, len(heard))  # a run started again (a storage fault) starts over
         for index in range(sent_segments, len(heard)):
             yield _segment_event(index, *heard[index])
         sent_segments = len(heard)
@@ -6571,6 +6602,8 @@ async def _job_events(store: JobStore, job_id: str) -> AsyncIterator[bytes]:
         elif time.monotonic() - quiet_since > JOB_EVENTS_KEEPALIVE_SECONDS:
             quiet_since = time.monotonic()
             yield b": still " + job.status.encode() + b"\n\n"
+        if stopping():
+            return
         await asyncio.sleep(JOB_EVENTS_POLL_SECONDS)
 
 
@@ -6608,7 +6641,8 @@ async def get_job_result(request: Request) -> Response:
                                     param="response_format", default=job.spec.response_format)
     layout = _parse_line_layout(request.query_params.get, response_format)
     transcript = await run_in_threadpool(store.result, job_id)  # a long recording's result is megabytes
-    return render_transcript(transcript, response_format, frozenset(job.spec.granularities), layout)
+    return await run_in_threadpool(render_transcript, transcript, response_format,
+                                   frozenset(job.spec.granularities), layout)
 
 
 async def cancel_job(request: Request) -> Response:
@@ -7444,7 +7478,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     _refuse_world_writable(store.models_dir, "models dir")
     try:
         model = store.get(None)
-    except (UnknownModel, ModelError) as exc:
+    except (UnknownModel, ModelTooLarge, ModelError) as exc:
         raise ConfigError(f"default model {settings.default_model}: {exc}") from None
     print(f"ok  default model {settings.default_model}: {model.path} loaded in {model.load_seconds:.1f} s")
     print(f"ok  VAD: {model.vad_path}" if model.vad_path else

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import http.server
@@ -3235,6 +3236,11 @@ def test_each_finished_job_posts_one_signed_webhook(daemon_factory: Callable[...
                 response = client.post(JOBS, headers=AUTH, files={"file": ("en.wav", f)},
                                        data={"model": "cpu-tiny", "webhook_url": url})
             assert_error(response, 400, f"webhook_url must start with one of {hooks.url}/jobs/", param="webhook_url")
+        for escape in ("/jobs/../admin", "/jobs/%2e%2e/admin", "/jobs/./x"):
+            with open(CLIPS / "en.wav", "rb") as f:
+                response = client.post(JOBS, headers=AUTH, files={"file": ("en.wav", f)},
+                                       data={"model": "cpu-tiny", "webhook_url": hooks.url + escape})
+            assert_error(response, 400, "webhook_url may not hold . or .. path segments", param="webhook_url")
         assert all_jobs(client) == []
         succeeded = submit_job(client, "en.wav", webhook_url=hooks.url + "/jobs/mine?ref=1")
         canceled = submit_job(client, "long_en.webm")
@@ -4688,6 +4694,19 @@ def srt_words(srt: str) -> list[str]:
     return normalized(" ".join(line for block in srt.strip().split("\n\n") for line in block.split("\n")[2:])).split()
 
 
+def test_subtitle_layout_keeps_every_word_once_and_skips_empty_segments() -> None:
+    segments = [audiotext.Segment(id=0, start=0.0, end=2.0, text=" one two three", tokens=[], avg_logprob=0.0),
+                audiotext.Segment(id=1, start=2.0, end=3.0, text="  ", tokens=[], avg_logprob=0.0),
+                audiotext.Segment(id=2, start=3.0, end=5.0, text=" four five", tokens=[], avg_logprob=0.0)]
+    words = [audiotext.Word(w, t, t + 0.4) for w, t in
+             ((" one", 0.1), (" two", 0.6), (" three", 1.9), (" four", 3.2), (" five", 5.1))]  # five after the end
+    transcript = audiotext.Transcript("one two three four five", "en", 5.5, segments, words)
+    cues = audiotext.subtitle_cues(transcript, audiotext.LineLayout(width=8))
+    assert " ".join(text.replace("\n", " ") for _, _, text in cues) == "one two three four five"
+    without_times = audiotext.subtitle_cues(dataclasses.replace(transcript, words=[]), audiotext.LineLayout(width=8))
+    assert " ".join(text.replace("\n", " ") for _, _, text in without_times) == "one two three four five"
+
+
 def test_subtitle_layout_for_a_job_result_and_bad_values(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     job = submit_job(client, "en.wav")  # type: ignore[arg-type]
@@ -5194,6 +5213,9 @@ def bad_session_cases() -> dict[str, tuple[list[Any] | bytes, str]]:
         "not json": (b"\x00\xff\x13 not json at all\n", "bad_event"),
         "json, not an event": (b"[1, 2, 3]\n", "bad_event"),
         "a line without end": (b"x" * 200_000, "bad_event"),
+        "data that is no object": (b'{"type": "audio-start", "data": [1]}\n', "bad_event"),
+        "a language that is no string": (b'{"type": "transcribe", "data": {"language": 5}}\n', "bad_event"),
+        "nesting beyond reason": (b"[" * 100_000 + b"\n", "bad_event"),
     }
 
 
@@ -5223,6 +5245,14 @@ def raw_wyoming(port: int, data: bytes) -> WyomingAnswer:
             while (event := read_event(reader)) is not None:
                 events.append(event)
     return WyomingAnswer(events, closed=True)
+
+
+def test_wyoming_an_empty_command_is_an_empty_transcript(wyoming_daemon: tuple[Daemon, int]) -> None:
+    from wyoming.audio import AudioStart, AudioStop
+
+    _, port = wyoming_daemon
+    answer = wyoming_session(port, AudioStart(rate=16_000, width=2, channels=1), AudioStop())
+    assert answer.text == "" and answer.closed and not answer.of("error")
 
 
 def leftover_files(state_dir: Path) -> list[Path]:
