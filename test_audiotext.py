@@ -2914,8 +2914,10 @@ def test_a_fault_in_a_job_fails_it_with_a_traceback_and_the_daemon_serves_on(
                                                           "message": "internal error while transcribing"})
     tracebacks = [r for r in caplog.records if r.exc_info and "injected fault" in str(r.exc_info[1])]
     assert len(tracebacks) == 1, [r.getMessage() for r in caplog.records]
-    saved = json.loads((client.app.state.audiotext.settings.state_dir / "jobs.json").read_text())
-    assert [(j["id"], j["status"]) for j in saved["jobs"]] == [(job["id"], "failed")]
+    table = client.app.state.audiotext.settings.state_dir / "jobs.json"
+    # The status turns under the table's lock, and the table is written just after: wait for that.
+    wait_until(lambda: [(j["id"], j["status"]) for j in json.loads(table.read_text())["jobs"]]
+               == [(job["id"], "failed")], what="jobs.json to say the job failed", timeout=60)
     assert_heard(post_clip(client, model="cpu-tiny").json()["text"], EN_WORDS)
     assert wait_for_job(client, submit_job(client, model="cpu-tiny")["id"])["status"] == "succeeded"
 
