@@ -4037,11 +4037,16 @@ class JobStore:
 
     def position(self, job_id: str) -> int | None:
         """1 for the next to run, counting synchronous requests queued ahead; None unless queued."""
-        index = self._scheduler.position(job_id)
-        return None if index is None else index + 1
+        return self.positions([job_id]).get(job_id)
 
-    def positions(self) -> dict[str, int]:
-        return {key: index + 1 for key, index in self._scheduler.positions().items()}
+    def positions(self, job_ids: Iterable[str]) -> dict[str, int]:
+        """The positions of those of these jobs that are queued. One that is queued but not in the
+        scheduler (a moment before it is handed over, or waiting out a storage fault) stands
+        behind everything in the queue now."""
+        in_queue = {key: index + 1 for key, index in self._scheduler.positions().items()}
+        with self._lock:
+            queued = [job_id for job_id in job_ids if job_id in self._jobs and self._jobs[job_id].status == QUEUED]
+        return {job_id: in_queue.get(job_id, len(in_queue) + 1) for job_id in queued}
 
     def check_capacity(self) -> None:
         """Refuse early, before a client spends its upload on a full queue."""
@@ -6453,7 +6458,7 @@ def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
 
 
 def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
-    positions = store.positions() if any(j.status == QUEUED for j in jobs) else {}
+    positions = store.positions([j.id for j in jobs if j.status == QUEUED])
     return [job_object(j, positions.get(j.id) if j.status == QUEUED else None) for j in jobs]
 
 

@@ -2762,6 +2762,21 @@ def test_a_job_interrupted_three_times_fails(tmp_path: Path) -> None:
                             "job (a crash or a kill each time); giving up on it"}
 
 
+def test_a_queued_job_always_has_a_position(tmp_path: Path) -> None:
+    scheduler = FakeScheduler()
+    store = audiotext.JobStore(tmp_path, scheduler, FakeEngine(), max_queue=10, ttl_seconds=60, keep_audio=False)
+    store.open()
+    jobs = []
+    for n in range(2):
+        spooled = tmp_path / f"upload-{n}"
+        spooled.write_bytes(b"audio of a test")
+        jobs.append(store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0))
+    assert [store.position(j.id) for j in jobs] == [1, 2]
+    scheduler.remove(jobs[0].id)  # out of the scheduler for a while, as during a storage fault's wait
+    assert [store.position(j.id) for j in jobs] == [2, 1]
+    assert store.positions([j.id for j in jobs]) == {jobs[0].id: 2, jobs[1].id: 1}
+
+
 def test_a_job_record_written_before_the_vad_field_still_loads() -> None:
     job = audiotext.Job("job_" + "0" * 32, 0, audiotext.JobSpec(model="cpu-tiny"), "job_" + "0" * 32 + ".wav", 1.0)
     record = job.record()
