@@ -290,6 +290,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
     Setting("vad", "AUDIOTEXT_VAD", "--vad", _flag,
             "skip silence and noise with the Silero VAD model (models import-vad); a request's vad=false wins"),
+    Setting("languages", "AUDIOTEXT_LANGUAGES", "--languages", _comma_list,
+            "the languages recordings may be in, e.g. ca,en: detection picks the likeliest of them "
+            "(default: any the model knows); a request's languages[] or language wins"),
     Setting("fit_short_audio", "AUDIOTEXT_FIT_SHORT_AUDIO", "--fit-short-audio", _flag,
             "encode a clip under 20 s at its own length, not whisper's 30 s: several times faster, "
             "but words and the detected language are less reliable"),
@@ -325,7 +328,8 @@ SETTINGS: tuple[Setting, ...] = (
             "model for Wyoming requests that name none (default: the default model)"),
     Setting("wyoming_languages", "AUDIOTEXT_WYOMING_LANGUAGES", "--wyoming-languages", _comma_list,
             "languages offered to Home Assistant, e.g. en,ca (default: all the model knows); "
-            "with one, a request that names none gets it instead of detection"),
+            "with one, a request that names none gets it instead of detection; with several, detection "
+            "picks among them"),
     Setting("wyoming_fit_short_audio", "AUDIOTEXT_WYOMING_FIT_SHORT_AUDIO", "--wyoming-fit-short-audio", _flag,
             "encode a voice command at its own length (see AUDIOTEXT_FIT_SHORT_AUDIO): a 3 s command "
             "answers several times sooner"),
@@ -376,6 +380,7 @@ class Settings:
     instance: str = ""
     workers: int = 1
     vad: bool = True
+    languages: tuple[str, ...] = ()
     fit_short_audio: bool = False
     spin_threads: bool = False
     model_memory_mb: int | None = None
@@ -499,8 +504,8 @@ class UnknownModel(InvalidRequest):
 class UnsupportedLanguage(InvalidRequest):
     """A language whisper does not know, or one the chosen model cannot transcribe."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="language")
+    def __init__(self, message: str, *, param: str = "language") -> None:
+        super().__init__(message, param=param)
 
 
 class ModelTooLarge(InvalidRequest):
@@ -2609,6 +2614,18 @@ LANGUAGE_NAMES: dict[str, str] = dict(pair.split(":") for pair in (
 LANGUAGE_NAMES = {code: name.replace("_", " ") for code, name in LANGUAGE_NAMES.items()}
 
 
+def unknown_languages(codes: Iterable[str]) -> list[str]:
+    return [code for code in codes if code not in LANGUAGE_NAMES]
+
+
+def check_language_settings(settings: Settings) -> None:
+    for env, codes in (("AUDIOTEXT_LANGUAGES", settings.languages),
+                       ("AUDIOTEXT_WYOMING_LANGUAGES", settings.wyoming_languages)):
+        if unknown_languages(codes):
+            raise ConfigError(f"{env}: unknown language code(s) {', '.join(unknown_languages(codes))}; "
+                              "use whisper's codes, e.g. en,ca,es")
+
+
 @dataclass(frozen=True)
 class TranscribeOptions:
     """Everything a request may change; the rest of whisper's parameters stay at our defaults."""
@@ -2621,6 +2638,8 @@ class TranscribeOptions:
     vad: bool | None = None  # None: the daemon's AUDIOTEXT_VAD
     fit_short_audio: bool | None = None  # None: the daemon's AUDIOTEXT_FIT_SHORT_AUDIO
     vad_tuning: tuple[tuple[str, float], ...] = ()  # VAD_TUNABLE fields to set over VAD_PARAMS
+    # Detection picks among these; None: the daemon's AUDIOTEXT_LANGUAGES; (): any language.
+    languages: tuple[str, ...] | None = None
     logprobs: bool = False  # each token's log probability, as OpenAI's include[]=logprobs
 
 
@@ -2726,6 +2745,7 @@ VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_
 # from call to call must run without it, or one call's leftovers garble the next.
 SHORT_AUDIO_SECONDS = 20.0
 AUDIO_CTX_MARGIN_FRAMES = 64
+WHISPER_WINDOW_SECONDS = 30  # what the encoder hears at once, and what language detection reads
 
 
 def audio_ctx_for(seconds: float) -> int:
@@ -2830,6 +2850,9 @@ class LoadedModel:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
             vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
+            if options.language is None and options.languages and self.multilingual:
+                options = dataclasses.replace(
+                    options, language=self._likeliest_language(audio, options, vad_params, abort))
             status = self._run(audio, self._params(audio, options), abort, on_segment, vad_params, on_fraction)
             if not self._first_run_measured:
                 self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
@@ -2840,6 +2863,42 @@ class LoadedModel:
                 # Its segments would be the previous call's: say so rather than answer with them.
                 raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
             return self._collect(audio, options)
+
+    def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, vad_params: Any,
+                            abort: threading.Event) -> str:
+        """The allowed language whisper finds likeliest in the first 30 s of speech.
+
+        whisper.cpp's own detection (detect_language: one encoder pass, then it stops) releases
+        the GIL but tells only its first choice. Only when that is not allowed are all the
+        probabilities asked for, through a call that holds the GIL for another encoder pass.
+        """
+        import _pywhispercpp as pw
+
+        allowed = options.languages or ()
+        if len(allowed) == 1:
+            return allowed[0]
+        params = dict(self._params(audio, options), language="auto", detect_language=True)
+        status = self._run(audio, params, abort, None, vad_params, None)
+        if abort.is_set():
+            raise Aborted()
+        if status != 0:
+            raise ModelError(f"whisper.cpp failed to detect the language with {self.path.name} (status {status})")
+        first_choice = pw.whisper_lang_str(pw.whisper_full_lang_id(self._model._ctx))
+        if first_choice in allowed:
+            return first_choice
+        probabilities = self._language_probabilities(audio[:WHISPER_WINDOW_SECONDS * SAMPLE_RATE])
+        return max(allowed, key=lambda code: probabilities.get(code, 0.0))  # ties: the first listed
+
+    def _language_probabilities(self, audio: np.ndarray) -> dict[str, float]:
+        """Every language's probability in these samples; none when there is too little to tell."""
+        import _pywhispercpp as pw
+
+        ctx = self._model._ctx
+        probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
+        if pw.whisper_pcm_to_mel(ctx, audio, audio.size, self.threads) != 0 or \
+                pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) < 0:
+            return {}
+        return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}
 
     def _plausible(self, measured: int) -> int:
         return min(max(measured, self._file_bytes), int(self._file_bytes * CONTEXT_MAX_RATIO) + CONTEXT_OVERHEAD_BYTES * 4)
@@ -2945,7 +3004,12 @@ def _words(tokens: list[tuple[Any, bytes]]) -> list[Word]:
     return [w for w in words if w.word]
 
 
-def check_language(model: str, multilingual: bool, language: str | None) -> None:
+def check_language(model: str, multilingual: bool, language: str | None, languages: Iterable[str] | None = None) -> None:
+    """A client's languages[] only; the daemon's AUDIOTEXT_LANGUAGES never refuses an English-only model."""
+    if language is None and languages and "en" not in languages and not multilingual:
+        raise UnsupportedLanguage(f"model '{model}' is English-only and cannot transcribe any of the languages "
+                                  f"{', '.join(languages)}; use a multilingual model such as cpu-lite",
+                                  param="languages[]")
     if language not in (None, "en") and not multilingual:
         raise UnsupportedLanguage(f"model '{model}' is English-only and cannot transcribe language "
                                   f"'{language}'; use a multilingual model such as cpu-lite")
@@ -2969,7 +3033,7 @@ class ModelStore:
     """
 
     def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1, vad: bool = True,
-                 spin_threads: bool = False, fit_short_audio: bool = False,
+                 spin_threads: bool = False, fit_short_audio: bool = False, languages: tuple[str, ...] = (),
                  aliases: dict[str, str] | None = None, memory_budget: int | None = None,
                  idle_seconds: float = 0.0) -> None:
         self.models_dir = models_dir
@@ -2984,6 +3048,7 @@ class ModelStore:
         self.contexts = contexts
         self.vad = vad  # what a request that does not say gets, when the VAD model is present
         self.fit_short_audio = fit_short_audio
+        self.languages = languages  # what detection picks among for a request that does not say
         set_thread_wait_policy(spin=spin_threads)
         self._loaded: dict[tuple[Path, bool, bool], list[LoadedModel]] = {}  # (file, VAD, fit) -> contexts
         self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
@@ -2993,7 +3058,8 @@ class ModelStore:
     def for_settings(cls, settings: Settings) -> ModelStore:
         return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
                    contexts=settings.workers, vad=settings.vad, spin_threads=settings.spin_threads,
-                   fit_short_audio=settings.fit_short_audio, aliases=dict(settings.model_aliases),
+                   fit_short_audio=settings.fit_short_audio, languages=settings.languages,
+                   aliases=dict(settings.model_aliases),
                    memory_budget=settings.model_memory_mb * MiB if settings.model_memory_mb else None,
                    idle_seconds=settings.model_idle_seconds)
 
@@ -3069,11 +3135,11 @@ class ModelStore:
         except UnknownModel:
             return None
 
-    def check_request(self, name: str | None, language: str | None) -> str:
-        """The canonical name of a model that exists and can transcribe `language`: what an upload
-        is checked against before any decoding or queueing."""
+    def check_request(self, name: str | None, language: str | None, languages: Iterable[str] | None = None) -> str:
+        """The canonical name of a model that exists and can transcribe `language` (or one of
+        `languages`): what an upload is checked against before any decoding or queueing."""
         canonical, path = self.resolve(name)
-        check_language(canonical, is_multilingual_file(path), language)
+        check_language(canonical, is_multilingual_file(path), language, languages)
         self._check_fits(canonical, path)
         return canonical
 
@@ -3354,6 +3420,8 @@ class Engine:
                             model_name: str | None, options: TranscribeOptions, abort: threading.Event, *,
                             on_progress: Progress | None, on_segment: SegmentSink | None) -> Transcript:
         parts: list[tuple[float, Transcript]] = []
+        if options.languages is None:
+            options = dataclasses.replace(options, languages=self.models.languages)
         window_options, language = options, options.language
         inference_seconds, end, model_file = 0.0, 0, self.models.resolve(model_name)[1].stem
         for start, samples, last in windows:
@@ -3613,11 +3681,13 @@ class JobSpec:
     vad: bool | None = None
     vad_tuning: dict[str, float] = field(default_factory=dict)
     webhook_url: str | None = None  # where its end is posted, instead of AUDIOTEXT_WEBHOOK_URL
+    languages: list[str] | None = None  # None: the daemon's AUDIOTEXT_LANGUAGES when the job runs
 
     def options(self) -> TranscribeOptions:
         return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
                                  translate=self.task == "translate", word_timestamps=self.word_timestamps,
-                                 vad=self.vad, vad_tuning=tuple(sorted(self.vad_tuning.items())))
+                                 vad=self.vad, vad_tuning=tuple(sorted(self.vad_tuning.items())),
+                                 languages=tuple(self.languages) if self.languages is not None else None)
 
 
 @dataclass
@@ -3673,6 +3743,7 @@ class Job:
         spec = {name: getattr(self.spec, name) for name in _SPEC_FIELDS}
         spec["granularities"] = list(self.spec.granularities)
         spec["vad_tuning"] = dict(self.spec.vad_tuning)
+        spec["languages"] = None if self.spec.languages is None else list(self.spec.languages)
         return {name: getattr(self, name) for name in _RECORD_FIELDS} | {"spec": spec}
 
 
@@ -3689,10 +3760,11 @@ _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "task": (str,), "language": _OPTIONAL_STR, "prompt": _OPTIONAL_STR,
     "temperature": _NUMBER, "word_timestamps": (bool,), "response_format": (str,), "granularities": (list,),
     "vad": (bool, type(None)), "vad_tuning": (dict,), "webhook_url": _OPTIONAL_STR,
+    "languages": (list, type(None)),
 }
 _WEBHOOK_FIELDS: dict[str, tuple[type, ...]] = {"url": (str,), "id": (str,), "body": (str,), "created_at": _NUMBER}
 # Fields added since schema 1 began, with the value a record written before them means.
-_SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}, "webhook_url": None}
+_SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}, "webhook_url": None, "languages": None}
 _RECORD_ADDED: dict[str, Any] = {"skipped_audio_seconds": 0.0, "webhook": None}
 
 
@@ -3726,6 +3798,9 @@ def job_from_record(data: Any) -> Job:
     tuning = data["spec"]["vad_tuning"]
     if not all(name in VAD_TUNABLE and isinstance(value, _NUMBER) for name, value in tuning.items()):
         raise CorruptRecord(f"job {job_id} has a malformed vad_tuning")
+    languages = data["spec"]["languages"]
+    if languages is not None and (not all(isinstance(code, str) for code in languages) or unknown_languages(languages)):
+        raise CorruptRecord(f"job {job_id} has malformed languages")
     if data["webhook"] is not None:
         _check_fields(data["webhook"], _WEBHOOK_FIELDS, f"job {job_id}'s webhook")
     spec = JobSpec(**{name: data["spec"][name] for name in _SPEC_FIELDS}
@@ -5295,11 +5370,8 @@ def wyoming_session_seconds(settings: Settings) -> float:
 
 
 def check_wyoming_service(settings: Settings, models: ModelStore) -> None:
-    """What the listener would serve with: known languages and a model that is there."""
-    unknown = [code for code in settings.wyoming_languages if code not in LANGUAGE_NAMES]
-    if unknown:
-        raise ConfigError(f"AUDIOTEXT_WYOMING_LANGUAGES: unknown language code(s) {', '.join(unknown)}; "
-                          "use ISO 639-1 codes such as en, ca, de")
+    """What the listener would serve with: a model that is there (check_language_settings checks
+    its languages)."""
     if settings.wyoming_model is not None:
         try:
             models.resolve(settings.wyoming_model)
@@ -5565,7 +5637,9 @@ class WyomingSession:
                           TranscriptStop()):
                 await self._write(event.event())
             return
-        options = TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio)
+        # The languages offered to Home Assistant are the ones detection may pick among.
+        options = TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio,
+                                    languages=self.settings.wyoming_languages or None)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
 
@@ -5798,6 +5872,24 @@ def _parse_language(value: str | None) -> str | None:
     return code
 
 
+def _parse_languages(form: Form) -> tuple[str, ...] | None:
+    """languages[] (as the SDKs send it), repeated or comma-separated; None when not given."""
+    codes: list[str] = []
+    for value in form.fields.get("languages[]", []) + form.fields.get("languages", []):
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    code = _parse_language(part.strip())
+                except UnsupportedLanguage as exc:
+                    raise InvalidRequest(str(exc), param="languages[]") from None
+                if code is None:
+                    raise InvalidRequest("languages[] lists languages; 'auto' is what leaving it out means",
+                                         param="languages[]")
+                if code not in codes:
+                    codes.append(code)
+    return tuple(codes) or None
+
+
 def _parse_temperature(value: str | None) -> float:
     if value is None:
         return 0.0
@@ -5944,7 +6036,8 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
     layout = _parse_line_layout(form.get, response_format)
     logprobs = _parse_include(form, response_format)
     options = TranscribeOptions(
-        language=_parse_language(_field_text(form, "language")), prompt=prompt if prompt else None,
+        language=_parse_language(_field_text(form, "language")), languages=_parse_languages(form),
+        prompt=prompt if prompt else None,
         temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
         # Lines cut at words want each word's time.
         word_timestamps="word" in granularities or layout != LineLayout(), vad=vad, vad_tuning=vad_tuning,
@@ -6214,7 +6307,7 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
     upload = form.files.get("file")
     if upload is None:
         raise InvalidRequest("the 'file' form field is required", param="file")
-    model = state.models.check_request(parsed.model, parsed.options.language)
+    model = state.models.check_request(parsed.model, parsed.options.language, parsed.options.languages)
     return parsed, upload, model
 
 
@@ -6505,7 +6598,8 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
     spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
                    response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
-                   vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url)
+                   vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url,
+                   languages=list(options.languages) if options.languages is not None else None)
     # Several fsyncs happen before the job exists; they must not stall the event loop either.
     return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
 
@@ -7368,6 +7462,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_auth_settings(settings)
     check_wyoming_settings(settings)
     check_webhook_settings(settings)
+    check_language_settings(settings)
     # What would otherwise fail only after the model has loaded, as a traceback or a bind error.
     check_state_usable(settings.state_dir)
     check_job_table(StateLayout(settings.state_dir).job_table)
@@ -7471,6 +7566,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     check_auth_settings(settings)
     check_wyoming_settings(settings)
     check_webhook_settings(settings)
+    check_language_settings(settings)
     auth = "token set" if settings.api_token else "no auth (loopback)"
     print(f"ok  settings: {settings.host}:{settings.port}, {auth}, {settings.workers} worker(s) x "
           f"{settings.threads_per_worker} thread(s)")

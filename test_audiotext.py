@@ -71,6 +71,8 @@ MiB_BYTES = 1024 * 1024
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EN_WORDS = ("hello", "my name is john", "london")  # testdata/en.*: "Hello, my name is John and I live in London."
 CA_WORDS = ("barcelona", "família")  # testdata/ca.*: "El meu germà i la meva família viuen a Barcelona."
+# testdata/ca_greeting.wav: "Hola, bona tarda. Com estàs?", which base's detection alone takes for Spanish
+CA_GREETING_WORDS = ("bona tarda", "com estàs")
 
 
 def normalized(text: str) -> str:
@@ -2798,6 +2800,19 @@ def test_a_job_keeps_its_vad_tuning_and_a_bad_one_is_refused() -> None:
         audiotext.job_from_record(record)
 
 
+def test_a_job_keeps_its_languages_and_unknown_ones_are_refused() -> None:
+    job = audiotext.Job("job_" + "2" * 32, 0, audiotext.JobSpec(model="cpu-lite", languages=["ca", "en"]),
+                        "job_" + "2" * 32 + ".wav", 1.0)
+    record = json.loads(json.dumps(job.record()))
+    assert audiotext.job_from_record(record) == job
+    assert job.spec.options().languages == ("ca", "en")
+    del record["spec"]["languages"]  # written before the field existed: the daemon's setting applies
+    assert audiotext.job_from_record(record).spec.options().languages is None
+    record["spec"]["languages"] = ["ca", "../x"]
+    with pytest.raises(audiotext.CorruptRecord, match="malformed languages"):
+        audiotext.job_from_record(record)
+
+
 def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> None:
     table = tmp_path / "jobs.json"
     table.write_text('{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}')
@@ -4448,6 +4463,43 @@ def test_openai_sdk_json(sdk: openai.OpenAI) -> None:
     assert_heard(sdk_transcribe(sdk).text, EN_WORDS)
 
 
+def test_openai_sdk_languages_let_detection_pick_only_among_them(sdk: openai.OpenAI) -> None:
+    free = sdk_transcribe(sdk, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json")
+    assert free.language == "spanish", "without a list, base takes this Catalan for Spanish"
+    for languages in (["ca", "en"], ["en", "ca"]):
+        allowed = sdk_transcribe(sdk, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json",
+                                 languages=languages)
+        assert allowed.language == "catalan", languages
+        assert_heard(allowed.text, CA_GREETING_WORDS)
+    english = sdk_transcribe(sdk, "en.webm", model="cpu-lite", response_format="verbose_json", languages=["ca", "en"])
+    assert english.language == "english"
+    assert_heard(english.text, EN_WORDS)
+
+
+def test_audiotext_languages_is_what_detection_picks_among_unless_a_request_says(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, models_dir: Path) -> None:
+    assert "AUDIOTEXT_LANGUAGES: unknown language code(s) xx" in serve_fails(tmp_path, models_dir,
+                                                                             AUDIOTEXT_LANGUAGES="ca,xx")
+    daemon = daemon_factory(AUDIOTEXT_LANGUAGES="ca,en")
+    with httpx.Client(base_url=daemon.url, timeout=120) as client:
+        job = submit_job(client, "ca_greeting.wav", model="cpu-lite")
+
+        def language(**fields: Any) -> str:
+            response = post_clip(client, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json", **fields)
+            assert response.status_code == 200, response.text
+            return str(response.json()["language"])
+
+        assert language() == "catalan"
+        assert language(language="es") == "spanish"  # a language field wins
+        assert language(**{"languages[]": "es"}) == "spanish"  # and so does the request's own list
+        english_only = post_clip(client, "en.webm", model="cpu-tiny", response_format="verbose_json")
+        assert english_only.status_code == 200, english_only.text  # the setting never refuses an English model
+        assert english_only.json()["language"] == "english"
+        done = wait_for_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["language"] == {"requested": None, "detected": "ca"}
+
+
 def test_openai_sdk_usage_in_json_and_verbose_json(sdk: openai.OpenAI) -> None:
     for response_format in ("json", "verbose_json"):
         result = sdk_transcribe(sdk, "en.wav", response_format=response_format)
@@ -4851,6 +4903,15 @@ BAD_REQUESTS = [
                  400, "stream=true needs response_format json or text, not 'srt'", "stream", id="stream_srt"),
     pytest.param(multipart_body({"stream": "sometimes"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "stream must be true or false, got 'sometimes'", "stream", id="stream_not_a_switch"),
+    pytest.param(multipart_body({"languages[]": "xx"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 re.compile(r"^unsupported language 'xx'"), "languages[]", id="languages_unknown"),
+    pytest.param(multipart_body({"languages[]": "auto"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
+                 "languages[] lists languages; 'auto' is what leaving it out means", "languages[]",
+                 id="languages_auto"),
+    pytest.param(multipart_body({"model": "cpu-tiny", "languages[]": "ca,es"}, {"file": ("a.webm", AUDIO_BYTES, None)}),
+                 400, "model 'cpu-tiny' is English-only and cannot transcribe any of the languages ca, es; "
+                 "use a multilingual model such as cpu-lite",
+                 "languages[]", id="languages_for_an_english_only_model"),
     pytest.param(multipart_body({"chunking_strategy": "magic"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "chunking_strategy must be 'auto' (voice activity detection); got 'magic'", "chunking_strategy",
                  id="chunking_strategy"),

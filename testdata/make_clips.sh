@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the test audio clips with espeak-ng and ffmpeg.
+# Regenerates the test audio clips with espeak-ng, festival (festvox-ca-ona-hts) and ffmpeg.
 # Usage: ./make_clips.sh [output-dir]   (default: this folder)
 set -euo pipefail
 
@@ -11,6 +11,10 @@ trap 'rm -rf "$TMP"' EXIT
 
 EN_TEXT="Hello, my name is John and I live in London."
 CA_TEXT="El meu germà i la meva família viuen a Barcelona."
+# Spoken by Festival's Catalan voice (festvox-ca-ona-hts), which sounds far more like a person
+# than espeak-ng: the base model's detection hears Spanish (es 0.46, ca 0.24, en 0.02), while
+# espeak-ng's Catalan is closer to English for it than to Catalan. It tests AUDIOTEXT_LANGUAGES.
+CA_GREETING_TEXT="Hola, bona tarda. Com estàs?"
 LONG_TEXT="Good morning and welcome to the weekly news. \
 Today the weather is sunny and warm in most of the country. \
 In the city, the new library opened its doors to the public on Monday. \
@@ -27,12 +31,17 @@ espeak-ng -v en-us -s 140 -w "$TMP/en.raw.wav" "$EN_TEXT"
 espeak-ng -v ca    -s 140 -w "$TMP/ca.raw.wav" "$CA_TEXT"
 espeak-ng -v en-us -s 140 -w "$TMP/long_en.raw.wav" "$LONG_TEXT"
 
+# text2wave reads Latin-1
+printf '%s\n' "$CA_GREETING_TEXT" | iconv -f utf-8 -t iso-8859-1 > "$TMP/ca_greeting.txt"
+text2wave -eval '(voice_upc_ca_ona_hts)' "$TMP/ca_greeting.txt" -o "$TMP/ca_greeting.raw.wav"
+
 # 16 kHz mono s16 masters
-for n in en ca long_en; do
+for n in en ca long_en ca_greeting; do
   "${FF[@]}" -i "$TMP/$n.raw.wav" -ac 1 -ar 16000 -c:a pcm_s16le "${BX[@]}" "$TMP/$n.wav"
 done
 
 cp "$TMP/en.wav" "$OUT/en.wav"
+cp "$TMP/ca_greeting.wav" "$OUT/ca_greeting.wav"
 # ca.wav is 8 kHz s16, so a WAV that needs resampling is covered
 "${FF[@]}" -i "$TMP/ca.wav" -ar 8000 -c:a pcm_s16le "${BX[@]}" "$OUT/ca.wav"
 
