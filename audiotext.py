@@ -148,6 +148,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seconds_or_zero(text: str) -> float:
+    """A duration where 0 means never; nan would compare false with everything and mean neither."""
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"must be a number of seconds, 0 or more, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
@@ -301,7 +309,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_memory_mb", "AUDIOTEXT_MODEL_MEMORY_MB", "--model-memory-mb", _positive_int,
             "memory for loaded models, MiB; the least recently used are unloaded to stay within it "
             "(default: half the machine's memory)"),
-    Setting("model_idle_seconds", "AUDIOTEXT_MODEL_IDLE_SECONDS", "--model-idle-seconds", float,
+    Setting("model_idle_seconds", "AUDIOTEXT_MODEL_IDLE_SECONDS", "--model-idle-seconds", _seconds_or_zero,
             "a model other than the default unused this long is unloaded, seconds (0: never)"),
     Setting("max_upload_mb", "AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, "largest request body, MiB"),
     Setting("max_audio_seconds", "AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float,

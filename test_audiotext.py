@@ -3797,6 +3797,13 @@ def test_model_aliases_setting_is_parsed_and_checked() -> None:
         Settings.from_env({"AUDIOTEXT_MODEL_ALIASES": "gpt-4o-transcribe"})
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "soon"])
+def test_model_idle_seconds_must_be_a_duration(value: str) -> None:
+    assert Settings.from_env({"AUDIOTEXT_MODEL_IDLE_SECONDS": "0"}).model_idle_seconds == 0  # never
+    with pytest.raises(audiotext.ConfigError, match=f"^AUDIOTEXT_MODEL_IDLE_SECONDS={value!r}"):
+        Settings.from_env({"AUDIOTEXT_MODEL_IDLE_SECONDS": value})
+
+
 def test_metrics_move_when_a_file_is_transcribed(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     before = scrape(client)
