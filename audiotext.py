@@ -6926,19 +6926,67 @@ function messageOf(xhr) {
   return `The server answered ${xhr.status} ${xhr.statusText}`.trim() + ".";
 }
 
-// How a job's news arrives: by polling, until it finishes or is gone. `update` gets each state, or
-// null once the job no longer exists, and returns false when nobody shows the job any more.
+// How a job's news arrives, until it finishes or is gone: while it waits, by asking now and then
+// (its place in the queue moves as others finish); while it runs, from its events stream, whose
+// segments show the text as it is heard. `update` gets each state, or null once the job no longer
+// exists, and returns false when nobody shows the job any more.
 async function follow(job, update) {
   for (;;) {
     await sleep(POLL_MS[job.status] || POLL_MS.queued);
     try {
-      job = await api("GET", `${JOBS}/${job.id}`);
+      job = job.status === "running" ? await readEvents(job, update) : await api("GET", `${JOBS}/${job.id}`);
     } catch (error) {
       if (error.status === 404) return update(null);
       if (error.status === 401) return;
       continue;  // the daemon restarting, a network blip: try again
     }
-    if (!update(job) || FINISHED.has(job.status)) return;
+    if (job === null || !update(job) || FINISHED.has(job.status)) return;
+  }
+}
+
+// A running job's events, until its stream ends (the job ended, the daemon stopped, the network
+// broke): the job as it last was, or null once `update` no longer wants it. The stream starts
+// with what happened so far, so reading it again loses nothing. EventSource cannot send the
+// token, hence fetch.
+async function readEvents(job, update) {
+  const response = await fetch(`${JOBS}/${job.id}/events`, {headers: {Authorization: "Bearer " + token()}});
+  if (!response.ok) {
+    if (response.status === 401) askForToken("The token was refused.");
+    throw new ApiError(response.status, "");
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) return job;
+      buffer += value;
+      for (let end; (end = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(end + 2)) {
+        const data = buffer.slice(0, end).split("\n").filter((line) => line.startsWith("data: "))
+          .map((line) => line.slice(6)).join("\n");
+        if (!data) continue;  // a keepalive comment
+        const event = JSON.parse(data);
+        if (event.type === "transcription.job.status") {
+          job = event.job;
+        } else if (event.type === "transcription.job.progress") {
+          job = {...job, progress: event.progress};
+        } else if (event.type === "transcription.job.segment") {
+          const heard = (job.heard || []).slice(0, event.id);  // a run started over sends them again
+          heard[event.id] = event.text;
+          job = {...job, heard};
+        } else if (event.type === "transcription.job.deleted") {
+          throw new ApiError(404, "");
+        } else {
+          continue;
+        }
+        if (!update(job)) return null;
+      }
+    }
+  } catch (error) {
+    if (error instanceof ApiError) throw error;
+    return job;  // the connection broke: follow() carries on from the job as it was
+  } finally {
+    reader.cancel().catch(() => {});
   }
 }
 
@@ -7015,7 +7063,7 @@ function render(card) {
   bar.hidden = !moving;
   bar.value = status === "uploading" ? card.sent : status === "running" ? job.progress : 0;
   el.querySelector(".error").textContent = card.error || (job && job.error ? job.error.message : "");
-  el.querySelector(".text").textContent = card.text || "";
+  el.querySelector(".text").textContent = card.text || (running && job && job.heard ? job.heard.join("").trim() : "");
   const done = status === "succeeded" && card.text !== null;
   el.querySelector("[data-action=copy]").hidden = !done;
   el.querySelector(".downloads").hidden = !done;

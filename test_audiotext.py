@@ -5808,6 +5808,11 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     wait_for_card(tab, "en.webm", ["canceled"])
     canceled = job_named(client, tab, "en.webm")
     assert (canceled["status"], canceled["started_at"]) == ("canceled", None), "canceled while queued"
+    # While the long one runs, its text grows from the job's events stream, segment by segment.
+    live = wait_until(lambda: card(tab, ninety_seconds_wav.name,
+                                   "li.dataset.status === 'running' && li.querySelector('.text').textContent"),
+                      what="the running job's first words")
+    assert_heard(live, ("good morning",))
     press_button(tab, ninety_seconds_wav.name, "Cancel")  # and the running one, not to wait for it
     wait_for_card(tab, ninety_seconds_wav.name, ["canceled"])
 
