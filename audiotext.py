@@ -3392,17 +3392,23 @@ class Engine:
 
     Blocking: call it on a worker thread, where the scheduler caps how many run at once. Between
     two windows it calls `between_windows`, where the scheduler lets more urgent work go first.
+    Once the language is known, it offers each next window to `beside`, which runs it on an idle
+    worker (or declines, returning None) while this thread transcribes the window before it; the
+    window offered goes without the words before it as its prompt, which only exist once the
+    window before it is done.
     """
 
     def __init__(self, models: ModelStore, *, max_audio_seconds: float, window_seconds: float = 300.0,
                  on_transcribed: Observer = lambda model, audio_seconds, inference_seconds: None,
-                 between_windows: Callable[[], None] = lambda: None) -> None:
+                 between_windows: Callable[[], None] = lambda: None,
+                 beside: Callable[[Callable[[threading.Event], Any]], Future[Any] | None] = lambda fn: None) -> None:
         self.models = models
         self.max_audio_seconds = max_audio_seconds
         self.window_samples = int(window_seconds * SAMPLE_RATE)
         self.search_samples = int(WINDOW_CUT_SEARCH_SECONDS * SAMPLE_RATE)
         self._on_transcribed = on_transcribed
         self._between_windows = between_windows
+        self._beside = beside
 
     def transcribe_file(self, path: Path, model_name: str | None, options: TranscribeOptions,
                         abort: threading.Event, *, on_progress: Progress | None = None,
@@ -3432,7 +3438,11 @@ class Engine:
             options = dataclasses.replace(options, languages=self.models.languages)
         window_options, language = options, options.language
         inference_seconds, end, model_file = 0.0, 0, self.models.resolve(model_name)[1].stem
-        for start, samples, last in windows:
+        windows = iter(windows)
+        window: Window | None = next(windows)
+        while window is not None:
+            start, samples, last = window
+            window = None  # the next one, once it is asked for
             if parts:
                 self._between_windows()
                 window_options = dataclasses.replace(options, language=language,
@@ -3444,14 +3454,39 @@ class Engine:
                 on_progress(offset, total_seconds())
             if is_silent(samples) and (parts or not last):
                 parts.append((offset, nothing_heard(samples, language or "en", options)))
+                window = next(windows, None)
                 continue
-            transcript, seconds, model_file = self._transcribe_window(
-                samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
-                on_progress=on_progress, on_segment=on_segment)
+            beside = None
+            if not last and language is not None:
+                samples = samples.copy()  # a stream's buffer is about to take the next window
+                window = next(windows)
+                beside = self._offer_beside(window, model_name, dataclasses.replace(options, language=language),
+                                            abort, total_seconds)
+            try:
+                transcript, seconds, model_file = self._transcribe_window(
+                    samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
+                    on_progress=on_progress, on_segment=on_segment)
+            finally:
+                if beside is not None and beside.cancel():  # it never started: the loop does it next
+                    beside = None
             if language is None and transcript.segments:
                 language = transcript.language  # detected once, as whisper.cpp does within a call
             parts.append((offset, transcript))
             inference_seconds += seconds
+            if beside is not None:  # it ran on another worker: its segments and progress come now
+                (transcript, seconds, model_file), heard = beside.result()
+                assert window is not None
+                offset, end = window[0] / SAMPLE_RATE, window[0] + len(window[1])
+                for segment in heard:
+                    if on_segment is not None:
+                        on_segment(*segment)
+                if on_progress is not None:
+                    on_progress(end / SAMPLE_RATE, total_seconds())
+                parts.append((offset, transcript))
+                inference_seconds += seconds
+                window = None
+            if window is None:
+                window = next(windows, None)
         whole = join_windows(parts, language=language or parts[0][1].language,
                              duration=round(end / SAMPLE_RATE, 3))
         whole = dataclasses.replace(whole, model_file=model_file, processing_seconds=round(inference_seconds, 3))
@@ -3459,6 +3494,24 @@ class Engine:
         logger.debug("transcribed %.1f s of audio in %d window(s) with %s in %.1f s", whole.duration, len(parts),
                      model_file, inference_seconds)
         return whole
+
+    def _offer_beside(self, window: Window, model_name: str | None, options: TranscribeOptions,
+                      abort: threading.Event, total_seconds: Callable[[], float]) -> Future[Any] | None:
+        """The next window, handed to another worker; None when no worker is idle (or it is silent,
+        which the loop skips at no cost). Its segments wait in a list until the window before it is done."""
+        start, samples, _ = window
+        if is_silent(samples):
+            return None
+        heard: list[tuple[float, float, str]] = []
+
+        def run(_: threading.Event) -> tuple[tuple[Transcript, float, str], list[tuple[float, float, str]]]:
+            # Whatever stops the job (a cancel, a stop) sets its abort, which this window heeds too.
+            done = self._transcribe_window(samples, model_name, options, abort, offset=start / SAMPLE_RATE,
+                                           total_seconds=total_seconds, on_progress=None,
+                                           on_segment=lambda *segment: heard.append(segment))
+            return done, heard
+
+        return self._beside(run)
 
     def _transcribe_window(self, samples: np.ndarray, model_name: str | None, options: TranscribeOptions,
                            abort: threading.Event, *, offset: float, total_seconds: Callable[[], float],
@@ -3537,6 +3590,19 @@ class Scheduler:
             heapq.heappush(self._heap, work)
             self._cond.notify()
         return work
+
+    def run_beside(self, fn: Callable[[threading.Event], Any]) -> Future[Any] | None:
+        """From a worker thread: hand `fn` to a worker that is idle now, at the priority of this
+        thread's work, when nothing else waits for a worker; None otherwise. Another item may
+        still reach that worker first: the caller cancels the future if it wants the work back."""
+        with self._cond:
+            current = self.running.get(threading.get_ident())
+            if current is None or self._stopping or self._heap or len(self.running) >= len(self._threads):
+                return None
+            work = Work(current.priority, next(self._seq), fn)
+            heapq.heappush(self._heap, work)
+            self._cond.notify()
+            return work.future
 
     def remove(self, key: str) -> bool:
         """Take a queued item out before it starts; False if it is not queued."""
@@ -4782,7 +4848,8 @@ class AppState:
         self.engine = Engine(self.models, max_audio_seconds=self.settings.max_audio_seconds,
                              window_seconds=self.settings.window_seconds,
                              on_transcribed=self.record_transcription,
-                             between_windows=self.scheduler.serve_more_urgent)
+                             between_windows=self.scheduler.serve_more_urgent,
+                             beside=self.scheduler.run_beside)
 
     @property
     def stopping(self) -> bool:

@@ -1953,6 +1953,77 @@ def test_the_next_window_is_prompted_with_the_last_words() -> None:
     assert audiotext.carried_prompt(None, "") is None
 
 
+def test_with_a_worker_idle_the_next_window_runs_beside(store: audiotext.ModelStore,
+                                                        windowed_recording: np.ndarray) -> None:
+    """Two workers and one recording: a window runs on the idle worker while the one before it
+    runs here, and segments, progress and the text come out as from one window after another."""
+    scheduler = audiotext.Scheduler(2)
+    scheduler.start()
+    ran_beside: list[str] = []
+
+    def beside(fn: Callable[[threading.Event], Any]) -> Any:
+        return scheduler.run_beside(lambda abort: (ran_beside.append(threading.current_thread().name), fn(abort))[1])
+
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=30, beside=beside)
+    seen: list[tuple[float, float]] = []
+    progress: list[float] = []
+    options = audiotext.TranscribeOptions(language="en")
+    try:
+        work = scheduler.submit(lambda abort: engine.transcribe(
+            windowed_recording, "cpu-tiny", options, abort, on_segment=lambda start, end, text: seen.append((start, end)),
+            on_progress=lambda done, total: progress.append(done)), priority=audiotext.PRIORITY_JOB)
+        result = work.future.result(300)
+    finally:
+        scheduler.stop(grace=0)
+    assert ran_beside and all(name.startswith("audiotext-worker-") for name in ran_beside)
+    assert normalized(result.text).count("my name is john") == len(SPOKEN_AT), result.text
+    assert [s.id for s in result.segments] == list(range(len(result.segments)))
+    for segment, start in zip(result.segments, SPOKEN_AT, strict=True):
+        assert abs(segment.start - start) < 1.0, (segment, start)
+    assert seen == [(s.start, s.end) for s in result.segments]
+    assert progress == sorted(progress) and progress[-1] > 90
+
+
+def test_a_job_on_two_workers_streams_its_windows_in_order(make_client: Callable[..., TestClient], tmp_path: Path,
+                                                           windowed_recording: np.ndarray) -> None:
+    client = make_client(workers=2, window_seconds=30)
+    path = encode_audio(tmp_path / "recording.flac", windowed_recording)
+    job = submit_file(client, path, language="en", response_format="verbose_json")
+    with client.stream("GET", f"{JOBS}/{job['id']}/events", headers=AUTH) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    starts = [e["start"] for e in events if e["type"] == "transcription.job.segment"]
+    progress = [e["progress"] for e in events if e["type"] == "transcription.job.progress"]
+    assert events[-1]["status"] == "succeeded", events[-1]
+    assert starts == sorted(starts) and len(starts) == len(SPOKEN_AT), starts
+    assert progress == sorted(progress), progress
+    result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH).json()
+    assert [round(s["start"]) for s in result["segments"]] == [round(s) for s in starts]
+    assert normalized(result["text"]).count("my name is john") == len(SPOKEN_AT), result["text"]
+
+
+def test_a_worker_takes_work_beside_only_when_idle_and_nothing_waits() -> None:
+    scheduler = audiotext.Scheduler(2)
+    assert scheduler.run_beside(lambda abort: None) is None  # not on a worker
+    scheduler.start()
+    release = threading.Event()
+    try:
+        def offer(abort: threading.Event) -> list[Any]:
+            first = scheduler.run_beside(lambda abort: "beside")
+            assert first is not None and first.result(30) == "beside"
+            blocker = scheduler.run_beside(lambda abort: release.wait(30))
+            assert blocker is not None
+            wait_until(lambda: len(scheduler.running_keys()) == 2, what="both workers busy")
+            return [scheduler.run_beside(lambda abort: "no worker left"), blocker]
+
+        none_left, blocker = scheduler.submit(offer, priority=audiotext.PRIORITY_JOB).future.result(60)
+        assert none_left is None
+        release.set()
+        assert blocker.result(30) is True
+    finally:
+        release.set()
+        scheduler.stop(grace=0)
+
+
 def test_abort_between_windows_stops_the_rest(store: audiotext.ModelStore, windowed_recording: np.ndarray) -> None:
     abort = threading.Event()
     windows: list[int] = []
