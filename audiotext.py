@@ -2753,7 +2753,6 @@ VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_
 # from call to call must run without it, or one call's leftovers garble the next.
 SHORT_AUDIO_SECONDS = 20.0
 AUDIO_CTX_MARGIN_FRAMES = 64
-WHISPER_WINDOW_SECONDS = 30  # what the encoder hears at once, and what language detection reads
 
 
 def audio_ctx_for(seconds: float) -> int:
@@ -2878,7 +2877,8 @@ class LoadedModel:
 
         whisper.cpp's own detection (detect_language: one encoder pass, then it stops) releases
         the GIL but tells only its first choice. Only when that is not allowed are all the
-        probabilities asked for, through a call that holds the GIL for another encoder pass.
+        probabilities asked for, through a call that holds the GIL for another encoder pass, over
+        the same samples: those VAD kept, which the detection left in the context.
         """
         import _pywhispercpp as pw
 
@@ -2894,17 +2894,16 @@ class LoadedModel:
         first_choice = pw.whisper_lang_str(pw.whisper_full_lang_id(self._model._ctx))
         if first_choice in allowed:
             return first_choice
-        probabilities = self._language_probabilities(audio[:WHISPER_WINDOW_SECONDS * SAMPLE_RATE])
+        probabilities = self._language_probabilities()
         return max(allowed, key=lambda code: probabilities.get(code, 0.0))  # ties: the first listed
 
-    def _language_probabilities(self, audio: np.ndarray) -> dict[str, float]:
-        """Every language's probability in these samples; none when there is too little to tell."""
+    def _language_probabilities(self) -> dict[str, float]:
+        """Every language's probability in the first 30 s of the samples the last call left in the
+        context; none when there is too little to tell."""
         import _pywhispercpp as pw
 
-        ctx = self._model._ctx
         probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
-        if pw.whisper_pcm_to_mel(ctx, audio, audio.size, self.threads) != 0 or \
-                pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) < 0:
+        if pw.whisper_lang_auto_detect(self._model._ctx, 0, self.threads, probabilities) < 0:
             return {}
         return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}
 
@@ -3385,6 +3384,17 @@ def join_windows(parts: list[tuple[float, Transcript]], *, language: str, durati
                       segments=segments, words=words, task=parts[0][1].task, logprobs=logprobs)
 
 
+class EitherEvent(threading.Event):
+    """Set when any of `events` is (its own set() aside): what a window run beside heeds."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        super().__init__()
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self._events)
+
+
 class Engine:
     """The one way an upload becomes a transcript, for sync requests and jobs alike: decode as it
     goes, and for each window check the abort flag, check out a context of the model, transcribe;
@@ -3395,13 +3405,14 @@ class Engine:
     Once the language is known, it offers each next window to `beside`, which runs it on an idle
     worker (or declines, returning None) while this thread transcribes the window before it; the
     window offered goes without the words before it as its prompt, which only exist once the
-    window before it is done.
+    window before it is done. A window beside that never started, gave way to more urgent work
+    or failed on its own is done here in turn.
     """
 
     def __init__(self, models: ModelStore, *, max_audio_seconds: float, window_seconds: float = 300.0,
                  on_transcribed: Observer = lambda model, audio_seconds, inference_seconds: None,
                  between_windows: Callable[[], None] = lambda: None,
-                 beside: Callable[[Callable[[threading.Event], Any]], Future[Any] | None] = lambda fn: None) -> None:
+                 beside: Callable[[Callable[[threading.Event], Any]], Future[Any] | None] | None = None) -> None:
         self.models = models
         self.max_audio_seconds = max_audio_seconds
         self.window_samples = int(window_seconds * SAMPLE_RATE)
@@ -3417,7 +3428,7 @@ class Engine:
             windows = stream_windows(chunks, window_samples=self.window_samples, search_samples=self.search_samples)
             transcript = self._transcribe_windows(
                 windows, lambda: max(report.header_seconds or 0.0, report.seconds), model_name, options, abort,
-                on_progress=on_progress, on_segment=on_segment)
+                on_progress=on_progress, on_segment=on_segment, reused_buffer=True)
         if report.skipped_packets:
             logger.info("skipped %d damaged packet(s), %.2f s of audio", report.skipped_packets,
                         report.skipped_seconds)
@@ -3428,12 +3439,14 @@ class Engine:
                    on_segment: SegmentSink | None = None) -> Transcript:
         windows = array_windows(audio, window_samples=self.window_samples, search_samples=self.search_samples)
         return self._transcribe_windows(windows, lambda: len(audio) / SAMPLE_RATE, model_name, options, abort,
-                                        on_progress=on_progress, on_segment=on_segment)
+                                        on_progress=on_progress, on_segment=on_segment, reused_buffer=False)
 
     def _transcribe_windows(self, windows: Iterable[Window], total_seconds: Callable[[], float],
                             model_name: str | None, options: TranscribeOptions, abort: threading.Event, *,
-                            on_progress: Progress | None, on_segment: SegmentSink | None) -> Transcript:
+                            on_progress: Progress | None, on_segment: SegmentSink | None,
+                            reused_buffer: bool) -> Transcript:
         parts: list[tuple[float, Transcript]] = []
+        stop_beside = threading.Event()  # set: the window beside runs for nothing
         if options.languages is None:
             options = dataclasses.replace(options, languages=self.models.languages)
         window_options, language = options, options.language
@@ -3457,24 +3470,29 @@ class Engine:
                 window = next(windows, None)
                 continue
             beside = None
-            if not last and language is not None:
-                samples = samples.copy()  # a stream's buffer is about to take the next window
+            if self._beside is not None and not last and language is not None:
+                if reused_buffer:
+                    samples = samples.copy()  # the stream's buffer is about to take the next window
                 window = next(windows)
                 beside = self._offer_beside(window, model_name, dataclasses.replace(options, language=language),
-                                            abort, total_seconds)
+                                            EitherEvent(abort, stop_beside), total_seconds)
             try:
                 transcript, seconds, model_file = self._transcribe_window(
                     samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
                     on_progress=on_progress, on_segment=on_segment)
-            finally:
-                if beside is not None and beside.cancel():  # it never started: the loop does it next
-                    beside = None
+            except BaseException:
+                if beside is not None and not beside.cancel():
+                    stop_beside.set()
+                raise
+            if beside is not None and beside.cancel():  # it never started: the loop does it next
+                beside = None
             if language is None and transcript.segments:
                 language = transcript.language  # detected once, as whisper.cpp does within a call
             parts.append((offset, transcript))
             inference_seconds += seconds
-            if beside is not None:  # it ran on another worker: its segments and progress come now
-                (transcript, seconds, model_file), heard = beside.result()
+            done_beside = self._result_beside(beside, abort) if beside is not None else None
+            if done_beside is not None:  # it ran on another worker: its segments and progress come now
+                (transcript, seconds, model_file), heard = done_beside
                 assert window is not None
                 offset, end = window[0] / SAMPLE_RATE, window[0] + len(window[1])
                 for segment in heard:
@@ -3500,18 +3518,31 @@ class Engine:
         """The next window, handed to another worker; None when no worker is idle (or it is silent,
         which the loop skips at no cost). Its segments wait in a list until the window before it is done."""
         start, samples, _ = window
-        if is_silent(samples):
+        if is_silent(samples) or self._beside is None:
             return None
         heard: list[tuple[float, float, str]] = []
 
-        def run(_: threading.Event) -> tuple[tuple[Transcript, float, str], list[tuple[float, float, str]]]:
-            # Whatever stops the job (a cancel, a stop) sets its abort, which this window heeds too.
-            done = self._transcribe_window(samples, model_name, options, abort, offset=start / SAMPLE_RATE,
-                                           total_seconds=total_seconds, on_progress=None,
-                                           on_segment=lambda *segment: heard.append(segment))
+        def run(give_way: threading.Event) -> tuple[tuple[Transcript, float, str], list[tuple[float, float, str]]]:
+            done = self._transcribe_window(samples, model_name, options, EitherEvent(abort, give_way),
+                                           offset=start / SAMPLE_RATE, total_seconds=total_seconds,
+                                           on_progress=None, on_segment=lambda *segment: heard.append(segment))
             return done, heard
 
         return self._beside(run)
+
+    @staticmethod
+    def _result_beside(beside: Future[Any], abort: threading.Event) -> Any:
+        """What the window beside heard; None when it gave way to more urgent work or failed on its
+        own (a second context that does not fit, say), so that this thread does it in turn."""
+        try:
+            return beside.result()
+        except Aborted:
+            if abort.is_set():
+                raise
+            return None
+        except Exception as exc:
+            logger.warning("a window run on another worker failed (%s); transcribing it in turn", describe(exc))
+            return None
 
     def _transcribe_window(self, samples: np.ndarray, model_name: str | None, options: TranscribeOptions,
                            abort: threading.Event, *, offset: float, total_seconds: Callable[[], float],
@@ -3553,6 +3584,7 @@ class Work:
     abort: threading.Event = field(compare=False, default_factory=threading.Event)
     future: Future = field(compare=False, default_factory=Future)
     key: str | None = field(compare=False, default=None)
+    yields: bool = field(compare=False, default=False)  # run beside: aborted when urgent work needs its worker
 
 
 class Scheduler:
@@ -3589,17 +3621,29 @@ class Scheduler:
                 raise SchedulerStopped()
             heapq.heappush(self._heap, work)
             self._cond.notify()
+            self._make_way(work)
         return work
+
+    def _make_way(self, work: Work) -> None:
+        """With every worker busy, work run beside gives way to more urgent work: it is aborted,
+        and whoever handed it over does it in turn instead."""
+        if len(self.running) < len(self._threads):
+            return
+        for running in self.running.values():
+            if running.yields and running.priority > work.priority and not running.abort.is_set():
+                running.abort.set()
+                return
 
     def run_beside(self, fn: Callable[[threading.Event], Any]) -> Future[Any] | None:
         """From a worker thread: hand `fn` to a worker that is idle now, at the priority of this
         thread's work, when nothing else waits for a worker; None otherwise. Another item may
-        still reach that worker first: the caller cancels the future if it wants the work back."""
+        still reach that worker first: the caller cancels the future if it wants the work back.
+        More urgent work that finds every worker busy sets the abort event `fn` gets."""
         with self._cond:
             current = self.running.get(threading.get_ident())
             if current is None or self._stopping or self._heap or len(self.running) >= len(self._threads):
                 return None
-            work = Work(current.priority, next(self._seq), fn)
+            work = Work(current.priority, next(self._seq), fn, yields=True)
             heapq.heappush(self._heap, work)
             self._cond.notify()
             return work.future
@@ -4849,7 +4893,7 @@ class AppState:
                              window_seconds=self.settings.window_seconds,
                              on_transcribed=self.record_transcription,
                              between_windows=self.scheduler.serve_more_urgent,
-                             beside=self.scheduler.run_beside)
+                             beside=self.scheduler.run_beside if self.settings.workers > 1 else None)
 
     @property
     def stopping(self) -> bool:
@@ -5956,7 +6000,7 @@ def _parse_languages(form: Form) -> tuple[str, ...] | None:
                 try:
                     code = _parse_language(part.strip())
                 except UnsupportedLanguage as exc:
-                    raise InvalidRequest(str(exc), param="languages[]") from None
+                    raise UnsupportedLanguage(str(exc), param="languages[]") from None
                 if code is None:
                     raise InvalidRequest("languages[] lists languages; 'auto' is what leaving it out means",
                                          param="languages[]")
@@ -6948,6 +6992,10 @@ const FINISHED = new Set(["succeeded", "failed", "canceled"]);
 const FORMATS = {text: ["txt", "text/plain"], srt: ["srt", "application/x-subrip"], vtt: ["vtt", "text/vtt"],
                  verbose_json: ["json", "application/json"]};
 const POLL_MS = {running: 1000, queued: 3000};  // a long queue of waiting jobs need not be asked about often
+// A browser opens about six connections to a host, for all its tabs together; an events stream
+// holds one for as long as its job runs, so most running jobs are asked after instead.
+const MAX_STREAMS = 2;
+let streams = 0;
 const KEY = {token: "audiotext.token", names: "audiotext.names", options: "audiotext.options"};
 const $ = (id) => document.getElementById(id);
 const cardOf = new WeakMap();  // li -> its card: {el, name, id, job, phase, sent, error, text, said}
@@ -6998,14 +7046,17 @@ function messageOf(xhr) {
 // segments show the text as it is heard. `update` gets each state, or null once the job no longer
 // exists, and returns false when nobody shows the job any more.
 async function follow(job, update) {
-  for (;;) {
+  for (let ask = false; ; ) {
     await sleep(POLL_MS[job.status] || POLL_MS.queued);
     try {
-      job = job.status === "running" ? await readEvents(job, update) : await api("GET", `${JOBS}/${job.id}`);
+      const stream = job.status === "running" && !ask && streams < MAX_STREAMS;
+      ask = false;
+      job = stream ? await readEvents(job, update) : await api("GET", `${JOBS}/${job.id}`);
     } catch (error) {
       if (error.status === 404) return update(null);
       if (error.status === 401) return;
-      continue;  // the daemon restarting, a network blip: try again
+      ask = true;  // the daemon restarting, a network blip, a stream's error: ask plainly next
+      continue;
     }
     if (job === null || !update(job) || FINISHED.has(job.status)) return;
   }
@@ -7016,6 +7067,15 @@ async function follow(job, update) {
 // with what happened so far, so reading it again loses nothing. EventSource cannot send the
 // token, hence fetch.
 async function readEvents(job, update) {
+  streams += 1;
+  try {
+    return await readStream(job, update);
+  } finally {
+    streams -= 1;
+  }
+}
+
+async function readStream(job, update) {
   const response = await fetch(`${JOBS}/${job.id}/events`, {headers: {Authorization: "Bearer " + token()}});
   if (!response.ok) {
     if (response.status === 401) askForToken("The token was refused.");
@@ -7033,8 +7093,10 @@ async function readEvents(job, update) {
           .map((line) => line.slice(6)).join("\n");
         if (!data) continue;  // a keepalive comment
         const event = JSON.parse(data);
+        if (event.error) throw new ApiError(0, event.error.message);
         if (event.type === "transcription.job.status") {
-          job = event.job;
+          job = {...event.job, heard: job.heard};  // a reconnect replays the segments over it
+          if (job.status === "queued") return job;  // back in the queue: its place is asked after
         } else if (event.type === "transcription.job.progress") {
           job = {...job, progress: event.progress};
         } else if (event.type === "transcription.job.segment") {
@@ -7130,7 +7192,8 @@ function render(card) {
   bar.hidden = !moving;
   bar.value = status === "uploading" ? card.sent : status === "running" ? job.progress : 0;
   el.querySelector(".error").textContent = card.error || (job && job.error ? job.error.message : "");
-  el.querySelector(".text").textContent = card.text || (running && job && job.heard ? job.heard.join("").trim() : "");
+  const heard = (status === "running" || status === "succeeded") && job && job.heard ? job.heard.join("").trim() : "";
+  el.querySelector(".text").textContent = card.text || heard;
   const done = status === "succeeded" && card.text !== null;
   el.querySelector("[data-action=copy]").hidden = !done;
   el.querySelector(".downloads").hidden = !done;

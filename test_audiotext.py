@@ -37,6 +37,7 @@ import urllib.request
 import uuid
 import wave
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1984,6 +1985,36 @@ def test_with_a_worker_idle_the_next_window_runs_beside(store: audiotext.ModelSt
     assert progress == sorted(progress) and progress[-1] > 90
 
 
+def test_a_window_beside_that_gives_way_or_fails_is_done_in_turn(store: audiotext.ModelStore,
+                                                                 windowed_recording: np.ndarray) -> None:
+    outcomes = iter(["give way", "fail", "run"])
+
+    def beside(fn: Callable[[threading.Event], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        how = next(outcomes, "decline")
+        if how == "decline":
+            return None  # type: ignore[return-value]
+        if how == "fail":
+            future.set_exception(audiotext.ModelError("no room for a second context"))
+            return future
+        give_way = threading.Event()
+        if how == "give way":
+            give_way.set()  # as the scheduler does when a request finds every worker busy
+        try:
+            future.set_result(fn(give_way))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    engine = audiotext.Engine(store, max_audio_seconds=3600, window_seconds=30, beside=beside)
+    result = engine.transcribe(windowed_recording, "cpu-tiny", audiotext.TranscribeOptions(language="en"),
+                               threading.Event())
+    assert next(outcomes, None) is None, "every window after the first was offered"
+    assert normalized(result.text).count("my name is john") == len(SPOKEN_AT), result.text
+    for segment, start in zip(result.segments, SPOKEN_AT, strict=True):
+        assert abs(segment.start - start) < 1.0, (segment, start)
+
+
 def test_a_job_on_two_workers_streams_its_windows_in_order(make_client: Callable[..., TestClient], tmp_path: Path,
                                                            windowed_recording: np.ndarray) -> None:
     client = make_client(workers=2, window_seconds=30)
@@ -2021,6 +2052,33 @@ def test_a_worker_takes_work_beside_only_when_idle_and_nothing_waits() -> None:
         assert blocker.result(30) is True
     finally:
         release.set()
+        scheduler.stop(grace=0)
+
+
+def test_work_beside_gives_way_to_urgent_work_when_every_worker_is_busy() -> None:
+    scheduler = audiotext.Scheduler(2)
+    scheduler.start()
+    give_way: list[threading.Event] = []
+
+    def window_beside(abort: threading.Event) -> None:
+        give_way.append(abort)
+        assert abort.wait(60)
+        raise audiotext.Aborted()
+
+    def job(abort: threading.Event) -> Any:
+        beside = scheduler.run_beside(window_beside)
+        assert beside is not None
+        wait_until(lambda: give_way, what="the window beside to start")
+        later_job = scheduler.submit(lambda abort: "later job", priority=audiotext.PRIORITY_JOB)
+        assert not give_way[0].is_set(), "a job does not make it give way"
+        request = scheduler.submit(lambda abort: "answered", priority=audiotext.PRIORITY_SYNC)
+        with pytest.raises(audiotext.Aborted):
+            beside.result(60)
+        return request.future.result(60), later_job.future.result(60)
+
+    try:
+        assert scheduler.submit(job, priority=audiotext.PRIORITY_JOB).future.result(120) == ("answered", "later job")
+    finally:
         scheduler.stop(grace=0)
 
 
