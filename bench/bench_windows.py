@@ -57,7 +57,7 @@ class SetUp:
         self.store = audiotext.ModelStore(models_dir, default=model, threads=max(1, threads // workers),
                                           contexts=workers)
         self.engine = audiotext.Engine(self.store, max_audio_seconds=86400, window_seconds=WINDOW_SECONDS,
-                                       beside=self.scheduler.run_beside if beside else lambda fn: None)
+                                       beside=self.scheduler.run_beside if beside else None)
 
     def warm_up(self, audio: np.ndarray) -> None:
         """Load every context now, so that no run pays for a load: one short clip per worker at once."""
