@@ -2891,7 +2891,8 @@ class LoadedModel:
             raise Aborted()
         if status != 0:
             raise ModelError(f"whisper.cpp failed to detect the language with {self.path.name} (status {status})")
-        first_choice = pw.whisper_lang_str(pw.whisper_full_lang_id(self._model._ctx))
+        ctx = self._model._ctx  # type: ignore[attr-defined]
+        first_choice = pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
         if first_choice in allowed:
             return first_choice
         probabilities = self._language_probabilities()
@@ -2903,7 +2904,8 @@ class LoadedModel:
         import _pywhispercpp as pw
 
         probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
-        if pw.whisper_lang_auto_detect(self._model._ctx, 0, self.threads, probabilities) < 0:
+        ctx = self._model._ctx  # type: ignore[attr-defined]
+        if pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) < 0:
             return {}
         return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}
 
