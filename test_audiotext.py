@@ -5373,6 +5373,14 @@ def test_wyoming_transcribes_english_and_catalan_as_home_assistant_does(wyoming_
     assert re.search(r"wyoming 127\.0\.0\.1 transcript model=\S+ audio_seconds=3\.\d \d+ ms", daemon.log())
 
 
+def test_wyoming_detection_picks_among_the_languages_offered(daemon_factory: Callable[..., Daemon]) -> None:
+    port = free_port()
+    daemon_factory(AUDIOTEXT_WYOMING_PORT=str(port), AUDIOTEXT_WYOMING_LANGUAGES="ca,en")
+    answer = wyoming_session(port, *command("ca_greeting.wav"))  # base alone hears Spanish
+    assert answer.of("transcript")[0].data["language"] == "ca"
+    assert_heard(answer.text, CA_GREETING_WORDS)
+
+
 def test_wyoming_takes_44k_stereo_and_names_a_model(wyoming_daemon: tuple[Daemon, int]) -> None:
     _, port = wyoming_daemon
     answer = wyoming_session(port, *command("en.wav", name="ggml-tiny.en", rate=44_100, layout="stereo",
