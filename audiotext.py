@@ -3801,13 +3801,13 @@ class JobSpec:
     vad: bool | None = None
     vad_tuning: dict[str, float] = field(default_factory=dict)
     webhook_url: str | None = None  # where its end is posted, instead of AUDIOTEXT_WEBHOOK_URL
-    languages: list[str] | None = None  # None: the daemon's AUDIOTEXT_LANGUAGES when the job runs
+    languages: tuple[str, ...] | None = None  # None: the daemon's AUDIOTEXT_LANGUAGES when the job runs
 
     def options(self) -> TranscribeOptions:
         return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
                                  translate=self.task == "translate", word_timestamps=self.word_timestamps,
                                  vad=self.vad, vad_tuning=tuple(sorted(self.vad_tuning.items())),
-                                 languages=tuple(self.languages) if self.languages is not None else None)
+                                 languages=self.languages)
 
 
 @dataclass
@@ -3924,7 +3924,8 @@ def job_from_record(data: Any) -> Job:
     if data["webhook"] is not None:
         _check_fields(data["webhook"], _WEBHOOK_FIELDS, f"job {job_id}'s webhook")
     spec = JobSpec(**{name: data["spec"][name] for name in _SPEC_FIELDS}
-                   | {"granularities": tuple(map(str, data["spec"]["granularities"]))})
+                   | {"granularities": tuple(map(str, data["spec"]["granularities"])),
+                      "languages": None if languages is None else tuple(languages)})
     return Job(**{name: data[name] for name in _RECORD_FIELDS} | {"spec": spec})
 
 
@@ -6720,7 +6721,7 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
                    response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
                    vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url,
-                   languages=list(options.languages) if options.languages is not None else None)
+                   languages=options.languages)
     # Several fsyncs happen before the job exists; they must not stall the event loop either.
     return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
 

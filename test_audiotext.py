@@ -2930,7 +2930,7 @@ def test_a_job_keeps_its_vad_tuning_and_a_bad_one_is_refused() -> None:
 
 
 def test_a_job_keeps_its_languages_and_unknown_ones_are_refused() -> None:
-    job = audiotext.Job("job_" + "2" * 32, 0, audiotext.JobSpec(model="cpu-lite", languages=["ca", "en"]),
+    job = audiotext.Job("job_" + "2" * 32, 0, audiotext.JobSpec(model="cpu-lite", languages=("ca", "en")),
                         "job_" + "2" * 32 + ".wav", 1.0)
     record = json.loads(json.dumps(job.record()))
     assert audiotext.job_from_record(record) == job
