@@ -46,6 +46,7 @@ import argparse
 import atexit
 import asyncio
 import base64
+import bisect
 import contextlib
 import dataclasses
 import enum
@@ -2705,6 +2706,71 @@ BASE_PARAMS: dict[str, Any] = {
 MAX_PROMPT_CHARS = 1000
 
 
+# -- times under whisper.cpp's VAD --
+# With VAD on, whisper.cpp transcribes the stretches of speech laid end to end, each followed by
+# 0.1 s of its audio past the VAD's end (samples_overlap) and 0.1 s of silence, then maps segment
+# times back to the recording. Its map spreads each 0.1 s of silence over the whole pause, so a
+# segment whisper starts there begins seconds before anyone spoke after a long pause; and it maps
+# no word times at all. It logs where it put each stretch, which pywhispercpp lets us read
+# (its own VAD bindings cannot be called), so the engine mends both from that log.
+_VAD_STRETCH_LINE = re.compile(r"vad_segment_info: orig_start: ([0-9.]+), orig_end: ([0-9.]+), "
+                               r"vad_start: ([0-9.]+), vad_end: ([0-9.]+)")
+VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are
+VAD_EDGE_CS = 10  # how near a stretch's edge a segment's time is taken to be at it
+_vad_layout_log = threading.local()  # .stretches: what the whisper_full running on this thread logged
+
+
+@dataclass(frozen=True)
+class SpeechStretch:
+    """One stretch of speech, in centiseconds: where it is in the recording, where it was put."""
+    start: int
+    end: int
+    packed_start: int
+    packed_end: int
+
+
+class SpeechLayout:
+    """Times between the audio whisper.cpp transcribed (packed) and the recording, from the stretches
+    its VAD logged; with none (no VAD, or nothing logged) times are the recording's already."""
+
+    def __init__(self, stretches: Iterable[SpeechStretch]) -> None:
+        self.stretches = sorted(stretches, key=lambda stretch: stretch.packed_start)
+        self._packed_starts = [stretch.packed_start for stretch in self.stretches]
+
+    def from_packed(self, cs: int, *, start: bool) -> int:
+        """A word's time on the recording. A time in the silence between two stretches is when nobody
+        spoke: a word's start moves to where the next stretch begins, its end to where audio ended;
+        so does an end in the padding that begins a stretch (see mend_segment)."""
+        i = bisect.bisect_right(self._packed_starts, cs) - 1
+        if not self.stretches or i < 0:
+            return self.stretches[0].start if self.stretches else cs
+        if not start and i > 0 and cs <= self._packed_starts[i] + VAD_EDGE_CS:
+            i -= 1
+            cs = self._packed_starts[i + 1]  # in the silence before the stretch
+        stretch = self.stretches[i]
+        if i + 1 == len(self.stretches):
+            return stretch.start + cs - stretch.packed_start
+        following = self.stretches[i + 1]
+        audio_ends = following.packed_start - VAD_GAP_CS
+        if cs < audio_ends:
+            return min(stretch.start + cs - stretch.packed_start, following.start)
+        if start:
+            return following.start
+        return min(stretch.start + audio_ends - stretch.packed_start, following.start)
+
+    def mend_segment(self, start: int, end: int) -> tuple[int, int]:
+        """A segment's times as whisper.cpp mapped them, with those it put in a pause moved to the
+        speech on the side where the segment's words are. A stretch begins with the VAD's padding
+        (speech_pad_ms, 0.1 s unless asked otherwise) before the first word: a segment that ends
+        within that much of its start has no word in it, only whisper's next timestamp."""
+        for before, after in zip(self.stretches, self.stretches[1:]):
+            if before.end - VAD_EDGE_CS <= start < after.start and end > after.start + VAD_EDGE_CS:
+                start = after.start
+            if start < before.end < end <= after.start + VAD_EDGE_CS:
+                end = before.end
+        return start, end
+
+
 _whisper_logger = logging.getLogger("audiotext.whisper")
 
 
@@ -2719,11 +2785,19 @@ def set_thread_wait_policy(*, spin: bool) -> None:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
+def _on_whisper_log(level: int, text: str) -> None:
+    # Called on the thread whose whisper.cpp call logs, so a layout is read by its own call only.
+    stretches = getattr(_vad_layout_log, "stretches", None)
+    if stretches is not None and (found := _VAD_STRETCH_LINE.search(text)):
+        stretches.append(SpeechStretch(*(round(float(value) * 100) for value in found.groups())))
+    _whisper_logger.debug("%s", text.rstrip())
+
+
 def _route_whisper_logs() -> None:
     """whisper.cpp narrates every load and call on stderr; keep that for --log-level debug."""
     import _pywhispercpp as pw
 
-    pw.whisper_log_set(lambda level, text: _whisper_logger.debug("%s", text.rstrip()))
+    pw.whisper_log_set(_on_whisper_log)
     # A context freed during interpreter shutdown would call back into a finalising interpreter.
     atexit.register(pw.whisper_log_set, None)
 
@@ -2845,6 +2919,7 @@ class LoadedModel:
         self._file_bytes = path.stat().st_size
         self.memory_bytes = self._plausible(_rss_bytes() - rss_before)
         self._first_run_measured = False
+        self._layout = SpeechLayout(())  # of the last call, for reading its results
         logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
                     " (with VAD)" if vad_path else "")
 
@@ -2930,14 +3005,16 @@ class LoadedModel:
         model = self._model
         model._set_params(params)  # as Model.transcribe does; it would not tell us the status
         model._params.vad_params = vad_params
+        stretches: list[SpeechStretch] = []  # logged before the first segment is decoded
 
         def new_segments(ctx: Any, n_new: int, user_data: Any = None) -> None:
+            layout = SpeechLayout(stretches)
             count = pw.whisper_full_n_segments(ctx)
             for i in range(count - n_new, count):
                 text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
                 if not _NON_SPEECH.fullmatch(text):  # t0 and t1 are in centiseconds
-                    on_segment(pw.whisper_full_get_segment_t0(ctx, i) / 100.0,  # type: ignore[misc]
-                               pw.whisper_full_get_segment_t1(ctx, i) / 100.0, text)
+                    start, end = self._segment_times(ctx, i, layout)
+                    on_segment(start, end, text)  # type: ignore[misc]
 
         def progress(percent: int, user_data: Any = None) -> None:
             on_fraction(percent / 100)  # type: ignore[misc]
@@ -2945,7 +3022,19 @@ class LoadedModel:
         pw.assign_new_segment_callback(model._params, new_segments if on_segment is not None else None)
         pw.assign_progress_callback(model._params, progress if on_fraction is not None else None)
         pw.assign_abort_callback(model._params, abort.is_set)
-        return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
+        _vad_layout_log.stretches = stretches
+        try:
+            return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
+        finally:
+            _vad_layout_log.stretches = None
+            self._layout = SpeechLayout(stretches)
+
+    @staticmethod
+    def _segment_times(ctx: Any, i: int, layout: SpeechLayout) -> tuple[float, float]:
+        import _pywhispercpp as pw
+
+        start, end = layout.mend_segment(pw.whisper_full_get_segment_t0(ctx, i), pw.whisper_full_get_segment_t1(ctx, i))
+        return start / 100.0, end / 100.0
 
     def _collect(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
         import _pywhispercpp as pw
@@ -2962,8 +3051,7 @@ class LoadedModel:
                 if data.id < eot:
                     # Bytes, not text: a token may hold part of a character (an emoji, say).
                     text_tokens.append((data, pw.whisper_token_to_bytes(ctx, data.id)))
-            start = pw.whisper_full_get_segment_t0(ctx, i) / 100.0
-            end = pw.whisper_full_get_segment_t1(ctx, i) / 100.0
+            start, end = self._segment_times(ctx, i, self._layout)
             text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
             if _NON_SPEECH.fullmatch(text):
                 continue
@@ -2974,7 +3062,7 @@ class LoadedModel:
                 seek=int(start * 100) // 3000 * 3000, temperature=options.temperature,
                 compression_ratio=_compression_ratio(text)))
             if options.word_timestamps:
-                words.extend(_words(text_tokens))
+                words.extend(_words(text_tokens, self._layout))
             if options.logprobs:
                 token_logprobs.extend({"token": raw.decode("utf-8", "replace"), "bytes": list(raw),
                                        "logprob": round(d.plog, 6)} for d, raw in text_tokens)
@@ -2995,8 +3083,9 @@ def _compression_ratio(text: str) -> float:
     return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
 
 
-def _words(tokens: list[tuple[Any, bytes]]) -> list[Word]:
-    """Join BPE pieces into words: a piece that starts with a space starts a new word."""
+def _words(tokens: list[tuple[Any, bytes]], layout: SpeechLayout) -> list[Word]:
+    """Join BPE pieces into words: a piece that starts with a space starts a new word. Token times
+    are on the clock of the audio whisper.cpp transcribed, which its VAD packed (see SpeechLayout)."""
     words: list[Word] = []
     pieces: list[bytes] = []
     start = end = 0.0
@@ -3005,9 +3094,9 @@ def _words(tokens: list[tuple[Any, bytes]]) -> list[Word]:
             words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
             pieces = []
         if not pieces:
-            start = data.t0 / 100.0
+            start = layout.from_packed(data.t0, start=True) / 100.0
         pieces.append(raw)
-        end = data.t1 / 100.0
+        end = max(start, layout.from_packed(data.t1, start=False) / 100.0)
     if pieces:
         words.append(Word(b"".join(pieces).decode("utf-8", "replace").strip(), start, end))
     return [w for w in words if w.word]

@@ -1686,6 +1686,71 @@ def test_vad_keeps_segment_times_on_the_recording_s_clock(store: audiotext.Model
         assert abs(a.start - b.start) <= 0.5 and abs(a.end - b.end) <= 0.5, (a, b)
 
 
+def test_vad_keeps_word_and_segment_times_after_a_long_pause(store: audiotext.ModelStore) -> None:
+    # whisper.cpp's VAD squeezes a pause into 0.1 s: unmended, the first segment here ended at
+    # 28.6 s, where the next speech begins, and every word after the pause came 25 s early.
+    first = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    second = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)[:8 * audiotext.SAMPLE_RATE]
+    audio = np.concatenate([first, seconds_of("silence", 25), second, seconds_of("silence", 1)])
+    plain = engine_transcribe(store, audio, "cpu-tiny", vad=False, word_timestamps=True, language="en")
+    with_vad = engine_transcribe(store, audio, "cpu-tiny", vad=True, word_timestamps=True, language="en")
+    assert len(with_vad.segments) == len(plain.segments) >= 3, (plain.segments, with_vad.segments)
+    for a, b in zip(plain.segments, with_vad.segments):
+        assert abs(a.start - b.start) <= 0.5 and abs(a.end - b.end) <= 0.5, (a, b)
+    after_pause = [w for w in with_vad.words if normalized(w.word) == "morning"]
+    assert after_pause and 28 < after_pause[0].start < 30, with_vad.words
+    plain_words = {(normalized(w.word), round(w.start)): w for w in plain.words}
+    matched = 0
+    for word in with_vad.words:
+        twin = plain_words.get((normalized(word.word), round(word.start)))
+        if twin is not None:
+            matched += 1
+            assert abs(twin.end - word.end) <= 0.5, (twin, word)
+    assert matched >= len(with_vad.words) * 0.7, (plain.words, with_vad.words)
+    assert all(a.start <= b.start for a, b in zip(with_vad.words, with_vad.words[1:]))
+
+
+def stretch(start: float, end: float, packed_start: float) -> audiotext.SpeechStretch:
+    return audiotext.SpeechStretch(round(start * 100), round(end * 100), round(packed_start * 100),
+                                   round((packed_start + end - start) * 100))
+
+
+def test_a_speech_layout_maps_whisper_s_times_back_to_the_recording() -> None:
+    # As whisper.cpp logged it for 3.3 s of speech, a 20 s pause, 3.37 s of speech.
+    layout = audiotext.SpeechLayout([stretch(23.61, 26.98, 3.50), stretch(0.0, 3.30, 0.0)])
+    assert layout.from_packed(120, start=True) == 120  # in the first stretch
+    assert layout.from_packed(335, start=False) == 335  # in the 0.1 s of audio after the VAD's end
+    assert layout.from_packed(345, start=True) == 2361  # in the silence: a start moves ahead
+    assert layout.from_packed(345, start=False) == 340  # an end stays where the audio was
+    assert layout.from_packed(400, start=True) == 2411  # in the second stretch
+    assert layout.from_packed(352, start=False) == 340  # an end in the padding that begins it
+    assert layout.from_packed(9000, start=False) == 2361 + 9000 - 350  # past the last: its clock
+    assert layout.mend_segment(0, 2359) == (0, 330)  # ended at whisper's next timestamp
+    assert layout.mend_segment(330, 2680) == (2361, 2680)  # began in the pause
+    assert layout.mend_segment(0, 2680) == (0, 2680)  # words on both sides: left as it is
+    assert layout.mend_segment(2400, 2500) == (2400, 2500)
+    empty = audiotext.SpeechLayout(())
+    assert (empty.from_packed(777, start=True), empty.mend_segment(5, 9)) == (777, (5, 9))
+
+
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 5000)), min_size=1, max_size=6),
+       st.lists(st.integers(0, 40_000), min_size=1, max_size=30))
+def test_a_speech_layout_never_puts_a_start_in_a_pause(spans: list[tuple[int, int]], times: list[int]) -> None:
+    stretches, clock, packed = [], 0, 0
+    for length, pause in spans:  # on the recording: a pause, then speech; packed: speech, 0.1 s, silence
+        clock += pause
+        stretches.append(audiotext.SpeechStretch(clock, clock + length, packed, packed + length))
+        clock += length
+        packed += length + 10 + audiotext.VAD_GAP_CS
+    layout = audiotext.SpeechLayout(stretches)
+    starts = [layout.from_packed(t, start=True) for t in sorted(times)]
+    assert starts == sorted(starts)
+    for t in starts:
+        assert any(s.start <= t <= s.end + 10 for s in stretches) or t >= stretches[-1].start, (t, stretches)
+    for t in times:
+        assert layout.from_packed(t, start=False) <= layout.from_packed(t, start=True)
+
+
 def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> None:
     assert (audiotext.audio_ctx_for(3.6), audiotext.audio_ctx_for(20.0)) == (180 + 64, 1000 + 64)
     assert audiotext.audio_ctx_for(20.1) == 0  # whisper's whole 30 s window
