@@ -305,6 +305,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fit_short_audio", "AUDIOTEXT_FIT_SHORT_AUDIO", "--fit-short-audio", _flag,
             "encode a clip under 20 s at its own length, not whisper's 30 s: several times faster, "
             "but words and the detected language are less reliable"),
+    Setting("condition_on_previous_text", "AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT", "--condition-on-previous-text",
+            _flag, "decode each 30 s after the text heard before it: more consistent spelling over a long "
+            "recording, but slower, and whisper may then repeat itself or skip what it hears"),
     Setting("spin_threads", "AUDIOTEXT_SPIN_THREADS", "--spin-threads", _flag,
             "inference threads spin while they wait: slightly faster on an idle box, far slower on a busy one"),
     Setting("model_memory_mb", "AUDIOTEXT_MODEL_MEMORY_MB", "--model-memory-mb", _positive_int,
@@ -391,6 +394,7 @@ class Settings:
     vad: bool = True
     languages: tuple[str, ...] = ()
     fit_short_audio: bool = False
+    condition_on_previous_text: bool = False
     spin_threads: bool = False
     model_memory_mb: int | None = None
     model_idle_seconds: float = 1800.0
@@ -2646,6 +2650,8 @@ class TranscribeOptions:
     word_timestamps: bool = False
     vad: bool | None = None  # None: the daemon's AUDIOTEXT_VAD
     fit_short_audio: bool | None = None  # None: the daemon's AUDIOTEXT_FIT_SHORT_AUDIO
+    # None: the daemon's AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT, which the Engine fills in; off below it
+    condition_on_previous_text: bool | None = None
     vad_tuning: tuple[tuple[str, float], ...] = ()  # VAD_TUNABLE fields to set over VAD_PARAMS
     # Detection picks among these; None: the daemon's AUDIOTEXT_LANGUAGES; (): any language.
     languages: tuple[str, ...] | None = None
@@ -2699,6 +2705,12 @@ BASE_PARAMS: dict[str, Any] = {
     "carry_initial_prompt": False,
 }
 
+
+# Within one call whisper.cpp decodes each 30 s after the text before it (up to this many tokens;
+# whisper's own limit is half its 448-token context), whatever no_context says: no_context only
+# forgets the previous call. 0 decodes each 30 s on its own, and leaves out the prompt too, which
+# whisper.cpp would carry on the same way; so a request with a prompt keeps the carrying.
+WHISPER_TEXT_CONTEXT = 16384
 
 # whisper conditions on the last 224 prompt tokens and drops the rest, as OpenAI documents; a
 # prompt of tens of thousands of tokens crashes whisper.cpp outright. Keeping the tail in
@@ -2993,6 +3005,7 @@ class LoadedModel:
         return dict(BASE_PARAMS, n_threads=self.threads, language=language,
                     translate=options.translate, temperature=options.temperature,
                     initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
+                    n_max_text_ctx=WHISPER_TEXT_CONTEXT if options.condition_on_previous_text or options.prompt else 0,
                     token_timestamps=options.word_timestamps,
                     audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else 0,
                     vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
@@ -3132,7 +3145,7 @@ class ModelStore:
 
     def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1, vad: bool = True,
                  spin_threads: bool = False, fit_short_audio: bool = False, languages: tuple[str, ...] = (),
-                 aliases: dict[str, str] | None = None, memory_budget: int | None = None,
+                 condition_on_previous_text: bool = False, aliases: dict[str, str] | None = None, memory_budget: int | None = None,
                  idle_seconds: float = 0.0) -> None:
         self.models_dir = models_dir
         self.default = default
@@ -3147,6 +3160,7 @@ class ModelStore:
         self.vad = vad  # what a request that does not say gets, when the VAD model is present
         self.fit_short_audio = fit_short_audio
         self.languages = languages  # what detection picks among for a request that does not say
+        self.condition_on_previous_text = condition_on_previous_text
         set_thread_wait_policy(spin=spin_threads)
         self._loaded: dict[tuple[Path, bool, bool], list[LoadedModel]] = {}  # (file, VAD, fit) -> contexts
         self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
@@ -3157,6 +3171,7 @@ class ModelStore:
         return cls(settings.models_path, default=settings.default_model, threads=settings.threads_per_worker,
                    contexts=settings.workers, vad=settings.vad, spin_threads=settings.spin_threads,
                    fit_short_audio=settings.fit_short_audio, languages=settings.languages,
+                   condition_on_previous_text=settings.condition_on_previous_text,
                    aliases=dict(settings.model_aliases),
                    memory_budget=settings.model_memory_mb * MiB if settings.model_memory_mb else None,
                    idle_seconds=settings.model_idle_seconds)
@@ -3540,6 +3555,8 @@ class Engine:
         stop_beside = threading.Event()  # set: the window beside runs for nothing
         if options.languages is None:
             options = dataclasses.replace(options, languages=self.models.languages)
+        if options.condition_on_previous_text is None:
+            options = dataclasses.replace(options, condition_on_previous_text=self.models.condition_on_previous_text)
         window_options, language = options, options.language
         inference_seconds, end, model_file = 0.0, 0, self.models.resolve(model_name)[1].stem
         windows = iter(windows)
@@ -3549,8 +3566,10 @@ class Engine:
             window = None  # the next one, once it is asked for
             if parts:
                 self._between_windows()
-                window_options = dataclasses.replace(options, language=language,
-                                                     prompt=carried_prompt(options.prompt, parts[-1][1].text))
+                window_options = dataclasses.replace(options, language=language)
+                if options.condition_on_previous_text:
+                    window_options = dataclasses.replace(window_options,
+                                                         prompt=carried_prompt(options.prompt, parts[-1][1].text))
             if abort.is_set():
                 raise Aborted()  # also before the first: decoding cannot be interrupted
             offset, end = start / SAMPLE_RATE, start + len(samples)
@@ -3567,6 +3586,7 @@ class Engine:
                 window = next(windows)
                 beside = self._offer_beside(window, model_name, dataclasses.replace(options, language=language),
                                             EitherEvent(abort, stop_beside), total_seconds)
+            pair_started = time.monotonic()
             try:
                 transcript, seconds, model_file = self._transcribe_window(
                     samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
@@ -3581,6 +3601,7 @@ class Engine:
                 language = transcript.language  # detected once, as whisper.cpp does within a call
             parts.append((offset, transcript))
             inference_seconds += seconds
+            in_turn_seconds = seconds
             done_beside = self._result_beside(beside, abort) if beside is not None else None
             if done_beside is not None:  # it ran on another worker: its segments and progress come now
                 (transcript, seconds, model_file), heard = done_beside
@@ -3592,7 +3613,8 @@ class Engine:
                 if on_progress is not None:
                     on_progress(end / SAMPLE_RATE, total_seconds())
                 parts.append((offset, transcript))
-                inference_seconds += seconds
+                # The two windows ran at once: count what the pair took, not the sum of both.
+                inference_seconds += min(seconds, max(0.0, time.monotonic() - pair_started - in_turn_seconds))
                 window = None
             if window is None:
                 window = next(windows, None)
@@ -3774,9 +3796,15 @@ class Scheduler:
             thread.join()
 
     def running_keys(self) -> list[str | None]:
-        """What the workers are busy with: a job's key, or None for a waiting HTTP request."""
+        """What the workers are busy with: a job's key, or None for a waiting HTTP request or a
+        window run beside (see windows_beside)."""
         with self._cond:
             return [work.key for work in self.running.values()]
+
+    def windows_beside(self) -> int:
+        """Workers running a window of work another worker runs (run_beside)."""
+        with self._cond:
+            return sum(work.yields for work in self.running.values())
 
     @property
     def stopping(self) -> bool:
@@ -3924,6 +3952,9 @@ class Job:
     cancel_requested: bool = False
     storage_faults: int = 0  # runs a storage fault put back in the queue, in this process
     held_transcript: Transcript | None = None  # a run's, finished but not yet written to results/
+    # whisper.cpp's time for the transcript the job succeeded with: the run that only wrote a held
+    # transcript took next to none, so its wall time would make a wrong real-time factor.
+    processing_seconds: float | None = None
     # The segments of the run in progress, as whisper.cpp finishes them, for the events stream.
     heard: list[tuple[float, float, str]] = field(default_factory=list, compare=False, repr=False)
 
@@ -4480,6 +4511,7 @@ class JobStore:
                 if not self._retry_later(job, exc):
                     self._finish(job, FAILED, error=self._failure(job, exc))
                 return
+        job.processing_seconds = transcript.processing_seconds
         self._succeed(job, transcript)
 
     def _failure(self, job: Job, exc: Exception) -> JobFailure:
@@ -5012,7 +5044,9 @@ def record_job_transition(state: AppState, job_id: str, status: str, *, model: s
 
 
 def announce_job(state: AppState, job: Job) -> None:
-    ran = job.finished_at - job.started_at if job.status == SUCCEEDED and job.finished_at and job.started_at else None
+    ran = job.processing_seconds if job.status == SUCCEEDED else None
+    if ran is None and job.status == SUCCEEDED and job.finished_at and job.started_at:
+        ran = job.finished_at - job.started_at  # the transcript's own time was not kept
     record_job_transition(state, job.id, job.status, model=job.spec.model, audio_seconds=job.audio_seconds,
                           inference_seconds=ran, error=job.error["message"] if job.error else None)
 
@@ -5217,11 +5251,14 @@ def service_status(state: AppState | None) -> str:
         return "starting: loading the default model"
     keys = state.scheduler.running_keys()
     jobs = [key for key in keys if key is not None]
+    beside = state.scheduler.windows_beside()
     parts = ["stopping" if state.stopping else "serving", f"{state.scheduler.depth()} queued"]
     if jobs:
         parts.append("running job " + ", ".join(jobs))
-    if len(keys) > len(jobs):
-        parts.append(f"{len(keys) - len(jobs)} request(s) transcribing")
+    if len(keys) - len(jobs) > beside:
+        parts.append(f"{len(keys) - len(jobs) - beside} request(s) transcribing")
+    if beside:
+        parts.append(f"{beside} more window(s) of them beside")
     if not keys:
         parts.append("idle")
     return "; ".join(parts)

@@ -2008,6 +2008,30 @@ def test_a_recording_within_one_window_is_transcribed_as_before(store: audiotext
     assert through_engine == direct
 
 
+@pytest.mark.parametrize(("setting", "prompt", "carried"), [(False, None, False), (True, None, True),
+                                                          (False, "Good morning.", True)])
+def test_each_30_s_is_decoded_after_the_text_before_it_only_when_asked(
+        models_dir: Path, caplog: pytest.LogCaptureFixture, setting: bool, prompt: str | None, carried: bool) -> None:
+    import _pywhispercpp as pw
+
+    store = audiotext.ModelStore(models_dir, default="cpu-tiny", threads=2, condition_on_previous_text=setting)
+    engine = audiotext.Engine(store, max_audio_seconds=3600)
+    once = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
+    audio = np.concatenate([once, once])  # 61 s: whisper.cpp decodes it in 30 s parts
+    ctx = store.get("cpu-tiny")._model._ctx  # type: ignore[attr-defined]
+    pw.whisper_reset_timings(ctx)
+    result = engine.transcribe(audio, "cpu-tiny", audiotext.TranscribeOptions(language="en", prompt=prompt),
+                               threading.Event())
+    assert_heard(result.text, ["weather", "sunny", "warm"])
+    caplog.set_level("DEBUG", logger="audiotext.whisper")
+    pw.whisper_print_timings(ctx)
+    # whisper.cpp times decoder batches of 16 tokens or more as "prompt": past text, never the
+    # few tokens that start each part.
+    found = re.search(r"prompt time =\s*([0-9.]+) ms", caplog.text)
+    assert found is not None, caplog.text
+    assert (float(found.group(1)) > 0) == carried, caplog.text
+
+
 def test_the_next_window_is_prompted_with_the_last_words() -> None:
     assert audiotext.carried_prompt(None, " Hello there.") == "Hello there."
     assert audiotext.carried_prompt("Names: Anna.", "") == "Names: Anna."
@@ -2035,13 +2059,16 @@ def test_with_a_worker_idle_the_next_window_runs_beside(store: audiotext.ModelSt
     progress: list[float] = []
     options = audiotext.TranscribeOptions(language="en")
     try:
+        started = time.monotonic()
         work = scheduler.submit(lambda abort: engine.transcribe(
             windowed_recording, "cpu-tiny", options, abort, on_segment=lambda start, end, text: seen.append((start, end)),
             on_progress=lambda done, total: progress.append(done)), priority=audiotext.PRIORITY_JOB)
         result = work.future.result(300)
+        waited = time.monotonic() - started
     finally:
         scheduler.stop(grace=0)
     assert ran_beside and all(name.startswith("audiotext-worker-") for name in ran_beside)
+    assert 0 < result.processing_seconds <= waited  # windows side by side count once
     assert normalized(result.text).count("my name is john") == len(SPOKEN_AT), result.text
     assert [s.id for s in result.segments] == list(range(len(result.segments)))
     for segment, start in zip(result.segments, SPOKEN_AT, strict=True):
@@ -2109,6 +2136,7 @@ def test_a_worker_takes_work_beside_only_when_idle_and_nothing_waits() -> None:
             blocker = scheduler.run_beside(lambda abort: release.wait(30))
             assert blocker is not None
             wait_until(lambda: len(scheduler.running_keys()) == 2, what="both workers busy")
+            assert scheduler.windows_beside() == 1
             return [scheduler.run_beside(lambda abort: "no worker left"), blocker]
 
         none_left, blocker = scheduler.submit(offer, priority=audiotext.PRIORITY_JOB).future.result(60)
@@ -3229,6 +3257,8 @@ def test_a_result_the_disk_refuses_is_written_once_it_takes_it(
     assert [line.split()[2] for line in lines] == ["queued", "running", "hit", "queued", "running", "hit",
                                                    "queued", "running", "succeeded"]
     assert f"({os.strerror(code)}); queued again, retry 2 of 30 in 2 s" in lines[5]
+    # The real-time factor is the transcription's, not that of the run that only wrote it.
+    assert float(re.search(r" rtf=(\d+\.\d\d)$", lines[-1]).group(1)) > 0, lines[-1]  # type: ignore[union-attr]
     faults = ("audiotext_storage_faults_total", frozenset({("what", "job_run")}))
     assert scrape(client)[faults] == 2
     wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["status"] == "succeeded",
@@ -3515,6 +3545,28 @@ def test_webhook_retried_with_the_same_id_until_delivered(make_client: Callable[
         f"webhook msg_{job['id']}_succeeded to {hooks.url} failed (HTTP 500), attempt 1; trying again in N s",
         f"webhook msg_{job['id']}_succeeded to {hooks.url} failed (HTTP 500), attempt 2; trying again in N s",
         f"webhook msg_{job['id']}_succeeded to {hooks.url} delivered (HTTP 204), attempt 3"]
+
+
+def test_a_webhook_never_delivered_is_given_up_on_after_its_max_age(
+        make_client: Callable[..., TestClient], receiver: Callable[..., WebhookReceiver],
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    hooks = receiver(failures=1_000_000)
+    client = make_client(webhook_url=hooks.url + "/hook", webhook_secret=WEBHOOK_SECRET,
+                         webhook_max_age_hours=2 / 3600)  # retries 0.5-1 s apart: a few, then it is too old
+    caplog.set_level("INFO", logger="audiotext")
+    job = submit_job(client, "en.wav")
+    expired = ("audiotext_webhook_deliveries_total", frozenset({("outcome", "expired")}))
+    page = wait_until(lambda: (p := scrape(client)).get(expired) and p, what="the webhook given up on", timeout=60)
+    assert page[expired] == 1 and hooks.attempts and not hooks.delivered
+    attempts = len(hooks.attempts)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webhook ")]
+    assert lines[-1] == (f"webhook msg_{job['id']}_succeeded to {hooks.url} given up on: "
+                         "not delivered within 0.000555556 hours of the job's end"), lines
+    wait_until(lambda: all(r["webhook"] is None for r in json.loads((tmp_path / "state" / "jobs.json").read_text())
+                           ["jobs"]), what="jobs.json to owe nothing")
+    assert client.get(f"{JOBS}/{job['id']}", headers=AUTH).json()["status"] == "succeeded"  # the job stays
+    time.sleep(2)
+    assert len(hooks.attempts) == attempts  # and nothing more is sent
 
 
 def test_webhook_survives_sigkill_and_restart(daemon_factory: Callable[..., Daemon], tmp_path: Path,

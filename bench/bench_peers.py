@@ -15,7 +15,8 @@ earlier clip left resident counts in a clip's peak:
 - audiotext: audiotext.Engine over a ModelStore, as the daemon runs it (VAD, the thread wait
   policy, audio_ctx, the quantised file that `cpu-lite` resolves to: ggml-base-q8_0);
 - faster-whisper: base converted to int8 by CTranslate2, beam 1, language fixed,
-  condition_on_previous_text=False (audiotext sets no_context), vad_filter off (its default);
+  condition_on_previous_text=False (audiotext's default too: AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT),
+  vad_filter off (its default);
 - on the half-silence clip also audiotext with vad=False and faster-whisper with vad_filter=True,
   so that each side is compared with and without skipping silence.
 The measurements go round-robin over the configurations (A,B,A,B..., the first one rotated per
