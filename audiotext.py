@@ -3145,8 +3145,8 @@ class ModelStore:
 
     def __init__(self, models_dir: Path, *, default: str, threads: int, contexts: int = 1, vad: bool = True,
                  spin_threads: bool = False, fit_short_audio: bool = False, languages: tuple[str, ...] = (),
-                 condition_on_previous_text: bool = False, aliases: dict[str, str] | None = None, memory_budget: int | None = None,
-                 idle_seconds: float = 0.0) -> None:
+                 condition_on_previous_text: bool = False, aliases: dict[str, str] | None = None,
+                 memory_budget: int | None = None, idle_seconds: float = 0.0) -> None:
         self.models_dir = models_dir
         self.default = default
         self.memory_budget = memory_budget or default_model_memory_bytes()
@@ -3391,9 +3391,10 @@ Progress = Callable[[float, float], None]
 
 # A recording longer than a window (AUDIOTEXT_WINDOW_SECONDS) is transcribed a window at a time,
 # so that memory holds one window's samples however long the recording is. A window ends at the
-# quietest 0.4 s of its last seconds, a pause rather than the middle of a word, and the last
-# words before the cut are the next window's initial prompt: it starts in the middle of a
-# conversation, and the prompt tells whisper which one (names, spelling, punctuation).
+# quietest 0.4 s of its last seconds, a pause rather than the middle of a word. Where whisper is
+# to decode after the text before (AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT), the last words before
+# the cut are the next window's initial prompt: it starts in the middle of a conversation, and the
+# prompt tells whisper which one (names, spelling, punctuation).
 WINDOW_CUT_SEARCH_SECONDS = 15.0
 CUT_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms
 CUT_PAUSE_FRAMES = 20  # 0.4 s: a pause between words, not the gap before a plosive
@@ -4585,6 +4586,9 @@ class JobStore:
         finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
                                        detected_language=transcript.language, audio_seconds=transcript.duration,
                                        skipped_audio_seconds=transcript.skipped_audio_seconds)
+        # Its result file carries the webhook it will owe, so that a table rebuilt from the files
+        # still owes it. Sent again after such a rebuild, it goes under the same id.
+        finished.webhook = self._webhook_record(finished)
         try:
             # Durable before the job says succeeded: a succeeded job always has its result.
             self.files.write_result(finished, transcript)
@@ -4634,13 +4638,17 @@ class JobStore:
     def _owe_webhook(self, job: Job) -> None:
         """As a job finishes, under the lock: the webhook goes into jobs.json with the status that
         causes it, so that no crash can lose one or send it for a job still running."""
+        job.webhook = self._webhook_record(job)
+        if job.webhook is not None:
+            self.webhook_owed.set()
+
+    def _webhook_record(self, job: Job) -> dict[str, Any] | None:
         built = self._webhook_for(job)
         if built is None:
-            return
+            return None
         url, body = built
-        job.webhook = {"url": url, "id": f"msg_{job.id}_{job.status}", "body": body,
-                       "created_at": job.finished_at or time.time()}
-        self.webhook_owed.set()
+        return {"url": url, "id": f"msg_{job.id}_{job.status}", "body": body,
+                "created_at": job.finished_at or time.time()}
 
     def owed_webhooks(self) -> list[tuple[str, dict[str, Any]]]:
         """(job id, webhook) of each job that still owes one, oldest job first."""

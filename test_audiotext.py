@@ -3593,6 +3593,26 @@ def test_webhook_survives_sigkill_and_restart(daemon_factory: Callable[..., Daem
     assert restarted.stop() == 0
 
 
+def test_a_webhook_still_owed_survives_a_job_table_rebuilt_from_the_files(
+        tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        receiver: Callable[..., WebhookReceiver]) -> None:
+    canned_engine(monkeypatch)
+    hooks = receiver(failures=1_000_000)
+    hooked = {"webhook_url": hooks.url + "/hook", "webhook_secret": WEBHOOK_SECRET}
+    with job_client(tmp_path, models_dir, **hooked) as client:
+        job = submit_job(client)
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"
+        wait_until(lambda: hooks.attempts, what="a first, failed attempt", timeout=60)
+    (tmp_path / "state" / "jobs.json").write_text('{"schema": 1, "jobs": [')
+    hooks.failures = 0
+    with job_client(tmp_path, models_dir, **hooked) as client:
+        assert get_job(client, job["id"])["status"] == "succeeded"
+        wait_until(lambda: hooks.delivered, what="the webhook, owed by the rebuilt table", timeout=60)
+    [(headers, payload)] = hooks.delivered
+    assert headers["webhook-id"] == f"msg_{job['id']}_succeeded"
+    assert payload["type"] == "transcription.job.succeeded" and payload["data"]["id"] == job["id"]
+
+
 def test_job_records_from_before_webhooks_still_load() -> None:
     job = audiotext.Job("job_" + "0" * 32, 0, audiotext.JobSpec(model="cpu-tiny"), "job_" + "0" * 32 + ".wav", 1.0)
     record = job.record()

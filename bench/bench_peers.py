@@ -4,6 +4,7 @@ times on a shared machine mean little; the ratio of two engines measured side by
     python bench/bench_peers.py [--runs 3] [--hogs 2] [--clips s5,s11,s60,s300,gap60] [--markdown]
     python bench/bench_peers.py --quick            # 1 run of s5, s11, s60: does it work end to end
     python bench/bench_peers.py --audiotext-model ggml-base   # f16 instead of what cpu-lite resolves to
+    python bench/bench_peers.py --previous-text    # both decode each 30 s after the text before it
 
 Run it with the project's venv python: audiotext is imported from this checkout and its workers
 run with the same interpreter. faster-whisper is not a dependency of the project: it gets a venv
@@ -15,8 +16,8 @@ earlier clip left resident counts in a clip's peak:
 - audiotext: audiotext.Engine over a ModelStore, as the daemon runs it (VAD, the thread wait
   policy, audio_ctx, the quantised file that `cpu-lite` resolves to: ggml-base-q8_0);
 - faster-whisper: base converted to int8 by CTranslate2, beam 1, language fixed,
-  condition_on_previous_text=False (audiotext's default too: AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT),
-  vad_filter off (its default);
+  condition_on_previous_text=False (audiotext's default too: AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT;
+  --previous-text turns it on for both), vad_filter off (its default);
 - on the half-silence clip also audiotext with vad=False and faster-whisper with vad_filter=True,
   so that each side is compared with and without skipping silence.
 The measurements go round-robin over the configurations (A,B,A,B..., the first one rotated per
@@ -380,7 +381,8 @@ def _audiotext_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any
     # fit_short_audio only when asked for, so that the default runs on a ModelStore without it too
     fit = {"fit_short_audio": True} if config["fit_short_audio"] else {}
     store = audiotext.ModelStore(Path(config["models_dir"]), default=config["model"], threads=config["threads"],
-                                 vad=config["vad"], spin_threads=config["spin"], **fit)
+                                 vad=config["vad"], spin_threads=config["spin"],
+                                 condition_on_previous_text=config["previous_text"], **fit)
     if config["vad"] and not store.uses_vad(True):
         raise RuntimeError(f"VAD asked for, but {store.models_dir} has no {audiotext.VAD_MODEL_FILE}")
     engine = audiotext.Engine(store, max_audio_seconds=4 * 3600)
@@ -404,7 +406,7 @@ def _faster_whisper_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str
 
     def transcribe(audio: Any) -> str:
         segments, _ = model.transcribe(audio, language=LANGUAGE, beam_size=1, best_of=1,
-                                       condition_on_previous_text=False, vad_filter=config["vad"])
+                                       condition_on_previous_text=config["previous_text"], vad_filter=config["vad"])
         # the transcription runs while the generator is consumed: inside the timed call
         return " ".join(s.text.strip() for s in segments).strip()
 
@@ -687,6 +689,8 @@ def main() -> None:
     parser.add_argument("--audiotext-model", help="model name for audiotext (default: the family's alias, "
                         "cpu-lite for base: ggml-base-q8_0); e.g. ggml-base for f16")
     parser.add_argument("--spin-threads", action="store_true", help="audiotext's threads spin while waiting")
+    parser.add_argument("--previous-text", action="store_true",
+                        help="both engines decode each 30 s after the text before it (condition_on_previous_text)")
     parser.add_argument("--fit-short-audio", action="store_true",
                         help="audiotext encodes short clips at their own length (AUDIOTEXT_FIT_SHORT_AUDIO)")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
@@ -722,7 +726,7 @@ def main() -> None:
         python, model = (Path(sys.executable), at_model) if config.kind == "audiotext" else (fw_python, str(fw_dir))
         return Worker(config, python, {"kind": config.kind, "model": model, "models_dir": str(cache / "models"),
                                        "threads": args.threads, "vad": config.vad, "spin": args.spin_threads,
-                                       "fit_short_audio": args.fit_short_audio},
+                                       "fit_short_audio": args.fit_short_audio, "previous_text": args.previous_text},
                       start_timeout=300)
 
     load = os.getloadavg()
@@ -752,7 +756,8 @@ def main() -> None:
                                                if len(run_counts) > 1 else "")
     print(f"audiotext: {at_model} -> {at['file']}, VAD {'on' if at['vad'] else 'off'}, OMP_WAIT_POLICY "
           f"{at['wait_policy']}, {window}; faster-whisper: {family.fw_name} int8, beam 1, vad_filter off "
-          f"(wait policy: {fw['wait_policy']}); {args.threads} threads each; median of {rounds} alternated round(s)")
+          f"(wait policy: {fw['wait_policy']}); {args.threads} threads each; median of {rounds} alternated round(s)"
+          f"{'; both decode each 30 s after the text before it' if args.previous_text else ''}")
     print("ratios: audiotext / faster-whisper, median of per-round ratios (below 1: audiotext uses less)\n")
     table = list(rows(results, clips, references))
     print_table(table, markdown=False)
