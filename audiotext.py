@@ -2709,7 +2709,7 @@ BASE_PARAMS: dict[str, Any] = {
 # Within one call whisper.cpp decodes each 30 s after the text before it (up to this many tokens;
 # whisper's own limit is half its 448-token context), whatever no_context says: no_context only
 # forgets the previous call. 0 decodes each 30 s on its own, and leaves out the prompt too, which
-# whisper.cpp would carry on the same way; so a request with a prompt keeps the carrying.
+# whisper.cpp carries on the same way; rather than lose it, a request with a prompt keeps carrying.
 WHISPER_TEXT_CONTEXT = 16384
 
 # whisper conditions on the last 224 prompt tokens and drops the rest, as OpenAI documents; a
@@ -2728,7 +2728,7 @@ MAX_PROMPT_CHARS = 1000
 _VAD_STRETCH_LINE = re.compile(r"vad_segment_info: orig_start: ([0-9.]+), orig_end: ([0-9.]+), "
                                r"vad_start: ([0-9.]+), vad_end: ([0-9.]+)")
 VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are
-VAD_EDGE_CS = 10  # how near a stretch's edge a segment's time is taken to be at it
+VAD_EDGE_CS = 10  # the most of a stretch's padding taken as its edge (see SpeechLayout)
 _vad_layout_log = threading.local()  # .stretches: what the whisper_full running on this thread logged
 
 
@@ -2743,42 +2743,43 @@ class SpeechStretch:
 
 class SpeechLayout:
     """Times between the audio whisper.cpp transcribed (packed) and the recording, from the stretches
-    its VAD logged; with none (no VAD, or nothing logged) times are the recording's already."""
+    its VAD logged; with none (no VAD, or nothing logged) times are the recording's already.
 
-    def __init__(self, stretches: Iterable[SpeechStretch]) -> None:
+    Each stretch begins with the VAD's padding (speech_pad_ms) before its first word: `edge_cs`,
+    the padding up to 0.1 s, is how near a stretch's start a time is taken to be at it."""
+
+    def __init__(self, stretches: Iterable[SpeechStretch], *, edge_cs: int = VAD_EDGE_CS) -> None:
         self.stretches = sorted(stretches, key=lambda stretch: stretch.packed_start)
         self._packed_starts = [stretch.packed_start for stretch in self.stretches]
+        self.edge_cs = edge_cs
 
     def from_packed(self, cs: int, *, start: bool) -> int:
-        """A word's time on the recording. A time in the silence between two stretches is when nobody
-        spoke: a word's start moves to where the next stretch begins, its end to where audio ended;
-        so does an end in the padding that begins a stretch (see mend_segment)."""
+        """A word's time on the recording. After a stretch's speech come 0.1 s of its audio and 0.1 s
+        of silence, when nobody spoke: a time there is the stretch's end, as whisper.cpp maps
+        segments, except that a word's start in the silence moves to where the next stretch begins.
+        A word's end in the padding that begins a stretch is the end of the one before it."""
+        if not self.stretches:
+            return cs
         i = bisect.bisect_right(self._packed_starts, cs) - 1
-        if not self.stretches or i < 0:
-            return self.stretches[0].start if self.stretches else cs
-        if not start and i > 0 and cs <= self._packed_starts[i] + VAD_EDGE_CS:
-            i -= 1
-            cs = self._packed_starts[i + 1]  # in the silence before the stretch
+        if i < 0:
+            return self.stretches[0].start
+        if not start and i > 0 and cs <= self._packed_starts[i] + self.edge_cs:
+            return self.stretches[i - 1].end
         stretch = self.stretches[i]
-        if i + 1 == len(self.stretches):
+        if cs <= stretch.packed_end:
             return stretch.start + cs - stretch.packed_start
-        following = self.stretches[i + 1]
-        audio_ends = following.packed_start - VAD_GAP_CS
-        if cs < audio_ends:
-            return min(stretch.start + cs - stretch.packed_start, following.start)
-        if start:
-            return following.start
-        return min(stretch.start + audio_ends - stretch.packed_start, following.start)
+        if start and i + 1 < len(self.stretches) and cs >= self._packed_starts[i + 1] - VAD_GAP_CS:
+            return self.stretches[i + 1].start
+        return stretch.end
 
     def mend_segment(self, start: int, end: int) -> tuple[int, int]:
         """A segment's times as whisper.cpp mapped them, with those it put in a pause moved to the
-        speech on the side where the segment's words are. A stretch begins with the VAD's padding
-        (speech_pad_ms, 0.1 s unless asked otherwise) before the first word: a segment that ends
-        within that much of its start has no word in it, only whisper's next timestamp."""
+        speech on the side where the segment's words are. A segment that ends within the padding
+        that begins a stretch has no word in it, only whisper's next timestamp."""
         for before, after in zip(self.stretches, self.stretches[1:]):
-            if before.end - VAD_EDGE_CS <= start < after.start and end > after.start + VAD_EDGE_CS:
+            if before.end - self.edge_cs <= start < after.start and end > after.start + self.edge_cs:
                 start = after.start
-            if start < before.end < end <= after.start + VAD_EDGE_CS:
+            if start < before.end < end <= after.start + self.edge_cs:
                 end = before.end
         return start, end
 
@@ -3019,9 +3020,10 @@ class LoadedModel:
         model._set_params(params)  # as Model.transcribe does; it would not tell us the status
         model._params.vad_params = vad_params
         stretches: list[SpeechStretch] = []  # logged before the first segment is decoded
+        edge_cs = min(VAD_EDGE_CS, int(vad_params.speech_pad_ms) // 10)
 
         def new_segments(ctx: Any, n_new: int, user_data: Any = None) -> None:
-            layout = SpeechLayout(stretches)
+            layout = SpeechLayout(stretches, edge_cs=edge_cs)
             count = pw.whisper_full_n_segments(ctx)
             for i in range(count - n_new, count):
                 text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
@@ -3040,7 +3042,7 @@ class LoadedModel:
             return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
         finally:
             _vad_layout_log.stretches = None
-            self._layout = SpeechLayout(stretches)
+            self._layout = SpeechLayout(stretches, edge_cs=edge_cs)
 
     @staticmethod
     def _segment_times(ctx: Any, i: int, layout: SpeechLayout) -> tuple[float, float]:
@@ -3075,7 +3077,8 @@ class LoadedModel:
                 seek=int(start * 100) // 3000 * 3000, temperature=options.temperature,
                 compression_ratio=_compression_ratio(text)))
             if options.word_timestamps:
-                words.extend(_words(text_tokens, self._layout))
+                words.extend(Word(w.word, min(max(w.start, start), end), min(max(w.end, start), end))
+                             for w in _words(text_tokens, self._layout))  # inside their segment
             if options.logprobs:
                 token_logprobs.extend({"token": raw.decode("utf-8", "replace"), "bytes": list(raw),
                                        "logprob": round(d.plog, 6)} for d, raw in text_tokens)
@@ -3798,14 +3801,15 @@ class Scheduler:
 
     def running_keys(self) -> list[str | None]:
         """What the workers are busy with: a job's key, or None for a waiting HTTP request or a
-        window run beside (see windows_beside)."""
+        window run beside."""
         with self._cond:
             return [work.key for work in self.running.values()]
 
-    def windows_beside(self) -> int:
-        """Workers running a window of work another worker runs (run_beside)."""
+    def busy(self) -> list[tuple[str | None, bool]]:
+        """(key, run beside) for each busy worker, at one moment: run beside is a window of the work
+        of another worker (run_beside)."""
         with self._cond:
-            return sum(work.yields for work in self.running.values())
+            return [(work.key, work.yields) for work in self.running.values()]
 
     @property
     def stopping(self) -> bool:
@@ -4158,9 +4162,10 @@ class JobFiles:
     Knows paths and formats, not the table: the store tells it which jobs exist.
     """
 
-    def __init__(self, layout: StateLayout, *, keep_audio: bool) -> None:
+    def __init__(self, layout: StateLayout, *, keep_audio: bool, webhook_max_age_seconds: float = math.inf) -> None:
         self.layout = layout
         self.keep_audio = keep_audio
+        self.webhook_max_age_seconds = webhook_max_age_seconds  # see _recover_from_files
 
     def audio(self, job: Job) -> Path:
         return self.layout.uploads / job.audio_name
@@ -4228,8 +4233,11 @@ class JobFiles:
         except (ValueError, TypeError) as exc:  # JSON, UTF-8 and record errors are all ValueErrors
             aside = self._move_aside()
             jobs = self._recover_from_files()
+            webhooks = sum(job.webhook is not None for job in jobs)
             logger.error("JOB TABLE UNREADABLE: %s is corrupt (%s); moved it to %s and recovered %d job(s) "
-                         "from uploads/ and results/", table, exc, aside.name, len(jobs))
+                         "from uploads/ and results/%s", table, exc, aside.name, len(jobs),
+                         f"; {webhooks} webhook(s) of the last AUDIOTEXT_WEBHOOK_MAX_AGE_HOURS are sent "
+                         "(again, for those already delivered)" if webhooks else "")
             return jobs
 
     def _move_aside(self) -> Path:
@@ -4244,11 +4252,17 @@ class JobFiles:
         return aside
 
     def _recover_from_files(self) -> list[Job]:
-        """Succeeded jobs from results/, accepted ones still holding their audio from uploads/."""
+        """Succeeded jobs from results/, accepted ones still holding their audio from uploads/.
+
+        A result file holds the webhook its job came to owe, and never learns whether it was
+        delivered: the jobs recovered owe theirs again, under the same id, unless it is older
+        than a webhook is ever tried (delivered or given up on, then, long ago)."""
         jobs: dict[str, Job] = {}
         for path in sorted(self.layout.results.glob("job_*.json")):
             job = _read_job_record(path, check=lambda data: transcript_from_json(data["transcript"]))
             if job is not None and job.status == SUCCEEDED:
+                if job.webhook is not None and time.time() - job.webhook["created_at"] > self.webhook_max_age_seconds:
+                    job.webhook = None
                 jobs[job.id] = job
         for path in sorted(self.layout.uploads.glob("job_*.json")):
             job = _read_job_record(path)
@@ -4302,9 +4316,10 @@ class JobStore:
                  ttl_seconds: float, keep_audio: bool, storage_retries: int = 30, instance: str = "",
                  on_transition: Callable[[Job], None] = lambda job: None,
                  on_storage_fault: Callable[[str], None] = lambda what: None,
-                 webhook_for: Callable[[Job], tuple[str, str] | None] = lambda job: None) -> None:
+                 webhook_for: Callable[[Job], tuple[str, str] | None] = lambda job: None,
+                 webhook_max_age_seconds: float = math.inf) -> None:
         self.layout = StateLayout(state_dir)
-        self.files = JobFiles(self.layout, keep_audio=keep_audio)
+        self.files = JobFiles(self.layout, keep_audio=keep_audio, webhook_max_age_seconds=webhook_max_age_seconds)
         self._on_transition = on_transition  # each status change, for the log and the metrics
         self._on_storage_fault = on_storage_fault  # "job_run" or "job_table", for the metrics
         self._webhook_for = webhook_for  # a finished job's webhook, (url, body), or None for none
@@ -5053,8 +5068,6 @@ def record_job_transition(state: AppState, job_id: str, status: str, *, model: s
 
 def announce_job(state: AppState, job: Job) -> None:
     ran = job.processing_seconds if job.status == SUCCEEDED else None
-    if ran is None and job.status == SUCCEEDED and job.finished_at and job.started_at:
-        ran = job.finished_at - job.started_at  # the transcript's own time was not kept
     record_job_transition(state, job.id, job.status, model=job.spec.model, audio_seconds=job.audio_seconds,
                           inference_seconds=ran, error=job.error["message"] if job.error else None)
 
@@ -5087,7 +5100,8 @@ def open_jobs(state: AppState, describe_job: DescribeJob) -> JobStore:
                      keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
                      instance=settings.instance, on_transition=lambda job: announce_job(state, job),
                      on_storage_fault=lambda what: state.metrics.storage_faults.labels(what).inc(),
-                     webhook_for=webhook_for(settings, describe_job))
+                     webhook_for=webhook_for(settings, describe_job),
+                     webhook_max_age_seconds=settings.webhook_max_age_hours * 3600)
     state.metrics.count_jobs = store.status_counts
     store.open()
     store.start_sweeping()
@@ -5257,17 +5271,18 @@ def service_status(state: AppState | None) -> str:
     """STATUS= for `systemctl status`: serving or stopping, the queue, what is running."""
     if state is None:
         return "starting: loading the default model"
-    keys = state.scheduler.running_keys()
-    jobs = [key for key in keys if key is not None]
-    beside = state.scheduler.windows_beside()
+    running = state.scheduler.busy()
+    jobs = [key for key, _ in running if key is not None]
+    requests = sum(key is None and not beside for key, beside in running)
+    beside = sum(beside for _, beside in running)
     parts = ["stopping" if state.stopping else "serving", f"{state.scheduler.depth()} queued"]
     if jobs:
         parts.append("running job " + ", ".join(jobs))
-    if len(keys) - len(jobs) > beside:
-        parts.append(f"{len(keys) - len(jobs) - beside} request(s) transcribing")
+    if requests:
+        parts.append(f"{requests} request(s) transcribing")
     if beside:
         parts.append(f"{beside} more window(s) of them beside")
-    if not keys:
+    if not running:
         parts.append("idle")
     return "; ".join(parts)
 

@@ -378,11 +378,10 @@ def _audiotext_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any
     import threading
 
     audiotext = _audiotext()
-    # fit_short_audio only when asked for, so that the default runs on a ModelStore without it too
-    fit = {"fit_short_audio": True} if config["fit_short_audio"] else {}
+    # These only when asked for, so that the default runs on a ModelStore without them too.
+    extra = {name: True for name in ("fit_short_audio", "condition_on_previous_text") if config[name]}
     store = audiotext.ModelStore(Path(config["models_dir"]), default=config["model"], threads=config["threads"],
-                                 vad=config["vad"], spin_threads=config["spin"],
-                                 condition_on_previous_text=config["previous_text"], **fit)
+                                 vad=config["vad"], spin_threads=config["spin"], **extra)
     if config["vad"] and not store.uses_vad(True):
         raise RuntimeError(f"VAD asked for, but {store.models_dir} has no {audiotext.VAD_MODEL_FILE}")
     engine = audiotext.Engine(store, max_audio_seconds=4 * 3600)
@@ -406,7 +405,8 @@ def _faster_whisper_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str
 
     def transcribe(audio: Any) -> str:
         segments, _ = model.transcribe(audio, language=LANGUAGE, beam_size=1, best_of=1,
-                                       condition_on_previous_text=config["previous_text"], vad_filter=config["vad"])
+                                       condition_on_previous_text=config["condition_on_previous_text"],
+                                       vad_filter=config["vad"])
         # the transcription runs while the generator is consumed: inside the timed call
         return " ".join(s.text.strip() for s in segments).strip()
 
@@ -726,7 +726,8 @@ def main() -> None:
         python, model = (Path(sys.executable), at_model) if config.kind == "audiotext" else (fw_python, str(fw_dir))
         return Worker(config, python, {"kind": config.kind, "model": model, "models_dir": str(cache / "models"),
                                        "threads": args.threads, "vad": config.vad, "spin": args.spin_threads,
-                                       "fit_short_audio": args.fit_short_audio, "previous_text": args.previous_text},
+                                       "fit_short_audio": args.fit_short_audio,
+                                       "condition_on_previous_text": args.previous_text},
                       start_timeout=300)
 
     load = os.getloadavg()
