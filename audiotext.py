@@ -2932,7 +2932,6 @@ class LoadedModel:
         self._file_bytes = path.stat().st_size
         self.memory_bytes = self._plausible(_rss_bytes() - rss_before)
         self._first_run_measured = False
-        self._layout = SpeechLayout(())  # of the last call, for reading its results
         logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
                     " (with VAD)" if vad_path else "")
 
@@ -2948,7 +2947,8 @@ class LoadedModel:
             if options.language is None and options.languages and self.multilingual:
                 options = dataclasses.replace(
                     options, language=self._likeliest_language(audio, options, vad_params, abort))
-            status = self._run(audio, self._params(audio, options), abort, on_segment, vad_params, on_fraction)
+            status, layout = self._run(audio, self._params(audio, options), abort, on_segment, vad_params,
+                                       on_fraction)
             if not self._first_run_measured:
                 self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
                 self._first_run_measured = True
@@ -2957,7 +2957,7 @@ class LoadedModel:
             if status != 0:
                 # Its segments would be the previous call's: say so rather than answer with them.
                 raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
-            return self._collect(audio, options)
+            return self._collect(audio, options, layout)
 
     def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, vad_params: Any,
                             abort: threading.Event) -> str:
@@ -2974,7 +2974,7 @@ class LoadedModel:
         if len(allowed) == 1:
             return allowed[0]
         params = dict(self._params(audio, options), language="auto", detect_language=True)
-        status = self._run(audio, params, abort, None, vad_params, None)
+        status, _ = self._run(audio, params, abort, None, vad_params, None)
         if abort.is_set():
             raise Aborted()
         if status != 0:
@@ -3012,8 +3012,10 @@ class LoadedModel:
                     vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
-             on_segment: SegmentSink | None, vad_params: Any, on_fraction: Callable[[float], None] | None) -> int:
-        """whisper_full with the whole parameter set; its status, which Model.transcribe drops."""
+             on_segment: SegmentSink | None, vad_params: Any,
+             on_fraction: Callable[[float], None] | None) -> tuple[int, SpeechLayout]:
+        """whisper_full with the whole parameter set: its status, which Model.transcribe drops, and
+        where its VAD put the speech, for reading the times of its results."""
         import _pywhispercpp as pw
 
         model = self._model
@@ -3039,10 +3041,10 @@ class LoadedModel:
         pw.assign_abort_callback(model._params, abort.is_set)
         _vad_layout_log.stretches = stretches
         try:
-            return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
+            status = int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
         finally:
             _vad_layout_log.stretches = None
-            self._layout = SpeechLayout(stretches, edge_cs=edge_cs)
+        return status, SpeechLayout(stretches, edge_cs=edge_cs)
 
     @staticmethod
     def _segment_times(ctx: Any, i: int, layout: SpeechLayout) -> tuple[float, float]:
@@ -3051,7 +3053,7 @@ class LoadedModel:
         start, end = layout.mend_segment(pw.whisper_full_get_segment_t0(ctx, i), pw.whisper_full_get_segment_t1(ctx, i))
         return start / 100.0, end / 100.0
 
-    def _collect(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
+    def _collect(self, audio: np.ndarray, options: TranscribeOptions, layout: SpeechLayout) -> Transcript:
         import _pywhispercpp as pw
 
         ctx = self._model._ctx  # pywhispercpp has no public accessor for per-token data
@@ -3066,7 +3068,7 @@ class LoadedModel:
                 if data.id < eot:
                     # Bytes, not text: a token may hold part of a character (an emoji, say).
                     text_tokens.append((data, pw.whisper_token_to_bytes(ctx, data.id)))
-            start, end = self._segment_times(ctx, i, self._layout)
+            start, end = self._segment_times(ctx, i, layout)
             text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
             if _NON_SPEECH.fullmatch(text):
                 continue
@@ -3078,7 +3080,7 @@ class LoadedModel:
                 compression_ratio=_compression_ratio(text)))
             if options.word_timestamps:
                 words.extend(Word(w.word, min(max(w.start, start), end), min(max(w.end, start), end))
-                             for w in _words(text_tokens, self._layout))  # inside their segment
+                             for w in _words(text_tokens, layout))  # inside their segment
             if options.logprobs:
                 token_logprobs.extend({"token": raw.decode("utf-8", "replace"), "bytes": list(raw),
                                        "logprob": round(d.plog, 6)} for d, raw in text_tokens)
