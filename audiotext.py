@@ -115,7 +115,6 @@ SAMPLE_RATE = 16_000  # whisper.cpp wants 16 kHz mono float32, nothing else
 # Settings
 # ---------------------------------------------------------------------------------------------
 
-
 def _default_state_dir() -> Path:
     # systemd's StateDirectory= hands us the path; otherwise follow the XDG convention.
     if os.environ.get("STATE_DIRECTORY"):
@@ -488,7 +487,6 @@ def check_wyoming_settings(settings: Settings) -> None:
                           "the clients (e.g. the Home Assistant box), or bind to 127.0.0.1")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -778,7 +776,6 @@ def log_unexpected(exc: BaseException, where: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class StateLayout:
@@ -1569,6 +1566,13 @@ def is_multilingual_file(path: Path) -> bool:
     return len(header) == 8 and struct.unpack("<2i", header)[1] >= 51_865
 
 
+# ---------------------------------------------------------------------------------------------
+# Model conversion: CTranslate2
+# ---------------------------------------------------------------------------------------------
+
+# Offline work for `models import` and the starter model; nothing on a request's path uses it.
+
+
 # CTranslate2 (faster-whisper) model directories -> whisper.cpp ggml files, for `models import`
 # and the starter model.
 
@@ -1999,6 +2003,10 @@ def _check_vocabulary_size(vocabulary: list[str], n_vocab: int) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Model conversion: ggml files
+# ---------------------------------------------------------------------------------------------
+
 # -- quantised weights -------------------------------------------------------
 #
 # ggml's block formats, written from numpy with the rounding of ggml's reference quantisers
@@ -2263,6 +2271,10 @@ def convert_ctranslate2(
     return whisper_size_name(hparams)
 
 
+# ---------------------------------------------------------------------------------------------
+# Model conversion: Silero VAD
+# ---------------------------------------------------------------------------------------------
+
 # Silero VAD (the `silero-vad` package, MIT) -> whisper.cpp's ggml VAD model, for `models
 # import-vad` and the starter. The package ships the model as TorchScript: a zip of pickles and
 # raw little-endian storages. A restricted unpickler turns it into numpy arrays, so neither torch
@@ -2466,6 +2478,10 @@ def check_vad_file(path: Path) -> None:
         raise ModelError(f"{path.name} is truncated")
 
 
+# ---------------------------------------------------------------------------------------------
+# Model downloads
+# ---------------------------------------------------------------------------------------------
+
 MODELS_BASE_URL = "https://huggingface.co/ggerganov/whisper.cpp/resolve/main"
 # SHA-1 of the official files, as whisper.cpp publishes them; others are fetched unverified.
 KNOWN_SHA1: dict[str, str] = {
@@ -2592,7 +2608,7 @@ def starter_source() -> tuple[Path, list[Path]] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engine
+# Transcripts
 # ---------------------------------------------------------------------------------------------
 
 # Each alias names a family; it resolves to the first of these files present in the models dir,
@@ -2718,6 +2734,10 @@ WHISPER_TEXT_CONTEXT = 16384
 # characters bounds the tokens (at most a few per character) well inside what it handles.
 MAX_PROMPT_CHARS = 1000
 
+
+# ---------------------------------------------------------------------------------------------
+# whisper.cpp
+# ---------------------------------------------------------------------------------------------
 
 # -- times under whisper.cpp's VAD --
 # With VAD on, whisper.cpp transcribes the stretches of speech laid end to end, each followed by
@@ -2894,6 +2914,13 @@ def _vad_params(tuning: tuple[tuple[str, float], ...]) -> Any:
     for field_name, value in {**VAD_PARAMS, **dict(tuning)}.items():
         setattr(params, field_name, type(VAD_PARAMS[field_name])(value))
     return params
+
+
+# Until a context of a file has been loaded and measured, what it is expected to take: the
+# file, plus whisper.cpp's buffers (its KV caches and compute graphs grow with the model).
+CONTEXT_OVERHEAD_RATIO = 1.15
+CONTEXT_OVERHEAD_BYTES = 32 * MiB
+CONTEXT_MAX_RATIO = 2.0  # what a measurement is capped at: other work may grow the process meanwhile
 
 
 class LoadedModel:
@@ -3133,12 +3160,9 @@ def check_language(model: str, multilingual: bool, language: str | None, languag
                                   f"'{language}'; use a multilingual model such as cpu-lite")
 
 
-# Until a context of a file has been loaded and measured, what it is expected to take: the
-# file, plus whisper.cpp's buffers (its KV caches and compute graphs grow with the model).
-CONTEXT_OVERHEAD_RATIO = 1.15
-CONTEXT_OVERHEAD_BYTES = 32 * MiB
-CONTEXT_MAX_RATIO = 2.0  # what a measurement is capped at: other work may grow the process meanwhile
-
+# ---------------------------------------------------------------------------------------------
+# Model store
+# ---------------------------------------------------------------------------------------------
 
 class ModelStore:
     """What `model=` can name, and the models loaded so far.
@@ -3390,6 +3414,10 @@ class ModelStore:
             self._loaded.clear()
             self._users.clear()
 
+
+# ---------------------------------------------------------------------------------------------
+# Engine
+# ---------------------------------------------------------------------------------------------
 
 # After each transcription: (model file name, audio seconds, inference seconds).
 Observer = Callable[[str, float, float], None]
@@ -3885,7 +3913,7 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------------------------
-# Jobs
+# Job records
 # ---------------------------------------------------------------------------------------------
 
 # The job table lives in memory and is mirrored to jobs.json after every change; StateLayout says
@@ -4104,6 +4132,10 @@ def mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **c
         setattr(job, name, value)
 
 
+# ---------------------------------------------------------------------------------------------
+# Job files
+# ---------------------------------------------------------------------------------------------
+
 # Runs one job on a worker thread: decode, load the model, transcribe. It may update the job's
 # audio_seconds and progress as it goes, and raises Aborted once the Event is set.
 Execute = Callable[[Job, Path, threading.Event], Transcript]
@@ -4298,6 +4330,10 @@ class JobFiles:
         if strays:
             logger.warning("removed %d file(s) from uploads/ and results/ that no job needs", len(strays))
 
+
+# ---------------------------------------------------------------------------------------------
+# Job table
+# ---------------------------------------------------------------------------------------------
 
 class JobStore:
     """The job table and each job's lifecycle, run on the scheduler. Knows nothing of HTTP.
@@ -4817,6 +4853,10 @@ class JobStore:
         if not self._save_quietly():
             logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
 
+
+# ---------------------------------------------------------------------------------------------
+# Webhooks
+# ---------------------------------------------------------------------------------------------
 
 def webhook_retry_delay(failures: int) -> float:
     """Exponential, with jitter so that receivers back from an outage are not hit all at once."""
@@ -6083,971 +6123,8 @@ class WyomingListener:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP
+# Web page
 # ---------------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error as a client sees it, in OpenAI's envelope. Raised by this section's own checks
-    (the token, a missing model id); every other layer's exception becomes one in as_api_error."""
-
-    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-STREAM_FORMATS = ("json", "text")  # as OpenAI: subtitles and verbose_json come whole
-GRANULARITIES = ("segment", "word")
-
-
-@dataclass(frozen=True)
-class LineLayout:
-    """Subtitles people can read: cues of at most `count` lines of at most `width` characters
-    (the whisper command line's max_line_width and max_line_count). None: whisper's segments."""
-
-    width: int | None = None
-    count: int | None = None
-
-
-@dataclass(frozen=True)
-class TranscriptionRequest:
-    model: str | None
-    options: TranscribeOptions
-    response_format: str
-    granularities: frozenset[str]
-    stream: bool = False
-    layout: LineLayout = LineLayout()
-
-
-def _field_text(form: Form, name: str) -> str | None:
-    value = form.get(name)
-    return value.strip() if value is not None and value.strip() != "" else None
-
-
-def _parse_language(value: str | None) -> str | None:
-    if value is None or value.lower() == "auto":
-        return None
-    code = value.lower()
-    if code not in LANGUAGE_NAMES:
-        by_name = {name: c for c, name in LANGUAGE_NAMES.items()}
-        if code in by_name:
-            return by_name[code]
-        raise UnsupportedLanguage(f"unsupported language '{value}': use an ISO-639-1 code whisper knows, such "
-                                  "as 'en', 'ca' or 'es'")
-    return code
-
-
-def _parse_languages(form: Form) -> tuple[str, ...] | None:
-    """languages[] (as the SDKs send it), repeated or comma-separated; None when not given."""
-    codes: list[str] = []
-    for value in form.fields.get("languages[]", []) + form.fields.get("languages", []):
-        for part in value.split(","):
-            if part.strip():
-                try:
-                    code = _parse_language(part.strip())
-                except UnsupportedLanguage as exc:
-                    raise UnsupportedLanguage(str(exc), param="languages[]") from None
-                if code is None:
-                    raise InvalidRequest("languages[] lists languages; 'auto' is what leaving it out means",
-                                         param="languages[]")
-                if code not in codes:
-                    codes.append(code)
-    return tuple(codes) or None
-
-
-def _parse_temperature(value: str | None) -> float:
-    if value is None:
-        return 0.0
-    try:
-        temperature = float(value)
-    except ValueError:
-        raise InvalidRequest(f"temperature must be a number between 0 and 1, got '{value}'",
-                             param="temperature") from None
-    if not 0.0 <= temperature <= 1.0:
-        raise InvalidRequest(f"temperature must be between 0 and 1, got {value}", param="temperature")
-    return temperature
-
-
-def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, default: str) -> str:
-    if value is None:
-        return default
-    if value not in choices:
-        raise InvalidRequest(f"{param} must be one of {', '.join(choices)}; got '{value}'", param=param)
-    return value
-
-
-# OpenAI's server_vad fields -> whisper.cpp's VAD parameters.
-SERVER_VAD_FIELDS = {"threshold": "threshold", "prefix_padding_ms": "speech_pad_ms",
-                     "silence_duration_ms": "min_silence_duration_ms"}
-
-
-def _parse_vad(form: Form) -> tuple[bool | None, tuple[tuple[str, float], ...]]:
-    """`vad` (true/false) and OpenAI's `chunking_strategy`: "auto", or server_vad with its
-    parameters, as a JSON object or as the SDKs send it, `chunking_strategy[type]=server_vad` and
-    so on. (None: AUDIOTEXT_VAD decides, and the VAD's own tuning.)"""
-    strategy = _parse_chunking_strategy(form)
-    vad = _field_text(form, "vad")
-    if vad is None:
-        return (None if strategy is None else True), tuple(sorted(strategy.items())) if strategy else ()
-    try:
-        return _flag(vad), tuple(sorted(strategy.items())) if strategy else ()
-    except ValueError:
-        raise InvalidRequest(f"vad must be true or false, got '{vad}'", param="vad") from None
-
-
-def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
-    """None when absent; else the VAD tuning it asks for ({} for "auto")."""
-    raw = _field_text(form, "chunking_strategy")
-    fields = {key[len("chunking_strategy["):-1]: value.strip() for key, values in form.fields.items()
-              if key.startswith("chunking_strategy[") and key.endswith("]") for value in values[:1]}
-    if raw is not None and raw.startswith("{"):
-        try:
-            fields = json.loads(raw)
-        except ValueError:
-            raise InvalidRequest("chunking_strategy is not valid JSON", param="chunking_strategy") from None
-        if not isinstance(fields, dict):
-            raise InvalidRequest("chunking_strategy must be \"auto\" or an object", param="chunking_strategy")
-    elif raw is not None:
-        if raw != "auto" or fields:  # a plain string; the other form is an object
-            raise InvalidRequest(f"chunking_strategy must be 'auto' (voice activity detection); got '{raw}'",
-                                 param="chunking_strategy")
-        return {}
-    if not fields:
-        return None
-    if fields.get("type") != "server_vad":
-        raise InvalidRequest(f"chunking_strategy[type] must be 'server_vad'; got '{fields.get('type')}'",
-                             param="chunking_strategy[type]")
-    tuning = {}
-    for name, value in fields.items():
-        if name == "type":
-            continue
-        if name not in SERVER_VAD_FIELDS:
-            raise InvalidRequest(f"chunking_strategy has no field '{name}'; it takes type, "
-                                 f"{', '.join(SERVER_VAD_FIELDS)}", param=f"chunking_strategy[{name}]")
-        target = SERVER_VAD_FIELDS[name]
-        low, high = VAD_TUNABLE[target]
-        try:
-            number = math.nan if isinstance(value, bool) else float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not low <= number <= high:
-            raise InvalidRequest(f"chunking_strategy[{name}] must be a number from {low:g} to {high:g}; "
-                                 f"got '{value}'", param=f"chunking_strategy[{name}]")
-        tuning[target] = number
-    return tuning
-
-
-MAX_LINE_WIDTH = (1, 1000)
-MAX_LINE_COUNT = (1, 20)
-
-
-def _parse_line_layout(get: Callable[[str], str | None], response_format: str) -> LineLayout:
-    """max_line_width and max_line_count, from a form or a query; subtitles only."""
-    values = {}
-    for name, (low, high) in (("max_line_width", MAX_LINE_WIDTH), ("max_line_count", MAX_LINE_COUNT)):
-        raw = (get(name) or "").strip()
-        if not raw:
-            continue
-        if not (raw.isdigit() and low <= int(raw) <= high):
-            raise InvalidRequest(f"{name} must be a whole number from {low} to {high}; got '{raw}'", param=name)
-        if response_format not in ("srt", "vtt"):
-            raise InvalidRequest(f"{name} applies to response_format srt or vtt, not '{response_format}'",
-                                 param=name)
-        values[name.removeprefix("max_line_")] = int(raw)
-    return LineLayout(**values)
-
-
-INCLUDABLE = ("logprobs",)
-
-
-def _parse_include(form: Form, response_format: str) -> bool:
-    """OpenAI's include[]: only logprobs exists, and only for json (and its stream)."""
-    values = [v.strip() for v in form.fields.get("include[]", []) + form.fields.get("include", []) if v.strip()]
-    for value in values:
-        if value not in INCLUDABLE:
-            raise InvalidRequest(f"include[] may hold {', '.join(INCLUDABLE)}; got '{value}'", param="include[]")
-    if values and response_format != "json":
-        raise InvalidRequest(f"include[]=logprobs needs response_format json, not '{response_format}'",
-                             param="include[]")
-    return bool(values)
-
-
-def _parse_stream(form: Form, response_format: str) -> bool:
-    value = _field_text(form, "stream")
-    try:
-        stream = value is not None and _flag(value)
-    except ValueError:
-        raise InvalidRequest(f"stream must be true or false, got '{value}'", param="stream") from None
-    if stream and response_format not in STREAM_FORMATS:
-        raise InvalidRequest(f"stream=true needs response_format json or text, not '{response_format}'",
-                             param="stream")
-    return stream
-
-
-def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
-    """The one place request fields become engine options; a bad value is a 400 naming the field."""
-    response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
-                                    param="response_format", default="json")
-    raw_granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get(
-        "timestamp_granularities", [])
-    granularities = frozenset(
-        _parse_choice(g.strip(), GRANULARITIES, param="timestamp_granularities[]", default="segment")
-        for g in raw_granularities if g.strip())
-    if granularities and response_format != "verbose_json":
-        raise InvalidRequest("timestamp_granularities[] needs response_format=verbose_json",
-                             param="timestamp_granularities[]")
-    prompt = form.get("prompt")
-    vad, vad_tuning = _parse_vad(form)
-    layout = _parse_line_layout(form.get, response_format)
-    logprobs = _parse_include(form, response_format)
-    options = TranscribeOptions(
-        language=_parse_language(_field_text(form, "language")), languages=_parse_languages(form),
-        prompt=prompt if prompt else None,
-        temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
-        # Lines cut at words want each word's time.
-        word_timestamps="word" in granularities or layout != LineLayout(), vad=vad, vad_tuning=vad_tuning,
-        logprobs=logprobs)
-    return TranscriptionRequest(_field_text(form, "model"), options, response_format,
-                                granularities or frozenset({"segment"}), _parse_stream(form, response_format), layout)
-
-
-def _timestamp(seconds: float, *, sep: str) -> str:
-    millis = int(round(seconds * 1000))
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{millis:03d}"
-
-
-SUBTITLE_LINE_WIDTH = 42  # the common broadcast limit, when only a line count is asked for
-Cue = tuple[float, float, str]
-
-
-def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> list[Cue]:
-    if layout.width is None and layout.count is None:
-        return [(s.start, s.end, s.text.strip()) for s in transcript.segments]
-    cues: list[Cue] = []
-    timed = iter(w for w in transcript.words if w.word.strip())
-    pending = next(timed, None)
-    for segment in transcript.segments:
-        own: list[Word] = []  # each word once, in the segment it starts in (or the last one)
-        while pending is not None and (pending.start < segment.end or segment is transcript.segments[-1]):
-            own.append(Word(pending.word.strip(), pending.start, pending.end))
-            pending = next(timed, None)
-        lines = _wrap(own or _spread_words(segment), layout.width or SUBTITLE_LINE_WIDTH)
-        if not lines:
-            continue  # a segment with no words is no cue
-        per_cue = layout.count or len(lines)
-        for i in range(0, len(lines), per_cue):
-            group = lines[i:i + per_cue]
-            end = segment.end if i + per_cue >= len(lines) else group[-1][-1].end
-            cues.append((group[0][0].start, end, "\n".join(" ".join(w.word for w in line) for line in group)))
-    return cues
-
-
-def _spread_words(segment: Segment) -> list[Word]:
-    """Without word times, the segment's words spread over it in proportion to their length."""
-    texts = segment.text.split()
-    total = sum(len(t) + 1 for t in texts) or 1
-    spread, done = [], 0
-    for text in texts:
-        start = segment.start + (segment.end - segment.start) * done / total
-        done += len(text) + 1
-        spread.append(Word(text, start, segment.start + (segment.end - segment.start) * done / total))
-    return spread
-
-
-def _wrap(words: list[Word], width: int) -> list[list[Word]]:
-    """Lines of whole words, each at most `width` characters unless one word is longer."""
-    lines: list[list[Word]] = []
-    for word in words:
-        if lines and sum(len(w.word) + 1 for w in lines[-1]) + len(word.word) <= width:
-            lines[-1].append(word)
-        else:
-            lines.append([word])
-    return lines
-
-
-def to_srt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
-    blocks = [f"{n}\n{_timestamp(start, sep=',')} --> {_timestamp(end, sep=',')}\n{text}\n"
-              for n, (start, end, text) in enumerate(subtitle_cues(transcript, layout), start=1)]
-    return "\n".join(blocks)
-
-
-def to_vtt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
-    blocks = [f"{_timestamp(start, sep='.')} --> {_timestamp(end, sep='.')}\n{text}\n"
-              for start, end, text in subtitle_cues(transcript, layout)]
-    return "WEBVTT\n\n" + "\n".join(blocks)
-
-
-def usage(transcript: Transcript) -> dict[str, Any]:
-    """OpenAI's usage for audio billed by length: whole seconds, rounded up."""
-    return {"type": "duration", "seconds": math.ceil(transcript.duration)}
-
-
-def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "task": transcript.task,
-        "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
-        "duration": transcript.duration,
-        "text": transcript.text,
-        "usage": usage(transcript),
-    }
-    if "segment" in granularities:
-        body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
-    if "word" in granularities:
-        body["words"] = [dataclasses.asdict(w) for w in transcript.words]
-    if transcript.skipped_audio_seconds:
-        body["skipped_audio_seconds"] = transcript.skipped_audio_seconds
-    return body
-
-
-# Seconds of damaged audio left out of a transcript, on every format's answer when there were any:
-# text, srt and vtt have no room for it in the body.
-SKIPPED_AUDIO_HEADER = "X-Audiotext-Skipped-Audio"
-
-
-def render_transcript(transcript: Transcript, response_format: str,
-                      granularities: frozenset[str] = frozenset({"segment"}),
-                      layout: LineLayout = LineLayout()) -> Response:
-    response = _render_body(transcript, response_format, granularities, layout)
-    if transcript.skipped_audio_seconds:
-        response.headers[SKIPPED_AUDIO_HEADER] = f"{transcript.skipped_audio_seconds:g}"
-    response.headers.update(speed_headers(transcript))
-    return response
-
-
-def speed_headers(transcript: Transcript) -> dict[str, str]:
-    """Which model file ran and how fast, on every answer that carries a transcript."""
-    if not transcript.model_file:
-        return {}
-    rtf = transcript.processing_seconds / transcript.duration if transcript.duration else 0.0
-    return {"X-Audiotext-Model": transcript.model_file, "X-Audiotext-Audio-Seconds": f"{transcript.duration:g}",
-            "X-Audiotext-Processing-Seconds": f"{transcript.processing_seconds:g}",
-            "X-Audiotext-Real-Time-Factor": f"{rtf:.3f}"}
-
-
-def _render_body(transcript: Transcript, response_format: str, granularities: frozenset[str],
-                 layout: LineLayout) -> Response:
-    if response_format == "text":
-        return PlainTextResponse(transcript.text + "\n")
-    if response_format == "srt":
-        return Response(to_srt(transcript, layout), media_type="application/x-subrip")
-    if response_format == "vtt":
-        return Response(to_vtt(transcript, layout), media_type="text/vtt")
-    if response_format == "verbose_json":
-        return JSONResponse(to_verbose_json(transcript, granularities))
-    body: dict[str, Any] = {"text": transcript.text, "usage": usage(transcript)}
-    if transcript.logprobs is not None:
-        body["logprobs"] = transcript.logprobs
-    return JSONResponse(body)
-
-
-def _state(request: Request) -> AppState:
-    return request.app.state.audiotext
-
-
-def refuse_uploads_while_stopping(state: AppState) -> None:
-    """Every upload route calls this first: work accepted now could not finish before the exit."""
-    if state.stopping:
-        raise SchedulerStopped()
-
-
-def _check_token(request: Request) -> None:
-    token = _state(request).settings.api_token
-    if token is None:
-        return  # --no-auth on loopback, refused at startup otherwise
-    header = request.headers.get("authorization", "")
-    scheme, _, supplied = header.partition(" ")
-    # Starlette decodes header bytes as Latin-1; encoding back gives the bytes as sent, which a
-    # client sends as UTF-8, the token's encoding in the environment.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode("latin-1"), token.encode()):
-        raise APIError(401, "missing or invalid bearer token; send 'Authorization: Bearer <token>'",
-                       type="authentication_error", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
-
-
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def protected(endpoint: Endpoint) -> Endpoint:
-    async def wrapper(request: Request) -> Response:
-        _check_token(request)
-        return await endpoint(request)
-
-    wrapper.__name__ = endpoint.__name__
-    return wrapper
-
-
-def whole_number(text: str | None) -> int | None:
-    """A plain decimal count, as a header or a query parameter carries it; None otherwise."""
-    return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
-
-
-BEYOND_ANY_LIMIT = 10**18  # a declared length with more digits than this is more than any disk holds
-
-
-def declared_length(request: Request) -> int | None:
-    """The body's Content-Length, however many digits it has (one past every limit when more
-    than whole_number reads), or None when there is none."""
-    text = request.headers.get("content-length")
-    if text is None or not re.fullmatch(r"[0-9]+", text):
-        return None
-    digits = text.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 18 else BEYOND_ANY_LIMIT
-
-
-@dataclass(frozen=True)
-class UploadPace:
-    """How slowly a client may send a body: a stall of `stall_seconds` ends it, and after the
-    first `stall_seconds` it must keep up `min_rate` bytes a second on average."""
-
-    stall_seconds: float
-    min_rate: float
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> UploadPace:
-        return cls(settings.body_timeout_seconds, settings.min_upload_rate)
-
-
-async def read_paced(chunks: AsyncIterator[bytes], pace: UploadPace) -> AsyncIterator[bytes]:
-    """The chunks, until the client falls behind the pace: then RequestTimeout (408), which
-    read_form turns into removing what it spooled."""
-    loop = asyncio.get_running_loop()
-    started, received = loop.time(), 0
-    iterator = aiter(chunks)
-    while True:
-        now = loop.time()
-        stall_deadline = now + pace.stall_seconds
-        rate_deadline = started + pace.stall_seconds + received / pace.min_rate
-        try:
-            chunk = await asyncio.wait_for(anext(iterator), max(0.0, min(stall_deadline, rate_deadline) - now))
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise RequestTimeout(
-                f"the upload stalled: nothing arrived for {pace.stall_seconds:g} s (AUDIOTEXT_BODY_TIMEOUT_SECONDS)"
-                if stall_deadline <= rate_deadline else
-                f"the upload is slower than {pace.min_rate:g} bytes/s (AUDIOTEXT_MIN_UPLOAD_RATE)") from None
-        received += len(chunk)
-        yield chunk
-
-
-def form_limits(settings: Settings) -> FormLimits:
-    return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
-
-
-def spool_dir(settings: Settings) -> Path:
-    return StateLayout(settings.state_dir).spool
-
-
-async def receive_form(request: Request) -> Form:
-    state = _state(request)
-    body = read_paced(request.stream(), UploadPace.for_settings(state.settings))
-    return await read_form(_counted(body, state.metrics), request.headers.get("content-type"),
-                           spool_dir=spool_dir(state.settings), limits=form_limits(state.settings),
-                           content_length=declared_length(request))
-
-
-async def _counted(stream: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        metrics.upload_bytes.inc(len(chunk))
-        yield chunk
-
-
-async def _abort_on_disconnect(request: Request, abort: threading.Event) -> None:
-    """The body is fully read by now, so the next receive() only returns on disconnect."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            abort.set()
-            return
-
-
-def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[TranscriptionRequest,
-                                                                              UploadedFile, str]:
-    """Everything about an upload that can be refused before any decoding or queueing:
-    the fields, the file's presence, the model, and a language the model can handle."""
-    parsed = parse_transcription_request(form, translate=translate)
-    upload = form.files.get("file")
-    if upload is None:
-        raise InvalidRequest("the 'file' form field is required", param="file")
-    model = state.models.check_request(parsed.model, parsed.options.language, parsed.options.languages)
-    return parsed, upload, model
-
-
-async def transcribe_upload(request: Request, *, translate: bool) -> Response:
-    state = _state(request)
-    refuse_uploads_while_stopping(state)
-    form: Form | None = await receive_form(request)
-    assert form is not None
-    try:
-        parsed, upload, _ = validate_upload(state, form, translate=translate)
-        # Opening the container blocks; a thread keeps the event loop answering.
-        await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
-        if parsed.stream:
-            response = stream_transcription(request, state, form, parsed, upload)
-            form = None  # the stream removes the upload when it ends
-            return response
-        transcript = await wait_for_work(request, state, submit_transcription(state, parsed, upload))
-    finally:
-        if form is not None:
-            form.cleanup()
-    return render_transcript(transcript, parsed.response_format, parsed.granularities, parsed.layout)
-
-
-def submit_transcription(state: AppState, parsed: TranscriptionRequest, upload: UploadedFile, *,
-                         on_segment: SegmentSink | None = None) -> Work:
-    def run(abort: threading.Event) -> Transcript:
-        # Decoded on the worker: the pool caps the CPU and memory that waiting uploads take.
-        return state.engine.transcribe_file(upload.path, parsed.model, parsed.options, abort, on_segment=on_segment)
-
-    return state.scheduler.submit(run, priority=PRIORITY_SYNC)
-
-
-def _sse(event: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-def stream_transcription(request: Request, state: AppState, form: Form, parsed: TranscriptionRequest,
-                         upload: UploadedFile) -> StreamingResponse:
-    """Server-sent events as OpenAI streams a transcription: a transcript.text.delta per segment as
-    whisper.cpp finishes it, then transcript.text.done. Whatever goes wrong once the stream has
-    begun is an `error` event, which the SDKs raise; a client that leaves aborts the work."""
-    loop = asyncio.get_running_loop()
-    segments: asyncio.Queue[str] = asyncio.Queue()
-
-    def on_segment(start: float, end: float, text: str) -> None:  # on the worker thread
-        loop.call_soon_threadsafe(segments.put_nowait, text)
-
-    work = submit_transcription(state, parsed, upload, on_segment=on_segment)
-
-    async def events() -> AsyncIterator[bytes]:
-        outcome = asyncio.ensure_future(wait_for_work(request, state, work))
-        try:
-            first = True
-            async for text in until_done(segments, outcome):
-                yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
-                first = False
-            transcript: Transcript = outcome.result()
-            done: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)}
-            if transcript.logprobs is not None:
-                done["logprobs"] = transcript.logprobs
-            if transcript.skipped_audio_seconds:  # the headers went out before anything was decoded
-                done["skipped_audio_seconds"] = transcript.skipped_audio_seconds
-            yield _sse(done)
-        except Exception as exc:
-            if is_unexpected(exc):
-                log_unexpected(exc, f"in a stream on {request.url.path}")
-            yield _sse(as_api_error(exc).body())
-        finally:
-            outcome.cancel()  # a client gone mid-stream: wait_for_work aborts the work
-            form.cleanup()
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
-async def wait_for_work(request: Request, state: AppState, work: Work) -> Any:
-    """The worker's outcome for a waiting client. A stop answers it with 503 when its work is
-    dropped from the queue, or at the end of the grace while whisper.cpp is still winding down,
-    so the answer never depends on how fast an abort is honoured or a task is cancelled."""
-    outcome = asyncio.wrap_future(work.future)
-    grace_over = asyncio.ensure_future(state.grace_over.wait())
-    watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
-    try:
-        await asyncio.wait({outcome, grace_over}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        work.future.cancel()
-        work.abort.set()  # nobody is left to answer: free the worker
-        raise
-    finally:
-        grace_over.cancel()
-        watcher.cancel()
-    if not outcome.done() or outcome.cancelled():
-        outcome.cancel()  # the worker's late answer, if any, goes nowhere
-        raise SchedulerStopped()
-    try:
-        return outcome.result()
-    except Aborted:
-        if state.stopping:
-            raise SchedulerStopped() from None
-        logger.info("transcription aborted: the client disconnected")
-        raise
-
-
-async def create_transcription(request: Request) -> Response:
-    return await transcribe_upload(request, translate=False)
-
-
-async def create_translation(request: Request) -> Response:
-    return await transcribe_upload(request, translate=True)
-
-
-def _model_object(row: dict[str, Any], created: int) -> dict[str, Any]:
-    return {"id": row["id"], "object": "model", "created": created, "owned_by": "audiotext"}
-
-
-async def list_models(request: Request) -> Response:
-    state = _state(request)
-    created = int(state.started_at)
-    data = [_model_object(row, created) for row in state.models.catalog() if row["file"]]
-    return JSONResponse({"object": "list", "data": data})
-
-
-async def get_model(request: Request) -> Response:
-    state = _state(request)
-    model_id = request.path_params["model_id"]
-    for row in state.models.catalog():
-        if row["id"] == model_id and row["file"]:
-            return JSONResponse(_model_object(row, int(state.started_at)))
-    raise APIError(404, f"model '{model_id}' not found", type="not_found_error", param="model",
-                   code="model_not_found")
-
-
-async def healthz(request: Request) -> Response:
-    state = _state(request)
-    memory = state.models.memory_by_model()
-    return JSONResponse({"status": "ok", "version": __version__, "instance": state.settings.instance or None,
-                         "models_loaded": state.models.loaded(),
-                         "models_memory_mb": {name: round(size / MiB) for name, size in sorted(memory.items())},
-                         "model_memory_budget_mb": state.models.memory_budget // MiB,
-                         "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
-                         "vad": state.models.uses_vad(None), "cpu_features": cpu_features()})
-
-
-async def metrics(request: Request) -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    state = _state(request)
-    if not state.settings.metrics_public:
-        _check_token(request)
-    return Response(generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-# Polled by monitors and scripts every second or so: a line per successful poll would bury
-# everything else. The job routes are JOBS_PATH's, spelled out as this is read first.
-QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
-QUIET_POLLS = frozenset({("GET", "/v1/transcription-jobs"), ("GET", "/v1/transcription-jobs/{job_id}")})
-# Any token is a valid HTTP method; labelling by whatever a client sends would let it mint series.
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-class RequestLog:
-    """Pure ASGI middleware in place of uvicorn's access log: per request, one line and one count.
-
-    The line holds the method, the path without its query, the status and the milliseconds; never
-    a header (the token) nor a body (the audio, the transcript).
-    """
-
-    def __init__(self, app: Any, *, routes: list[Any]) -> None:
-        self.app = app
-        self.routes = routes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status: int | None = None
-
-        async def send_noting_status(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            # No status means the app raised, and the error middleware outside this one answers 500.
-            self._record(scope, status or 500, time.monotonic() - started)
-
-    def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
-        route = self._route_template(scope)
-        state: AppState | None = getattr(scope["app"].state, "audiotext", None)
-        if state is not None:
-            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            state.metrics.requests.labels(route, method, str(status)).inc()
-        # raw_path is the path as sent, percent-encoded, so a client cannot forge log lines.
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "backslashreplace")
-        quiet = route in QUIET_ROUTES or (scope["method"], route) in QUIET_POLLS
-        level = logging.DEBUG if quiet and status < 400 else logging.INFO
-        logger.log(level, "%s %s %d %.0f ms", scope["method"], path, status, seconds * 1000)
-
-    def _route_template(self, scope: dict[str, Any]) -> str:
-        """The route's template, not the raw path, so ids in paths do not multiply the series."""
-        for route in self.routes:
-            if route.matches(scope)[0] is not Match.NONE:
-                return route.path
-        return "unmatched"
-
-
-JOBS_PATH = "/v1/transcription-jobs"
-DEFAULT_LIST_LIMIT = 20
-MAX_LIST_LIMIT = 100
-CANCEL_WAIT_SECONDS = 2.0  # a cancel waits this long for a running job to stop before answering
-CANCEL_POLL_SECONDS = 0.02
-
-
-def _job_store(request: Request) -> JobStore:
-    store = _state(request).jobs
-    assert store is not None  # the lifespan opens it before the port is bound
-    return store
-
-
-def _unix(value: float | None) -> int | None:
-    return None if value is None else int(value)
-
-
-def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
-    return {
-        "id": job.id, "object": "transcription.job", "status": job.status, "model": job.spec.model,
-        "task": job.spec.task, "language": {"requested": job.spec.language, "detected": job.detected_language},
-        "response_format": job.spec.response_format, "created_at": int(job.created_at),
-        "started_at": _unix(job.started_at), "finished_at": _unix(job.finished_at),
-        "audio_seconds": job.audio_seconds, "skipped_audio_seconds": job.skipped_audio_seconds,
-        "progress": job.progress(), "queue_position": queue_position, "error": job.error,
-        "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
-    }
-
-
-def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
-    return job_object(job, store.position(job.id) if job.status == QUEUED else None)
-
-
-def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
-    positions = store.positions([j.id for j in jobs if j.status == QUEUED])
-    return [job_object(j, positions.get(j.id) if j.status == QUEUED else None) for j in jobs]
-
-
-def _check_free_space(request: Request, settings: Settings) -> None:
-    """Refuse a declared body the disk cannot hold before reading any of it."""
-    length = declared_length(request)
-    if length is None or length > form_limits(settings).max_body_bytes:
-        return  # unknown, or a 413 the parser gives before reading
-    if shutil.disk_usage(spool_dir(settings)).free < length:
-        raise OSError(errno.ENOSPC, "not enough free space for the upload")
-
-
-def _parse_webhook_url(value: str | None, settings: Settings) -> str | None:
-    """Only a URL under one of the operator's prefixes: a client must not make the daemon call
-    whatever address it likes, inside the network it stands in."""
-    if not value:
-        return None
-    if not settings.webhook_allowed_urls:
-        raise InvalidRequest("webhook_url is not accepted here: AUDIOTEXT_WEBHOOK_ALLOWED_URLS lists no URL a job "
-                             "may name", param="webhook_url")
-    try:
-        _webhook_url(value)
-    except ValueError as exc:
-        raise InvalidRequest(f"webhook_url: {exc}", param="webhook_url") from None
-    segments = urllib.parse.unquote(urllib.parse.urlsplit(value).path).split("/")
-    if "." in segments or ".." in segments:  # a server would resolve them past the allowed prefix
-        raise InvalidRequest("webhook_url may not hold . or .. path segments", param="webhook_url")
-    if not value.startswith(settings.webhook_allowed_urls):
-        raise InvalidRequest(f"webhook_url must start with one of {', '.join(settings.webhook_allowed_urls)}",
-                             param="webhook_url")
-    return value
-
-
-async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
-    task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
-    webhook_url = _parse_webhook_url(_field_text(form, "webhook_url"), state.settings)
-    parsed, upload, model = validate_upload(state, form, translate=task == "translate")
-    if parsed.options.logprobs:  # the caller's cleanup removes the upload
-        raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",
-                             param="include[]")
-    # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
-    seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
-    options = parsed.options
-    spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
-                   temperature=options.temperature, word_timestamps=options.word_timestamps,
-                   response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
-                   vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url,
-                   languages=options.languages)
-    # Several fsyncs happen before the job exists; they must not stall the event loop either.
-    return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
-
-
-async def create_job(request: Request) -> Response:
-    state, store = _state(request), _job_store(request)
-    refuse_uploads_while_stopping(state)
-    store.check_capacity()
-    _check_free_space(request, state.settings)
-    form = await receive_form(request)
-    try:
-        job = await _accept_job(state, store, form)
-    finally:
-        form.cleanup()
-    return JSONResponse(_job_json(store, job), status_code=202, headers={"Location": f"{JOBS_PATH}/{job.id}"})
-
-
-async def get_job(request: Request) -> Response:
-    store = _job_store(request)
-    return JSONResponse(_job_json(store, store.get(request.path_params["job_id"])))
-
-
-# How often an events stream looks at its job (progress need move no faster than people read),
-# and how long it may say nothing before a comment keeps proxies from closing it.
-JOB_EVENTS_POLL_SECONDS = 0.25
-JOB_EVENTS_KEEPALIVE_SECONDS = 15.0
-
-
-async def job_events(request: Request) -> Response:
-    """Server-sent events of a job: its status changes, its progress, its segments as whisper.cpp
-    finishes them, ending when the job does. A late reader first gets what has happened so far."""
-    state, store, job_id = _state(request), _job_store(request), request.path_params["job_id"]
-    store.get(job_id)  # an unknown id is a 404, before the stream begins
-    return StreamingResponse(_job_event_stream(store, job_id, stopping=lambda: state.stopping),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
-def _status_history(job: Job) -> list[tuple[str, float]]:
-    """(status, when) of the job's life so far, from the times it keeps."""
-    history = [(QUEUED, job.created_at)]
-    if job.started_at is not None and job.status != QUEUED:
-        history.append((RUNNING, job.started_at))
-    if job.status in FINISHED_STATUSES:
-        history.append((job.status, job.finished_at or time.time()))
-    return history
-
-
-def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
-    return _sse({"type": "transcription.job.segment", "id": index, "start": round(start, 3), "end": round(end, 3),
-                 "text": text})
-
-
-async def _job_event_stream(store: JobStore, job_id: str, *, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
-    try:
-        async for event in _job_events(store, job_id, stopping):
-            yield event
-    except Exception as exc:  # the stream has begun: an `error` event, as a transcription's stream has
-        if is_unexpected(exc):
-            log_unexpected(exc, f"in the events of job {job_id}")
-        yield _sse(as_api_error(exc).body())
-
-
-async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
-    """The stream's events; it ends with the job, or when the daemon stops (a client reconnects)."""
-    sent_statuses: set[str] = set()
-    sent_segments, sent_progress, quiet_since = 0, -1.0, time.monotonic()
-    while True:
-        try:
-            job = store.get(job_id)
-        except JobNotFound:
-            yield _sse({"type": "transcription.job.deleted", "id": job_id})
-            return
-        before = (len(sent_statuses), sent_segments, sent_progress)
-        history = _status_history(job)
-        for status, at in history[:-1] if job.status in FINISHED_STATUSES else history:
-            if status not in sent_statuses:  # the terminal one waits for the last segments
-                sent_statuses.add(status)
-                yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
-                            "job": _job_json(store, job)})
-        heard = job.heard
-        if job.status == SUCCEEDED and not heard:  # the result file holds them now
-            transcript = await run_in_threadpool(store.result, job_id)
-            heard = [(s.start, s.end, s.text) for s in transcript.segments]
-        sent_segments = min(sent_segments, len(heard))  # a run started again (a storage fault) starts over
-        for index in range(sent_segments, len(heard)):
-            yield _segment_event(index, *heard[index])
-        sent_segments = len(heard)
-        if job.status == RUNNING and job.progress() != sent_progress:
-            sent_progress = job.progress()
-            yield _sse({"type": "transcription.job.progress", "progress": sent_progress,
-                        "seconds_done": round(job.seconds_done, 3), "audio_seconds": job.audio_seconds})
-        if job.status in FINISHED_STATUSES:
-            status, at = history[-1]
-            yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
-                        "job": _job_json(store, job)})
-            return
-        if (len(sent_statuses), sent_segments, sent_progress) != before:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > JOB_EVENTS_KEEPALIVE_SECONDS:
-            quiet_since = time.monotonic()
-            yield b": still " + job.status.encode() + b"\n\n"
-        if stopping():
-            return
-        await asyncio.sleep(JOB_EVENTS_POLL_SECONDS)
-
-
-def _parse_limit(value: str | None) -> int:
-    if value is None:
-        return DEFAULT_LIST_LIMIT
-    limit = whole_number(value)
-    if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
-        raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got '{value}'", param="limit")
-    return limit
-
-
-def _parse_cursor(value: str | None) -> int | None:
-    cursor = whole_number(value)
-    if value is not None and cursor is None:
-        raise InvalidRequest(f"cursor must be a next_cursor value from an earlier page, got '{value}'", param="cursor")
-    return cursor
-
-
-async def list_jobs(request: Request) -> Response:
-    store, params = _job_store(request), request.query_params
-    status = params.get("status")
-    if status is not None and status not in JOB_STATUSES:
-        raise InvalidRequest(f"status must be one of {', '.join(JOB_STATUSES)}; got '{status}'", param="status")
-    jobs, more = store.page(status=status, limit=_parse_limit(params.get("limit")),
-                            before_seq=_parse_cursor(params.get("cursor")))
-    return JSONResponse({"object": "list", "data": _jobs_json(store, jobs), "has_more": more,
-                         "next_cursor": str(jobs[-1].seq) if more else None})
-
-
-async def get_job_result(request: Request) -> Response:
-    store, job_id = _job_store(request), request.path_params["job_id"]
-    job = store.get(job_id)
-    response_format = _parse_choice(request.query_params.get("response_format") or None, RESPONSE_FORMATS,
-                                    param="response_format", default=job.spec.response_format)
-    layout = _parse_line_layout(request.query_params.get, response_format)
-    transcript = await run_in_threadpool(store.result, job_id)  # a long recording's result is megabytes
-    return await run_in_threadpool(render_transcript, transcript, response_format,
-                                   frozenset(job.spec.granularities), layout)
-
-
-async def cancel_job(request: Request) -> Response:
-    store, job_id = _job_store(request), request.path_params["job_id"]
-    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    # A running job stops at whisper.cpp's next abort check; answer with the outcome if it is quick.
-    while job.status not in FINISHED_STATUSES and time.monotonic() < deadline:
-        await asyncio.sleep(CANCEL_POLL_SECONDS)
-        job = store.get(job_id)
-    return JSONResponse(_job_json(store, job))
-
-
-async def delete_job(request: Request) -> Response:
-    job_id = request.path_params["job_id"]
-    await run_in_threadpool(_job_store(request).delete, job_id)
-    return JSONResponse({"id": job_id, "object": "transcription.job.deleted", "deleted": True})
-
-
-def job_routes() -> list[Route]:
-    return [
-        Route(JOBS_PATH, protected(create_job), methods=["POST"]),
-        Route(JOBS_PATH, protected(list_jobs), methods=["GET"]),
-        Route(JOBS_PATH + "/{job_id}", protected(get_job), methods=["GET"]),
-        Route(JOBS_PATH + "/{job_id}", protected(delete_job), methods=["DELETE"]),
-        Route(JOBS_PATH + "/{job_id}/result", protected(get_job_result), methods=["GET"]),
-        Route(JOBS_PATH + "/{job_id}/events", protected(job_events), methods=["GET"]),
-        Route(JOBS_PATH + "/{job_id}/cancel", protected(cancel_job), methods=["POST"]),
-    ]
-
 
 # The page for people at GET /: one document with its style and script inline, so it loads in one
 # request and needs nothing from elsewhere. Its Content-Security-Policy allows that one script and that
@@ -7671,6 +6748,1005 @@ def build_web_page() -> tuple[bytes, dict[str, str]]:
 WEB_PAGE, WEB_PAGE_HEADERS = build_web_page()
 
 
+# ---------------------------------------------------------------------------------------------
+# HTTP requests
+# ---------------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error as a client sees it, in OpenAI's envelope. Raised by this section's own checks
+    (the token, a missing model id); every other layer's exception becomes one in as_api_error."""
+
+    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Any layer's exception as the client sees it, by the one table in the errors section."""
+    if isinstance(exc, APIError):
+        return exc
+    meaning = meaning_of(exc)
+    headers = {"Retry-After": str(meaning.retry_after)} if meaning.retry_after else {}
+    if meaning.closes_connection:
+        headers["Connection"] = "close"
+    param = "file" if isinstance(exc, AudioError) else getattr(exc, "param", None)
+    return APIError(meaning.status, describe(exc), type=meaning.type, param=param, code=meaning.code,
+                    headers=headers)
+
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+STREAM_FORMATS = ("json", "text")  # as OpenAI: subtitles and verbose_json come whole
+GRANULARITIES = ("segment", "word")
+
+
+@dataclass(frozen=True)
+class LineLayout:
+    """Subtitles people can read: cues of at most `count` lines of at most `width` characters
+    (the whisper command line's max_line_width and max_line_count). None: whisper's segments."""
+
+    width: int | None = None
+    count: int | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    model: str | None
+    options: TranscribeOptions
+    response_format: str
+    granularities: frozenset[str]
+    stream: bool = False
+    layout: LineLayout = LineLayout()
+
+
+def _field_text(form: Form, name: str) -> str | None:
+    value = form.get(name)
+    return value.strip() if value is not None and value.strip() != "" else None
+
+
+def _parse_language(value: str | None) -> str | None:
+    if value is None or value.lower() == "auto":
+        return None
+    code = value.lower()
+    if code not in LANGUAGE_NAMES:
+        by_name = {name: c for c, name in LANGUAGE_NAMES.items()}
+        if code in by_name:
+            return by_name[code]
+        raise UnsupportedLanguage(f"unsupported language '{value}': use an ISO-639-1 code whisper knows, such "
+                                  "as 'en', 'ca' or 'es'")
+    return code
+
+
+def _parse_languages(form: Form) -> tuple[str, ...] | None:
+    """languages[] (as the SDKs send it), repeated or comma-separated; None when not given."""
+    codes: list[str] = []
+    for value in form.fields.get("languages[]", []) + form.fields.get("languages", []):
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    code = _parse_language(part.strip())
+                except UnsupportedLanguage as exc:
+                    raise UnsupportedLanguage(str(exc), param="languages[]") from None
+                if code is None:
+                    raise InvalidRequest("languages[] lists languages; 'auto' is what leaving it out means",
+                                         param="languages[]")
+                if code not in codes:
+                    codes.append(code)
+    return tuple(codes) or None
+
+
+def _parse_temperature(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        temperature = float(value)
+    except ValueError:
+        raise InvalidRequest(f"temperature must be a number between 0 and 1, got '{value}'",
+                             param="temperature") from None
+    if not 0.0 <= temperature <= 1.0:
+        raise InvalidRequest(f"temperature must be between 0 and 1, got {value}", param="temperature")
+    return temperature
+
+
+def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, default: str) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise InvalidRequest(f"{param} must be one of {', '.join(choices)}; got '{value}'", param=param)
+    return value
+
+
+# OpenAI's server_vad fields -> whisper.cpp's VAD parameters.
+SERVER_VAD_FIELDS = {"threshold": "threshold", "prefix_padding_ms": "speech_pad_ms",
+                     "silence_duration_ms": "min_silence_duration_ms"}
+
+
+def _parse_vad(form: Form) -> tuple[bool | None, tuple[tuple[str, float], ...]]:
+    """`vad` (true/false) and OpenAI's `chunking_strategy`: "auto", or server_vad with its
+    parameters, as a JSON object or as the SDKs send it, `chunking_strategy[type]=server_vad` and
+    so on. (None: AUDIOTEXT_VAD decides, and the VAD's own tuning.)"""
+    strategy = _parse_chunking_strategy(form)
+    vad = _field_text(form, "vad")
+    if vad is None:
+        return (None if strategy is None else True), tuple(sorted(strategy.items())) if strategy else ()
+    try:
+        return _flag(vad), tuple(sorted(strategy.items())) if strategy else ()
+    except ValueError:
+        raise InvalidRequest(f"vad must be true or false, got '{vad}'", param="vad") from None
+
+
+def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
+    """None when absent; else the VAD tuning it asks for ({} for "auto")."""
+    raw = _field_text(form, "chunking_strategy")
+    fields = {key[len("chunking_strategy["):-1]: value.strip() for key, values in form.fields.items()
+              if key.startswith("chunking_strategy[") and key.endswith("]") for value in values[:1]}
+    if raw is not None and raw.startswith("{"):
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            raise InvalidRequest("chunking_strategy is not valid JSON", param="chunking_strategy") from None
+        if not isinstance(fields, dict):
+            raise InvalidRequest("chunking_strategy must be \"auto\" or an object", param="chunking_strategy")
+    elif raw is not None:
+        if raw != "auto" or fields:  # a plain string; the other form is an object
+            raise InvalidRequest(f"chunking_strategy must be 'auto' (voice activity detection); got '{raw}'",
+                                 param="chunking_strategy")
+        return {}
+    if not fields:
+        return None
+    if fields.get("type") != "server_vad":
+        raise InvalidRequest(f"chunking_strategy[type] must be 'server_vad'; got '{fields.get('type')}'",
+                             param="chunking_strategy[type]")
+    tuning = {}
+    for name, value in fields.items():
+        if name == "type":
+            continue
+        if name not in SERVER_VAD_FIELDS:
+            raise InvalidRequest(f"chunking_strategy has no field '{name}'; it takes type, "
+                                 f"{', '.join(SERVER_VAD_FIELDS)}", param=f"chunking_strategy[{name}]")
+        target = SERVER_VAD_FIELDS[name]
+        low, high = VAD_TUNABLE[target]
+        try:
+            number = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not low <= number <= high:
+            raise InvalidRequest(f"chunking_strategy[{name}] must be a number from {low:g} to {high:g}; "
+                                 f"got '{value}'", param=f"chunking_strategy[{name}]")
+        tuning[target] = number
+    return tuning
+
+
+MAX_LINE_WIDTH = (1, 1000)
+MAX_LINE_COUNT = (1, 20)
+
+
+def _parse_line_layout(get: Callable[[str], str | None], response_format: str) -> LineLayout:
+    """max_line_width and max_line_count, from a form or a query; subtitles only."""
+    values = {}
+    for name, (low, high) in (("max_line_width", MAX_LINE_WIDTH), ("max_line_count", MAX_LINE_COUNT)):
+        raw = (get(name) or "").strip()
+        if not raw:
+            continue
+        if not (raw.isdigit() and low <= int(raw) <= high):
+            raise InvalidRequest(f"{name} must be a whole number from {low} to {high}; got '{raw}'", param=name)
+        if response_format not in ("srt", "vtt"):
+            raise InvalidRequest(f"{name} applies to response_format srt or vtt, not '{response_format}'",
+                                 param=name)
+        values[name.removeprefix("max_line_")] = int(raw)
+    return LineLayout(**values)
+
+
+INCLUDABLE = ("logprobs",)
+
+
+def _parse_include(form: Form, response_format: str) -> bool:
+    """OpenAI's include[]: only logprobs exists, and only for json (and its stream)."""
+    values = [v.strip() for v in form.fields.get("include[]", []) + form.fields.get("include", []) if v.strip()]
+    for value in values:
+        if value not in INCLUDABLE:
+            raise InvalidRequest(f"include[] may hold {', '.join(INCLUDABLE)}; got '{value}'", param="include[]")
+    if values and response_format != "json":
+        raise InvalidRequest(f"include[]=logprobs needs response_format json, not '{response_format}'",
+                             param="include[]")
+    return bool(values)
+
+
+def _parse_stream(form: Form, response_format: str) -> bool:
+    value = _field_text(form, "stream")
+    try:
+        stream = value is not None and _flag(value)
+    except ValueError:
+        raise InvalidRequest(f"stream must be true or false, got '{value}'", param="stream") from None
+    if stream and response_format not in STREAM_FORMATS:
+        raise InvalidRequest(f"stream=true needs response_format json or text, not '{response_format}'",
+                             param="stream")
+    return stream
+
+
+def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
+    """The one place request fields become engine options; a bad value is a 400 naming the field."""
+    response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
+                                    param="response_format", default="json")
+    raw_granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get(
+        "timestamp_granularities", [])
+    granularities = frozenset(
+        _parse_choice(g.strip(), GRANULARITIES, param="timestamp_granularities[]", default="segment")
+        for g in raw_granularities if g.strip())
+    if granularities and response_format != "verbose_json":
+        raise InvalidRequest("timestamp_granularities[] needs response_format=verbose_json",
+                             param="timestamp_granularities[]")
+    prompt = form.get("prompt")
+    vad, vad_tuning = _parse_vad(form)
+    layout = _parse_line_layout(form.get, response_format)
+    logprobs = _parse_include(form, response_format)
+    options = TranscribeOptions(
+        language=_parse_language(_field_text(form, "language")), languages=_parse_languages(form),
+        prompt=prompt if prompt else None,
+        temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
+        # Lines cut at words want each word's time.
+        word_timestamps="word" in granularities or layout != LineLayout(), vad=vad, vad_tuning=vad_tuning,
+        logprobs=logprobs)
+    return TranscriptionRequest(_field_text(form, "model"), options, response_format,
+                                granularities or frozenset({"segment"}), _parse_stream(form, response_format), layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+def _timestamp(seconds: float, *, sep: str) -> str:
+    millis = int(round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{millis:03d}"
+
+
+SUBTITLE_LINE_WIDTH = 42  # the common broadcast limit, when only a line count is asked for
+Cue = tuple[float, float, str]
+
+
+def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> list[Cue]:
+    if layout.width is None and layout.count is None:
+        return [(s.start, s.end, s.text.strip()) for s in transcript.segments]
+    cues: list[Cue] = []
+    timed = iter(w for w in transcript.words if w.word.strip())
+    pending = next(timed, None)
+    for segment in transcript.segments:
+        own: list[Word] = []  # each word once, in the segment it starts in (or the last one)
+        while pending is not None and (pending.start < segment.end or segment is transcript.segments[-1]):
+            own.append(Word(pending.word.strip(), pending.start, pending.end))
+            pending = next(timed, None)
+        lines = _wrap(own or _spread_words(segment), layout.width or SUBTITLE_LINE_WIDTH)
+        if not lines:
+            continue  # a segment with no words is no cue
+        per_cue = layout.count or len(lines)
+        for i in range(0, len(lines), per_cue):
+            group = lines[i:i + per_cue]
+            end = segment.end if i + per_cue >= len(lines) else group[-1][-1].end
+            cues.append((group[0][0].start, end, "\n".join(" ".join(w.word for w in line) for line in group)))
+    return cues
+
+
+def _spread_words(segment: Segment) -> list[Word]:
+    """Without word times, the segment's words spread over it in proportion to their length."""
+    texts = segment.text.split()
+    total = sum(len(t) + 1 for t in texts) or 1
+    spread, done = [], 0
+    for text in texts:
+        start = segment.start + (segment.end - segment.start) * done / total
+        done += len(text) + 1
+        spread.append(Word(text, start, segment.start + (segment.end - segment.start) * done / total))
+    return spread
+
+
+def _wrap(words: list[Word], width: int) -> list[list[Word]]:
+    """Lines of whole words, each at most `width` characters unless one word is longer."""
+    lines: list[list[Word]] = []
+    for word in words:
+        if lines and sum(len(w.word) + 1 for w in lines[-1]) + len(word.word) <= width:
+            lines[-1].append(word)
+        else:
+            lines.append([word])
+    return lines
+
+
+def to_srt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
+    blocks = [f"{n}\n{_timestamp(start, sep=',')} --> {_timestamp(end, sep=',')}\n{text}\n"
+              for n, (start, end, text) in enumerate(subtitle_cues(transcript, layout), start=1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
+    blocks = [f"{_timestamp(start, sep='.')} --> {_timestamp(end, sep='.')}\n{text}\n"
+              for start, end, text in subtitle_cues(transcript, layout)]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def usage(transcript: Transcript) -> dict[str, Any]:
+    """OpenAI's usage for audio billed by length: whole seconds, rounded up."""
+    return {"type": "duration", "seconds": math.ceil(transcript.duration)}
+
+
+def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "task": transcript.task,
+        "language": LANGUAGE_NAMES.get(transcript.language, transcript.language),
+        "duration": transcript.duration,
+        "text": transcript.text,
+        "usage": usage(transcript),
+    }
+    if "segment" in granularities:
+        body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
+    if "word" in granularities:
+        body["words"] = [dataclasses.asdict(w) for w in transcript.words]
+    if transcript.skipped_audio_seconds:
+        body["skipped_audio_seconds"] = transcript.skipped_audio_seconds
+    return body
+
+
+# Seconds of damaged audio left out of a transcript, on every format's answer when there were any:
+# text, srt and vtt have no room for it in the body.
+SKIPPED_AUDIO_HEADER = "X-Audiotext-Skipped-Audio"
+
+
+def render_transcript(transcript: Transcript, response_format: str,
+                      granularities: frozenset[str] = frozenset({"segment"}),
+                      layout: LineLayout = LineLayout()) -> Response:
+    response = _render_body(transcript, response_format, granularities, layout)
+    if transcript.skipped_audio_seconds:
+        response.headers[SKIPPED_AUDIO_HEADER] = f"{transcript.skipped_audio_seconds:g}"
+    response.headers.update(speed_headers(transcript))
+    return response
+
+
+def speed_headers(transcript: Transcript) -> dict[str, str]:
+    """Which model file ran and how fast, on every answer that carries a transcript."""
+    if not transcript.model_file:
+        return {}
+    rtf = transcript.processing_seconds / transcript.duration if transcript.duration else 0.0
+    return {"X-Audiotext-Model": transcript.model_file, "X-Audiotext-Audio-Seconds": f"{transcript.duration:g}",
+            "X-Audiotext-Processing-Seconds": f"{transcript.processing_seconds:g}",
+            "X-Audiotext-Real-Time-Factor": f"{rtf:.3f}"}
+
+
+def _render_body(transcript: Transcript, response_format: str, granularities: frozenset[str],
+                 layout: LineLayout) -> Response:
+    if response_format == "text":
+        return PlainTextResponse(transcript.text + "\n")
+    if response_format == "srt":
+        return Response(to_srt(transcript, layout), media_type="application/x-subrip")
+    if response_format == "vtt":
+        return Response(to_vtt(transcript, layout), media_type="text/vtt")
+    if response_format == "verbose_json":
+        return JSONResponse(to_verbose_json(transcript, granularities))
+    body: dict[str, Any] = {"text": transcript.text, "usage": usage(transcript)}
+    if transcript.logprobs is not None:
+        body["logprobs"] = transcript.logprobs
+    return JSONResponse(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcription routes
+# ---------------------------------------------------------------------------------------------
+
+def _state(request: Request) -> AppState:
+    return request.app.state.audiotext
+
+
+def refuse_uploads_while_stopping(state: AppState) -> None:
+    """Every upload route calls this first: work accepted now could not finish before the exit."""
+    if state.stopping:
+        raise SchedulerStopped()
+
+
+def _check_token(request: Request) -> None:
+    token = _state(request).settings.api_token
+    if token is None:
+        return  # --no-auth on loopback, refused at startup otherwise
+    header = request.headers.get("authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    # Starlette decodes header bytes as Latin-1; encoding back gives the bytes as sent, which a
+    # client sends as UTF-8, the token's encoding in the environment.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode("latin-1"), token.encode()):
+        raise APIError(401, "missing or invalid bearer token; send 'Authorization: Bearer <token>'",
+                       type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def protected(endpoint: Endpoint) -> Endpoint:
+    async def wrapper(request: Request) -> Response:
+        _check_token(request)
+        return await endpoint(request)
+
+    wrapper.__name__ = endpoint.__name__
+    return wrapper
+
+
+def whole_number(text: str | None) -> int | None:
+    """A plain decimal count, as a header or a query parameter carries it; None otherwise."""
+    return int(text) if text is not None and re.fullmatch(r"[0-9]{1,18}", text) else None
+
+
+BEYOND_ANY_LIMIT = 10**18  # a declared length with more digits than this is more than any disk holds
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length, however many digits it has (one past every limit when more
+    than whole_number reads), or None when there is none."""
+    text = request.headers.get("content-length")
+    if text is None or not re.fullmatch(r"[0-9]+", text):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else BEYOND_ANY_LIMIT
+
+
+@dataclass(frozen=True)
+class UploadPace:
+    """How slowly a client may send a body: a stall of `stall_seconds` ends it, and after the
+    first `stall_seconds` it must keep up `min_rate` bytes a second on average."""
+
+    stall_seconds: float
+    min_rate: float
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> UploadPace:
+        return cls(settings.body_timeout_seconds, settings.min_upload_rate)
+
+
+async def read_paced(chunks: AsyncIterator[bytes], pace: UploadPace) -> AsyncIterator[bytes]:
+    """The chunks, until the client falls behind the pace: then RequestTimeout (408), which
+    read_form turns into removing what it spooled."""
+    loop = asyncio.get_running_loop()
+    started, received = loop.time(), 0
+    iterator = aiter(chunks)
+    while True:
+        now = loop.time()
+        stall_deadline = now + pace.stall_seconds
+        rate_deadline = started + pace.stall_seconds + received / pace.min_rate
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), max(0.0, min(stall_deadline, rate_deadline) - now))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"the upload stalled: nothing arrived for {pace.stall_seconds:g} s (AUDIOTEXT_BODY_TIMEOUT_SECONDS)"
+                if stall_deadline <= rate_deadline else
+                f"the upload is slower than {pace.min_rate:g} bytes/s (AUDIOTEXT_MIN_UPLOAD_RATE)") from None
+        received += len(chunk)
+        yield chunk
+
+
+def form_limits(settings: Settings) -> FormLimits:
+    return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
+
+
+def spool_dir(settings: Settings) -> Path:
+    return StateLayout(settings.state_dir).spool
+
+
+async def receive_form(request: Request) -> Form:
+    state = _state(request)
+    body = read_paced(request.stream(), UploadPace.for_settings(state.settings))
+    return await read_form(_counted(body, state.metrics), request.headers.get("content-type"),
+                           spool_dir=spool_dir(state.settings), limits=form_limits(state.settings),
+                           content_length=declared_length(request))
+
+
+async def _counted(stream: AsyncIterator[bytes], metrics: Metrics) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        metrics.upload_bytes.inc(len(chunk))
+        yield chunk
+
+
+async def _abort_on_disconnect(request: Request, abort: threading.Event) -> None:
+    """The body is fully read by now, so the next receive() only returns on disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            abort.set()
+            return
+
+
+def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[TranscriptionRequest,
+                                                                              UploadedFile, str]:
+    """Everything about an upload that can be refused before any decoding or queueing:
+    the fields, the file's presence, the model, and a language the model can handle."""
+    parsed = parse_transcription_request(form, translate=translate)
+    upload = form.files.get("file")
+    if upload is None:
+        raise InvalidRequest("the 'file' form field is required", param="file")
+    model = state.models.check_request(parsed.model, parsed.options.language, parsed.options.languages)
+    return parsed, upload, model
+
+
+async def transcribe_upload(request: Request, *, translate: bool) -> Response:
+    state = _state(request)
+    refuse_uploads_while_stopping(state)
+    form: Form | None = await receive_form(request)
+    assert form is not None
+    try:
+        parsed, upload, _ = validate_upload(state, form, translate=translate)
+        # Opening the container blocks; a thread keeps the event loop answering.
+        await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+        if parsed.stream:
+            response = stream_transcription(request, state, form, parsed, upload)
+            form = None  # the stream removes the upload when it ends
+            return response
+        transcript = await wait_for_work(request, state, submit_transcription(state, parsed, upload))
+    finally:
+        if form is not None:
+            form.cleanup()
+    return render_transcript(transcript, parsed.response_format, parsed.granularities, parsed.layout)
+
+
+def submit_transcription(state: AppState, parsed: TranscriptionRequest, upload: UploadedFile, *,
+                         on_segment: SegmentSink | None = None) -> Work:
+    def run(abort: threading.Event) -> Transcript:
+        # Decoded on the worker: the pool caps the CPU and memory that waiting uploads take.
+        return state.engine.transcribe_file(upload.path, parsed.model, parsed.options, abort, on_segment=on_segment)
+
+    return state.scheduler.submit(run, priority=PRIORITY_SYNC)
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def stream_transcription(request: Request, state: AppState, form: Form, parsed: TranscriptionRequest,
+                         upload: UploadedFile) -> StreamingResponse:
+    """Server-sent events as OpenAI streams a transcription: a transcript.text.delta per segment as
+    whisper.cpp finishes it, then transcript.text.done. Whatever goes wrong once the stream has
+    begun is an `error` event, which the SDKs raise; a client that leaves aborts the work."""
+    loop = asyncio.get_running_loop()
+    segments: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_segment(start: float, end: float, text: str) -> None:  # on the worker thread
+        loop.call_soon_threadsafe(segments.put_nowait, text)
+
+    work = submit_transcription(state, parsed, upload, on_segment=on_segment)
+
+    async def events() -> AsyncIterator[bytes]:
+        outcome = asyncio.ensure_future(wait_for_work(request, state, work))
+        try:
+            first = True
+            async for text in until_done(segments, outcome):
+                yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
+                first = False
+            transcript: Transcript = outcome.result()
+            done: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)}
+            if transcript.logprobs is not None:
+                done["logprobs"] = transcript.logprobs
+            if transcript.skipped_audio_seconds:  # the headers went out before anything was decoded
+                done["skipped_audio_seconds"] = transcript.skipped_audio_seconds
+            yield _sse(done)
+        except Exception as exc:
+            if is_unexpected(exc):
+                log_unexpected(exc, f"in a stream on {request.url.path}")
+            yield _sse(as_api_error(exc).body())
+        finally:
+            outcome.cancel()  # a client gone mid-stream: wait_for_work aborts the work
+            form.cleanup()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+async def wait_for_work(request: Request, state: AppState, work: Work) -> Any:
+    """The worker's outcome for a waiting client. A stop answers it with 503 when its work is
+    dropped from the queue, or at the end of the grace while whisper.cpp is still winding down,
+    so the answer never depends on how fast an abort is honoured or a task is cancelled."""
+    outcome = asyncio.wrap_future(work.future)
+    grace_over = asyncio.ensure_future(state.grace_over.wait())
+    watcher = asyncio.ensure_future(_abort_on_disconnect(request, work.abort))
+    try:
+        await asyncio.wait({outcome, grace_over}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.future.cancel()
+        work.abort.set()  # nobody is left to answer: free the worker
+        raise
+    finally:
+        grace_over.cancel()
+        watcher.cancel()
+    if not outcome.done() or outcome.cancelled():
+        outcome.cancel()  # the worker's late answer, if any, goes nowhere
+        raise SchedulerStopped()
+    try:
+        return outcome.result()
+    except Aborted:
+        if state.stopping:
+            raise SchedulerStopped() from None
+        logger.info("transcription aborted: the client disconnected")
+        raise
+
+
+async def create_transcription(request: Request) -> Response:
+    return await transcribe_upload(request, translate=False)
+
+
+async def create_translation(request: Request) -> Response:
+    return await transcribe_upload(request, translate=True)
+
+
+def _model_object(row: dict[str, Any], created: int) -> dict[str, Any]:
+    return {"id": row["id"], "object": "model", "created": created, "owned_by": "audiotext"}
+
+
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    created = int(state.started_at)
+    data = [_model_object(row, created) for row in state.models.catalog() if row["file"]]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    state = _state(request)
+    model_id = request.path_params["model_id"]
+    for row in state.models.catalog():
+        if row["id"] == model_id and row["file"]:
+            return JSONResponse(_model_object(row, int(state.started_at)))
+    raise APIError(404, f"model '{model_id}' not found", type="not_found_error", param="model",
+                   code="model_not_found")
+
+
+async def healthz(request: Request) -> Response:
+    state = _state(request)
+    memory = state.models.memory_by_model()
+    return JSONResponse({"status": "ok", "version": __version__, "instance": state.settings.instance or None,
+                         "models_loaded": state.models.loaded(),
+                         "models_memory_mb": {name: round(size / MiB) for name, size in sorted(memory.items())},
+                         "model_memory_budget_mb": state.models.memory_budget // MiB,
+                         "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
+                         "vad": state.models.uses_vad(None), "cpu_features": cpu_features()})
+
+
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    state = _state(request)
+    if not state.settings.metrics_public:
+        _check_token(request)
+    return Response(generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ---------------------------------------------------------------------------------------------
+# Request log
+# ---------------------------------------------------------------------------------------------
+
+# Polled by monitors and scripts every second or so: a line per successful poll would bury
+# everything else. The job routes are JOBS_PATH's, spelled out as this is read first.
+QUIET_ROUTES = frozenset({"/healthz", "/metrics"})
+QUIET_POLLS = frozenset({("GET", "/v1/transcription-jobs"), ("GET", "/v1/transcription-jobs/{job_id}")})
+# Any token is a valid HTTP method; labelling by whatever a client sends would let it mint series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestLog:
+    """Pure ASGI middleware in place of uvicorn's access log: per request, one line and one count.
+
+    The line holds the method, the path without its query, the status and the milliseconds; never
+    a header (the token) nor a body (the audio, the transcript).
+    """
+
+    def __init__(self, app: Any, *, routes: list[Any]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status: int | None = None
+
+        async def send_noting_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            # No status means the app raised, and the error middleware outside this one answers 500.
+            self._record(scope, status or 500, time.monotonic() - started)
+
+    def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
+        route = self._route_template(scope)
+        state: AppState | None = getattr(scope["app"].state, "audiotext", None)
+        if state is not None:
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            state.metrics.requests.labels(route, method, str(status)).inc()
+        # raw_path is the path as sent, percent-encoded, so a client cannot forge log lines.
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "backslashreplace")
+        quiet = route in QUIET_ROUTES or (scope["method"], route) in QUIET_POLLS
+        level = logging.DEBUG if quiet and status < 400 else logging.INFO
+        logger.log(level, "%s %s %d %.0f ms", scope["method"], path, status, seconds * 1000)
+
+    def _route_template(self, scope: dict[str, Any]) -> str:
+        """The route's template, not the raw path, so ids in paths do not multiply the series."""
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return "unmatched"
+
+
+# ---------------------------------------------------------------------------------------------
+# Job routes
+# ---------------------------------------------------------------------------------------------
+
+JOBS_PATH = "/v1/transcription-jobs"
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 100
+CANCEL_WAIT_SECONDS = 2.0  # a cancel waits this long for a running job to stop before answering
+CANCEL_POLL_SECONDS = 0.02
+
+
+def _job_store(request: Request) -> JobStore:
+    store = _state(request).jobs
+    assert store is not None  # the lifespan opens it before the port is bound
+    return store
+
+
+def _unix(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
+    return {
+        "id": job.id, "object": "transcription.job", "status": job.status, "model": job.spec.model,
+        "task": job.spec.task, "language": {"requested": job.spec.language, "detected": job.detected_language},
+        "response_format": job.spec.response_format, "created_at": int(job.created_at),
+        "started_at": _unix(job.started_at), "finished_at": _unix(job.finished_at),
+        "audio_seconds": job.audio_seconds, "skipped_audio_seconds": job.skipped_audio_seconds,
+        "progress": job.progress(), "queue_position": queue_position, "error": job.error,
+        "result_url": f"{JOBS_PATH}/{job.id}/result" if job.status == SUCCEEDED else None,
+    }
+
+
+def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
+    return job_object(job, store.position(job.id) if job.status == QUEUED else None)
+
+
+def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
+    positions = store.positions([j.id for j in jobs if j.status == QUEUED])
+    return [job_object(j, positions.get(j.id) if j.status == QUEUED else None) for j in jobs]
+
+
+def _check_free_space(request: Request, settings: Settings) -> None:
+    """Refuse a declared body the disk cannot hold before reading any of it."""
+    length = declared_length(request)
+    if length is None or length > form_limits(settings).max_body_bytes:
+        return  # unknown, or a 413 the parser gives before reading
+    if shutil.disk_usage(spool_dir(settings)).free < length:
+        raise OSError(errno.ENOSPC, "not enough free space for the upload")
+
+
+def _parse_webhook_url(value: str | None, settings: Settings) -> str | None:
+    """Only a URL under one of the operator's prefixes: a client must not make the daemon call
+    whatever address it likes, inside the network it stands in."""
+    if not value:
+        return None
+    if not settings.webhook_allowed_urls:
+        raise InvalidRequest("webhook_url is not accepted here: AUDIOTEXT_WEBHOOK_ALLOWED_URLS lists no URL a job "
+                             "may name", param="webhook_url")
+    try:
+        _webhook_url(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"webhook_url: {exc}", param="webhook_url") from None
+    segments = urllib.parse.unquote(urllib.parse.urlsplit(value).path).split("/")
+    if "." in segments or ".." in segments:  # a server would resolve them past the allowed prefix
+        raise InvalidRequest("webhook_url may not hold . or .. path segments", param="webhook_url")
+    if not value.startswith(settings.webhook_allowed_urls):
+        raise InvalidRequest(f"webhook_url must start with one of {', '.join(settings.webhook_allowed_urls)}",
+                             param="webhook_url")
+    return value
+
+
+async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
+    task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
+    webhook_url = _parse_webhook_url(_field_text(form, "webhook_url"), state.settings)
+    parsed, upload, model = validate_upload(state, form, translate=task == "translate")
+    if parsed.options.logprobs:  # the caller's cleanup removes the upload
+        raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",
+                             param="include[]")
+    # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
+    seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+    options = parsed.options
+    spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
+                   temperature=options.temperature, word_timestamps=options.word_timestamps,
+                   response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
+                   vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url,
+                   languages=options.languages)
+    # Several fsyncs happen before the job exists; they must not stall the event loop either.
+    return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
+
+
+async def create_job(request: Request) -> Response:
+    state, store = _state(request), _job_store(request)
+    refuse_uploads_while_stopping(state)
+    store.check_capacity()
+    _check_free_space(request, state.settings)
+    form = await receive_form(request)
+    try:
+        job = await _accept_job(state, store, form)
+    finally:
+        form.cleanup()
+    return JSONResponse(_job_json(store, job), status_code=202, headers={"Location": f"{JOBS_PATH}/{job.id}"})
+
+
+async def get_job(request: Request) -> Response:
+    store = _job_store(request)
+    return JSONResponse(_job_json(store, store.get(request.path_params["job_id"])))
+
+
+# How often an events stream looks at its job (progress need move no faster than people read),
+# and how long it may say nothing before a comment keeps proxies from closing it.
+JOB_EVENTS_POLL_SECONDS = 0.25
+JOB_EVENTS_KEEPALIVE_SECONDS = 15.0
+
+
+async def job_events(request: Request) -> Response:
+    """Server-sent events of a job: its status changes, its progress, its segments as whisper.cpp
+    finishes them, ending when the job does. A late reader first gets what has happened so far."""
+    state, store, job_id = _state(request), _job_store(request), request.path_params["job_id"]
+    store.get(job_id)  # an unknown id is a 404, before the stream begins
+    return StreamingResponse(_job_event_stream(store, job_id, stopping=lambda: state.stopping),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+def _status_history(job: Job) -> list[tuple[str, float]]:
+    """(status, when) of the job's life so far, from the times it keeps."""
+    history = [(QUEUED, job.created_at)]
+    if job.started_at is not None and job.status != QUEUED:
+        history.append((RUNNING, job.started_at))
+    if job.status in FINISHED_STATUSES:
+        history.append((job.status, job.finished_at or time.time()))
+    return history
+
+
+def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
+    return _sse({"type": "transcription.job.segment", "id": index, "start": round(start, 3), "end": round(end, 3),
+                 "text": text})
+
+
+async def _job_event_stream(store: JobStore, job_id: str, *, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
+    try:
+        async for event in _job_events(store, job_id, stopping):
+            yield event
+    except Exception as exc:  # the stream has begun: an `error` event, as a transcription's stream has
+        if is_unexpected(exc):
+            log_unexpected(exc, f"in the events of job {job_id}")
+        yield _sse(as_api_error(exc).body())
+
+
+async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """The stream's events; it ends with the job, or when the daemon stops (a client reconnects)."""
+    sent_statuses: set[str] = set()
+    sent_segments, sent_progress, quiet_since = 0, -1.0, time.monotonic()
+    while True:
+        try:
+            job = store.get(job_id)
+        except JobNotFound:
+            yield _sse({"type": "transcription.job.deleted", "id": job_id})
+            return
+        before = (len(sent_statuses), sent_segments, sent_progress)
+        history = _status_history(job)
+        for status, at in history[:-1] if job.status in FINISHED_STATUSES else history:
+            if status not in sent_statuses:  # the terminal one waits for the last segments
+                sent_statuses.add(status)
+                yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
+                            "job": _job_json(store, job)})
+        heard = job.heard
+        if job.status == SUCCEEDED and not heard:  # the result file holds them now
+            transcript = await run_in_threadpool(store.result, job_id)
+            heard = [(s.start, s.end, s.text) for s in transcript.segments]
+        sent_segments = min(sent_segments, len(heard))  # a run started again (a storage fault) starts over
+        for index in range(sent_segments, len(heard)):
+            yield _segment_event(index, *heard[index])
+        sent_segments = len(heard)
+        if job.status == RUNNING and job.progress() != sent_progress:
+            sent_progress = job.progress()
+            yield _sse({"type": "transcription.job.progress", "progress": sent_progress,
+                        "seconds_done": round(job.seconds_done, 3), "audio_seconds": job.audio_seconds})
+        if job.status in FINISHED_STATUSES:
+            status, at = history[-1]
+            yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
+                        "job": _job_json(store, job)})
+            return
+        if (len(sent_statuses), sent_segments, sent_progress) != before:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > JOB_EVENTS_KEEPALIVE_SECONDS:
+            quiet_since = time.monotonic()
+            yield b": still " + job.status.encode() + b"\n\n"
+        if stopping():
+            return
+        await asyncio.sleep(JOB_EVENTS_POLL_SECONDS)
+
+
+def _parse_limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIST_LIMIT
+    limit = whole_number(value)
+    if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got '{value}'", param="limit")
+    return limit
+
+
+def _parse_cursor(value: str | None) -> int | None:
+    cursor = whole_number(value)
+    if value is not None and cursor is None:
+        raise InvalidRequest(f"cursor must be a next_cursor value from an earlier page, got '{value}'", param="cursor")
+    return cursor
+
+
+async def list_jobs(request: Request) -> Response:
+    store, params = _job_store(request), request.query_params
+    status = params.get("status")
+    if status is not None and status not in JOB_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(JOB_STATUSES)}; got '{status}'", param="status")
+    jobs, more = store.page(status=status, limit=_parse_limit(params.get("limit")),
+                            before_seq=_parse_cursor(params.get("cursor")))
+    return JSONResponse({"object": "list", "data": _jobs_json(store, jobs), "has_more": more,
+                         "next_cursor": str(jobs[-1].seq) if more else None})
+
+
+async def get_job_result(request: Request) -> Response:
+    store, job_id = _job_store(request), request.path_params["job_id"]
+    job = store.get(job_id)
+    response_format = _parse_choice(request.query_params.get("response_format") or None, RESPONSE_FORMATS,
+                                    param="response_format", default=job.spec.response_format)
+    layout = _parse_line_layout(request.query_params.get, response_format)
+    transcript = await run_in_threadpool(store.result, job_id)  # a long recording's result is megabytes
+    return await run_in_threadpool(render_transcript, transcript, response_format,
+                                   frozenset(job.spec.granularities), layout)
+
+
+async def cancel_job(request: Request) -> Response:
+    store, job_id = _job_store(request), request.path_params["job_id"]
+    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    # A running job stops at whisper.cpp's next abort check; answer with the outcome if it is quick.
+    while job.status not in FINISHED_STATUSES and time.monotonic() < deadline:
+        await asyncio.sleep(CANCEL_POLL_SECONDS)
+        job = store.get(job_id)
+    return JSONResponse(_job_json(store, job))
+
+
+async def delete_job(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    await run_in_threadpool(_job_store(request).delete, job_id)
+    return JSONResponse({"id": job_id, "object": "transcription.job.deleted", "deleted": True})
+
+
+def job_routes() -> list[Route]:
+    return [
+        Route(JOBS_PATH, protected(create_job), methods=["POST"]),
+        Route(JOBS_PATH, protected(list_jobs), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}", protected(get_job), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}", protected(delete_job), methods=["DELETE"]),
+        Route(JOBS_PATH + "/{job_id}/result", protected(get_job_result), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}/events", protected(job_events), methods=["GET"]),
+        Route(JOBS_PATH + "/{job_id}/cancel", protected(cancel_job), methods=["POST"]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# App
+# ---------------------------------------------------------------------------------------------
+
 async def web_page(request: Request) -> Response:
     return Response(WEB_PAGE, media_type="text/html", headers=WEB_PAGE_HEADERS)
 
@@ -7686,19 +7762,6 @@ async def _handle_api_error(request: Request, exc: Exception) -> Response:
     else:
         logger.debug("%s %s: %d %s", request.method, request.url.path, exc.status_code, exc.message)
     return _error_response(exc)
-
-
-def as_api_error(exc: BaseException) -> APIError:
-    """Any layer's exception as the client sees it, by the one table in the errors section."""
-    if isinstance(exc, APIError):
-        return exc
-    meaning = meaning_of(exc)
-    headers = {"Retry-After": str(meaning.retry_after)} if meaning.retry_after else {}
-    if meaning.closes_connection:
-        headers["Connection"] = "close"
-    param = "file" if isinstance(exc, AudioError) else getattr(exc, "param", None)
-    return APIError(meaning.status, describe(exc), type=meaning.type, param=param, code=meaning.code,
-                    headers=headers)
 
 
 async def _handle_layer_error(request: Request, exc: Exception) -> Response:
@@ -7787,7 +7850,6 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
     handlers |= {exc_type: _handle_layer_error for exc_type in ERROR_TABLE}
     return App(routes=routes, lifespan=lifespan, exception_handlers=handlers,
                middleware=[Middleware(RequestLog, routes=routes)], cors_origins=settings.cors_origins)
-
 
 
 # ---------------------------------------------------------------------------------------------
