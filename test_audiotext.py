@@ -5294,6 +5294,17 @@ def test_upload_limit_is_413_before_reading(make_client: Callable[..., TestClien
         assert_error(response, 413, "request body exceeds the 1 MiB limit")
 
 
+def test_every_setting_is_declared_once_in_the_table_and_the_class() -> None:
+    """SETTINGS is where a setting is declared; the Settings class holds exactly those, in order."""
+    attrs = [setting.attr for setting in audiotext.SETTINGS]
+    assert len(set(attrs)) == len(attrs)
+    assert len({setting.env for setting in audiotext.SETTINGS}) == len(attrs)
+    assert len({setting.flag for setting in audiotext.SETTINGS}) == len(attrs)
+    # --no-auth is serve's flag alone: no environment variable may turn the token check off.
+    assert [f.name for f in dataclasses.fields(audiotext.Settings)] == attrs + ["no_auth"]
+    assert all(setting.env == "AUDIOTEXT_" + setting.attr.upper() for setting in audiotext.SETTINGS)
+
+
 def test_yes_no_settings_are_switches_or_take_a_value() -> None:
     parser = audiotext.build_parser()
     assert parser.parse_args(["serve", "--keep-audio"]).keep_audio is True
