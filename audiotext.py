@@ -3537,6 +3537,24 @@ class EitherEvent(threading.Event):
         return any(event.is_set() for event in self._events)
 
 
+@dataclass
+class WindowedRun:
+    """One transcription on its way through a recording's windows: what it was asked, who hears of
+    it, and what it has heard so far."""
+    model_name: str | None
+    options: TranscribeOptions
+    abort: threading.Event
+    total_seconds: Callable[[], float]  # grows while a stream is still being decoded
+    on_progress: Progress | None
+    on_segment: SegmentSink | None
+    language: str | None  # given, or detected in the first window that heard anything
+    model_file: str
+    parts: list[tuple[float, Transcript]] = field(default_factory=list)
+    end: int = 0  # in samples, the end of the last window begun
+    inference_seconds: float = 0.0
+    stop_beside: threading.Event = field(default_factory=threading.Event)  # set: the window beside runs for nothing
+
+
 class Engine:
     """The one way an upload becomes a transcript, for sync requests and jobs alike: decode as it
     goes, and for each window check the abort flag, check out a context of the model, transcribe;
@@ -3568,9 +3586,9 @@ class Engine:
                         on_segment: SegmentSink | None = None) -> Transcript:
         with stream_audio(path, max_seconds=self.max_audio_seconds) as (chunks, report):
             windows = stream_windows(chunks, window_samples=self.window_samples, search_samples=self.search_samples)
-            transcript = self._transcribe_windows(
-                windows, lambda: max(report.header_seconds or 0.0, report.seconds), model_name, options, abort,
-                on_progress=on_progress, on_segment=on_segment, reused_buffer=True)
+            run = self._new_run(model_name, options, abort, lambda: max(report.header_seconds or 0.0, report.seconds),
+                                on_progress, on_segment)
+            transcript = self._transcribe_windows(windows, run, reused_buffer=True)
         if report.skipped_packets:
             logger.info("skipped %d damaged packet(s), %.2f s of audio", report.skipped_packets,
                         report.skipped_seconds)
@@ -3580,104 +3598,122 @@ class Engine:
                    abort: threading.Event, *, on_progress: Progress | None = None,
                    on_segment: SegmentSink | None = None) -> Transcript:
         windows = array_windows(audio, window_samples=self.window_samples, search_samples=self.search_samples)
-        return self._transcribe_windows(windows, lambda: len(audio) / SAMPLE_RATE, model_name, options, abort,
-                                        on_progress=on_progress, on_segment=on_segment, reused_buffer=False)
+        run = self._new_run(model_name, options, abort, lambda: len(audio) / SAMPLE_RATE, on_progress, on_segment)
+        return self._transcribe_windows(windows, run, reused_buffer=False)
 
-    def _transcribe_windows(self, windows: Iterable[Window], total_seconds: Callable[[], float],
-                            model_name: str | None, options: TranscribeOptions, abort: threading.Event, *,
-                            on_progress: Progress | None, on_segment: SegmentSink | None,
-                            reused_buffer: bool) -> Transcript:
-        parts: list[tuple[float, Transcript]] = []
-        stop_beside = threading.Event()  # set: the window beside runs for nothing
+    def _new_run(self, model_name: str | None, options: TranscribeOptions, abort: threading.Event,
+                 total_seconds: Callable[[], float], on_progress: Progress | None,
+                 on_segment: SegmentSink | None) -> WindowedRun:
         if options.languages is None:
             options = dataclasses.replace(options, languages=self.models.languages)
         if options.condition_on_previous_text is None:
             options = dataclasses.replace(options, condition_on_previous_text=self.models.condition_on_previous_text)
-        window_options, language = options, options.language
-        inference_seconds, end, model_file = 0.0, 0, self.models.resolve(model_name)[1].stem
+        return WindowedRun(model_name, options, abort, total_seconds, on_progress, on_segment,
+                           language=options.language, model_file=self.models.resolve(model_name)[1].stem)
+
+    def _transcribe_windows(self, windows: Iterable[Window], run: WindowedRun, *, reused_buffer: bool) -> Transcript:
         windows = iter(windows)
         window: Window | None = next(windows)
         while window is not None:
             start, samples, last = window
-            window = None  # the next one, once it is asked for
-            if parts:
-                self._between_windows()
-                window_options = dataclasses.replace(options, language=language)
-                if options.condition_on_previous_text:
-                    window_options = dataclasses.replace(window_options,
-                                                         prompt=carried_prompt(options.prompt, parts[-1][1].text))
-            if abort.is_set():
+            window_options = self._window_options(run)
+            if run.abort.is_set():
                 raise Aborted()  # also before the first: decoding cannot be interrupted
-            offset, end = start / SAMPLE_RATE, start + len(samples)
-            if on_progress is not None:
-                on_progress(offset, total_seconds())
-            if is_silent(samples) and (parts or not last):
-                parts.append((offset, nothing_heard(samples, language or "en", options)))
+            offset, run.end = start / SAMPLE_RATE, start + len(samples)
+            if run.on_progress is not None:
+                run.on_progress(offset, run.total_seconds())
+            if is_silent(samples) and (run.parts or not last):
+                run.parts.append((offset, nothing_heard(samples, run.language or "en", run.options)))
                 window = next(windows, None)
                 continue
-            beside = None
-            if self._beside is not None and not last and language is not None:
+            ahead = beside = None
+            if self._beside is not None and not last and run.language is not None:
                 if reused_buffer:
                     samples = samples.copy()  # the stream's buffer is about to take the next window
-                window = next(windows)
-                beside = self._offer_beside(window, model_name, dataclasses.replace(options, language=language),
-                                            EitherEvent(abort, stop_beside), total_seconds)
-            pair_started = time.monotonic()
-            try:
-                transcript, seconds, model_file = self._transcribe_window(
-                    samples, model_name, window_options, abort, offset=offset, total_seconds=total_seconds,
-                    on_progress=on_progress, on_segment=on_segment)
-            except BaseException:
-                if beside is not None and not beside.cancel():
-                    stop_beside.set()
-                raise
-            if beside is not None and beside.cancel():  # it never started: the loop does it next
-                beside = None
-            if language is None and transcript.segments:
-                language = transcript.language  # detected once, as whisper.cpp does within a call
-            parts.append((offset, transcript))
-            inference_seconds += seconds
-            in_turn_seconds = seconds
-            done_beside = self._result_beside(beside, abort) if beside is not None else None
-            if done_beside is not None:  # it ran on another worker: its segments and progress come now
-                (transcript, seconds, model_file), heard = done_beside
-                assert window is not None
-                offset, end = window[0] / SAMPLE_RATE, window[0] + len(window[1])
-                for segment in heard:
-                    if on_segment is not None:
-                        on_segment(*segment)
-                if on_progress is not None:
-                    on_progress(end / SAMPLE_RATE, total_seconds())
-                parts.append((offset, transcript))
-                # The two windows ran at once: count what the pair took, not the sum of both.
-                inference_seconds += min(seconds, max(0.0, time.monotonic() - pair_started - in_turn_seconds))
-                window = None
-            if window is None:
-                window = next(windows, None)
-        whole = join_windows(parts, language=language or parts[0][1].language,
-                             duration=round(end / SAMPLE_RATE, 3))
-        whole = dataclasses.replace(whole, model_file=model_file, processing_seconds=round(inference_seconds, 3))
-        self._on_transcribed(model_file, whole.duration, inference_seconds)
-        logger.debug("transcribed %.1f s of audio in %d window(s) with %s in %.1f s", whole.duration, len(parts),
-                     model_file, inference_seconds)
+                ahead = next(windows)
+                beside = self._offer_beside(ahead, run)
+            if self._transcribe_pair(run, samples, offset, window_options, ahead, beside):
+                ahead = None  # it ran beside: the loop goes on after it
+            window = ahead if ahead is not None else next(windows, None)
+        return self._finish(run)
+
+    def _window_options(self, run: WindowedRun) -> TranscribeOptions:
+        """A window after the first waits for more urgent work, then goes in the language heard first
+        and, where asked, with the last words before it as its prompt."""
+        if not run.parts:
+            return run.options
+        self._between_windows()
+        options = dataclasses.replace(run.options, language=run.language)
+        if run.options.condition_on_previous_text:
+            options = dataclasses.replace(options, prompt=carried_prompt(run.options.prompt, run.parts[-1][1].text))
+        return options
+
+    def _transcribe_pair(self, run: WindowedRun, samples: np.ndarray, offset: float, options: TranscribeOptions,
+                         ahead: Window | None, beside: Future[Any] | None) -> bool:
+        """This window in turn, while `beside` (if any) does the one ahead; True when it did."""
+        pair_started = time.monotonic()
+        try:
+            transcript, seconds, run.model_file = self._transcribe_window(
+                samples, run.model_name, options, run.abort, offset=offset, total_seconds=run.total_seconds,
+                on_progress=run.on_progress, on_segment=run.on_segment)
+        except BaseException:
+            if beside is not None and not beside.cancel():
+                run.stop_beside.set()
+            raise
+        if beside is not None and beside.cancel():  # it never started: the loop does it next
+            beside = None
+        if run.language is None and transcript.segments:
+            run.language = transcript.language  # detected once, as whisper.cpp does within a call
+        run.parts.append((offset, transcript))
+        run.inference_seconds += seconds
+        done_beside = self._result_beside(beside, run.abort) if beside is not None else None
+        if done_beside is None:
+            return False
+        assert ahead is not None
+        self._report_beside(run, ahead, done_beside, time.monotonic() - pair_started - seconds)
+        return True
+
+    @staticmethod
+    def _report_beside(run: WindowedRun, ahead: Window, done_beside: Any, waited_seconds: float) -> None:
+        """The window that ran on another worker: its segments and progress come now, in order."""
+        (transcript, seconds, run.model_file), heard = done_beside
+        offset, run.end = ahead[0] / SAMPLE_RATE, ahead[0] + len(ahead[1])
+        for segment in heard:
+            if run.on_segment is not None:
+                run.on_segment(*segment)
+        if run.on_progress is not None:
+            run.on_progress(run.end / SAMPLE_RATE, run.total_seconds())
+        run.parts.append((offset, transcript))
+        # The two windows ran at once: count what the pair took, not the sum of both.
+        run.inference_seconds += min(seconds, max(0.0, waited_seconds))
+
+    def _finish(self, run: WindowedRun) -> Transcript:
+        whole = join_windows(run.parts, language=run.language or run.parts[0][1].language,
+                             duration=round(run.end / SAMPLE_RATE, 3))
+        whole = dataclasses.replace(whole, model_file=run.model_file,
+                                    processing_seconds=round(run.inference_seconds, 3))
+        self._on_transcribed(run.model_file, whole.duration, run.inference_seconds)
+        logger.debug("transcribed %.1f s of audio in %d window(s) with %s in %.1f s", whole.duration,
+                     len(run.parts), run.model_file, run.inference_seconds)
         return whole
 
-    def _offer_beside(self, window: Window, model_name: str | None, options: TranscribeOptions,
-                      abort: threading.Event, total_seconds: Callable[[], float]) -> Future[Any] | None:
+    def _offer_beside(self, window: Window, run: WindowedRun) -> Future[Any] | None:
         """The next window, handed to another worker; None when no worker is idle (or it is silent,
         which the loop skips at no cost). Its segments wait in a list until the window before it is done."""
         start, samples, _ = window
         if is_silent(samples) or self._beside is None:
             return None
+        options = dataclasses.replace(run.options, language=run.language)
+        abort = EitherEvent(run.abort, run.stop_beside)
         heard: list[tuple[float, float, str]] = []
 
-        def run(give_way: threading.Event) -> tuple[tuple[Transcript, float, str], list[tuple[float, float, str]]]:
-            done = self._transcribe_window(samples, model_name, options, EitherEvent(abort, give_way),
-                                           offset=start / SAMPLE_RATE, total_seconds=total_seconds,
+        def work(give_way: threading.Event) -> tuple[tuple[Transcript, float, str], list[tuple[float, float, str]]]:
+            done = self._transcribe_window(samples, run.model_name, options, EitherEvent(abort, give_way),
+                                           offset=start / SAMPLE_RATE, total_seconds=run.total_seconds,
                                            on_progress=None, on_segment=lambda *segment: heard.append(segment))
             return done, heard
 
-        return self._beside(run)
+        return self._beside(work)
 
     @staticmethod
     def _result_beside(beside: Future[Any], abort: threading.Event) -> Any:
