@@ -3709,20 +3709,20 @@ def test_a_daemon_given_a_name_names_new_jobs_and_keeps_serving_its_older_ones(
 
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
-README_LB_ADDRESSES = {"a": "10.0.0.11:8791", "b": "10.0.0.12:8791"}
+DOCUMENTED_LB_ADDRESSES = {"a": "10.0.0.11:8791", "b": "10.0.0.12:8791"}
 
 
-def readme_haproxy_config() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## More than one box"):]
+def documented_haproxy_config() -> str:
+    page = (ROOT / "docs" / "scaling.md").read_text()
+    section = page[page.index("# More than one box"):]
     return section[section.index("```haproxy\n") + len("```haproxy\n"):section.index("```\n", section.index("```haproxy"))]
 
 
 @contextlib.contextmanager
 def haproxy_in_front(tmp_path: Path, daemons: dict[str, Daemon]) -> Iterator[str]:
-    """The README's configuration run by a real haproxy, on loopback: yields its base URL."""
-    config = readme_haproxy_config()
-    for name, address in README_LB_ADDRESSES.items():
+    """docs/scaling.md's configuration run by a real haproxy, on loopback: yields its base URL."""
+    config = documented_haproxy_config()
+    for name, address in DOCUMENTED_LB_ADDRESSES.items():
         assert address in config
         config = config.replace(address, daemons[name].url.removeprefix("http://"))
     port = free_port()
@@ -4582,12 +4582,13 @@ def test_catalan_with_cpu_lite_over_http(daemon: Daemon) -> None:
     assert body["language"] == "catalan" and body["task"] == "transcribe"
 
 
-def readme_example(language: str) -> str:
-    """The README's client example in `language`, run exactly as a user would copy it."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(rf"```{language}\n(.*?)```", readme, re.S)
+def documented_example(page: str, language: str) -> str:
+    """The client example in `language` on `page` (README.md, docs/clients.md), run exactly as a user would
+    copy it."""
+    text = (ROOT / page).read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", text, re.S)
     examples = [b for b in blocks if "clip.webm" in b]
-    assert examples, f"README.md has no {language} example that sends clip.webm"
+    assert examples, f"{page} has no {language} example that sends clip.webm"
     return examples[0]
 
 
@@ -4595,10 +4596,11 @@ def client_env(daemon: Daemon) -> dict[str, str]:
     return {**os.environ, "AUDIOTEXT_BASE_URL": daemon.url, "AUDIOTEXT_API_TOKEN": TOKEN}
 
 
-@pytest.mark.parametrize("language", [pytest.param("python", id="urllib"), pytest.param("py", id="openai_sdk")])
-def test_readme_python_example(daemon: Daemon, tmp_path: Path, language: str) -> None:
+@pytest.mark.parametrize(("page", "language"), [pytest.param("docs/clients.md", "python", id="urllib"),
+                                                pytest.param("README.md", "py", id="openai_sdk")])
+def test_documented_python_example(daemon: Daemon, tmp_path: Path, page: str, language: str) -> None:
     shutil.copy(CLIPS / "ca.webm", tmp_path / "clip.webm")
-    (tmp_path / "example.py").write_text(readme_example(language))
+    (tmp_path / "example.py").write_text(documented_example(page, language))
     run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=client_env(daemon), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -4606,9 +4608,9 @@ def test_readme_python_example(daemon: Daemon, tmp_path: Path, language: str) ->
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_readme_node_fetch_example(daemon: Daemon, tmp_path: Path) -> None:
+def test_documented_node_fetch_example(daemon: Daemon, tmp_path: Path) -> None:
     shutil.copy(CLIPS / "ca.webm", tmp_path / "clip.webm")
-    (tmp_path / "example.mjs").write_text(readme_example("js"))
+    (tmp_path / "example.mjs").write_text(documented_example("docs/clients.md", "js"))
     run = subprocess.run(["node", "example.mjs"], cwd=tmp_path, env=client_env(daemon), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
