@@ -3709,20 +3709,20 @@ def test_a_daemon_given_a_name_names_new_jobs_and_keeps_serving_its_older_ones(
 
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
-README_LB_ADDRESSES = {"a": "10.0.0.11:8791", "b": "10.0.0.12:8791"}
+DOCUMENTED_LB_ADDRESSES = {"a": "10.0.0.11:8791", "b": "10.0.0.12:8791"}
 
 
-def readme_haproxy_config() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## More than one box"):]
+def documented_haproxy_config() -> str:
+    page = (ROOT / "docs" / "scaling.md").read_text()
+    section = page[page.index("# More than one box"):]
     return section[section.index("```haproxy\n") + len("```haproxy\n"):section.index("```\n", section.index("```haproxy"))]
 
 
 @contextlib.contextmanager
 def haproxy_in_front(tmp_path: Path, daemons: dict[str, Daemon]) -> Iterator[str]:
-    """The README's configuration run by a real haproxy, on loopback: yields its base URL."""
-    config = readme_haproxy_config()
-    for name, address in README_LB_ADDRESSES.items():
+    """docs/scaling.md's configuration run by a real haproxy, on loopback: yields its base URL."""
+    config = documented_haproxy_config()
+    for name, address in DOCUMENTED_LB_ADDRESSES.items():
         assert address in config
         config = config.replace(address, daemons[name].url.removeprefix("http://"))
     port = free_port()
@@ -4582,12 +4582,13 @@ def test_catalan_with_cpu_lite_over_http(daemon: Daemon) -> None:
     assert body["language"] == "catalan" and body["task"] == "transcribe"
 
 
-def readme_example(language: str) -> str:
-    """The README's client example in `language`, run exactly as a user would copy it."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(rf"```{language}\n(.*?)```", readme, re.S)
+def documented_example(page: str, language: str) -> str:
+    """The client example in `language` on `page` (README.md, docs/clients.md), run exactly as a user would
+    copy it."""
+    text = (ROOT / page).read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", text, re.S)
     examples = [b for b in blocks if "clip.webm" in b]
-    assert examples, f"README.md has no {language} example that sends clip.webm"
+    assert examples, f"{page} has no {language} example that sends clip.webm"
     return examples[0]
 
 
@@ -4595,10 +4596,11 @@ def client_env(daemon: Daemon) -> dict[str, str]:
     return {**os.environ, "AUDIOTEXT_BASE_URL": daemon.url, "AUDIOTEXT_API_TOKEN": TOKEN}
 
 
-@pytest.mark.parametrize("language", [pytest.param("python", id="urllib"), pytest.param("py", id="openai_sdk")])
-def test_readme_python_example(daemon: Daemon, tmp_path: Path, language: str) -> None:
+@pytest.mark.parametrize(("page", "language"), [pytest.param("docs/clients.md", "python", id="urllib"),
+                                                pytest.param("README.md", "py", id="openai_sdk")])
+def test_documented_python_example(daemon: Daemon, tmp_path: Path, page: str, language: str) -> None:
     shutil.copy(CLIPS / "ca.webm", tmp_path / "clip.webm")
-    (tmp_path / "example.py").write_text(readme_example(language))
+    (tmp_path / "example.py").write_text(documented_example(page, language))
     run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=client_env(daemon), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -4606,9 +4608,9 @@ def test_readme_python_example(daemon: Daemon, tmp_path: Path, language: str) ->
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_readme_node_fetch_example(daemon: Daemon, tmp_path: Path) -> None:
+def test_documented_node_fetch_example(daemon: Daemon, tmp_path: Path) -> None:
     shutil.copy(CLIPS / "ca.webm", tmp_path / "clip.webm")
-    (tmp_path / "example.mjs").write_text(readme_example("js"))
+    (tmp_path / "example.mjs").write_text(documented_example("docs/clients.md", "js"))
     run = subprocess.run(["node", "example.mjs"], cwd=tmp_path, env=client_env(daemon), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -6422,6 +6424,95 @@ def test_a_bad_setting_names_the_variable(tmp_path: Path) -> None:
                                 "AUDIOTEXT_STATE_DIR": str(tmp_path)})
     assert run.returncode == 2
     assert "AUDIOTEXT_WORKERS='zero'" in run.stderr
+
+
+SETTINGS_PAGE = ROOT / "docs" / "settings.md"
+
+
+def documented_settings() -> list[list[str]]:
+    """The rows of docs/settings.md's table, each as [variable, flag, default, meaning] without backticks
+    around the variable."""
+    text = SETTINGS_PAGE.read_text()
+    assert "\n| variable | flag | default | meaning |\n" in text
+    rows = [[cell.strip() for cell in line.strip()[1:-1].split("|")]
+            for line in text.splitlines() if line.startswith("| `AUDIOTEXT_")]
+    assert all(len(row) == 4 for row in rows), [row for row in rows if len(row) != 4]
+    return [[row[0].strip("`"), *row[1:]] for row in rows]
+
+
+def read_straight_from_the_environment() -> dict[str, str | None]:
+    """Variables audiotext.py reads outside SETTINGS (the log level, `models pull`'s mirror), with the
+    default written beside each, if any."""
+    source = Path(audiotext.__file__).read_text()
+    found = re.findall(r'os\.environ\.get\("(AUDIOTEXT_\w+)"(?:, "([^"]*)")?\)', source)
+    return {name: default or None for name, default in found}
+
+
+def test_the_settings_page_documents_every_setting_once() -> None:
+    rows = documented_settings()
+    variables = [row[0] for row in rows]
+    assert [v for v in set(variables) if variables.count(v) > 1] == []
+    declared = {setting.env for setting in audiotext.SETTINGS}
+    others = read_straight_from_the_environment()
+    assert others and not declared & others.keys()
+    assert set(variables) == declared | others.keys()
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    by_variable = {row[0]: row for row in rows}
+    for setting in audiotext.SETTINGS:
+        _, flag, shown, _ = by_variable[setting.env]
+        assert flag == f"`{setting.flag}`", setting.env
+        assert_default_shown(setting, fields[setting.attr].default, shown)
+    for name, default in others.items():
+        if default is not None:
+            assert by_variable[name][2] == f"`{default}`", name
+
+
+def assert_default_shown(setting: audiotext.Setting, default: Any, shown: str) -> None:
+    """A fixed default is shown as a value the setting parses to it; a setting with none (None, empty, or
+    worked out at start) says in words what it then does, or shows a path relative to another setting."""
+    literal = re.fullmatch(r"`([^`]*)`", shown)
+    if default is dataclasses.MISSING or default is None or default in ((), ""):
+        assert not literal or "<" in literal[1], f"{setting.env} has no fixed default, but the page shows {shown}"
+    else:
+        assert literal, f"{setting.env}: the page shows {shown!r} for the default {default!r}"
+        assert setting.parse(literal[1]) == default, \
+            f"{setting.env}: the page shows {shown}, the default is {default!r}"
+
+
+def test_no_other_page_restates_a_settings_default() -> None:
+    # "`AUDIOTEXT_MAX_QUEUE` (default 1000)" or "`AUDIOTEXT_STOP_GRACE_SECONDS` (20)", a link between or not.
+    restated = re.compile(r"`(AUDIOTEXT_\w+)`(?:\]\([^)]*\))?\s*\((?:default\b|\d)")
+    declared = {setting.env for setting in audiotext.SETTINGS}
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert SETTINGS_PAGE in pages
+    found = [(page.name, name) for page in pages if page != SETTINGS_PAGE
+             for name in restated.findall(page.read_text()) if name in declared]
+    assert found == []
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lowercased, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a `# comment` in a code block is no heading
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#+ (.*)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(slug if slug not in anchors else next(f"{slug}-{n}" for n in range(1, 99)
+                                                           if f"{slug}-{n}" not in anchors))
+    return anchors
+
+
+def test_every_link_between_the_docs_pages_resolves() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or anchor and anchor not in heading_anchors(linked.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
 
 
 def test_serve_without_any_model_says_how_to_get_one(tmp_path: Path) -> None:
