@@ -132,6 +132,8 @@ class Setting:
     flag: str
     parse: Callable[[str], Any]
     help: str
+    # Its value never goes into a message: a secret, or URLs whose paths may hold a token.
+    private: bool = False
 
 
 def _positive_int(text: str) -> int:
@@ -247,12 +249,49 @@ def _origin(text: str) -> str:
     return f"{parts.scheme}://{host}{shown_port}"
 
 
+# What RFC 3986 lets a request's path and query hold as they are; anything else must be
+# percent-encoded. http.client sends the URL as it is given: it refuses controls and cannot put a
+# character beyond ASCII into a request line at all, and a receiver may refuse the rest.
+_REQUEST_TARGET = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*")
+_HOST = re.compile(r"[a-z0-9._-]+")  # as urlsplit gives a name or an IPv4 address: in lower case
+
+
 def _webhook_url(text: str) -> str:
-    """An http or https URL with a host and nothing a log line or a header could be forged with."""
+    """An http or https URL that can be sent as it stands: nothing a log line or a header could be
+    forged with, and nothing that could only fail at every attempt until its max age. The messages
+    name the scheme, host and port at most: a path or a query may hold the receiver's token."""
+    for index, char in enumerate(text):
+        if not "!" <= char <= "~":
+            raise ValueError(f"U+{ord(char):04X} (character {index + 1}) cannot go into an HTTP request as "
+                             "it is; percent-encode it")
     parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or any(c.isspace() or ord(c) < 32 for c in text):
-        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    origin = _shown_origin(parts)
+    if not _HOST.fullmatch(parts.hostname) and ":" not in parts.hostname:  # urlsplit checks an IPv6 [address]
+        raise ValueError(f"{origin} is not a host name: letters, digits, dots and dashes")
+    if "@" in parts.netloc:
+        raise ValueError(f"the URL for {origin} holds a user name or password, which is never sent; "
+                         "put the receiver's token in its path or query")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"the port of {origin} is not a number from 1 to 65535")
+    if "#" in text:
+        raise ValueError(f"the URL for {origin} holds a #fragment, which is never sent; leave it out")
+    for part in (parts.path, parts.query):
+        if not _REQUEST_TARGET.fullmatch(part):
+            raise ValueError(f"the path or query of the URL for {origin} holds a character an HTTP request "
+                             "cannot carry as it is (one of \"<>[\\]^`{|}, or a % without two hex digits); "
+                             "percent-encode it")
     return text
+
+
+def _shown_origin(parts: urllib.parse.SplitResult) -> str:
+    """A URL as a log line or a message may name it: scheme, host and port, never what follows."""
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
 def _webhook_prefixes(text: str) -> tuple[str, ...]:
@@ -279,7 +318,7 @@ def _webhook_secret(text: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("api_token", "AUDIOTEXT_API_TOKEN", "--token", str,
-            "bearer token clients must send (required; the variable keeps it out of `ps`)"),
+            "bearer token clients must send (required; the variable keeps it out of `ps`)", private=True),
     Setting("host", "AUDIOTEXT_HOST", "--host", str, "address to bind"),
     Setting("port", "AUDIOTEXT_PORT", "--port", int, "port to bind"),
     Setting("state_dir", "AUDIOTEXT_STATE_DIR", "--state-dir", Path,
@@ -367,12 +406,14 @@ SETTINGS: tuple[Setting, ...] = (
             "comma-separated origins whose pages may call the API from a browser, "
             "e.g. https://notes.example.org; * for any; none by default"),
     Setting("webhook_url", "AUDIOTEXT_WEBHOOK_URL", "--webhook-url", _webhook_url,
-            "every finished job is posted here, unless the job names its own webhook_url (off unless set)"),
+            "every finished job is posted here, unless the job names its own webhook_url (off unless set)",
+            private=True),
     Setting("webhook_allowed_urls", "AUDIOTEXT_WEBHOOK_ALLOWED_URLS", "--webhook-allowed-urls", _webhook_prefixes,
             "URL prefixes a job's own webhook_url must start with, comma-separated, e.g. "
-            "https://hooks.example.org/audiotext/; none by default, which refuses per-job URLs"),
+            "https://hooks.example.org/audiotext/; none by default, which refuses per-job URLs", private=True),
     Setting("webhook_secret", "AUDIOTEXT_WEBHOOK_SECRET", "--webhook-secret", _webhook_secret,
-            "signing secret for webhooks, whsec_<base64> (Standard Webhooks); required when webhooks are on"),
+            "signing secret for webhooks, whsec_<base64> (Standard Webhooks); required when webhooks are on",
+            private=True),
     Setting("webhook_max_age_hours", "AUDIOTEXT_WEBHOOK_MAX_AGE_HOURS", "--webhook-max-age-hours",
             _positive_float, "a webhook not delivered this many hours after its job finished is given up on"),
 )
@@ -380,7 +421,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8791
     state_dir: Path = field(default_factory=_default_state_dir)
@@ -448,7 +489,8 @@ class Settings:
                 try:
                     values[attr] = setting.parse(raw)
                 except ValueError as exc:
-                    raise ConfigError(f"{setting.env}={raw!r}: {exc}") from None
+                    shown = setting.env if setting.private else f"{setting.env}={raw!r}"
+                    raise ConfigError(f"{shown}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -4917,9 +4959,19 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _url_host(url: str) -> str:
-    """What a log line names of a receiver: its host, never a path or query that may hold a token."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    """What a log line names of a receiver: its scheme, host and port, never a path or query that may
+    hold a token."""
+    return _shown_origin(urllib.parse.urlsplit(url))
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """What kept a receiver from answering, for a log line. Never an exception's own text where it
+    may quote the URL: http.client's InvalidURL and urllib's ValueErrors do."""
+    if isinstance(exc, urllib.error.URLError):
+        return _failure_reason(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return type(exc).__name__
 
 
 class WebhookSender:
@@ -4980,6 +5032,12 @@ class WebhookSender:
                            message_id, host, self.max_age_seconds / 3600)
             self._settle(job_id, message_id, "expired")
             return
+        try:
+            _webhook_url(webhook["url"])
+        except ValueError:  # owed since before such URLs were refused: no attempt could ever send it
+            logger.warning("webhook %s to %s given up on: its URL cannot be sent", message_id, host)
+            self._settle(job_id, message_id, "expired")
+            return
         answer = self._post(webhook)
         attempt = self._failures.get(message_id, 0) + 1
         if isinstance(answer, int) and 200 <= answer < 300:
@@ -5011,10 +5069,8 @@ class WebhookSender:
         except urllib.error.HTTPError as exc:
             exc.close()
             return exc.code
-        except urllib.error.URLError as exc:
-            return str(exc.reason)
         except (OSError, ValueError, http.client.HTTPException) as exc:
-            return str(exc) or type(exc).__name__
+            return _failure_reason(exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -7586,8 +7642,10 @@ def _parse_webhook_url(value: str | None, settings: Settings) -> str | None:
     if "." in segments or ".." in segments:  # a server would resolve them past the allowed prefix
         raise InvalidRequest("webhook_url may not hold . or .. path segments", param="webhook_url")
     if not value.startswith(settings.webhook_allowed_urls):
-        raise InvalidRequest(f"webhook_url must start with one of {', '.join(settings.webhook_allowed_urls)}",
-                             param="webhook_url")
+        # The prefixes' hosts only: their paths may hold a receiver's token, and the message is logged.
+        hosts = ", ".join(dict.fromkeys(map(_url_host, settings.webhook_allowed_urls)))
+        raise InvalidRequest(f"webhook_url must start with one of the URL prefixes AUDIOTEXT_WEBHOOK_ALLOWED_URLS "
+                             f"lists (on {hosts})", param="webhook_url")
     return value
 
 
@@ -8092,8 +8150,22 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         # A yes/no flag may stand alone (--keep-audio) or take a value (--keep-audio 0), as its variable does.
         switch: dict[str, Any] = {"nargs": "?", "const": True} if setting.parse is _flag else {}
-        parser.add_argument(setting.flag, dest=setting.attr, type=setting.parse, default=None, **switch,
+        parser.add_argument(setting.flag, dest=setting.attr, type=_flag_parser(setting), default=None, **switch,
                             help=f"{setting.help} [{setting.env}{_shown_default(defaults.get(setting.attr))}]")
+
+
+def _flag_parser(setting: Setting) -> Callable[[str], Any]:
+    """argparse quotes a value its parser refused; a private one goes out with the reason only."""
+    if not setting.private:
+        return setting.parse
+
+    def parse(text: str) -> Any:
+        try:
+            return setting.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _shown_default(value: Any) -> str:

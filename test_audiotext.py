@@ -3518,7 +3518,8 @@ def test_each_finished_job_posts_one_signed_webhook(daemon_factory: Callable[...
             with open(CLIPS / "en.wav", "rb") as f:
                 response = client.post(JOBS, headers=AUTH, files={"file": ("en.wav", f)},
                                        data={"model": "cpu-tiny", "webhook_url": url})
-            assert_error(response, 400, f"webhook_url must start with one of {hooks.url}/jobs/", param="webhook_url")
+            assert_error(response, 400, "webhook_url must start with one of the URL prefixes "
+                         f"AUDIOTEXT_WEBHOOK_ALLOWED_URLS lists (on {hooks.url})", param="webhook_url")
         for escape in ("/jobs/../admin", "/jobs/%2e%2e/admin", "/jobs/./x"):
             with open(CLIPS / "en.wav", "rb") as f:
                 response = client.post(JOBS, headers=AUTH, files={"file": ("en.wav", f)},
@@ -3669,10 +3670,84 @@ def test_webhook_settings_are_checked() -> None:
     for name, value in (("AUDIOTEXT_WEBHOOK_SECRET", "not-whsec"), ("AUDIOTEXT_WEBHOOK_SECRET", "whsec_c2hvcnQ="),
                         ("AUDIOTEXT_WEBHOOK_URL", "ftp://hooks.example.org/"),
                         ("AUDIOTEXT_WEBHOOK_ALLOWED_URLS", "hooks.example.org")):
-        with pytest.raises(audiotext.ConfigError, match=f"^{name}="):
+        with pytest.raises(audiotext.ConfigError, match=f"^{name}: ") as refused:
             Settings.from_env({name: value})
+        assert value not in str(refused.value)  # a secret, or a URL's path, is never quoted
     with pytest.raises(audiotext.ConfigError, match="AUDIOTEXT_WEBHOOK_SECRET is not set"):
         audiotext.check_webhook_settings(Settings.from_env({"AUDIOTEXT_WEBHOOK_URL": "http://127.0.0.1:9/hook"}))
+
+
+def test_webhook_urls_a_request_cannot_carry_are_refused_and_never_logged(
+        make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture) -> None:
+    prefix = "http://127.0.0.1:9/in/tok3n/"  # the operator's prefix may hold a token too
+    client = make_client(webhook_allowed_urls=(prefix,), webhook_secret=WEBHOOK_SECRET)
+    caplog.set_level("DEBUG", logger="audiotext")
+    target = ("the path or query of the URL for http://127.0.0.1:9 holds a character an HTTP request cannot carry "
+              "as it is (one of \"<>[\\]^`{|}, or a % without two hex digits); percent-encode it")
+    refused = [  # (webhook_url, the message after "webhook_url: ")
+        (prefix + "a\x7fb", f"U+007F (character {len(prefix) + 2}) cannot go into an HTTP request as it is; "
+                             "percent-encode it"),
+        (prefix + "caf\u00e9", f"U+00E9 (character {len(prefix) + 4}) cannot go into an HTTP request as it is; "
+                                "percent-encode it"),
+        (prefix + "a b", f"U+0020 (character {len(prefix) + 2}) cannot go into an HTTP request as it is; "
+                         "percent-encode it"),
+        (prefix + "a|b", target), (prefix + "{x}", target), (prefix + "x?q=a^b", target), (prefix + "%zz", target),
+        (prefix + "a[1]", target),
+        (prefix + "x#frag", "the URL for http://127.0.0.1:9 holds a #fragment, which is never sent; leave it out"),
+        ("http://me:tok3n@127.0.0.1:9/in/tok3n/", "the URL for http://127.0.0.1:9 holds a user name or password, "
+                                                  "which is never sent; put the receiver's token in its path or query"),
+        ("http://127.0.0.1:99999/in/tok3n/", "the port of http://127.0.0.1:99999 is not a number from 1 to 65535"),
+        ("http://a\"b/in/tok3n/", 'http://a"b is not a host name: letters, digits, dots and dashes'),
+    ]
+    for url, message in refused:
+        response = post_clip(client, "en.wav", path=JOBS, model="cpu-tiny", webhook_url=url)
+        assert_error(response, 400, f"webhook_url: {message}", param="webhook_url")
+    response = post_clip(client, "en.wav", path=JOBS, model="cpu-tiny", webhook_url="http://127.0.0.1:9/out/tok3n")
+    assert_error(response, 400, "webhook_url must start with one of the URL prefixes AUDIOTEXT_WEBHOOK_ALLOWED_URLS "
+                 "lists (on http://127.0.0.1:9)", param="webhook_url")
+    assert all_jobs(client) == []
+    assert any("webhook_url" in r.getMessage() for r in caplog.records)  # the refusals are logged, at DEBUG
+    assert not [r.getMessage() for r in caplog.records if "tok3n" in r.getMessage()]
+    # What RFC 3986 allows, percent-encoded characters included, is taken.
+    fine = prefix + "a-b_c.d~e!$&'()*+,;=:@/%C3%A9?q=1&r=/?%7Cx"
+    assert post_clip(client, "en.wav", path=JOBS, model="cpu-tiny", webhook_url=fine).status_code == 202
+
+
+def test_a_webhook_owed_to_a_url_that_cannot_be_sent_is_given_up_on_at_once(
+        make_client: Callable[..., TestClient], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # As a table written before such URLs were refused may still owe one.
+    job_id = "job_" + "1" * 32
+    now = time.time()
+    job = audiotext.Job(job_id, 0, audiotext.JobSpec(model="cpu-tiny"), job_id + ".wav", now - 5, status="canceled",
+                        finished_at=now, webhook={"url": "http://127.0.0.1:9/hook/tok3n\x7f", "body": "{}",
+                                                  "id": f"msg_{job_id}_canceled", "created_at": now})
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "jobs.json").write_text(json.dumps({"schema": 1, "jobs": [job.record()]}))
+    caplog.set_level("INFO", logger="audiotext")
+    client = make_client(webhook_secret=WEBHOOK_SECRET)
+    expired = ("audiotext_webhook_deliveries_total", frozenset({("outcome", "expired")}))
+    page = wait_until(lambda: (p := scrape(client)).get(expired) and p, what="the webhook given up on", timeout=60)
+    assert ("audiotext_webhook_deliveries_total", frozenset({("outcome", "failed")})) not in page
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webhook ")]
+    assert lines == [f"webhook msg_{job_id}_canceled to http://127.0.0.1:9 given up on: its URL cannot be sent"]
+    wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["webhook"] is None,
+               what="jobs.json to owe nothing")
+
+
+def test_a_refused_webhook_secret_or_url_is_never_printed(tmp_path: Path) -> None:
+    secret = "hunter2-" + "s3cr3t" * 6  # no whsec_ prefix
+    url = "http://127.0.0.1:9/hook/tok3n/caf\u00e9"
+    for args, env, says in (
+            ((), {"AUDIOTEXT_WEBHOOK_SECRET": secret}, "AUDIOTEXT_WEBHOOK_SECRET: expected whsec_"),
+            ((), {"AUDIOTEXT_WEBHOOK_SECRET": "whsec_" + secret}, "AUDIOTEXT_WEBHOOK_SECRET: expected whsec_"),
+            (("--webhook-secret", secret), {}, "argument --webhook-secret: expected whsec_"),
+            ((), {"AUDIOTEXT_WEBHOOK_URL": url}, "AUDIOTEXT_WEBHOOK_URL: U+00E9"),
+            ((), {"AUDIOTEXT_WEBHOOK_ALLOWED_URLS": "http://127.0.0.1:9/tok3n|/"}, "AUDIOTEXT_WEBHOOK_ALLOWED_URLS: "),
+            (("--webhook-url", url), {}, "argument --webhook-url: U+00E9")):
+        daemon = start_daemon(tmp_path / "state", None, args=args, wait=False, **env)
+        assert daemon.proc.wait(60) == 2
+        log = daemon.log()
+        assert says in log and "s3cr3t" not in log and "tok3n" not in log, log
 
 
 # Jobs: several daemons behind a load balancer
