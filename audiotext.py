@@ -416,6 +416,11 @@ SETTINGS: tuple[Setting, ...] = (
             private=True),
     Setting("webhook_max_age_hours", "AUDIOTEXT_WEBHOOK_MAX_AGE_HOURS", "--webhook-max-age-hours",
             _positive_float, "a webhook not delivered this many hours after its job finished is given up on"),
+    Setting("webhook_timeout_seconds", "AUDIOTEXT_WEBHOOK_TIMEOUT_SECONDS", "--webhook-timeout-seconds",
+            _positive_float, "each webhook attempt's deadline, seconds: connecting, sending and the whole answer; "
+            "a receiver still answering then is cut off and tried again later"),
+    Setting("webhook_senders", "AUDIOTEXT_WEBHOOK_SENDERS", "--webhook-senders", _positive_int,
+            "webhook attempts made at once, each to a different receiver: a slow one holds one of them at most"),
 )
 
 
@@ -466,6 +471,8 @@ class Settings:
     webhook_allowed_urls: tuple[str, ...] = ()
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_max_age_hours: float = 24.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_senders: int = 4
     no_auth: bool = False
 
     @property
@@ -4004,7 +4011,6 @@ STORAGE_RETRY_SECONDS = (1.0, 60.0)  # the pause after a first storage fault, do
 AUDIO_MISSING = "the job's audio file is missing from the state directory's uploads/, so it cannot be transcribed"
 SWEEP_INTERVAL_SECONDS = (0.1, 60.0)  # bounds; a tenth of the TTL in between
 WEBHOOK_RETRY_SECONDS = (1.0, 600.0)  # the pause after a first failed delivery, doubling up to the second
-WEBHOOK_TIMEOUT_SECONDS = 10.0  # for each attempt's connect, and each read of the answer
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
@@ -4974,59 +4980,188 @@ def _failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class _Attempt:
+    """One delivery in flight: its deadline, and a handle of its own on its connection, so that
+    the sender's dispatcher can cut a receiver that is still answering at the deadline. The
+    handle is a duplicate of the socket's descriptor: a shutdown through it ends the connection
+    however urllib and http.client have wrapped (TLS) or let go of theirs, and, closed only here,
+    its number cannot meanwhile have gone to another connection."""
+
+    def __init__(self, job_id: str, webhook: dict[str, Any], receiver: str, deadline: float) -> None:
+        self.job_id, self.webhook, self.receiver, self.deadline = job_id, webhook, receiver, deadline
+        self.cut = False
+        self._lock = threading.Lock()  # the handle, between the attempt's thread and the dispatcher
+        self._handle: socket.socket | None = None
+
+    def watch(self, sock: socket.socket) -> None:
+        """As the connection opens, before TLS: one that took past the deadline to open (a slow
+        name lookup cannot be cut) is cut at once."""
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+            self._handle = sock.dup()
+            if self.cut:
+                self._shutdown()
+
+    def cut_off(self) -> None:
+        with self._lock:
+            self.cut = True
+            self._shutdown()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+    def _shutdown(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(OSError):  # the receiver may have closed it first
+                self._handle.shutdown(socket.SHUT_RDWR)
+
+    def connection_class(self, http_class: Any) -> Callable[..., http.client.HTTPConnection]:
+        """urllib's connection class, with each socket it opens shown to watch()."""
+        def open_connection(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+            connection = http_class(host, **kwargs)
+            create = connection._create_connection  # socket.create_connection, as http.client calls it
+
+            def create_watched(*args: Any, **kw: Any) -> socket.socket:
+                sock = create(*args, **kw)
+                try:
+                    self.watch(sock)
+                except OSError:  # no descriptor left for the handle
+                    sock.close()
+                    raise
+                return sock
+
+            connection._create_connection = create_watched
+            return connection
+
+        return open_connection
+
+
+class _WatchedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, attempt: _Attempt) -> None:
+        super().__init__()
+        self.attempt = attempt
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> http.client.HTTPResponse:
+        return super().do_open(self.attempt.connection_class(http_class), req, **kwargs)
+
+
+class _WatchedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, attempt: _Attempt) -> None:
+        super().__init__()
+        self.attempt = attempt
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> http.client.HTTPResponse:
+        return super().do_open(self.attempt.connection_class(http_class), req, **kwargs)
+
+
 class WebhookSender:
     """Delivers the webhooks that finished jobs owe, signed as Standard Webhooks says.
 
-    Threads: one, audiotext-webhooks, from start() until close(): it alone calls receivers, so a
-    slow or dead one delays other deliveries, never a transcription or a request. Files: none;
-    what is owed lives in the job table (Job.webhook), so a restart resumes it. A failed attempt
-    is tried again after webhook_retry_delay(), from the start after a restart, until the webhook
-    is max_age_seconds older than its job's end. A job deleted or expired first takes it along.
+    Threads: audiotext-webhooks, from start() until close(), picks what is due and cuts attempts
+    at their deadline; each attempt runs in a thread of its own, audiotext-webhook-send, at most
+    `senders` of them at once and one per receiver (scheme, host and port). So a slow or dead
+    receiver holds one thread for `timeout` seconds at most and delays only its own messages,
+    never another receiver's, a transcription or a request. Files: none; what is owed lives in the
+    job table (Job.webhook), so a restart resumes it. A failed attempt, or one cut at its
+    deadline, is tried again after webhook_retry_delay(), from the start after a restart, until
+    the webhook is max_age_seconds older than its job's end. A job deleted or expired first takes
+    it along. Lock order: the sender's lock, then the job table's.
     """
 
-    def __init__(self, store: JobStore, key: bytes, *, max_age_seconds: float,
-                 timeout: float = WEBHOOK_TIMEOUT_SECONDS, on_attempt: Callable[[str], None] = lambda outcome: None):
+    def __init__(self, store: JobStore, key: bytes, *, max_age_seconds: float, timeout: float, senders: int,
+                 on_attempt: Callable[[str], None] = lambda outcome: None):
         self._store = store
         self._key = key
         self.max_age_seconds = max_age_seconds
-        self.timeout = timeout
+        self.timeout = timeout  # each attempt's deadline, from its start
+        self.senders = senders
         self._on_attempt = on_attempt  # "delivered", "failed" or "expired", for the metrics
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._lock = threading.Lock()  # the three tables below, shared with the attempts' threads
         self._failures: dict[str, int] = {}  # failed attempts in this process, by message id
         self._next_at: dict[str, float] = {}  # when to try again (monotonic), by message id
+        self._in_flight: dict[str, _Attempt] = {}  # by receiver: one each at most
         self._thread: threading.Thread | None = None
         self._closing = False
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._deliver_loop, name="audiotext-webhooks", daemon=True)
+        self._thread = threading.Thread(target=self._dispatch_loop, name="audiotext-webhooks", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop after the attempt in flight, if any; what is still owed waits for the next start."""
+        """Start no more attempts; those in flight end by their deadline. What is still owed waits
+        for the next start."""
         self._closing = True
         self._store.webhook_owed.set()
         if self._thread is not None:
-            self._thread.join(self.timeout * 3)
+            self._thread.join(self.timeout + 5)
             if self._thread.is_alive():
-                logger.warning("a webhook receiver is still answering; its delivery is retried at the next start")
+                logger.warning("a webhook attempt is still looking up its receiver's address; "
+                               "its delivery is retried at the next start")
 
-    def _deliver_loop(self) -> None:
-        while not self._closing:
+    def _dispatch_loop(self) -> None:
+        """Woken by webhook_owed: a job came to owe one, an attempt ended, or close()."""
+        while True:
             self._store.webhook_owed.clear()
-            owed = self._store.owed_webhooks()
-            for job_id, webhook in owed:
-                if self._closing:
+            self._cut_overdue()
+            wake = None if self._closing else self._start_due()
+            with self._lock:
+                if self._closing and not self._in_flight:
                     return
-                if self._next_at.get(webhook["id"], 0.0) <= time.monotonic():
-                    self._attempt(job_id, webhook)
+                deadlines = [a.deadline for a in self._in_flight.values() if not a.cut]
+            wake = min([*deadlines, *([wake] if wake is not None else [])], default=None)
+            self._store.webhook_owed.wait(None if wake is None else max(0.0, wake - time.monotonic()))
+
+    def _cut_overdue(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            overdue = [a for a in self._in_flight.values() if a.deadline <= now and not a.cut]
+        for attempt in overdue:
+            attempt.cut_off()
+
+    def _start_due(self) -> float | None:
+        """An attempt for each due message whose receiver has none in flight, oldest job first,
+        while threads are free. Returns when the next one not yet due is, if any."""
+        now, wake = time.monotonic(), None
+        with self._lock:
+            # Read under the lock: an attempt settles in the table before it leaves _in_flight, so
+            # what is read here is never a message just delivered.
+            owed = self._store.owed_webhooks()
             current = {webhook["id"] for _, webhook in owed}
             self._next_at = {k: v for k, v in self._next_at.items() if k in current}
             self._failures = {k: v for k, v in self._failures.items() if k in current}
-            due = min(self._next_at.values(), default=None)
-            self._store.webhook_owed.wait(None if due is None else max(0.0, due - time.monotonic()))
+            for job_id, webhook in owed:
+                receiver = _url_host(webhook["url"])
+                due = self._next_at.get(webhook["id"], 0.0)
+                if receiver in self._in_flight:
+                    continue
+                if due > now:
+                    wake = due if wake is None else min(wake, due)
+                    continue
+                if len(self._in_flight) >= self.senders:
+                    break  # woken again as one ends
+                attempt = _Attempt(job_id, webhook, receiver, deadline=now + self.timeout)
+                self._in_flight[receiver] = attempt
+                threading.Thread(target=self._attempt, args=(attempt,), name="audiotext-webhook-send",
+                                 daemon=True).start()
+        return wake
 
-    def _attempt(self, job_id: str, webhook: dict[str, Any]) -> None:
-        message_id, host = webhook["id"], _url_host(webhook["url"])
+    def _attempt(self, attempt: _Attempt) -> None:
+        """In the attempt's own thread."""
+        try:
+            self._deliver(attempt)
+        finally:
+            attempt.release()
+            with self._lock:
+                del self._in_flight[attempt.receiver]
+            self._store.webhook_owed.set()
+
+    def _deliver(self, attempt: _Attempt) -> None:
+        webhook, job_id, host = attempt.webhook, attempt.job_id, attempt.receiver
+        message_id = webhook["id"]
         if time.time() - webhook["created_at"] > self.max_age_seconds:
             logger.warning("webhook %s to %s given up on: not delivered within %g hours of the job's end",
                            message_id, host, self.max_age_seconds / 3600)
@@ -5038,39 +5173,46 @@ class WebhookSender:
             logger.warning("webhook %s to %s given up on: its URL cannot be sent", message_id, host)
             self._settle(job_id, message_id, "expired")
             return
-        answer = self._post(webhook)
-        attempt = self._failures.get(message_id, 0) + 1
+        answer = self._post(attempt)
+        with self._lock:
+            attempt_number = self._failures.get(message_id, 0) + 1
         if isinstance(answer, int) and 200 <= answer < 300:
-            logger.info("webhook %s to %s delivered (HTTP %d), attempt %d", message_id, host, answer, attempt)
+            logger.info("webhook %s to %s delivered (HTTP %d), attempt %d", message_id, host, answer, attempt_number)
             self._settle(job_id, message_id, "delivered")
             return
-        self._failures[message_id] = attempt
-        delay = webhook_retry_delay(attempt)
-        self._next_at[message_id] = time.monotonic() + delay
+        delay = webhook_retry_delay(attempt_number)
+        with self._lock:
+            self._failures[message_id] = attempt_number
+            self._next_at[message_id] = time.monotonic() + delay
         logger.warning("webhook %s to %s failed (%s), attempt %d; trying again in %.1f s", message_id, host,
-                       f"HTTP {answer}" if isinstance(answer, int) else answer, attempt, delay)
+                       f"HTTP {answer}" if isinstance(answer, int) else answer, attempt_number, delay)
         self._on_attempt("failed")
 
     def _settle(self, job_id: str, message_id: str, outcome: str) -> None:
         self._store.webhook_settled(job_id, message_id)
         self._on_attempt(outcome)
 
-    def _post(self, webhook: dict[str, Any]) -> int | str:
-        """The receiver's status code, or what kept it from answering."""
+    def _post(self, attempt: _Attempt) -> int | str:
+        """The receiver's status code, or what kept it from answering in time."""
+        webhook = attempt.webhook
         body, timestamp = webhook["body"].encode(), int(time.time())
         request = urllib.request.Request(webhook["url"], data=body, method="POST", headers={
             "Content-Type": "application/json", "User-Agent": f"audiotext/{__version__}",
             "webhook-id": webhook["id"], "webhook-timestamp": str(timestamp),
             "webhook-signature": sign_webhook(self._key, webhook["id"], timestamp, body)})
+        opener = urllib.request.build_opener(_NoRedirects, _WatchedHTTP(attempt), _WatchedHTTPS(attempt))
+        answer: int | str
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
+            with opener.open(request, timeout=self.timeout) as response:
                 response.read(64 * 1024)  # the answer is not used; read a little so keep-alive peers are content
-                return response.status
+                answer = response.status
         except urllib.error.HTTPError as exc:
             exc.close()
-            return exc.code
+            answer = exc.code
         except (OSError, ValueError, http.client.HTTPException) as exc:
-            return _failure_reason(exc)
+            answer = _failure_reason(exc)
+        # Once cut, http.client may take the silence for the end of the headers: not an answer.
+        return f"no answer within {self.timeout:g} s" if attempt.cut else answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5155,8 +5297,8 @@ class AppState:
     """One running daemon: what start_service() builds and stop_service() takes down.
 
     Threads: the scheduler's workers (audiotext-worker-N), the job sweeper (audiotext-job-sweeper)
-    and, with webhooks on, their sender (audiotext-webhooks). Files: the state directory's,
-    through the job store and the spool.
+    and, with webhooks on, their sender (audiotext-webhooks, and audiotext-webhook-send for each
+    attempt in flight). Files: the state directory's, through the job store and the spool.
     """
 
     settings: Settings
@@ -5244,6 +5386,7 @@ def open_jobs(state: AppState, describe_job: DescribeJob) -> JobStore:
     if settings.webhook_secret:
         state.webhooks = WebhookSender(store, webhook_key(settings.webhook_secret),
                                        max_age_seconds=settings.webhook_max_age_hours * 3600,
+                                       timeout=settings.webhook_timeout_seconds, senders=settings.webhook_senders,
                                        on_attempt=lambda outcome: state.metrics.webhook_deliveries.labels(outcome).inc())
         state.webhooks.start()
     return store

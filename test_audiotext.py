@@ -15,6 +15,7 @@ import errno
 import hashlib
 import http.server
 import io
+import itertools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import mimetypes
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -3495,6 +3497,74 @@ class WebhookReceiver:
         self.thread.join()
 
 
+class TricklingReceiver:
+    """A receiver on a bare socket that reads each message whole, then, on its first `trickle`
+    connections, answers a status line and one more header line every `every` seconds and never
+    ends its headers: a timeout per read never fires on it. Later connections get 204 at once.
+    Each connection is recorded: the message id, how many others were open as it came, and when
+    it opened and closed (the daemon hung up, or the 204 went out)."""
+
+    def __init__(self, *, every: float = 2.0, trickle: int = 1) -> None:
+        self.every, self.trickle = every, trickle
+        self.connections: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            self._threads.append(threading.Thread(target=self._serve, args=(conn,)))
+            self._threads[-1].start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                received += chunk
+            head, _, body = received.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")[1:]
+            headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+            while len(body) < int(headers["content-length"]):
+                body += conn.recv(4096)
+            others = sum(c["closed"] is None for c in self.connections)
+            record = {"id": headers["webhook-id"], "others_open": others, "opened": time.monotonic(), "closed": None}
+            self.connections.append(record)
+            if len(self.connections) > self.trickle:
+                conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+            else:
+                self._trickle(conn)
+            record["closed"] = time.monotonic()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for line in itertools.count():
+            if self._stop.is_set():
+                return
+            if select.select([conn], [], [], self.every)[0]:
+                return  # the daemon hung up
+            try:
+                conn.sendall(f"X-Still-Thinking: {line}\r\n".encode())
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self._server.close()
+
+
 @pytest.fixture
 def receiver() -> Iterator[Callable[..., WebhookReceiver]]:
     started: list[WebhookReceiver] = []
@@ -3748,6 +3818,49 @@ def test_a_refused_webhook_secret_or_url_is_never_printed(tmp_path: Path) -> Non
         assert daemon.proc.wait(60) == 2
         log = daemon.log()
         assert says in log and "s3cr3t" not in log and "tok3n" not in log, log
+
+
+def test_a_slow_webhook_receiver_holds_one_sender_until_the_attempt_deadline(
+        daemon_factory: Callable[..., Daemon], receiver: Callable[..., WebhookReceiver]) -> None:
+    deadline = 20  # seconds; the receiver sends a header line every 2, so a timeout per read never fires
+    slow, hooks = TricklingReceiver(every=2), receiver()
+    try:
+        daemon = daemon_factory(AUDIOTEXT_WEBHOOK_SECRET=WEBHOOK_SECRET, AUDIOTEXT_WEBHOOK_TIMEOUT_SECONDS=str(deadline),
+                                AUDIOTEXT_WEBHOOK_ALLOWED_URLS=f"{slow.url}/slow/,{hooks.url}/fast/")
+        with httpx.Client(base_url=daemon.url, timeout=60) as client:
+            busy = submit_job(client, "long_en.webm")  # holds the worker: a job queued behind it ends as canceled
+            slow_jobs = [submit_job(client, "en.wav", webhook_url=f"{slow.url}/slow/tok3n-{n}") for n in range(2)]
+            fast_jobs = [submit_job(client, "en.wav", webhook_url=f"{hooks.url}/fast/tok3n-{n}?k=v") for n in range(2)]
+            for job in slow_jobs:
+                assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).status_code == 200
+            wait_until(lambda: slow.connections, what="the slow receiver's first attempt", timeout=60)
+            for job in fast_jobs:
+                assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).status_code == 200
+            wait_until(lambda: len(hooks.delivered) == 2, what="the healthy receiver's messages", timeout=60)
+            # Delivered while the slow receiver still holds its first attempt, and only that one:
+            # its second message waits for it, not for a free sender.
+            first = slow.connections[0]
+            assert [c["closed"] for c in slow.connections] == [None]
+            assert first["id"] == f"msg_{slow_jobs[0]['id']}_canceled"
+            # Cut at its deadline, the second message goes, then the first one again once its pause is over.
+            wait_until(lambda: len(slow.connections) == 3 and slow.connections[2]["closed"],
+                       what="the slow receiver's other message, then the first one again", timeout=120)
+            assert deadline - 5 < first["closed"] - first["opened"] < deadline + 15
+            assert [(c["id"], c["others_open"]) for c in slow.connections] == [
+                (first["id"], 0), (f"msg_{slow_jobs[1]['id']}_canceled", 0), (first["id"], 0)]
+            page = wait_until(lambda: (text := client.get("/metrics", headers=AUTH).text) and re.search(
+                r'^audiotext_webhook_deliveries_total\{outcome="delivered"\} 4\.0$', text, re.M) and text,
+                what="four deliveries counted")
+            assert re.search(r'^audiotext_webhook_deliveries_total\{outcome="failed"\} 1\.0$', page, re.M), page
+            client.post(f"{JOBS}/{busy['id']}/cancel", headers=AUTH)
+        assert daemon.stop() == 0
+    finally:
+        slow.close()
+    log = daemon.log()
+    assert f"webhook {first['id']} to {slow.url} failed (no answer within {deadline} s), attempt 1;" in log, log
+    assert f"webhook {first['id']} to {slow.url} delivered (HTTP 204), attempt 2" in log, log
+    assert "tok3n" not in log and "k=v" not in log  # a receiver's path and query are never logged
+    assert "Traceback" not in log
 
 
 # Jobs: several daemons behind a load balancer
