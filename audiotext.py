@@ -2895,6 +2895,44 @@ def _vad_params(tuning: tuple[tuple[str, float], ...]) -> Any:
     return params
 
 
+@functools.cache
+def _whisper_function(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A whisper.cpp function called through ctypes, which lets go of the GIL for the call, as the
+    binding does only for a few (whisper_full, loading); None where it cannot be reached so."""
+    import ctypes
+
+    import _pywhispercpp as pw
+
+    try:
+        # Looked up through the binding's own handle: the libwhisper it is linked with, not a copy.
+        function = getattr(ctypes.CDLL(pw.__file__), name)
+    except (OSError, AttributeError):
+        return None
+    function.restype, function.argtypes = restype, list(argtypes)
+    return function
+
+
+def _context_address(ctx: Any) -> int | None:
+    """The whisper_context* that the binding's context object wraps, to hand to _whisper_function;
+    None unless it reads back as that very context. The binding has no accessor for it: pybind11
+    keeps a pointer to the wrapped struct just after the object's header, and the struct's one
+    field is the context pointer (pywhispercpp's whisper_context_wrapper)."""
+    import ctypes
+
+    import _pywhispercpp as pw
+
+    wrapper = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    address = ctypes.c_void_p.from_address(wrapper).value if wrapper else None
+    if not address:
+        return None
+    checks = ("whisper_n_vocab", "whisper_n_text_ctx", "whisper_n_audio_ctx", "whisper_is_multilingual")
+    for name in checks:
+        function = _whisper_function(name, ctypes.c_int, ctypes.c_void_p)
+        if function is None or function(address) != getattr(pw, name)(ctx):
+            return None
+    return address
+
+
 class LoadedModel:
     """One whisper.cpp context and the lock that serialises its use (a context is not reentrant).
 
@@ -2924,6 +2962,11 @@ class LoadedModel:
         import _pywhispercpp as pw
 
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
+        self._address = _context_address(self._model._ctx) if self.multilingual else None
+        if self.multilingual and self._address is None:
+            logger.warning("cannot call whisper.cpp directly with %s: a detection among AUDIOTEXT_LANGUAGES or "
+                           "languages[] that whisper's first choice is not in holds the GIL, and stalls "
+                           "every request, for an encoder pass", name)
         self._vad_params = _vad_params(())
         self.load_seconds = time.monotonic() - started
         # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file,
@@ -2965,8 +3008,8 @@ class LoadedModel:
 
         whisper.cpp's own detection (detect_language: one encoder pass, then it stops) releases
         the GIL but tells only its first choice. Only when that is not allowed are all the
-        probabilities asked for, through a call that holds the GIL for another encoder pass, over
-        the same samples: those VAD kept, which the detection left in the context.
+        probabilities asked for, at the cost of another encoder pass over the same samples: those
+        VAD kept, which the detection left in the context.
         """
         import _pywhispercpp as pw
 
@@ -2989,11 +3032,21 @@ class LoadedModel:
     def _language_probabilities(self) -> dict[str, float]:
         """Every language's probability in the first 30 s of the samples the last call left in the
         context; none when there is too little to tell."""
+        import ctypes
+
         import _pywhispercpp as pw
 
         probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
         ctx = self._model._ctx  # type: ignore[attr-defined]
-        if pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) < 0:
+        # The binding's whisper_lang_auto_detect holds the GIL for its encoder pass, seconds in
+        # which no request, Wyoming session or health check is answered; called directly, it does not.
+        detect = _whisper_function("whisper_lang_auto_detect", ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_int, np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"))
+        if detect is not None and self._address is not None:
+            found = detect(self._address, 0, self.threads, probabilities)
+        else:
+            found = pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities)
+        if found < 0:
             return {}
         return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}
 
