@@ -2965,6 +2965,44 @@ def _vad_params(tuning: tuple[tuple[str, float], ...]) -> Any:
     return params
 
 
+@functools.cache
+def _whisper_function(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A whisper.cpp function called through ctypes, which lets go of the GIL for the call, as the
+    binding does only for a few (whisper_full, loading); None where it cannot be reached so."""
+    import ctypes
+
+    import _pywhispercpp as pw
+
+    try:
+        # Looked up through the binding's own handle: the libwhisper it is linked with, not a copy.
+        function = getattr(ctypes.CDLL(pw.__file__), name)
+    except (OSError, AttributeError):
+        return None
+    function.restype, function.argtypes = restype, list(argtypes)
+    return function
+
+
+def _context_address(ctx: Any) -> int | None:
+    """The whisper_context* that the binding's context object wraps, to hand to _whisper_function;
+    None unless it reads back as that very context. The binding has no accessor for it: pybind11
+    keeps a pointer to the wrapped struct just after the object's header, and the struct's one
+    field is the context pointer (pywhispercpp's whisper_context_wrapper)."""
+    import ctypes
+
+    import _pywhispercpp as pw
+
+    wrapper = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    address = ctypes.c_void_p.from_address(wrapper).value if wrapper else None
+    if not address:
+        return None
+    checks = ("whisper_n_vocab", "whisper_n_text_ctx", "whisper_n_audio_ctx", "whisper_is_multilingual")
+    for name in checks:
+        function = _whisper_function(name, ctypes.c_int, ctypes.c_void_p)
+        if function is None or function(address) != getattr(pw, name)(ctx):
+            return None
+    return address
+
+
 # Until a context of a file has been loaded and measured, what it is expected to take: the
 # file, plus whisper.cpp's buffers (its KV caches and compute graphs grow with the model).
 CONTEXT_OVERHEAD_RATIO = 1.15
@@ -3002,6 +3040,11 @@ class LoadedModel:
         import _pywhispercpp as pw
 
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
+        self._address = _context_address(self._model._ctx) if self.multilingual else None
+        if self.multilingual and self._address is None:
+            logger.warning("cannot call whisper.cpp directly with %s: a detection among AUDIOTEXT_LANGUAGES or "
+                           "languages[] that whisper's first choice is not in holds the GIL, and stalls "
+                           "every request, for an encoder pass", name)
         self._vad_params = _vad_params(())
         self.load_seconds = time.monotonic() - started
         # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file,
@@ -3043,8 +3086,8 @@ class LoadedModel:
 
         whisper.cpp's own detection (detect_language: one encoder pass, then it stops) releases
         the GIL but tells only its first choice. Only when that is not allowed are all the
-        probabilities asked for, through a call that holds the GIL for another encoder pass, over
-        the same samples: those VAD kept, which the detection left in the context.
+        probabilities asked for, at the cost of another encoder pass over the same samples: those
+        VAD kept, which the detection left in the context.
         """
         import _pywhispercpp as pw
 
@@ -3067,11 +3110,21 @@ class LoadedModel:
     def _language_probabilities(self) -> dict[str, float]:
         """Every language's probability in the first 30 s of the samples the last call left in the
         context; none when there is too little to tell."""
+        import ctypes
+
         import _pywhispercpp as pw
 
         probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
         ctx = self._model._ctx
-        if pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) < 0:
+        # The binding's whisper_lang_auto_detect holds the GIL for its encoder pass, seconds in
+        # which no request, Wyoming session or health check is answered; called directly, it does not.
+        detect = _whisper_function("whisper_lang_auto_detect", ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_int, np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"))
+        if detect is not None and self._address is not None:
+            found = detect(self._address, 0, self.threads, probabilities)
+        else:
+            found = pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities)
+        if found < 0:
             return {}
         return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}
 
@@ -4084,11 +4137,15 @@ class Job:
         self.heard = []
 
     def record_progress(self, seconds_done: float, seconds_total: float) -> None:
+        if self.status in FINISHED_STATUSES:
+            return  # canceled while whisper.cpp winds down: the job stays as it was at the cancel
         # Two sources report (whisper.cpp's progress and each segment's end); never step back.
         self.audio_seconds = round(seconds_total, 3)
         self.seconds_done = max(self.seconds_done, seconds_done)
 
     def record_segment(self, start: float, end: float, text: str) -> None:
+        if self.status in FINISHED_STATUSES:
+            return
         self.heard.append((start, end, text))  # one append: atomic, no lock for a reader to wait on
 
     def progress(self) -> float:
@@ -4561,7 +4618,9 @@ class JobStore:
             raise
 
     def cancel(self, job_id: str) -> Job:
-        """A queued job is canceled now; a running one is aborted and turns canceled as it stops."""
+        """The job is canceled now, queued or running. A running one's work is aborted: whisper.cpp
+        notices at its next check (the end of an encoder pass or a decoder step, seconds away on a
+        busy CPU), and the worker is free from then on; whatever that run returns is dropped."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -4569,18 +4628,13 @@ class JobStore:
             if job.status in FINISHED_STATUSES:
                 raise JobConflict(f"job {job_id} is already {job.status} and cannot be canceled")
             job.cancel_requested = True
-            work = self._work.get(job_id)
+            work = self._work.pop(job_id, None)
+            self._retry_at.pop(job_id, None)
             # A stop drains the queue, cancelling its futures: such work will never run either.
-            dequeued = job.status == QUEUED and (work is None or work.future.cancelled()
-                                                 or self._scheduler.remove(job_id))
-            if dequeued:
-                self._work.pop(job_id, None)
-                self._retry_at.pop(job_id, None)
-                mark_finished(job, CANCELED)
-            elif work is not None:
-                work.abort.set()  # whisper.cpp polls it between steps; the runner records the cancel
-        if dequeued:
-            self._after_finish(job)
+            if work is not None and not work.future.cancelled() and not self._scheduler.remove(job_id):
+                work.abort.set()  # running, or about to start: the runner finds the job canceled
+            mark_finished(job, CANCELED)
+        self._after_finish(job)
         return self.get(job_id)
 
     def delete(self, job_id: str) -> None:
@@ -4695,13 +4749,7 @@ class JobStore:
             job = self._jobs.get(job_id)
             if job is None or job.status != QUEUED:
                 return None  # deleted or canceled between leaving the queue and starting
-            if job.cancel_requested:
-                mark_finished(job, CANCELED)
-            else:
-                job.status, job.started_at, job.seconds_done = RUNNING, time.time(), 0.0
-        if job.status == CANCELED:
-            self._after_finish(job)
-            return None
+            job.status, job.started_at, job.seconds_done = RUNNING, time.time(), 0.0
         # Persisted before the work starts, so a crash from here on counts as an interrupted attempt.
         self._save_quietly()
         self._announce(job)
@@ -4709,19 +4757,16 @@ class JobStore:
 
     def _aborted(self, job: Job) -> None:
         with self._lock:
-            if self._jobs.get(job.id) is not job:
-                return
-            canceled = job.cancel_requested  # read under the lock: a cancel may be arriving now
-            if not canceled:
-                # Shutdown: the client did not give up on the job, so it waits for the next start.
-                job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
-        if canceled:
-            self._finish(job, CANCELED)
-            return
+            if self._jobs.get(job.id) is not job or job.status != RUNNING:
+                return  # deleted or canceled, which said all there is to say
+            # Shutdown: the client did not give up on the job, so it waits for the next start.
+            job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
         self._save_quietly()
         self._announce(job)
 
     def _succeed(self, job: Job, transcript: Transcript) -> None:
+        if job.status != RUNNING:
+            return  # canceled just as whisper.cpp finished: its transcript goes unwritten
         finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
                                        detected_language=transcript.language, audio_seconds=transcript.duration,
                                        skipped_audio_seconds=transcript.skipped_audio_seconds)
@@ -4741,15 +4786,17 @@ class JobStore:
                      audio_seconds=transcript.duration, skipped_audio_seconds=transcript.skipped_audio_seconds)
 
     def _finish(self, job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
+        """A run's end, unless the job was deleted or canceled while it ran: then whatever the run
+        wrote goes, once jobs.json says so."""
         with self._lock:
-            present = self._jobs.get(job.id) is job
-            if present:
+            ends = self._jobs.get(job.id) is job and job.status not in FINISHED_STATUSES
+            if ends:
                 mark_finished(job, status, error=error, **changes)
-        if present:
-            self._after_finish(job)
-        else:  # deleted while it ran: whatever the run wrote goes too, once jobs.json says so
-            with self._lock:
+            else:
                 self._untidy[job.id] = job
+        if ends:
+            self._after_finish(job)
+        else:
             self._save_quietly()
 
     def _fail_after_fault(self, job_id: str, exc: Exception) -> None:
@@ -7725,8 +7772,6 @@ class RequestLog:
 JOBS_PATH = "/v1/transcription-jobs"
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 100
-CANCEL_WAIT_SECONDS = 2.0  # a cancel waits this long for a running job to stop before answering
-CANCEL_POLL_SECONDS = 0.02
 
 
 def _job_store(request: Request) -> JobStore:
@@ -7953,12 +7998,7 @@ async def get_job_result(request: Request) -> Response:
 
 async def cancel_job(request: Request) -> Response:
     store, job_id = _job_store(request), request.path_params["job_id"]
-    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    # A running job stops at whisper.cpp's next abort check; answer with the outcome if it is quick.
-    while job.status not in FINISHED_STATUSES and time.monotonic() < deadline:
-        await asyncio.sleep(CANCEL_POLL_SECONDS)
-        job = store.get(job_id)
+    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json
     return JSONResponse(_job_json(store, job))
 
 

@@ -2508,6 +2508,31 @@ def test_cancel_while_running_stops_the_engine(make_client: Callable[..., TestCl
     assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
 
 
+def test_cancel_of_a_running_job_is_final_at_once_on_a_busy_box(daemon_factory: Callable[..., Daemon],
+                                                                   ninety_seconds_wav: Path) -> None:
+    """With the cores taken by other processes, whisper.cpp may be many seconds from its next abort
+    check (the end of an encoder pass); the job is canceled by the time the cancel is answered."""
+    daemon = daemon_factory()
+    with httpx.Client(base_url=daemon.url, timeout=60) as client, cpu_hogs(2):
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+        asked = time.monotonic()
+        answer = client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)
+        wait_for_job(client, job["id"], timeout=60)
+        took = time.monotonic() - asked
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "canceled" and answer.json()["finished_at"] is not None
+        assert took < 3, f"canceled {took:.1f} s after the cancel was asked for"
+        canceled = get_job(client, job["id"])
+        assert canceled["status"] == "canceled" and canceled["progress"] < 1
+        assert canceled["finished_at"] == answer.json()["finished_at"]  # the worker's late return changes nothing
+        # The worker is freed once whisper.cpp notices, and nothing of the job is left.
+        wait_until(lambda: client.get("/healthz").json()["busy_workers"] == 0, what="the worker to stop", timeout=120)
+        assert get_job(client, job["id"]) == canceled
+    assert json.loads((daemon.state_dir / "jobs.json").read_text())["jobs"][0]["status"] == "canceled"
+    assert state_files(daemon.state_dir) == {"tmp": [], "uploads": [], "results": []}
+
+
 def test_result_before_finish_and_cancel_after_finish_are_conflicts(
         make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
     canned_engine(monkeypatch)
@@ -2825,11 +2850,16 @@ FAKE_TRANSCRIPT = audiotext.Transcript(
 class FakeEngine:
     def __init__(self) -> None:
         self.outcome = "succeed"
+        self.meanwhile: Callable[[audiotext.Job], None] = lambda job: None  # what happens as it transcribes
 
     def __call__(self, job: audiotext.Job, audio: Path, abort: threading.Event) -> audiotext.Transcript:
         assert audio.read_bytes().startswith(b"audio of ")  # the job's own upload, moved in
+        self.meanwhile(job)
         if self.outcome == "crash":
             raise SimulatedCrash()
+        if self.outcome == "abort":
+            assert abort.is_set()
+            raise audiotext.Aborted()
         if self.outcome == "fail":
             raise audiotext.AudioError("the uploaded file is not audio that FFmpeg can decode")
         return FAKE_TRANSCRIPT
@@ -2897,6 +2927,29 @@ class JobTableMachine(RuleBasedStateMachine):
         else:
             assert self.store.cancel(job_id).status == "canceled"
             self.expected[job_id] = ("canceled", self.expected[job_id][1])
+
+    @rule(outcome=st.sampled_from(["succeed", "fail", "abort", "crash"]))
+    def cancel_while_running(self, outcome: str) -> None:
+        """A cancel lands while the engine works on the job: canceled at once, and whatever the run
+        ends in after (a transcript, the abort noticed, an error, a crash) changes nothing."""
+        if not self.scheduler.queue:
+            return
+        job_id = self.scheduler.queue[0].key
+        assert job_id is not None
+        answers: list[audiotext.Job] = []
+        self.engine.outcome = outcome
+        self.engine.meanwhile = lambda job: answers.append(self.store.cancel(job.id))
+        try:
+            with pytest.raises(SimulatedCrash) if outcome == "crash" else contextlib.nullcontext():
+                self.scheduler.run_next()
+        finally:
+            self.engine.meanwhile = lambda job: None
+        [answer] = answers
+        assert answer.status == "canceled" and answer.started_at is not None
+        assert self.store.get(job_id).finished_at == answer.finished_at
+        self.expected[job_id] = ("canceled", self.expected[job_id][1])
+        if outcome == "crash":
+            self.start()  # died while whisper.cpp was still at it: the job stays canceled
 
     @rule(outcome=st.sampled_from(["succeed", "fail"]))
     def finish_next(self, outcome: str) -> None:
@@ -3129,6 +3182,29 @@ def test_accepted_jobs_survive_sigkill(daemon_factory: Callable[..., Daemon], tm
     assert state_files(state_dir)["uploads"] == []
 
 
+def test_a_job_canceled_while_running_stays_canceled_after_sigkill(daemon_factory: Callable[..., Daemon],
+                                                                     tmp_path: Path, ninety_seconds_wav: Path) -> None:
+    """Killed while whisper.cpp is still working through the canceled job's pass (slowed by other
+    processes): after the restart the job is canceled, as the cancel answered, and not run again."""
+    state_dir = tmp_path / "state"
+    daemon = daemon_factory(state_dir)
+    with httpx.Client(base_url=daemon.url, timeout=60) as client, cpu_hogs(2):
+        job = submit_file(client, ninety_seconds_wav)
+        wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+        canceled = client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()
+    daemon.stop(signal.SIGKILL)
+    assert canceled["status"] == "canceled", canceled
+
+    restarted = daemon_factory(state_dir)
+    with httpx.Client(base_url=restarted.url, timeout=60) as client:
+        after = get_job(client, job["id"])
+        kept = ("status", "started_at", "finished_at", "error")
+        assert {name: after[name] for name in kept} == {name: canceled[name] for name in kept}
+        health = client.get("/healthz").json()
+        assert (health["busy_workers"], health["queue_depth"]) == (0, 0)
+    assert state_files(state_dir) == {"tmp": [], "uploads": [], "results": []}
+
+
 def test_jobs_feed_the_metrics_and_the_log(make_client: Callable[..., TestClient],
                                            caplog: pytest.LogCaptureFixture) -> None:
     client = make_client()
@@ -3222,10 +3298,9 @@ def test_sigterm_during_a_running_job_keeps_it_and_exits_0(daemon_factory: Calla
     with httpx.Client(base_url=again.url, timeout=60) as client:
         if record["status"] == "queued":
             wait_for_job(client, job["id"], ["running", *FINISHED])  # picked up again after the restart
-            # The cancel answers within 2 s; on a busy box whisper.cpp may take longer to stop.
-            assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] in ("running",
-                                                                                                 "canceled")
-            assert wait_for_job(client, job["id"], timeout=60)["status"] == "canceled"
+            # Canceled by the answer, however long whisper.cpp then takes to stop.
+            assert client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH).json()["status"] == "canceled"
+            assert get_job(client, job["id"])["status"] == "canceled"
         else:  # it finished within the grace: its result was kept
             result = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH)
             assert "weekly news" in normalized(result.json()["text"])
@@ -5000,6 +5075,35 @@ def test_audiotext_languages_is_what_detection_picks_among_unless_a_request_says
     assert done["language"] == {"requested": None, "detected": "ca"}
 
 
+def test_detection_among_languages_leaves_the_daemon_answering(daemon_factory: Callable[..., Daemon]) -> None:
+    """Base's first guess for the greeting is Spanish, not allowed: every language's probability is
+    then computed, one more encoder pass (seconds on a busy box), while status polls still answer."""
+    daemon = daemon_factory()
+    with httpx.Client(base_url=daemon.url, timeout=120) as client:
+        warm = post_clip(client, "en.wav", model="cpu-lite", language="en")  # loaded before anything is timed
+        assert warm.status_code == 200, warm.text
+        answers: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: answers.append(post_clip(
+            daemon.url, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json",
+            **{"languages[]": ["ca", "en"]})))
+        polls: list[float] = []
+        request.start()
+        while request.is_alive():
+            started = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+            polls.append(time.monotonic() - started)
+            time.sleep(0.01)
+        request.join()
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert answers[0].json()["language"] == "catalan"  # what the probabilities pick among ca and en
+    assert len(polls) > 20, polls
+    # A pass holding the GIL is one poll of a second or more. A box as loaded as the tests' also
+    # leaves the odd poll of an idle daemon waiting a few hundred ms for a core: a few may.
+    slow = sorted(poll for poll in polls if poll >= 0.05)
+    assert len(slow) <= len(polls) // 100 and not any(poll >= 0.5 for poll in slow), \
+        f"{len(slow)} of {len(polls)} polls took 50 ms or more: {', '.join(f'{poll:.3f}' for poll in slow)} s"
+
+
 def test_openai_sdk_usage_in_json_and_verbose_json(sdk: openai.OpenAI) -> None:
     for response_format in ("json", "verbose_json"):
         result = sdk_transcribe(sdk, "en.wav", response_format=response_format)
@@ -6436,7 +6540,7 @@ def test_a_page_on_another_origin_may_call_the_api_only_when_allowed(
     assert "cpu-lite" in [m["id"] for m in json.loads(allowed["models"]["body"])["data"]]
     job = json.loads(allowed["created"]["body"])
     assert allowed["created"]["location"] == f"{JOBS}/{job['id']}"  # an exposed header
-    assert json.loads(allowed["canceled"]["body"])["status"] in ("canceled", "running")
+    assert json.loads(allowed["canceled"]["body"])["status"] == "canceled"
     # Errors can be read, in the API's words.
     with httpx.Client(base_url=allowing.url, timeout=30) as client:
         for name, response in (("wrong_token", client.get("/v1/models", headers={"Authorization": "Bearer wrong"})),
