@@ -4472,63 +4472,156 @@ class JobFiles:
             logger.warning("removed %d file(s) from uploads/ and results/ that no job needs", len(strays))
 
 
-# ---------------------------------------------------------------------------------------------
-# Job table
-# ---------------------------------------------------------------------------------------------
+class JobDisk:
+    """jobs.json and the job files, as the disk lets them be written.
 
-class JobStore:
-    """The job table and each job's lifecycle, run on the scheduler. Knows nothing of HTTP.
-
-    Threads: the scheduler's workers run jobs here; start_sweeping() starts one more thread,
-    audiotext-job-sweeper, that close() joins: it removes expired jobs and does again what a
-    storage fault stopped (see retry_storage). Files: through JobFiles, and jobs.json after every
-    change; a job's files are removed only once jobs.json no longer needs them. Locks, always
-    taken in this order: `_save_lock` (one writer of jobs.json), then `_lock` (the table; held for
-    microseconds, never across I/O), then the scheduler's own, which submit() and remove() take
-    while `_lock` is held.
-
-    A storage fault that clears (TRANSIENT_STORAGE_ERRNOS) never loses an accepted job: a run it
-    stops goes back to the queue and runs again after a pause, up to `storage_retries` times; a
-    jobs.json it cannot write is written again until it can, the table in memory staying the
-    authority meanwhile.
+    The table in memory is the authority: after each change it is written whole, and only then are
+    the files of the jobs it no longer needs them for removed. When the disk refuses (full,
+    read-only, out of file handles), the write is tried again after a pause that doubles, the
+    table staying the authority meanwhile; the runs a storage fault stopped wait here for their
+    time to run again. Locks: `_save_lock` (one writer of jobs.json), then the table's lock, which
+    the store shares so that a snapshot and the files it frees are taken at one moment.
     """
 
-    def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, *, max_queue: int,
-                 ttl_seconds: float, keep_audio: bool, storage_retries: int = 30, instance: str = "",
-                 on_transition: Callable[[Job], None] = lambda job: None,
-                 on_storage_fault: Callable[[str], None] = lambda what: None,
-                 webhook_for: Callable[[Job], tuple[str, str] | None] = lambda job: None,
-                 webhook_max_age_seconds: float = math.inf) -> None:
-        self.layout = StateLayout(state_dir)
-        self.files = JobFiles(self.layout, keep_audio=keep_audio, webhook_max_age_seconds=webhook_max_age_seconds)
-        self._on_transition = on_transition  # each status change, for the log and the metrics
-        self._on_storage_fault = on_storage_fault  # "job_run" or "job_table", for the metrics
-        self._webhook_for = webhook_for  # a finished job's webhook, (url, body), or None for none
-        self.webhook_owed = threading.Event()  # set when a job comes to owe one, for WebhookSender
-        self._scheduler = scheduler
-        self._execute = execute
-        self.max_queue = max_queue
-        self.ttl_seconds = ttl_seconds
-        self.storage_retries = storage_retries
-        self.instance = instance  # carried in the ids of the jobs it creates
-        self._jobs: dict[str, Job] = {}
-        self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
-        self._retry_at: dict[str, float] = {}  # queued again after a storage fault: when to submit (monotonic)
+    def __init__(self, files: JobFiles, table_lock: threading.Lock, *, records: Callable[[], list[dict[str, Any]]],
+                 holds: Callable[[Job], bool], on_fault: Callable[[str], None]) -> None:
+        self.files = files
+        self._lock = table_lock
+        self._records = records  # the table's records, read under its lock
+        self._holds = holds  # whether the table holds this very job, asked under its lock
+        self._on_fault = on_fault
+        self._save_lock = threading.Lock()
         self._untidy: dict[str, Job] = {}  # jobs whose unneeded files wait for jobs.json to be written
-        self._disk_behind = False  # jobs.json, or a file it no longer needs, could not be written or removed
-        self._table_faults = 0  # failed writes of jobs.json in a row
-        self._table_retry_at = 0.0
-        self._table_episode = Episode(
+        self._behind = False  # jobs.json, or a file it no longer needs, could not be written or removed
+        self._faults = 0  # failed writes of jobs.json in a row
+        self._write_at = 0.0
+        self._runs_at: dict[str, float] = {}  # runs a storage fault stopped: when to submit them (monotonic)
+        self._episode = Episode(
             "the state dir refuses writes (%s): the job table stays in memory, and jobs.json and the job files "
             "are brought up to date as soon as it takes them",
             "the state dir takes writes again: jobs.json written after %d failed attempt(s) over %.0f s",
             quiet_seconds=3600)
+        self.wake = threading.Event()  # set when something comes due sooner than the sweeper expects
+
+    # -- under the table's lock, as a job's state changes
+
+    def untidy(self, job: Job) -> None:
+        """The job's files that its state no longer needs go once jobs.json says so."""
+        self._untidy[job.id] = job
+
+    def run_again(self, job_id: str, delay: float) -> None:
+        self._runs_at[job_id] = time.monotonic() + delay
+        self.wake.set()
+
+    def forget_run(self, job_id: str) -> None:
+        self._runs_at.pop(job_id, None)
+
+    # -- writing
+
+    def save(self) -> None:
+        """Write jobs.json atomically, then remove the files of the jobs it no longer needs them for."""
+        with self._save_lock:
+            with self._lock:
+                records = self._records()
+                written, self._untidy = self._untidy, {}
+            try:
+                self.files.write_table(records)
+            except OSError as exc:
+                with self._lock:
+                    self._untidy = {**written, **self._untidy}
+                self._refused(exc)
+                raise
+            self._tidy(list(written.values()))
+
+    def save_quietly(self) -> bool:
+        # On a worker thread there is no one to tell; the sweeper writes it again (due()).
+        try:
+            self.save()
+        except OSError:
+            return False
+        return True
+
+    def _tidy(self, jobs: list[Job]) -> None:
+        failed: OSError | None = None
+        for job in jobs:
+            try:
+                with self._lock:
+                    needed = self.files.needed(job) if self._holds(job) else set()
+                self.files.remove(self.files.all_of(job) - needed)
+            except OSError as exc:
+                failed = exc
+                with self._lock:
+                    self._untidy.setdefault(job.id, job)
+        if failed is not None:
+            self._refused(failed)
+            return
+        with self._lock:
+            self._behind, self._faults = False, 0
+        self._episode.cleared()
+
+    def _refused(self, exc: OSError) -> None:
+        """jobs.json or a file removal failed: written again after a pause."""
+        with self._lock:
+            self._behind = True
+            self._faults += 1
+            self._write_at = time.monotonic() + storage_retry_delay(self._faults)
+        self._episode.occurred(str(exc.strerror or exc))
+        self._on_fault("job_table")
+        self.wake.set()
+
+    # -- what waits on the disk
+
+    def due(self, now: float) -> list[str]:
+        """Writes jobs.json again if that is due; returns the jobs whose runs are due again.
+        `now` is time.monotonic()."""
+        with self._lock:
+            due = [job_id for job_id, at in self._runs_at.items() if at <= now]
+            for job_id in due:
+                del self._runs_at[job_id]
+            write = self._behind and self._write_at <= now
+        if write:
+            self.save_quietly()
+        return due
+
+    def next_due(self) -> float:
+        with self._lock:
+            times = list(self._runs_at.values()) + ([self._write_at] if self._behind else [])
+        return min(times, default=math.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Job table
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """What the job table allows, and how long it keeps what."""
+    max_queue: int
+    ttl_seconds: float  # a finished job goes, files and all, this long after it finished
+    keep_audio: bool = False
+    storage_retries: int = 30  # how often a run that a storage fault stopped is run again
+    instance: str = ""  # carried in the ids of the jobs the table creates
+    webhook_max_age_seconds: float = math.inf  # see JobFiles._recover_from_files
+
+
+@dataclass(frozen=True)
+class JobHooks:
+    """Who hears of the table: each status change (the log, the metrics, event streams), each
+    storage fault ("job_run" or "job_table", for the metrics), and the webhook a finished job
+    comes to owe, as JobDisk keeps it in jobs.json ({url, id, body, created_at}, or None)."""
+    on_transition: Callable[[Job], None] = lambda job: None
+    on_storage_fault: Callable[[str], None] = lambda what: None
+    webhook_for: Callable[[Job], dict[str, Any] | None] = lambda job: None
+
+
+class JobTable:
+    """The jobs in memory and what may be read of them, each answer consistent as of one moment:
+    `_lock` guards the table, held for microseconds and never across I/O."""
+
+    def __init__(self, scheduler: JobScheduler) -> None:
         self._lock = threading.Lock()
-        self._save_lock = threading.Lock()
-        self._seq = itertools.count()
-        self._sweeper: threading.Thread | None = None
-        self._wake = threading.Event()  # the sweeper recomputes when it is next due
-        self._closing = False
+        self._jobs: dict[str, Job] = {}
+        self._scheduler = scheduler
 
     # -- reading
 
@@ -4561,12 +4654,6 @@ class JobStore:
             queued = [job_id for job_id in job_ids if job_id in self._jobs and self._jobs[job_id].status == QUEUED]
         return {job_id: in_queue.get(job_id, len(in_queue) + 1) for job_id in queued}
 
-    def check_capacity(self) -> None:
-        """Refuse early, before a client spends its upload on a full queue."""
-        with self._lock:
-            if self._queued() >= self.max_queue:
-                raise QueueFull(self.max_queue)
-
     def status_counts(self) -> dict[str, int]:
         with self._lock:
             counts = dict.fromkeys(JOB_STATUSES, 0)
@@ -4576,6 +4663,53 @@ class JobStore:
 
     def _queued(self) -> int:
         return sum(1 for j in self._jobs.values() if j.status == QUEUED)
+
+    def find(self, wanted: Callable[[Job], bool]) -> list[Job]:
+        """Copies of the jobs that are `wanted`, oldest first."""
+        with self._lock:
+            return [dataclasses.replace(j) for j in self._jobs.values() if wanted(j)]
+
+    # -- asked by JobDisk under the lock
+
+    def _records(self) -> list[dict[str, Any]]:
+        return [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
+
+    def _holds(self, job: Job) -> bool:
+        return self._jobs.get(job.id) is job
+
+
+class JobStore(JobTable):
+    """The job table and its state changes. Knows nothing of HTTP.
+
+    Threads: the scheduler's workers run jobs (JobRunner), which tells the table of each step;
+    JobSweeper's thread removes expired jobs and does again what a storage fault stopped. Files:
+    JobDisk writes jobs.json after every change and removes a job's files only once jobs.json no
+    longer needs them. Locks, always taken in this order: JobDisk's save lock, then `_lock` (the
+    table, which JobDisk shares; held for microseconds, never across I/O), then the scheduler's
+    own, which submit() and remove() take while `_lock` is held.
+    """
+
+    def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, policy: JobPolicy,
+                 hooks: JobHooks = JobHooks()) -> None:
+        super().__init__(scheduler)
+        self.layout = StateLayout(state_dir)
+        self.policy = policy
+        self.hooks = hooks
+        self.files = JobFiles(self.layout, keep_audio=policy.keep_audio,
+                              webhook_max_age_seconds=policy.webhook_max_age_seconds)
+        self.disk = JobDisk(self.files, self._lock, records=self._records, holds=self._holds,
+                            on_fault=hooks.on_storage_fault)
+        self._runner = JobRunner(self, execute)
+        self._sweeper = JobSweeper(self)
+        self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
+        self._seq = itertools.count()
+        self.webhook_owed = threading.Event()  # set when a job comes to owe one, for WebhookSender
+
+    def check_capacity(self) -> None:
+        """Refuse early, before a client spends its upload on a full queue."""
+        with self._lock:
+            if self._queued() >= self.policy.max_queue:
+                raise QueueFull(self.policy.max_queue)
 
     def result(self, job_id: str) -> Transcript:
         job = self.get(job_id)
@@ -4590,7 +4724,7 @@ class JobStore:
 
     def create(self, spec: JobSpec, spooled: Path, suffix: str, audio_seconds: float | None) -> Job:
         """Move a validated upload in and record the job, durably, before anyone hears of it."""
-        job_id = new_job_id(self.instance)
+        job_id = new_job_id(self.policy.instance)
         job = Job(job_id, next(self._seq), spec, job_id + suffix, time.time(), audio_seconds=audio_seconds)
         self.files.accept(job, spooled)
         try:
@@ -4604,17 +4738,17 @@ class JobStore:
 
     def _insert(self, job: Job) -> None:
         with self._lock:
-            if self._queued() >= self.max_queue:
-                raise QueueFull(self.max_queue)
+            if self._queued() >= self.policy.max_queue:
+                raise QueueFull(self.policy.max_queue)
             self._jobs[job.id] = job
         try:
-            self.save()
+            self.disk.save()
         except BaseException:
             with self._lock:
                 del self._jobs[job.id]
             # Another thread's save may have carried the entry meanwhile; take it back out.
             with contextlib.suppress(OSError):
-                self.save()
+                self.disk.save()
             raise
 
     def cancel(self, job_id: str) -> Job:
@@ -4629,7 +4763,7 @@ class JobStore:
                 raise JobConflict(f"job {job_id} is already {job.status} and cannot be canceled")
             job.cancel_requested = True
             work = self._work.pop(job_id, None)
-            self._retry_at.pop(job_id, None)
+            self.disk.forget_run(job_id)
             # A stop drains the queue, cancelling its futures: such work will never run either.
             if work is not None and not work.future.cancelled() and not self._scheduler.remove(job_id):
                 work.abort.set()  # running, or about to start: the runner finds the job canceled
@@ -4644,148 +4778,83 @@ class JobStore:
             if job is None:
                 raise JobNotFound(job_id)
             job.cancel_requested = True
-            self._retry_at.pop(job_id, None)
+            self.disk.forget_run(job_id)
             work = self._work.pop(job_id, None)
             if work is not None and not self._scheduler.remove(job_id):
                 work.abort.set()
-            self._untidy[job.id] = job
+            self.disk.untidy(job)
         # On a disk that refuses the write, the delete still stands: the sweeper writes it later.
-        self._save_quietly()
+        self.disk.save_quietly()
         logger.info("job %s deleted", job_id)
 
     def sweep(self, now: float) -> int:
         """Remove finished jobs whose TTL has passed, with their files."""
+        ttl = self.policy.ttl_seconds
         with self._lock:
             expired = [j for j in self._jobs.values()
-                       if j.status in FINISHED_STATUSES and (j.finished_at or j.created_at) + self.ttl_seconds <= now]
+                       if j.status in FINISHED_STATUSES and (j.finished_at or j.created_at) + ttl <= now]
             for job in expired:
                 del self._jobs[job.id]
-                self._untidy[job.id] = job
+                self.disk.untidy(job)
         if expired:
-            self._save_quietly()
-            logger.info("removed %d finished job(s) older than %g hours", len(expired), self.ttl_seconds / 3600)
+            self.disk.save_quietly()
+            logger.info("removed %d finished job(s) older than %g hours", len(expired), ttl / 3600)
         return len(expired)
 
-    # -- running, on a worker thread
+    # -- a run's steps, as JobRunner tells them on a worker thread
 
     def _submit(self, job_id: str) -> None:
         # Under the table lock, so the runner cannot look for the job before its work is known.
         with self._lock:
             try:
-                work = self._scheduler.submit(lambda abort: self._run(job_id, abort), priority=PRIORITY_JOB,
+                work = self._scheduler.submit(lambda abort: self._runner.run(job_id, abort), priority=PRIORITY_JOB,
                                               key=job_id)
             except SchedulerStopped:
                 return  # the job stays queued in jobs.json and runs after the restart
             self._work[job_id] = work
 
-    def _run(self, job_id: str, abort: threading.Event) -> None:
-        """Never raises an Exception: whatever goes wrong, in the engine or in the bookkeeping
-        around it, ends the job failed rather than leaving it running with nobody to tell."""
-        try:
-            job = self._start(job_id)
-            if job is not None:
-                self._transcribe(job, abort)
-        except Exception as exc:
-            self._fail_after_fault(job_id, exc)
-        finally:
-            with self._lock:
-                work = self._work.get(job_id)
-                if work is not None and work.abort is abort:  # not a later run's, queued after a fault
-                    del self._work[job_id]
-
-    def _transcribe(self, job: Job, abort: threading.Event) -> None:
-        transcript, job.held_transcript = job.held_transcript, None
-        if transcript is None:
-            try:
-                transcript = self._execute(job, self.files.audio(job), abort)
-            except Aborted:
-                self._aborted(job)
-                return
-            except Exception as exc:
-                if not self._retry_later(job, exc):
-                    self._finish(job, FAILED, error=self._failure(job, exc))
-                return
-        job.processing_seconds = transcript.processing_seconds
-        self._succeed(job, transcript)
-
-    def _failure(self, job: Job, exc: Exception) -> JobFailure:
-        if not self.files.audio(job).exists():
-            return JobFailure("audio_missing", AUDIO_MISSING)  # removed while the daemon ran
-        fault = transient_storage_fault(exc)
-        if fault is not None:
-            return JobFailure("storage_error", f"storage error: {fault.strerror or fault}, still after "
-                              f"{job.storage_faults} retries (AUDIOTEXT_STORAGE_RETRIES)")
-        return job_failure(exc)
-
-    def _retry_later(self, job: Job, exc: Exception) -> bool:
-        """Put a run that a storage fault stopped back in the queue, to run again after a pause;
-        False when the fault is not one that clears, or the job's retries are spent."""
-        fault = transient_storage_fault(exc)
-        if fault is None or job.storage_faults >= self.storage_retries:
-            return False
-        with self._lock:
-            present = self._jobs.get(job.id) is job
-            if present and not job.cancel_requested:
-                job.storage_faults += 1
-                job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
-                delay = storage_retry_delay(job.storage_faults)
-                self._retry_at[job.id] = time.monotonic() + delay
-            else:
-                present = False
-        if not present:  # canceled or deleted meanwhile
-            job.held_transcript = None
-            self._finish(job, CANCELED)
-            return True
-        logger.warning("job %s hit a storage fault (%s); queued again, retry %d of %d in %g s", job.id,
-                       fault.strerror or fault, job.storage_faults, self.storage_retries, delay)
-        self._on_storage_fault("job_run")
-        self._save_quietly()
-        self._announce(job)
-        self._wake.set()
-        return True
-
-    def _start(self, job_id: str) -> Job | None:
+    def start(self, job_id: str) -> Job | None:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.status != QUEUED:
                 return None  # deleted or canceled between leaving the queue and starting
             job.status, job.started_at, job.seconds_done = RUNNING, time.time(), 0.0
         # Persisted before the work starts, so a crash from here on counts as an interrupted attempt.
-        self._save_quietly()
+        self.disk.save_quietly()
         self._announce(job)
         return job
 
-    def _aborted(self, job: Job) -> None:
+    def run_ended(self, job_id: str, abort: threading.Event) -> None:
+        with self._lock:
+            work = self._work.get(job_id)
+            if work is not None and work.abort is abort:  # not a later run's, queued after a fault
+                del self._work[job_id]
+
+    def requeue_after_fault(self, job: Job) -> float | None:
+        """Back to the queue after a storage fault: the pause before it runs again; None when the
+        job was canceled or deleted meanwhile."""
+        with self._lock:
+            if self._jobs.get(job.id) is not job or job.cancel_requested:
+                return None
+            job.storage_faults += 1
+            job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
+            delay = storage_retry_delay(job.storage_faults)
+            self.disk.run_again(job.id, delay)
+        self.hooks.on_storage_fault("job_run")
+        self.disk.save_quietly()
+        self._announce(job)
+        return delay
+
+    def aborted(self, job: Job) -> None:
         with self._lock:
             if self._jobs.get(job.id) is not job or job.status != RUNNING:
                 return  # deleted or canceled, which said all there is to say
             # Shutdown: the client did not give up on the job, so it waits for the next start.
             job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
-        self._save_quietly()
+        self.disk.save_quietly()
         self._announce(job)
 
-    def _succeed(self, job: Job, transcript: Transcript) -> None:
-        if job.status != RUNNING:
-            return  # canceled just as whisper.cpp finished: its transcript goes unwritten
-        finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
-                                       detected_language=transcript.language, audio_seconds=transcript.duration,
-                                       skipped_audio_seconds=transcript.skipped_audio_seconds)
-        # Its result file carries the webhook it will owe, so that a table rebuilt from the files
-        # still owes it. Sent again after such a rebuild, it goes under the same id.
-        finished.webhook = self._webhook_record(finished)
-        try:
-            # Durable before the job says succeeded: a succeeded job always has its result.
-            self.files.write_result(finished, transcript)
-        except OSError as exc:
-            job.held_transcript = transcript  # the next run only has to write it
-            if not self._retry_later(job, exc):
-                job.held_transcript = None
-                self._finish(job, FAILED, error=self._failure(job, exc))
-            return
-        self._finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
-                     audio_seconds=transcript.duration, skipped_audio_seconds=transcript.skipped_audio_seconds)
-
-    def _finish(self, job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
+    def finish(self, job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
         """A run's end, unless the job was deleted or canceled while it ran: then whatever the run
         wrote goes, once jobs.json says so."""
         with self._lock:
@@ -4793,13 +4862,13 @@ class JobStore:
             if ends:
                 mark_finished(job, status, error=error, **changes)
             else:
-                self._untidy[job.id] = job
+                self.disk.untidy(job)
         if ends:
             self._after_finish(job)
         else:
-            self._save_quietly()
+            self.disk.save_quietly()
 
-    def _fail_after_fault(self, job_id: str, exc: Exception) -> None:
+    def fail_unexpectedly(self, job_id: str, exc: Exception) -> None:
         """The last word on a run that raised where nothing should: logged, failed, saved."""
         log_unexpected(exc, f"while running job {job_id}")
         with self._lock:
@@ -4807,132 +4876,50 @@ class JobStore:
             if job is None or job.status in FINISHED_STATUSES:
                 return
             mark_finished(job, FAILED, error=JobFailure("internal_error", "internal error while transcribing"))
-            self._untidy[job.id] = job
+            self.disk.untidy(job)
             self._owe_webhook(job)
-        self._save_quietly()
+        self.disk.save_quietly()
         self._announce_quietly(job)
 
     def _after_finish(self, job: Job) -> None:
         # While jobs.json on disk still says otherwise, the files it points to must stay: they
         # go once it has been written, now or when the disk takes writes again.
         with self._lock:
-            self._untidy[job.id] = job
+            self.disk.untidy(job)
             self._owe_webhook(job)
-        self._save_quietly()
+        self.disk.save_quietly()
         self._announce(job)
+
+    def _announce(self, job: Job) -> None:
+        self.hooks.on_transition(job)
+
+    def _announce_quietly(self, job: Job) -> None:
+        try:
+            self.hooks.on_transition(job)
+        except Exception as exc:
+            log_unexpected(exc, f"while announcing job {job.id} {job.status}")
 
     def _owe_webhook(self, job: Job) -> None:
         """As a job finishes, under the lock: the webhook goes into jobs.json with the status that
         causes it, so that no crash can lose one or send it for a job still running."""
-        job.webhook = self._webhook_record(job)
+        job.webhook = self.hooks.webhook_for(job)
         if job.webhook is not None:
             self.webhook_owed.set()
 
-    def _webhook_record(self, job: Job) -> dict[str, Any] | None:
-        built = self._webhook_for(job)
-        if built is None:
-            return None
-        url, body = built
-        return {"url": url, "id": f"msg_{job.id}_{job.status}", "body": body,
-                "created_at": job.finished_at or time.time()}
+    # -- for the other owners of a job's state
 
-    def owed_webhooks(self) -> list[tuple[str, dict[str, Any]]]:
-        """(job id, webhook) of each job that still owes one, oldest job first."""
-        with self._lock:
-            return [(j.id, j.webhook) for j in self._jobs.values() if j.webhook is not None]
-
-    def webhook_settled(self, job_id: str, message_id: str) -> None:
-        """Delivered or given up on: the job owes it no more."""
+    def change(self, job_id: str, change: Callable[[Job], bool]) -> None:
+        """`change` the job under the lock, if it is still here; jobs.json is written if it did."""
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is None or job.webhook is None or job.webhook["id"] != message_id:
-                return  # deleted or expired meanwhile
-            job.webhook = None
-        self._save_quietly()
-
-    def _announce(self, job: Job) -> None:
-        self._on_transition(job)
-
-    def _announce_quietly(self, job: Job) -> None:
-        try:
-            self._on_transition(job)
-        except Exception as exc:
-            log_unexpected(exc, f"while announcing job {job.id} {job.status}")
-
-    def _tidy(self, job: Job) -> None:
-        """Remove the job's files its state no longer needs: all of them once it left the table."""
-        with self._lock:
-            needed = self.files.needed(job) if self._jobs.get(job.id) is job else set()
-        self.files.remove(self.files.all_of(job) - needed)
-
-    # -- persistence
-
-    def save(self) -> None:
-        """Snapshot under the table lock, then write jobs.json atomically outside it; then remove
-        the files of the jobs it no longer needs them for."""
-        with self._save_lock:
-            with self._lock:
-                records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
-            try:
-                self.files.write_table(records)
-            except OSError as exc:
-                self._disk_refused(exc)
-                raise
-            with self._lock:
-                written, self._untidy = self._untidy, {}
-            self._tidy_written(list(written.values()))
-
-    def _tidy_written(self, jobs: list[Job]) -> None:
-        failed: OSError | None = None
-        for job in jobs:
-            try:
-                self._tidy(job)
-            except OSError as exc:
-                failed = exc
-                with self._lock:
-                    self._untidy.setdefault(job.id, job)
-        if failed is not None:
-            self._disk_refused(failed)
-            return
-        with self._lock:
-            self._disk_behind, self._table_faults = False, 0
-        self._table_episode.cleared()
-
-    def _disk_refused(self, exc: OSError) -> None:
-        """jobs.json or a file removal failed: the sweeper tries again after a pause."""
-        with self._lock:
-            self._disk_behind = True
-            self._table_faults += 1
-            self._table_retry_at = time.monotonic() + storage_retry_delay(self._table_faults)
-        self._table_episode.occurred(str(exc.strerror or exc))
-        self._on_storage_fault("job_table")
-        self._wake.set()
-
-    def _save_quietly(self) -> bool:
-        # On a worker thread there is no one to tell; the sweeper writes it again (retry_storage).
-        try:
-            self.save()
-        except OSError:
-            return False
-        return True
+            changed = job is not None and change(job)
+        if changed:
+            self.disk.save_quietly()
 
     def retry_storage(self, now: float) -> None:
-        """What waits on the disk: runs due again after a storage fault, and, after a failed
-        write, jobs.json with the files it no longer needs. `now` is time.monotonic()."""
-        with self._lock:
-            due = [job_id for job_id, at in self._retry_at.items() if at <= now]
-            for job_id in due:
-                del self._retry_at[job_id]
-            write = self._disk_behind and self._table_retry_at <= now
-        if write:
-            self._save_quietly()
-        for job_id in due:
+        """What waits on the disk and is due: jobs.json written again, runs submitted again."""
+        for job_id in self.disk.due(now):
             self._submit(job_id)
-
-    def _next_retry(self) -> float:
-        with self._lock:
-            times = list(self._retry_at.values()) + ([self._table_retry_at] if self._disk_behind else [])
-        return min(times, default=math.inf)
 
     # -- start and stop
 
@@ -4948,41 +4935,143 @@ class JobStore:
         self._seq = itertools.count(max((j.seq for j in jobs), default=-1) + 1)
         self.files.remove_strays(list(self._jobs.values()))
         self.sweep(time.time())
-        self.save()
+        self.disk.save()
         pending = [j.id for j in self._jobs.values() if j.status == QUEUED]
         for job_id in pending:
             self._submit(job_id)
         logger.info("job table loaded: %d job(s), %d queued", len(self._jobs), len(pending))
 
     def start_sweeping(self) -> None:
-        low, high = SWEEP_INTERVAL_SECONDS
-        interval = max(low, min(high, self.ttl_seconds / 10))
-        self._sweeper = threading.Thread(target=self._sweep_loop, args=(interval,), name="audiotext-job-sweeper",
-                                         daemon=True)
         self._sweeper.start()
 
-    def _sweep_loop(self, interval: float) -> None:
+    def close(self) -> None:
+        """After the workers have stopped: stop sweeping, write the final table. Runs waiting
+        out a storage fault stay queued in it for the next start."""
+        self._sweeper.stop()
+        if not self.disk.save_quietly():
+            logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
+
+
+class JobRunner:
+    """Runs a job on a worker thread: the transcription, then its result file, telling the table
+    of each step. Never raises an Exception: whatever goes wrong, in the engine or in the
+    bookkeeping around it, ends the job failed rather than leaving it running with nobody to tell.
+
+    A storage fault that clears (TRANSIENT_STORAGE_ERRNOS) never loses an accepted job: a run it
+    stops goes back to the queue and runs again after a pause, up to `storage_retries` times.
+    """
+
+    def __init__(self, store: JobStore, execute: Execute) -> None:
+        self._store = store
+        self._execute = execute
+
+    def run(self, job_id: str, abort: threading.Event) -> None:
+        try:
+            job = self._store.start(job_id)
+            if job is not None:
+                self._transcribe(job, abort)
+        except Exception as exc:
+            self._store.fail_unexpectedly(job_id, exc)
+        finally:
+            self._store.run_ended(job_id, abort)
+
+    def _transcribe(self, job: Job, abort: threading.Event) -> None:
+        transcript, job.held_transcript = job.held_transcript, None
+        if transcript is None:
+            try:
+                transcript = self._execute(job, self._store.files.audio(job), abort)
+            except Aborted:
+                self._store.aborted(job)
+                return
+            except Exception as exc:
+                if not self._retry_later(job, exc):
+                    self._store.finish(job, FAILED, error=self._failure(job, exc))
+                return
+        job.processing_seconds = transcript.processing_seconds
+        self._succeed(job, transcript)
+
+    def _failure(self, job: Job, exc: Exception) -> JobFailure:
+        if not self._store.files.audio(job).exists():
+            return JobFailure("audio_missing", AUDIO_MISSING)  # removed while the daemon ran
+        fault = transient_storage_fault(exc)
+        if fault is not None:
+            return JobFailure("storage_error", f"storage error: {fault.strerror or fault}, still after "
+                              f"{job.storage_faults} retries (AUDIOTEXT_STORAGE_RETRIES)")
+        return job_failure(exc)
+
+    def _retry_later(self, job: Job, exc: Exception) -> bool:
+        """Put a run that a storage fault stopped back in the queue, to run again after a pause;
+        False when the fault is not one that clears, or the job's retries are spent."""
+        fault = transient_storage_fault(exc)
+        retries = self._store.policy.storage_retries
+        if fault is None or job.storage_faults >= retries:
+            return False
+        delay = self._store.requeue_after_fault(job)
+        if delay is None:  # canceled or deleted meanwhile
+            job.held_transcript = None
+            self._store.finish(job, CANCELED)
+            return True
+        logger.warning("job %s hit a storage fault (%s); queued again, retry %d of %d in %g s", job.id,
+                       fault.strerror or fault, job.storage_faults, retries, delay)
+        return True
+
+    def _succeed(self, job: Job, transcript: Transcript) -> None:
+        if job.status != RUNNING:
+            return  # canceled just as whisper.cpp finished: its transcript goes unwritten
+        finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
+                                       detected_language=transcript.language, audio_seconds=transcript.duration,
+                                       skipped_audio_seconds=transcript.skipped_audio_seconds)
+        # Its result file carries the webhook it will owe, so that a table rebuilt from the files
+        # still owes it. Sent again after such a rebuild, it goes under the same id.
+        finished.webhook = self._store.hooks.webhook_for(finished)
+        try:
+            # Durable before the job says succeeded: a succeeded job always has its result.
+            self._store.files.write_result(finished, transcript)
+        except OSError as exc:
+            job.held_transcript = transcript  # the next run only has to write it
+            if not self._retry_later(job, exc):
+                job.held_transcript = None
+                self._store.finish(job, FAILED, error=self._failure(job, exc))
+            return
+        self._store.finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
+                           audio_seconds=transcript.duration, skipped_audio_seconds=transcript.skipped_audio_seconds)
+
+
+class JobSweeper:
+    """The thread audiotext-job-sweeper: it removes expired jobs, and does again what a storage
+    fault stopped as it comes due (JobDisk wakes it). stop() joins it."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        low, high = SWEEP_INTERVAL_SECONDS
+        interval = max(low, min(high, self._store.policy.ttl_seconds / 10))
+        self._thread = threading.Thread(target=self._loop, args=(interval,), name="audiotext-job-sweeper",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self, interval: float) -> None:
+        wake, disk = self._store.disk.wake, self._store.disk
         next_sweep = time.monotonic() + interval
         while True:
-            self._wake.clear()
+            wake.clear()
             if self._closing:
                 return
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + interval
-                self.sweep(time.time())
-            self.retry_storage(now)
-            self._wake.wait(max(0.0, min(next_sweep, self._next_retry()) - time.monotonic()))
+                self._store.sweep(time.time())
+            self._store.retry_storage(now)
+            wake.wait(max(0.0, min(next_sweep, disk.next_due()) - time.monotonic()))
 
-    def close(self) -> None:
-        """After the workers have stopped: stop sweeping, write the final table. Runs waiting
-        out a storage fault stay queued in it for the next start."""
+    def stop(self) -> None:
         self._closing = True
-        self._wake.set()
-        if self._sweeper is not None:
-            self._sweeper.join()
-        if not self._save_quietly():
-            logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
+        self._store.disk.wake.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5176,7 +5265,8 @@ class WebhookSender:
         with self._lock:
             # Read under the lock: an attempt settles in the table before it leaves _in_flight, so
             # what is read here is never a message just delivered.
-            owed = self._store.owed_webhooks()
+            owed = [(job.id, job.webhook) for job in self._store.find(lambda job: job.webhook is not None)
+                    if job.webhook is not None]
             current = {webhook["id"] for _, webhook in owed}
             self._next_at = {k: v for k, v in self._next_at.items() if k in current}
             self._failures = {k: v for k, v in self._failures.items() if k in current}
@@ -5236,7 +5326,14 @@ class WebhookSender:
         self._on_attempt("failed")
 
     def _settle(self, job_id: str, message_id: str, outcome: str) -> None:
-        self._store.webhook_settled(job_id, message_id)
+        """Delivered or given up on: the job owes it no more, unless it owes another by now."""
+        def settled(job: Job) -> bool:
+            if job.webhook is None or job.webhook["id"] != message_id:
+                return False
+            job.webhook = None
+            return True
+
+        self._store.change(job_id, settled)
         self._on_attempt(outcome)
 
     def _post(self, attempt: _Attempt) -> int | str:
@@ -5404,14 +5501,17 @@ WEBHOOK_EVENTS = {SUCCEEDED: "transcription.job.succeeded", FAILED: "transcripti
 DescribeJob = Callable[[Job], dict[str, Any]]
 
 
-def webhook_for(settings: Settings, describe_job: DescribeJob) -> Callable[[Job], tuple[str, str] | None]:
-    """What a finished job posts, and where: its own webhook_url, else AUDIOTEXT_WEBHOOK_URL."""
-    def build(job: Job) -> tuple[str, str] | None:
+def webhook_for(settings: Settings, describe_job: DescribeJob) -> Callable[[Job], dict[str, Any] | None]:
+    """What a finished job comes to owe, as jobs.json keeps it: where it posts (its own
+    webhook_url, else AUDIOTEXT_WEBHOOK_URL), the message's id and body, and when it was owed."""
+    def build(job: Job) -> dict[str, Any] | None:
         url = job.spec.webhook_url or settings.webhook_url
         if url is None or not settings.webhook_secret:
             return None
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.finished_at or time.time()))
-        return url, json.dumps({"type": WEBHOOK_EVENTS[job.status], "timestamp": when, "data": describe_job(job)})
+        finished_at = job.finished_at or time.time()
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished_at))
+        body = json.dumps({"type": WEBHOOK_EVENTS[job.status], "timestamp": when, "data": describe_job(job)})
+        return {"url": url, "id": f"msg_{job.id}_{job.status}", "body": body, "created_at": finished_at}
 
     return build
 
@@ -5420,13 +5520,13 @@ def open_jobs(state: AppState, describe_job: DescribeJob) -> JobStore:
     """Load the job table, recover what a crash left, queue what is pending, start sweeping and,
     with webhooks on, delivering what finished jobs owe."""
     settings = state.settings
-    store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine),
-                     max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
-                     keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
-                     instance=settings.instance, on_transition=lambda job: announce_job(state, job),
+    policy = JobPolicy(max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
+                       keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
+                       instance=settings.instance, webhook_max_age_seconds=settings.webhook_max_age_hours * 3600)
+    hooks = JobHooks(on_transition=lambda job: announce_job(state, job),
                      on_storage_fault=lambda what: state.metrics.storage_faults.labels(what).inc(),
-                     webhook_for=webhook_for(settings, describe_job),
-                     webhook_max_age_seconds=settings.webhook_max_age_hours * 3600)
+                     webhook_for=webhook_for(settings, describe_job))
+    store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine), policy, hooks)
     state.metrics.count_jobs = store.status_counts
     store.open()
     store.start_sweeping()

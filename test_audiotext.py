@@ -2889,8 +2889,8 @@ class JobTableMachine(RuleBasedStateMachine):
 
     def start(self) -> None:
         self.scheduler = FakeScheduler()
-        self.store = audiotext.JobStore(self.state_dir, self.scheduler, self.engine, max_queue=MAX_QUEUE_IN_MACHINE,
-                                        ttl_seconds=3600, keep_audio=self.keep_audio)
+        self.store = audiotext.JobStore(self.state_dir, self.scheduler, self.engine, audiotext.JobPolicy(
+            max_queue=MAX_QUEUE_IN_MACHINE, ttl_seconds=3600, keep_audio=self.keep_audio))
         self.store.open()
 
     @initialize(keep_audio=st.booleans())
@@ -3051,7 +3051,7 @@ def test_a_job_interrupted_three_times_fails(tmp_path: Path) -> None:
 
     def start() -> tuple[audiotext.JobStore, FakeScheduler]:
         scheduler = FakeScheduler()
-        store = audiotext.JobStore(tmp_path, scheduler, engine, max_queue=10, ttl_seconds=60, keep_audio=False)
+        store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=60))
         store.open()
         return store, scheduler
 
@@ -3070,7 +3070,7 @@ def test_a_job_interrupted_three_times_fails(tmp_path: Path) -> None:
 
 def test_a_queued_job_always_has_a_position(tmp_path: Path) -> None:
     scheduler = FakeScheduler()
-    store = audiotext.JobStore(tmp_path, scheduler, FakeEngine(), max_queue=10, ttl_seconds=60, keep_audio=False)
+    store = audiotext.JobStore(tmp_path, scheduler, FakeEngine(), audiotext.JobPolicy(max_queue=10, ttl_seconds=60))
     store.open()
     jobs = []
     for n in range(2):
@@ -3120,8 +3120,8 @@ def test_a_job_keeps_its_languages_and_unknown_ones_are_refused() -> None:
 def test_a_jobs_json_from_a_newer_version_stops_the_start(tmp_path: Path) -> None:
     table = tmp_path / "jobs.json"
     table.write_text('{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}')
-    store = audiotext.JobStore(tmp_path, FakeScheduler(), FakeEngine(), max_queue=10, ttl_seconds=60,
-                               keep_audio=False)
+    store = audiotext.JobStore(tmp_path, FakeScheduler(), FakeEngine(),
+                               audiotext.JobPolicy(max_queue=10, ttl_seconds=60))
     with pytest.raises(audiotext.JobTableTooNew, match="schema version 2, newer than the 1 this audiotext reads"):
         store.open()
     assert table.read_text() == '{"schema": 2, "jobs": [{"id": "whatever the future holds"}]}'
@@ -3408,7 +3408,7 @@ def test_cancel_delete_and_finish_on_a_read_only_disk_leave_nothing_behind_once_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine, scheduler = FakeEngine(), FakeScheduler()
     (tmp_path / "tmp").mkdir()
-    store = audiotext.JobStore(tmp_path, scheduler, engine, max_queue=10, ttl_seconds=3600, keep_audio=False)
+    store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=3600))
     store.open()
     ids = []
     for n in range(4):
@@ -5597,6 +5597,15 @@ def test_every_setting_is_declared_once_in_the_table_and_the_class() -> None:
     # --no-auth is serve's flag alone: no environment variable may turn the token check off.
     assert [f.name for f in dataclasses.fields(audiotext.Settings)] == attrs + ["no_auth"]
     assert all(setting.env == "AUDIOTEXT_" + setting.attr.upper() for setting in audiotext.SETTINGS)
+
+
+def test_the_module_keeps_its_shape() -> None:
+    """Sections of at most 700 lines, none using what a later one defines; no class over 300
+    lines, no function over 60 (.ci/sections.py)."""
+    script = Path(__file__).parent / ".ci" / "sections.py"
+    run = subprocess.run([sys.executable, str(script), audiotext.__file__], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Engine" in run.stdout
 
 
 def test_yes_no_settings_are_switches_or_take_a_value() -> None:
