@@ -1698,8 +1698,8 @@ def test_vad_keeps_segment_times_on_the_recording_s_clock(store: audiotext.Model
 
 
 def test_vad_keeps_word_and_segment_times_after_a_long_pause(store: audiotext.ModelStore) -> None:
-    # whisper.cpp's VAD squeezes a pause into 0.1 s: unmended, the first segment here ended at
-    # 28.6 s, where the next speech begins, and every word after the pause came 25 s early.
+    # Packed speech squeezes a pause into 0.1 s: unmapped, every word after the pause here would come
+    # 25 s early, and a segment could end at 28.6 s, where the next speech begins.
     first = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
     second = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)[:8 * audiotext.SAMPLE_RATE]
     audio = np.concatenate([first, seconds_of("silence", 25), second, seconds_of("silence", 1)])
@@ -2066,7 +2066,7 @@ def utterances(speech: np.ndarray, starts: list[float], total: float) -> np.ndar
     return audio
 
 
-# One sentence early in each 30 s window: whisper.cpp's VAD, not the windows, misplaces the start of a
+# One sentence early in each 30 s window: what is tested is the windows, not where VAD puts the start of a
 # sentence that follows a long silence within one call.
 SPOKEN_AT = [0.0, 30.5, 61.0, 91.5]
 
