@@ -3131,7 +3131,8 @@ class LoadedModel:
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
             if options.language is None and options.languages and self.multilingual:
                 options = dataclasses.replace(options, language=self._likeliest_language(heard, options, abort))
-            status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction)
+            status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction,
+                               until=audio_end_seconds(audio))
             if not self._first_run_measured:
                 self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
                 self._first_run_measured = True
@@ -3204,9 +3205,9 @@ class LoadedModel:
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
              on_segment: SegmentSink | None, layout: SpeechLayout,
-             on_fraction: Callable[[float], None] | None) -> int:
+             on_fraction: Callable[[float], None] | None, *, until: float = math.inf) -> int:
         """whisper_full with the whole parameter set: its status, which Model.transcribe drops.
-        Segments are told on the recording's clock (`layout`)."""
+        Segments are told on the recording's clock (`layout`), never past `until`, its end."""
         import _pywhispercpp as pw
 
         model = self._model
@@ -3217,7 +3218,7 @@ class LoadedModel:
             for i in range(count - n_new, count):
                 text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
                 if not _NON_SPEECH.fullmatch(text):  # t0 and t1 are in centiseconds
-                    start, end = self._segment_times(ctx, i, layout)
+                    start, end = self._segment_times(ctx, i, layout, until)
                     on_segment(start, end, text)  # type: ignore[misc]
 
         def progress(percent: int, user_data: Any = None) -> None:
@@ -3229,18 +3230,22 @@ class LoadedModel:
         return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
 
     @staticmethod
-    def _segment_times(ctx: Any, i: int, layout: SpeechLayout) -> tuple[float, float]:
+    def _segment_times(ctx: Any, i: int, layout: SpeechLayout, until: float) -> tuple[float, float]:
+        """A segment's times, never past `until`, the recording's end: whisper's timestamps count in
+        its 30 s window, and the last segment of a short clip may end past the clip (at 30.0 s, the
+        window's end, for a clip of 1.34 s decoded after a prompt; at 1.36 s without one)."""
         import _pywhispercpp as pw
 
         start, end = layout.mend_segment(layout.from_packed(pw.whisper_full_get_segment_t0(ctx, i), start=True),
                                          layout.from_packed(pw.whisper_full_get_segment_t1(ctx, i), start=False))
-        return start / 100.0, max(start, end) / 100.0
+        return min(start / 100.0, until), min(max(start, end) / 100.0, until)
 
     def _collect(self, audio: np.ndarray, options: TranscribeOptions, layout: SpeechLayout) -> Transcript:
         import _pywhispercpp as pw
 
         ctx = self._model._ctx  # pywhispercpp has no public accessor for per-token data
         eot = pw.whisper_token_eot(ctx)
+        until = audio_end_seconds(audio)
         segments: list[Segment] = []
         words: list[Word] = []
         token_logprobs: list[dict[str, Any]] = []
@@ -3251,7 +3256,7 @@ class LoadedModel:
                 if data.id < eot:
                     # Bytes, not text: a token may hold part of a character (an emoji, say).
                     text_tokens.append((data, pw.whisper_token_to_bytes(ctx, data.id)))
-            start, end = self._segment_times(ctx, i, layout)
+            start, end = self._segment_times(ctx, i, layout, until)
             text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
             if _NON_SPEECH.fullmatch(text):
                 continue
@@ -3273,6 +3278,12 @@ class LoadedModel:
             text="".join(s.text for s in segments).strip(), language=language,
             duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
             task=_task(options), logprobs=token_logprobs if options.logprobs else None)
+
+
+def audio_end_seconds(audio: np.ndarray) -> float:
+    """The audio's length, down to the millisecond: no time reported in it may lie past this, on
+    its own clock or moved onto a recording's (on_recording_clock rounds to the millisecond)."""
+    return math.floor(len(audio) * 1000 / SAMPLE_RATE) / 1000
 
 
 def _task(options: TranscribeOptions) -> str:
@@ -4200,6 +4211,8 @@ class Job:
     processing_seconds: float | None = None
     # The segments of the run in progress, as whisper.cpp finishes them, for the events stream.
     heard: list[tuple[float, float, str]] = field(default_factory=list, compare=False, repr=False)
+    # Where it stood as it entered the queue (1: next), for an events stream read after it left.
+    entered_queue_at: int | None = field(default=None, compare=False)
 
     def start_run(self) -> None:
         self.seconds_done = 0.0
@@ -4714,6 +4727,17 @@ class JobTable:
         """1 for the next to run, counting synchronous requests queued ahead; None unless queued."""
         return self.positions([job_id]).get(job_id)
 
+    def get_with_position(self, job_id: str) -> tuple[Job, int | None]:
+        """A copy and its position(), both as of one moment: a job a worker takes meanwhile reads
+        as running, never as queued without a place in the queue."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            in_queue = self._scheduler.positions() if job.status == QUEUED else {}
+            copy = dataclasses.replace(job)
+        return copy, in_queue.get(job_id, len(in_queue)) + 1 if copy.status == QUEUED else None
+
     def positions(self, job_ids: Iterable[str]) -> dict[str, int]:
         """The positions of those of these jobs that are queued. One that is queued but not in the
         scheduler (a moment before it is handed over, or waiting out a storage fault) stands
@@ -4755,7 +4779,7 @@ class JobStore(JobTable):
     JobDisk writes jobs.json after every change and removes a job's files only once jobs.json no
     longer needs them. Locks, always taken in this order: JobDisk's save lock, then `_lock` (the
     table, which JobDisk shares; held for microseconds, never across I/O), then the scheduler's
-    own, which submit() and remove() take while `_lock` is held.
+    own, which submit(), remove() and get_with_position() take while `_lock` is held.
     """
 
     def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, policy: JobPolicy,
@@ -4803,7 +4827,14 @@ class JobStore(JobTable):
             raise
         self._announce_quietly(job)  # the job is accepted: its client must hear so
         self._submit(job_id)
+        self._note_place_in_queue(job_id)
         return self.get(job_id)
+
+    def _note_place_in_queue(self, job_id: str) -> None:
+        position = self._scheduler.position(job_id)  # None: a worker took it already, the first in line
+        with self._lock:
+            if job_id in self._jobs:
+                self._jobs[job_id].entered_queue_at = 1 if position is None else position + 1
 
     def _insert(self, job: Job) -> None:
         with self._lock:
@@ -5636,14 +5667,26 @@ def start_service(settings: Settings, models: ModelStore, describe_job: Describe
     return state
 
 
+def let_go(outcome: asyncio.Future[Any]) -> None:
+    """Cancel what nobody will wait for any more. One that has already failed gets its exception
+    read: asyncio logs an exception never retrieved as an ERROR, and a client that leaves
+    mid-stream is no error."""
+    if not outcome.cancel() and not outcome.cancelled():
+        outcome.exception()
+
+
 async def until_done(queue: asyncio.Queue[str], outcome: asyncio.Future[Any]) -> AsyncIterator[str]:
     """What a worker put in the queue until the outcome is known, and what was left in it then:
     how segments reach a streaming client as whisper.cpp produces them."""
     while not outcome.done():
         getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
-        if not getter.done():
-            getter.cancel()
+        try:
+            await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the client leaves: a task left pending is destroyed with an error
+            got = getter.done()
+            if not got:
+                getter.cancel()
+        if not got:
             break
         yield getter.result()
     while not queue.empty():
@@ -6379,6 +6422,10 @@ class WyomingSession:
         language = transcribe.language or None
         if language is not None:
             language = language.split("-")[0].split("_")[0].lower()  # Home Assistant may send en-US
+            if unknown_languages([language]):  # whisper would transcribe it as whatever it heard
+                raise WyomingSessionError("unsupported_language",
+                                          f"unsupported language '{transcribe.language}': use an ISO-639-1 code "
+                                          "whisper knows, such as 'en', 'ca' or 'es'")
             if self.settings.wyoming_languages and language not in self.settings.wyoming_languages:
                 raise WyomingSessionError("unsupported_language",
                                           f"language '{language}' is not among AUDIOTEXT_WYOMING_LANGUAGES "
@@ -6424,7 +6471,7 @@ class WyomingSession:
                 first = False
             transcript = outcome.result()
         finally:
-            outcome.cancel()
+            let_go(outcome)
         language = self._language or transcript.language
         await self._write(TranscriptEvent(text=transcript.text, language=language).event())
         await self._write(TranscriptStop().event())
@@ -6451,9 +6498,9 @@ class WyomingSession:
             return outcome.result()
         finally:
             if not outcome.done():
-                work.future.cancel()
                 work.abort.set()
-            gone.cancel()
+            let_go(outcome)  # and the work with it, if still queued
+            let_go(gone)
             grace_over.cancel()
 
     async def _write(self, event: Any) -> None:
@@ -6770,15 +6817,19 @@ async function readStream(job, update) {
       const {value, done} = await reader.read();
       if (done) return job;
       buffer += value;
+      let news = false;  // shown once per read: a replayed `queued` does not flash before `running`
       for (let end; (end = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(end + 2)) {
         const data = buffer.slice(0, end).split("\n").filter((line) => line.startsWith("data: "))
           .map((line) => line.slice(6)).join("\n");
-        if (!data) continue;  // a keepalive comment
+        if (!data) {  // a keepalive comment: nothing happened for a while
+          if (job.status === "queued") return job;  // back in the queue: its place is asked after
+          continue;
+        }
         const event = JSON.parse(data);
         if (event.error) throw new ApiError(0, event.error.message);
         if (event.type === "transcription.job.status") {
+          // Each carries the job as it was then: the stream replays `queued` before `running`.
           job = {...event.job, heard: job.heard};  // a reconnect replays the segments over it
-          if (job.status === "queued") return job;  // back in the queue: its place is asked after
         } else if (event.type === "transcription.job.progress") {
           job = {...job, progress: event.progress};
         } else if (event.type === "transcription.job.segment") {
@@ -6790,8 +6841,9 @@ async function readStream(job, update) {
         } else {
           continue;
         }
-        if (!update(job)) return null;
+        news = true;
       }
+      if (news && !update(job)) return null;
     }
   } catch (error) {
     if (error instanceof ApiError) throw error;
@@ -7786,7 +7838,7 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
                 log_unexpected(exc, f"in a stream on {request.url.path}")
             yield _sse(as_api_error(exc).body())
         finally:
-            outcome.cancel()  # a client gone mid-stream: wait_for_work aborts the work
+            let_go(outcome)  # a client gone mid-stream: wait_for_work aborts the work
             form.cleanup()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
@@ -7802,12 +7854,14 @@ async def wait_for_work(request: Request, state: AppState, work: Work) -> Any:
     try:
         await asyncio.wait({outcome, grace_over}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        work.future.cancel()
+        # Cancelling the wrapper, not only the work, cancels the work if it is still queued and
+        # leaves no future for the worker's Aborted to land in unread.
+        let_go(outcome)
         work.abort.set()  # nobody is left to answer: free the worker
         raise
     finally:
         grace_over.cancel()
-        watcher.cancel()
+        let_go(watcher)
     if not outcome.done() or outcome.cancelled():
         outcome.cancel()  # the worker's late answer, if any, goes nowhere
         raise SchedulerStopped()
@@ -7963,7 +8017,10 @@ def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
 
 
 def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
-    return job_object(job, store.position(job.id) if job.status == QUEUED else None)
+    """A queued job is read again with its position: the copy may say queued after a worker took it."""
+    if job.status == QUEUED:
+        return job_object(*store.get_with_position(job.id))
+    return job_object(job, None)
 
 
 def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
@@ -8065,6 +8122,18 @@ def _status_history(job: Job) -> list[tuple[str, float]]:
     return history
 
 
+def _job_as_it_was(job: Job, status: str, position: int | None) -> dict[str, Any]:
+    """The job object of a `queued` or `running` event: the job as it was when it turned `status`,
+    without what it learnt since (times, language, progress, outcome), even when the stream is
+    read after the job moved on. A queued job's position is its place now if it is still queued,
+    else the one it entered the queue at."""
+    then = dataclasses.replace(job, status=status, finished_at=None, detected_language=None, error=None,
+                               skipped_audio_seconds=0.0, seconds_done=0.0)
+    if status == QUEUED:
+        then.started_at = None
+    return job_object(then, (position or job.entered_queue_at) if status == QUEUED else None)
+
+
 def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
     return _sse({"type": "transcription.job.segment", "id": index, "start": round(start, 3), "end": round(end, 3),
                  "text": text})
@@ -8095,8 +8164,9 @@ async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]
         for status, at in history[:-1] if job.status in FINISHED_STATUSES else history:
             if status not in sent_statuses:  # the terminal one waits for the last segments
                 sent_statuses.add(status)
+                position = store.position(job_id) if job.status == QUEUED else None
                 yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
-                            "job": _job_json(store, job)})
+                            "job": _job_as_it_was(job, status, position)})
         heard = job.heard
         if job.status == SUCCEEDED and not heard:  # the result file holds them now
             transcript = await run_in_threadpool(store.result, job_id)
@@ -8250,6 +8320,11 @@ class App(Starlette):
     def __init__(self, *args: Any, cors_origins: tuple[str, ...] = (), **kwargs: Any) -> None:
         self.cors_origins = cors_origins
         super().__init__(*args, **kwargs)
+        # Starlette answers /healthz/ with a redirect to /healthz on whatever host the request
+        # named, so anyone could make this daemon's answers point at their own site. A path with
+        # a slash too many is a 404 like any other path no route serves: the SDKs never add one,
+        # and a redirected upload would have to be sent again.
+        self.router.redirect_slashes = False
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
@@ -8516,8 +8591,10 @@ def _flag_parser(setting: Setting) -> Callable[[str], Any]:
 
 
 def _shown_default(value: Any) -> str:
-    if value is None or value is dataclasses.MISSING or value == ():
+    if value is None or value is dataclasses.MISSING or value in ((), ""):  # no default: say nothing
         return ""
+    if isinstance(value, bool):
+        return f", default {int(value)}"  # as the settings table and an env file write it
     return f", default {value:g}" if isinstance(value, float) else f", default {value}"
 
 
