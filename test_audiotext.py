@@ -159,6 +159,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What no ordinary use may leave in a daemon's log: an ERROR line (asyncio's "exception was never
+# retrieved" among them), a traceback, a task destroyed while pending. A test that provokes one on
+# purpose says so with @pytest.mark.daemon_errors("why").
+LOG_PROBLEM = re.compile(r"^(ERROR|CRITICAL)\b.*|.*(Traceback \(most recent call last\)|Task was destroyed"
+                         r"|exception was never retrieved).*", re.M)
+
+
 @dataclass
 class Daemon:
     """A real `audiotext serve` process on its own port and state dir."""
@@ -167,9 +174,18 @@ class Daemon:
     url: str
     state_dir: Path
     log_path: Path
+    checked_bytes: int = 0  # how much of the log a test has checked already
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def problems_since_checked(self) -> list[str]:
+        """The problem lines the log gained since the last call."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.checked_bytes)
+            new = f.read()
+        self.checked_bytes += len(new)
+        return [m.group(0) for m in LOG_PROBLEM.finditer(new.decode(errors="replace"))]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -189,9 +205,10 @@ def start_daemon(state_dir: Path, models_dir: Path | None, *, args: Iterable[str
     environ.update(env)
     log_path = state_dir / f"daemon-{port}.log"
     with open(log_path, "ab") as log:  # a restart on the same port adds to its log
+        earlier = log.tell()  # the earlier run's part, which its own Daemon checks
         proc = subprocess.Popen([sys.executable, str(ROOT / "audiotext.py"), "serve", *args], env=environ,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=state_dir, preexec_fn=preexec_fn)
-    daemon = Daemon(proc, f"http://127.0.0.1:{port}", state_dir, log_path)
+    daemon = Daemon(proc, f"http://127.0.0.1:{port}", state_dir, log_path, checked_bytes=earlier)
     if wait:
         wait_until_serving(daemon)
     return daemon
@@ -212,9 +229,18 @@ def wait_until_serving(daemon: Daemon, timeout: float = 120) -> None:
     pytest.fail(f"daemon did not answer within {timeout} s:\n{daemon.log()}")
 
 
+def check_daemon_logs(request: pytest.FixtureRequest, daemons: Iterable[Daemon], earlier: Iterable[str] = ()) -> None:
+    """Fail the test if a daemon logged a problem during it, unless the test provokes them on purpose."""
+    problems = [*earlier, *(line for daemon in daemons for line in daemon.problems_since_checked())]
+    if problems and request.node.get_closest_marker("daemon_errors") is None:
+        pytest.fail("the daemon logged what ordinary use must not leave (mark the test daemon_errors if it "
+                    "provokes them on purpose):\n" + "\n".join(problems[:20]), pytrace=False)
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., Daemon]]:
-    """Start daemons for one test; whatever is still running at the end is killed."""
+def daemon_factory(tmp_path: Path, models_dir: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons for one test; whatever is still running at the end is killed, and what they
+    logged is checked (check_daemon_logs)."""
     started: list[Daemon] = []
 
     def start(state_dir: Path | None = None, **kwargs: Any) -> Daemon:
@@ -227,14 +253,32 @@ def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., D
     for daemon in started:
         if daemon.proc.poll() is None:
             daemon.stop(signal.SIGKILL)
+    check_daemon_logs(request, started)
 
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Daemon]:
-    """One shared daemon for the tests that only read from it."""
+    """One shared daemon for the tests that only read from it; each test's part of its log is
+    checked (daemon_logs_are_clean), the part its stop writes here."""
     shared = start_daemon(tmp_path_factory.mktemp("daemon"), models_dir)
     yield shared
     assert shared.stop() == 0, shared.log()
+    assert not shared.problems_since_checked(), shared.log()
+
+
+@pytest.fixture(autouse=True)
+def daemon_logs_are_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """What the shared daemons (daemon, wyoming_daemon) log during a test is checked after it."""
+    shared = [name for name in ("daemon", "wyoming_daemon") if name in request.fixturenames]
+    if not shared:
+        yield
+        return
+    daemons = [value if isinstance(value, Daemon) else value[0]
+               for value in (request.getfixturevalue(name) for name in shared)]
+    # Logged after the previous test was checked: most likely that test's doing, but not lost.
+    earlier = [f"(before this test) {line}" for daemon in daemons for line in daemon.problems_since_checked()]
+    yield
+    check_daemon_logs(request, daemons, earlier)
 
 
 def post_clip(target: str | httpx.Client, clip: str = "en.wav", *, path: str = "/v1/audio/transcriptions",
@@ -3618,6 +3662,7 @@ def fill_up(directory: Path) -> Path:
     return filler
 
 
+@pytest.mark.daemon_errors("a state dir that refuses writes is an ERROR line the operator must see")
 @pytest.mark.parametrize("fault", ["disk_full", "read_only"])
 def test_a_disk_that_fails_under_a_running_job_loses_nothing(daemon_factory: Callable[..., Daemon], tmp_path: Path,
                                                              ninety_seconds_wav: Path, fault: str) -> None:
@@ -6058,6 +6103,7 @@ def wyoming_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -
                           AUDIOTEXT_WYOMING_MAX_AUDIO_SECONDS=str(WYOMING_MAX_AUDIO_SECONDS))
     yield daemon, port
     assert daemon.stop() == 0, daemon.log()
+    assert not daemon.problems_since_checked(), daemon.log()
 
 
 def wyoming_sessions(daemon: Daemon) -> dict[str, float]:
