@@ -4930,20 +4930,22 @@ class JobStore(JobTable):
             if work is not None and work.abort is abort:  # not a later run's, queued after a fault
                 del self._work[job_id]
 
-    def requeue_after_fault(self, job: Job) -> float | None:
-        """Back to the queue after a storage fault: the pause before it runs again; None when the
-        job was canceled or deleted meanwhile."""
+    def requeue_after_fault(self, job: Job, fault: OSError) -> bool:
+        """Back to the queue after a storage fault, to run again after a pause; False when the job
+        was canceled or deleted meanwhile."""
         with self._lock:
             if self._jobs.get(job.id) is not job or job.cancel_requested:
-                return None
+                return False
             job.storage_faults += 1
             job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
             delay = storage_retry_delay(job.storage_faults)
             self.disk.run_again(job.id, delay)
+        logger.warning("job %s hit a storage fault (%s); queued again, retry %d of %d in %g s", job.id,
+                       fault.strerror or fault, job.storage_faults, self.policy.storage_retries, delay)
         self.hooks.on_storage_fault("job_run")
         self.disk.save_quietly()
         self._announce(job)
-        return delay
+        return True
 
     def aborted(self, job: Job) -> None:
         with self._lock:
@@ -5103,16 +5105,11 @@ class JobRunner:
         """Put a run that a storage fault stopped back in the queue, to run again after a pause;
         False when the fault is not one that clears, or the job's retries are spent."""
         fault = transient_storage_fault(exc)
-        retries = self._store.policy.storage_retries
-        if fault is None or job.storage_faults >= retries:
+        if fault is None or job.storage_faults >= self._store.policy.storage_retries:
             return False
-        delay = self._store.requeue_after_fault(job)
-        if delay is None:  # canceled or deleted meanwhile
+        if not self._store.requeue_after_fault(job, fault):  # canceled or deleted meanwhile
             job.held_transcript = None
             self._store.finish(job, CANCELED)
-            return True
-        logger.warning("job %s hit a storage fault (%s); queued again, retry %d of %d in %g s", job.id,
-                       fault.strerror or fault, job.storage_faults, retries, delay)
         return True
 
     def _succeed(self, job: Job, transcript: Transcript) -> None:

@@ -75,7 +75,7 @@ MiB_BYTES = 1024 * 1024
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EN_WORDS = ("hello", "my name is john", "london")  # testdata/en.*: "Hello, my name is John and I live in London."
 CA_WORDS = ("barcelona", "família")  # testdata/ca.*: "El meu germà i la meva família viuen a Barcelona."
-# testdata/ca_greeting.wav: "Hola, bona tarda. Com estàs?", which base's detection alone takes for Spanish
+# testdata/ca_greeting.wav: "Hola, bona tarda. Com estàs?", Catalan that base's detection ranks just above Spanish
 CA_GREETING_WORDS = ("bona tarda", "com estàs")
 
 
@@ -3558,7 +3558,9 @@ def test_storage_retries_are_bounded(make_client: Callable[..., TestClient], tmp
                                             "(AUDIOTEXT_STORAGE_RETRIES)"})
     wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["status"] == "failed",
                what="jobs.json to say failed", timeout=30)
-    assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []}
+    # The same save removes the job's files just after it writes jobs.json.
+    wait_until(lambda: state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": []},
+               what="the failed job's files to go", timeout=30)
 
 
 class ReadOnlyDisk:
@@ -4293,7 +4295,7 @@ if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE,
 import audiotext
 clips, models = Path(sys.argv[1]), Path(sys.argv[2])
 for clip in sorted(clips.glob("*.*")):
-    if clip.suffix != ".sh":
+    if clip.suffix not in (".sh", ".txt"):
         audiotext.decode_audio(clip, max_seconds=60)
 store = audiotext.ModelStore(models, default="cpu-tiny", threads=2)
 audio = audiotext.decode_audio(clips / "en.wav", max_seconds=60)
@@ -4568,7 +4570,9 @@ def test_metrics_move_when_a_file_is_transcribed(make_client: Callable[..., Test
     assert moved("audiotext_upload_bytes_total") > (CLIPS / "en.wav").stat().st_size
     assert after[("audiotext_model_load_seconds", frozenset({("model", "ggml-base")}))] > 0
     assert after[("audiotext_queue_depth", frozenset())] == 0
-    assert after[("audiotext_busy_workers", frozenset())] == 0
+    # The worker hands the answer over, then leaves its work: on a busy box the scrape may come between.
+    wait_until(lambda: scrape(client)[("audiotext_busy_workers", frozenset())] == 0, what="the worker to be free",
+               timeout=30)
 
 
 @pytest.mark.parametrize(("public", "status"), [pytest.param(False, 401, id="behind_the_token"),
@@ -5239,12 +5243,16 @@ def test_openai_sdk_json(sdk: openai.OpenAI) -> None:
 
 def test_openai_sdk_languages_let_detection_pick_only_among_them(sdk: openai.OpenAI) -> None:
     free = sdk_transcribe(sdk, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json")
-    assert free.language == "spanish", "without a list, base takes this Catalan for Spanish"
+    assert free.language == "catalan", "base alone hears this greeting's speech as Catalan"
+    assert_heard(free.text, CA_GREETING_WORDS)
     for languages in (["ca", "en"], ["en", "ca"]):
         allowed = sdk_transcribe(sdk, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json",
                                  languages=languages)
         assert allowed.language == "catalan", languages
         assert_heard(allowed.text, CA_GREETING_WORDS)
+    for languages in (["es", "en"], ["en", "es"]):  # Catalan not allowed: the likelier of the two
+        assert sdk_transcribe(sdk, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json",
+                              languages=languages).language == "spanish", languages
     english = sdk_transcribe(sdk, "en.webm", model="cpu-lite", response_format="verbose_json", languages=["ca", "en"])
     assert english.language == "english"
     assert_heard(english.text, EN_WORDS)
@@ -5284,7 +5292,7 @@ def test_detection_among_languages_leaves_the_daemon_answering(daemon_factory: C
         answers: list[httpx.Response] = []
         request = threading.Thread(target=lambda: answers.append(post_clip(
             daemon.url, "ca_greeting.wav", model="cpu-lite", response_format="verbose_json",
-            **{"languages[]": ["ca", "en"]})))
+            **{"languages[]": ["es", "en"]})))
         polls: list[float] = []
         request.start()
         while request.is_alive():
@@ -5294,7 +5302,8 @@ def test_detection_among_languages_leaves_the_daemon_answering(daemon_factory: C
             time.sleep(0.01)
         request.join()
     assert answers and answers[0].status_code == 200, answers and answers[0].text
-    assert answers[0].json()["language"] == "catalan"  # what the probabilities pick among ca and en
+    # whisper's first choice is Catalan, not allowed: the probabilities pick among es and en.
+    assert answers[0].json()["language"] == "spanish"
     assert len(polls) > 20, polls
     # A pass holding the GIL is one poll of a second or more. A box as loaded as the tests' also
     # leaves the odd poll of an idle daemon waiting a few hundred ms for a core: a few may.

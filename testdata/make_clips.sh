@@ -12,7 +12,7 @@ trap 'rm -rf "$TMP"' EXIT
 EN_TEXT="Hello, my name is John and I live in London."
 CA_TEXT="El meu germà i la meva família viuen a Barcelona."
 # Spoken by Festival's Catalan voice (festvox-ca-ona-hts), which sounds far more like a person
-# than espeak-ng: the base model's detection hears Spanish (es 0.46, ca 0.24, en 0.02), while
+# than espeak-ng: the base model's detection ranks it Catalan only just above Spanish, while
 # espeak-ng's Catalan is closer to English for it than to Catalan. It tests AUDIOTEXT_LANGUAGES.
 CA_GREETING_TEXT="Hola, bona tarda. Com estàs?"
 LONG_TEXT="Good morning and welcome to the weekly news. \
