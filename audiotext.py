@@ -8358,7 +8358,8 @@ def run_engine_trial(spec: Mapping[str, Any], dirs: EngineBuildDir, *, built: bo
     if run.returncode != 0:
         how = f"signal {signal.Signals(-run.returncode).name}" if run.returncode < 0 else f"status {run.returncode}"
         tail = "\n".join(f"  {line}" for line in run.stderr.splitlines()[-PIP_TAIL_LINES:])
-        raise EngineBuildError(f"the {which} engine failed on the clips ({how}):\n{tail}")
+        kept = f"; it is not installed, its wheel stays in {dirs.wheel}" if built else ""
+        raise EngineBuildError(f"the {which} engine failed on the clips ({how}){kept}:\n{tail}")
     trial = EngineTrial(**json.loads(result.read_text()))
     if Path(trial.module).resolve().is_relative_to(dirs.unpacked.resolve()) != built:
         raise EngineBuildError(f"the {which} engine's trial loaded {trial.module}, not the engine meant")

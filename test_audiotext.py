@@ -7047,6 +7047,17 @@ def test_engine_build_leaves_a_build_that_is_not_better(tmp_path: Path, models_d
         assert re.search(r"installed: 'Hello, my name is John.*'\n +built: +'I heard something else.'", out), out
 
 
+def test_engine_build_that_crashes_is_not_installed(tmp_path: Path, models_dir: Path, stand_in_pip: StandInPip,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    stand_in_pip.patch = "\nimport os, signal\nos.kill(os.getpid(), signal.SIGILL)\n"  # as a miscompiled ggml may
+    assert audiotext.main(engine_build(tmp_path, models_dir, "--rounds", "1")) == 2
+    err = capsys.readouterr().err
+    assert [call[0] for call in stand_in_pip.calls] == ["download", "wheel"]
+    assert (f"the built engine failed on the clips (signal SIGILL); it is not installed, its wheel stays in "
+            f"{tmp_path}/state/engine-build/wheel") in err
+    assert "Traceback" not in err
+
+
 def test_engine_reset_reinstalls_the_pypi_wheel(tmp_path: Path, models_dir: Path, stand_in_pip: StandInPip,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert audiotext.main(["engine", "reset", "--state-dir", str(tmp_path / "state")]) == 0
