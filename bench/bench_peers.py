@@ -33,8 +33,8 @@ in time); below 1 means audiotext uses less.
 
 Clips are spoken by espeak-ng (voice en-us, 140 words a minute, as testdata/make_clips.sh) on first
 use (needs espeak-ng and sox then). The cache dir (default bench/.cache/, --cache) holds the clips,
-the models (ggml files from `audiotext models import`, the Silero VAD model from `models
-import-vad`, a CTranslate2 dir for faster-whisper assembled from the same packages) and the venv.
+the models (ggml files from `audiotext models import`, a CTranslate2 dir for faster-whisper
+assembled from the same packages) and the venv.
 """
 
 from __future__ import annotations
@@ -278,16 +278,13 @@ def run_audiotext_cli(*argv: str) -> None:
 
 
 def ensure_ggml_models(family: Family, models_dir: Path) -> None:
-    """f16 and q8_0 files of the family, and the VAD model, imported as a user would."""
+    """f16 and q8_0 files of the family, imported as a user would."""
     source_dir, weights = source_files(family.fw_name)
     dirs = sorted({str(p.parent) for p in weights} | {str(source_dir)}, key=lambda d: d != str(source_dir))
     for name, quantize in ((family.ggml_name, []), (f"{family.ggml_name}-q8_0", ["--quantize", "q8_0"])):
         if not (models_dir / f"{name}.bin").is_file():
             print(f"importing {name} ...", file=sys.stderr, flush=True)
             run_audiotext_cli("models", "import", *dirs, "--as", name, *quantize, "--models-dir", str(models_dir))
-    if not (models_dir / _audiotext().VAD_MODEL_FILE).is_file():
-        print("importing the Silero VAD model ...", file=sys.stderr, flush=True)
-        run_audiotext_cli("models", "import-vad", "--models-dir", str(models_dir))
 
 
 def ensure_fw_model(family: Family, fw_models: Path) -> Path:
@@ -382,8 +379,6 @@ def _audiotext_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any
     extra = {name: True for name in ("fit_short_audio", "condition_on_previous_text") if config[name]}
     store = audiotext.ModelStore(Path(config["models_dir"]), default=config["model"], threads=config["threads"],
                                  vad=config["vad"], spin_threads=config["spin"], **extra)
-    if config["vad"] and not store.uses_vad(True):
-        raise RuntimeError(f"VAD asked for, but {store.models_dir} has no {audiotext.VAD_MODEL_FILE}")
     engine = audiotext.Engine(store, max_audio_seconds=4 * 3600)
     options = audiotext.TranscribeOptions(language=LANGUAGE, vad=config["vad"])
 

