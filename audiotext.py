@@ -2840,13 +2840,34 @@ VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_
 # from call to call must run without it, or one call's leftovers garble the next.
 SHORT_AUDIO_SECONDS = 20.0
 AUDIO_CTX_MARGIN_FRAMES = 64
+# A fitted window is rounded up to a multiple of this many frames; 1 leaves it as it is.
+AUDIO_CTX_STEP_FRAMES = 1
+WHISPER_WINDOW_FRAMES = 1500  # whisper's whole window: 30 s of 20 ms frames
+# whisper.cpp's flash attention reads the encoder's keys and values in blocks of this many frames,
+# a shorter window's padding included.
+FLASH_ATTN_BLOCK_FRAMES = 256
 
 
 def audio_ctx_for(seconds: float) -> int:
     """The encoder window, in 20 ms frames, for a clip this long; 0 is whisper's full 30 s."""
     if seconds > SHORT_AUDIO_SECONDS:
         return 0
-    return math.ceil(seconds * 50) + AUDIO_CTX_MARGIN_FRAMES
+    frames = math.ceil(seconds * 50) + AUDIO_CTX_MARGIN_FRAMES
+    window = -(-frames // AUDIO_CTX_STEP_FRAMES) * AUDIO_CTX_STEP_FRAMES
+    return window if window < WHISPER_WINDOW_FRAMES else 0
+
+
+def fitted_windows_allow_flash_attn() -> bool:
+    """Whether a context whose window changes from call to call may run with flash attention: only
+    when every window fills whole blocks, so that no call reads padding another one wrote. (A
+    context that also took whisper's whole window would read, in its 36 frames of padding, what a
+    shorter window left there: fitted contexts get short clips only, see ModelStore.fits_window.)"""
+    return AUDIO_CTX_STEP_FRAMES % FLASH_ATTN_BLOCK_FRAMES == 0
+
+
+# A fifth of a second of silence: enough for whisper.cpp to take in a call's parameters (see
+# LoadedModel._set_encoder_window), too little to cost anything.
+WINDOW_PRIMER = np.zeros(SAMPLE_RATE // 5, np.float32)
 
 
 # A segment of only a non-speech marker, such as [BLANK_AUDIO] or (wind blowing): whisper's way
@@ -2917,8 +2938,9 @@ class LoadedModel:
         self.fit_short_audio = fit_short_audio
         self.lock = threading.Lock()
         self.threads = threads
+        flash_attn = not fit_short_audio or fitted_windows_allow_flash_attn()
         self._model = Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False,
-                            context_params={"flash_attn": not fit_short_audio}, **BASE_PARAMS)
+                            context_params={"flash_attn": flash_attn}, **BASE_PARAMS)
         if getattr(self._model, "_ctx", None) is None:
             raise ModelError(f"whisper.cpp could not load {path}")
         import _pywhispercpp as pw
@@ -2944,6 +2966,8 @@ class LoadedModel:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
             vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
+            if options.language is None and self.multilingual and self.fit_short_audio:
+                self._set_encoder_window(audio_ctx_for(len(audio) / SAMPLE_RATE), abort, vad_params)
             if options.language is None and options.languages and self.multilingual:
                 options = dataclasses.replace(
                     options, language=self._likeliest_language(audio, options, vad_params, abort))
@@ -2985,6 +3009,22 @@ class LoadedModel:
             return first_choice
         probabilities = self._language_probabilities()
         return max(allowed, key=lambda code: probabilities.get(code, 0.0))  # ties: the first listed
+
+    def _set_encoder_window(self, audio_ctx: int, abort: threading.Event, vad_params: Any) -> None:
+        """whisper.cpp detects the language (whisper_full's own detection, as whisper_lang_auto_detect)
+        with the encoder window the context's previous call left, and takes in a call's audio_ctx only
+        after detecting: a short clip would pay for a pass over the whole 30 s, or over the previous
+        clip's window, to be told its language. A call on a moment of silence takes in the window and
+        stops before encoding anything, when whisper.cpp asks whether to begin."""
+        import _pywhispercpp as pw
+
+        params = dict(BASE_PARAMS, n_threads=self.threads, language="en", audio_ctx=audio_ctx, vad=False,
+                      vad_model_path="")
+        pw.assign_encoder_begin_callback(self._model._params, lambda *args: False)
+        try:
+            self._run(WINDOW_PRIMER, params, abort, None, vad_params, None)
+        finally:
+            pw.assign_encoder_begin_callback(self._model._params, None)
 
     def _language_probabilities(self) -> dict[str, float]:
         """Every language's probability in the first 30 s of the samples the last call left in the
@@ -3195,6 +3235,12 @@ class ModelStore:
     def uses_vad(self, requested: bool | None) -> bool:
         """Whether a transcription runs with VAD: as asked, else the default; never without the file."""
         return (self.vad if requested is None else requested) and self.vad_path is not None
+
+    def fits_window(self, requested: bool | None, seconds: float) -> bool:
+        """Whether a transcription of this many seconds runs on a context that fits the encoder's
+        window to the clip: as asked, else the default, and only for a clip short enough to be
+        fitted (audio_ctx_for). Longer ones go to the contexts that keep whisper's whole window."""
+        return (self.fit_short_audio if requested is None else requested) and audio_ctx_for(seconds) > 0
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """Map a requested name to (canonical name, file); UnknownModel lists what exists."""
@@ -3572,7 +3618,9 @@ class Engine:
             window = None  # the next one, once it is asked for
             if parts:
                 self._between_windows()
-                window_options = dataclasses.replace(options, language=language)
+                # The short end of a long recording is no voice note: it stays on the contexts
+                # with whisper's whole window that the rest ran on (see ModelStore.fits_window).
+                window_options = dataclasses.replace(options, language=language, fit_short_audio=False)
                 if options.condition_on_previous_text:
                     window_options = dataclasses.replace(window_options,
                                                          prompt=carried_prompt(options.prompt, parts[-1][1].text))
@@ -3590,7 +3638,8 @@ class Engine:
                 if reused_buffer:
                     samples = samples.copy()  # the stream's buffer is about to take the next window
                 window = next(windows)
-                beside = self._offer_beside(window, model_name, dataclasses.replace(options, language=language),
+                beside = self._offer_beside(window, model_name,
+                                            dataclasses.replace(options, language=language, fit_short_audio=False),
                                             EitherEvent(abort, stop_beside), total_seconds)
             pair_started = time.monotonic()
             try:
@@ -3676,7 +3725,8 @@ class Engine:
         def window_fraction(fraction: float) -> None:
             on_progress(offset + fraction * len(samples) / SAMPLE_RATE, total_seconds())  # type: ignore[misc]
 
-        with self.models.checkout(model_name, vad=options.vad, fit_short_audio=options.fit_short_audio) as model:
+        fit = self.models.fits_window(options.fit_short_audio, len(samples) / SAMPLE_RATE)
+        with self.models.checkout(model_name, vad=options.vad, fit_short_audio=fit) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
             started = time.monotonic()
             transcript = model.transcribe(samples, options, abort=abort,

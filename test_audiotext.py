@@ -1770,6 +1770,24 @@ def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> Non
     assert again.text == result.text
 
 
+def test_a_short_clip_s_language_is_detected_over_its_own_window(models_dir: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """whisper.cpp detects with the window its previous call left: after a long recording, that
+    would be a pass over the whole 30 s. The probability it logs for its choice must be the one
+    read afterwards over the clip's own window (the call leaves that window and the clip's mel)."""
+    model = audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2, fit_short_audio=True)
+    long_clip = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=120)
+    assert audiotext.audio_ctx_for(len(long_clip) / audiotext.SAMPLE_RATE) == 0
+    model.transcribe(long_clip, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
+    greeting = audiotext.decode_audio(CLIPS / "ca_greeting.wav", max_seconds=60)  # es 0.46 over 30 s
+    with caplog.at_level(logging.DEBUG, logger="audiotext.whisper"):
+        result = model.transcribe(greeting, audiotext.TranscribeOptions(), abort=threading.Event())
+    logged = re.findall(r"auto-detected language: (\w+) \(p = ([0-9.]+)\)", caplog.text)
+    assert len(logged) == 1 and logged[0][0] == result.language, caplog.text
+    over_own_window = model._language_probabilities()[result.language]
+    assert float(logged[0][1]) == pytest.approx(over_own_window, abs=1e-3)
+
+
 def test_vad_import_refuses_a_file_that_would_run_code(tmp_path: Path) -> None:
     import pickle
     import zipfile
