@@ -303,8 +303,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the languages recordings may be in, e.g. ca,en: detection picks the likeliest of them "
             "(default: any the model knows); a request's languages[] or language wins"),
     Setting("fit_short_audio", "AUDIOTEXT_FIT_SHORT_AUDIO", "--fit-short-audio", _flag,
-            "encode a clip under 20 s at its own length, not whisper's 30 s: several times faster, "
-            "but words and the detected language are less reliable"),
+            "encode a clip under 24 s at its own length, rounded up to 5.12 s, not whisper's 30 s: "
+            "a voice note is heard in a third to a half of the time, as well as over 30 s"),
     Setting("condition_on_previous_text", "AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT", "--condition-on-previous-text",
             _flag, "decode each 30 s after the text heard before it: more consistent spelling over a long "
             "recording, but slower, and whisper may then repeat itself or skip what it hears"),
@@ -393,7 +393,7 @@ class Settings:
     workers: int = 1
     vad: bool = True
     languages: tuple[str, ...] = ()
-    fit_short_audio: bool = False
+    fit_short_audio: bool = True
     condition_on_previous_text: bool = False
     spin_threads: bool = False
     model_memory_mb: int | None = None
@@ -2831,27 +2831,24 @@ VAD_PARAMS = {"threshold": 0.5, "min_speech_duration_ms": 250, "min_silence_dura
 # What a request may change (OpenAI's chunking_strategy server_vad), with the range that makes sense.
 VAD_TUNABLE: dict[str, tuple[float, float]] = {"threshold": (0.0, 1.0), "speech_pad_ms": (0, 2000),
                                                "min_silence_duration_ms": (0, 10_000)}
-# whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. Encoding
-# a short clip's own length plus a margin makes voice notes and commands 3-9 times faster, but
-# whisper was trained on 30 s windows: base then misheard a word in one clip of several and,
-# without a language given, misheard the Opus test clip and its language. So it is a setting,
-# off by default (AUDIOTEXT_FIT_SHORT_AUDIO). Past 20 s the saving is small. whisper.cpp's flash
-# attention leaves the padding of a shorter window unmasked, so a context whose window changes
-# from call to call must run without it, or one call's leftovers garble the next.
-SHORT_AUDIO_SECONDS = 20.0
+# whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. A clip
+# encoded over its own length plus a margin (AUDIOTEXT_FIT_SHORT_AUDIO, on by default) is heard in
+# a third to a half of the time. whisper was trained on 30 s windows, yet over 76 voice notes in
+# eight languages base heard as many words right or more (bench/eval_voice_notes.py). whisper.cpp's
+# flash attention pads the window up to a multiple of 256 frames and attends to the padding too,
+# where an earlier call's longer window left its keys: windows of whole multiples of 256 leave no
+# padding, so a context whose window changes from call to call keeps flash attention.
 AUDIO_CTX_MARGIN_FRAMES = 64
-# A fitted window is rounded up to a multiple of this many frames; 1 leaves it as it is.
-AUDIO_CTX_STEP_FRAMES = 1
+# A fitted window is rounded up to a multiple of this many frames (5.12 s); 1 leaves it as it is.
+AUDIO_CTX_STEP_FRAMES = 256
 WHISPER_WINDOW_FRAMES = 1500  # whisper's whole window: 30 s of 20 ms frames
-# whisper.cpp's flash attention reads the encoder's keys and values in blocks of this many frames,
-# a shorter window's padding included.
+# whisper.cpp's flash attention pads the encoder's keys and values to a multiple of this many frames.
 FLASH_ATTN_BLOCK_FRAMES = 256
 
 
 def audio_ctx_for(seconds: float) -> int:
-    """The encoder window, in 20 ms frames, for a clip this long; 0 is whisper's full 30 s."""
-    if seconds > SHORT_AUDIO_SECONDS:
-        return 0
+    """The encoder window, in 20 ms frames, for a clip this long; 0 is whisper's full 30 s (a clip
+    past 24.3 s, whose window would be as long)."""
     frames = math.ceil(seconds * 50) + AUDIO_CTX_MARGIN_FRAMES
     window = -(-frames // AUDIO_CTX_STEP_FRAMES) * AUDIO_CTX_STEP_FRAMES
     return window if window < WHISPER_WINDOW_FRAMES else 0
@@ -2863,6 +2860,18 @@ def fitted_windows_allow_flash_attn() -> bool:
     context that also took whisper's whole window would read, in its 36 frames of padding, what a
     shorter window left there: fitted contexts get short clips only, see ModelStore.fits_window.)"""
     return AUDIO_CTX_STEP_FRAMES % FLASH_ATTN_BLOCK_FRAMES == 0
+
+
+# A fitted clip's language is detected over at least this many frames (15.36 s): over a voice
+# note's own window, base took 2 of the 61 evaluation clips it recognised over the whole window
+# for another language; from 768 frames on it recognised the same 61 (bench/eval_voice_notes.md).
+DETECTION_MIN_FRAMES = 768
+
+
+def detection_window_for(seconds: float) -> int:
+    """The encoder window a clip's language is detected over; 0 is whisper's full 30 s."""
+    window = audio_ctx_for(seconds)
+    return max(window, DETECTION_MIN_FRAMES) if window else 0
 
 
 # A fifth of a second of silence: enough for whisper.cpp to take in a call's parameters (see
@@ -2967,7 +2976,7 @@ class LoadedModel:
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
             vad_params = _vad_params(options.vad_tuning) if options.vad_tuning else self._vad_params
             if options.language is None and self.multilingual and self.fit_short_audio:
-                self._set_encoder_window(audio_ctx_for(len(audio) / SAMPLE_RATE), abort, vad_params)
+                self._set_encoder_window(detection_window_for(len(audio) / SAMPLE_RATE), abort, vad_params)
             if options.language is None and options.languages and self.multilingual:
                 options = dataclasses.replace(
                     options, language=self._likeliest_language(audio, options, vad_params, abort))
@@ -3014,8 +3023,9 @@ class LoadedModel:
         """whisper.cpp detects the language (whisper_full's own detection, as whisper_lang_auto_detect)
         with the encoder window the context's previous call left, and takes in a call's audio_ctx only
         after detecting: a short clip would pay for a pass over the whole 30 s, or over the previous
-        clip's window, to be told its language. A call on a moment of silence takes in the window and
-        stops before encoding anything, when whisper.cpp asks whether to begin."""
+        clip's window, to be told its language. A call on a moment of silence takes in the window
+        (detection_window_for) and stops before encoding anything, when whisper.cpp asks whether to
+        begin; the transcription then encodes the clip over its own window."""
         import _pywhispercpp as pw
 
         params = dict(BASE_PARAMS, n_threads=self.threads, language="en", audio_ctx=audio_ctx, vad=False,
