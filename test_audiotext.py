@@ -6410,9 +6410,11 @@ def silent_flac(path: Path, seconds: float, *, hide_length: bool = False) -> Pat
 
 @pytest.fixture
 def tiny_daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
-    """A daemon with only tiny.en loaded, warmed up by one transcription: its peak is the baseline."""
+    """A daemon with only tiny.en loaded, warmed up by a voice note and a longer recording (each has
+    contexts of its own, see ModelStore.fits_window): its peak is the baseline."""
     daemon = daemon_factory(AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
-    assert post_clip(daemon.url, "en.wav", model="cpu-tiny").status_code == 200
+    for clip in ("en.wav", "long_en.webm"):
+        assert post_clip(daemon.url, clip, model="cpu-tiny").status_code == 200
     return daemon
 
 
