@@ -344,8 +344,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the languages recordings may be in, e.g. ca,en: detection picks the likeliest of them "
             "(default: any the model knows); a request's languages[] or language wins"),
     Setting("fit_short_audio", "AUDIOTEXT_FIT_SHORT_AUDIO", "--fit-short-audio", _flag,
-            "encode a clip under 20 s at its own length, not whisper's 30 s: several times faster, "
-            "but words and the detected language are less reliable"),
+            "encode a clip under 24 s at its own length, rounded up to 5.12 s, not whisper's 30 s: "
+            "a voice note is heard in a third to a half of the time, as well as over 30 s"),
     Setting("condition_on_previous_text", "AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT", "--condition-on-previous-text",
             _flag, "decode each 30 s after the text heard before it: more consistent spelling over a long "
             "recording, but slower, and whisper may then repeat itself or skip what it hears"),
@@ -441,7 +441,7 @@ class Settings:
     workers: int = 1
     vad: bool = True
     languages: tuple[str, ...] = ()
-    fit_short_audio: bool = False
+    fit_short_audio: bool = True
     condition_on_previous_text: bool = False
     spin_threads: bool = False
     model_memory_mb: int | None = None
@@ -3013,22 +3013,52 @@ def engine_info() -> dict[str, Any]:
             "build": wheel_build_kind(dist.read_text("WHEEL") if dist else None), "cpu_features": cpu_features()}
 
 
-# whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. Encoding
-# a short clip's own length plus a margin makes voice notes and commands 3-9 times faster, but
-# whisper was trained on 30 s windows: base then misheard a word in one clip of several and,
-# without a language given, misheard the Opus test clip and its language. So it is a setting,
-# off by default (AUDIOTEXT_FIT_SHORT_AUDIO). Past 20 s the saving is small. whisper.cpp's flash
-# attention leaves the padding of a shorter window unmasked, so a context whose window changes
-# from call to call must run without it, or one call's leftovers garble the next.
-SHORT_AUDIO_SECONDS = 20.0
+# whisper's encoder always takes in 30 s, 1500 frames of 20 ms, however short the clip. A clip
+# encoded over its own length plus a margin (AUDIOTEXT_FIT_SHORT_AUDIO, on by default) is heard in
+# a third to a half of the time. whisper was trained on 30 s windows, yet over 76 voice notes in
+# eight languages base heard as many words right or more (bench/eval_voice_notes.py). whisper.cpp's
+# flash attention pads the window up to a multiple of 256 frames and attends to the padding too,
+# where an earlier call's longer window left its keys: windows of whole multiples of 256 leave no
+# padding, so a context whose window changes from call to call keeps flash attention.
 AUDIO_CTX_MARGIN_FRAMES = 64
+# A fitted window is rounded up to a multiple of this many frames (5.12 s); 1 leaves it as it is.
+AUDIO_CTX_STEP_FRAMES = 256
+WHISPER_WINDOW_FRAMES = 1500  # whisper's whole window: 30 s of 20 ms frames
+# whisper.cpp's flash attention pads the encoder's keys and values to a multiple of this many frames.
+FLASH_ATTN_BLOCK_FRAMES = 256
 
 
 def audio_ctx_for(seconds: float) -> int:
-    """The encoder window, in 20 ms frames, for a clip this long; 0 is whisper's full 30 s."""
-    if seconds > SHORT_AUDIO_SECONDS:
-        return 0
-    return math.ceil(seconds * 50) + AUDIO_CTX_MARGIN_FRAMES
+    """The encoder window, in 20 ms frames, for a clip this long; 0 is whisper's full 30 s (a clip
+    past 24.3 s, whose window would be as long)."""
+    frames = math.ceil(seconds * 50) + AUDIO_CTX_MARGIN_FRAMES
+    window = -(-frames // AUDIO_CTX_STEP_FRAMES) * AUDIO_CTX_STEP_FRAMES
+    return window if window < WHISPER_WINDOW_FRAMES else 0
+
+
+def fitted_windows_allow_flash_attn() -> bool:
+    """Whether a context whose window changes from call to call may run with flash attention: only
+    when every window fills whole blocks, so that no call reads padding another one wrote. (A
+    context that also took whisper's whole window would read, in its 36 frames of padding, what a
+    shorter window left there: fitted contexts get short clips only, see ModelStore.fits_window.)"""
+    return AUDIO_CTX_STEP_FRAMES % FLASH_ATTN_BLOCK_FRAMES == 0
+
+
+# A fitted clip's language is detected over at least this many frames (15.36 s): over a voice
+# note's own window, base took 2 of the 61 evaluation clips it recognised over the whole window
+# for another language; from 768 frames on it recognised the same 61 (bench/eval_voice_notes.md).
+DETECTION_MIN_FRAMES = 768
+
+
+def detection_window_for(seconds: float) -> int:
+    """The encoder window a clip's language is detected over; 0 is whisper's full 30 s."""
+    window = audio_ctx_for(seconds)
+    return max(window, DETECTION_MIN_FRAMES) if window else 0
+
+
+# A fifth of a second of silence: enough for whisper.cpp to take in a call's parameters (see
+# LoadedModel._set_encoder_window), too little to cost anything.
+WINDOW_PRIMER = np.zeros(SAMPLE_RATE // 5, np.float32)
 
 
 # A segment of only a non-speech marker, such as [BLANK_AUDIO] or (wind blowing): whisper's way
@@ -3130,8 +3160,9 @@ class LoadedModel:
         self.lock = threading.Lock()
         self.threads = threads
         # Any: the engine reaches into the binding's context and parameters, which it leaves untyped.
+        flash_attn = not fit_short_audio or fitted_windows_allow_flash_attn()
         self._model: Any = cast(Any, Model(str(path), n_threads=threads, redirect_whispercpp_logs_to=False,
-                                           context_params={"flash_attn": not fit_short_audio}, **BASE_PARAMS))
+                                           context_params={"flash_attn": flash_attn}, **BASE_PARAMS))
         if getattr(self._model, "_ctx", None) is None:
             raise ModelError(f"whisper.cpp could not load {path}")
         import _pywhispercpp as pw
@@ -3165,6 +3196,8 @@ class LoadedModel:
         with self.lock:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
+            if options.language is None and self.multilingual and self.fit_short_audio:
+                self._set_encoder_window(detection_window_for(len(heard) / SAMPLE_RATE), abort)
             if options.language is None and options.languages and self.multilingual:
                 options = dataclasses.replace(options, language=self._likeliest_language(heard, options, abort))
             status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction,
@@ -3204,6 +3237,22 @@ class LoadedModel:
             return first_choice
         probabilities = self._language_probabilities()
         return max(allowed, key=lambda code: probabilities.get(code, 0.0))  # ties: the first listed
+
+    def _set_encoder_window(self, audio_ctx: int, abort: threading.Event) -> None:
+        """whisper.cpp detects the language (whisper_full's own detection, as whisper_lang_auto_detect)
+        with the encoder window the context's previous call left, and takes in a call's audio_ctx only
+        after detecting: a short clip would pay for a pass over the whole 30 s, or over the previous
+        clip's window, to be told its language. A call on a moment of silence takes in the window
+        (detection_window_for) and stops before encoding anything, when whisper.cpp asks whether to
+        begin; the transcription then encodes the clip over its own window."""
+        import _pywhispercpp as pw
+
+        params = dict(BASE_PARAMS, n_threads=self.threads, language="en", audio_ctx=audio_ctx)
+        pw.assign_encoder_begin_callback(self._model._params, lambda *args: False)
+        try:
+            self._run(WINDOW_PRIMER, params, abort, None, SpeechLayout(()), None)
+        finally:
+            pw.assign_encoder_begin_callback(self._model._params, None)
 
     def _language_probabilities(self) -> dict[str, float]:
         """Every language's probability in the first 30 s of the samples the last call left in the
@@ -3421,6 +3470,12 @@ class ModelStore:
     def uses_vad(self, requested: bool | None) -> bool:
         """Whether a transcription runs with VAD: as asked, else the default."""
         return self.vad if requested is None else requested
+
+    def fits_window(self, requested: bool | None, seconds: float) -> bool:
+        """Whether a transcription of this many seconds runs on a context that fits the encoder's
+        window to the clip: as asked, else the default, and only for a clip short enough to be
+        fitted (audio_ctx_for). Longer ones go to the contexts that keep whisper's whole window."""
+        return (self.fit_short_audio if requested is None else requested) and audio_ctx_for(seconds) > 0
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """Map a requested name to (canonical name, file); UnknownModel lists what exists."""
@@ -3850,11 +3905,13 @@ class Engine:
 
     def _window_options(self, run: WindowedRun) -> TranscribeOptions:
         """A window after the first waits for more urgent work, then goes in the language heard first
-        and, where asked, with the last words before it as its prompt."""
+        and, where asked, with the last words before it as its prompt. The short end of a long
+        recording is no voice note: it stays on the contexts with whisper's whole window that the
+        rest ran on (see ModelStore.fits_window)."""
         if not run.parts:
             return run.options
         self._between_windows()
-        options = dataclasses.replace(run.options, language=run.language)
+        options = dataclasses.replace(run.options, language=run.language, fit_short_audio=False)
         if run.options.condition_on_previous_text:
             options = dataclasses.replace(options, prompt=carried_prompt(run.options.prompt, run.parts[-1][1].text))
         return options
@@ -3914,7 +3971,7 @@ class Engine:
         start, samples, _ = window
         if is_silent(samples) or self._beside is None:
             return None
-        options = dataclasses.replace(run.options, language=run.language)
+        options = dataclasses.replace(run.options, language=run.language, fit_short_audio=False)
         abort = EitherEvent(run.abort, run.stop_beside)
         heard: list[tuple[float, float, str]] = []
 
@@ -3961,7 +4018,8 @@ class Engine:
                 path = self.models.resolve(model_name)[1]
                 unheard = nothing_heard(samples, unheard_language(options, is_multilingual_file(path)), options)
                 return unheard, time.monotonic() - started, path.stem
-        with self.models.checkout(model_name, fit_short_audio=options.fit_short_audio) as model:
+        fit = self.models.fits_window(options.fit_short_audio, len(samples) / SAMPLE_RATE)
+        with self.models.checkout(model_name, fit_short_audio=fit) as model:
             check_language(model.name, model.multilingual, options.language)  # the file may have changed
             transcript = model.transcribe(samples, options, abort=abort, speech=speech,
                                           on_segment=segment_done if on_progress or on_segment else None,

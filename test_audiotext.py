@@ -2279,9 +2279,11 @@ def silent_flac(path: Path, seconds: float, *, hide_length: bool = False) -> Pat
 
 @pytest.fixture
 def tiny_daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
-    """A daemon with only tiny.en loaded, warmed up by one transcription: its peak is the baseline."""
+    """A daemon with only tiny.en loaded, warmed up by a voice note and a longer recording (each has
+    contexts of its own, see ModelStore.fits_window): its peak is the baseline."""
     daemon = daemon_factory(AUDIOTEXT_DEFAULT_MODEL="cpu-tiny")
-    assert post_clip(daemon.url, "en.wav", model="cpu-tiny").status_code == 200
+    for clip in ("en.wav", "long_en.webm"):
+        assert post_clip(daemon.url, clip, model="cpu-tiny").status_code == 200
     return daemon
 
 
@@ -2813,8 +2815,8 @@ def test_packed_speech_maps_back_to_the_samples_it_came_from() -> None:
 
 
 def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> None:
-    assert (audiotext.audio_ctx_for(3.6), audiotext.audio_ctx_for(20.0)) == (180 + 64, 1000 + 64)
-    assert audiotext.audio_ctx_for(20.1) == 0  # whisper's whole 30 s window
+    # The clip's frames and 64 more, rounded up to 256 frames (5.12 s); a clip past 24.3 s gets whisper's whole 30 s
+    assert [audiotext.audio_ctx_for(s) for s in (3.6, 3.9, 20.0, 24.3, 24.4)] == [256, 512, 1280, 1280, 0]
     model = audiotext.LoadedModel("cpu-tiny", models_dir / "ggml-tiny.en.bin", 2, fit_short_audio=True)
     audio = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
     result = model.transcribe(audio, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
@@ -2826,6 +2828,35 @@ def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> Non
         model.transcribe(other, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
     again = model.transcribe(audio, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
     assert again.text == result.text
+
+
+def test_a_short_clip_s_language_is_detected_the_same_whatever_came_before(models_dir: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """whisper.cpp detects with the window its previous call left: after a long recording, a pass
+    over the whole 30 s. A fitted clip's detection runs over its detection window whatever came
+    before: the probability whisper.cpp logs for its choice is the same in a new context, after a
+    long recording and after another short clip, and it is not the whole window's."""
+    greeting = audiotext.decode_audio(CLIPS / "ca_greeting.wav", max_seconds=60)  # es 0.46 over 30 s
+
+    def detected(model: audiotext.LoadedModel, before: str | None = None) -> tuple[str, float]:
+        if before is not None:
+            clip = audiotext.decode_audio(CLIPS / before, max_seconds=120)
+            model.transcribe(clip, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="audiotext.whisper"):
+            result = model.transcribe(greeting, audiotext.TranscribeOptions(), abort=threading.Event())
+        logged = re.findall(r"auto-detected language: (\w+) \(p = ([0-9.]+)\)", caplog.text)
+        assert len(logged) == 1 and logged[0][0] == result.language, caplog.text
+        return result.language, float(logged[0][1])
+
+    fitted = audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2, fit_short_audio=True)
+    first = detected(fitted)
+    assert audiotext.audio_ctx_for(180.0) == 0 and audiotext.audio_ctx_for(3.6) > 0
+    for before in ("long_en.webm", "en.wav"):  # whisper's whole window, then another fitted one
+        language, probability = detected(fitted, before)
+        assert language == first[0] and probability == pytest.approx(first[1], abs=1e-3), before
+    whole = detected(audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2))
+    assert abs(whole[1] - first[1]) > 0.01, (whole, first)
 
 
 def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:
@@ -6233,6 +6264,48 @@ def test_catalan_with_cpu_lite_over_http(daemon: Daemon) -> None:
     body = response.json()
     assert_heard(body["text"], CA_WORDS)
     assert body["language"] == "catalan" and body["task"] == "transcribe"
+
+
+# testdata/voice_*.webm: voice notes of bench/eval_voice_notes.py, each its voice and message
+# (testdata/make_clips.sh): (language, what it says).
+VOICE_NOTES = {
+    "voice_en.webm": ("en", "The package arrived this morning, but the box was damaged and one of the cups is broken."),
+    "voice_de.webm": ("de", "Das Paket ist heute Morgen angekommen, aber der Karton war beschädigt und eine Tasse ist "
+                            "zerbrochen."),
+    "voice_fr.webm": ("fr", "Je suis un peu en retard, alors commencez la réunion sans moi."),
+    "voice_it.webm": ("it", "Sono un po' in ritardo, quindi iniziate la riunione senza di me."),
+    "voice_pt.webm": ("pt", "Estou um pouco atrasado, por isso comecem a reunião sem mim."),  # 0.36 over 30 s
+}
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    ref, hyp = normalized(reference).split(), normalized(hypothesis).split()
+    previous = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        current = [i] + [0] * len(hyp)
+        for j, heard in enumerate(hyp, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != heard))
+        previous = current
+    return previous[-1] / max(1, len(ref))
+
+
+@pytest.mark.parametrize("clip", sorted(VOICE_NOTES))
+def test_a_voice_note_is_heard_in_its_language_by_a_daemon_as_it_comes(daemon: Daemon, clip: str) -> None:
+    """Its encoder window fitted to it (AUDIOTEXT_FIT_SHORT_AUDIO's default), no language given."""
+    assert audiotext.Settings().fit_short_audio
+    language, spoken = VOICE_NOTES[clip]
+    response = post_clip(daemon.url, clip, response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["language"] == audiotext.LANGUAGE_NAMES[language], body
+    assert word_error_rate(spoken, body["text"]) <= 0.25, body["text"]
+
+
+@pytest.mark.parametrize("clip", ["silence.wav", "noise.webm"])
+def test_silence_and_noise_give_no_text_by_a_daemon_as_it_comes(daemon: Daemon, clip: str) -> None:
+    response = post_clip(daemon.url, clip, response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    assert (response.json()["text"], response.json()["segments"]) == ("", [])
 
 
 def documented_example(page: str, language: str) -> str:

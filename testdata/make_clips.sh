@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the test audio clips with espeak-ng, festival (festvox-ca-ona-hts) and ffmpeg.
+# Regenerates the test audio clips with espeak-ng, festival (festvox-ca-ona-hts, festvox-us-slt-hts, festvox-itapc16k),
+# MBROLA's voices for espeak-ng (mbrola-de2, mbrola-fr4, mbrola-br3: Debian's contrib and non-free),
+# sox and ffmpeg.
 # Usage: ./make_clips.sh [output-dir]   (default: this folder)
 set -euo pipefail
 
@@ -85,5 +87,29 @@ for i in "${!PAUSE_TEXTS[@]}"; do
 done
 sox "${parts[@]}" "$TMP/pauses.wav"
 "${FF[@]}" -i "$TMP/pauses.wav" -c:a flac -compression_level 8 "${BX[@]}" "$OUT/pauses.flac"
+
+# Pink noise, as a pocket or a street gives, with nobody speaking: seeded, the same every time.
+"${FF[@]}" -f lavfi -i "anoisesrc=r=16000:c=pink:a=0.05:seed=7" -t 3 -c:a libopus -b:a 16k -application voip \
+  "${BX[@]}" "$OUT/noise.webm"
+
+# Voice notes, each a voice and a message of bench/eval_voice_notes.py: the encoder window a short
+# clip gets is tested on them. Half a second of silence after each, as a phone's recording ends.
+voice_note() {  # name, engine (espeak voice or festival voice), message
+  if [[ $2 == festival:* ]]; then
+    printf '%s\n' "$3" | iconv -f utf-8 -t iso-8859-1 > "$TMP/$1.txt"
+    text2wave -eval "(voice_${2#festival:})" "$TMP/$1.txt" -o "$TMP/$1.raw.wav"
+  else
+    espeak-ng -v "${2%%:*}" -s "${2#*:}" -w "$TMP/$1.raw.wav" "$3"
+  fi
+  "${FF[@]}" -i "$TMP/$1.raw.wav" -af "apad=pad_dur=0.5" -ac 1 -ar 16000 -c:a libopus -b:a 24k -application voip \
+    "${BX[@]}" "$OUT/$1.webm"
+}
+voice_note voice_en festival:cmu_us_slt_arctic_hts \
+  "The package arrived this morning, but the box was damaged and one of the cups is broken."
+voice_note voice_de mb-de2:150 \
+  "Das Paket ist heute Morgen angekommen, aber der Karton war beschädigt und eine Tasse ist zerbrochen."
+voice_note voice_fr mb-fr4:140 "Je suis un peu en retard, alors commencez la réunion sans moi."
+voice_note voice_it festival:pc_diphone "Sono un po' in ritardo, quindi iniziate la riunione senza di me."
+voice_note voice_pt mb-br3:150 "Estou um pouco atrasado, por isso comecem a reunião sem mim."
 
 ls -l "$OUT"
