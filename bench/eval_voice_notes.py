@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_peers import cpu_model, normalise, source_state, wer  # noqa: E402
+from bench_peers import cpu_model, normalise, read_wav, source_state, wer, write_wav  # noqa: E402
 
 SR = 16000
 MODEL = "cpu-lite"
@@ -207,23 +207,6 @@ class Clip:
 
 
 # -- clips -------------------------------------------------------------------------------------------
-
-
-def read_wav(path: Path) -> array.array[int]:
-    with wave.open(str(path)) as w:
-        if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (SR, 1, 2):
-            raise ValueError(f"{path}: want {SR} Hz mono s16")
-        samples = array.array("h")
-        samples.frombytes(w.readframes(w.getnframes()))
-    return samples
-
-
-def write_wav(path: Path, samples: array.array[int]) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(samples.tobytes())
 
 
 def to_16k(source: Path, dest: Path) -> None:
