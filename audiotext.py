@@ -195,6 +195,13 @@ def _whole(text: str) -> int:
     return value
 
 
+def _speaker_count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 26:  # speakers are named A to Z (see Speakers)
+        raise ValueError(f"must be 0 (found from the voices) to 26, got {value}")
+    return value
+
+
 # A window ends at a pause found in its last 15 s (WINDOW_CUT_SEARCH_SECONDS); shorter windows
 # would be mostly search.
 MIN_WINDOW_SECONDS = 30.0
@@ -340,6 +347,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "AUDIOTEXT_WORKERS", "--workers", _positive_int, "transcriptions run at once"),
     Setting("vad", "AUDIOTEXT_VAD", "--vad", _flag,
             "skip silence and noise with Silero's voice activity detector; a request's vad=false wins"),
+    Setting("speakers", "AUDIOTEXT_SPEAKERS", "--speakers", _speaker_count,
+            "how many people speak in a diarized recording, when always the same; 0: told apart by "
+            "their voices (a request's speaker_count wins)"),
     Setting("languages", "AUDIOTEXT_LANGUAGES", "--languages", _comma_list,
             "the languages recordings may be in, e.g. ca,en: detection picks the likeliest of them "
             "(default: any the model knows); a request's languages[] or language wins"),
@@ -440,6 +450,7 @@ class Settings:
     instance: str = ""
     workers: int = 1
     vad: bool = True
+    speakers: int = 0
     languages: tuple[str, ...] = ()
     fit_short_audio: bool = True
     condition_on_previous_text: bool = False
@@ -2479,7 +2490,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 # OpenAI's transcription model names: a client written for any of them gets the default model,
 # unless AUDIOTEXT_MODEL_ALIASES maps it elsewhere.
-OPENAI_MODEL_NAMES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+OPENAI_MODEL_NAMES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize")
 
 # whisper's language codes and the English names OpenAI reports in verbose_json.
 LANGUAGE_NAMES: dict[str, str] = dict(pair.split(":") for pair in (
@@ -4790,12 +4801,18 @@ class JobSpec:
     vad_tuning: dict[str, float] = field(default_factory=dict)
     webhook_url: str | None = None  # where its end is posted, instead of AUDIOTEXT_WEBHOOK_URL
     languages: tuple[str, ...] | None = None  # None: the daemon's AUDIOTEXT_LANGUAGES when the job runs
+    diarize: bool = False  # who says what (see Speakers)
+    speaker_count: int | None = None
+    # Known speakers' reference clips by name, base64 (each within a form field's 64 KiB).
+    speaker_references: dict[str, str] = field(default_factory=dict)
 
     def options(self) -> TranscribeOptions:
+        speakers = SpeakerOptions(self.speaker_count, tuple((name, base64.b64decode(data)) for name, data
+                                                            in self.speaker_references.items()))
         return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
                                  translate=self.task == "translate", word_timestamps=self.word_timestamps,
                                  vad=self.vad, vad_tuning=tuple(sorted(self.vad_tuning.items())),
-                                 languages=self.languages)
+                                 languages=self.languages, speakers=speakers if self.diarize else None)
 
 
 @dataclass
@@ -4861,6 +4878,7 @@ class Job:
         spec["granularities"] = list(self.spec.granularities)
         spec["vad_tuning"] = dict(self.spec.vad_tuning)
         spec["languages"] = None if self.spec.languages is None else list(self.spec.languages)
+        spec["speaker_references"] = dict(self.spec.speaker_references)
         return {name: getattr(self, name) for name in _RECORD_FIELDS} | {"spec": spec}
 
 
@@ -4877,11 +4895,13 @@ _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "task": (str,), "language": _OPTIONAL_STR, "prompt": _OPTIONAL_STR,
     "temperature": _NUMBER, "word_timestamps": (bool,), "response_format": (str,), "granularities": (list,),
     "vad": (bool, type(None)), "vad_tuning": (dict,), "webhook_url": _OPTIONAL_STR,
-    "languages": (list, type(None)),
+    "languages": (list, type(None)), "diarize": (bool,), "speaker_count": (int, type(None)),
+    "speaker_references": (dict,),
 }
 _WEBHOOK_FIELDS: dict[str, tuple[type, ...]] = {"url": (str,), "id": (str,), "body": (str,), "created_at": _NUMBER}
 # Fields added since schema 1 began, with the value a record written before them means.
-_SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}, "webhook_url": None, "languages": None}
+_SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}, "webhook_url": None, "languages": None,
+                               "diarize": False, "speaker_count": None, "speaker_references": {}}
 _RECORD_ADDED: dict[str, Any] = {"skipped_audio_seconds": 0.0, "webhook": None}
 
 
@@ -4920,6 +4940,8 @@ def job_from_record(data: Any) -> Job:
         raise CorruptRecord(f"job {job_id} has malformed languages")
     if data["webhook"] is not None:
         _check_fields(data["webhook"], _WEBHOOK_FIELDS, f"job {job_id}'s webhook")
+    if not all(isinstance(v, str) for v in data["spec"]["speaker_references"].values()):
+        raise CorruptRecord(f"job {job_id} has malformed speaker_references")
     spec = JobSpec(**{name: data["spec"][name] for name in _SPEC_FIELDS}
                    | {"granularities": tuple(map(str, data["spec"]["granularities"])),
                       "languages": None if languages is None else tuple(languages)})
@@ -7902,8 +7924,8 @@ def as_api_error(exc: BaseException) -> APIError:
                     headers=headers)
 
 
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-STREAM_FORMATS = ("json", "text")  # as OpenAI: subtitles and verbose_json come whole
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
+STREAM_FORMATS = ("json", "text", "diarized_json")  # as OpenAI: subtitles and verbose_json come whole
 GRANULARITIES = ("segment", "word")
 
 
@@ -8086,15 +8108,73 @@ def _parse_stream(form: Form, response_format: str) -> bool:
     except ValueError:
         raise InvalidRequest(f"stream must be true or false, got '{value}'", param="stream") from None
     if stream and response_format not in STREAM_FORMATS:
-        raise InvalidRequest(f"stream=true needs response_format json or text, not '{response_format}'",
+        raise InvalidRequest(f"stream=true needs response_format json, text or diarized_json, not "
+                             f"'{response_format}'",
                              param="stream")
     return stream
 
 
-def parse_transcription_request(form: Form, *, translate: bool) -> TranscriptionRequest:
+def _form_list(form: Form, name: str) -> list[str]:
+    """A list field as the SDKs send it (`name[]`, repeated), or under its bare name."""
+    return [v.strip() for v in form.fields.get(f"{name}[]", []) + form.fields.get(name, []) if v.strip()]
+
+
+DATA_URL = re.compile(r"data:(?:audio|video|application)/[A-Za-z0-9.+-]+(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL)
+
+
+def _parse_references(form: Form) -> tuple[tuple[str, bytes], ...]:
+    """known_speaker_names[] and known_speaker_references[] (data URLs), as OpenAI takes them."""
+    names, references = _form_list(form, "known_speaker_names"), _form_list(form, "known_speaker_references")
+    if len(names) != len(references):
+        raise InvalidRequest(f"known_speaker_names[] has {len(names)} name(s) and known_speaker_references[] "
+                             f"{len(references)}: give one reference per name", param="known_speaker_names[]")
+    if len(names) > MAX_KNOWN_SPEAKERS:
+        raise InvalidRequest(f"at most {MAX_KNOWN_SPEAKERS} known speakers, got {len(names)}",
+                             param="known_speaker_names[]")
+    if len(set(names)) != len(names) or any(len(name) > 64 for name in names):
+        raise InvalidRequest("known_speaker_names[] must be distinct names of at most 64 characters",
+                             param="known_speaker_names[]")
+    pairs = []
+    for name, url in zip(names, references):
+        match = DATA_URL.fullmatch(url)
+        try:
+            data = base64.b64decode(match["data"], validate=True) if match else b""
+        except ValueError:
+            data = b""
+        if not data:
+            raise InvalidRequest(f"the reference for '{name}' must be a base64 data URL of audio, such as "
+                                 "data:audio/wav;base64,...", param="known_speaker_references[]")
+        pairs.append((name, data))
+    return tuple(pairs)
+
+
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"  # OpenAI's diarizing model: the default model, diarizing
+
+
+def _parse_speakers(form: Form, response_format: str, *, translate: bool,
+                    default_count: int | None) -> SpeakerOptions | None:
+    """Whether to diarize (response_format=diarized_json, or model=gpt-4o-transcribe-diarize), the
+    speaker_count (1 to MAX_SPEAKERS) and the known speakers; None when not diarizing."""
+    references = _parse_references(form)
+    raw_count = _field_text(form, "speaker_count")
+    if response_format != "diarized_json" and _field_text(form, "model") != DIARIZE_MODEL:
+        if references or raw_count is not None:
+            raise InvalidRequest("known speakers and speaker_count need response_format=diarized_json",
+                                 param="known_speaker_names[]" if references else "speaker_count")
+        return None
+    if translate:
+        raise InvalidRequest("translations are not diarized; ask /v1/audio/transcriptions", param="response_format")
+    if raw_count is not None and not (raw_count.isdigit() and 1 <= int(raw_count) <= MAX_SPEAKERS):
+        raise InvalidRequest(f"speaker_count must be a whole number from 1 to {MAX_SPEAKERS}; got '{raw_count}'",
+                             param="speaker_count")
+    return SpeakerOptions(int(raw_count) if raw_count is not None else default_count, references)
+
+
+def parse_transcription_request(form: Form, *, translate: bool, speaker_count: int | None = None) -> TranscriptionRequest:
     """The one place request fields become engine options; a bad value is a 400 naming the field."""
     response_format = _parse_choice(_field_text(form, "response_format"), RESPONSE_FORMATS,
                                     param="response_format", default="json")
+    speakers = _parse_speakers(form, response_format, translate=translate, default_count=speaker_count)
     raw_granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get(
         "timestamp_granularities", [])
     granularities = frozenset(
@@ -8111,9 +8191,9 @@ def parse_transcription_request(form: Form, *, translate: bool) -> Transcription
         language=_parse_language(_field_text(form, "language")), languages=_parse_languages(form),
         prompt=prompt if prompt else None,
         temperature=_parse_temperature(_field_text(form, "temperature")), translate=translate,
-        # Lines cut at words want each word's time.
-        word_timestamps="word" in granularities or layout != LineLayout(), vad=vad, vad_tuning=vad_tuning,
-        logprobs=logprobs)
+        # Lines cut at words want each word's time, and so does telling who says each word.
+        word_timestamps="word" in granularities or layout != LineLayout() or speakers is not None, vad=vad,
+        vad_tuning=vad_tuning, logprobs=logprobs, speakers=speakers)
     return TranscriptionRequest(_field_text(form, "model"), options, response_format,
                                 granularities or frozenset({"segment"}), _parse_stream(form, response_format), layout)
 
@@ -8179,15 +8259,39 @@ def _wrap(words: list[Word], width: int) -> list[list[Word]]:
     return lines
 
 
+def speaker_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> list[tuple[Cue, str | None]]:
+    """The cues with who speaks in each: a diarized transcript's cues are cut within each turn."""
+    if transcript.speaker_turns is None:
+        return [(cue, None) for cue in subtitle_cues(transcript, layout)]
+    starts = [w.start for w in transcript.words]
+    cues: list[tuple[Cue, str | None]] = []
+    for turn in transcript.speaker_turns:
+        own = transcript.words[bisect.bisect_left(starts, turn.start):bisect.bisect_left(starts, turn.end)]
+        if layout == LineLayout() or not own:
+            cues.append(((turn.start, turn.end, turn.text), turn.speaker))
+            continue
+        alone = Transcript(text=turn.text, language=transcript.language, duration=transcript.duration,
+                           segments=[Segment(0, turn.start, turn.end, turn.text, [], 0.0)], words=own)
+        cues.extend((cue, turn.speaker) for cue in subtitle_cues(alone, layout))
+    return cues
+
+
 def to_srt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
-    blocks = [f"{n}\n{_timestamp(start, sep=',')} --> {_timestamp(end, sep=',')}\n{text}\n"
-              for n, (start, end, text) in enumerate(subtitle_cues(transcript, layout), start=1)]
+    blocks = [f"{n}\n{_timestamp(start, sep=',')} --> {_timestamp(end, sep=',')}\n"
+              f"{f'[{speaker}] ' if speaker else ''}{text}\n"
+              for n, ((start, end, text), speaker) in enumerate(speaker_cues(transcript, layout), start=1)]
     return "\n".join(blocks)
 
 
+def _vtt_voice(speaker: str) -> str:
+    """A speaker as a WebVTT voice span's annotation, which may hold neither '>' nor a line break."""
+    return re.sub(r"[>\r\n&<]", " ", speaker)
+
+
 def to_vtt(transcript: Transcript, layout: LineLayout = LineLayout()) -> str:
-    blocks = [f"{_timestamp(start, sep='.')} --> {_timestamp(end, sep='.')}\n{text}\n"
-              for start, end, text in subtitle_cues(transcript, layout)]
+    blocks = [f"{_timestamp(start, sep='.')} --> {_timestamp(end, sep='.')}\n"
+              f"{f'<v {_vtt_voice(speaker)}>' if speaker else ''}{text}\n"
+              for (start, end, text), speaker in speaker_cues(transcript, layout)]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
@@ -8205,9 +8309,33 @@ def to_verbose_json(transcript: Transcript, granularities: frozenset[str]) -> di
         "usage": usage(transcript),
     }
     if "segment" in granularities:
-        body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
+        body["segments"] = [_with_speaker(dataclasses.asdict(s)) for s in transcript.segments]
     if "word" in granularities:
-        body["words"] = [dataclasses.asdict(w) for w in transcript.words]
+        body["words"] = [_with_speaker(dataclasses.asdict(w)) for w in transcript.words]
+    if transcript.skipped_audio_seconds:
+        body["skipped_audio_seconds"] = transcript.skipped_audio_seconds
+    return body
+
+
+def _with_speaker(item: dict[str, Any]) -> dict[str, Any]:
+    """A segment or word as verbose_json shows it: its speaker only when diarization ran."""
+    if item.get("speaker") is None:
+        item.pop("speaker", None)
+    return item
+
+
+def turn_object(turn: SpeakerTurn) -> dict[str, Any]:
+    """A diarized segment, as OpenAI's diarized_json and its transcript.text.segment event show it."""
+    return {"type": "transcript.text.segment", "id": turn.id, "start": turn.start, "end": turn.end,
+            "speaker": turn.speaker, "text": turn.text}
+
+
+def to_diarized_json(transcript: Transcript) -> dict[str, Any]:
+    if transcript.speaker_turns is None:
+        raise InvalidRequest("this transcript was made without diarization: ask for response_format=diarized_json "
+                             "when sending the audio", param="response_format")
+    body: dict[str, Any] = {"task": "transcribe", "duration": transcript.duration, "text": transcript.text,
+                            "segments": [turn_object(t) for t in transcript.speaker_turns], "usage": usage(transcript)}
     if transcript.skipped_audio_seconds:
         body["skipped_audio_seconds"] = transcript.skipped_audio_seconds
     return body
@@ -8248,6 +8376,8 @@ def _render_body(transcript: Transcript, response_format: str, granularities: fr
         return Response(to_vtt(transcript, layout), media_type="text/vtt")
     if response_format == "verbose_json":
         return JSONResponse(to_verbose_json(transcript, granularities))
+    if response_format == "diarized_json":
+        return JSONResponse(to_diarized_json(transcript))
     body: dict[str, Any] = {"text": transcript.text, "usage": usage(transcript)}
     if transcript.logprobs is not None:
         body["logprobs"] = transcript.logprobs
@@ -8383,10 +8513,12 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
                                                                               UploadedFile, str]:
     """Everything about an upload that can be refused before any decoding or queueing:
     the fields, the file's presence, the model, and a language the model can handle."""
-    parsed = parse_transcription_request(form, translate=translate)
+    parsed = parse_transcription_request(form, translate=translate, speaker_count=state.settings.speakers or None)
     upload = form.files.get("file")
     if upload is None:
         raise InvalidRequest("the 'file' form field is required", param="file")
+    if parsed.options.speakers is not None:
+        require_diarization(state.models.models_dir)
     model = state.models.check_request(parsed.model, parsed.options.language, parsed.options.languages)
     return parsed, upload, model
 
@@ -8445,6 +8577,8 @@ def stream_transcription(request: Request, state: AppState, form: Form, parsed: 
                 yield _sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text})
                 first = False
             transcript: Transcript = outcome.result()
+            for turn in transcript.speaker_turns or ():
+                yield _sse(turn_object(turn))
             done: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text, "usage": usage(transcript)}
             if transcript.logprobs is not None:
                 done["logprobs"] = transcript.logprobs
@@ -8693,7 +8827,10 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
                    response_format=parsed.response_format, granularities=tuple(sorted(parsed.granularities)),
                    vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url,
-                   languages=options.languages)
+                   languages=options.languages, diarize=options.speakers is not None,
+                   speaker_count=options.speakers.count if options.speakers else None,
+                   speaker_references={name: base64.b64encode(data).decode("ascii") for name, data
+                                       in (options.speakers.references if options.speakers else ())})
     # Several fsyncs happen before the job exists; they must not stall the event loop either.
     return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
 

@@ -2948,6 +2948,137 @@ def test_detection_among_languages_leaves_the_daemon_answering(daemon_factory: C
 
 
 # ---------------------------------------------------------------------------------------------
+# Speakers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def speaker_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's whisper models beside the speaker model `models import-diarization` fetches."""
+    directory = tmp_path_factory.mktemp("speaker-models")
+    for model in models_dir.glob("*.bin"):
+        (directory / model.name).symlink_to(model)
+    assert audiotext.main(["models", "import-diarization", "--models-dir", str(directory)]) == 0
+    return directory
+
+
+@pytest.fixture(scope="module")
+def diarizer(tmp_path_factory: pytest.TempPathFactory, speaker_models: Path) -> Iterator[Daemon]:
+    shared = start_daemon(tmp_path_factory.mktemp("diarizer"), speaker_models)
+    yield shared
+    assert shared.stop() == 0, shared.log()
+    assert not shared.problems_since_checked(), shared.log()
+
+
+def diarize(daemon: Daemon, clip: str, **fields: Any) -> httpx.Response:
+    with open(CLIPS / clip, "rb") as f:
+        return httpx.post(daemon.url + "/v1/audio/transcriptions", headers=AUTH, timeout=300,
+                          files={"file": (clip, f)}, data={"model": "cpu-tiny", **fields})
+
+
+def truth_speaker(turns: list[dict[str, Any]], at: float) -> str:
+    """Who the dialogue's truth says speaks at a time: the turn around it, else the nearest one."""
+    return min(turns, key=lambda t: 0 if t["start"] <= at <= t["end"] else min(abs(at - t["start"]),
+                                                                            abs(at - t["end"])))["speaker"]
+
+
+def word_attribution(words: list[dict[str, Any]], turns: list[dict[str, Any]]) -> float:
+    """The share of words given to the right speaker, under the best mapping of labels to voices."""
+    pairs = [(w["speaker"], truth_speaker(turns, (w["start"] + w["end"]) / 2)) for w in words]
+    labels, voices = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
+    best = 0
+    for chosen in itertools.permutations(voices, min(len(labels), len(voices))):
+        mapping = dict(zip(labels, chosen))
+        best = max(best, sum(mapping.get(label) == voice for label, voice in pairs))
+    return best / len(pairs)
+
+
+@pytest.mark.parametrize("clip", ["dialogue_2", "dialogue_3"])
+def test_a_dialogue_s_words_go_to_who_said_them(diarizer: Daemon, clip: str) -> None:
+    turns = json.loads((CLIPS / f"{clip}.json").read_text())["turns"]
+    response = diarize(diarizer, f"{clip}.webm", model="gpt-4o-transcribe-diarize", response_format="verbose_json",
+                       **{"timestamp_granularities[]": "word"})
+    assert response.status_code == 200, response.text
+    words = response.json()["words"]
+    assert len(words) >= 0.8 * sum(len(t["text"].split()) for t in turns), words
+    assert {w["speaker"] for w in words} == {audiotext.speaker_label(i) for i in range(len({t["speaker"] for t in turns}))}
+    assert word_attribution(words, turns) >= 0.9, words
+
+
+def test_the_sdk_reads_diarized_json_and_its_stream(diarizer: Daemon) -> None:
+    from openai.types.audio import TranscriptionDiarized
+
+    client = openai.OpenAI(base_url=diarizer.url + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
+    with open(CLIPS / "dialogue_2.webm", "rb") as f:
+        answer = client.audio.transcriptions.create(file=f, model="gpt-4o-transcribe-diarize",
+                                                    response_format="diarized_json")
+    assert isinstance(answer, TranscriptionDiarized), answer
+    assert answer.task == "transcribe" and answer.usage is not None and answer.usage.type == "duration"
+    assert {s.speaker for s in answer.segments} == {"A", "B"}
+    assert all(s.type == "transcript.text.segment" and s.start <= s.end and s.text for s in answer.segments)
+    assert " ".join(s.text for s in answer.segments).split() == answer.text.split()
+    with open(CLIPS / "dialogue_2.webm", "rb") as f:
+        events = list(client.audio.transcriptions.create(file=f, model="gpt-4o-transcribe-diarize",
+                                                         response_format="diarized_json", stream=True))
+    segments = [e for e in events if e.type == "transcript.text.segment"]
+    assert [(s.speaker, s.text) for s in segments] == [(s.speaker, s.text) for s in answer.segments]
+    assert events[-1].type == "transcript.text.done" and events[-1].text == answer.text
+
+
+def test_known_speakers_are_named(diarizer: Daemon) -> None:
+    turns = json.loads((CLIPS / "dialogue_2.json").read_text())["turns"]
+    references = [f"data:audio/webm;base64,{base64.b64encode((CLIPS / f'ref_{voice}.webm').read_bytes()).decode()}"
+                  for voice in ("festival", "espeak")]
+    response = diarize(diarizer, "dialogue_2.webm", response_format="diarized_json",
+                       **{"known_speaker_names[]": ["Beth", "Adam"], "known_speaker_references[]": references})
+    assert response.status_code == 200, response.text
+    segments = response.json()["segments"]
+    named = [(s["speaker"], truth_speaker(turns, (s["start"] + s["end"]) / 2)) for s in segments]
+    assert {speaker for speaker, _ in named} == {"Adam", "Beth"}
+    assert sum(n == ("Adam", "espeak") or n == ("Beth", "festival") for n in named) >= 0.9 * len(named), named
+
+
+def test_one_voice_is_one_speaker_and_silence_no_one(diarizer: Daemon) -> None:
+    one = diarize(diarizer, "one_voice.webm", response_format="diarized_json")
+    assert one.status_code == 200, one.text
+    assert {s["speaker"] for s in one.json()["segments"]} == {"A"}
+    silence = diarize(diarizer, "silence.wav", response_format="diarized_json")
+    assert silence.status_code == 200, silence.text
+    assert silence.json()["segments"] == [] and silence.json()["text"] == ""
+
+
+def test_a_diarized_job_keeps_its_speakers_across_a_restart(daemon_factory: Callable[..., Daemon],
+                                                           speaker_models: Path, tmp_path: Path) -> None:
+    first = daemon_factory(tmp_path / "state", models=speaker_models)
+    with httpx.Client(base_url=first.url, timeout=60) as client:
+        job = submit_job(client, "dialogue_3.webm", response_format="diarized_json", speaker_count="3")
+        assert wait_for_job(client, job["id"], timeout=300)["status"] == "succeeded"
+        before = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH).json()
+    assert first.stop() == 0
+    second = daemon_factory(tmp_path / "state", models=speaker_models)
+    with httpx.Client(base_url=second.url, timeout=60) as client:
+        after = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH, params={"response_format": "diarized_json"})
+        assert after.status_code == 200 and after.json() == before
+        assert {s["speaker"] for s in before["segments"]} == {"A", "B", "C"}
+        vtt = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH, params={"response_format": "vtt"}).text
+        srt = client.get(f"{JOBS}/{job['id']}/result", headers=AUTH, params={"response_format": "srt"}).text
+        for turn in before["segments"]:
+            assert f"<v {turn['speaker']}>{turn['text']}" in vtt and f"[{turn['speaker']}] {turn['text']}" in srt
+
+
+def test_diarization_without_its_extra_is_a_clear_400(make_client: Callable[..., TestClient],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "scipy.cluster.hierarchy", None)  # as if SciPy were not installed
+    client = make_client()
+    with open(CLIPS / "en.webm", "rb") as f:
+        response = client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("en.webm", f)},
+                               data={"model": "cpu-tiny", "response_format": "diarized_json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "response_format" and "pip install 'audiotext[diarize]'" in error["message"], error
+
+
+# ---------------------------------------------------------------------------------------------
 # Model store
 # ---------------------------------------------------------------------------------------------
 
