@@ -2937,7 +2937,7 @@ SPEAKER_HOP = 160  # 10 ms
 SPEAKER_WINDOW = int(3.0 * SAMPLE_RATE)
 SPEAKER_STEP = int(1.5 * SAMPLE_RATE)
 SPEAKER_MIN_STRETCH = int(0.3 * SAMPLE_RATE)  # too short to tell a voice by
-SPEAKER_BATCH = 64  # windows run through the LSTM together
+SPEAKER_BATCH = 32  # windows run through the LSTM together: 40 MiB of gate values for 3 s windows
 SPEAKER_CLUSTER_PRINTS = 1000  # clustered at most; a 1000 x 1000 distance matrix is 4 MB
 # Cosine distance at which two groups of voiceprints are different people (average linkage):
 # between the 0.1-0.3 of one voice and the 0.45-0.7 of two clearly different ones, measured
@@ -3104,7 +3104,8 @@ class SpeakerEncoder:
         x = mels
         h = np.zeros((len(mels), SPEAKER_WIDTH), np.float32)
         for w_in, w_hidden, bias in self.layers:
-            inputs = x @ w_in + bias
+            inputs = x @ w_in
+            inputs += bias  # in place: the largest array here, (windows, frames, 1024)
             h = np.zeros((len(mels), SPEAKER_WIDTH), np.float32)
             c = np.zeros_like(h)
             outputs = np.empty((len(mels), mels.shape[1], SPEAKER_WIDTH), np.float32)
@@ -3145,7 +3146,9 @@ def speaker_windows(stretches: Iterable[tuple[int, int]]) -> list[tuple[int, int
 
 
 class VoiceprintBatches:
-    """Windows' voiceprints, computed a batch of equally long windows at a time."""
+    """Windows' voiceprints, computed a batch of equally long windows at a time. Windows wait for
+    others of their length until SPEAKER_BATCH wait in all: then every length runs, so that
+    memory never holds more than a batch of windows however varied their lengths."""
 
     def __init__(self, encoder: SpeakerEncoder, count: int) -> None:
         self.encoder = encoder
@@ -3154,10 +3157,9 @@ class VoiceprintBatches:
 
     def add(self, index: int, samples: np.ndarray) -> None:
         mels = speaker_mels(samples)
-        group = self._pending.setdefault(len(mels), [])
-        group.append((index, mels))
-        if len(group) >= SPEAKER_BATCH:
-            self._run(len(mels))
+        self._pending.setdefault(len(mels), []).append((index, mels))
+        if sum(map(len, self._pending.values())) >= SPEAKER_BATCH:
+            self.finish()
 
     def finish(self) -> np.ndarray:
         for frames in list(self._pending):
