@@ -6038,6 +6038,32 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
 # ---------------------------------------------------------------------------------------------
 
 
+def test_bad_diarization_fields_are_400s_naming_them(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    reference = "data:audio/webm;base64," + base64.b64encode((CLIPS / "ref_espeak.webm").read_bytes()).decode()
+    diarized = {"response_format": "diarized_json"}
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({**diarized, "speaker_count": "0"}, "speaker_count must be a whole number from 1 to 26; got '0'",
+         "speaker_count"),
+        ({**diarized, "known_speaker_names[]": ["Ann", "Bob"], "known_speaker_references[]": [reference]},
+         "known_speaker_names[] has 2 name(s) and known_speaker_references[] 1: give one reference per name",
+         "known_speaker_names[]"),
+        ({**diarized, "known_speaker_names[]": list("ABCDE"), "known_speaker_references[]": [reference] * 5},
+         "at most 4 known speakers, got 5", "known_speaker_names[]"),
+        ({**diarized, "known_speaker_names[]": ["Ann"], "known_speaker_references[]": ["https://example.com/a.wav"]},
+         "the reference for 'Ann' must be a base64 data URL of audio, such as data:audio/wav;base64,...",
+         "known_speaker_references[]"),
+        ({"speaker_count": "2"}, "known speakers and speaker_count need response_format=diarized_json",
+         "speaker_count"),
+        (diarized, "speaker diarization needs its model in the models dir (speakers-ge2e.npz): run "
+                   "`audiotext models import-diarization`", "response_format"),
+    ]
+    for fields, message, param in cases:
+        assert_error(post_clip(client, model="cpu-tiny", **fields), 400, message, param=param)
+    translated = post_clip(client, path="/v1/audio/translations", model="cpu-tiny", **diarized)
+    assert_error(translated, 400, "translations are not diarized; ask /v1/audio/transcriptions", param="response_format")
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"include[]": "entropy"}, "include[] may hold logprobs; got 'entropy'"),
     ({"include[]": "logprobs", "response_format": "srt"}, "include[]=logprobs needs response_format json, not 'srt'"),
