@@ -3192,15 +3192,16 @@ def window_voiceprints(chunks: Iterable[np.ndarray], windows: list[tuple[int, in
         if abort is not None and abort.is_set():
             raise Aborted()
         held = np.concatenate([held, chunk])
+        first = next_window
         while next_window < len(windows) and windows[next_window][1] <= held_from + len(held):
             start, end = windows[next_window]
             batches.add(next_window, held[start - held_from:end - held_from])
             next_window += 1
+        if on_fraction is not None and next_window > first:
+            on_fraction(next_window / len(windows))
         heard_to = held_from + len(held)
         keep_from = min(windows[next_window][0], heard_to) if next_window < len(windows) else heard_to
         held, held_from = held[keep_from - held_from:], keep_from
-        if on_fraction is not None and windows:
-            on_fraction(next_window / len(windows))
     for index in range(next_window, len(windows)):  # past the end the stream gave: what there is
         start, end = windows[index]
         piece = held[max(0, start - held_from):max(0, end - held_from)]

@@ -3067,6 +3067,23 @@ def test_a_diarized_job_keeps_its_speakers_across_a_restart(daemon_factory: Call
             assert f"<v {turn['speaker']}>{turn['text']}" in vtt and f"[{turn['speaker']}] {turn['text']}" in srt
 
 
+def test_diarizing_reports_its_progress_to_the_end(speaker_models: Path) -> None:
+    store = audiotext.ModelStore(speaker_models, default="cpu-tiny", threads=2)
+    engine = audiotext.Engine(store, max_audio_seconds=3600)
+    told: list[tuple[float, float]] = []
+    try:
+        engine.transcribe_file(CLIPS / "one_voice.webm", "cpu-tiny",
+                               audiotext.TranscribeOptions(language="en", speakers=audiotext.SpeakerOptions()),
+                               threading.Event(), on_progress=lambda done, total: told.append((done, total)))
+    finally:
+        store.close()
+    done = [d for d, _ in told]
+    total = told[-1][1]
+    assert done == sorted(done) and done[-1] == pytest.approx(total), told
+    # The transcription's part ends short of the whole; the voiceprints' fill in the rest.
+    assert sum(audiotext.SPEECH_SHARE * total < d < total for d in done) >= 1, told
+
+
 def test_diarization_without_its_extra_is_a_clear_400(make_client: Callable[..., TestClient],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "scipy.cluster.hierarchy", None)  # as if SciPy were not installed
