@@ -2912,7 +2912,7 @@ def find_speech(audio: np.ndarray, tuning: Iterable[tuple[str, float]] = (), *,
 # ---------------------------------------------------------------------------------------------
 
 # Who speaks when (diarization), for response_format=diarized_json. The VAD above finds the
-# speech; a speaker encoder turns each 1.6 s of it into a voiceprint; the voiceprints are grouped
+# speech; a speaker encoder turns each 3 s of it into a voiceprint; the voiceprints are grouped
 # by voice (average-linkage clustering with a distance threshold, or into a known number of
 # voices); each word goes to the voice heard around it, and a transcript's segments are split
 # where the voice changes. The encoder is Resemblyzer's GE2E model (Apache-2.0: a 3-layer LSTM
@@ -2921,7 +2921,7 @@ def find_speech(audio: np.ndarray, tuning: Iterable[tuple[str, float]] = (), *,
 # numpy, without PyTorch, and nothing is fetched at run time. The `diarize` extra brings SciPy for
 # the clustering and for matching voices to known speakers' names.
 # Memory stays bounded however long the recording: the audio is decoded again as a stream, one
-# window at a time; a voiceprint is 1 KiB per 0.8 s of speech (13 MiB for 3 hours); at most
+# window at a time; a voiceprint is 1 KiB per 1.5 s of speech (7 MiB for 3 hours); at most
 # SPEAKER_CLUSTER_PRINTS of them are clustered (a fixed-size distance matrix), the rest join the
 # nearest voice found.
 
@@ -2935,8 +2935,10 @@ SPEAKER_WIDTH = 256
 SPEAKER_MELS = 40
 SPEAKER_FFT = 400  # 25 ms, as GE2E was trained
 SPEAKER_HOP = 160  # 10 ms
+# A voiceprint's window: GE2E was trained on 1.6 s, but over 1.6 s the test dialogues' voices
+# were told apart far less surely than over 3 s (Resemblyzer too averages an utterance's).
 SPEAKER_WINDOW = int(3.0 * SAMPLE_RATE)
-SPEAKER_STEP = int(1.5 * SAMPLE_RATE)
+SPEAKER_STEP = int(1.5 * SAMPLE_RATE)  # a longer stretch's windows overlap by half
 SPEAKER_MIN_STRETCH = int(0.3 * SAMPLE_RATE)  # too short to tell a voice by
 SPEAKER_BATCH = 32  # windows run through the LSTM together: 40 MiB of gate values for 3 s windows
 SPEAKER_CLUSTER_PRINTS = 1000  # clustered at most; a 1000 x 1000 distance matrix is 4 MB
@@ -2947,6 +2949,7 @@ SPEAKER_THRESHOLD = 0.4
 # Speech for diarization is cut at shorter pauses than for transcription: a turn taken after a
 # short pause is then a stretch of its own, and no window holds two voices.
 SPEAKER_VAD_TUNING = (("min_silence_duration_ms", 200.0), ("speech_pad_ms", 30.0))
+SPEAKER_LONE_WINDOWS_FROM = 20  # from this many windows on, a voice heard in one window alone is no voice
 SPEAKER_NAME_SIMILARITY = 0.6  # a known speaker's reference must be at least this close to a voice
 # GE2E's input level, -30 dBFS. Its input is mel power, not its log, so loudness moves the
 # voiceprint: every window is brought to this level, louder ones too (Resemblyzer only raises
@@ -2958,7 +2961,8 @@ SPEAKER_REFERENCE_SECONDS = (1.0, 30.0)
 
 
 def speaker_label(index: int) -> str:
-    return chr(ord("A") + index)
+    """A, B, ... Z, then S27, S28, ... (past Z only when known speakers' names took letters)."""
+    return chr(ord("A") + index) if index < 26 else f"S{index + 1}"
 
 
 def require_diarization(models_dir: Path) -> Path:
@@ -3226,7 +3230,13 @@ def cluster_voices(prints: np.ndarray, *, count: int | None) -> np.ndarray:
         groups = fcluster(tree, t=min(count, len(chosen)), criterion="maxclust")
     else:
         groups = fcluster(tree, t=SPEAKER_THRESHOLD, criterion="distance")
-    centres = np.stack([prints[chosen][groups == g].mean(axis=0) for g in np.unique(groups)])
+        if len(np.unique(groups)) > MAX_SPEAKERS:
+            groups = fcluster(tree, t=MAX_SPEAKERS, criterion="maxclust")
+    sizes = {g: int(np.sum(groups == g)) for g in np.unique(groups)}
+    # In a long recording a voice of one window is a cough or a door more often than a person:
+    # its window joins the nearest voice with more to it.
+    kept = [g for g, n in sizes.items() if count is not None or len(chosen) < SPEAKER_LONE_WINDOWS_FROM or n > 1]
+    centres = np.stack([prints[chosen][groups == g].mean(axis=0) for g in kept or list(sizes)])
     centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-9)
     return np.argmax(prints @ centres.T, axis=1)
 
@@ -3246,7 +3256,7 @@ def name_voices(prints: np.ndarray, voices: np.ndarray, references: Mapping[str,
         for row, column in zip(*linear_sum_assignment(-similarity)):
             if similarity[row, column] >= SPEAKER_NAME_SIMILARITY:
                 names[order[row]] = known[column]
-    letters = iter(speaker_label(i) for i in range(MAX_SPEAKERS * 2) if speaker_label(i) not in references)
+    letters = (speaker_label(i) for i in itertools.count() if speaker_label(i) not in references)
     for voice in order:
         if voice not in names:
             names[voice] = next(letters)
@@ -3341,9 +3351,15 @@ def with_speakers(transcript: Transcript, labels: list[str]) -> Transcript:
     return dataclasses.replace(transcript, words=words, segments=segments, speaker_turns=turns)
 
 
+def known_voiceprints(options: SpeakerOptions, model_path: Path) -> dict[str, np.ndarray]:
+    """The known speakers' voiceprints by name; InvalidRequest for a reference that is no use."""
+    encoder = speaker_encoder(model_path)
+    return {name: reference_voiceprint(reference_audio(name, data), encoder) for name, data in options.references}
+
+
 def diarize_file(transcript: Transcript, path: Path, model_path: Path, options: SpeakerOptions, *,
                  max_seconds: float, tuning: Iterable[tuple[str, float]] = SPEAKER_VAD_TUNING,
-                 abort: threading.Event | None = None,
+                 known: Mapping[str, np.ndarray] | None = None, abort: threading.Event | None = None,
                  on_fraction: Callable[[float], None] | None = None) -> Transcript:
     """Who says each word of a recording's transcript: VAD, voiceprints, voices, names, turns.
     The recording is decoded twice more as a stream (for the speech, then for the voiceprints)."""
@@ -3354,8 +3370,7 @@ def diarize_file(transcript: Transcript, path: Path, model_path: Path, options: 
     with stream_audio(path, max_seconds=max_seconds) as (chunks, _):
         prints = window_voiceprints(chunks, windows, encoder, abort=abort, on_fraction=on_fraction)
     voices = cluster_voices(prints, count=options.count)
-    references = {name: reference_voiceprint(reference_audio(name, data), encoder) for name, data in options.references}
-    names = name_voices(prints, voices, references)
+    names = name_voices(prints, voices, known_voiceprints(options, model_path) if known is None else known)
     found = word_voices(transcript.words, windows, voices)
     fallback = names[int(voices[0])] if len(voices) else speaker_label(0)
     labels = [names[v] if v is not None else fallback for v in found]
@@ -4373,6 +4388,8 @@ class Engine:
                         abort: threading.Event, *, on_progress: Progress | None = None,
                         on_segment: SegmentSink | None = None) -> Transcript:
         speaker_model = require_diarization(self.models.models_dir) if options.speakers is not None else None
+        # A reference that is no use is refused before the transcription, not after it.
+        known = known_voiceprints(options.speakers, speaker_model) if speaker_model and options.speakers else None
         heard_progress = on_progress if speaker_model is None else progress_share(on_progress, 0.0, SPEECH_SHARE)
         with stream_audio(path, max_seconds=self.max_audio_seconds) as (chunks, report):
             windows = stream_windows(chunks, window_samples=self.window_samples, search_samples=self.search_samples)
@@ -4384,11 +4401,12 @@ class Engine:
                         report.skipped_seconds)
         transcript = dataclasses.replace(transcript, skipped_audio_seconds=round(report.skipped_seconds, 3))
         if speaker_model is not None and options.speakers is not None:
-            transcript = self._with_speakers(transcript, path, speaker_model, options, abort, on_progress)
+            transcript = self._with_speakers(transcript, path, speaker_model, options, known, abort, on_progress)
         return transcript
 
     def _with_speakers(self, transcript: Transcript, path: Path, speaker_model: Path, options: TranscribeOptions,
-                       abort: threading.Event, on_progress: Progress | None) -> Transcript:
+                       known: Mapping[str, np.ndarray] | None, abort: threading.Event,
+                       on_progress: Progress | None) -> Transcript:
         """Diarization after the transcript, its time counted in the transcript's processing time."""
         assert options.speakers is not None
         started = time.monotonic()
@@ -4399,7 +4417,7 @@ class Engine:
                 share(done * transcript.duration, transcript.duration)
 
         diarized = diarize_file(transcript, path, speaker_model, options.speakers, max_seconds=self.max_audio_seconds,
-                                abort=abort, on_fraction=fraction)
+                                known=known, abort=abort, on_fraction=fraction)
         seconds = time.monotonic() - started
         logger.debug("found the speakers of %.1f s of audio in %.1f s", transcript.duration, seconds)
         return dataclasses.replace(diarized, processing_seconds=round(transcript.processing_seconds + seconds, 3))

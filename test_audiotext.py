@@ -3037,6 +3037,11 @@ def test_known_speakers_are_named(diarizer: Daemon) -> None:
     named = [(s["speaker"], truth_speaker(turns, (s["start"] + s["end"]) / 2)) for s in segments]
     assert {speaker for speaker, _ in named} == {"Adam", "Beth"}
     assert sum(n == ("Adam", "espeak") or n == ("Beth", "festival") for n in named) >= 0.9 * len(named), named
+    not_audio = "data:audio/wav;base64," + base64.b64encode(b"RIFF and nothing more").decode()
+    refused = diarize(diarizer, "dialogue_2.webm", response_format="diarized_json",
+                      **{"known_speaker_names[]": ["Adam"], "known_speaker_references[]": [not_audio]})
+    assert_error(refused, 400, re.compile(r"^the reference for 'Adam' is not usable audio: "),
+                 param="known_speaker_references[]")
 
 
 def test_one_voice_is_one_speaker_and_silence_no_one(diarizer: Daemon) -> None:

