@@ -6169,8 +6169,8 @@ BAD_REQUESTS = [
     pytest.param(multipart_body({"temperature": "1.5"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "temperature must be between 0 and 1, got 1.5", "temperature", id="temperature_range"),
     pytest.param(multipart_body({"response_format": "xml"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
-                 "response_format must be one of json, text, srt, vtt, verbose_json; got 'xml'", "response_format",
-                 id="response_format"),
+                 "response_format must be one of json, text, srt, vtt, verbose_json, diarized_json; got 'xml'",
+                 "response_format", id="response_format"),
     pytest.param(multipart_body({"timestamp_granularities[]": "word"}, {"file": ("a.webm", AUDIO_BYTES, None)}),
                  400, "timestamp_granularities[] needs response_format=verbose_json", "timestamp_granularities[]",
                  id="granularities_without_verbose_json"),
@@ -6188,7 +6188,8 @@ BAD_REQUESTS = [
     pytest.param(multipart_body({"vad": "maybe"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "vad must be true or false, got 'maybe'", "vad", id="vad_not_a_switch"),
     pytest.param(multipart_body({"stream": "true", "response_format": "srt"}, {"file": ("a.webm", AUDIO_BYTES, None)}),
-                 400, "stream=true needs response_format json or text, not 'srt'", "stream", id="stream_srt"),
+                 400, "stream=true needs response_format json, text or diarized_json, not 'srt'", "stream",
+                 id="stream_srt"),
     pytest.param(multipart_body({"stream": "sometimes"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
                  "stream must be true or false, got 'sometimes'", "stream", id="stream_not_a_switch"),
     pytest.param(multipart_body({"languages[]": "xx"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
@@ -6933,7 +6934,7 @@ def test_job_result_is_the_sync_endpoints_body(make_client: Callable[..., TestCl
     assert (as_srt.status_code, as_srt.headers["content-type"]) == (200, "application/x-subrip")
     assert as_srt.text.startswith("1\n00:00:00,000 --> ") and segments[0]["text"].strip() in as_srt.text
     assert_error(client.get(done["result_url"], headers=AUTH, params={"response_format": "docx"}), 400,
-                 "response_format must be one of json, text, srt, vtt, verbose_json; got 'docx'",
+                 "response_format must be one of json, text, srt, vtt, verbose_json, diarized_json; got 'docx'",
                  param="response_format")
     # The audio went as soon as the result was safe; the result stays until the TTL.
     assert state_files(tmp_path / "state") == {"tmp": [], "uploads": [], "results": [f"{job['id']}.json"]}
