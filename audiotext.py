@@ -8180,15 +8180,18 @@ def _parse_references(form: Form) -> tuple[tuple[str, bytes], ...]:
 
 
 DIARIZE_MODEL = "gpt-4o-transcribe-diarize"  # OpenAI's diarizing model: the default model, diarizing
+SPEAKER_FORMATS = ("diarized_json", "verbose_json", "srt", "vtt")  # the formats that show speakers
 
 
 def _parse_speakers(form: Form, response_format: str, *, translate: bool,
                     default_count: int | None) -> SpeakerOptions | None:
-    """Whether to diarize (response_format=diarized_json, or model=gpt-4o-transcribe-diarize), the
-    speaker_count (1 to MAX_SPEAKERS) and the known speakers; None when not diarizing."""
+    """Whether to diarize (response_format=diarized_json, or model=gpt-4o-transcribe-diarize with a
+    format that shows speakers: json and text have no room for them), the speaker_count (1 to
+    MAX_SPEAKERS) and the known speakers; None when not diarizing."""
     references = _parse_references(form)
     raw_count = _field_text(form, "speaker_count")
-    if response_format != "diarized_json" and _field_text(form, "model") != DIARIZE_MODEL:
+    diarize_model = _field_text(form, "model") == DIARIZE_MODEL and response_format in SPEAKER_FORMATS
+    if response_format != "diarized_json" and not diarize_model:
         if references or raw_count is not None:
             raise InvalidRequest("known speakers and speaker_count need response_format=diarized_json",
                                  param="known_speaker_names[]" if references else "speaker_count")
