@@ -3072,6 +3072,29 @@ def test_a_diarized_job_keeps_its_speakers_across_a_restart(daemon_factory: Call
             assert f"<v {turn['speaker']}>{turn['text']}" in vtt and f"[{turn['speaker']}] {turn['text']}" in srt
 
 
+def test_many_voiceprints_are_clustered_in_a_bounded_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scipy.cluster.hierarchy as hierarchy
+
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(3, audiotext.SPEAKER_WIDTH))
+    truth = rng.integers(0, 3, 5000)  # a 2-hour recording's voiceprints, three voices
+    prints = centres[truth] + rng.normal(scale=0.3, size=(len(truth), audiotext.SPEAKER_WIDTH))
+    prints /= np.linalg.norm(prints, axis=1, keepdims=True)
+    clustered: list[int] = []  # how many voiceprints each clustering was given
+    linkage = hierarchy.linkage
+
+    def counted_linkage(points: np.ndarray, **kwargs: Any) -> Any:
+        clustered.append(len(points))
+        return linkage(points, **kwargs)
+
+    monkeypatch.setattr(hierarchy, "linkage", counted_linkage)
+    voices = audiotext.cluster_voices(prints.astype(np.float32), count=None)
+    assert clustered == [audiotext.SPEAKER_CLUSTER_PRINTS]
+    assert len(set(voices)) == 3
+    assert all(len(set(voices[truth == voice])) == 1 for voice in range(3))  # every print with its own voice
+    assert len(set(audiotext.cluster_voices(prints.astype(np.float32), count=2))) == 2
+
+
 def test_diarizing_reports_its_progress_to_the_end(speaker_models: Path) -> None:
     store = audiotext.ModelStore(speaker_models, default="cpu-tiny", threads=2)
     engine = audiotext.Engine(store, max_audio_seconds=3600)
