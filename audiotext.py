@@ -3369,6 +3369,8 @@ def diarize_file(transcript: Transcript, path: Path, model_path: Path, options: 
     windows = speaker_windows(speech_in(path, max_seconds=max_seconds, tuning=tuning, abort=abort))
     with stream_audio(path, max_seconds=max_seconds) as (chunks, _):
         prints = window_voiceprints(chunks, windows, encoder, abort=abort, on_fraction=on_fraction)
+    heard = np.linalg.norm(prints, axis=1) > 0  # a window the stream ended before has no voiceprint
+    windows, prints = [w for w, kept in zip(windows, heard) if kept], prints[heard]
     voices = cluster_voices(prints, count=options.count)
     names = name_voices(prints, voices, known_voiceprints(options, model_path) if known is None else known)
     found = word_voices(transcript.words, windows, voices)
