@@ -3187,9 +3187,11 @@ class VoiceprintBatches:
 
 def window_voiceprints(chunks: Iterable[np.ndarray], windows: list[tuple[int, int]], encoder: SpeakerEncoder,
                        *, abort: threading.Event | None = None,
-                       on_fraction: Callable[[float], None] | None = None) -> np.ndarray:
+                       on_fraction: Callable[[float], None] | None = None,
+                       between: Callable[[], None] = lambda: None) -> np.ndarray:
     """Each window's voiceprint, from a recording decoded again as it streams: only the samples
-    from the earliest window not yet done are held."""
+    from the earliest window not yet done are held. `between` is called after each batch's worth
+    of windows, where more urgent work may go first (the Engine's between_windows)."""
     batches = VoiceprintBatches(encoder, len(windows))
     held, held_from, next_window = np.zeros(0, np.float32), 0, 0
     for chunk in chunks:
@@ -3203,6 +3205,8 @@ def window_voiceprints(chunks: Iterable[np.ndarray], windows: list[tuple[int, in
             next_window += 1
         if on_fraction is not None and next_window > first:
             on_fraction(next_window / len(windows))
+        if next_window // SPEAKER_BATCH > first // SPEAKER_BATCH:
+            between()
         heard_to = held_from + len(held)
         keep_from = min(windows[next_window][0], heard_to) if next_window < len(windows) else heard_to
         held, held_from = held[keep_from - held_from:], keep_from
@@ -3360,7 +3364,8 @@ def known_voiceprints(options: SpeakerOptions, model_path: Path) -> dict[str, np
 def diarize_file(transcript: Transcript, path: Path, model_path: Path, options: SpeakerOptions, *,
                  max_seconds: float, tuning: Iterable[tuple[str, float]] = SPEAKER_VAD_TUNING,
                  known: Mapping[str, np.ndarray] | None = None, abort: threading.Event | None = None,
-                 on_fraction: Callable[[float], None] | None = None) -> Transcript:
+                 on_fraction: Callable[[float], None] | None = None,
+                 between: Callable[[], None] = lambda: None) -> Transcript:
     """Who says each word of a recording's transcript: VAD, voiceprints, voices, names, turns.
     The recording is decoded twice more as a stream (for the speech, then for the voiceprints)."""
     if not transcript.segments:
@@ -3368,7 +3373,7 @@ def diarize_file(transcript: Transcript, path: Path, model_path: Path, options: 
     encoder = speaker_encoder(model_path)
     windows = speaker_windows(speech_in(path, max_seconds=max_seconds, tuning=tuning, abort=abort))
     with stream_audio(path, max_seconds=max_seconds) as (chunks, _):
-        prints = window_voiceprints(chunks, windows, encoder, abort=abort, on_fraction=on_fraction)
+        prints = window_voiceprints(chunks, windows, encoder, abort=abort, on_fraction=on_fraction, between=between)
     heard = np.linalg.norm(prints, axis=1) > 0  # a window the stream ended before has no voiceprint
     windows, prints = [w for w, kept in zip(windows, heard) if kept], prints[heard]
     voices = cluster_voices(prints, count=options.count)
@@ -4419,7 +4424,7 @@ class Engine:
                 share(done * transcript.duration, transcript.duration)
 
         diarized = diarize_file(transcript, path, speaker_model, options.speakers, max_seconds=self.max_audio_seconds,
-                                known=known, abort=abort, on_fraction=fraction)
+                                known=known, abort=abort, on_fraction=fraction, between=self._between_windows)
         seconds = time.monotonic() - started
         logger.debug("found the speakers of %.1f s of audio in %.1f s", transcript.duration, seconds)
         return dataclasses.replace(diarized, processing_seconds=round(transcript.processing_seconds + seconds, 3))
