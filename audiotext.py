@@ -8357,6 +8357,7 @@ REALTIME_PATH = "/v1/realtime"
 REALTIME_MAX_MESSAGE_BYTES = 2 * MiB
 REALTIME_MAX_QUEUED_EVENTS = 256  # events not yet written to a client that does not read, before it is let go
 REALTIME_SUBPROTOCOL = "realtime"
+REALTIME_CLOSE_SECONDS = 5.0  # for the events still queued when a session ends, and for its close
 REALTIME_KEY_PROTOCOL = "openai-insecure-api-key."  # what a browser, which cannot set headers, sends the token in
 REALTIME_LOGPROBS = "item.input_audio_transcription.logprobs"
 # format -> the rate it comes at; the beta names for the same formats
@@ -8610,7 +8611,7 @@ class RealtimeSession:
         finally:
             if self._stream is not None:
                 await self._stream.close()
-            await self._flush_and_close()
+            await self._flush_and_close(flush=not (self.ended.done() and self.ended.result() == "slow_reader"))
 
     async def _serve(self) -> str:
         receive: asyncio.Future[Any] | None = None
@@ -8782,7 +8783,10 @@ class RealtimeSession:
         while True:
             event = await self._queue.get()
             try:
-                await asyncio.wait_for(self.websocket.send_text(json.dumps(event)), self.settings.live_idle_seconds)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes as
+                # the send completes, and this task would then wait on the queue for ever.
+                async with asyncio.timeout(self.settings.live_idle_seconds):
+                    await self.websocket.send_text(json.dumps(event))
             except TimeoutError:
                 if not self.ended.done():
                     self.ended.set_result("slow_reader")
@@ -8792,18 +8796,35 @@ class RealtimeSession:
                     self.ended.set_result("closed")
                 return
 
-    async def _flush_and_close(self) -> None:
-        """What is queued goes out (within the idle limit), then the close."""
+    async def _flush_and_close(self, *, flush: bool) -> None:
+        """What is queued goes out, then the close, each within REALTIME_CLOSE_SECONDS: a client
+        that reads nothing gets its connection closed without either."""
         assert self._sender is not None
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.live_idle_seconds):
-                while not self._queue.empty() and not self._sender.done():
+            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
+                while flush and not self._queue.empty() and not self._sender.done():
                     await asyncio.sleep(0.01)
         self._sender.cancel()
         with contextlib.suppress(BaseException):
             await self._sender
-        with contextlib.suppress(Exception):
-            await self.websocket.close(1000)
+        with contextlib.suppress(Exception):  # TimeoutError too: uvicorn closes the transport as the app returns
+            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
+                await self.websocket.close(1000)
+
+
+def realtime_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's WebSocket protocol on the websockets package (its sans-I/O one), which logs an
+    ERROR, "returned without completing handshake", after every refusal answered in HTTP (a 401,
+    a 429): a refusal is an answer, so it counts as the handshake's end here."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    class RealtimeProtocol(WebSocketsSansIOProtocol):
+        async def send(self, message: Any) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+                self.handshake_complete = True
+
+    return RealtimeProtocol
 
 
 def _offered_protocols(websocket: WebSocket) -> list[str]:
@@ -9654,7 +9675,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=math.ceil(settings.stop_grace_seconds) + ABORT_SETTLE_SECONDS,
                             server_header=False, http=guard.protocol(), backlog=listen_backlog(limit),
-                            ws="websockets-sansio", ws_max_size=REALTIME_MAX_MESSAGE_BYTES)
+                            ws=realtime_protocol(), ws_max_size=REALTIME_MAX_MESSAGE_BYTES)
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; a handler that ignores it lets
     # a clean stop end with exit status 0, as a service manager expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

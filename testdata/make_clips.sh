@@ -90,8 +90,8 @@ sox "${parts[@]}" "$TMP/pauses.wav"
 
 # live_en.webm: three sentences with 1.5 s pauses, streamed in real time by the live transcription
 # tests (/v1/realtime, Wyoming's transcript-chunk): each pause ends a turn of the daemon's VAD.
-LIVE_TEXTS=("Thank you very much for coming today." "I would like a cup of coffee, please."
-            "We will finish the work before lunch.")
+LIVE_TEXTS=("Good morning, and welcome to the show." "The children are playing in the garden."
+            "Thank you very much for coming today.")
 sox -n "${SOX16[@]}" "$TMP/live_lead.wav" trim 0 0.5
 sox -n "${SOX16[@]}" "$TMP/live_gap.wav" trim 0 1.5
 live_parts=("$TMP/live_lead.wav")
