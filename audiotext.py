@@ -4296,6 +4296,25 @@ def agreed_text(earlier: str, later: str, *, held_words: int = LIVE_HELD_WORDS) 
     return " ".join(words[:max(0, len(words) - 1 - held_words)]).rstrip() if len(words) > 1 else ""
 
 
+def _bare_words(text: str) -> list[str]:
+    return [re.sub(r"[^\w']", "", word).lower() for word in text.split()]
+
+
+def reconciled_text(sent: str, final: str) -> str:
+    """The turn's whole text, as it goes after the partial text `sent` for it: the final decode's,
+    but where it has the same words as `sent` and only writes them otherwise (a full stop where
+    the partial decodes heard a comma, a capital after it), what was sent stands, since it cannot
+    be taken back. Other words than those sent: the final decode's text as it is."""
+    if not sent or final.startswith(sent):
+        return final
+    words = _bare_words(sent)
+    spans = list(re.finditer(r"\S+", final))
+    if len(spans) < len(words) or _bare_words(final[:spans[len(words) - 1].end()]) != words:
+        logger.debug("a live turn's final text differs from the partial text sent for it")
+        return final
+    return sent + final[spans[len(words) - 1].end():]
+
+
 @dataclass(frozen=True)
 class LiveEvent:
     """What a live stream made known: a turn "started" or "stopped" (`at`, samples since the
@@ -4379,6 +4398,12 @@ def live_decoder(scheduler: Scheduler, engine: Engine, quiet_engine: Engine, mod
         return cast(Transcript, await await_work(work))
 
     return decode
+
+
+def quiet_engine(models: ModelStore, scheduler: Scheduler, *, max_audio_seconds: float) -> Engine:
+    """An Engine for partial decodes, which neither logs nor counts them: only what a client is
+    finally given is (AppState's engine)."""
+    return Engine(models, max_audio_seconds=max_audio_seconds, between_windows=scheduler.serve_more_urgent)
 
 
 class LiveStream:
@@ -4534,11 +4559,9 @@ class LiveStream:
         except Exception as exc:  # the turn fails; the session goes on
             await self._emit(LiveEvent("failed", turn.number, error=exc))
             return
-        text = transcript.text
+        text = reconciled_text(turn.sent, transcript.text)
         if text.startswith(turn.sent) and len(text) > len(turn.sent):
             await self._emit(LiveEvent("delta", turn.number, text=text[len(turn.sent):]))
-        elif not text.startswith(turn.sent):
-            logger.debug("a live turn's final text differs from the partial text sent for it")
         await self._emit(LiveEvent("completed", turn.number, text=text, transcript=transcript))
 
 
@@ -6647,7 +6670,8 @@ class PcmCollector:
                                       f"channels must be 1 to {WYOMING_MAX_CHANNELS}, got {channels!r}")
         return rate, width, channels
 
-    def add(self, rate: Any, width: Any, channels: Any, payload: bytes) -> None:
+    def add(self, rate: Any, width: Any, channels: Any, payload: bytes) -> np.ndarray:
+        """Take a chunk; the 16 kHz samples it added."""
         if self._checked_format(rate, width, channels) != self.format:
             raise WyomingSessionError("bad_audio_format", "an audio-chunk's format differs from its audio-start's")
         frame_bytes = width * channels
@@ -6660,8 +6684,11 @@ class PcmCollector:
             raise WyomingSessionError("audio_too_long",
                                       f"the audio is longer than the {_seconds(self.max_seconds)} limit "
                                       "(AUDIOTEXT_WYOMING_MAX_AUDIO_SECONDS)")
+        before = len(self._pieces)
         if frames:
             self._resample(self._as_mono_float(payload, width, channels), rate)
+        added = self._pieces[before:]
+        return np.concatenate(added) if added else np.zeros(0, np.float32)
 
     @staticmethod
     def _as_mono_float(payload: bytes, width: int, channels: int) -> np.ndarray:
@@ -6755,9 +6782,19 @@ class WyomingSession:
         self._language: str | None = None
         self._chosen = False  # a `transcribe` event came, or the defaults were taken
         self._audio: PcmCollector | None = None
+        self._live: LiveStream | None = None  # partial text while the audio comes (Live transcription)
+        self._started = False  # transcript-start is sent
+        self._sent = ""  # the transcript-chunks sent while the audio came, joined
 
     async def run(self) -> str:
         """Serve the session to its end; what ended it, for the log and the metrics."""
+        try:
+            return await self._outcome()
+        finally:
+            if self._live is not None:
+                await self._live.close()
+
+    async def _outcome(self) -> str:
         try:
             async with asyncio.timeout(wyoming_session_seconds(self.settings)):
                 return await self._serve()
@@ -6816,14 +6853,19 @@ class WyomingSession:
             data = event.data or {}
             self._audio = PcmCollector(data.get("rate"), data.get("width"), data.get("channels"),
                                        max_seconds=self.settings.wyoming_max_audio_seconds)
+            self._start_live()
         elif AudioChunk.is_type(event.type):
             if self._audio is None:
                 raise WyomingSessionError("bad_sequence", "audio-chunk came before audio-start")
             data = event.data or {}
-            self._audio.add(data.get("rate"), data.get("width"), data.get("channels"), event.payload or b"")
+            added = self._audio.add(data.get("rate"), data.get("width"), data.get("channels"), event.payload or b"")
+            if self._live is not None:
+                await self._live.feed(added)
         elif AudioStop.is_type(event.type):
             if self._audio is None:
                 raise WyomingSessionError("bad_sequence", "audio-stop came before audio-start")
+            if self._live is not None:
+                await self._live.close()  # a partial decode under way gives way to the whole
             await self._transcribe(self._audio)
             return "transcript"
         # Events of other services (wake, tts, ...) are not for us; a later protocol may add more.
@@ -6851,21 +6893,58 @@ class WyomingSession:
         self.state.models.check_request(model, language)  # UnknownModel, UnsupportedLanguage
         self._model, self._language, self._chosen = model, language, True
 
+    def _options(self) -> TranscribeOptions:
+        # The languages offered to Home Assistant are the ones detection may pick among.
+        return TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio,
+                                 languages=self.settings.wyoming_languages or None)
+
+    def _start_live(self) -> None:
+        """Partial text while the command is spoken: the whole command is one turn, its end the
+        audio-stop."""
+        from wyoming.asr import Transcribe
+
+        if not self._chosen:
+            self._choose(Transcribe())
+        state = self.state
+        quiet = quiet_engine(state.models, state.scheduler, max_audio_seconds=self.settings.wyoming_max_audio_seconds)
+        decode = live_decoder(state.scheduler, state.engine, quiet, self._model, self._options())
+        self._live = LiveStream(decode, self._live_event, turn_detection=None,
+                                partial_seconds=self.settings.live_partial_seconds,
+                                max_turn_seconds=self.settings.wyoming_max_audio_seconds + 1)
+        self._live.start()
+
+    async def _live_event(self, event: LiveEvent) -> None:
+        if event.kind == "delta":
+            await self._chunk(event.text)
+
+    async def _begin(self) -> None:
+        from wyoming.asr import TranscriptStart
+
+        if not self._started:
+            await self._write(TranscriptStart(language=self._language).event())
+            self._started = True
+
+    async def _chunk(self, text: str) -> None:
+        from wyoming.asr import TranscriptChunk
+
+        await self._begin()
+        await self._write(TranscriptChunk(text=text).event())
+        self._sent += text
+
     async def _transcribe(self, collected: PcmCollector) -> None:
-        from wyoming.asr import Transcribe, TranscriptChunk, TranscriptStart, TranscriptStop
+        """The whole command's transcript. Its segments go out as transcript-chunks as whisper.cpp
+        finishes them, unless chunks went out while the audio came: then only what the whole
+        adds to them does."""
+        from wyoming.asr import TranscriptStart, TranscriptStop
         from wyoming.asr import Transcript as TranscriptEvent  # the module's Transcript is the engine's
 
         audio = collected.finish()
-        if not self._chosen:
-            self._choose(Transcribe())
         if audio.size == 0:  # audio-start, then audio-stop: nothing said
             for event in (TranscriptStart(language=self._language), TranscriptEvent(text="", language=self._language),
                           TranscriptStop()):
                 await self._write(event.event())
             return
-        # The languages offered to Home Assistant are the ones detection may pick among.
-        options = TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio,
-                                    languages=self.settings.wyoming_languages or None)
+        options = self._options()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
 
@@ -6873,22 +6952,24 @@ class WyomingSession:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         def run(abort: threading.Event) -> Transcript:
-            return self.state.engine.transcribe(audio, self._model, options, abort, on_segment=on_segment)
+            return self.state.engine.transcribe(audio, self._model, options, abort,
+                                                on_segment=None if self._sent else on_segment)
 
         started = time.monotonic()
         work = self.state.scheduler.submit(run, priority=PRIORITY_SYNC)
         outcome = asyncio.ensure_future(self._wait_for(work))
         try:
-            await self._write(TranscriptStart(language=self._language).event())
-            first = True
+            await self._begin()
             async for text in until_done(pieces, outcome):
-                await self._write(TranscriptChunk(text=text.lstrip() if first else text).event())
-                first = False
+                await self._chunk(text if self._sent else text.lstrip())
             transcript = outcome.result()
         finally:
             let_go(outcome)
+        text = reconciled_text(self._sent, transcript.text)
+        if self._sent and text.startswith(self._sent) and len(text) > len(self._sent):
+            await self._chunk(text[len(self._sent):])
         language = self._language or transcript.language
-        await self._write(TranscriptEvent(text=transcript.text, language=language).event())
+        await self._write(TranscriptEvent(text=text, language=language).event())
         await self._write(TranscriptStop().event())
         logger.info("wyoming %s transcript model=%s audio_seconds=%.1f %.0f ms", self.peer,
                     self._model or self.settings.wyoming_model or self.settings.default_model,
@@ -8587,9 +8668,8 @@ class RealtimeSession:
         self._items: dict[int, str] = {}  # turn number -> item id
         self._last_item: str | None = None
         self.audio_seconds = 0.0
-        # Partial decodes are neither logged nor counted: only what a client is finally given is.
-        self._quiet_engine = Engine(state.models, max_audio_seconds=self.settings.live_max_turn_seconds + 1,
-                                    between_windows=state.scheduler.serve_more_urgent)
+        self._quiet_engine = quiet_engine(state.models, state.scheduler,
+                                          max_audio_seconds=self.settings.live_max_turn_seconds + 1)
 
     async def run(self) -> str:
         """Serve the session to its end; what ended it, for the metrics."""

@@ -3507,6 +3507,40 @@ def test_sync_requests_go_ahead_of_queued_jobs(make_client: Callable[..., TestCl
 
 
 # ---------------------------------------------------------------------------------------------
+# Live transcription
+# ---------------------------------------------------------------------------------------------
+
+
+def test_partial_text_is_only_what_two_decodes_agree_on_and_is_never_taken_back() -> None:
+    turn = audiotext.LiveTurn(1, start=0)
+    decodes = ["The meetings.", "The meeting starts at.", "The meeting starts at nine in the.",
+               "The meeting start at nine in the morning.", "The meeting starts at nine in the morning.",
+               "The meeting starts at nine in the morning."]
+    deltas = [turn.heard(text) for text in decodes]
+    # The last word two decodes share waits (cut off, or whisper's closing full stop), and one more.
+    assert deltas == ["", "", "The meeting", "", "", " starts at nine in"]
+    assert turn.sent == "The meeting starts at nine in"
+    # The whole turn's text keeps what was sent where the words are the same, written otherwise.
+    assert audiotext.reconciled_text("Good morning, the children", "Good morning. The children play.") \
+        == "Good morning, the children play."
+    assert audiotext.reconciled_text("I will", "I would like tea.") == "I would like tea."  # other words
+
+
+def test_realtime_audio_formats_become_16_khz() -> None:
+    rate, seconds = 24_000, 2.0
+    tone = np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate).astype(np.float32)
+    whole = audiotext.Resampler(rate)(tone)
+    resampler = audiotext.Resampler(rate)
+    pieces = np.concatenate([resampler(tone[at:at + 2401]) for at in range(0, len(tone), 2401)])
+    assert abs(len(whole) - seconds * audiotext.SAMPLE_RATE) <= 1 and np.allclose(pieces, whole, atol=1e-5)
+    crossings = np.count_nonzero(np.diff(np.sign(whole[100:-100])) > 0)
+    assert abs(crossings - 440 * (len(whole) - 200) / audiotext.SAMPLE_RATE) <= 2  # still 440 Hz
+    ulaw = audiotext.decode_realtime_audio(bytes([0x00, 0x80, 0xFF, 0x7F]), "audio/pcmu") * 32768
+    alaw = audiotext.decode_realtime_audio(bytes([0xD5, 0x55, 0xAA]), "audio/pcma") * 32768
+    assert ulaw.tolist() == [-32124, 32124, 0, 0] and alaw.tolist() == [8, -8, 32256]
+
+
+# ---------------------------------------------------------------------------------------------
 # Job records
 # ---------------------------------------------------------------------------------------------
 
@@ -5235,7 +5269,7 @@ def test_serve_imports_the_starter_model_once(daemon_factory: Callable[..., Daem
 
 
 WYOMING_IDLE_SECONDS = 2
-WYOMING_MAX_AUDIO_SECONDS = 8
+WYOMING_MAX_AUDIO_SECONDS = 13  # testdata/live_en.webm is 12.1 s
 
 
 def pcm_of(clip: str, *, rate: int = 16_000, layout: str = "mono") -> bytes:
@@ -5382,6 +5416,51 @@ def test_wyoming_streams_a_transcript_in_the_order_clients_expect(wyoming_daemon
     chunks = [event.data["text"] for event in answer.of("transcript-chunk")]
     assert chunks and set(types[1:-2]) == {"transcript-chunk"}
     assert "".join(chunks).strip() == answer.text.strip()
+
+
+def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: tuple[Daemon, int]) -> None:
+    """A command streamed in real time, as a satellite's microphone sends it: transcript-chunks come
+    before audio-stop, never taken back, and the transcript after it is the whole."""
+    from wyoming.asr import Transcribe
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+
+    _, port = wyoming_daemon
+    pcm = pcm_of("live_en.webm")
+    assert len(pcm) / 32_000 >= 8
+
+    async def talk() -> tuple[list[tuple[Any, bool]], float]:
+        client = AsyncTcpClient("127.0.0.1", port)
+        await client.connect()
+        received: list[tuple[Any, bool]] = []  # (event, whether audio-stop had been sent)
+        stopped = False
+
+        async def read() -> None:
+            while (event := await client.read_event()) is not None:
+                received.append((event, stopped))
+                if event.type == "transcript-stop":
+                    return
+
+        reader = asyncio.ensure_future(read())
+        await client.write_event(Transcribe(name="ggml-tiny.en", language="en").event())
+        await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+        started = time.monotonic()
+        for index, at in enumerate(range(0, len(pcm), 3200)):  # 0.1 s a chunk, in real time
+            await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[at:at + 3200]).event())
+            await asyncio.sleep(max(0.0, started + (index + 1) * 0.1 - time.monotonic()))
+        stopped = True
+        await client.write_event(AudioStop().event())
+        await asyncio.wait_for(reader, 120)
+        await client.disconnect()
+        return received, time.monotonic() - started
+
+    received, _ = asyncio.run(talk())
+    chunks = [(event.data["text"], before) for event, before in received if event.type == "transcript-chunk"]
+    assert any(not after_stop for _, after_stop in chunks), chunks
+    (transcript,) = [event.data["text"] for event, _ in received if event.type == "transcript"]
+    assert transcript.startswith("".join(text for text, _ in chunks)), (chunks, transcript)
+    assert received[0][0].type == "transcript-start"
+    assert word_error_rate(" ".join(LIVE_SENTENCES), transcript) <= 0.2, transcript
 
 
 def test_a_voice_command_goes_ahead_of_queued_jobs(wyoming_daemon: tuple[Daemon, int]) -> None:
