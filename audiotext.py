@@ -7114,6 +7114,195 @@ class WyomingListener:
 
 
 # ---------------------------------------------------------------------------------------------
+# Dictation
+# ---------------------------------------------------------------------------------------------
+
+# The web page's microphone button: the microphone streamed to GET /v1/realtime (Live
+# transcription) as 24 kHz 16-bit PCM, the text shown as it is heard, the finished turns kept as a
+# transcript to copy or save. A script, a style and a panel of their own, which the Web page
+# section lays into the page's one script, style and body. A browser cannot set a WebSocket's
+# headers: the token travels as the `openai-insecure-api-key.` subprotocol, as OpenAI's own
+# browser clients send it.
+
+DICTATION_STYLE = """
+#dictation .row { align-items: center; flex-wrap: wrap; }
+#dictate[aria-pressed=true] { background: var(--bad); border-color: var(--bad); color: var(--on-accent); }
+#dictation-state { color: var(--muted); font-size: .875rem; }
+#dictation-state[data-kind=bad] { color: var(--bad); }
+#transcript { white-space: pre-wrap; margin: .6rem 0 0; max-height: 18rem; overflow: auto; min-height: 1.5rem; }
+#transcript .heard { color: var(--muted); }
+"""
+
+DICTATION_SCRIPT = r"""
+(() => {
+  const RATE = 24000;  // what OpenAI's audio/pcm format is
+  const byId = (id) => document.getElementById(id);
+  const dictation = {socket: null, stream: null, context: null, turns: [], heard: new Map()};
+
+  function say(text, kind = "") {
+    byId("dictation-state").textContent = text;
+    byId("dictation-state").dataset.kind = kind;
+  }
+
+  function show() {
+    const box = byId("transcript");
+    box.textContent = dictation.turns.join("\n");
+    const heard = [...dictation.heard.values()].join(" ");
+    if (heard) {
+      const span = document.createElement("span");
+      span.className = "heard";
+      span.textContent = (dictation.turns.length ? "\n" : "") + heard;
+      box.append(span);
+    }
+    box.scrollTop = box.scrollHeight;
+    const any = dictation.turns.length > 0;
+    byId("dictation-copy").disabled = !any;
+    byId("dictation-save").disabled = !any;
+  }
+
+  function pcm16(samples) {
+    const out = new Int16Array(samples.length);
+    for (let i = 0; i < samples.length; i++) out[i] = Math.max(-1, Math.min(1, samples[i])) * 32767;
+    let text = "";
+    const bytes = new Uint8Array(out.buffer);
+    for (let i = 0; i < bytes.length; i += 8192) text += String.fromCharCode(...bytes.subarray(i, i + 8192));
+    return btoa(text);
+  }
+
+  function onEvent(event) {
+    if (event.type === "conversation.item.input_audio_transcription.delta") {
+      dictation.heard.set(event.item_id, (dictation.heard.get(event.item_id) || "") + event.delta);
+    } else if (event.type === "conversation.item.input_audio_transcription.completed") {
+      dictation.heard.delete(event.item_id);
+      if (event.transcript.trim()) dictation.turns.push(event.transcript.trim());
+    } else if (event.type === "input_audio_buffer.speech_started") {
+      say("Hearing you…");
+    } else if (event.type === "input_audio_buffer.speech_stopped") {
+      say("Listening");
+    } else if (event.type === "error") {
+      say(event.error.message, "bad");
+    }
+    show();
+  }
+
+  async function microphone() {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      throw new Error("This browser gives no microphone to this page: open it over https or on localhost.");
+    }
+    try {
+      return await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: true,
+                                                                noiseSuppression: true}});
+    } catch (error) {
+      if (error.name === "NotAllowedError") throw new Error("Microphone permission was denied.");
+      if (error.name === "NotFoundError") throw new Error("No microphone was found.");
+      throw new Error("The microphone could not be opened: " + error.message);
+    }
+  }
+
+  function connect() {
+    const url = new URL("v1/realtime?intent=transcription", location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    const key = localStorage.getItem("audiotext.token") || "";
+    const socket = new WebSocket(url, ["realtime", "openai-insecure-api-key." + key]);
+    socket.addEventListener("message", (message) => onEvent(JSON.parse(message.data)));
+    return new Promise((resolve, reject) => {
+      socket.addEventListener("open", () => resolve(socket), {once: true});
+      socket.addEventListener("close", () => reject(new Error(
+        "The server refused the connection (is the token right?).")), {once: true});
+    });
+  }
+
+  async function start() {
+    say("Starting…");
+    try {
+      dictation.stream = await microphone();
+      dictation.socket = await connect();
+    } catch (error) {
+      stop();
+      say(error.message, "bad");
+      return;
+    }
+    const model = byId("model") ? byId("model").value : "";
+    const language = byId("language") ? byId("language").value : "";
+    dictation.socket.send(JSON.stringify({type: "session.update", session: {type: "transcription", audio: {input: {
+      format: {type: "audio/pcm", rate: RATE},
+      transcription: {model: model || null, language: language || null},
+      turn_detection: {type: "server_vad"}}}}}));
+    const socket = dictation.socket;
+    socket.addEventListener("close", () => {  // not the close that stop() asked for
+      if (dictation.socket === socket) { stop(); say("The connection dropped; press the button to go on.", "bad"); }
+    });
+    // The browser resamples to 24 kHz; ScriptProcessor, as an AudioWorklet needs a module this page's policy refuses.
+    dictation.context = new AudioContext({sampleRate: RATE});
+    const source = dictation.context.createMediaStreamSource(dictation.stream);
+    const tap = dictation.context.createScriptProcessor(4096, 1, 1);
+    tap.onaudioprocess = (e) => {
+      if (dictation.socket && dictation.socket.readyState === WebSocket.OPEN) {
+        dictation.socket.send(JSON.stringify({type: "input_audio_buffer.append",
+                                              audio: pcm16(e.inputBuffer.getChannelData(0))}));
+      }
+    };
+    source.connect(tap);
+    tap.connect(dictation.context.destination);
+    byId("dictate").setAttribute("aria-pressed", "true");
+    byId("dictate").textContent = "Stop dictation";
+    say("Listening");
+  }
+
+  function stop() {
+    const socket = dictation.socket;
+    dictation.socket = null;
+    if (socket) socket.close();
+    if (dictation.context) dictation.context.close().catch(() => {});
+    if (dictation.stream) dictation.stream.getTracks().forEach((track) => track.stop());
+    for (const text of dictation.heard.values()) if (text.trim()) dictation.turns.push(text.trim());
+    Object.assign(dictation, {stream: null, context: null, heard: new Map()});
+    byId("dictate").setAttribute("aria-pressed", "false");
+    byId("dictate").textContent = "Start dictation";
+    say("Stopped");
+    show();
+  }
+
+  byId("dictate").addEventListener("click", () => (dictation.socket || dictation.stream ? stop() : start()));
+  byId("dictation-copy").addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(dictation.turns.join("\n"));
+      say("Copied");
+    } catch (e) {
+      getSelection().selectAllChildren(byId("transcript"));
+      say("Selected: copy it with the keyboard");
+    }
+  });
+  byId("dictation-save").addEventListener("click", () => {
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([dictation.turns.join("\n") + "\n"], {type: "text/plain;charset=utf-8"}));
+    link.download = "dictation.txt";
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+  });
+  byId("dictation-clear").addEventListener("click", () => { dictation.turns = []; show(); });
+})();
+"""
+
+DICTATION_PANEL = """    <section id="dictation" class="panel" aria-labelledby="dictation-title">
+      <h2 id="dictation-title">Dictation</h2>
+      <div class="row">
+        <button type="button" id="dictate" class="primary" aria-pressed="false">Start dictation</button>
+        <span id="dictation-state" role="status">Speak into the microphone; the text appears as it is heard.</span>
+      </div>
+      <p id="transcript" aria-live="polite"></p>
+      <div class="actions">
+        <button type="button" id="dictation-copy" disabled>Copy text</button>
+        <button type="button" id="dictation-save" disabled>Save as TXT</button>
+        <button type="button" id="dictation-clear">Clear</button>
+      </div>
+    </section>
+"""
+
+
+# ---------------------------------------------------------------------------------------------
 # Web page
 # ---------------------------------------------------------------------------------------------
 
@@ -7679,7 +7868,7 @@ WEB_PAGE_BODY = """<header>
       </label>
     </form>
     <p class="error" id="notice" role="alert"></p>
-    <h2 id="jobs-title" tabindex="-1">Jobs</h2>
+{dictation}    <h2 id="jobs-title" tabindex="-1">Jobs</h2>
     <p class="hint" id="empty">No jobs yet.</p>
     <ol id="jobs" aria-labelledby="jobs-title"></ol>
     <p id="announce" class="visually-hidden" aria-live="polite"></p>
@@ -7720,15 +7909,18 @@ def _language_options() -> str:
 
 def build_web_page() -> tuple[bytes, dict[str, str]]:
     """The page and the headers it is served with."""
-    body = WEB_PAGE_BODY.replace("{version}", __version__).replace("{languages}", _language_options())
+    script, style = WEB_PAGE_SCRIPT + DICTATION_SCRIPT, WEB_PAGE_STYLE + DICTATION_STYLE
+    body = (WEB_PAGE_BODY.replace("{version}", __version__).replace("{languages}", _language_options())
+            .replace("{dictation}", DICTATION_PANEL))
     page = ('<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             '<meta name="color-scheme" content="light dark">\n<title>audiotext</title>\n'
             '<link rel="icon" href="data:,">\n'  # or the browser asks for /favicon.ico
-            f"<style>{WEB_PAGE_STYLE}</style>\n</head>\n<body>\n{body}<script>{WEB_PAGE_SCRIPT}</script>\n"
+            f"<style>{style}</style>\n</head>\n<body>\n{body}<script>{script}</script>\n"
             "</body>\n</html>\n")
     policy = {
-        "default-src": "'none'", "script-src": _csp_hash(WEB_PAGE_SCRIPT), "style-src": _csp_hash(WEB_PAGE_STYLE),
+        "default-src": "'none'", "script-src": _csp_hash(script), "style-src": _csp_hash(style),
+        # The daemon only: its WebSocket too, as 'self' takes in ws: and wss: to the page's host.
         "connect-src": "'self'", "img-src": "data:", "base-uri": "'none'", "form-action": "'none'",
         "frame-ancestors": "'none'",
     }

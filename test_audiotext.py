@@ -5664,13 +5664,13 @@ for fd, end in zip((3, 4), ends):
 class DevTools:
     """A headless Chromium with a fresh profile, and the protocol's requests, replies and events."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, args: Iterable[str] = ()) -> None:
         to_browser, self._to_browser = os.pipe()
         self._from_browser, from_browser = os.pipe()
         command = [
             "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'devtools-profile'}", "--remote-debugging-pipe", "about:blank",
+            f"--user-data-dir={tmp_path / 'devtools-profile'}", "--remote-debugging-pipe", *args, "about:blank",
         ]
         self.log_path = tmp_path / "chromium.log"
         with open(self.log_path, "wb") as log:
@@ -5979,6 +5979,42 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     assert tab.evaluate("[localStorage.getItem('audiotext.token'), document.querySelectorAll('#jobs > li').length]") \
         == [None, 0]
     assert tab.problems() == []
+
+
+def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemon, tmp_path: Path) -> None:
+    """The page's microphone is Chromium's fake capture device, playing testdata/live_en.webm once."""
+    speech = tmp_path / "speech.wav"
+    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
+    with wave.open(str(speech), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(audiotext.SAMPLE_RATE)
+        out.writeframes(as_pcm16(audio))
+    devtools = DevTools(tmp_path, args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                        f"--use-file-for-fake-audio-capture={speech}%noloop",
+                                        "--autoplay-policy=no-user-gesture-required"])
+    try:
+        tab = Tab(devtools)
+        tab.open(realtime_daemon.url + "/")
+        tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
+        tab.reload()
+        tab.wait_for(f"[...document.getElementById('model').options].some((o) => o.value === {json.dumps(LIVE_MODEL)})",
+                     what="the models to be listed")
+        choose(tab, model=LIVE_MODEL, language="en")
+        tab.evaluate("document.getElementById('dictate').click()")
+        started = time.monotonic()
+        tab.wait_for("document.getElementById('transcript').textContent.trim()", what="the first words", timeout=60)
+        assert time.monotonic() - started < len(audio) / audiotext.SAMPLE_RATE, "words shown before the speech ended"
+        tab.wait_for("document.getElementById('transcript').textContent.split('\\n').length >= 3 && "
+                     "!document.querySelector('#transcript .heard')", what="three finished turns", timeout=120)
+        turns = tab.evaluate("document.getElementById('transcript').textContent").split("\n")
+        assert [word_error_rate(s, t) <= 0.2 for s, t in zip(LIVE_SENTENCES, turns)] == [True] * 3, turns
+        assert not tab.evaluate("document.getElementById('dictation-copy').disabled")
+        tab.evaluate("document.getElementById('dictate').click()")
+        assert tab.evaluate("document.getElementById('dictation-state').textContent") == "Stopped"
+        assert tab.problems() == []
+    finally:
+        devtools.close()
 
 
 # ---------------------------------------------------------------------------------------------
