@@ -480,7 +480,7 @@ class Settings:
     live_session_seconds: float = 3600.0
     live_idle_seconds: float = 30.0
     live_max_turn_seconds: float = 30.0
-    live_partial_seconds: float = 0.7
+    live_partial_seconds: float = 0.5
     max_connections: int = 500
     header_timeout_seconds: float = 20.0
     body_timeout_seconds: float = 30.0
