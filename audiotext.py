@@ -9109,7 +9109,8 @@ def realtime_token_ok(websocket: WebSocket, token: str | None) -> bool:
     if token is None:
         return True
     scheme, _, supplied = websocket.headers.get("authorization", "").partition(" ")
-    offered = [p[len(REALTIME_KEY_PROTOCOL):] for p in _offered_protocols(websocket) if p.startswith(REALTIME_KEY_PROTOCOL)]
+    offered = [protocol[len(REALTIME_KEY_PROTOCOL):] for protocol in _offered_protocols(websocket)
+               if protocol.startswith(REALTIME_KEY_PROTOCOL)]
     candidates = [supplied.strip()] if scheme.lower() == "bearer" else []
     return any(hmac.compare_digest(c.encode("latin-1"), token.encode()) for c in [*candidates, *offered])
 

@@ -6847,7 +6847,8 @@ def assert_live_turns(run: LiveRun, sentences: Iterable[str], *, while_speaking:
         assert deltas and all(at <= done_at for at, _ in deltas), (sentence, deltas)
         assert transcript.startswith("".join(text for _, text in deltas)), (deltas, transcript)
         assert word_error_rate(sentence, transcript) <= 0.2, (sentence, transcript)
-    assert not while_speaking or any(stopped is not None and deltas[0][0] < stopped for deltas, stopped, _, _ in turns), turns
+    assert not while_speaking or any(stopped is not None and deltas[0][0] < stopped
+                                     for deltas, stopped, _, _ in turns), turns
 
 
 def test_realtime_sdk_streams_turns_found_by_the_daemons_vad(realtime_daemon: Daemon) -> None:
@@ -6925,7 +6926,8 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
     assert refused.value.response.status_code == 401
     assert json.loads(refused.value.response.body)["error"]["code"] == "invalid_api_key"
     # A browser's way: the token as a subprotocol, answered with `realtime`, never with the token.
-    with connect(url, subprotocols=["realtime", f"openai-insecure-api-key.{TOKEN}"]) as browser:  # type: ignore[list-item]
+    key_protocol = f"openai-insecure-api-key.{TOKEN}"
+    with connect(url, subprotocols=["realtime", key_protocol]) as browser:  # type: ignore[list-item]
         assert browser.subprotocol == "realtime"
         assert json.loads(browser.recv(timeout=60))["type"] == "session.created"
     with connect(url, additional_headers=AUTH) as connection:
@@ -6945,7 +6947,8 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
         assert next_error(connection)["code"] == "model_not_found"
         # Audio before any session.update takes the session's defaults, as OpenAI's does; under
         # 100 ms of it is too little to commit.
-        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(2400)).decode()}))
+        ten_ms = base64.b64encode(bytes(480)).decode()  # 240 samples at 24 kHz
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": ten_ms}))
         connection.send(json.dumps({"type": "input_audio_buffer.commit"}))
         assert next_error(connection)["code"] == "input_audio_buffer_commit_empty"
         connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (3 * MiB_BYTES)}))
