@@ -7125,6 +7125,7 @@ class WyomingListener:
 # browser clients send it.
 
 DICTATION_STYLE = """
+#dictation h2 { margin-top: 0; }
 #dictation .row { align-items: center; flex-wrap: wrap; }
 #dictate[aria-pressed=true] { background: var(--bad); border-color: var(--bad); color: var(--on-accent); }
 #dictation-state { color: var(--muted); font-size: .875rem; }
