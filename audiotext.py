@@ -4434,12 +4434,7 @@ class LiveStream:
         self._turns = itertools.count(1)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.failure: BaseException | None = None  # what stopped the decoding task, if anything did
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
-
-    @property
-    def open_seconds(self) -> float:
-        return self._turn.samples / SAMPLE_RATE if self._turn is not None else 0.0
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._decode_turns())
@@ -4447,17 +4442,9 @@ class LiveStream:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait({self._task})  # the task ends on its own cancel, whoever cancels this wait
         if self._vad is not None:
             self._vad.close()
-
-    async def drain(self) -> None:
-        """Wait until every closed turn has its final decode (or the decoding task ended)."""
-        while (self._closed or self._busy) and self._task is not None and not self._task.done():
-            await asyncio.sleep(0.02)
-
-    _busy = False
 
     async def feed(self, samples: np.ndarray) -> None:
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
@@ -4523,19 +4510,14 @@ class LiveStream:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._closed or self._partial_due():
-                    self._busy = True
-                    try:
-                        if self._closed:
-                            await self._finish(self._closed[0])
-                            self._closed.pop(0)
-                        elif self._turn is not None:
-                            await self._partial(self._turn)
-                    finally:
-                        self._busy = False
+                    if self._closed:
+                        await self._finish(self._closed[0])
+                        self._closed.pop(0)
+                    elif self._turn is not None:
+                        await self._partial(self._turn)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the session learns of it and ends
-            self.failure = exc
             self.on_failure(exc)
 
     def _partial_due(self) -> bool:
@@ -8985,8 +8967,6 @@ class RealtimeSession:
         samples = self._resampler(decode_realtime_audio(payload, self.config.audio_format))
         self.audio_seconds += samples.size / SAMPLE_RATE
         assert self._stream is not None
-        if self._stream.failure is not None:
-            self.end(self._stream.failure)
         await self._stream.feed(samples)
 
     async def _on_live_event(self, event: LiveEvent) -> None:
