@@ -4409,20 +4409,21 @@ def quiet_engine(models: ModelStore, scheduler: Scheduler, *, max_audio_seconds:
 class LiveStream:
     """One live stream of 16 kHz mono float32 audio, fed in pieces on the event loop.
 
-    With `turn_detection` (VAD tuning), the daemon's VAD opens and closes turns; without it, all
-    audio goes into one open turn until commit(). A task of its own (started by start(), ended
+    With `vad` (a VoiceActivity, made off the event loop: a new Silero detector takes 0.4 s), the
+    daemon's VAD opens and closes turns and the stream closes it; without it, all audio goes into
+    one open turn until commit(). A task of its own (started by start(), ended
     by close()) decodes: a closed turn's final decode first, in order, else a partial decode of
     the open turn once it has grown enough. Events go to `emit` in order for each turn: started,
     deltas, stopped, deltas, completed (or failed). The VAD runs on the event loop: it costs
     under 1% of the audio's duration (see Voice activity), less than a thread hop per piece.
     """
 
-    def __init__(self, decode: LiveDecode, emit: LiveEmit, *, turn_detection: Iterable[tuple[str, float]] | None,
+    def __init__(self, decode: LiveDecode, emit: LiveEmit, *, vad: VoiceActivity | None,
                  prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS, partial_seconds: float,
                  max_turn_seconds: float) -> None:
         self._decode = decode
         self._emit = emit
-        self._vad = VoiceActivity(turn_detection) if turn_detection is not None else None
+        self._vad = vad
         self._end_pad = self._vad.tracker.params.pad if self._vad is not None else 0
         self._prefix = int(prefix_padding_ms * SAMPLE_RATE / 1000)
         self._partial_samples = int(partial_seconds * SAMPLE_RATE)
@@ -6890,7 +6891,7 @@ class WyomingSession:
         state = self.state
         quiet = quiet_engine(state.models, state.scheduler, max_audio_seconds=self.settings.wyoming_max_audio_seconds)
         decode = live_decoder(state.scheduler, state.engine, quiet, self._model, self._options())
-        self._live = LiveStream(decode, self._live_event, turn_detection=None,
+        self._live = LiveStream(decode, self._live_event, vad=None,
                                 partial_seconds=self.settings.live_partial_seconds,
                                 max_turn_seconds=self.settings.wyoming_max_audio_seconds + 1)
         self._live.start()
@@ -8850,7 +8851,7 @@ class RealtimeSession:
         """Serve the session to its end; what ended it, for the metrics."""
         self._sender = asyncio.ensure_future(self._send_events())
         try:
-            self._new_stream()
+            await self._new_stream()
             created = "transcription_session.created" if self.beta else "session.created"
             self.send({"type": created, "session": self._session_object()})
             async with asyncio.timeout(self.settings.live_session_seconds):
@@ -8938,18 +8939,20 @@ class RealtimeSession:
         if config.stream_key() != self._stream_key:
             if self._stream is not None:
                 await self._stream.close()
-            self._new_stream()
+            await self._new_stream()
         self.beta = self.beta or beta
         self.send({"type": "transcription_session.updated" if self.beta else "session.updated",
                    "session": self._session_object()})
 
-    def _new_stream(self) -> None:
+    async def _new_stream(self) -> None:
         config = self.config
         options = TranscribeOptions(language=config.language, prompt=config.prompt, logprobs=config.logprobs,
                                     fit_short_audio=True, vad=False if config.turn_detection else None)
         decode = live_decoder(self.state.scheduler, self.state.engine, self._quiet_engine, config.model, options)
         padding = config.turn_detection["prefix_padding_ms"] if config.turn_detection else 0
-        self._stream = LiveStream(decode, self._on_live_event, turn_detection=config.vad_tuning(),
+        tuning = config.vad_tuning()
+        vad = None if tuning is None else await asyncio.to_thread(VoiceActivity, tuning)
+        self._stream = LiveStream(decode, self._on_live_event, vad=vad,
                                   prefix_padding_ms=int(padding), partial_seconds=self.settings.live_partial_seconds,
                                   max_turn_seconds=self.settings.live_max_turn_seconds)
         self._stream.on_failure = self.end
