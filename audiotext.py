@@ -2593,8 +2593,8 @@ class Transcript:
     processing_seconds: float = field(default=0.0, compare=False)  # VAD's and whisper.cpp's time for it
 
 
-# Speech is 2 to 4 words a second, and a word a token or two: a quick decode (TranscribeOptions.quick)
-# stops past this many tokens a second of audio.
+# Speech is 2 to 4 words a second, and a word a token or two: a segment of a quick decode
+# (TranscribeOptions.quick) stops past this many tokens a second of the audio.
 QUICK_TOKENS_PER_SECOND = 8
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
