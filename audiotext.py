@@ -104,8 +104,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Match, Route
+from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import ASGIApp
+from starlette.websockets import WebSocket
 
 __version__ = "0.1.0"
 
@@ -403,6 +404,18 @@ SETTINGS: tuple[Setting, ...] = (
             "a Wyoming client silent this long is disconnected, seconds"),
     Setting("wyoming_max_sessions", "AUDIOTEXT_WYOMING_MAX_SESSIONS", "--wyoming-max-sessions", _positive_int,
             "Wyoming connections served at once; more are told so and closed"),
+    Setting("live_max_sessions", "AUDIOTEXT_LIVE_MAX_SESSIONS", "--live-max-sessions", _positive_int,
+            "live transcription sessions (GET /v1/realtime) at once; more are refused with 429"),
+    Setting("live_session_seconds", "AUDIOTEXT_LIVE_SESSION_SECONDS", "--live-session-seconds", _positive_float,
+            "a live session is ended after this many seconds, however it goes on"),
+    Setting("live_idle_seconds", "AUDIOTEXT_LIVE_IDLE_SECONDS", "--live-idle-seconds", _positive_float,
+            "a live client that sends nothing, or reads nothing, for this many seconds is disconnected"),
+    Setting("live_max_turn_seconds", "AUDIOTEXT_LIVE_MAX_TURN_SECONDS", "--live-max-turn-seconds",
+            _positive_float, "audio per turn of live speech, seconds: a turn that goes on is ended there and "
+            "a new one begins"),
+    Setting("live_partial_seconds", "AUDIOTEXT_LIVE_PARTIAL_SECONDS", "--live-partial-seconds", _positive_float,
+            "an open turn is decoded again for partial text each time it has grown by this many seconds "
+            "of audio"),
     Setting("max_connections", "AUDIOTEXT_MAX_CONNECTIONS", "--max-connections", _positive_int,
             "connections open at once; past it a new one gets 503 (lowered to fit the open-file limit)"),
     Setting("header_timeout_seconds", "AUDIOTEXT_HEADER_TIMEOUT_SECONDS", "--header-timeout-seconds",
@@ -475,6 +488,11 @@ class Settings:
     wyoming_max_audio_seconds: float = 60.0
     wyoming_idle_seconds: float = 10.0
     wyoming_max_sessions: int = 8
+    live_max_sessions: int = 8
+    live_session_seconds: float = 3600.0
+    live_idle_seconds: float = 30.0
+    live_max_turn_seconds: float = 30.0
+    live_partial_seconds: float = 0.5
     max_connections: int = 500
     header_timeout_seconds: float = 20.0
     body_timeout_seconds: float = 30.0
@@ -694,6 +712,17 @@ class WyomingSessionError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class LiveSessionError(Exception):
+    """A live client (/v1/realtime) broke a rule: an `error` event carrying `code`, and, when
+    `fatal`, the end of the session. Like Wyoming's, it has no row in the HTTP table below."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+        self.fatal = fatal
 
 
 # A restart reloads the default model, seconds on a small box; a client retrying sooner finds
@@ -2542,6 +2571,10 @@ class TranscribeOptions:
     languages: tuple[str, ...] | None = None
     logprobs: bool = False  # each token's log probability, as OpenAI's include[]=logprobs
     speakers: SpeakerOptions | None = None  # who says what (see Speakers); None: not asked
+    # One decoding pass, its tokens bounded by the audio's length: a live turn's partial text, which
+    # must come quickly and is decoded again soon, not whisper's retries at rising temperatures on
+    # text that repeats itself (seconds for a turn's first second).
+    quick: bool = False
 
 
 @dataclass(frozen=True)
@@ -2602,6 +2635,10 @@ class Transcript:
     model_file: str = field(default="", compare=False)  # the ggml file that ran, without .bin
     processing_seconds: float = field(default=0.0, compare=False)  # VAD's and whisper.cpp's time for it
 
+
+# Speech is 2 to 4 words a second, and a word a token or two: a segment of a quick decode
+# (TranscribeOptions.quick) stops past this many tokens a second of the audio.
+QUICK_TOKENS_PER_SECOND = 8
 
 # whisper.cpp's own defaults, pinned here because pywhispercpp keeps whatever a previous call
 # set: every call passes this whole table, with the request's values laid over it.
@@ -3818,7 +3855,12 @@ class LoadedModel:
                     initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
                     n_max_text_ctx=WHISPER_TEXT_CONTEXT if options.condition_on_previous_text or options.prompt else 0,
                     token_timestamps=options.word_timestamps,
-                    audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else 0)
+                    audio_ctx=audio_ctx_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else 0,
+                    **(self._quick_params(audio) if options.quick else {}))
+
+    @staticmethod
+    def _quick_params(audio: np.ndarray) -> dict[str, Any]:
+        return {"temperature_inc": 0.0, "max_tokens": int(QUICK_TOKENS_PER_SECOND * len(audio) / SAMPLE_RATE) + 8}
 
     def _run(self, audio: np.ndarray, params: dict[str, Any], abort: threading.Event,
              on_segment: SegmentSink | None, layout: SpeechLayout,
@@ -4794,6 +4836,288 @@ class Scheduler:
             if is_unexpected(exc):
                 log_unexpected(exc, "in work run by " + threading.current_thread().name)
             work.future.set_exception(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Live transcription
+# ---------------------------------------------------------------------------------------------
+
+# Text while someone is still speaking, for /v1/realtime and the Wyoming listener alike. Audio
+# arrives in pieces; the daemon's VAD (Voice activity) finds the turns, or the client says where
+# one ends (a commit). While a turn is open it is decoded again, on the short fitted encoder window,
+# each time it has grown by AUDIOTEXT_LIVE_PARTIAL_SECONDS; of two successive decodes, only the
+# words both agree on are sent, so that what was sent never has to be taken back. When the turn
+# ends, one decode of the whole turn gives its text. Every decode is sync work: it goes through the
+# scheduler at PRIORITY_SYNC, ahead of queued jobs.
+
+LIVE_HISTORY_SECONDS = 3.0  # audio kept from before a turn begins, for its prefix padding
+LIVE_MIN_PARTIAL_SECONDS = 0.8  # a turn shorter than this holds too little for a word to be agreed on
+LIVE_HELD_WORDS = 1  # of the words two decodes agree on, the last this many wait for a later decode
+MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses a commit of less; so does the daemon
+DEFAULT_PREFIX_PADDING_MS = 300  # OpenAI's server_vad default
+
+
+def agreed_text(earlier: str, later: str, *, held_words: int = LIVE_HELD_WORDS) -> str:
+    """What two decodes of the same growing turn agree on, less its last `held_words` words: the
+    last are heard with the least after them to go by (and may be cut off, or carry whisper's
+    closing full stop), so they wait for the decodes to come."""
+    common = os.path.commonprefix([earlier, later])
+    if len(common) < min(len(earlier), len(later)) or len(earlier) != len(later):
+        common = common[:common.rfind(" ") + 1]  # a word both have whole, not one that goes on differently
+    words = common.split(" ")
+    return " ".join(words[:max(0, len(words) - 1 - held_words)]).rstrip() if len(words) > 1 else ""
+
+
+def _bare_words(text: str) -> list[str]:
+    return [re.sub(r"[^\w']", "", word).lower() for word in text.split()]
+
+
+def reconciled_text(sent: str, final: str) -> str:
+    """The turn's whole text, as it goes after the partial text `sent` for it: the final decode's,
+    but where it has the same words as `sent` and only writes them otherwise (a full stop where
+    the partial decodes heard a comma, a capital after it), what was sent stands, since it cannot
+    be taken back. Other words than those sent: the final decode's text as it is."""
+    if not sent or final.startswith(sent):
+        return final
+    words = _bare_words(sent)
+    spans = list(re.finditer(r"\S+", final))
+    if len(spans) < len(words) or _bare_words(final[:spans[len(words) - 1].end()]) != words:
+        logger.debug("a live turn's final text differs from the partial text sent for it")
+        return final
+    return sent + final[spans[len(words) - 1].end():]
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    """What a live stream made known: a turn "started" or "stopped" (`at`, samples since the
+    stream began), a "delta" of its text, its "completed" transcript, or that it "failed"."""
+
+    kind: str
+    turn: int
+    at: int = 0
+    text: str = ""
+    transcript: Transcript | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class LiveTurn:
+    """One turn's audio and the text sent for it so far."""
+
+    number: int
+    start: int  # samples since the stream began, padding included
+    pieces: list[np.ndarray] = field(default_factory=list)
+    samples: int = 0
+    decoded_samples: int = 0  # how much the last partial decode heard
+    last_text: str | None = None  # what the last partial decode heard
+    sent: str = ""  # the deltas so far, joined
+
+    def add(self, samples: np.ndarray) -> None:
+        if samples.size:
+            self.pieces.append(samples)
+            self.samples += samples.size
+
+    def audio(self) -> np.ndarray:
+        if len(self.pieces) > 1:
+            self.pieces = [np.concatenate(self.pieces)]
+        return self.pieces[0] if self.pieces else np.zeros(0, np.float32)
+
+    def trim(self, samples: int) -> np.ndarray:
+        """Keep the first `samples`; what was after them, for the history."""
+        audio = self.audio()
+        self.pieces, self.samples = [audio[:samples]], min(samples, audio.size)
+        return audio[samples:]
+
+    def heard(self, text: str) -> str:
+        """A partial decode's text; the delta it makes sure of ("" for none)."""
+        earlier, self.last_text = self.last_text, text
+        if earlier is None:
+            return ""
+        agreed = agreed_text(earlier, text)
+        if len(agreed) <= len(self.sent) or not agreed.startswith(self.sent):
+            return ""
+        delta, self.sent = agreed[len(self.sent):], agreed
+        return delta
+
+
+# Decode a turn's audio: `final` for its completed text, else a partial one.
+LiveDecode = Callable[[np.ndarray, bool], Awaitable[Transcript]]
+LiveEmit = Callable[[LiveEvent], Awaitable[None]]
+
+
+async def await_work(work: Work) -> Any:
+    """A scheduled item's result on the event loop. Whoever cancels the wait aborts the work; work
+    that a stop dropped from the queue is SchedulerStopped."""
+    outcome = asyncio.wrap_future(work.future)
+    try:
+        return await outcome
+    except asyncio.CancelledError:
+        work.abort.set()
+        task = asyncio.current_task()
+        if work.future.cancelled() and task is not None and not task.cancelling():
+            raise SchedulerStopped() from None
+        raise
+
+
+def live_decoder(scheduler: Scheduler, engine: Engine, quiet_engine: Engine, model: str | None,
+                 options: TranscribeOptions) -> LiveDecode:
+    """Turn decodes through the scheduler as sync work. A partial decode goes through
+    `quiet_engine`, which neither logs nor counts it: only what a client is finally given is."""
+    async def decode(audio: np.ndarray, final: bool) -> Transcript:
+        chosen, how = (engine, options) if final else (quiet_engine, dataclasses.replace(options, quick=True))
+        work = scheduler.submit(lambda abort: chosen.transcribe(audio, model, how, abort),
+                                priority=PRIORITY_SYNC)
+        return cast(Transcript, await await_work(work))
+
+    return decode
+
+
+def quiet_engine(models: ModelStore, scheduler: Scheduler, *, max_audio_seconds: float) -> Engine:
+    """An Engine for partial decodes, which neither logs nor counts them: only what a client is
+    finally given is (AppState's engine)."""
+    return Engine(models, max_audio_seconds=max_audio_seconds, between_windows=scheduler.serve_more_urgent)
+
+
+class LiveStream:
+    """One live stream of 16 kHz mono float32 audio, fed in pieces on the event loop.
+
+    With `vad` (a VoiceActivity, made off the event loop: a new Silero detector takes 0.4 s), the
+    daemon's VAD opens and closes turns and the stream closes it; without it, all audio goes into
+    one open turn until commit(). A task of its own (started by start(), ended
+    by close()) decodes: a closed turn's final decode first, in order, else a partial decode of
+    the open turn once it has grown enough. Events go to `emit` in order for each turn: started,
+    deltas, stopped, deltas, completed (or failed). The VAD runs on the event loop: it costs
+    under 1% of the audio's duration (see Voice activity), less than a thread hop per piece.
+    """
+
+    def __init__(self, decode: LiveDecode, emit: LiveEmit, *, vad: VoiceActivity | None,
+                 prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS, partial_seconds: float,
+                 max_turn_seconds: float) -> None:
+        self._decode = decode
+        self._emit = emit
+        self._vad = vad
+        self._end_pad = self._vad.tracker.params.pad if self._vad is not None else 0
+        self._prefix = int(prefix_padding_ms * SAMPLE_RATE / 1000)
+        self._partial_samples = int(partial_seconds * SAMPLE_RATE)
+        self._max_turn_samples = int(max_turn_seconds * SAMPLE_RATE)
+        self._tail = np.zeros(0, np.float32)  # the latest audio outside any turn, up to the position
+        self.position = 0  # samples fed so far
+        self._turn: LiveTurn | None = None
+        self._closed: list[LiveTurn] = []  # waiting for their final decode
+        self._turns = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.on_failure: Callable[[BaseException], None] = lambda exc: None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._decode_turns())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})  # the task ends on its own cancel, whoever cancels this wait
+        if self._vad is not None:
+            self._vad.close()
+
+    async def feed(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        start = self.position
+        self.position += samples.size
+        events = self._vad.feed(samples) if self._vad is not None else []
+        if self._turn is not None:
+            self._turn.add(samples)
+        else:
+            self._tail = np.concatenate([self._tail, samples])
+        if self._vad is None and self._turn is None and samples.size:
+            await self._open(start)
+        for event in events:
+            if event.kind == "start" and self._turn is None:
+                await self._open(max(0, event.at - self._prefix))
+            elif event.kind == "end" and self._turn is not None:
+                end = min(event.at + self._end_pad, self.position)
+                self._tail = self._turn.trim(max(0, end - self._turn.start))
+                await self._close_turn(event.at)
+        if self._turn is not None and self._turn.samples >= self._max_turn_samples:
+            await self._close_turn(self.position)  # speech that goes on goes on in a new turn
+            if self._vad is not None:
+                await self._open(self.position)
+        self._tail = self._tail[-int(LIVE_HISTORY_SECONDS * SAMPLE_RATE):]
+        self._wake.set()
+
+    async def _open(self, at: int) -> None:
+        """A turn from `at`: what the tail holds of it is laid in first."""
+        tail_start = self.position - self._tail.size
+        turn = LiveTurn(next(self._turns), start=max(at, tail_start))
+        turn.add(self._tail[turn.start - tail_start:])
+        self._tail = np.zeros(0, np.float32)
+        self._turn = turn
+        await self._emit(LiveEvent("started", turn.number, at=turn.start))
+
+    async def _close_turn(self, at: int) -> None:
+        turn, self._turn = self._turn, None
+        assert turn is not None
+        self._closed.append(turn)
+        await self._emit(LiveEvent("stopped", turn.number, at=at))
+
+    async def commit(self) -> int:
+        """The client's end of the open turn; its number. LiveSessionError if it holds under 100 ms."""
+        held = self._turn.samples if self._turn is not None else 0
+        if held < MIN_COMMIT_SECONDS * SAMPLE_RATE:
+            raise LiveSessionError("input_audio_buffer_commit_empty",
+                                   f"the audio buffer holds {held * 1000 // SAMPLE_RATE} ms of audio; a commit "
+                                   f"needs at least {MIN_COMMIT_SECONDS * 1000:.0f} ms")
+        assert self._turn is not None
+        number = self._turn.number
+        await self._close_turn(self.position)
+        self._wake.set()
+        return number
+
+    def clear(self) -> None:
+        """Drop the open turn's audio; nothing is decoded of it."""
+        self._turn = None
+        self._tail = np.zeros(0, np.float32)
+
+    async def _decode_turns(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._closed or self._partial_due():
+                    if self._closed:
+                        await self._finish(self._closed[0])
+                        self._closed.pop(0)
+                    elif self._turn is not None:
+                        await self._partial(self._turn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the session learns of it and ends
+            self.on_failure(exc)
+
+    def _partial_due(self) -> bool:
+        turn = self._turn
+        return (turn is not None and turn.samples >= LIVE_MIN_PARTIAL_SECONDS * SAMPLE_RATE
+                and turn.samples - turn.decoded_samples >= self._partial_samples)
+
+    async def _partial(self, turn: LiveTurn) -> None:
+        audio = turn.audio()
+        turn.decoded_samples = audio.size
+        transcript = await self._decode(audio, False)
+        delta = turn.heard(transcript.text)
+        if delta:
+            await self._emit(LiveEvent("delta", turn.number, text=delta))
+
+    async def _finish(self, turn: LiveTurn) -> None:
+        try:
+            transcript = await self._decode(turn.audio(), True)
+        except (asyncio.CancelledError, SchedulerStopped):
+            raise
+        except Exception as exc:  # the turn fails; the session goes on
+            await self._emit(LiveEvent("failed", turn.number, error=exc))
+            return
+        text = reconciled_text(turn.sent, transcript.text)
+        if text.startswith(turn.sent) and len(text) > len(turn.sent):
+            await self._emit(LiveEvent("delta", turn.number, text=text[len(turn.sent):]))
+        await self._emit(LiveEvent("completed", turn.number, text=text, transcript=transcript))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -6673,6 +6997,10 @@ def _guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
             if self.cycle is not cycle:  # a request's headers are in
                 self._stop_header_timer()
 
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._stop_header_timer()  # the connection is the WebSocket's now: /v1/realtime has its own limits
+            super().handle_websocket_upgrade(event)
+
         def on_response_complete(self) -> None:
             self._await_request()  # first: a pipelined request that uvicorn now handles stops it
             super().on_response_complete()
@@ -6910,7 +7238,8 @@ class PcmCollector:
                                       f"channels must be 1 to {WYOMING_MAX_CHANNELS}, got {channels!r}")
         return rate, width, channels
 
-    def add(self, rate: Any, width: Any, channels: Any, payload: bytes) -> None:
+    def add(self, rate: Any, width: Any, channels: Any, payload: bytes) -> np.ndarray:
+        """Take a chunk; the 16 kHz samples it added."""
         if self._checked_format(rate, width, channels) != self.format:
             raise WyomingSessionError("bad_audio_format", "an audio-chunk's format differs from its audio-start's")
         frame_bytes = width * channels
@@ -6923,8 +7252,11 @@ class PcmCollector:
             raise WyomingSessionError("audio_too_long",
                                       f"the audio is longer than the {_seconds(self.max_seconds)} limit "
                                       "(AUDIOTEXT_WYOMING_MAX_AUDIO_SECONDS)")
+        before = len(self._pieces)
         if frames:
             self._resample(self._as_mono_float(payload, width, channels), rate)
+        added = self._pieces[before:]
+        return np.concatenate(added) if added else np.zeros(0, np.float32)
 
     @staticmethod
     def _as_mono_float(payload: bytes, width: int, channels: int) -> np.ndarray:
@@ -7018,9 +7350,19 @@ class WyomingSession:
         self._language: str | None = None
         self._chosen = False  # a `transcribe` event came, or the defaults were taken
         self._audio: PcmCollector | None = None
+        self._live: LiveStream | None = None  # partial text while the audio comes (Live transcription)
+        self._started = False  # transcript-start is sent
+        self._sent = ""  # the transcript-chunks sent while the audio came, joined
 
     async def run(self) -> str:
         """Serve the session to its end; what ended it, for the log and the metrics."""
+        try:
+            return await self._outcome()
+        finally:
+            if self._live is not None:
+                await self._live.close()
+
+    async def _outcome(self) -> str:
         try:
             async with asyncio.timeout(wyoming_session_seconds(self.settings)):
                 return await self._serve()
@@ -7079,14 +7421,19 @@ class WyomingSession:
             data = event.data or {}
             self._audio = PcmCollector(data.get("rate"), data.get("width"), data.get("channels"),
                                        max_seconds=self.settings.wyoming_max_audio_seconds)
+            self._start_live()
         elif AudioChunk.is_type(event.type):
             if self._audio is None:
                 raise WyomingSessionError("bad_sequence", "audio-chunk came before audio-start")
             data = event.data or {}
-            self._audio.add(data.get("rate"), data.get("width"), data.get("channels"), event.payload or b"")
+            added = self._audio.add(data.get("rate"), data.get("width"), data.get("channels"), event.payload or b"")
+            if self._live is not None:
+                await self._live.feed(added)
         elif AudioStop.is_type(event.type):
             if self._audio is None:
                 raise WyomingSessionError("bad_sequence", "audio-stop came before audio-start")
+            if self._live is not None:
+                await self._live.close()  # a partial decode under way gives way to the whole
             await self._transcribe(self._audio)
             return "transcript"
         # Events of other services (wake, tts, ...) are not for us; a later protocol may add more.
@@ -7114,21 +7461,58 @@ class WyomingSession:
         self.state.models.check_request(model, language)  # UnknownModel, UnsupportedLanguage
         self._model, self._language, self._chosen = model, language, True
 
+    def _options(self) -> TranscribeOptions:
+        # The languages offered to Home Assistant are the ones detection may pick among.
+        return TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio,
+                                 languages=self.settings.wyoming_languages or None)
+
+    def _start_live(self) -> None:
+        """Partial text while the command is spoken: the whole command is one turn, its end the
+        audio-stop."""
+        from wyoming.asr import Transcribe
+
+        if not self._chosen:
+            self._choose(Transcribe())
+        state = self.state
+        quiet = quiet_engine(state.models, state.scheduler, max_audio_seconds=self.settings.wyoming_max_audio_seconds)
+        decode = live_decoder(state.scheduler, state.engine, quiet, self._model, self._options())
+        self._live = LiveStream(decode, self._live_event, vad=None,
+                                partial_seconds=self.settings.live_partial_seconds,
+                                max_turn_seconds=self.settings.wyoming_max_audio_seconds + 1)
+        self._live.start()
+
+    async def _live_event(self, event: LiveEvent) -> None:
+        if event.kind == "delta":
+            await self._chunk(event.text)
+
+    async def _begin(self) -> None:
+        from wyoming.asr import TranscriptStart
+
+        if not self._started:
+            await self._write(TranscriptStart(language=self._language).event())
+            self._started = True
+
+    async def _chunk(self, text: str) -> None:
+        from wyoming.asr import TranscriptChunk
+
+        await self._begin()
+        await self._write(TranscriptChunk(text=text).event())
+        self._sent += text
+
     async def _transcribe(self, collected: PcmCollector) -> None:
-        from wyoming.asr import Transcribe, TranscriptChunk, TranscriptStart, TranscriptStop
+        """The whole command's transcript. Its segments go out as transcript-chunks as whisper.cpp
+        finishes them, unless chunks went out while the audio came: then only what the whole
+        adds to them does."""
+        from wyoming.asr import TranscriptStart, TranscriptStop
         from wyoming.asr import Transcript as TranscriptEvent  # the module's Transcript is the engine's
 
         audio = collected.finish()
-        if not self._chosen:
-            self._choose(Transcribe())
         if audio.size == 0:  # audio-start, then audio-stop: nothing said
             for event in (TranscriptStart(language=self._language), TranscriptEvent(text="", language=self._language),
                           TranscriptStop()):
                 await self._write(event.event())
             return
-        # The languages offered to Home Assistant are the ones detection may pick among.
-        options = TranscribeOptions(language=self._language, fit_short_audio=self.settings.wyoming_fit_short_audio,
-                                    languages=self.settings.wyoming_languages or None)
+        options = self._options()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
 
@@ -7136,22 +7520,24 @@ class WyomingSession:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         def run(abort: threading.Event) -> Transcript:
-            return self.state.engine.transcribe(audio, self._model, options, abort, on_segment=on_segment)
+            return self.state.engine.transcribe(audio, self._model, options, abort,
+                                                on_segment=None if self._sent else on_segment)
 
         started = time.monotonic()
         work = self.state.scheduler.submit(run, priority=PRIORITY_SYNC)
         outcome = asyncio.ensure_future(self._wait_for(work))
         try:
-            await self._write(TranscriptStart(language=self._language).event())
-            first = True
+            await self._begin()
             async for text in until_done(pieces, outcome):
-                await self._write(TranscriptChunk(text=text.lstrip() if first else text).event())
-                first = False
+                await self._chunk(text if self._sent else text.lstrip())
             transcript = outcome.result()
         finally:
             let_go(outcome)
+        text = reconciled_text(self._sent, transcript.text)
+        if self._sent and text.startswith(self._sent) and len(text) > len(self._sent):
+            await self._chunk(text[len(self._sent):])
         language = self._language or transcript.language
-        await self._write(TranscriptEvent(text=transcript.text, language=language).event())
+        await self._write(TranscriptEvent(text=text, language=language).event())
         await self._write(TranscriptStop().event())
         logger.info("wyoming %s transcript model=%s audio_seconds=%.1f %.0f ms", self.peer,
                     self._model or self.settings.wyoming_model or self.settings.default_model,
@@ -7293,6 +7679,196 @@ class WyomingListener:
                                       "sessions are open, the AUDIOTEXT_WYOMING_MAX_SESSIONS limit; retry later")
             return "too_many_sessions"
         return await session.run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dictation
+# ---------------------------------------------------------------------------------------------
+
+# The web page's microphone button: the microphone streamed to GET /v1/realtime (Live
+# transcription) as 24 kHz 16-bit PCM, the text shown as it is heard, the finished turns kept as a
+# transcript to copy or save. A script, a style and a panel of their own, which the Web page
+# section lays into the page's one script, style and body. A browser cannot set a WebSocket's
+# headers: the token travels as the `openai-insecure-api-key.` subprotocol, as OpenAI's own
+# browser clients send it.
+
+DICTATION_STYLE = """
+#dictation h2 { margin-top: 0; }
+#dictation .row { align-items: center; flex-wrap: wrap; }
+#dictate[aria-pressed=true] { background: var(--bad); border-color: var(--bad); color: var(--on-accent); }
+#dictation-state { color: var(--muted); font-size: .875rem; }
+#dictation-state[data-kind=bad] { color: var(--bad); }
+#transcript { white-space: pre-wrap; margin: .6rem 0 0; max-height: 18rem; overflow: auto; min-height: 1.5rem; }
+#transcript .heard { color: var(--muted); }
+"""
+
+DICTATION_SCRIPT = r"""
+(() => {
+  const RATE = 24000;  // what OpenAI's audio/pcm format is
+  const byId = (id) => document.getElementById(id);
+  const dictation = {socket: null, stream: null, context: null, turns: [], heard: new Map()};
+
+  function say(text, kind = "") {
+    byId("dictation-state").textContent = text;
+    byId("dictation-state").dataset.kind = kind;
+  }
+
+  function show() {
+    const box = byId("transcript");
+    box.textContent = dictation.turns.join("\n");
+    const heard = [...dictation.heard.values()].join(" ");
+    if (heard) {
+      const span = document.createElement("span");
+      span.className = "heard";
+      span.textContent = (dictation.turns.length ? "\n" : "") + heard;
+      box.append(span);
+    }
+    box.scrollTop = box.scrollHeight;
+    const any = dictation.turns.length > 0;
+    byId("dictation-copy").disabled = !any;
+    byId("dictation-save").disabled = !any;
+  }
+
+  function pcm16(samples) {
+    const out = new Int16Array(samples.length);
+    for (let i = 0; i < samples.length; i++) out[i] = Math.max(-1, Math.min(1, samples[i])) * 32767;
+    let text = "";
+    const bytes = new Uint8Array(out.buffer);
+    for (let i = 0; i < bytes.length; i += 8192) text += String.fromCharCode(...bytes.subarray(i, i + 8192));
+    return btoa(text);
+  }
+
+  function onEvent(event) {
+    if (event.type === "conversation.item.input_audio_transcription.delta") {
+      dictation.heard.set(event.item_id, (dictation.heard.get(event.item_id) || "") + event.delta);
+    } else if (event.type === "conversation.item.input_audio_transcription.completed") {
+      dictation.heard.delete(event.item_id);
+      if (event.transcript.trim()) dictation.turns.push(event.transcript.trim());
+    } else if (event.type === "input_audio_buffer.speech_started") {
+      say("Hearing you…");
+    } else if (event.type === "input_audio_buffer.speech_stopped") {
+      say("Listening");
+    } else if (event.type === "error") {
+      say(event.error.message, "bad");
+    }
+    show();
+  }
+
+  async function microphone() {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      throw new Error("This browser gives no microphone to this page: open it over https or on localhost.");
+    }
+    try {
+      return await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: true,
+                                                                noiseSuppression: true}});
+    } catch (error) {
+      if (error.name === "NotAllowedError") throw new Error("Microphone permission was denied.");
+      if (error.name === "NotFoundError") throw new Error("No microphone was found.");
+      throw new Error("The microphone could not be opened: " + error.message);
+    }
+  }
+
+  function connect() {
+    const url = new URL("v1/realtime?intent=transcription", location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    const key = localStorage.getItem("audiotext.token") || "";
+    const socket = new WebSocket(url, ["realtime", "openai-insecure-api-key." + key]);
+    socket.addEventListener("message", (message) => onEvent(JSON.parse(message.data)));
+    return new Promise((resolve, reject) => {
+      socket.addEventListener("open", () => resolve(socket), {once: true});
+      socket.addEventListener("close", () => reject(new Error(
+        "The server refused the connection (is the token right?).")), {once: true});
+    });
+  }
+
+  async function start() {
+    say("Starting…");
+    try {
+      dictation.stream = await microphone();
+      dictation.socket = await connect();
+    } catch (error) {
+      stop();
+      say(error.message, "bad");
+      return;
+    }
+    const model = byId("model") ? byId("model").value : "";
+    const language = byId("language") ? byId("language").value : "";
+    dictation.socket.send(JSON.stringify({type: "session.update", session: {type: "transcription", audio: {input: {
+      format: {type: "audio/pcm", rate: RATE},
+      transcription: {model: model || null, language: language || null},
+      turn_detection: {type: "server_vad"}}}}}));
+    const socket = dictation.socket;
+    socket.addEventListener("close", () => {  // not the close that stop() asked for
+      if (dictation.socket === socket) { stop(); say("The connection dropped; press the button to go on.", "bad"); }
+    });
+    // The browser resamples to 24 kHz; ScriptProcessor, as an AudioWorklet needs a module this page's policy refuses.
+    dictation.context = new AudioContext({sampleRate: RATE});
+    const source = dictation.context.createMediaStreamSource(dictation.stream);
+    const tap = dictation.context.createScriptProcessor(4096, 1, 1);
+    tap.onaudioprocess = (e) => {
+      if (dictation.socket && dictation.socket.readyState === WebSocket.OPEN) {
+        dictation.socket.send(JSON.stringify({type: "input_audio_buffer.append",
+                                              audio: pcm16(e.inputBuffer.getChannelData(0))}));
+      }
+    };
+    source.connect(tap);
+    tap.connect(dictation.context.destination);
+    byId("dictate").setAttribute("aria-pressed", "true");
+    byId("dictate").textContent = "Stop dictation";
+    say("Listening");
+  }
+
+  function stop() {
+    const socket = dictation.socket;
+    dictation.socket = null;
+    if (socket) socket.close();
+    if (dictation.context) dictation.context.close().catch(() => {});
+    if (dictation.stream) dictation.stream.getTracks().forEach((track) => track.stop());
+    for (const text of dictation.heard.values()) if (text.trim()) dictation.turns.push(text.trim());
+    Object.assign(dictation, {stream: null, context: null, heard: new Map()});
+    byId("dictate").setAttribute("aria-pressed", "false");
+    byId("dictate").textContent = "Start dictation";
+    say("Stopped");
+    show();
+  }
+
+  byId("dictate").addEventListener("click", () => (dictation.socket || dictation.stream ? stop() : start()));
+  byId("dictation-copy").addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(dictation.turns.join("\n"));
+      say("Copied");
+    } catch (e) {
+      getSelection().selectAllChildren(byId("transcript"));
+      say("Selected: copy it with the keyboard");
+    }
+  });
+  byId("dictation-save").addEventListener("click", () => {
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([dictation.turns.join("\n") + "\n"], {type: "text/plain;charset=utf-8"}));
+    link.download = "dictation.txt";
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+  });
+  byId("dictation-clear").addEventListener("click", () => { dictation.turns = []; show(); });
+})();
+"""
+
+DICTATION_PANEL = """    <section id="dictation" class="panel" aria-labelledby="dictation-title">
+      <h2 id="dictation-title">Dictation</h2>
+      <div class="row">
+        <button type="button" id="dictate" class="primary" aria-pressed="false">Start dictation</button>
+        <span id="dictation-state" role="status">Speak into the microphone; the text appears as it is heard.</span>
+      </div>
+      <p id="transcript" aria-live="polite"></p>
+      <div class="actions">
+        <button type="button" id="dictation-copy" disabled>Copy text</button>
+        <button type="button" id="dictation-save" disabled>Save as TXT</button>
+        <button type="button" id="dictation-clear">Clear</button>
+      </div>
+    </section>
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -7861,7 +8437,7 @@ WEB_PAGE_BODY = """<header>
       </label>
     </form>
     <p class="error" id="notice" role="alert"></p>
-    <h2 id="jobs-title" tabindex="-1">Jobs</h2>
+{dictation}    <h2 id="jobs-title" tabindex="-1">Jobs</h2>
     <p class="hint" id="empty">No jobs yet.</p>
     <ol id="jobs" aria-labelledby="jobs-title"></ol>
     <p id="announce" class="visually-hidden" aria-live="polite"></p>
@@ -7902,15 +8478,18 @@ def _language_options() -> str:
 
 def build_web_page() -> tuple[bytes, dict[str, str]]:
     """The page and the headers it is served with."""
-    body = WEB_PAGE_BODY.replace("{version}", __version__).replace("{languages}", _language_options())
+    script, style = WEB_PAGE_SCRIPT + DICTATION_SCRIPT, WEB_PAGE_STYLE + DICTATION_STYLE
+    body = (WEB_PAGE_BODY.replace("{version}", __version__).replace("{languages}", _language_options())
+            .replace("{dictation}", DICTATION_PANEL))
     page = ('<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             '<meta name="color-scheme" content="light dark">\n<title>audiotext</title>\n'
             '<link rel="icon" href="data:,">\n'  # or the browser asks for /favicon.ico
-            f"<style>{WEB_PAGE_STYLE}</style>\n</head>\n<body>\n{body}<script>{WEB_PAGE_SCRIPT}</script>\n"
+            f"<style>{style}</style>\n</head>\n<body>\n{body}<script>{script}</script>\n"
             "</body>\n</html>\n")
     policy = {
-        "default-src": "'none'", "script-src": _csp_hash(WEB_PAGE_SCRIPT), "style-src": _csp_hash(WEB_PAGE_STYLE),
+        "default-src": "'none'", "script-src": _csp_hash(script), "style-src": _csp_hash(style),
+        # The daemon only: its WebSocket too, as 'self' takes in ws: and wss: to the page's host.
         "connect-src": "'self'", "img-src": "data:", "base-uri": "'none'", "form-action": "'none'",
         "frame-ancestors": "'none'",
     }
@@ -8719,6 +9298,570 @@ async def metrics(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# Realtime routes
+# ---------------------------------------------------------------------------------------------
+
+# GET /v1/realtime?intent=transcription, a WebSocket: OpenAI's Realtime transcription protocol as
+# its SDKs speak it, in the GA shape (session.update with session.type "transcription") and the
+# beta one (transcription_session.update, chosen by the `OpenAI-Beta: realtime=v1` header). The
+# client appends base64 audio; turns are found by the daemon's VAD (turn_detection server_vad)
+# or ended by the client's commits (turn_detection null); Live transcription sends each turn's
+# text as it becomes sure, then the whole. A broken rule of the protocol is an `error` event and
+# the session goes on; a broken limit is an `error` event and the end of the session.
+
+REALTIME_PATH = "/v1/realtime"
+# A text message's largest size (uvicorn closes the connection with 1009 past it): 10 s of
+# 24 kHz audio in base64 is 640 KiB, and OpenAI's clients send far less at a time.
+REALTIME_MAX_MESSAGE_BYTES = 2 * MiB
+REALTIME_MAX_QUEUED_EVENTS = 256  # events not yet written to a client that does not read, before it is let go
+REALTIME_SUBPROTOCOL = "realtime"
+REALTIME_CLOSE_SECONDS = 5.0  # for the events still queued when a session ends, and for its close
+REALTIME_KEY_PROTOCOL = "openai-insecure-api-key."  # what a browser, which cannot set headers, sends the token in
+REALTIME_LOGPROBS = "item.input_audio_transcription.logprobs"
+# format -> the rate it comes at; the beta names for the same formats
+REALTIME_FORMATS = {"audio/pcm": 24_000, "audio/pcmu": 8_000, "audio/pcma": 8_000}
+BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+DEFAULT_TURN_DETECTION: dict[str, Any] = {"type": "server_vad", "threshold": VAD_PARAMS["threshold"],
+                                          "prefix_padding_ms": DEFAULT_PREFIX_PADDING_MS,
+                                          "silence_duration_ms": int(VAD_PARAMS["min_silence_duration_ms"])}
+
+
+def _g711_tables() -> tuple[np.ndarray, np.ndarray]:
+    """μ-law and A-law (ITU-T G.711) byte -> float32 sample."""
+    codes = np.arange(256, dtype=np.int32)
+    u = ~codes & 0xFF
+    ulaw = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)) - 0x84
+    ulaw = np.where(u & 0x80, -ulaw, ulaw)
+    a = codes ^ 0x55
+    exponent, mantissa = (a >> 4) & 7, a & 0x0F
+    alaw = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    alaw = np.where(a & 0x80, alaw, -alaw)
+    return (ulaw / 32768.0).astype(np.float32), (alaw / 32768.0).astype(np.float32)
+
+
+ULAW_TABLE, ALAW_TABLE = _g711_tables()
+RESAMPLE_TAPS = 31
+
+
+class Resampler:
+    """A stream at `rate` to 16 kHz, piece by piece: a windowed-sinc low-pass below the lower of the
+    two Nyquist rates, then linear interpolation at the new rate's instants. Whisper hears speech up
+    to 8 kHz; this keeps what lies below it and folds nothing back."""
+
+    def __init__(self, rate: int) -> None:
+        self.step = rate / SAMPLE_RATE
+        cutoff = 0.45 * min(1.0, SAMPLE_RATE / rate)  # in cycles per input sample
+        n = np.arange(RESAMPLE_TAPS) - (RESAMPLE_TAPS - 1) / 2
+        taps = np.sinc(2 * cutoff * n) * np.hamming(RESAMPLE_TAPS)
+        self._taps = (taps / taps.sum()).astype(np.float32)
+        self._held = np.zeros(RESAMPLE_TAPS - 1, np.float32)
+        self._last = np.float32(0.0)  # the last filtered sample, at position 0 of the next piece
+        self._next = 1.0  # where the next output sample lies, from that last one
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        if self.step == 1.0 or not samples.size:
+            return samples
+        joined = np.concatenate([self._held, samples])
+        self._held = joined[-(RESAMPLE_TAPS - 1):]
+        filtered = np.concatenate([[self._last], np.convolve(joined, self._taps, mode="valid")]).astype(np.float32)
+        span = filtered.size - 1
+        count = int((span - self._next) // self.step) + 1 if self._next <= span else 0
+        at = self._next + self.step * np.arange(count)
+        out = np.interp(at, np.arange(filtered.size), filtered).astype(np.float32)
+        self._next = (at[-1] + self.step if count else self._next) - span
+        self._last = filtered[-1]
+        return out
+
+
+def decode_realtime_audio(payload: bytes, audio_format: str) -> np.ndarray:
+    """An append's bytes as float32 at the format's own rate."""
+    if audio_format == "audio/pcm":
+        if len(payload) % 2:
+            raise LiveSessionError("invalid_audio", "audio/pcm is 16-bit samples: an append of an odd number "
+                                   "of bytes", param="audio")
+        return (np.frombuffer(payload, dtype="<i2") / 32768.0).astype(np.float32)
+    table = ULAW_TABLE if audio_format == "audio/pcmu" else ALAW_TABLE
+    return table[np.frombuffer(payload, dtype=np.uint8)]
+
+
+@dataclass
+class RealtimeConfig:
+    """A transcription session's settings, as session.update (GA) or transcription_session.update
+    (beta) set them; what neither shape names stays as it was."""
+
+    audio_format: str = "audio/pcm"
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    turn_detection: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_TURN_DETECTION))
+    logprobs: bool = False
+
+    def vad_tuning(self) -> tuple[tuple[str, float], ...] | None:
+        if self.turn_detection is None:
+            return None
+        return (("threshold", float(self.turn_detection["threshold"])),
+                ("min_silence_duration_ms", float(self.turn_detection["silence_duration_ms"])))
+
+    def stream_key(self) -> tuple[Any, ...]:
+        """What the live stream is built from: a change of any of these builds a new one."""
+        return (self.audio_format, self.model, self.language, self.prompt, self.logprobs,
+                None if self.turn_detection is None else tuple(sorted(self.turn_detection.items())))
+
+    def ga_object(self, session_id: str) -> dict[str, Any]:
+        rate = {"rate": REALTIME_FORMATS[self.audio_format]} if self.audio_format == "audio/pcm" else {}
+        return {"type": "transcription", "object": "realtime.transcription_session", "id": session_id,
+                "audio": {"input": {"format": {"type": self.audio_format, **rate},
+                                    "transcription": self._transcription(), "noise_reduction": None,
+                                    "turn_detection": self.turn_detection}},
+                "include": [REALTIME_LOGPROBS] if self.logprobs else []}
+
+    def beta_object(self, session_id: str) -> dict[str, Any]:
+        beta_format = next(name for name, shape in BETA_FORMATS.items() if shape == self.audio_format)
+        return {"id": session_id, "object": "realtime.transcription_session", "modalities": ["text"],
+                "input_audio_format": beta_format, "input_audio_transcription": self._transcription(),
+                "turn_detection": self.turn_detection, "input_audio_noise_reduction": None,
+                "include": [REALTIME_LOGPROBS] if self.logprobs else []}
+
+    def _transcription(self) -> dict[str, Any]:
+        return {"model": self.model, "language": self.language, "prompt": self.prompt}
+
+
+def _object(value: Any, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise LiveSessionError("invalid_value", f"{param} must be an object", param=param)
+    return value
+
+
+def _optional_text(section: dict[str, Any], name: str, param: str) -> str | None:
+    value = section.get(name)
+    if value is not None and not isinstance(value, str):
+        raise LiveSessionError("invalid_value", f"{param}.{name} must be a string", param=f"{param}.{name}")
+    return value or None
+
+
+def _turn_detection(value: Any, param: str) -> dict[str, Any] | None:
+    """server_vad's settings with the daemon's defaults and ranges; semantic_vad is served by the
+    same VAD; idle_timeout_ms is accepted and has no effect."""
+    if value is None:
+        return None
+    section = _object(value, param)
+    if section.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+        raise LiveSessionError("invalid_value", f"{param}.type must be server_vad, semantic_vad or the whole "
+                               "turn_detection null", param=f"{param}.type")
+    chosen = dict(DEFAULT_TURN_DETECTION)
+    limits = {"threshold": VAD_TUNABLE["threshold"], "prefix_padding_ms": (0, LIVE_HISTORY_SECONDS * 1000),
+              "silence_duration_ms": VAD_TUNABLE["min_silence_duration_ms"]}
+    for name, (low, high) in limits.items():
+        given = section.get(name)
+        if given is None:
+            continue
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or not low <= given <= high:
+            raise LiveSessionError("invalid_value", f"{param}.{name} must be a number from {low:g} to {high:g}",
+                                   param=f"{param}.{name}")
+        chosen[name] = given
+    return chosen
+
+
+def _include(value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, list) or any(item != REALTIME_LOGPROBS for item in value):
+        raise LiveSessionError("invalid_value", f"session.include may hold only {REALTIME_LOGPROBS}",
+                               param="session.include")
+    return bool(value)
+
+
+def updated_config(config: RealtimeConfig, session: Any, *, beta: bool) -> RealtimeConfig:
+    """The session's settings after an update; LiveSessionError names a field that is wrong."""
+    session = _object(session, "session")
+    new = dataclasses.replace(config)
+    if beta:
+        if "input_audio_format" in session:
+            if session["input_audio_format"] not in BETA_FORMATS:
+                raise LiveSessionError("invalid_value", "session.input_audio_format must be one of "
+                                       f"{', '.join(BETA_FORMATS)}", param="session.input_audio_format")
+            new.audio_format = BETA_FORMATS[session["input_audio_format"]]
+        transcription, where = session.get("input_audio_transcription"), "session.input_audio_transcription"
+        turn_key, turn_where = "turn_detection", "session.turn_detection"
+        turn_section = session
+    else:
+        if session.get("type", "transcription") != "transcription":
+            raise LiveSessionError("invalid_value", "session.type must be transcription: this server "
+                                   "transcribes, it holds no conversations", param="session.type")
+        audio_input = _object(_object(session.get("audio", {}), "session.audio").get("input", {}),
+                              "session.audio.input")
+        if "format" in audio_input:
+            new.audio_format = _audio_format(audio_input["format"])
+        transcription, where = audio_input.get("transcription"), "session.audio.input.transcription"
+        turn_key, turn_where = "turn_detection", "session.audio.input.turn_detection"
+        turn_section = audio_input
+    if transcription is not None:
+        section = _object(transcription, where)
+        new.model = _optional_text(section, "model", where) or new.model
+        new.language = _optional_text(section, "language", where)
+        new.prompt = _optional_text(section, "prompt", where)
+    if turn_key in turn_section:
+        new.turn_detection = _turn_detection(turn_section[turn_key], turn_where)
+    if "include" in session:
+        new.logprobs = _include(session["include"])
+    return new
+
+
+def _audio_format(value: Any) -> str:
+    section = _object(value, "session.audio.input.format")
+    kind = section.get("type", "audio/pcm")
+    if kind not in REALTIME_FORMATS:
+        raise LiveSessionError("invalid_value", "session.audio.input.format.type must be one of "
+                               f"{', '.join(REALTIME_FORMATS)}", param="session.audio.input.format.type")
+    rate = section.get("rate")
+    if rate is not None and rate != REALTIME_FORMATS[kind]:
+        raise LiveSessionError("invalid_value", f"{kind} comes at {REALTIME_FORMATS[kind]} Hz, not {rate!r}",
+                               param="session.audio.input.format.rate")
+    return str(kind)
+
+
+class RealtimeSession:
+    """One WebSocket client: its settings, its live stream, and the events it is sent.
+
+    Tasks: a sender (events are queued, at most REALTIME_MAX_QUEUED_EVENTS, and written one at a
+    time within AUDIOTEXT_LIVE_IDLE_SECONDS each) and the live stream's decoder; both end with the
+    session. `ended` is set with the outcome when either of them ends it.
+    """
+
+    def __init__(self, state: AppState, websocket: WebSocket, *, beta: bool, model: str | None) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.websocket = websocket
+        self.beta = beta
+        self.id = "sess_" + secrets.token_hex(12)
+        self.config = RealtimeConfig(model=model)
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(REALTIME_MAX_QUEUED_EVENTS)
+        self._events = itertools.count(1)
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._sender: asyncio.Task[None] | None = None
+        self._stream: LiveStream | None = None
+        self._stream_key: tuple[Any, ...] | None = None
+        self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
+        self._items: dict[int, str] = {}  # turn number -> item id
+        self._last_item: str | None = None
+        self.audio_seconds = 0.0
+        self._quiet_engine = quiet_engine(state.models, state.scheduler,
+                                          max_audio_seconds=self.settings.live_max_turn_seconds + 1)
+
+    async def run(self) -> str:
+        """Serve the session to its end; what ended it, for the metrics."""
+        self._sender = asyncio.ensure_future(self._send_events())
+        try:
+            await self._new_stream()
+            created = "transcription_session.created" if self.beta else "session.created"
+            self.send({"type": created, "session": self._session_object()})
+            async with asyncio.timeout(self.settings.live_session_seconds):
+                return await self._serve()
+        except TimeoutError:
+            self.send_error(LiveSessionError("session_expired", "the session went on for longer than "
+                                             f"{self.settings.live_session_seconds:g} s "
+                                             "(AUDIOTEXT_LIVE_SESSION_SECONDS)"))
+            return "session_expired"
+        except LiveSessionError as exc:
+            self.send_error(exc)
+            return exc.code
+        finally:
+            if self._stream is not None:
+                await self._stream.close()
+            await self._flush_and_close(flush=not (self.ended.done() and self.ended.result() == "slow_reader"))
+
+    async def _serve(self) -> str:
+        receive: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                receive = receive or asyncio.ensure_future(self.websocket.receive())
+                done, _ = await asyncio.wait({receive, self.ended}, timeout=self.settings.live_idle_seconds,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if self.ended.done():
+                    return self.ended.result()
+                if not done:
+                    raise LiveSessionError("idle_timeout", "nothing was received for "
+                                           f"{self.settings.live_idle_seconds:g} s (AUDIOTEXT_LIVE_IDLE_SECONDS)",
+                                           fatal=True)
+                message, receive = receive.result(), None
+                if message["type"] == "websocket.disconnect":
+                    return "closed"
+                await self._handle_message(message)
+        finally:
+            if receive is not None:
+                receive.cancel()
+
+    async def _handle_message(self, message: dict[str, Any]) -> None:
+        event_id = None
+        try:
+            text = message.get("text")
+            if text is None:
+                raise LiveSessionError("invalid_event", "binary messages are not events: send each event as "
+                                       "JSON text, its audio in base64")
+            try:
+                event = json.loads(text)
+            except (ValueError, RecursionError):
+                raise LiveSessionError("invalid_json", "the message is not JSON") from None
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise LiveSessionError("invalid_event", "an event is a JSON object with a string `type`",
+                                       param="type")
+            event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+            await self._handle(event)
+        except LiveSessionError as exc:
+            if exc.fatal:
+                raise
+            self.send_error(exc, event_id)
+        except (InvalidRequest, UnknownModel, UnsupportedLanguage, ModelTooLarge) as exc:
+            self.send_error(LiveSessionError(meaning_of(exc).code or "invalid_value", str(exc),
+                                             param=getattr(exc, "param", None)), event_id)
+
+    async def _handle(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind in ("session.update", "transcription_session.update"):
+            await self._update(event.get("session"), beta=kind == "transcription_session.update")
+        elif kind == "input_audio_buffer.append":
+            await self._append(event.get("audio"))
+        elif kind == "input_audio_buffer.commit":
+            assert self._stream is not None
+            await self._stream.commit()
+        elif kind == "input_audio_buffer.clear":
+            assert self._stream is not None
+            self._stream.clear()
+            self.send({"type": "input_audio_buffer.cleared"})
+        else:
+            raise LiveSessionError("invalid_event", f"unknown event type {kind[:64]!r}: a transcription session "
+                                   "takes session.update (or transcription_session.update) and "
+                                   "input_audio_buffer.append, .commit and .clear", param="type")
+
+    async def _update(self, session: Any, *, beta: bool) -> None:
+        config = updated_config(self.config, session, beta=beta)
+        self.state.models.check_request(config.model, config.language)
+        self.config = config
+        if config.stream_key() != self._stream_key:
+            if self._stream is not None:
+                await self._stream.close()
+            await self._new_stream()
+        self.beta = self.beta or beta
+        self.send({"type": "transcription_session.updated" if self.beta else "session.updated",
+                   "session": self._session_object()})
+
+    async def _new_stream(self) -> None:
+        config = self.config
+        options = TranscribeOptions(language=config.language, prompt=config.prompt, logprobs=config.logprobs,
+                                    fit_short_audio=True, vad=False if config.turn_detection else None)
+        decode = live_decoder(self.state.scheduler, self.state.engine, self._quiet_engine, config.model, options)
+        padding = config.turn_detection["prefix_padding_ms"] if config.turn_detection else 0
+        tuning = config.vad_tuning()
+        vad = None if tuning is None else await asyncio.to_thread(VoiceActivity, tuning)
+        self._stream = LiveStream(decode, self._on_live_event, vad=vad,
+                                  prefix_padding_ms=int(padding), partial_seconds=self.settings.live_partial_seconds,
+                                  max_turn_seconds=self.settings.live_max_turn_seconds)
+        self._stream.on_failure = self.end
+        self._stream.start()
+        self._stream_key = config.stream_key()
+        self._resampler = Resampler(REALTIME_FORMATS[config.audio_format])
+
+    async def _append(self, audio: Any) -> None:
+        if not isinstance(audio, str):
+            raise LiveSessionError("invalid_value", "audio must be a base64 string", param="audio")
+        try:
+            payload = base64.b64decode(audio, validate=True)
+        except ValueError:
+            raise LiveSessionError("invalid_value", "audio is not valid base64", param="audio") from None
+        samples = self._resampler(decode_realtime_audio(payload, self.config.audio_format))
+        self.audio_seconds += samples.size / SAMPLE_RATE
+        assert self._stream is not None
+        await self._stream.feed(samples)
+
+    async def _on_live_event(self, event: LiveEvent) -> None:
+        if event.kind == "started":
+            self._items[event.turn] = "item_" + secrets.token_hex(12)
+        item = self._items.get(event.turn, "")
+        if event.kind == "started" and self.config.turn_detection is not None:
+            self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": event.at * 1000 // SAMPLE_RATE,
+                       "item_id": item})
+        elif event.kind == "stopped":
+            if self.config.turn_detection is not None:
+                self.send({"type": "input_audio_buffer.speech_stopped",
+                           "audio_end_ms": event.at * 1000 // SAMPLE_RATE, "item_id": item})
+            self.send({"type": "input_audio_buffer.committed", "item_id": item, "previous_item_id": self._last_item})
+            self._last_item = item
+        elif event.kind == "delta":
+            self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item,
+                       "content_index": 0, "delta": event.text})
+        elif event.kind == "completed":
+            self._completed(item, event)
+        elif event.kind == "failed":
+            assert event.error is not None
+            envelope = error_envelope(event.error)["error"]
+            self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
+                       "content_index": 0, "error": envelope})
+            self._items.pop(event.turn, None)
+
+    def _completed(self, item: str, event: LiveEvent) -> None:
+        transcript = event.transcript
+        assert transcript is not None
+        completed: dict[str, Any] = {"type": "conversation.item.input_audio_transcription.completed",
+                                     "item_id": item, "content_index": 0, "transcript": event.text,
+                                     "usage": {"type": "duration", "seconds": transcript.duration}}
+        if self.config.logprobs:
+            completed["logprobs"] = transcript.logprobs or []
+        self.send(completed)
+        self._items.pop(event.turn, None)
+
+    def _session_object(self) -> dict[str, Any]:
+        return self.config.beta_object(self.id) if self.beta else self.config.ga_object(self.id)
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Queue an event; a client that lets REALTIME_MAX_QUEUED_EVENTS pile up is let go."""
+        if self.ended.done():
+            return
+        try:
+            self._queue.put_nowait({"event_id": f"event_{next(self._events)}", **event})
+        except asyncio.QueueFull:
+            self.ended.set_result("slow_reader")
+
+    def send_error(self, exc: LiveSessionError, event_id: str | None = None) -> None:
+        logger.debug("realtime error %s: %s", exc.code, exc)
+        kind = "server_error" if exc.code in ("shutting_down", "internal_error") else "invalid_request_error"
+        self.send({"type": "error", "error": {"type": kind, "code": exc.code, "message": str(exc),
+                                              "param": exc.param, "event_id": event_id}})
+
+    def end(self, exc: BaseException) -> None:
+        """The live stream failed: the session ends with an `error` event saying why."""
+        meaning = meaning_of(exc)
+        if is_unexpected(exc):
+            log_unexpected(exc, "in a live transcription session")
+        self.send_error(LiveSessionError(meaning.code or "internal_error", describe(exc)))
+        if not self.ended.done():
+            self.ended.set_result(meaning.code or "internal_error")
+
+    async def _send_events(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes as
+                # the send completes, and this task would then wait on the queue for ever.
+                async with asyncio.timeout(self.settings.live_idle_seconds):
+                    await self.websocket.send_text(json.dumps(event))
+            except TimeoutError:
+                if not self.ended.done():
+                    self.ended.set_result("slow_reader")
+                return
+            except Exception:  # the client is gone
+                if not self.ended.done():
+                    self.ended.set_result("closed")
+                return
+
+    async def _flush_and_close(self, *, flush: bool) -> None:
+        """What is queued goes out, then the close, each within REALTIME_CLOSE_SECONDS: a client
+        that reads nothing gets its connection closed without either."""
+        assert self._sender is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
+                while flush and not self._queue.empty() and not self._sender.done():
+                    await asyncio.sleep(0.01)
+        self._sender.cancel()
+        with contextlib.suppress(BaseException):
+            await self._sender
+        with contextlib.suppress(Exception):  # TimeoutError too: uvicorn closes the transport as the app returns
+            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
+                await self.websocket.close(1000)
+
+
+def realtime_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's WebSocket protocol on the websockets package (its sans-I/O one), which logs an
+    ERROR, "returned without completing handshake", after every refusal answered in HTTP (a 401,
+    a 429): a refusal is an answer, so it counts as the handshake's end here."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    class RealtimeProtocol(WebSocketsSansIOProtocol):
+        async def send(self, message: Any) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+                self.handshake_complete = True
+
+    return RealtimeProtocol
+
+
+def _offered_protocols(websocket: WebSocket) -> list[str]:
+    header = websocket.headers.get("sec-websocket-protocol", "")
+    return [item.strip() for item in header.split(",") if item.strip()]
+
+
+def realtime_token_ok(websocket: WebSocket, token: str | None) -> bool:
+    """The Bearer header, or for a browser the token as an `openai-insecure-api-key.` subprotocol."""
+    if token is None:
+        return True
+    scheme, _, supplied = websocket.headers.get("authorization", "").partition(" ")
+    offered = [protocol[len(REALTIME_KEY_PROTOCOL):] for protocol in _offered_protocols(websocket)
+               if protocol.startswith(REALTIME_KEY_PROTOCOL)]
+    candidates = [supplied.strip()] if scheme.lower() == "bearer" else []
+    return any(hmac.compare_digest(c.encode("latin-1"), token.encode()) for c in [*candidates, *offered])
+
+
+def realtime_origin_ok(websocket: WebSocket, cors_origins: tuple[str, ...]) -> bool:
+    """A browser's page may connect from the daemon's own origin, or one AUDIOTEXT_CORS_ORIGINS
+    lists: WebSockets are not held to CORS, so this is the same rule said here."""
+    origin = websocket.headers.get("origin")
+    if origin is None or "*" in cors_origins:
+        return True
+    try:
+        normal = _origin(origin)
+    except ValueError:
+        return False
+    return normal in cors_origins or urllib.parse.urlsplit(normal).netloc == websocket.headers.get("host", "").lower()
+
+
+def realtime_refusal(websocket: WebSocket, state: AppState, sessions: set[Any]) -> APIError | None:
+    """Why a connection is refused before it is accepted, as the HTTP answer it gets; None: it is not."""
+    if not realtime_token_ok(websocket, state.settings.api_token):
+        return APIError(401, "missing or invalid bearer token; send 'Authorization: Bearer <token>' or the "
+                        f"subprotocol {REALTIME_KEY_PROTOCOL}<token>", type="authentication_error",
+                        code="invalid_api_key")
+    if not realtime_origin_ok(websocket, state.settings.cors_origins):
+        return APIError(403, "this origin may not connect: list it in AUDIOTEXT_CORS_ORIGINS", code="origin_refused")
+    if websocket.query_params.get("intent", "transcription") != "transcription":
+        return APIError(400, "only intent=transcription is served: this server transcribes, it holds no "
+                        "conversations", param="intent", code="invalid_value")
+    if state.stopping:
+        return as_api_error(SchedulerStopped())
+    if len(sessions) >= state.settings.live_max_sessions:
+        return APIError(429, f"{state.settings.live_max_sessions} live sessions are open, the "
+                        "AUDIOTEXT_LIVE_MAX_SESSIONS limit; retry later", type="server_error",
+                        code="too_many_sessions", headers={"Retry-After": str(BUSY_RETRY_SECONDS)})
+    return None
+
+
+async def realtime(websocket: WebSocket) -> None:
+    state: AppState = websocket.app.state.audiotext
+    sessions: set[Any] = websocket.app.state.live_sessions
+    refusal = realtime_refusal(websocket, state, sessions)
+    if refusal is not None:
+        state.metrics.sessions.labels("realtime", refusal.code or "refused").inc()
+        await websocket.send_denial_response(JSONResponse(refusal.body(), status_code=refusal.status_code,
+                                                          headers=refusal.headers))
+        return
+    # A model in the URL is OpenAI's realtime model, which transcribes nothing here: one the daemon
+    # knows is used, any other ignored, as OpenAI ignores it in a transcription session.
+    model = websocket.query_params.get("model")
+    chosen = model if model and state.models.find(model) is not None else None
+    offered = _offered_protocols(websocket)
+    await websocket.accept(subprotocol=REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None)
+    beta = websocket.headers.get("openai-beta", "").replace(" ", "") == "realtime=v1"
+    session = RealtimeSession(state, websocket, beta=beta, model=chosen)
+    sessions.add(session)
+    started = time.monotonic()
+    try:
+        outcome = await session.run()
+    finally:
+        sessions.discard(session)
+    state.metrics.sessions.labels("realtime", outcome).inc()
+    logger.info("realtime session ended (%s) after %.0f s, %.1f s of audio", outcome, time.monotonic() - started,
+                session.audio_seconds)
+
+
+# ---------------------------------------------------------------------------------------------
 # Request log
 # ---------------------------------------------------------------------------------------------
 
@@ -9140,6 +10283,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await run_in_threadpool(start_service, settings, models, lambda job: job_object(job, None))
         app.state.audiotext = state
+        app.state.live_sessions = set()
         wyoming = WyomingListener(state, wyoming_socket) if wyoming_socket is not None else None
         try:
             if wyoming is not None:
@@ -9157,6 +10301,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
         Route("/v1/audio/transcriptions", protected(create_transcription), methods=["POST"]),
         Route("/v1/audio/translations", protected(create_translation), methods=["POST"]),
         Route("/v1/models", protected(list_models), methods=["GET"]),
+        WebSocketRoute(REALTIME_PATH, realtime),
         Route("/v1/models/{model_id:path}", protected(get_model), methods=["GET"]),
         *job_routes(),
     ]
@@ -9490,7 +10635,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     guard = ConnectionGuard(max_connections=limit, header_timeout=settings.header_timeout_seconds)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=math.ceil(settings.stop_grace_seconds) + ABORT_SETTLE_SECONDS,
-                            server_header=False, http=guard.protocol(), backlog=listen_backlog(limit))
+                            server_header=False, http=guard.protocol(), backlog=listen_backlog(limit),
+                            ws=realtime_protocol(), ws_max_size=REALTIME_MAX_MESSAGE_BYTES)
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; a handler that ignores it lets
     # a clean stop end with exit status 0, as a service manager expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

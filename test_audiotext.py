@@ -3686,6 +3686,40 @@ def test_sync_requests_go_ahead_of_queued_jobs(make_client: Callable[..., TestCl
 
 
 # ---------------------------------------------------------------------------------------------
+# Live transcription
+# ---------------------------------------------------------------------------------------------
+
+
+def test_partial_text_is_only_what_two_decodes_agree_on_and_is_never_taken_back() -> None:
+    turn = audiotext.LiveTurn(1, start=0)
+    decodes = ["The meetings.", "The meeting starts at.", "The meeting starts at nine in the.",
+               "The meeting start at nine in the morning.", "The meeting starts at nine in the morning.",
+               "The meeting starts at nine in the morning."]
+    deltas = [turn.heard(text) for text in decodes]
+    # The last word two decodes share waits (cut off, or whisper's closing full stop), and one more.
+    assert deltas == ["", "", "The meeting", "", "", " starts at nine in"]
+    assert turn.sent == "The meeting starts at nine in"
+    # The whole turn's text keeps what was sent where the words are the same, written otherwise.
+    assert audiotext.reconciled_text("Good morning, the children", "Good morning. The children play.") \
+        == "Good morning, the children play."
+    assert audiotext.reconciled_text("I will", "I would like tea.") == "I would like tea."  # other words
+
+
+def test_realtime_audio_formats_become_16_khz() -> None:
+    rate, seconds = 24_000, 2.0
+    tone = np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate).astype(np.float32)
+    whole = audiotext.Resampler(rate)(tone)
+    resampler = audiotext.Resampler(rate)
+    pieces = np.concatenate([resampler(tone[at:at + 2401]) for at in range(0, len(tone), 2401)])
+    assert abs(len(whole) - seconds * audiotext.SAMPLE_RATE) <= 1 and np.allclose(pieces, whole, atol=1e-5)
+    crossings = np.count_nonzero(np.diff(np.sign(whole[100:-100])) > 0)
+    assert abs(crossings - 440 * (len(whole) - 200) / audiotext.SAMPLE_RATE) <= 2  # still 440 Hz
+    ulaw = audiotext.decode_realtime_audio(bytes([0x00, 0x80, 0xFF, 0x7F]), "audio/pcmu") * 32768
+    alaw = audiotext.decode_realtime_audio(bytes([0xD5, 0x55, 0xAA]), "audio/pcma") * 32768
+    assert ulaw.tolist() == [-32124, 32124, 0, 0] and alaw.tolist() == [8, -8, 32256]
+
+
+# ---------------------------------------------------------------------------------------------
 # Job records
 # ---------------------------------------------------------------------------------------------
 
@@ -5414,7 +5448,7 @@ def test_serve_imports_the_starter_model_once(daemon_factory: Callable[..., Daem
 
 
 WYOMING_IDLE_SECONDS = 2
-WYOMING_MAX_AUDIO_SECONDS = 8
+WYOMING_MAX_AUDIO_SECONDS = 13  # testdata/live_en.webm is 12.1 s
 
 
 def pcm_of(clip: str, *, rate: int = 16_000, layout: str = "mono") -> bytes:
@@ -5561,6 +5595,51 @@ def test_wyoming_streams_a_transcript_in_the_order_clients_expect(wyoming_daemon
     chunks = [event.data["text"] for event in answer.of("transcript-chunk")]
     assert chunks and set(types[1:-2]) == {"transcript-chunk"}
     assert "".join(chunks).strip() == answer.text.strip()
+
+
+def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: tuple[Daemon, int]) -> None:
+    """A command streamed in real time, as a satellite's microphone sends it: transcript-chunks come
+    before audio-stop, never taken back, and the transcript after it is the whole."""
+    from wyoming.asr import Transcribe
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+
+    _, port = wyoming_daemon
+    pcm = pcm_of("live_en.webm")
+    assert len(pcm) / 32_000 >= 8
+
+    async def talk() -> tuple[list[tuple[Any, bool]], float]:
+        client = AsyncTcpClient("127.0.0.1", port)
+        await client.connect()
+        received: list[tuple[Any, bool]] = []  # (event, whether audio-stop had been sent)
+        stopped = False
+
+        async def read() -> None:
+            while (event := await client.read_event()) is not None:
+                received.append((event, stopped))
+                if event.type == "transcript-stop":
+                    return
+
+        reader = asyncio.ensure_future(read())
+        await client.write_event(Transcribe(name="ggml-tiny.en", language="en").event())
+        await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+        started = time.monotonic()
+        for index, at in enumerate(range(0, len(pcm), 3200)):  # 0.1 s a chunk, in real time
+            await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[at:at + 3200]).event())
+            await asyncio.sleep(max(0.0, started + (index + 1) * 0.1 - time.monotonic()))
+        stopped = True
+        await client.write_event(AudioStop().event())
+        await asyncio.wait_for(reader, 120)
+        await client.disconnect()
+        return received, time.monotonic() - started
+
+    received, _ = asyncio.run(talk())
+    chunks = [(event.data["text"], before) for event, before in received if event.type == "transcript-chunk"]
+    assert any(not after_stop for _, after_stop in chunks), chunks
+    (transcript,) = [event.data["text"] for event, _ in received if event.type == "transcript"]
+    assert transcript.startswith("".join(text for text, _ in chunks)), (chunks, transcript)
+    assert received[0][0].type == "transcript-start"
+    assert word_error_rate(" ".join(LIVE_SENTENCES), transcript) <= 0.2, transcript
 
 
 def test_a_voice_command_goes_ahead_of_queued_jobs(wyoming_daemon: tuple[Daemon, int]) -> None:
@@ -5764,13 +5843,13 @@ for fd, end in zip((3, 4), ends):
 class DevTools:
     """A headless Chromium with a fresh profile, and the protocol's requests, replies and events."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, args: Iterable[str] = ()) -> None:
         to_browser, self._to_browser = os.pipe()
         self._from_browser, from_browser = os.pipe()
         command = [
             "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'devtools-profile'}", "--remote-debugging-pipe", "about:blank",
+            f"--user-data-dir={tmp_path / 'devtools-profile'}", "--remote-debugging-pipe", *args, "about:blank",
         ]
         self.log_path = tmp_path / "chromium.log"
         with open(self.log_path, "wb") as log:
@@ -6079,6 +6158,42 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     assert tab.evaluate("[localStorage.getItem('audiotext.token'), document.querySelectorAll('#jobs > li').length]") \
         == [None, 0]
     assert tab.problems() == []
+
+
+def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemon, tmp_path: Path) -> None:
+    """The page's microphone is Chromium's fake capture device, playing testdata/live_en.webm once."""
+    speech = tmp_path / "speech.wav"
+    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
+    with wave.open(str(speech), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(audiotext.SAMPLE_RATE)
+        out.writeframes(as_pcm16(audio))
+    devtools = DevTools(tmp_path, args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                        f"--use-file-for-fake-audio-capture={speech}%noloop",
+                                        "--autoplay-policy=no-user-gesture-required"])
+    try:
+        tab = Tab(devtools)
+        tab.open(realtime_daemon.url + "/")
+        tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
+        tab.reload()
+        tab.wait_for(f"[...document.getElementById('model').options].some((o) => o.value === {json.dumps(LIVE_MODEL)})",
+                     what="the models to be listed")
+        choose(tab, model=LIVE_MODEL, language="en")
+        tab.evaluate("document.getElementById('dictate').click()")
+        started = time.monotonic()
+        tab.wait_for("document.getElementById('transcript').textContent.trim()", what="the first words", timeout=60)
+        assert time.monotonic() - started < len(audio) / audiotext.SAMPLE_RATE, "words shown before the speech ended"
+        tab.wait_for("document.getElementById('transcript').textContent.split('\\n').length >= 3 && "
+                     "!document.querySelector('#transcript .heard')", what="three finished turns", timeout=120)
+        turns = tab.evaluate("document.getElementById('transcript').textContent").split("\n")
+        assert [word_error_rate(s, t) <= 0.2 for s, t in zip(LIVE_SENTENCES, turns)] == [True] * 3, turns
+        assert not tab.evaluate("document.getElementById('dictation-copy').disabled")
+        tab.evaluate("document.getElementById('dictate').click()")
+        assert tab.evaluate("document.getElementById('dictation-state').textContent") == "Stopped"
+        assert tab.problems() == []
+    finally:
+        devtools.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -6820,6 +6935,271 @@ def test_a_token_is_matched_as_utf8(make_client: Callable[..., TestClient]) -> N
         latin1 = b"Bearer " + "clé-ünïcode".encode("latin-1")
         assert client.get("/v1/models", headers={"Authorization": latin1}).status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer cl"}).status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------
+# Realtime routes
+# ---------------------------------------------------------------------------------------------
+
+# testdata/live_en.webm: these sentences, each followed by 1.5 s of silence (testdata/make_clips.sh).
+LIVE_SENTENCES = ("Good morning, and welcome to the show.", "The children are playing in the garden.",
+                  "Thank you very much for coming today.")
+LIVE_MODEL = "ggml-tiny.en"
+LIVE_IDLE_SECONDS = 8
+LIVE_MAX_SESSIONS = 4
+DELTA, COMPLETED = ("conversation.item.input_audio_transcription.delta",
+                    "conversation.item.input_audio_transcription.completed")
+
+
+@pytest.fixture(scope="module")
+def realtime_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Daemon]:
+    daemon = start_daemon(tmp_path_factory.mktemp("realtime"), models_dir,
+                          AUDIOTEXT_LIVE_IDLE_SECONDS=str(LIVE_IDLE_SECONDS),
+                          AUDIOTEXT_LIVE_MAX_SESSIONS=str(LIVE_MAX_SESSIONS))
+    yield daemon
+    assert daemon.stop() == 0, daemon.log()
+    assert not daemon.problems_since_checked(), daemon.log()
+
+
+def live_clip(rate: int = 24_000) -> np.ndarray:
+    """testdata/live_en.webm at `rate`, as float samples."""
+    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
+    count = int(len(audio) * rate / audiotext.SAMPLE_RATE)
+    return np.interp(np.arange(count) * audiotext.SAMPLE_RATE / rate, np.arange(len(audio)), audio).astype(np.float32)
+
+
+def as_pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def as_ulaw(samples: np.ndarray) -> bytes:
+    """G.711 μ-law, as a phone line carries it."""
+    value = np.clip(samples, -1, 1) * 32635
+    sign = np.where(value < 0, 0x80, 0)
+    magnitude = np.abs(value).astype(np.int32) + 0x84
+    exponent = np.clip(np.floor(np.log2(magnitude)).astype(np.int32) - 7, 0, 7)
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+
+
+@dataclass
+class LiveRun:
+    """What a realtime session sent, each event with the seconds since the audio began."""
+
+    events: list[tuple[float, dict[str, Any]]]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [event for _, event in self.events if event["type"] == kind]
+
+    def turns(self) -> list[tuple[list[tuple[float, str]], float | None, float, str]]:
+        """Per completed item, in order: its deltas (when, text), when its speech stopped (if told),
+        when it completed, and its transcript."""
+        turns = []
+        for done_at, event in self.events:
+            if event["type"] != COMPLETED:
+                continue
+            item = event["item_id"]
+            deltas = [(at, e["delta"]) for at, e in self.events if e["type"] == DELTA and e["item_id"] == item]
+            stopped = [at for at, e in self.events
+                       if e["type"] == "input_audio_buffer.speech_stopped" and e["item_id"] == item]
+            turns.append((deltas, stopped[0] if stopped else None, done_at, event["transcript"]))
+        return turns
+
+
+def stream_live(url: str, session: dict[str, Any], chunks: list[bytes], *, beta: bool = False,
+                commit_after: Iterable[int] = (), turns: int, chunk_seconds: float = 0.1) -> LiveRun:
+    """The official SDK, unmodified: a transcription session, the chunks appended in real time
+    (a commit after those listed), until `turns` items completed or failed."""
+    # The beta client makes wss:// of base_url whatever its scheme: a plain ws:// server is named.
+    websocket_base_url = url.replace("http://", "ws://") + "/v1" if beta else None
+    client = openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0, websocket_base_url=websocket_base_url)
+    realtime = client.beta.realtime if beta else client.realtime
+    events: list[tuple[float, dict[str, Any]]] = []
+    commits = set(commit_after)
+    with realtime.connect(model="gpt-realtime", extra_query={"intent": "transcription"}) as connection:
+        (connection.transcription_session if beta else connection.session).update(session=session)
+        started = time.monotonic()
+
+        def read() -> None:
+            for event in connection:
+                events.append((time.monotonic() - started, event.model_dump()))
+                finished = [e for _, e in events if e["type"] in (COMPLETED, "error") or e["type"].endswith(".failed")]
+                if len(finished) >= turns:
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        for index, chunk in enumerate(chunks):
+            connection.input_audio_buffer.append(audio=base64.b64encode(chunk).decode())
+            if index in commits:
+                connection.input_audio_buffer.commit()
+            time.sleep(max(0.0, started + (index + 1) * chunk_seconds - time.monotonic()))
+        reader.join(120)
+        assert not reader.is_alive(), events
+    client.close()
+    return LiveRun(events)
+
+
+def pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[at:at + size] for at in range(0, len(data), size)]
+
+
+def assert_live_turns(run: LiveRun, sentences: Iterable[str], *, while_speaking: bool = True) -> None:
+    """Each turn: partial text before its end, never taken back, the whole heard as said; with
+    `while_speaking`, some turn's first words before its speech has stopped."""
+    turns = run.turns()
+    assert [t[3] for t in turns] and len(turns) == len(list(sentences)), run.events
+    assert not run.of("error"), run.of("error")
+    for (deltas, stopped, done_at, transcript), sentence in zip(turns, sentences):
+        assert deltas and all(at <= done_at for at, _ in deltas), (sentence, deltas)
+        assert transcript.startswith("".join(text for _, text in deltas)), (deltas, transcript)
+        assert word_error_rate(sentence, transcript) <= 0.2, (sentence, transcript)
+    assert not while_speaking or any(stopped is not None and deltas[0][0] < stopped
+                                     for deltas, stopped, _, _ in turns), turns
+
+
+def test_realtime_sdk_streams_turns_found_by_the_daemons_vad(realtime_daemon: Daemon) -> None:
+    session = {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": LIVE_MODEL, "language": "en"},
+        "turn_detection": {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 500}}}}
+    run = stream_live(realtime_daemon.url, session, pieces(as_pcm16(live_clip()), 4800), turns=3)
+    (created,) = run.of("session.created")
+    assert created["session"]["type"] == "transcription"
+    (updated,) = run.of("session.updated")
+    assert updated["session"]["audio"]["input"]["transcription"]["model"] == LIVE_MODEL
+    assert len(run.of("input_audio_buffer.speech_started")) == len(run.of("input_audio_buffer.committed")) == 3
+    assert_live_turns(run, LIVE_SENTENCES)
+    usage = run.of(COMPLETED)[0]["usage"]
+    assert usage["type"] == "duration" and 2 < usage["seconds"] < 5
+
+
+def test_realtime_sdk_with_manual_commits(realtime_daemon: Daemon) -> None:
+    """turn_detection null: the client ends each turn with a commit, in the pause after each sentence."""
+    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
+    pauses = [end / audiotext.SAMPLE_RATE + 0.6 for _, end in audiotext.find_speech(audio)]
+    assert len(pauses) == 3
+    commits = [int(at / 0.1) for at in pauses]
+    session = {"type": "transcription", "audio": {"input": {
+        "transcription": {"model": LIVE_MODEL}, "turn_detection": None}}}
+    run = stream_live(realtime_daemon.url, session, pieces(as_pcm16(live_clip()), 4800), commit_after=commits,
+                      turns=3)
+    assert not run.of("input_audio_buffer.speech_started")
+    assert len(run.of("input_audio_buffer.committed")) == 3
+    for deltas, _, _, transcript in run.turns():
+        assert deltas and transcript.startswith("".join(text for _, text in deltas))
+    assert [word_error_rate(s, t[3]) <= 0.2 for s, t in zip(LIVE_SENTENCES, run.turns())] == [True] * 3, run.turns()
+
+
+def test_realtime_sdk_beta_shape_with_g711(realtime_daemon: Daemon) -> None:
+    """The beta client (OpenAI-Beta: realtime=v1, transcription_session.update), μ-law at 8 kHz."""
+    first = live_clip(8000)[:int(4.2 * 8000)]
+    session = {"input_audio_format": "g711_ulaw", "input_audio_transcription": {"model": LIVE_MODEL},
+               "turn_detection": {"type": "server_vad"}}
+    run = stream_live(realtime_daemon.url, session, pieces(as_ulaw(first), 800), beta=True, turns=1)
+    types = [event["type"] for _, event in run.events]
+    assert types[:2] == ["transcription_session.created", "transcription_session.updated"], types
+    assert run.of("transcription_session.updated")[0]["session"]["input_audio_format"] == "g711_ulaw"
+    assert_live_turns(run, LIVE_SENTENCES[:1], while_speaking=False)  # one short turn: its text may come after
+
+
+def realtime_url(daemon: Daemon) -> str:
+    return daemon.url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+
+
+def realtime_sessions(daemon: Daemon) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(daemon.url + "/metrics", headers=AUTH, timeout=30).text
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "audiotext_sessions_total" and s.labels["protocol"] == "realtime"}
+
+
+def next_error(connection: Any) -> dict[str, Any]:
+    while True:
+        event = json.loads(connection.recv(timeout=60))
+        if event["type"] == "error":
+            assert set(event["error"]) == {"type", "code", "message", "param", "event_id"}, event
+            return event["error"]
+
+
+def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realtime_daemon: Daemon) -> None:
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    url = realtime_url(realtime_daemon)
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(url, additional_headers={"Authorization": "Bearer wrong"}):
+            pass
+    assert refused.value.response.status_code == 401
+    assert json.loads(refused.value.response.body)["error"]["code"] == "invalid_api_key"
+    # A browser's way: the token as a subprotocol, answered with `realtime`, never with the token.
+    key_protocol = f"openai-insecure-api-key.{TOKEN}"
+    with connect(url, subprotocols=["realtime", key_protocol]) as browser:  # type: ignore[list-item]
+        assert browser.subprotocol == "realtime"
+        assert json.loads(browser.recv(timeout=60))["type"] == "session.created"
+    with connect(url, additional_headers=AUTH) as connection:
+        connection.send("not json")
+        assert next_error(connection)["code"] == "invalid_json"
+        connection.send(json.dumps({"type": "response.create", "event_id": "ev_1"}))
+        error = next_error(connection)
+        assert (error["code"], error["param"], error["event_id"]) == ("invalid_event", "type", "ev_1")
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": "not base64!"}))
+        assert next_error(connection)["param"] == "audio"
+        connection.send(b"\x00\x01")
+        assert next_error(connection)["code"] == "invalid_event"
+        connection.send(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
+        assert next_error(connection)["param"] == "session.type"
+        connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "transcription": {"model": "no-such-model"}}}}}))
+        assert next_error(connection)["code"] == "model_not_found"
+        # Audio before any session.update takes the session's defaults, as OpenAI's does; under
+        # 100 ms of it is too little to commit.
+        ten_ms = base64.b64encode(bytes(480)).decode()  # 240 samples at 24 kHz
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": ten_ms}))
+        connection.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        assert next_error(connection)["code"] == "input_audio_buffer_commit_empty"
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (3 * MiB_BYTES)}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                connection.recv(timeout=60)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
+    with contextlib.ExitStack() as held:
+        for _ in range(LIVE_MAX_SESSIONS):
+            held.enter_context(connect(url, additional_headers=AUTH))
+        refusals = 0
+        for _ in range(100 - LIVE_MAX_SESSIONS):  # 100 sessions at once, the limit's worth served
+            with pytest.raises(InvalidStatus) as busy:
+                with connect(url, additional_headers=AUTH, open_timeout=60):
+                    pass
+            refusals += busy.value.response.status_code == 429
+        assert refusals == 100 - LIVE_MAX_SESSIONS
+    assert httpx.get(realtime_daemon.url + "/v1/models", headers=AUTH, timeout=60).status_code == 200
+    counted = wait_until(lambda: (c := realtime_sessions(realtime_daemon)).get("closed", 0) >= 2 + LIVE_MAX_SESSIONS
+                         and c, what="the sessions counted")
+    assert counted.get("too_many_sessions") == 100 - LIVE_MAX_SESSIONS and counted.get("invalid_api_key") == 1
+
+
+def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
+    """Its events pile up to the limit, its socket stays full, or it falls silent: each ends it,
+    and the events waiting for it are dropped with the connection."""
+    from websockets.sync.client import connect
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(realtime_daemon.url.rsplit(":", 1)[1])))
+    let_go = ("slow_reader", "idle_timeout")
+    before = sum(realtime_sessions(realtime_daemon).get(outcome, 0) for outcome in let_go)
+    connection = connect(realtime_url(realtime_daemon), sock=sock, additional_headers=AUTH, max_queue=1,
+                         close_timeout=1)
+    try:  # the client neither reads nor closes: only the daemon can end the session
+        with contextlib.suppress(Exception):
+            for _ in range(3000):  # each earns an error event, which it never reads
+                connection.send(json.dumps({"type": "x" * 60}))
+        wait_until(lambda: sum(realtime_sessions(realtime_daemon).get(outcome, 0) for outcome in let_go) > before,
+                   what="the session ended", timeout=120)
+    finally:
+        sock.close()
+    assert httpx.get(realtime_daemon.url + "/healthz", timeout=60).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------

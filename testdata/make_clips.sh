@@ -88,6 +88,21 @@ done
 sox "${parts[@]}" "$TMP/pauses.wav"
 "${FF[@]}" -i "$TMP/pauses.wav" -c:a flac -compression_level 8 "${BX[@]}" "$OUT/pauses.flac"
 
+# live_en.webm: three sentences with 1.5 s pauses, streamed in real time by the live transcription
+# tests (/v1/realtime, Wyoming's transcript-chunk): each pause ends a turn of the daemon's VAD.
+LIVE_TEXTS=("Good morning, and welcome to the show." "The children are playing in the garden."
+            "Thank you very much for coming today.")
+sox -n "${SOX16[@]}" "$TMP/live_lead.wav" trim 0 0.5
+sox -n "${SOX16[@]}" "$TMP/live_gap.wav" trim 0 1.5
+live_parts=("$TMP/live_lead.wav")
+for i in "${!LIVE_TEXTS[@]}"; do
+  espeak-ng -v en-us -s 140 -w "$TMP/l$i.raw.wav" "${LIVE_TEXTS[$i]}"
+  sox "$TMP/l$i.raw.wav" "${SOX16[@]}" "$TMP/l$i.wav" silence 1 0.01 1% reverse silence 1 0.01 1% reverse
+  live_parts+=("$TMP/l$i.wav" "$TMP/live_gap.wav")
+done
+sox "${live_parts[@]}" "$TMP/live_en.wav"
+"${FF[@]}" -i "$TMP/live_en.wav" -c:a libopus -b:a 32k -application voip "${BX[@]}" "$OUT/live_en.webm"
+
 # Pink noise, as a pocket or a street gives, with nobody speaking: seeded, the same every time.
 "${FF[@]}" -f lavfi -i "anoisesrc=r=16000:c=pink:a=0.05:seed=7" -t 3 -c:a libopus -b:a 16k -application voip \
   "${BX[@]}" "$OUT/noise.webm"
