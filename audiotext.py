@@ -7300,8 +7300,9 @@ class _BoundedReader:
         return await self._within_idle(self._reader.readexactly(n))
 
     async def _within_idle(self, read: Awaitable[bytes]) -> bytes:
-        try:
-            return await asyncio.wait_for(read, self._idle_seconds)
+        try:  # asyncio.timeout: Python 3.11's wait_for can swallow a cancel that comes as it times out
+            async with asyncio.timeout(self._idle_seconds):
+                return await read
         except TimeoutError:
             raise WyomingSessionError("idle", f"nothing was received for {self._idle_seconds:g} s "
                                       "(AUDIOTEXT_WYOMING_IDLE_SECONDS)") from None
@@ -7570,8 +7571,9 @@ class WyomingSession:
     async def _write(self, event: Any) -> None:
         from wyoming.event import async_write_event
 
-        try:
-            await asyncio.wait_for(async_write_event(event, self.writer), self.settings.wyoming_idle_seconds)
+        try:  # asyncio.timeout, not wait_for: see _BoundedReader._within_idle
+            async with asyncio.timeout(self.settings.wyoming_idle_seconds):
+                await async_write_event(event, self.writer)
         except TimeoutError:
             raise ConnectionResetError("the client stopped reading") from None
 

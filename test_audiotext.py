@@ -4992,7 +4992,7 @@ if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE,
 import audiotext
 clips, models = Path(sys.argv[1]), Path(sys.argv[2])
 for clip in sorted(clips.glob("*.*")):
-    if clip.suffix not in (".sh", ".txt"):
+    if clip.suffix not in (".sh", ".py", ".txt", ".json"):  # the clips, not their scripts and texts
         audiotext.decode_audio(clip, max_seconds=60)
 store = audiotext.ModelStore(models, default="cpu-tiny", threads=2)
 audio = audiotext.decode_audio(clips / "en.wav", max_seconds=60)
