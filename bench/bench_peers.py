@@ -425,7 +425,8 @@ def _audiotext_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any
             "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),  # set by ModelStore before libgomp loads
             "spincount": os.environ.get("GOMP_SPINCOUNT", "libgomp's default"),
             "fit_short_audio": settings.fit_short_audio, "threads": settings.threads_per_worker,
-            "pywhispercpp": _distribution_version("pywhispercpp"), "audiotext": audiotext.__version__}
+            "pywhispercpp": _distribution_version("pywhispercpp"), "audiotext": audiotext.__version__,
+            "engine_build": audiotext.engine_info()["build"]}  # pypi-wheel, or built-here by `engine build`
     return transcribe, info
 
 
@@ -838,7 +839,8 @@ def print_header(args: argparse.Namespace, load: tuple[float, float, float], inf
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"before the run, {os.getloadavg()[0]:.2f} after it; {args.hogs} busy-loop hog(s) during it")
     fw = infos.get("faster-whisper")
-    print(f"versions: audiotext {at['audiotext']} ({source_state()}), pywhispercpp {at['pywhispercpp']}" +
+    print(f"versions: audiotext {at['audiotext']} ({source_state()}), pywhispercpp {at['pywhispercpp']} "
+          f"({at['engine_build']})" +
           (f", faster-whisper {fw['faster-whisper']}, ctranslate2 {fw['ctranslate2']}" if fw else ""))
     window = "short clips on a window fitted to them" if at["fit_short_audio"] else "whole 30 s encoder window"
     rounds = "/".join(map(str, run_counts)) + (f" ({args.long_runs} for clips of 5 min or more)"
