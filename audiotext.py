@@ -10336,6 +10336,8 @@ ENGINE_BUILD_FEATURES_OFF = {"amx_tile": "-mno-amx-tile", "amx_int8": "-mno-amx-
 CLIP_SUFFIXES = (".flac", ".m4a", ".mp3", ".mp4", ".ogg", ".opus", ".wav", ".webm")
 CHECKOUT_CLIPS = Path(__file__).resolve().parent / "testdata"  # a checkout's; an installed audiotext has none
 ENGINE_TRIAL_ROUNDS = 3
+# Of the installed engine's words on the clips, how many the build may hear otherwise (see EngineComparison).
+ENGINE_WORD_BUDGET = 0.02
 PIP_TAIL_LINES = 20  # of pip's output, quoted when it fails; the whole of it is in the log
 
 
@@ -10559,12 +10561,60 @@ def heard_words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
+def word_edits(said: list[str], heard: list[str]) -> int:
+    """Words substituted, left out and added to turn `said` into `heard` (WER's numerator)."""
+    previous = list(range(len(heard) + 1))
+    for i, word in enumerate(said, 1):
+        current = [i]
+        for j, other in enumerate(heard, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other)))
+        previous = current
+    return previous[-1]
+
+
+def clip_references(clips: list[Path]) -> dict[str, str]:
+    """What is said in each clip that has it written beside it, as NAME.ref.txt (en.ref.txt for
+    en.wav, en.webm, ...); an empty one says nobody speaks."""
+    return {str(clip): reference.read_text() for clip in clips
+            if (reference := clip.with_suffix(".ref.txt")).is_file()}
+
+
 @dataclass
 class EngineComparison:
-    """Both engines' trials on the same clips, round after round."""
+    """Both engines' trials on the same clips, round after round. A build for this CPU rounds
+    differently from the wheel, and on a clip whisper mishears that can move a word; so the built
+    engine may differ in up to ENGINE_WORD_BUDGET of the installed one's words (in its worst
+    round), and never get more words wrong against the clips' reference texts."""
 
     installed: list[EngineTrial] = field(default_factory=list)
     built: list[EngineTrial] = field(default_factory=list)
+    references: dict[str, str] = field(default_factory=dict)  # by clip, where a clip has one
+
+    @property
+    def words(self) -> int:
+        """The installed engine's words on the clips, in its first round."""
+        return sum(len(heard_words(text)) for text in self.installed[0].texts.values())
+
+    @property
+    def differing_words(self) -> int:
+        """Edits from the installed engine's words to the built one's, summed over clips, in the
+        round where they differ most."""
+        return max(sum(word_edits(heard_words(text), heard_words(theirs.texts.get(clip, "")))
+                       for clip, text in mine.texts.items())
+                   for mine, theirs in zip(self.installed, self.built))
+
+    def wrong_words(self, trials: list[EngineTrial]) -> int:
+        """An engine's word errors against the reference texts, in its worst round."""
+        return max(sum(word_edits(heard_words(said), heard_words(trial.texts.get(clip, "")))
+                       for clip, said in self.references.items()) for trial in trials)
+
+    def refusal(self) -> str | None:
+        """Why the built engine is not to be kept, or None."""
+        if self.differing_words > ENGINE_WORD_BUDGET * self.words:
+            return f"its words differ from the installed engine's in more than {ENGINE_WORD_BUDGET:.0%} of them"
+        if self.wrong_words(self.built) > self.wrong_words(self.installed):
+            return "it gets more words wrong than the installed engine against the clips' reference texts"
+        return "it is not faster" if self.ratio >= 1 else None
 
     @property
     def ratio(self) -> float:
@@ -10596,7 +10646,7 @@ def compare_engines(spec: Mapping[str, Any], dirs: EngineBuildDir, *, rounds: in
                     progress: Callable[[str], None]) -> EngineComparison:
     """Each engine `rounds` times on the clips, in turn, the order swapped each round: load from
     other work that comes and goes falls on both alike."""
-    comparison = EngineComparison()
+    comparison = EngineComparison(references=clip_references([Path(clip) for clip in spec["clips"]]))
     for number in range(rounds):
         for built in ((False, True) if number % 2 == 0 else (True, False)):
             trial = run_engine_trial(spec, dirs, built=built)
@@ -10757,7 +10807,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_engine_build(args: argparse.Namespace) -> int:
-    """Build pywhispercpp for this CPU; install it only if it hears the same words, faster.
+    """Build pywhispercpp for this CPU; install it only if it hears the same words (see
+    EngineComparison), faster.
     Exit status 0 when it is installed, 1 when it is not (the wheel stays), 2 on an error."""
     settings = _settings_from_args(args)
     version = installed_engine().version
@@ -10797,19 +10848,27 @@ def _built_engine_is_better(spec: Mapping[str, Any], dirs: EngineBuildDir, wheel
         engine = trials[0].engine
         print(f"{name + ':':<10} {engine['package']}, {engine['build']} ({', '.join(engine['cpu_features'])}): "
               f"{sum(t.seconds for t in trials):.1f} s")
-    differences = comparison.differences()
-    print(f"ratio (built / installed): {comparison.ratio:.2f}; " + (
-        f"different words on {len(differences)} of {len(spec['clips'])} clip(s)" if differences else
-        f"the same words on all {len(spec['clips'])} clip(s)"))
-    for clip, installed_text, built_text in differences:
-        print(f"  {clip}:\n    installed: {installed_text!r}\n    built:     {built_text!r}")
+    _print_word_comparison(comparison, clips=len(spec["clips"]))
     shutil.rmtree(dirs.unpacked)
-    if differences or comparison.ratio >= 1:
-        why = "it does not hear the same words" if differences else "it is not faster"
+    why = comparison.refusal()
+    if why is not None:
         print(f"not installed: {why}. The wheel stays at {wheel}; to install it anyway: "
               f"{shlex.quote(sys.executable)} -m pip install --force-reinstall --no-deps {shlex.quote(str(wheel))}")
         return False
     return True
+
+
+def _print_word_comparison(comparison: EngineComparison, *, clips: int) -> None:
+    differences = comparison.differences()
+    print(f"ratio (built / installed): {comparison.ratio:.2f}; " + (
+        f"different words on {len(differences)} of {clips} clip(s): {comparison.differing_words} of "
+        f"{comparison.words} word(s) (the budget: {ENGINE_WORD_BUDGET:.0%})" if differences else
+        f"the same words on all {clips} clip(s)"))
+    for clip, installed_text, built_text in differences:
+        print(f"  {clip}:\n    installed: {installed_text!r}\n    built:     {built_text!r}")
+    if comparison.references:
+        print(f"words wrong against the reference texts of {len(comparison.references)} clip(s): installed "
+              f"{comparison.wrong_words(comparison.installed)}, built {comparison.wrong_words(comparison.built)}")
 
 
 def cmd_engine_reset(args: argparse.Namespace) -> int:
@@ -10968,9 +11027,11 @@ def _add_dir_flags(commands: Iterable[tuple[argparse.ArgumentParser, Callable[[a
 def _add_engine_commands(commands: Any) -> None:
     engine = commands.add_parser("engine", help=f"build {ENGINE_PACKAGE} (whisper.cpp) for this CPU, or go back "
                                                 "to the PyPI wheel").add_subparsers(dest="engine_command", required=True)
+    # argparse formats help with %: the budget's sign is doubled.
     build = engine.add_parser("build", help=f"compile the installed version of {ENGINE_PACKAGE} for this CPU and "
-                                            "install it if it hears the same words as the installed one, faster; "
-                                            "exit 1 if it is not installed")
+                                            "install it if it hears the same words as the installed one (all but "
+                                            f"{ENGINE_WORD_BUDGET:.0%}% of them, none more wrong against the clips' "
+                                            "NAME.ref.txt), faster; exit 1 if it is not installed")
     build.add_argument("--clips", type=Path, metavar="DIR",
                        help="recordings of speech to compare the two on [the checkout's testdata/]")
     build.add_argument("--no-check", action="store_true", help="install the build without comparing it")

@@ -1,8 +1,9 @@
 """audiotext's engine next to faster-whisper, as ratios measured in one alternated run (absolute
 times on a shared machine mean little; the ratio of two engines measured side by side does).
 
-    python bench/bench_peers.py [--runs 3] [--hogs 2] [--clips s5,s11,s60,s300,gap60] [--markdown]
-    python bench/bench_peers.py --quick            # 1 run of s5, s11, s60: does it work end to end
+    python bench/bench_peers.py [--runs 3] [--hogs 2] [--clips notes,s75,gap60] [--markdown]
+    python bench/bench_peers.py --quick            # 1 run of the notes and s11: does it work end to end
+    python bench/bench_peers.py --waits [--hogs 2] # audiotext's thread waits against bounded spins
     python bench/bench_peers.py --audiotext-model ggml-base   # f16 instead of what cpu-lite resolves to
     python bench/bench_peers.py --previous-text    # both decode each 30 s after the text before it
 
@@ -10,26 +11,37 @@ Run it with the project's venv python: audiotext is imported from this checkout 
 run with the same interpreter. faster-whisper is not a dependency of the project: it gets a venv
 of its own in the cache dir, created on first use (`python -m venv` + `pip install faster-whisper`).
 
-Configurations, each in a worker subprocess of its own, started afresh for each clip (model loaded
-once, one warm-up run on the 5 s clip), so that neither another configuration's memory nor what an
-earlier clip left resident counts in a clip's peak:
-- audiotext: audiotext.Engine over a ModelStore, as the daemon runs it (VAD, the thread wait
-  policy, audio_ctx, the quantised file that `cpu-lite` resolves to: ggml-base-q8_0);
-- faster-whisper: base converted to int8 by CTranslate2, beam 1, language fixed,
+Clips: `notes`, testdata's nine voice notes (2-13 s, five languages, each once with its language
+given and once detected; a row sums them); `s75`, 75 s of dense speech; `gap60`, 60 s that is
+half silence; s5, s11, s60 and s300 of dense speech.
+
+Configurations, each in a worker subprocess of its own, started afresh for each clip (or the
+notes), model loaded once, one warm-up run on the 5 s clip, so that neither another
+configuration's memory nor what an earlier clip left resident counts in a clip's peak:
+- audiotext: audiotext.Engine over a ModelStore made from the daemon's default Settings (VAD on,
+  the thread wait policy, short clips on a window fitted to them, the quantised file that
+  `cpu-lite` resolves to: ggml-base-q8_0), in process: no HTTP;
+- faster-whisper: base converted to int8 by CTranslate2, in process with the model loaded, beam 1,
   condition_on_previous_text=False (audiotext's default too: AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT;
   --previous-text turns it on for both), vad_filter off (its default);
-- on the half-silence clip also audiotext with vad=False and faster-whisper with vad_filter=True,
-  so that each side is compared with and without skipping silence.
+- on s75 and gap60 also audiotext with vad=false (as a request asks) and faster-whisper with
+  vad_filter=True, so that each side is compared with and without skipping silence;
+- --waits: audiotext alone, as it is (OMP_WAIT_POLICY=PASSIVE), against libgomp's spin bounded by
+  GOMP_SPINCOUNT (500 to 5000) and against one thread.
 The measurements go round-robin over the configurations (A,B,A,B..., the first one rotated per
-round), so a change in the machine's load hits all of them alike. Per measurement:
+clip and round), so a change in the machine's load hits all of them alike. Per measurement:
 - wall: seconds around one transcription of decoded 16 kHz audio (no file decoding), worker side;
 - CPU: the worker's user+system CPU seconds over it (getrusage(RUSAGE_SELF), all threads): what
   the transcription takes from everything else on the box;
 - RSS: the worker's peak RSS (VmHWM) during it; the worker resets the peak through
   /proc/self/clear_refs just before, so it is the peak of that transcription (model included);
-- WER against the text the clip was spoken from, after a small normalisation (see normalise()).
-Ratios are audiotext / faster-whisper, the median of the per-round ratios (same round, adjacent
-in time); below 1 means audiotext uses less.
+- WER against the text the clip was spoken from, after a small normalisation (see normalise());
+  the language detected (or given) against the one spoken;
+- VAD cost: audiotext's VAD alone on the clip (find_speech, timed after the transcription) over
+  the clip's duration.
+Ratios are the configuration's over the one it is measured against, the median of the per-round
+ratios (same round, adjacent in time); below 1 means it uses less. Last come the acceptance
+targets the engine is held to, beside what the run measured.
 
 Clips are spoken by espeak-ng (voice en-us, 140 words a minute, as testdata/make_clips.sh) on first
 use (needs espeak-ng and sox then). The cache dir (default bench/.cache/, --cache) holds the clips,
@@ -64,7 +76,7 @@ from typing import IO, Any
 # with the faster-whisper venv's python, where audiotext's dependencies are not installed.
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
-LANGUAGE = "en"  # every clip is English; a fixed language keeps language detection out of the times
+LANGUAGE = "en"  # every spoken clip is English; the voice notes say their own
 WARMUP_CLIP = "s5"
 
 # Plain, common sentences without numbers, names or contractions, so that normalised text compares.
@@ -158,9 +170,14 @@ class ClipSpec:
 
 
 CLIP_SPECS = {"s5": ClipSpec(5, False, 10), "s11": ClipSpec(11, False, 26), "s60": ClipSpec(60, False, 5),
-              "s300": ClipSpec(300, False, 0), "gap60": ClipSpec(60, True, 20)}
-DEFAULT_CLIPS = "s5,s11,s60,s300,gap60"
-QUICK_CLIPS = "s5,s11,s60"
+              "s75": ClipSpec(75, False, 5), "s300": ClipSpec(300, False, 0), "gap60": ClipSpec(60, True, 20)}
+# Voice notes: testdata's clips of a sentence or two (testdata/make_clips.sh; what each says is in
+# its NAME.ref.txt), by their language. Each goes once with its language given, once detected.
+VOICE_NOTES = {"voice_en": "en", "voice_de": "de", "voice_fr": "fr", "voice_it": "it", "voice_pt": "pt",
+               "en": "en", "ca_greeting": "ca", "ca": "ca", "pauses": "en"}
+NOTES = "notes"  # in --clips: all of VOICE_NOTES, as one group
+DEFAULT_CLIPS = "notes,s75,gap60"
+QUICK_CLIPS = "notes,s11"
 
 
 # -- clips -------------------------------------------------------------------------------------
@@ -227,6 +244,20 @@ def ensure_clips(names: list[str], clips_dir: Path) -> None:
         if not (clips_dir / f"{name}.wav").is_file():
             print(f"speaking clip {name} ...", file=sys.stderr, flush=True)
             make_clip(name, CLIP_SPECS[name], clips_dir)
+
+
+def ensure_notes(clips_dir: Path) -> None:
+    """testdata's voice notes as 16 kHz WAV (decoded by audiotext) with their texts, NAME.wav/.txt."""
+    audiotext = _audiotext()
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    for stem in VOICE_NOTES:
+        if (clips_dir / f"note_{stem}.wav").is_file():
+            continue
+        source = next(p for p in sorted((ROOT / "testdata").glob(f"{stem}.*")) if p.suffix in (".wav", ".webm", ".flac"))
+        audio = audiotext.decode_audio(source, max_seconds=60)
+        (clips_dir / f"note_{stem}.txt").write_text((ROOT / "testdata" / f"{stem}.ref.txt").read_text())
+        samples = array.array("h", (audio.clip(-1, 1) * 32767).astype("<i2").tobytes())
+        write_wav(clips_dir / f"note_{stem}.wav", samples)
 
 
 def clip_seconds(path: Path) -> float:
@@ -368,28 +399,44 @@ def wer(reference: str, hypothesis: str) -> float:
 # {"wall", "cpu", "rss_mib", "text"} or {"error"}; its first line is {"ready": true, "info": {...}}.
 # It needs only the standard library, numpy and its engine.
 
-Transcribe = Callable[[Any], str]
+Transcribe = Callable[[Any, "str | None"], "tuple[str, str]"]  # (audio, language or None) -> (text, language)
 
 
 def _audiotext_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any]]:
     import threading
 
     audiotext = _audiotext()
-    # These only when asked for, so that the default runs on a ModelStore without them too.
-    extra = {name: True for name in ("fit_short_audio", "condition_on_previous_text") if config[name]}
-    store = audiotext.ModelStore(Path(config["models_dir"]), default=config["model"], threads=config["threads"],
-                                 vad=config["vad"], spin_threads=config["spin"], **extra)
-    engine = audiotext.Engine(store, max_audio_seconds=4 * 3600)
-    options = audiotext.TranscribeOptions(language=LANGUAGE, vad=config["vad"])
+    # The daemon's own defaults (the fitted window for short clips, VAD on, the wait policy), but
+    # the model, the threads and what the command line asks for; a request's vad=false turns VAD off.
+    settings = dataclasses.replace(audiotext.Settings(), models_dir=Path(config["models_dir"]),
+                                   default_model=config["model"], threads=config["threads"],
+                                   spin_threads=config["spin"] or audiotext.Settings().spin_threads,
+                                   **({"condition_on_previous_text": True} if config["condition_on_previous_text"]
+                                      else {}))
+    store = audiotext.ModelStore.for_settings(settings)
+    engine = audiotext.Engine(store, max_audio_seconds=4 * 3600, window_seconds=settings.window_seconds)
 
-    def transcribe(audio: Any) -> str:
-        return str(engine.transcribe(audio, config["model"], options, threading.Event()).text)
+    def transcribe(audio: Any, language: str | None) -> tuple[str, str]:
+        options = audiotext.TranscribeOptions(language=language, vad=config["vad"])
+        transcript = engine.transcribe(audio, config["model"], options, threading.Event())
+        return str(transcript.text), str(transcript.language)
 
     info = {"file": store.resolve(config["model"])[1].name, "vad": store.uses_vad(config["vad"]),
             "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),  # set by ModelStore before libgomp loads
-            "audio_ctx_11s": audiotext.audio_ctx_for(11.0) if getattr(store, "fit_short_audio", False) else 0,
-            "pywhispercpp": _distribution_version("pywhispercpp"), "audiotext": audiotext.__version__}
+            "spincount": os.environ.get("GOMP_SPINCOUNT", "libgomp's default"),
+            "fit_short_audio": settings.fit_short_audio, "threads": settings.threads_per_worker,
+            "pywhispercpp": _distribution_version("pywhispercpp"), "audiotext": audiotext.__version__,
+            "engine_build": audiotext.engine_info()["build"]}  # pypi-wheel, or built-here by `engine build`
     return transcribe, info
+
+
+def _vad_seconds(audio: Any) -> tuple[float, float]:
+    """The daemon's VAD alone on the recording, as the engine runs it before whisper.cpp: wall
+    and CPU seconds (on a busy box the wall time includes waiting for a core)."""
+    audiotext = _audiotext()
+    cpu, started = _cpu_seconds(), time.perf_counter()
+    audiotext.find_speech(audio)
+    return time.perf_counter() - started, _cpu_seconds() - cpu
 
 
 def _faster_whisper_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str, Any]]:
@@ -398,12 +445,12 @@ def _faster_whisper_engine(config: dict[str, Any]) -> tuple[Transcribe, dict[str
     model = WhisperModel(config["model"], device="cpu", compute_type="int8", cpu_threads=config["threads"],
                          num_workers=1)
 
-    def transcribe(audio: Any) -> str:
-        segments, _ = model.transcribe(audio, language=LANGUAGE, beam_size=1, best_of=1,
-                                       condition_on_previous_text=config["condition_on_previous_text"],
-                                       vad_filter=config["vad"])
+    def transcribe(audio: Any, language: str | None) -> tuple[str, str]:
+        segments, info = model.transcribe(audio, language=language, beam_size=1, best_of=1,
+                                          condition_on_previous_text=config["condition_on_previous_text"],
+                                          vad_filter=config["vad"])
         # the transcription runs while the generator is consumed: inside the timed call
-        return " ".join(s.text.strip() for s in segments).strip()
+        return " ".join(s.text.strip() for s in segments).strip(), str(info.language)
 
     info = {"faster-whisper": _distribution_version("faster-whisper"), "ctranslate2": _distribution_version("ctranslate2"),
             "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library default")}
@@ -441,12 +488,16 @@ def worker_main(config: dict[str, Any]) -> None:
     answers.write(json.dumps({"ready": True, "info": info}) + "\n")
     for line in sys.stdin:
         try:
-            audio = _load_audio(json.loads(line)["clip"])
+            request = json.loads(line)
+            audio = _load_audio(request["clip"])
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: the peak of this request
             cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-            text = transcribe(audio)
+            text, language = transcribe(audio, request["language"])
             wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
-            answers.write(json.dumps({"wall": wall, "cpu": cpu, "rss_mib": _peak_rss_mib(), "text": text}) + "\n")
+            answer = {"wall": wall, "cpu": cpu, "rss_mib": _peak_rss_mib(), "text": text, "language": language}
+            if config["kind"] == "audiotext" and config["vad"]:  # after the timed call: not in it
+                answer["vad_s"], answer["vad_cpu_s"] = _vad_seconds(audio)
+            answers.write(json.dumps(answer) + "\n")
         except Exception as exc:  # the parent names the configuration and stops the run
             answers.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
 
@@ -463,6 +514,9 @@ class Config:
     label: str
     kind: str  # "audiotext" or "fw"
     vad: bool
+    env: tuple[tuple[str, str], ...] = ()  # set in the worker's environment (GOMP_SPINCOUNT)
+    spin: bool = False  # audiotext leaves libgomp's wait policy unset (AUDIOTEXT_SPIN_THREADS)
+    threads: int | None = None  # instead of --threads
 
 
 class Worker:
@@ -475,6 +529,7 @@ class Worker:
         # ModelStore (passive unless --spin-threads) and to faster-whisper's defaults, never the caller's.
         for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
             env.pop(key, None)
+        env.update(config.env)
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # a file, not a pipe: it can never fill up
         self._buffer = b""
         self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "_worker", json.dumps(worker_config)],
@@ -485,10 +540,10 @@ class Worker:
             self.close()  # the caller has no worker to close yet
             raise
 
-    def run(self, clip: Path, timeout: float) -> dict[str, Any]:
+    def run(self, clip: Path, timeout: float, language: str | None = LANGUAGE) -> dict[str, Any]:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write((json.dumps({"clip": str(clip)}) + "\n").encode())
+            self.proc.stdin.write((json.dumps({"clip": str(clip), "language": language}) + "\n").encode())
             self.proc.stdin.flush()
         except BrokenPipeError:
             raise self._died(f"on {clip.stem}") from None
@@ -554,44 +609,109 @@ def request_timeout(seconds: float, hogs: int) -> float:
     return 120 + 6 * seconds * (1 + hogs)
 
 
-Results = dict[tuple[str, str], list[dict[str, Any]]]  # (clip, configuration label) -> one answer per round
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One transcription each configuration makes in a round: a clip, with its language or none."""
+
+    row: str  # the table's row it counts in: the clip's name, or the voice notes' group
+    path: Path
+    language: str | None  # given; None: detected
+    truth: str  # the language spoken
+    reference: str  # the text spoken
 
 
-def configs_for(clip: str, configs: list[Config]) -> list[Config]:
-    """Every configuration on the half-silence clips; the two defaults on the others."""
-    return configs if CLIP_SPECS[clip].gaps else [c for c in configs if c.label in ("audiotext", "faster-whisper")]
+NOTES_GIVEN, NOTES_DETECTED = "notes, language given", "notes, detected"
 
 
-def measure_clip(clip: str, path: Path, start: Callable[[Config], Worker], configs: list[Config], warmup: Path,
-                 runs: int, hogs: int) -> tuple[Results, dict[str, dict[str, Any]]]:
-    """Rounds over the clip's configurations, the first one rotated per round, in workers started
-    for this clip: a transcription leaves memory resident (malloc keeps freed memory, whisper.cpp
-    its grown buffers), so a worker that had done a longer clip before would show that clip's
-    peak. Returns the answers and each worker's info."""
+def groups_for(names: list[str], clips_dir: Path) -> dict[str, list[Item]]:
+    """The items of each name in --clips, a group each: a group's workers are started afresh."""
+    groups: dict[str, list[Item]] = {}
+    for name in names:
+        if name == NOTES:
+            notes = [(clips_dir / f"note_{stem}.wav", language, (clips_dir / f"note_{stem}.txt").read_text().strip())
+                     for stem, language in VOICE_NOTES.items()]
+            groups[name] = [Item(NOTES_GIVEN, path, language, language, text) for path, language, text in notes] + [
+                Item(NOTES_DETECTED, path, None, language, text) for path, language, text in notes]
+        else:
+            path = clips_dir / f"{name}.wav"
+            groups[name] = [Item(name, path, LANGUAGE, LANGUAGE, (clips_dir / f"{name}.txt").read_text().strip())]
+    return groups
+
+
+Results = dict[tuple[str, str], list[list[dict[str, Any]]]]  # (row, configuration) -> by round, its items' answers
+
+
+def configs_for(group: str, configs: list[Config], every: bool) -> list[Config]:
+    """Every configuration on the dense and the half-silence clips (VAD on and off), or where told;
+    the two defaults on the rest."""
+    if every or group in ("s75", "gap60"):
+        return configs
+    return [c for c in configs if c.label in ("audiotext", "faster-whisper")]
+
+
+def measure_group(items: list[Item], start: Callable[[Config], Worker], configs: list[Config], warmup: Path,
+                  runs: int, hogs: int) -> tuple[Results, dict[str, dict[str, Any]]]:
+    """Rounds over the items, each item by every configuration in turn, the first one rotated from
+    item to item and round to round, in workers started for this group: a transcription leaves
+    memory resident (malloc keeps freed memory, whisper.cpp its grown buffers), so a worker that
+    had done a longer clip before would show that clip's peak. Returns the answers and each
+    worker's info."""
     results: Results = {}
     workers: dict[str, Worker] = {}
     try:
-        for config in configs_for(clip, configs):
+        for config in configs:
             workers[config.label] = start(config)
         for worker in workers.values():  # loads audiotext's model, faster-whisper's VAD model
             worker.run(warmup, request_timeout(clip_seconds(warmup), hogs))
-        labels, timeout = list(workers), request_timeout(clip_seconds(path), hogs)
+        labels = list(workers)
         for r in range(runs):
-            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-                answer = workers[label].run(path, timeout)
-                results.setdefault((clip, label), []).append(answer)
-                print(f"  {clip:6} {label:26} run {r + 1}: {answer['wall']:7.2f} s wall {answer['cpu']:7.2f} s CPU "
-                      f"{answer['rss_mib']:6.0f} MiB", file=sys.stderr, flush=True)
+            for i, item in enumerate(items):
+                first = (r + i) % len(labels)
+                for label in labels[first:] + labels[:first]:
+                    answer = workers[label].run(item.path, request_timeout(clip_seconds(item.path), hogs), item.language)
+                    rounds = results.setdefault((item.row, label), [[] for _ in range(runs)])
+                    rounds[r].append({**answer, "item": item})
+            for (row, label), rounds in results.items():
+                if rounds[r] and rounds[r][0]["item"] in items:
+                    print(f"  {row:22} {label:26} run {r + 1}: {sum(a['wall'] for a in rounds[r]):7.2f} s wall "
+                          f"{sum(a['cpu'] for a in rounds[r]):7.2f} s CPU", file=sys.stderr, flush=True)
     finally:
         for worker in workers.values():
             worker.close()
     return results, {label: w.info for label, w in workers.items()}
 
 
-# Pairs compared, (audiotext configuration, faster-whisper configuration): each default with the
-# other's, and on the half-silence clip, both with VAD and both without.
+# Pairs compared, (configuration, the one it is measured against): each default with the other's,
+# on the clips with VAD on and off both with VAD and both without, and audiotext against itself
+# without VAD (on a half-silent recording VAD must save time).
 PAIRS = [("audiotext", "faster-whisper"), ("audiotext", "faster-whisper vad"),
-         ("audiotext vad=off", "faster-whisper")]
+         ("audiotext vad=off", "faster-whisper"), ("audiotext", "audiotext vad=off")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """What one configuration did with a row's items in one round."""
+
+    wall: float
+    cpu: float
+    rss: float
+    errors: int  # word edits against the reference texts
+    words: int  # in the reference texts
+    languages_right: int
+    items: int
+    audio_s: float
+    vad_s: float | None
+    vad_cpu_s: float | None
+
+    @classmethod
+    def of(cls, answers: list[dict[str, Any]]) -> Round:
+        vad = [a["vad_s"] for a in answers if "vad_s" in a]
+        return cls(sum(a["wall"] for a in answers), sum(a["cpu"] for a in answers), max(a["rss_mib"] for a in answers),
+                   sum(edit_distance(normalise(a["item"].reference), normalise(a["text"])) for a in answers),
+                   sum(len(normalise(a["item"].reference)) for a in answers),
+                   sum(a["language"] == a["item"].truth for a in answers), len(answers),
+                   sum(clip_seconds(a["item"].path) for a in answers), sum(vad) if len(vad) == len(answers) else None,
+                   sum(a.get("vad_cpu_s", 0.0) for a in answers) if len(vad) == len(answers) else None)
 
 
 @dataclasses.dataclass
@@ -603,49 +723,82 @@ class Row:
     cpu: float
     rss: float
     wer: float
+    languages: str  # right / items
+    vad_share: float | None  # VAD's own wall time over the audio's duration
+    vad_cpu_share: float | None  # its CPU time over the audio's duration
     vs: str = ""
     ratios: tuple[float, float, float] | None = None  # wall, CPU, RSS
 
 
-def rows(results: Results, clips: dict[str, Path], references: dict[str, str]) -> Iterator[Row]:
+def rows(results: Results, pairs: list[tuple[str, str]]) -> Iterator[Row]:
     med = statistics.median
-    for clip, path in clips.items():
-        seconds = clip_seconds(path)
-        for (c, label), answers in results.items():
-            if c != clip:
-                continue
-            row = Row(clip, seconds, label, med(a["wall"] for a in answers), med(a["cpu"] for a in answers),
-                      med(a["rss_mib"] for a in answers), med(wer(references[clip], a["text"]) for a in answers))
-            peers = [fw for at, fw in PAIRS if at == label and (clip, fw) in results]
-            if not peers:
-                yield row
-            for fw in peers:  # an audiotext row once per faster-whisper configuration it is compared with
-                pairs = list(zip(answers, results[(clip, fw)]))  # same round: adjacent in time
-                yield dataclasses.replace(row, vs=fw, ratios=tuple(
-                    med(a[key] / b[key] for a, b in pairs) for key in ("wall", "cpu", "rss_mib")))
+    for (clip, label), answers in results.items():
+        rounds = [Round.of(a) for a in answers if a]
+        vad = [r.vad_s / r.audio_s for r in rounds if r.vad_s is not None]
+        vad_cpu = [r.vad_cpu_s / r.audio_s for r in rounds if r.vad_cpu_s is not None]
+        row = Row(clip, rounds[0].audio_s, label, med(r.wall for r in rounds), med(r.cpu for r in rounds),
+                  med(r.rss for r in rounds), med(r.errors / max(1, r.words) for r in rounds),
+                  f"{rounds[0].languages_right}/{rounds[0].items}", med(vad) if vad else None,
+                  med(vad_cpu) if vad_cpu else None)
+        peers = [other for this, other in pairs if this == label and (clip, other) in results]
+        if not peers:
+            yield row
+        for other in peers:  # a row once per configuration it is compared with
+            theirs = [Round.of(a) for a in results[(clip, other)] if a]
+            yield dataclasses.replace(row, vs=other, ratios=tuple(  # same round: adjacent in time
+                med(getattr(a, key) / getattr(b, key) for a, b in zip(rounds, theirs)) for key in ("wall", "cpu", "rss")))
 
 
-HEADINGS = ["clip", "audio s", "configuration", "wall s", "CPU s", "RSS MiB", "WER", "vs", "wall ×", "CPU ×", "RSS ×"]
+HEADINGS = ["clip", "audio s", "configuration", "wall s", "CPU s", "RSS MiB", "WER", "language", "VAD cost", "vs",
+            "wall ×", "CPU ×", "RSS ×"]
+TEXT_COLUMNS = (0, 2, 9)
 
 
 def cells(row: Row) -> list[str]:
     ratios = [f"{x:.2f}" for x in row.ratios] if row.ratios else ["", "", ""]
     return [row.clip, f"{row.seconds:.1f}", row.label, f"{row.wall:.2f}", f"{row.cpu:.2f}", f"{row.rss:.0f}",
-            f"{row.wer:.1%}", row.vs, *ratios]
+            f"{row.wer:.1%}", row.languages, "" if row.vad_share is None else f"{row.vad_share:.2%}", row.vs, *ratios]
 
 
 def print_table(table: list[Row], markdown: bool) -> None:
     lines = [HEADINGS] + [cells(r) for r in table]
     if markdown:
         print("| " + " | ".join(HEADINGS) + " |")
-        print("|" + "|".join("---" if i in (0, 2, 7) else "---:" for i in range(len(HEADINGS))) + "|")
+        print("|" + "|".join("---" if i in TEXT_COLUMNS else "---:" for i in range(len(HEADINGS))) + "|")
         for line in lines[1:]:
             print("| " + " | ".join(line) + " |")
         return
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADINGS))]
     for line in lines:
-        print("  ".join(cell.ljust(w) if i in (0, 2, 7) else cell.rjust(w)
+        print("  ".join(cell.ljust(w) if i in TEXT_COLUMNS else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(line, widths))).rstrip())
+
+
+def find_row(table: list[Row], clip: str, label: str, vs: str = "") -> Row | None:
+    return next((r for r in table if r.clip == clip and r.label == label and r.vs == vs), None)
+
+
+def print_acceptance(table: list[Row], hogs: int) -> None:
+    """The targets the engine is held to, each beside what this run measured (never asserted: a
+    shared box's timings are evidence, not a test)."""
+    busy = hogs > 0
+    print(f"\nacceptance ({'with' if busy else 'without'} busy-loop hogs; wall ratios audiotext / faster-whisper):")
+    for clip, quiet, loaded in ((NOTES_DETECTED, 0.6, 0.8), (NOTES_GIVEN, None, None), ("s75", 1.4, 1.8)):
+        at, fw = find_row(table, clip, "audiotext", "faster-whisper"), find_row(table, clip, "faster-whisper")
+        if at is None or fw is None or at.ratios is None:
+            continue
+        target = loaded if busy else quiet
+        print(f"  {clip}: {at.ratios[0]:.2f}" + (f" (target <= {target})" if target else "") +
+              f"; WER {at.wer:.1%} against {fw.wer:.1%} (target <= +2 points); language right {at.languages} "
+              f"against {fw.languages}")
+    for clip in ("s75", "gap60"):
+        at = find_row(table, clip, "audiotext", "faster-whisper")
+        if at is not None and at.vad_share is not None:
+            print(f"  VAD's own time on {clip}: {at.vad_share:.2%} of the audio's duration, CPU {at.vad_cpu_share:.2%} "
+                  "(target <= 2%)")
+    gap = find_row(table, "gap60", "audiotext", "audiotext vad=off")
+    if gap is not None and gap.ratios is not None:
+        print(f"  gap60 (half silence), audiotext with VAD / without: {gap.ratios[0]:.2f} (target < 1)")
 
 
 def cpu_model() -> str:
@@ -670,6 +823,41 @@ def source_state() -> str:
         return "not a git checkout"
 
 
+SPINCOUNTS = (500, 1000, 2000, 5000)
+
+
+def wait_configs() -> list[Config]:
+    """--waits: audiotext as it is (threads sleep at once: OMP_WAIT_POLICY=PASSIVE), against libgomp's
+    spin before sleeping bounded to GOMP_SPINCOUNT, and against one thread fewer."""
+    spins = [Config(f"spin {n}", "audiotext", True, env=(("GOMP_SPINCOUNT", str(n)),), spin=True) for n in SPINCOUNTS]
+    return [Config("audiotext", "audiotext", True), *spins, Config("audiotext 1 thread", "audiotext", True, threads=1)]
+
+
+def print_header(args: argparse.Namespace, load: tuple[float, float, float], infos: dict[str, dict[str, Any]],
+                 at_model: str, family: Family, run_counts: list[int]) -> None:
+    at = infos["audiotext"]
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"before the run, {os.getloadavg()[0]:.2f} after it; {args.hogs} busy-loop hog(s) during it")
+    fw = infos.get("faster-whisper")
+    print(f"versions: audiotext {at['audiotext']} ({source_state()}), pywhispercpp {at['pywhispercpp']} "
+          f"({at['engine_build']})" +
+          (f", faster-whisper {fw['faster-whisper']}, ctranslate2 {fw['ctranslate2']}" if fw else ""))
+    window = "short clips on a window fitted to them" if at["fit_short_audio"] else "whole 30 s encoder window"
+    rounds = "/".join(map(str, run_counts)) + (f" ({args.long_runs} for clips of 5 min or more)"
+                                               if len(run_counts) > 1 else "")
+    print(f"audiotext at the daemon's defaults: {at_model} -> {at['file']}, VAD {'on' if at['vad'] else 'off'}, "
+          f"OMP_WAIT_POLICY {at['wait_policy']}, {window}" +
+          (f"; faster-whisper: {family.fw_name} int8, beam 1, vad_filter off (wait policy: {fw['wait_policy']})"
+           if fw else "") + f"; {args.threads} threads each; median of {rounds} alternated round(s)"
+          f"{'; both decode each 30 s after the text before it' if args.previous_text else ''}")
+    for label, info in infos.items():
+        if label != "audiotext" and "spincount" in info:
+            print(f"  {label}: OMP_WAIT_POLICY {info['wait_policy']}, GOMP_SPINCOUNT {info['spincount']}, "
+                  f"{info['threads']} thread(s)")
+    print("ratios: the configuration over the one it is measured against (vs), median of per-round ratios "
+          "(below 1: it uses less); a row of voice notes sums its clips\n")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["_worker"]:
         worker_main(json.loads(sys.argv[2]))
@@ -677,7 +865,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="alternated rounds per clip (default 3)")
     parser.add_argument("--long-runs", type=int, help="rounds for clips of 5 minutes or more (default: --runs)")
-    parser.add_argument("--clips", default=DEFAULT_CLIPS, help=f"comma-separated, of {', '.join(CLIP_SPECS)}")
+    parser.add_argument("--clips", default=DEFAULT_CLIPS,
+                        help=f"comma-separated, of {NOTES}, {', '.join(CLIP_SPECS)} (default {DEFAULT_CLIPS})")
     parser.add_argument("--hogs", type=int, default=0, help="busy-loop processes running the whole time")
     parser.add_argument("--threads", type=int, default=2, help="inference threads of each engine (default 2)")
     parser.add_argument("--model", choices=list(FAMILIES), default="base", help="model family (default base)")
@@ -686,8 +875,9 @@ def main() -> None:
     parser.add_argument("--spin-threads", action="store_true", help="audiotext's threads spin while waiting")
     parser.add_argument("--previous-text", action="store_true",
                         help="both engines decode each 30 s after the text before it (condition_on_previous_text)")
-    parser.add_argument("--fit-short-audio", action="store_true",
-                        help="audiotext encodes short clips at their own length (AUDIOTEXT_FIT_SHORT_AUDIO)")
+    parser.add_argument("--waits", action="store_true",
+                        help=f"audiotext alone: its thread waits against GOMP_SPINCOUNT {SPINCOUNTS} and one "
+                             "thread fewer (the voice notes with their language given)")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
                         help="clips, models and the faster-whisper venv (default bench/.cache)")
     parser.add_argument("--quick", action="store_true", help=f"smoke check: 1 run of {QUICK_CLIPS}")
@@ -697,31 +887,35 @@ def main() -> None:
     if args.quick:
         args.runs, args.clips = 1, QUICK_CLIPS
     names = args.clips.split(",")
-    unknown = [n for n in names if n not in CLIP_SPECS]
+    unknown = [n for n in names if n not in CLIP_SPECS and n != NOTES]
     if unknown or args.runs < 1 or args.threads < 1 or args.hogs < 0:
         parser.error(f"unknown clips {unknown}" if unknown else "--runs and --threads want at least 1, --hogs 0 or more")
     family = FAMILIES[args.model]
     at_model = args.audiotext_model or family.alias
-    gaps = any(CLIP_SPECS[n].gaps for n in names)
 
     cache = args.cache.resolve()
-    ensure_clips(sorted(set(names) | {WARMUP_CLIP}), cache / "clips")
+    ensure_clips(sorted({n for n in names if n != NOTES} | {WARMUP_CLIP}), cache / "clips")
+    if NOTES in names:
+        ensure_notes(cache / "clips")
     ensure_ggml_models(family, cache / "models")
-    fw_dir = ensure_fw_model(family, cache / "fw-models")
-    fw_python = ensure_fw_venv(cache / "fw-venv")
-
-    configs = [Config("audiotext", "audiotext", True), Config("faster-whisper", "fw", False)]
-    if gaps:
-        configs += [Config("audiotext vad=off", "audiotext", False), Config("faster-whisper vad", "fw", True)]
-    clips = {n: cache / "clips" / f"{n}.wav" for n in names}
-    references = {n: (cache / "clips" / f"{n}.txt").read_text().strip() for n in names}
-    runs = {n: (args.long_runs or args.runs) if CLIP_SPECS[n].seconds >= 300 else args.runs for n in names}
+    if args.waits:
+        configs, pairs = wait_configs(), [(c.label, "audiotext") for c in wait_configs()[1:]]
+    else:
+        fw_dir, fw_python = ensure_fw_model(family, cache / "fw-models"), ensure_fw_venv(cache / "fw-venv")
+        configs = [Config("audiotext", "audiotext", True), Config("faster-whisper", "fw", False),
+                   Config("audiotext vad=off", "audiotext", False), Config("faster-whisper vad", "fw", True)]
+        pairs = PAIRS
+    groups = groups_for(names, cache / "clips")
+    if args.waits and NOTES in groups:
+        groups[NOTES] = [item for item in groups[NOTES] if item.row == NOTES_GIVEN]
+    runs = {n: (args.long_runs or args.runs) if n != NOTES and CLIP_SPECS[n].seconds >= 300 else args.runs
+            for n in names}
 
     def start(config: Config) -> Worker:
         python, model = (Path(sys.executable), at_model) if config.kind == "audiotext" else (fw_python, str(fw_dir))
         return Worker(config, python, {"kind": config.kind, "model": model, "models_dir": str(cache / "models"),
-                                       "threads": args.threads, "vad": config.vad, "spin": args.spin_threads,
-                                       "fit_short_audio": args.fit_short_audio,
+                                       "threads": config.threads or args.threads, "vad": config.vad,
+                                       "spin": args.spin_threads or config.spin,
                                        "condition_on_previous_text": args.previous_text},
                       start_timeout=300)
 
@@ -730,9 +924,9 @@ def main() -> None:
     results: Results = {}
     infos: dict[str, dict[str, Any]] = {}
     try:
-        for clip, path in clips.items():
-            answers, info = measure_clip(clip, path, start, configs, cache / "clips" / f"{WARMUP_CLIP}.wav",
-                                         runs[clip], args.hogs)
+        for name, items in groups.items():
+            answers, info = measure_group(items, start, configs_for(name, configs, args.waits),
+                                          cache / "clips" / f"{WARMUP_CLIP}.wav", runs[name], args.hogs)
             results.update(answers)
             infos.update(info)
     except BenchError as exc:
@@ -740,29 +934,18 @@ def main() -> None:
     finally:
         hogs.close()
 
-    at, fw = infos["audiotext"], infos["faster-whisper"]
-    run_counts = sorted(set(runs.values()))
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-          f"before the run; {args.hogs} busy-loop hog(s) during it")
-    print(f"versions: audiotext {at['audiotext']} ({source_state()}), pywhispercpp {at['pywhispercpp']}, "
-          f"faster-whisper {fw['faster-whisper']}, ctranslate2 {fw['ctranslate2']}")
-    window = (f"short clips encoded at their length (11 s: audio_ctx {at['audio_ctx_11s']})" if at["audio_ctx_11s"]
-              else "whole 30 s encoder window")
-    rounds = "/".join(map(str, run_counts)) + (f" ({args.long_runs} for clips of 5 min or more)"
-                                               if len(run_counts) > 1 else "")
-    print(f"audiotext: {at_model} -> {at['file']}, VAD {'on' if at['vad'] else 'off'}, OMP_WAIT_POLICY "
-          f"{at['wait_policy']}, {window}; faster-whisper: {family.fw_name} int8, beam 1, vad_filter off "
-          f"(wait policy: {fw['wait_policy']}); {args.threads} threads each; median of {rounds} alternated round(s)"
-          f"{'; both decode each 30 s after the text before it' if args.previous_text else ''}")
-    print("ratios: audiotext / faster-whisper, median of per-round ratios (below 1: audiotext uses less)\n")
-    table = list(rows(results, clips, references))
+    print_header(args, load, infos, at_model, family, sorted(set(runs.values())))
+    table = list(rows(results, pairs))
     print_table(table, markdown=False)
     if args.markdown:
         print()
         print_table(table, markdown=True)
+    if not args.waits:
+        print_acceptance(table, args.hogs)
     if args.show_text:
-        for (clip, label), texts in results.items():
-            print(f"\n[{clip} {label}] {texts[0]['text']}")
+        for (clip, label), rounds in results.items():
+            for answer in rounds[0]:
+                print(f"\n[{clip} {label} {answer['item'].path.stem}] ({answer['language']}) {answer['text']}")
 
 
 if __name__ == "__main__":

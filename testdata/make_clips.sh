@@ -127,4 +127,14 @@ voice_note voice_fr mb-fr4:140 "Je suis un peu en retard, alors commencez la ré
 voice_note voice_it festival:pc_diphone "Sono un po' in ritardo, quindi iniziate la riunione senza di me."
 voice_note voice_pt mb-br3:150 "Estou um pouco atrasado, por isso comecem a reunião sem mim."
 
+# NAME.ref.txt: what is said in NAME.* (empty: nobody speaks), for `audiotext engine build`'s check.
+reference() { if [[ -n $2 ]]; then printf '%s\n' "$2" > "$OUT/$1.ref.txt"; else : > "$OUT/$1.ref.txt"; fi; }
+reference en "$EN_TEXT"; reference ca "$CA_TEXT"; reference ca_greeting "$CA_GREETING_TEXT"
+reference long_en "$LONG_TEXT"; reference pauses "${PAUSE_TEXTS[*]}"; reference silence ""; reference noise ""
+reference voice_en "The package arrived this morning, but the box was damaged and one of the cups is broken."
+reference voice_de "Das Paket ist heute Morgen angekommen, aber der Karton war beschädigt und eine Tasse ist zerbrochen."
+reference voice_fr "Je suis un peu en retard, alors commencez la réunion sans moi."
+reference voice_it "Sono un po' in ritardo, quindi iniziate la riunione senza di me."
+reference voice_pt "Estou um pouco atrasado, por isso comecem a reunião sem mim."
+
 ls -l "$OUT"
