@@ -4398,7 +4398,12 @@ def test_a_result_the_disk_refuses_is_written_once_it_takes_it(
     assert done["status"] == "succeeded", done
     assert_heard(client.get(done["result_url"], headers=AUTH).json()["text"], EN_WORDS)
     assert refused == [code, code] and runs == [job["id"]]  # transcribed once; only the write was done again
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
+    def job_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job['id']} ")]
+    # The succeeded line is logged just after the job's state changes, which the test may see first.
+    wait_until(lambda: any(line.split()[2] == "succeeded" for line in job_lines()), what="the succeeded line",
+               timeout=30)
+    lines = job_lines()
     assert [line.split()[2] for line in lines] == ["queued", "running", "hit", "queued", "running", "hit",
                                                    "queued", "running", "succeeded"]
     assert f"({os.strerror(code)}); queued again, retry 2 of 30 in 2 s" in lines[5]
