@@ -5354,6 +5354,8 @@ def mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **c
     job.finished_at = time.time()
     job.heard = []  # the result file has the segments now; events streams read them there
     job.error = {"message": str(error), "code": error.code} if error is not None else None
+    if job.spec.speaker_references:  # people's voices, kept no longer than the job's own audio
+        job.spec = dataclasses.replace(job.spec, speaker_references={})
     for name, value in changes.items():
         setattr(job, name, value)
 
