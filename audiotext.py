@@ -9147,6 +9147,14 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
     return parsed, upload, model
 
 
+def probe_upload(state: AppState, parsed: TranscriptionRequest, upload: UploadedFile) -> float | None:
+    """The upload's length, once its container opens and any known speakers' references decode:
+    refused here, before a job is accepted or a stream begins. It blocks: run it on a thread."""
+    for name, data in parsed.options.speakers.references if parsed.options.speakers else ():
+        reference_audio(name, data)
+    return probe_audio(upload.path, max_seconds=state.settings.max_audio_seconds)
+
+
 async def transcribe_upload(request: Request, *, translate: bool) -> Response:
     state = _state(request)
     refuse_uploads_while_stopping(state)
@@ -9155,7 +9163,7 @@ async def transcribe_upload(request: Request, *, translate: bool) -> Response:
     try:
         parsed, upload, _ = validate_upload(state, form, translate=translate)
         # Opening the container blocks; a thread keeps the event loop answering.
-        await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+        await run_in_threadpool(probe_upload, state, parsed, upload)
         if parsed.stream:
             response = stream_transcription(request, state, form, parsed, upload)
             form = None  # the stream removes the upload when it ends
@@ -10010,7 +10018,7 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
         raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",
                              param="include[]")
     # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
-    seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+    seconds = await run_in_threadpool(probe_upload, state, parsed, upload)
     options = parsed.options
     spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
                    temperature=options.temperature, word_timestamps=options.word_timestamps,

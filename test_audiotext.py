@@ -3044,6 +3044,14 @@ def test_known_speakers_are_named(diarizer: Daemon) -> None:
                       **{"known_speaker_names[]": ["Adam"], "known_speaker_references[]": [not_audio]})
     assert_error(refused, 400, re.compile(r"^the reference for 'Adam' is not usable audio: "),
                  param="known_speaker_references[]")
+    # A stream and a job are refused alike, before a stream begins or a job is accepted.
+    bad = {"response_format": "diarized_json", "known_speaker_names[]": ["Adam"], "known_speaker_references[]": [not_audio]}
+    streamed = diarize(diarizer, "dialogue_2.webm", stream="true", **bad)
+    assert streamed.json() == refused.json() and streamed.status_code == 400, streamed.text
+    with open(CLIPS / "dialogue_2.webm", "rb") as f:
+        job = httpx.post(diarizer.url + JOBS, headers=AUTH, timeout=300, files={"file": ("dialogue_2.webm", f)},
+                         data={"model": "cpu-tiny", **bad})
+    assert job.json() == refused.json() and job.status_code == 400, job.text
 
 
 def test_one_voice_is_one_speaker_and_silence_no_one(diarizer: Daemon) -> None:
