@@ -8698,7 +8698,7 @@ def _parse_line_layout(get: Callable[[str], str | None], response_format: str) -
         raw = (get(name) or "").strip()
         if not raw:
             continue
-        if not (raw.isdigit() and low <= int(raw) <= high):
+        if not (raw.isascii() and raw.isdecimal() and low <= int(raw) <= high):
             raise InvalidRequest(f"{name} must be a whole number from {low} to {high}; got '{raw}'", param=name)
         if response_format not in ("srt", "vtt"):
             raise InvalidRequest(f"{name} applies to response_format srt or vtt, not '{response_format}'",
@@ -8755,6 +8755,9 @@ def _parse_references(form: Form) -> tuple[tuple[str, bytes], ...]:
     if len(set(names)) != len(names) or any(len(name) > 64 for name in names):
         raise InvalidRequest("known_speaker_names[] must be distinct names of at most 64 characters",
                              param="known_speaker_names[]")
+    if not all(name.isprintable() for name in names):  # a line break would start a subtitle line of its own
+        raise InvalidRequest("known_speaker_names[] may hold only printable characters, no line breaks or "
+                             "control characters", param="known_speaker_names[]")
     pairs = []
     for name, url in zip(names, references):
         match = DATA_URL.fullmatch(url)
@@ -8788,7 +8791,7 @@ def _parse_speakers(form: Form, response_format: str, *, translate: bool,
         return None
     if translate:
         raise InvalidRequest("translations are not diarized; ask /v1/audio/transcriptions", param="response_format")
-    if raw_count is not None and not (raw_count.isdigit() and 1 <= int(raw_count) <= MAX_SPEAKERS):
+    if raw_count is not None and not (raw_count.isascii() and raw_count.isdecimal() and 1 <= int(raw_count) <= MAX_SPEAKERS):
         raise InvalidRequest(f"speaker_count must be a whole number from 1 to {MAX_SPEAKERS}; got '{raw_count}'",
                              param="speaker_count")
     return SpeakerOptions(int(raw_count) if raw_count is not None else default_count, references)
