@@ -3004,12 +3004,11 @@ def speaker_label(index: int) -> str:
 
 def require_diarization(models_dir: Path) -> Path:
     """The speaker model's file, once the runtime and the model are both there; else why not."""
-    try:
-        import scipy.cluster.hierarchy  # noqa: F401
-    except ImportError:
+    # Only looked for: SciPy is imported where it clusters, on a worker, not on the event loop.
+    if importlib.util.find_spec("scipy") is None:
         raise DiarizationUnavailable(
             f"speaker diarization needs the '{DIARIZE_EXTRA}' extra: pip install 'audiotext[{DIARIZE_EXTRA}]', "
-            "then run `audiotext models import-diarization`") from None
+            "then run `audiotext models import-diarization`")
     path = models_dir / SPEAKER_MODEL_FILE
     if not path.is_file():
         raise DiarizationUnavailable(f"speaker diarization needs its model in the models dir ({path.name}): run "
