@@ -197,10 +197,13 @@ def _whole(text: str) -> int:
     return value
 
 
+MAX_SPEAKERS = 26  # named A to Z (see Speakers)
+
+
 def _speaker_count(text: str) -> int:
     value = int(text)
-    if not 0 <= value <= 26:  # speakers are named A to Z (see Speakers)
-        raise ValueError(f"must be 0 (found from the voices) to 26, got {value}")
+    if not 0 <= value <= MAX_SPEAKERS:
+        raise ValueError(f"must be 0 (found from the voices) to {MAX_SPEAKERS}, got {value}")
     return value
 
 
@@ -2992,7 +2995,6 @@ SPEAKER_NAME_SIMILARITY = 0.6  # a known speaker's reference must be at least th
 # voiceprint: every window is brought to this level, louder ones too (Resemblyzer only raises
 # quiet ones), so that a voice is not told apart by how loud it is.
 SPEAKER_TARGET_RMS = 10 ** (-30 / 20)
-MAX_SPEAKERS = 26  # named A to Z
 MAX_KNOWN_SPEAKERS = 4  # as OpenAI takes them
 SPEAKER_REFERENCE_SECONDS = (1.0, 30.0)
 
@@ -3176,7 +3178,7 @@ def _loaded_encoder(path: Path, mtime_ns: int) -> SpeakerEncoder:
 
 
 def speaker_encoder(path: Path) -> SpeakerEncoder:
-    """The process's encoder for the file (1 MB of arrays, read-only once loaded: threads share it)."""
+    """The process's encoder for the file (about 6 MB of arrays, read-only once loaded: threads share it)."""
     return _loaded_encoder(path, path.stat().st_mtime_ns)
 
 
@@ -3316,7 +3318,7 @@ def reference_audio(name: str, data: bytes) -> np.ndarray:
             raise InvalidRequest(f"the reference for '{name}' is not usable audio: {exc}", param=param) from None
     if len(audio) < low * SAMPLE_RATE:
         raise InvalidRequest(f"the reference for '{name}' is {len(audio) / SAMPLE_RATE:.1f} s long; a known "
-                             f"speaker's reference needs {low:g} to {high:g} s of speech", param=param)
+                             f"speaker's reference must be {low:g} to {high:g} s long", param=param)
     return audio
 
 
