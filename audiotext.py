@@ -3098,19 +3098,7 @@ def import_speaker_model(models_dir: Path, *, wheel: Path | None = None) -> Path
 @functools.cache
 def _mel_filters() -> np.ndarray:
     """librosa's default mel filterbank (Slaney's scale and area normalisation), as GE2E was trained."""
-    f_sp, min_log_hz, min_log_mel, log_step = 200 / 3, 1000.0, 15.0, math.log(6.4) / 27
-
-    def to_mel(hz: np.ndarray) -> np.ndarray:
-        return np.where(hz < min_log_hz, hz / f_sp, min_log_mel + np.log(np.maximum(hz, 1e-10) / min_log_hz) / log_step)
-
-    def to_hz(mel: np.ndarray) -> np.ndarray:
-        return np.where(mel < min_log_mel, mel * f_sp, min_log_hz * np.exp(log_step * (mel - min_log_mel)))
-
-    edges = to_hz(np.linspace(0.0, float(to_mel(np.array(SAMPLE_RATE / 2))), SPEAKER_MELS + 2))
-    bins = np.linspace(0, SAMPLE_RATE / 2, SPEAKER_FFT // 2 + 1)
-    widths, ramps = np.diff(edges), edges[:, None] - bins[None, :]
-    weights = np.maximum(0, np.minimum(-ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]))
-    return (weights * (2 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
+    return _slaney_mel_filterbank(n_mels=SPEAKER_MELS, n_fft=SPEAKER_FFT, sample_rate=SAMPLE_RATE)
 
 
 @functools.cache
