@@ -3705,6 +3705,54 @@ def test_partial_text_is_only_what_two_decodes_agree_on_and_is_never_taken_back(
     assert audiotext.reconciled_text("I will", "I would like tea.") == "I would like tea."  # other words
 
 
+def test_a_delta_begins_only_where_a_word_does() -> None:
+    turn = audiotext.LiveTurn(1, start=0)
+    deltas = [turn.heard(text) for text in ["Hello world is good", "Hello world is good",
+                                            "Hello worldwide is good today", "Hello worldwide is good today"]]
+    assert deltas == ["", "Hello world", "", ""]  # "wide" would have gone on the word that was sent
+    assert turn.sent == "Hello world"
+    assert [turn.heard("Hello world is good today") for _ in range(2)] == ["", " is"]  # after a space: sent
+
+
+def test_a_client_faster_than_the_decodes_is_held_back() -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        gate, finals, pending = asyncio.Event(), [], []
+
+        async def decode(audio: np.ndarray, final: bool) -> audiotext.Transcript:
+            if final:
+                await gate.wait()  # the final decodes are slow
+                finals.append(audio.size)
+            return audiotext.Transcript(text="", language="en", duration=audio.size / audiotext.SAMPLE_RATE,
+                                        segments=[], words=[])
+
+        async def emit(event: audiotext.LiveEvent) -> None:
+            pass
+
+        stream = audiotext.LiveStream(decode, emit, vad=None, partial_seconds=60, max_turn_seconds=1.0)
+        stream.start()
+        half_second = np.zeros(audiotext.SAMPLE_RATE // 2, np.float32)
+
+        async def fast_client() -> None:  # commits 10 turns at once, as a fast network allows
+            for _ in range(10):
+                await stream.feed(half_second)
+                await stream.commit()
+                pending.append(stream.pending_samples())
+
+        client = asyncio.ensure_future(fast_client())
+        await asyncio.sleep(0.5)
+        held = (client.done(), len(pending))
+        gate.set()
+        await asyncio.wait_for(client, 30)
+        await stream.close()
+        # Two longest turns' worth (4 turns of 0.5 s) may wait; the feed after a 5th waits for room.
+        assert held == (False, 5), held
+        return finals, pending
+
+    finals, pending = asyncio.run(scenario())
+    assert finals == [audiotext.SAMPLE_RATE // 2] * 10  # every turn decoded all the same
+    assert max(pending) == 5 * audiotext.SAMPLE_RATE // 2
+
+
 def test_realtime_audio_formats_become_16_khz() -> None:
     rate, seconds = 24_000, 2.0
     tone = np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate).astype(np.float32)
