@@ -7227,6 +7227,24 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
     assert counted.get("too_many_sessions") == 100 - LIVE_MAX_SESSIONS and counted.get("invalid_api_key") == 1
 
 
+def test_a_realtime_session_the_daemon_fails_gets_a_server_error_and_is_closed(
+        make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    client = make_client()
+
+    def unreadable(*args: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(audiotext, "VoiceActivity", unreadable)  # the VAD the session begins with
+    with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+        error = connection.receive_json()
+        assert (error["type"], error["error"]["type"], error["error"]["code"]) == ("error", "server_error",
+                                                                                   "storage_error")
+        assert connection.receive()["type"] == "websocket.close"
+    counted = 'audiotext_sessions_total{outcome="storage_error",protocol="realtime"} 1.0'
+    metrics = client.get("/metrics", headers=AUTH).text
+    assert counted in metrics, [line for line in metrics.splitlines() if "sessions" in line]
+
+
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
     """Its events pile up to the limit, its socket stays full, or it falls silent: each ends it,
     and the events waiting for it are dropped with the connection."""
