@@ -4835,13 +4835,19 @@ class Scheduler:
 # arrives in pieces; the daemon's VAD (Voice activity) finds the turns, or the client says where
 # one ends (a commit). While a turn is open it is decoded again, on the short fitted encoder window,
 # each time it has grown by AUDIOTEXT_LIVE_PARTIAL_SECONDS; of two successive decodes, only the
-# words both agree on are sent, so that what was sent never has to be taken back. When the turn
-# ends, one decode of the whole turn gives its text. Every decode is sync work: it goes through the
+# words both agree on are sent, so that what was sent seldom needs taking back. When the turn
+# ends, one decode of the whole turn gives its text: the deltas joined are its beginning, unless
+# that decode heard other words, and then its text (the completed event's) stands in their place;
+# a delta is never retracted by an event of its own. Every decode is sync work: it goes through the
 # scheduler at PRIORITY_SYNC, ahead of queued jobs.
 
 LIVE_HISTORY_SECONDS = 3.0  # audio kept from before a turn begins, for its prefix padding
 LIVE_MIN_PARTIAL_SECONDS = 0.8  # a turn shorter than this holds too little for a word to be agreed on
 LIVE_HELD_WORDS = 1  # of the words two decodes agree on, the last this many wait for a later decode
+# Closed turns waiting for their final decode, in longest turns, before feed() waits for them: a
+# client sending audio faster than it is decoded is slowed to the decodes' pace (for a WebSocket,
+# its messages are not read meanwhile, so TCP holds it back) rather than held in memory.
+LIVE_PENDING_TURNS = 2
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses a commit of less; so does the daemon
 DEFAULT_PREFIX_PADDING_MS = 300  # OpenAI's server_vad default
 
@@ -4925,6 +4931,8 @@ class LiveTurn:
         agreed = agreed_text(earlier, text)
         if len(agreed) <= len(self.sent) or not agreed.startswith(self.sent):
             return ""
+        if self.sent and agreed[len(self.sent)] != " ":  # "world" sent, "worldwide" heard: the word goes on
+            return ""
         delta, self.sent = agreed[len(self.sent):], agreed
         return delta
 
@@ -4974,7 +4982,8 @@ class LiveStream:
     daemon's VAD opens and closes turns and the stream closes it; without it, all audio goes into
     one open turn until commit(). A task of its own (started by start(), ended
     by close()) decodes: a closed turn's final decode first, in order, else a partial decode of
-    the open turn once it has grown enough. Events go to `emit` in order for each turn: started,
+    the open turn once it has grown enough. While closed turns hold over LIVE_PENDING_TURNS
+    longest turns of audio, feed() waits for their decodes before it takes more. Events go to `emit` in order for each turn: started,
     deltas, stopped, deltas, completed (or failed). The VAD runs on the event loop: it costs
     under 1% of the audio's duration (see Voice activity), less than a thread hop per piece.
     """
@@ -4993,13 +5002,27 @@ class LiveStream:
         self.position = 0  # samples fed so far
         self._turn: LiveTurn | None = None
         self._closed: list[LiveTurn] = []  # waiting for their final decode
+        self._max_pending = LIVE_PENDING_TURNS * self._max_turn_samples
         self._turns = itertools.count(1)
         self._wake = asyncio.Event()
+        self._decoded = asyncio.Event()  # a closed turn was decoded, or the decoding ended
+        self._decoding = False
         self._task: asyncio.Task[None] | None = None
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
 
     def start(self) -> None:
+        self._decoding = True
         self._task = asyncio.ensure_future(self._decode_turns())
+
+    def pending_samples(self) -> int:
+        """The audio of the closed turns that wait for their final decode."""
+        return sum(turn.samples for turn in self._closed)
+
+    async def _room(self) -> None:
+        """Back-pressure: wait while the closed turns hold more than their bound (and are decoded)."""
+        while self._decoding and self.pending_samples() > self._max_pending:
+            self._decoded.clear()
+            await self._decoded.wait()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -5009,6 +5032,7 @@ class LiveStream:
             self._vad.close()
 
     async def feed(self, samples: np.ndarray) -> None:
+        await self._room()
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         start = self.position
         self.position += samples.size
@@ -5061,10 +5085,12 @@ class LiveStream:
         self._wake.set()
         return number
 
-    def clear(self) -> None:
-        """Drop the open turn's audio; nothing is decoded of it."""
+    def clear(self) -> int | None:
+        """Drop the open turn's audio; nothing is decoded of it. The dropped turn's number."""
+        dropped = self._turn.number if self._turn is not None else None
         self._turn = None
         self._tail = np.zeros(0, np.float32)
+        return dropped
 
     async def _decode_turns(self) -> None:
         try:
@@ -5075,12 +5101,16 @@ class LiveStream:
                     if self._closed:
                         await self._finish(self._closed[0])
                         self._closed.pop(0)
+                        self._decoded.set()
                     elif self._turn is not None:
                         await self._partial(self._turn)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the session learns of it and ends
             self.on_failure(exc)
+        finally:
+            self._decoding = False  # a feed waiting for room waits no more
+            self._decoded.set()
 
     def _partial_due(self) -> bool:
         turn = self._turn
@@ -7481,15 +7511,15 @@ class WyomingSession:
         from wyoming.asr import TranscriptStart
 
         if not self._started:
+            self._started = True  # before the write: a chunk written meanwhile must not begin again
             await self._write(TranscriptStart(language=self._language).event())
-            self._started = True
 
     async def _chunk(self, text: str) -> None:
         from wyoming.asr import TranscriptChunk
 
         await self._begin()
+        self._sent += text  # before the write, so that the whole's last chunk, reckoned meanwhile, holds none of it
         await self._write(TranscriptChunk(text=text).event())
-        self._sent += text
 
     async def _transcribe(self, collected: PcmCollector) -> None:
         """The whole command's transcript. Its segments go out as transcript-chunks as whisper.cpp
@@ -7871,7 +7901,8 @@ DICTATION_PANEL = """    <section id="dictation" class="panel" aria-labelledby="
 # The page for people at GET /: one document with its style and script inline, so it loads in one
 # request and needs nothing from elsewhere. Its Content-Security-Policy allows that one script and that
 # one style by their hashes, computed below at import, and the daemon itself as the only place to talk to.
-# The token lives in the browser's localStorage and travels only in the Authorization header.
+# The token lives in the browser's localStorage and travels in the Authorization header, and for
+# dictation's WebSocket (which a browser cannot give headers) as its `openai-insecure-api-key.` subprotocol.
 
 WEB_PAGE_STYLE = """
 :root {
@@ -9311,7 +9342,10 @@ async def metrics(request: Request) -> Response:
 # client appends base64 audio; turns are found by the daemon's VAD (turn_detection server_vad)
 # or ended by the client's commits (turn_detection null); Live transcription sends each turn's
 # text as it becomes sure, then the whole. A broken rule of the protocol is an `error` event and
-# the session goes on; a broken limit is an `error` event and the end of the session.
+# the session goes on; a broken limit (the session's length, its idle time, a client that does not
+# read) is an `error` event and the end of the session. Audio sent faster than its turns are decoded
+# is not refused but slowed: while closed turns wait for their decode beyond LIVE_PENDING_TURNS
+# (Live transcription), no message is read, and TCP holds the client back.
 
 REALTIME_PATH = "/v1/realtime"
 # A text message's largest size (uvicorn closes the connection with 1009 past it): 10 s of
@@ -9547,6 +9581,7 @@ class RealtimeSession:
         self._stream_key: tuple[Any, ...] | None = None
         self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
         self._items: dict[int, str] = {}  # turn number -> item id
+        self._told: set[int] = set()  # the turns whose item the client has heard of
         self._last_item: str | None = None
         self.audio_seconds = 0.0
         self._quiet_engine = quiet_engine(state.models, state.scheduler,
@@ -9569,6 +9604,9 @@ class RealtimeSession:
         except LiveSessionError as exc:
             self.send_error(exc)
             return exc.code
+        except Exception as exc:  # no rule broken and no limit: the daemon's fault, the session's end
+            self.end(exc)
+            return meaning_of(exc).code or "internal_error"
         finally:
             if self._stream is not None:
                 await self._stream.close()
@@ -9630,7 +9668,10 @@ class RealtimeSession:
             await self._stream.commit()
         elif kind == "input_audio_buffer.clear":
             assert self._stream is not None
-            self._stream.clear()
+            dropped = self._stream.clear()
+            if dropped is not None:
+                self._items.pop(dropped, None)
+                self._told.discard(dropped)
             self.send({"type": "input_audio_buffer.cleared"})
         else:
             raise LiveSessionError("invalid_event", f"unknown event type {kind[:64]!r}: a transcription session "
@@ -9644,10 +9685,24 @@ class RealtimeSession:
         if config.stream_key() != self._stream_key:
             if self._stream is not None:
                 await self._stream.close()
+                self._drop_turns()
             await self._new_stream()
         self.beta = self.beta or beta
         self.send({"type": "transcription_session.updated" if self.beta else "session.updated",
                    "session": self._session_object()})
+
+    def _drop_turns(self) -> None:
+        """The turns a replaced stream had not finished: each the client was told of is `.failed`, so
+        that every committed item ends in `.completed` or `.failed`, as OpenAI's clients expect."""
+        for turn, item in self._items.items():
+            if turn in self._told:
+                self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
+                           "content_index": 0, "error": {
+                               "type": "invalid_request_error", "code": "session_updated", "param": None,
+                               "message": "the session's transcription settings changed before this turn's "
+                                          "text was finished: it was dropped"}})
+        self._items.clear()
+        self._told.clear()
 
     async def _new_stream(self) -> None:
         config = self.config
@@ -9681,6 +9736,8 @@ class RealtimeSession:
         if event.kind == "started":
             self._items[event.turn] = "item_" + secrets.token_hex(12)
         item = self._items.get(event.turn, "")
+        if event.kind in ("stopped", "delta") or (event.kind == "started" and self.config.turn_detection is not None):
+            self._told.add(event.turn)
         if event.kind == "started" and self.config.turn_detection is not None:
             self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": event.at * 1000 // SAMPLE_RATE,
                        "item_id": item})
@@ -9701,6 +9758,7 @@ class RealtimeSession:
             self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
                        "content_index": 0, "error": envelope})
             self._items.pop(event.turn, None)
+            self._told.discard(event.turn)
 
     def _completed(self, item: str, event: LiveEvent) -> None:
         transcript = event.transcript
@@ -9712,6 +9770,7 @@ class RealtimeSession:
             completed["logprobs"] = transcript.logprobs or []
         self.send(completed)
         self._items.pop(event.turn, None)
+        self._told.discard(event.turn)
 
     def _session_object(self) -> dict[str, Any]:
         return self.config.beta_object(self.id) if self.beta else self.config.ga_object(self.id)
@@ -9725,18 +9784,20 @@ class RealtimeSession:
         except asyncio.QueueFull:
             self.ended.set_result("slow_reader")
 
-    def send_error(self, exc: LiveSessionError, event_id: str | None = None) -> None:
+    def send_error(self, exc: LiveSessionError, event_id: str | None = None, *, kind: str | None = None) -> None:
         logger.debug("realtime error %s: %s", exc.code, exc)
-        kind = "server_error" if exc.code in ("shutting_down", "internal_error") else "invalid_request_error"
+        if kind is None:
+            kind = "server_error" if exc.code in ("shutting_down", "internal_error") else "invalid_request_error"
         self.send({"type": "error", "error": {"type": kind, "code": exc.code, "message": str(exc),
                                               "param": exc.param, "event_id": event_id}})
 
     def end(self, exc: BaseException) -> None:
-        """The live stream failed: the session ends with an `error` event saying why."""
+        """The live stream (or the daemon, serving the session) failed: the session ends with an
+        `error` event saying why."""
         meaning = meaning_of(exc)
         if is_unexpected(exc):
             log_unexpected(exc, "in a live transcription session")
-        self.send_error(LiveSessionError(meaning.code or "internal_error", describe(exc)))
+        self.send_error(LiveSessionError(meaning.code or "internal_error", describe(exc)), kind=meaning.type)
         if not self.ended.done():
             self.ended.set_result(meaning.code or "internal_error")
 

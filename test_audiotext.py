@@ -3722,6 +3722,54 @@ def test_partial_text_is_only_what_two_decodes_agree_on_and_is_never_taken_back(
     assert audiotext.reconciled_text("I will", "I would like tea.") == "I would like tea."  # other words
 
 
+def test_a_delta_begins_only_where_a_word_does() -> None:
+    turn = audiotext.LiveTurn(1, start=0)
+    deltas = [turn.heard(text) for text in ["Hello world is good", "Hello world is good",
+                                            "Hello worldwide is good today", "Hello worldwide is good today"]]
+    assert deltas == ["", "Hello world", "", ""]  # "wide" would have gone on the word that was sent
+    assert turn.sent == "Hello world"
+    assert [turn.heard("Hello world is good today") for _ in range(2)] == ["", " is"]  # after a space: sent
+
+
+def test_a_client_faster_than_the_decodes_is_held_back() -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        gate, finals, pending = asyncio.Event(), [], []
+
+        async def decode(audio: np.ndarray, final: bool) -> audiotext.Transcript:
+            if final:
+                await gate.wait()  # the final decodes are slow
+                finals.append(audio.size)
+            return audiotext.Transcript(text="", language="en", duration=audio.size / audiotext.SAMPLE_RATE,
+                                        segments=[], words=[])
+
+        async def emit(event: audiotext.LiveEvent) -> None:
+            pass
+
+        stream = audiotext.LiveStream(decode, emit, vad=None, partial_seconds=60, max_turn_seconds=1.0)
+        stream.start()
+        half_second = np.zeros(audiotext.SAMPLE_RATE // 2, np.float32)
+
+        async def fast_client() -> None:  # commits 10 turns at once, as a fast network allows
+            for _ in range(10):
+                await stream.feed(half_second)
+                await stream.commit()
+                pending.append(stream.pending_samples())
+
+        client = asyncio.ensure_future(fast_client())
+        await asyncio.sleep(0.5)
+        held = (client.done(), len(pending))
+        gate.set()
+        await asyncio.wait_for(client, 30)
+        await stream.close()
+        # Two longest turns' worth (4 turns of 0.5 s) may wait; the feed after a 5th waits for room.
+        assert held == (False, 5), held
+        return finals, pending
+
+    finals, pending = asyncio.run(scenario())
+    assert finals == [audiotext.SAMPLE_RATE // 2] * 10  # every turn decoded all the same
+    assert max(pending) == 5 * audiotext.SAMPLE_RATE // 2
+
+
 def test_realtime_audio_formats_become_16_khz() -> None:
     rate, seconds = 24_000, 2.0
     tone = np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate).astype(np.float32)
@@ -7207,6 +7255,24 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
     counted = wait_until(lambda: (c := realtime_sessions(realtime_daemon)).get("closed", 0) >= 2 + LIVE_MAX_SESSIONS
                          and c, what="the sessions counted")
     assert counted.get("too_many_sessions") == 100 - LIVE_MAX_SESSIONS and counted.get("invalid_api_key") == 1
+
+
+def test_a_realtime_session_the_daemon_fails_gets_a_server_error_and_is_closed(
+        make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    client = make_client()
+
+    def unreadable(*args: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(audiotext, "VoiceActivity", unreadable)  # the VAD the session begins with
+    with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+        error = connection.receive_json()
+        assert (error["type"], error["error"]["type"], error["error"]["code"]) == ("error", "server_error",
+                                                                                   "storage_error")
+        assert connection.receive()["type"] == "websocket.close"
+    counted = 'audiotext_sessions_total{outcome="storage_error",protocol="realtime"} 1.0'
+    metrics = client.get("/metrics", headers=AUTH).text
+    assert counted in metrics, [line for line in metrics.splitlines() if "sessions" in line]
 
 
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
