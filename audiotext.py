@@ -4635,7 +4635,8 @@ class Engine:
 # ---------------------------------------------------------------------------------------------
 
 PRIORITY_SYNC = 0  # a waiting HTTP client goes ahead of queued jobs
-PRIORITY_JOB = 1
+PRIORITY_PARTIAL = 1  # a live turn's partial text: after any final text a client waits for, before jobs
+PRIORITY_JOB = 2
 
 
 @dataclass(order=True)
@@ -4838,8 +4839,9 @@ class Scheduler:
 # words both agree on are sent, so that what was sent seldom needs taking back. When the turn
 # ends, one decode of the whole turn gives its text: the deltas joined are its beginning, unless
 # that decode heard other words, and then its text (the completed event's) stands in their place;
-# a delta is never retracted by an event of its own. Every decode is sync work: it goes through the
-# scheduler at PRIORITY_SYNC, ahead of queued jobs.
+# a delta is never retracted by an event of its own. Every decode goes through the scheduler ahead
+# of queued jobs: a final decode at PRIORITY_SYNC, a partial one at PRIORITY_PARTIAL, after it, so
+# that many sessions' partial text does not hold back the text that ends a turn.
 
 LIVE_HISTORY_SECONDS = 3.0  # audio kept from before a turn begins, for its prefix padding
 LIVE_MIN_PARTIAL_SECONDS = 0.8  # a turn shorter than this holds too little for a word to be agreed on
@@ -4958,12 +4960,13 @@ async def await_work(work: Work) -> Any:
 
 def live_decoder(scheduler: Scheduler, engine: Engine, quiet_engine: Engine, model: str | None,
                  options: TranscribeOptions) -> LiveDecode:
-    """Turn decodes through the scheduler as sync work. A partial decode goes through
-    `quiet_engine`, which neither logs nor counts it: only what a client is finally given is."""
+    """Turn decodes through the scheduler: a final one as sync work, a partial one at
+    PRIORITY_PARTIAL. A partial decode goes through `quiet_engine`, which neither logs nor counts
+    it: only what a client is finally given is."""
     async def decode(audio: np.ndarray, final: bool) -> Transcript:
         chosen, how = (engine, options) if final else (quiet_engine, dataclasses.replace(options, quick=True))
         work = scheduler.submit(lambda abort: chosen.transcribe(audio, model, how, abort),
-                                priority=PRIORITY_SYNC)
+                                priority=PRIORITY_SYNC if final else PRIORITY_PARTIAL)
         return cast(Transcript, await await_work(work))
 
     return decode

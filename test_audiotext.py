@@ -3646,6 +3646,35 @@ def test_a_request_queued_behind_a_long_job_runs_at_its_next_window() -> None:
         scheduler.stop(grace=0)
 
 
+def test_partial_live_decodes_come_after_sync_work_and_before_jobs() -> None:
+    scheduler = audiotext.Scheduler(1)
+    scheduler.start()
+    order: list[str] = []
+    queued = threading.Event()
+
+    def partial(abort: threading.Event) -> None:
+        assert queued.wait(30)
+        scheduler.serve_more_urgent()  # between two windows: a final decode waits for one window only
+        order.append("partial")
+
+    def final(abort: threading.Event) -> None:
+        scheduler.serve_more_urgent()  # nothing queued is more urgent than it
+        order.append("final")
+
+    try:
+        running = scheduler.submit(partial, priority=audiotext.PRIORITY_PARTIAL)
+        wait_until(lambda: scheduler.running_keys(), what="the first partial decode to start")
+        work = [scheduler.submit(lambda abort: order.append("job"), priority=audiotext.PRIORITY_JOB),
+                scheduler.submit(lambda abort: order.append("next partial"), priority=audiotext.PRIORITY_PARTIAL),
+                scheduler.submit(final, priority=audiotext.PRIORITY_SYNC)]
+        queued.set()
+        for each in [running, *work]:
+            each.future.result(30)
+        assert order == ["final", "partial", "next partial", "job"]
+    finally:
+        scheduler.stop(grace=0)
+
+
 def test_a_stop_aborts_a_job_paused_for_a_request() -> None:
     scheduler = audiotext.Scheduler(1)
     scheduler.start()
