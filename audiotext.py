@@ -4908,6 +4908,7 @@ class LiveTurn:
     decoded_samples: int = 0  # how much the last partial decode heard
     last_text: str | None = None  # what the last partial decode heard
     sent: str = ""  # the deltas so far, joined
+    cleared: bool = False  # dropped by clear(): what a decode still running hears of it is not sent
 
     def add(self, samples: np.ndarray) -> None:
         if samples.size:
@@ -5091,6 +5092,8 @@ class LiveStream:
     def clear(self) -> int | None:
         """Drop the open turn's audio; nothing is decoded of it. The dropped turn's number."""
         dropped = self._turn.number if self._turn is not None else None
+        if self._turn is not None:
+            self._turn.cleared = True
         self._turn = None
         self._tail = np.zeros(0, np.float32)
         return dropped
@@ -5124,6 +5127,8 @@ class LiveStream:
         audio = turn.audio()
         turn.decoded_samples = audio.size
         transcript = await self._decode(audio, False)
+        if turn.cleared:
+            return
         delta = turn.heard(transcript.text)
         if delta:
             await self._emit(LiveEvent("delta", turn.number, text=delta))

@@ -3799,6 +3799,39 @@ def test_a_client_faster_than_the_decodes_is_held_back() -> None:
     assert max(pending) == 5 * audiotext.SAMPLE_RATE // 2
 
 
+def test_a_cleared_turn_gets_no_delta_from_a_decode_still_running() -> None:
+    async def scenario() -> list[str]:
+        gate, decoding, events = asyncio.Event(), asyncio.Event(), []
+        partials = 0
+
+        async def decode(audio: np.ndarray, final: bool) -> audiotext.Transcript:
+            nonlocal partials
+            partials += 1
+            if partials == 2:  # the decode that would agree with the first: it is slow
+                decoding.set()
+                await gate.wait()
+            return audiotext.Transcript(text="Hello world is good", language="en",
+                                        duration=audio.size / audiotext.SAMPLE_RATE, segments=[], words=[])
+
+        async def emit(event: audiotext.LiveEvent) -> None:
+            events.append(event.kind)
+
+        stream = audiotext.LiveStream(decode, emit, vad=None, partial_seconds=0.5, max_turn_seconds=30.0)
+        stream.start()
+        await stream.feed(np.zeros(audiotext.SAMPLE_RATE, np.float32))
+        while partials < 1:
+            await asyncio.sleep(0.01)
+        await stream.feed(np.zeros(audiotext.SAMPLE_RATE // 2, np.float32))
+        await asyncio.wait_for(decoding.wait(), 30)
+        assert stream.clear() == 1
+        gate.set()
+        await asyncio.sleep(0.2)  # the stream's task, on this loop, has taken the decode's text meanwhile
+        await stream.close()
+        return events
+
+    assert asyncio.run(scenario()) == ["started"]  # no delta for the turn that was dropped
+
+
 def test_realtime_audio_formats_become_16_khz() -> None:
     rate, seconds = 24_000, 2.0
     tone = np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate).astype(np.float32)
