@@ -9370,6 +9370,7 @@ BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "a
 DEFAULT_TURN_DETECTION: dict[str, Any] = {"type": "server_vad", "threshold": VAD_PARAMS["threshold"],
                                           "prefix_padding_ms": DEFAULT_PREFIX_PADDING_MS,
                                           "silence_duration_ms": int(VAD_PARAMS["min_silence_duration_ms"])}
+SEMANTIC_EAGERNESS = ("low", "medium", "high", "auto")  # accepted and told back; the VAD is the same
 
 
 def _g711_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -9445,8 +9446,9 @@ class RealtimeConfig:
     def vad_tuning(self) -> tuple[tuple[str, float], ...] | None:
         if self.turn_detection is None:
             return None
-        return (("threshold", float(self.turn_detection["threshold"])),
-                ("min_silence_duration_ms", float(self.turn_detection["silence_duration_ms"])))
+        chosen = {**DEFAULT_TURN_DETECTION, **self.turn_detection}  # semantic_vad names none of them
+        return (("threshold", float(chosen["threshold"])),
+                ("min_silence_duration_ms", float(chosen["silence_duration_ms"])))
 
     def stream_key(self) -> tuple[Any, ...]:
         """What the live stream is built from: a change of any of these builds a new one."""
@@ -9487,13 +9489,20 @@ def _optional_text(section: dict[str, Any], name: str, param: str) -> str | None
 
 def _turn_detection(value: Any, param: str) -> dict[str, Any] | None:
     """server_vad's settings with the daemon's defaults and ranges; semantic_vad is served by the
-    same VAD; idle_timeout_ms is accepted and has no effect."""
+    same VAD at its defaults, and kept as asked (with its eagerness), since that is what a client is
+    told back; idle_timeout_ms is accepted and has no effect."""
     if value is None:
         return None
     section = _object(value, param)
     if section.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
         raise LiveSessionError("invalid_value", f"{param}.type must be server_vad, semantic_vad or the whole "
                                "turn_detection null", param=f"{param}.type")
+    if section.get("type") == "semantic_vad":
+        eagerness = section.get("eagerness", "auto")
+        if eagerness not in SEMANTIC_EAGERNESS:
+            raise LiveSessionError("invalid_value", f"{param}.eagerness must be one of {', '.join(SEMANTIC_EAGERNESS)}",
+                                   param=f"{param}.eagerness")
+        return {"type": "semantic_vad", "eagerness": eagerness}
     chosen = dict(DEFAULT_TURN_DETECTION)
     limits = {"threshold": VAD_TUNABLE["threshold"], "prefix_padding_ms": (0, LIVE_HISTORY_SECONDS * 1000),
               "silence_duration_ms": VAD_TUNABLE["min_silence_duration_ms"]}
@@ -9717,7 +9726,8 @@ class RealtimeSession:
         options = TranscribeOptions(language=config.language, prompt=config.prompt, logprobs=config.logprobs,
                                     fit_short_audio=True, vad=False if config.turn_detection else None)
         decode = live_decoder(self.state.scheduler, self.state.engine, self._quiet_engine, config.model, options)
-        padding = config.turn_detection["prefix_padding_ms"] if config.turn_detection else 0
+        padding = config.turn_detection.get("prefix_padding_ms", DEFAULT_PREFIX_PADDING_MS) \
+            if config.turn_detection else 0
         tuning = config.vad_tuning()
         vad = None if tuning is None else await asyncio.to_thread(VoiceActivity, tuning)
         self._stream = LiveStream(decode, self._on_live_event, vad=vad,

@@ -7231,14 +7231,18 @@ def test_realtime_sdk_with_manual_commits(realtime_daemon: Daemon) -> None:
 
 
 def test_realtime_sdk_beta_shape_with_g711(realtime_daemon: Daemon) -> None:
-    """The beta client (OpenAI-Beta: realtime=v1, transcription_session.update), μ-law at 8 kHz."""
+    """The beta client (OpenAI-Beta: realtime=v1, transcription_session.update), μ-law at 8 kHz, and
+    semantic_vad, which the daemon's VAD serves."""
     first = live_clip(8000)[:int(4.2 * 8000)]
     session = {"input_audio_format": "g711_ulaw", "input_audio_transcription": {"model": LIVE_MODEL},
-               "turn_detection": {"type": "server_vad"}}
+               "turn_detection": {"type": "semantic_vad", "eagerness": "low"}}
     run = stream_live(realtime_daemon.url, session, pieces(as_ulaw(first), 800), beta=True, turns=1)
     types = [event["type"] for _, event in run.events]
     assert types[:2] == ["transcription_session.created", "transcription_session.updated"], types
-    assert run.of("transcription_session.updated")[0]["session"]["input_audio_format"] == "g711_ulaw"
+    (updated,) = run.of("transcription_session.updated")
+    assert updated["session"]["input_audio_format"] == "g711_ulaw"
+    told = {name: value for name, value in updated["session"]["turn_detection"].items() if value is not None}
+    assert told == {"type": "semantic_vad", "eagerness": "low"}  # as asked (the SDK's model adds its own fields as None)
     assert_live_turns(run, LIVE_SENTENCES[:1], while_speaking=False)  # one short turn: its text may come after
 
 
@@ -7292,6 +7296,9 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
         connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
             "transcription": {"model": "no-such-model"}}}}}))
         assert next_error(connection)["code"] == "model_not_found"
+        connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "turn_detection": {"type": "semantic_vad", "eagerness": "eager"}}}}}))
+        assert next_error(connection)["param"] == "session.audio.input.turn_detection.eagerness"
         # Audio before any session.update takes the session's defaults, as OpenAI's does; under
         # 100 ms of it is too little to commit.
         ten_ms = base64.b64encode(bytes(480)).decode()  # 240 samples at 24 kHz
