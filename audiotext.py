@@ -7737,7 +7737,7 @@ DICTATION_SCRIPT = r"""
 (() => {
   const RATE = 24000;  // what OpenAI's audio/pcm format is
   const byId = (id) => document.getElementById(id);
-  const dictation = {socket: null, stream: null, context: null, turns: [], heard: new Map()};
+  const dictation = {socket: null, stream: null, context: null, starting: false, turns: [], heard: new Map()};
 
   function say(text, kind = "") {
     byId("dictation-state").textContent = text;
@@ -7775,6 +7775,9 @@ DICTATION_SCRIPT = r"""
     } else if (event.type === "conversation.item.input_audio_transcription.completed") {
       dictation.heard.delete(event.item_id);
       if (event.transcript.trim()) dictation.turns.push(event.transcript.trim());
+    } else if (event.type === "conversation.item.input_audio_transcription.failed") {
+      dictation.heard.delete(event.item_id);
+      say("A turn could not be transcribed: " + event.error.message, "bad");
     } else if (event.type === "input_audio_buffer.speech_started") {
       say("Hearing you…");
     } else if (event.type === "input_audio_buffer.speech_stopped") {
@@ -7814,14 +7817,24 @@ DICTATION_SCRIPT = r"""
 
   async function start() {
     say("Starting…");
+    dictation.starting = true;
     try {
       dictation.stream = await microphone();
       dictation.socket = await connect();
-    } catch (error) {
+      listen();
+    } catch (error) {  // what was opened is closed again
       stop();
       say(error.message, "bad");
       return;
+    } finally {
+      dictation.starting = false;
     }
+    byId("dictate").setAttribute("aria-pressed", "true");
+    byId("dictate").textContent = "Stop dictation";
+    say("Listening");
+  }
+
+  function listen() {
     const model = byId("model") ? byId("model").value : "";
     const language = byId("language") ? byId("language").value : "";
     dictation.socket.send(JSON.stringify({type: "session.update", session: {type: "transcription", audio: {input: {
@@ -7844,9 +7857,6 @@ DICTATION_SCRIPT = r"""
     };
     source.connect(tap);
     tap.connect(dictation.context.destination);
-    byId("dictate").setAttribute("aria-pressed", "true");
-    byId("dictate").textContent = "Stop dictation";
-    say("Listening");
   }
 
   function stop() {
@@ -7863,7 +7873,10 @@ DICTATION_SCRIPT = r"""
     show();
   }
 
-  byId("dictate").addEventListener("click", () => (dictation.socket || dictation.stream ? stop() : start()));
+  byId("dictate").addEventListener("click", () => {
+    if (dictation.starting) return;  // the microphone and connection asked for are still on their way
+    if (dictation.socket || dictation.stream) stop(); else start();
+  });
   byId("dictation-copy").addEventListener("click", async () => {
     try {
       await navigator.clipboard.writeText(dictation.turns.join("\n"));

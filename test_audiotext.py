@@ -6312,9 +6312,18 @@ def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemo
         tab.wait_for(f"[...document.getElementById('model').options].some((o) => o.value === {json.dumps(LIVE_MODEL)})",
                      what="the models to be listed")
         choose(tab, model=LIVE_MODEL, language="en")
-        tab.evaluate("document.getElementById('dictate').click()")
+        # A second click while the microphone is being asked for is ignored: one microphone is opened.
+        tab.evaluate("""(() => {
+            const devices = navigator.mediaDevices, open = devices.getUserMedia.bind(devices);
+            window.microphones = 0;
+            devices.getUserMedia = (asked) => { window.microphones++; return open(asked); };
+            document.getElementById('dictate').click();
+            document.getElementById('dictate').click();
+        })()""")
         started = time.monotonic()
         tab.wait_for("document.getElementById('transcript').textContent.trim()", what="the first words", timeout=60)
+        assert tab.evaluate("[window.microphones, document.getElementById('dictate').getAttribute('aria-pressed')]") \
+            == [1, "true"]
         assert time.monotonic() - started < len(audio) / audiotext.SAMPLE_RATE, "words shown before the speech ended"
         tab.wait_for("document.getElementById('transcript').textContent.split('\\n').length >= 3 && "
                      "!document.querySelector('#transcript .heard')", what="three finished turns", timeout=120)
