@@ -49,6 +49,7 @@ import atexit
 import asyncio
 import base64
 import bisect
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -2621,6 +2622,9 @@ class SpeakerTurn:
     end: float
     speaker: str
     text: str
+    # Its words are the transcript's words[word_start:word_end] (none without word times).
+    word_start: int = 0
+    word_end: int = 0
 
 
 @dataclass
@@ -2637,6 +2641,20 @@ class Transcript:
     # How it was made, not what it says: left out of comparisons.
     model_file: str = field(default="", compare=False)  # the ggml file that ran, without .bin
     processing_seconds: float = field(default=0.0, compare=False)  # VAD's and whisper.cpp's time for it
+
+
+def words_by_segment(segments: list[Segment], words: list[Word]) -> list[range]:
+    """The indices of each segment's words: each word once, in the segment it starts in (the
+    last segment takes those starting after it), words in order."""
+    spans: list[range] = []
+    first = 0
+    for n, segment in enumerate(segments):
+        end = first
+        while end < len(words) and (words[end].start < segment.end or n == len(segments) - 1):
+            end += 1
+        spans.append(range(first, end))
+        first = end
+    return spans
 
 
 # Speech is 2 to 4 words a second, and a word a token or two: a segment of a quick decode
@@ -3352,19 +3370,15 @@ def word_voices(words: list[Word], windows: list[tuple[int, int]], voices: np.nd
 def speaker_turns(transcript: Transcript, labels: list[str]) -> list[SpeakerTurn]:
     """The transcript's segments, each split where the speaker of its words changes."""
     turns: list[SpeakerTurn] = []
-    words = iter(zip(transcript.words, labels))
-    pending = next(words, None)
-    for segment in transcript.segments:
-        own: list[tuple[Word, str]] = []  # each word once, in the segment it starts in (or the last one)
-        while pending is not None and (pending[0].start < segment.end or segment is transcript.segments[-1]):
-            own.append(pending)
-            pending = next(words, None)
-        runs = [list(run) for _, run in itertools.groupby(own, key=lambda pair: pair[1])]
+    words = transcript.words
+    for segment, own in zip(transcript.segments, words_by_segment(transcript.segments, words)):
+        runs = [list(run) for _, run in itertools.groupby(own, key=lambda i: labels[i])]
         for n, run in enumerate(runs):
-            start = segment.start if n == 0 else run[0][0].start
-            end = segment.end if n == len(runs) - 1 else run[-1][0].end
-            text = " ".join(w.word for w, _ in run if w.word)
-            turns.append(SpeakerTurn(f"seg_{len(turns)}", start, max(start, end), run[0][1], text))
+            start = segment.start if n == 0 else words[run[0]].start
+            end = segment.end if n == len(runs) - 1 else words[run[-1]].end
+            text = " ".join(words[i].word for i in run if words[i].word)
+            turns.append(SpeakerTurn(f"seg_{len(turns)}", start, max(start, end), labels[run[0]], text,
+                                     run[0], run[-1] + 1))
     return turns
 
 
@@ -3374,10 +3388,10 @@ def with_speakers(transcript: Transcript, labels: list[str]) -> Transcript:
     words = [dataclasses.replace(w, speaker=label) for w, label in zip(transcript.words, labels)]
     turns = speaker_turns(transcript, labels)
     segments = []
-    for segment in transcript.segments:
-        said = [t for t in turns if t.start < segment.end and t.end > segment.start] or turns[-1:]
-        by_length = max(said, key=lambda t: len(t.text)).speaker if said else None
-        segments.append(dataclasses.replace(segment, speaker=by_length))
+    for segment, own in zip(transcript.segments, words_by_segment(transcript.segments, words)):
+        # The most words; a tie goes to who speaks first. A segment with no words has no speaker.
+        counts = collections.Counter(labels[i] for i in own)
+        segments.append(dataclasses.replace(segment, speaker=max(counts, key=counts.__getitem__, default=None)))
     return dataclasses.replace(transcript, words=words, segments=segments, speaker_turns=turns)
 
 
@@ -5355,9 +5369,13 @@ def transcript_to_json(transcript: Transcript) -> dict[str, Any]:
 
 def transcript_from_json(data: dict[str, Any]) -> Transcript:
     turns = data.get("speaker_turns")
-    return Transcript(**{**data, "segments": [Segment(**s) for s in data["segments"]],
-                         "words": [Word(**w) for w in data["words"]],
-                         "speaker_turns": None if turns is None else [SpeakerTurn(**t) for t in turns]})
+    transcript = Transcript(**{**data, "segments": [Segment(**s) for s in data["segments"]],
+                               "words": [Word(**w) for w in data["words"]],
+                               "speaker_turns": None if turns is None else [SpeakerTurn(**t) for t in turns]})
+    if turns and transcript.words and "word_end" not in turns[0]:
+        # Written before turns kept their words' indices: the same turns again, from the words' speakers.
+        transcript.speaker_turns = speaker_turns(transcript, [w.speaker or "" for w in transcript.words])
+    return transcript
 
 
 def storage_retry_delay(fault_count: int) -> float:
@@ -8886,13 +8904,9 @@ def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> 
     if layout.width is None and layout.count is None:
         return [(s.start, s.end, s.text.strip()) for s in transcript.segments]
     cues: list[Cue] = []
-    timed = iter(w for w in transcript.words if w.word.strip())
-    pending = next(timed, None)
-    for segment in transcript.segments:
-        own: list[Word] = []  # each word once, in the segment it starts in (or the last one)
-        while pending is not None and (pending.start < segment.end or segment is transcript.segments[-1]):
-            own.append(Word(pending.word.strip(), pending.start, pending.end))
-            pending = next(timed, None)
+    words = transcript.words
+    for segment, span in zip(transcript.segments, words_by_segment(transcript.segments, words)):
+        own = [Word(words[i].word.strip(), words[i].start, words[i].end) for i in span if words[i].word.strip()]
         lines = _wrap(own or _spread_words(segment), layout.width or SUBTITLE_LINE_WIDTH)
         if not lines:
             continue  # a segment with no words is no cue
@@ -8931,10 +8945,9 @@ def speaker_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> l
     """The cues with who speaks in each: a diarized transcript's cues are cut within each turn."""
     if transcript.speaker_turns is None:
         return [(cue, None) for cue in subtitle_cues(transcript, layout)]
-    starts = [w.start for w in transcript.words]
     cues: list[tuple[Cue, str | None]] = []
     for turn in transcript.speaker_turns:
-        own = transcript.words[bisect.bisect_left(starts, turn.start):bisect.bisect_left(starts, turn.end)]
+        own = transcript.words[turn.word_start:turn.word_end]
         if layout == LineLayout() or not own:
             cues.append(((turn.start, turn.end, turn.text), turn.speaker))
             continue

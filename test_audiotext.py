@@ -3143,6 +3143,49 @@ def test_diarization_without_its_extra_is_a_clear_400(make_client: Callable[...,
     assert error["param"] == "response_format" and "pip install 'audiotext[diarize]'" in error["message"], error
 
 
+def two_speaker_transcript() -> tuple[audiotext.Transcript, list[str]]:
+    """Two segments with a gap between them; the second's first word starts where the first segment ends."""
+    segments = [audiotext.Segment(id=0, start=0.0, end=2.0, text=" yes so I agree", tokens=[], avg_logprob=0.0),
+                audiotext.Segment(id=1, start=2.2, end=4.0, text=" then absolutely wonderful", tokens=[],
+                                  avg_logprob=0.0)]
+    words = [audiotext.Word(w, t, t + 0.3) for w, t in
+             (("yes", 0.1), ("so", 0.5), ("I", 0.9), ("agree", 1.3),
+              ("then", 2.0), ("absolutely", 2.5), ("wonderful", 3.2))]
+    labels = ["A", "A", "A", "B", "B", "B", "A"]
+    return audiotext.Transcript("yes so I agree then absolutely wonderful", "en", 4.0, segments, words), labels
+
+
+def test_a_segment_s_speaker_says_most_of_its_words() -> None:
+    transcript, labels = two_speaker_transcript()
+    transcript.words[3].word = "disagreeable"  # more characters than A's three words, but one word
+    diarized = audiotext.with_speakers(transcript, labels)
+    assert [s.speaker for s in diarized.segments] == ["A", "B"]
+    assert [w.speaker for w in diarized.words] == labels
+    unspoken = dataclasses.replace(transcript, segments=[*transcript.segments, audiotext.Segment(
+        id=2, start=3.0, end=3.1, text="", tokens=[], avg_logprob=0.0)], words=transcript.words[:4])
+    assert [s.speaker for s in audiotext.with_speakers(unspoken, labels[:4]).segments] == ["A", None, None]
+
+
+def test_speaker_cues_keep_every_word_of_each_turn() -> None:
+    transcript, labels = two_speaker_transcript()
+    diarized = audiotext.with_speakers(transcript, labels)
+    assert [(t.speaker, t.text) for t in diarized.speaker_turns or ()] == [
+        ("A", "yes so I"), ("B", "agree"), ("B", "then absolutely"), ("A", "wonderful")]
+    cues = audiotext.speaker_cues(diarized, audiotext.LineLayout(width=10, count=1))
+    assert " ".join(text.replace("\n", " ") for (_, _, text), _ in cues) == "yes so I agree then absolutely wonderful"
+    assert [speaker for _, speaker in cues] == ["A", "B", "B", "B", "A"]
+
+
+def test_a_diarized_result_written_before_turns_kept_their_words_still_loads() -> None:
+    transcript, labels = two_speaker_transcript()
+    diarized = audiotext.with_speakers(transcript, labels)
+    stored = audiotext.transcript_to_json(diarized)
+    for turn in stored["speaker_turns"]:
+        del turn["word_start"], turn["word_end"]
+    assert audiotext.transcript_from_json(json.loads(json.dumps(stored))) == diarized
+    assert audiotext.transcript_from_json(audiotext.transcript_to_json(diarized)) == diarized
+
+
 # ---------------------------------------------------------------------------------------------
 # Model store
 # ---------------------------------------------------------------------------------------------

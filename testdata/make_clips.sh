@@ -107,8 +107,12 @@ sox "${live_parts[@]}" "$TMP/live_en.wav"
 "${FF[@]}" -f lavfi -i "anoisesrc=r=16000:c=pink:a=0.05:seed=7" -t 3 -c:a libopus -b:a 16k -application voip \
   "${BX[@]}" "$OUT/noise.webm"
 
+# NAME.ref.txt: what is said in NAME.* (empty: nobody speaks), for `audiotext engine build`'s check.
+reference() { if [[ -n $2 ]]; then printf '%s\n' "$2" > "$OUT/$1.ref.txt"; else : > "$OUT/$1.ref.txt"; fi; }
+
 # Voice notes, each a voice and a message of bench/eval_voice_notes.py: the encoder window a short
-# clip gets is tested on them. Half a second of silence after each, as a phone's recording ends.
+# clip gets is tested on them. Half a second of silence after each, as a phone's recording ends;
+# the message is also written as the note's NAME.ref.txt.
 voice_note() {  # name, engine (espeak voice or festival voice), message
   if [[ $2 == festival:* ]]; then
     printf '%s\n' "$3" | iconv -f utf-8 -t iso-8859-1 > "$TMP/$1.txt"
@@ -118,6 +122,7 @@ voice_note() {  # name, engine (espeak voice or festival voice), message
   fi
   "${FF[@]}" -i "$TMP/$1.raw.wav" -af "apad=pad_dur=0.5" -ac 1 -ar 16000 -c:a libopus -b:a 24k -application voip \
     "${BX[@]}" "$OUT/$1.webm"
+  reference "$1" "$3"
 }
 voice_note voice_en festival:cmu_us_slt_arctic_hts \
   "The package arrived this morning, but the box was damaged and one of the cups is broken."
@@ -127,14 +132,7 @@ voice_note voice_fr mb-fr4:140 "Je suis un peu en retard, alors commencez la ré
 voice_note voice_it festival:pc_diphone "Sono un po' in ritardo, quindi iniziate la riunione senza di me."
 voice_note voice_pt mb-br3:150 "Estou um pouco atrasado, por isso comecem a reunião sem mim."
 
-# NAME.ref.txt: what is said in NAME.* (empty: nobody speaks), for `audiotext engine build`'s check.
-reference() { if [[ -n $2 ]]; then printf '%s\n' "$2" > "$OUT/$1.ref.txt"; else : > "$OUT/$1.ref.txt"; fi; }
 reference en "$EN_TEXT"; reference ca "$CA_TEXT"; reference ca_greeting "$CA_GREETING_TEXT"
 reference long_en "$LONG_TEXT"; reference pauses "${PAUSE_TEXTS[*]}"; reference silence ""; reference noise ""
-reference voice_en "The package arrived this morning, but the box was damaged and one of the cups is broken."
-reference voice_de "Das Paket ist heute Morgen angekommen, aber der Karton war beschädigt und eine Tasse ist zerbrochen."
-reference voice_fr "Je suis un peu en retard, alors commencez la réunion sans moi."
-reference voice_it "Sono un po' in ritardo, quindi iniziate la riunione senza di me."
-reference voice_pt "Estou um pouco atrasado, por isso comecem a reunião sem mim."
 
 ls -l "$OUT"
