@@ -6792,14 +6792,8 @@ VOICE_NOTES = {
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref, hyp = normalized(reference).split(), normalized(hypothesis).split()
-    previous = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, 1):
-        current = [i] + [0] * len(hyp)
-        for j, heard in enumerate(hyp, 1):
-            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != heard))
-        previous = current
-    return previous[-1] / max(1, len(ref))
+    ref = normalized(reference).split()
+    return audiotext.word_edits(ref, normalized(hypothesis).split()) / max(1, len(ref))
 
 
 @pytest.mark.parametrize("clip", sorted(VOICE_NOTES))
