@@ -3596,6 +3596,7 @@ AUDIO_CTX_MARGIN_FRAMES = 64
 # A fitted window is rounded up to a multiple of this many frames (5.12 s); 1 leaves it as it is.
 AUDIO_CTX_STEP_FRAMES = 256
 WHISPER_WINDOW_FRAMES = 1500  # whisper's whole window: 30 s of 20 ms frames
+WHISPER_WINDOW_SECONDS = 30
 # whisper.cpp's flash attention pads the encoder's keys and values to a multiple of this many frames.
 FLASH_ATTN_BLOCK_FRAMES = 256
 
@@ -3616,16 +3617,23 @@ def fitted_windows_allow_flash_attn() -> bool:
     return AUDIO_CTX_STEP_FRAMES % FLASH_ATTN_BLOCK_FRAMES == 0
 
 
-# A fitted clip's language is detected over at least this many frames (15.36 s): over a voice
-# note's own window, base took 2 of the 61 evaluation clips it recognised over the whole window
-# for another language; from 768 frames on it recognised the same 61 (bench/eval_voice_notes.md).
+# A fitted clip's language is detected over its own window first, which costs no more than the
+# encoder pass of its transcription, and whisper's answer there is taken when it is at least this
+# sure of it. Otherwise the language is detected again over at least DETECTION_MIN_FRAMES (15.36
+# s): over a voice note's own window, base took 2 of the 61 evaluation clips it recognised over the
+# whole window for another language; from 768 frames on it recognised the same 61, and it was
+# unsure of both over their own windows (bench/eval_voice_notes.md).
+DETECTION_CONFIDENCE = 0.8
 DETECTION_MIN_FRAMES = 768
 
 
-def detection_window_for(seconds: float) -> int:
-    """The encoder window a clip's language is detected over; 0 is whisper's full 30 s."""
+def detection_windows_for(seconds: float) -> list[int]:
+    """The encoder windows a clip's language is detected over, in turn until whisper is sure of it;
+    0 is whisper's full 30 s."""
     window = audio_ctx_for(seconds)
-    return max(window, DETECTION_MIN_FRAMES) if window else 0
+    if not window:
+        return [0]
+    return [AUDIO_CTX_STEP_FRAMES, max(window, DETECTION_MIN_FRAMES)]
 
 
 # A fifth of a second of silence: enough for whisper.cpp to take in a call's parameters (see
@@ -3768,9 +3776,7 @@ class LoadedModel:
         with self.lock:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
-            if options.language is None and self.multilingual and self.fit_short_audio:
-                self._set_encoder_window(detection_window_for(len(heard) / SAMPLE_RATE), abort)
-            if options.language is None and options.languages and self.multilingual:
+            if options.language is None and self.multilingual:
                 options = dataclasses.replace(options, language=self._likeliest_language(heard, options, abort))
             status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction,
                                until=audio_end_seconds(audio))
@@ -3785,38 +3791,33 @@ class LoadedModel:
             return self._collect(audio, options, layout)
 
     def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, abort: threading.Event) -> str:
-        """The allowed language whisper finds likeliest in the first 30 s of speech.
+        """The allowed language (any, without a list) whisper finds likeliest in the first 30 s of
+        speech: over each of the clip's detection windows in turn, until whisper is sure of one.
 
-        whisper.cpp's own detection (detect_language: one encoder pass, then it stops) releases
-        the GIL but tells only its first choice. Only when that is not allowed are all the
-        probabilities asked for, at the cost of another encoder pass over the same samples, which
-        the detection left in the context.
-        """
-        import _pywhispercpp as pw
-
+        Detected here rather than by whisper_full, which would detect over whatever window the
+        context's previous call left and tell only its first choice, without how sure it is."""
         allowed = options.languages or ()
         if len(allowed) == 1:
             return allowed[0]
-        params = dict(self._params(audio, options), language="auto", detect_language=True)
-        status = self._run(audio, params, abort, None, SpeechLayout(()), None)
-        if abort.is_set():
-            raise Aborted()
-        if status != 0:
-            raise ModelError(f"whisper.cpp failed to detect the language with {self.path.name} (status {status})")
-        ctx = self._model._ctx
-        first_choice = pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
-        if first_choice in allowed:
-            return first_choice
-        probabilities = self._language_probabilities()
-        return max(allowed, key=lambda code: probabilities.get(code, 0.0))  # ties: the first listed
+        first = audio[:WHISPER_WINDOW_SECONDS * SAMPLE_RATE]
+        windows = detection_windows_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else [0]
+        likeliest = allowed[0] if allowed else "en"  # what whisper says of too little to tell
+        for window in windows:
+            probabilities = self._language_probabilities(first, window, abort)
+            if allowed:
+                probabilities = {code: probabilities.get(code, 0.0) for code in allowed}
+            if not probabilities:
+                break
+            likeliest = max(probabilities, key=probabilities.__getitem__)  # ties: the first listed
+            if probabilities[likeliest] >= DETECTION_CONFIDENCE:
+                break
+        return likeliest
 
     def _set_encoder_window(self, audio_ctx: int, abort: threading.Event) -> None:
-        """whisper.cpp detects the language (whisper_full's own detection, as whisper_lang_auto_detect)
-        with the encoder window the context's previous call left, and takes in a call's audio_ctx only
-        after detecting: a short clip would pay for a pass over the whole 30 s, or over the previous
-        clip's window, to be told its language. A call on a moment of silence takes in the window
-        (detection_window_for) and stops before encoding anything, when whisper.cpp asks whether to
-        begin; the transcription then encodes the clip over its own window."""
+        """whisper.cpp takes in a window (audio_ctx) only through whisper_full, and detects the
+        language with the window the context's previous call left. A call on a moment of silence
+        takes in the window and stops before encoding anything, when whisper.cpp asks whether to
+        begin."""
         import _pywhispercpp as pw
 
         params = dict(BASE_PARAMS, n_threads=self.threads, language="en", audio_ctx=audio_ctx)
@@ -3826,23 +3827,32 @@ class LoadedModel:
         finally:
             pw.assign_encoder_begin_callback(self._model._params, None)
 
-    def _language_probabilities(self) -> dict[str, float]:
-        """Every language's probability in the first 30 s of the samples the last call left in the
-        context; none when there is too little to tell."""
+    def _language_probabilities(self, audio: np.ndarray, audio_ctx: int, abort: threading.Event) -> dict[str, float]:
+        """Every language's probability in `audio` (at most 30 s) over an encoder window of audio_ctx
+        frames: one encoder pass and one decoder step. None when there is too little to tell."""
         import ctypes
 
         import _pywhispercpp as pw
 
+        if self.fit_short_audio:
+            self._set_encoder_window(audio_ctx, abort)
+        if abort.is_set():
+            raise Aborted()
+        samples = np.ascontiguousarray(audio, dtype=np.float32)
         probabilities = np.zeros(pw.whisper_lang_max_id() + 1, dtype=np.float32)
-        ctx = self._model._ctx
-        # The binding's whisper_lang_auto_detect holds the GIL for its encoder pass, seconds in
-        # which no request, Wyoming session or health check is answered; called directly, it does not.
+        # Through the binding, both calls would hold the GIL, the detection for an encoder pass: no
+        # request, Wyoming session or health check would be answered meanwhile.
+        floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+        to_mel = _whisper_function("whisper_pcm_to_mel", ctypes.c_int, ctypes.c_void_p, floats, ctypes.c_int, ctypes.c_int)
         detect = _whisper_function("whisper_lang_auto_detect", ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                   ctypes.c_int, np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"))
-        if detect is not None and self._address is not None:
-            found = detect(self._address, 0, self.threads, probabilities)
+                                   ctypes.c_int, floats)
+        if to_mel is not None and detect is not None and self._address is not None:
+            status = to_mel(self._address, samples, samples.size, self.threads)
+            found = detect(self._address, 0, self.threads, probabilities) if status == 0 else -1
         else:
-            found = pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities)
+            ctx = self._model._ctx
+            status = pw.whisper_pcm_to_mel(ctx, samples, samples.size, self.threads)
+            found = pw.whisper_lang_auto_detect(ctx, 0, self.threads, probabilities) if status == 0 else -1
         if found < 0:
             return {}
         return {pw.whisper_lang_str(i): float(p) for i, p in enumerate(probabilities)}

@@ -2830,33 +2830,60 @@ def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> Non
     assert again.text == result.text
 
 
-def test_a_short_clip_s_language_is_detected_the_same_whatever_came_before(models_dir: Path,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
+def detections(model: audiotext.LoadedModel, clip: str, *, before: str | None = None,
+               languages: tuple[str, ...] = ()) -> tuple[str, list[tuple[int, dict[str, float]]]]:
+    """The language `model` hears in `clip` without being told it (after transcribing `before`, if
+    given), and each detection it ran to decide: its encoder window and the probabilities."""
+    if before is not None:
+        earlier = audiotext.decode_audio(CLIPS / before, max_seconds=120)
+        model.transcribe(earlier, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
+    ran: list[tuple[int, dict[str, float]]] = []
+    detect = model._language_probabilities
+
+    def recorded(audio: np.ndarray, audio_ctx: int, abort: threading.Event) -> dict[str, float]:
+        ran.append((audio_ctx, detect(audio, audio_ctx, abort)))
+        return ran[-1][1]
+
+    model._language_probabilities = recorded  # type: ignore[method-assign]
+    try:
+        audio = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
+        result = model.transcribe(audio, audiotext.TranscribeOptions(languages=languages), abort=threading.Event())
+    finally:
+        del model._language_probabilities
+    return result.language, ran
+
+
+def test_a_short_clip_s_language_is_detected_the_same_whatever_came_before(models_dir: Path) -> None:
     """whisper.cpp detects with the window its previous call left: after a long recording, a pass
-    over the whole 30 s. A fitted clip's detection runs over its detection window whatever came
-    before: the probability whisper.cpp logs for its choice is the same in a new context, after a
-    long recording and after another short clip, and it is not the whole window's."""
-    greeting = audiotext.decode_audio(CLIPS / "ca_greeting.wav", max_seconds=60)  # es 0.46 over 30 s
-
-    def detected(model: audiotext.LoadedModel, before: str | None = None) -> tuple[str, float]:
-        if before is not None:
-            clip = audiotext.decode_audio(CLIPS / before, max_seconds=120)
-            model.transcribe(clip, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
-        caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="audiotext.whisper"):
-            result = model.transcribe(greeting, audiotext.TranscribeOptions(), abort=threading.Event())
-        logged = re.findall(r"auto-detected language: (\w+) \(p = ([0-9.]+)\)", caplog.text)
-        assert len(logged) == 1 and logged[0][0] == result.language, caplog.text
-        return result.language, float(logged[0][1])
-
+    over the whole 30 s. A fitted clip's detection runs over its own detection windows whatever came
+    before: the same probabilities in a new context, after a long recording and after another short
+    clip, and not the whole window's."""
     fitted = audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2, fit_short_audio=True)
-    first = detected(fitted)
+    first = detections(fitted, "ca_greeting.wav")  # es 0.46 over 30 s
     assert audiotext.audio_ctx_for(180.0) == 0 and audiotext.audio_ctx_for(3.6) > 0
     for before in ("long_en.webm", "en.wav"):  # whisper's whole window, then another fitted one
-        language, probability = detected(fitted, before)
-        assert language == first[0] and probability == pytest.approx(first[1], abs=1e-3), before
-    whole = detected(audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2))
-    assert abs(whole[1] - first[1]) > 0.01, (whole, first)
+        language, ran = detections(fitted, "ca_greeting.wav", before=before)
+        assert language == first[0] and [window for window, _ in ran] == [window for window, _ in first[1]], before
+        for (_, probabilities), (_, expected) in zip(ran, first[1], strict=True):
+            assert probabilities[language] == pytest.approx(expected[language], abs=1e-3), before
+    whole = detections(audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2), "ca_greeting.wav")
+    assert [window for window, _ in whole[1]] == [0]
+    assert abs(whole[1][0][1][first[0]] - first[1][-1][1][first[0]]) > 0.01, (whole, first)
+
+
+def test_a_voice_note_s_language_is_detected_over_its_own_window_unless_whisper_is_unsure(models_dir: Path) -> None:
+    """The first detection costs no more than the note's own encoder pass; only an answer whisper
+    is unsure of there is asked again over at least DETECTION_MIN_FRAMES."""
+    fitted = audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2, fit_short_audio=True)
+    step, floor = audiotext.AUDIO_CTX_STEP_FRAMES, audiotext.DETECTION_MIN_FRAMES
+    language, ran = detections(fitted, "voice_de.webm")  # 8.5 s: its own window is 512 frames
+    assert language == "de" and [window for window, _ in ran] == [step]
+    assert ran[0][1]["de"] >= audiotext.DETECTION_CONFIDENCE
+    language, ran = detections(fitted, "en.webm")  # espeak-ng's English: Vietnamese, unsure, over 256
+    assert language == "en" and [window for window, _ in ran] == [step, floor], ran
+    assert max(ran[0][1].values()) < audiotext.DETECTION_CONFIDENCE
+    language, ran = detections(fitted, "voice_fr.webm", languages=("it", "fr"))
+    assert language == "fr" and [window for window, _ in ran] == [step]
 
 
 def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:
@@ -2918,8 +2945,8 @@ def test_openai_sdk_languages_let_detection_pick_only_among_them(sdk: openai.Ope
 
 
 def test_detection_among_languages_leaves_the_daemon_answering(daemon_factory: Callable[..., Daemon]) -> None:
-    """Base's first guess for the greeting is Spanish, not allowed: every language's probability is
-    then computed, one more encoder pass (seconds on a busy box), while status polls still answer."""
+    """Base is unsure of the greeting's language over its own window, so it is detected twice, each
+    an encoder pass (seconds on a busy box), while status polls still answer."""
     daemon = daemon_factory()
     with httpx.Client(base_url=daemon.url, timeout=120) as client:
         warm = post_clip(client, "en.wav", model="cpu-lite", language="en")  # loaded before anything is timed
@@ -2937,7 +2964,7 @@ def test_detection_among_languages_leaves_the_daemon_answering(daemon_factory: C
             time.sleep(0.01)
         request.join()
     assert answers and answers[0].status_code == 200, answers and answers[0].text
-    # whisper's first choice is Catalan, not allowed: the probabilities pick among es and en.
+    # whisper's first choice is Catalan, not allowed: the likelier of es and en.
     assert answers[0].json()["language"] == "spanish"
     assert len(polls) > 20, polls
     # A pass holding the GIL is one poll of a second or more. A box as loaded as the tests' also
