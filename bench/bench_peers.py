@@ -1035,12 +1035,11 @@ def main() -> None:
 
     def start(config: Config) -> Worker | Daemon:
         if args.http and config.kind == "audiotext":
+            asked = {"AUDIOTEXT_DEFAULT_MODEL": args.audiotext_model, "AUDIOTEXT_THREADS": config.threads,
+                     "AUDIOTEXT_SPIN_THREADS": (args.spin_threads or config.spin) and 1,
+                     "AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT": args.previous_text and 1}
             return Daemon(config, {"AUDIOTEXT_MODELS_DIR": str(cache / "models"),
-                                   **({"AUDIOTEXT_DEFAULT_MODEL": args.audiotext_model} if args.audiotext_model else {}),
-                                   **({"AUDIOTEXT_THREADS": str(config.threads)} if config.threads else {}),
-                                   **({"AUDIOTEXT_SPIN_THREADS": "1"} if args.spin_threads or config.spin else {}),
-                                   **({"AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT": "1"} if args.previous_text else {})},
-                          start_timeout=300)
+                                   **{key: str(value) for key, value in asked.items() if value}}, start_timeout=300)
         python, model = (Path(sys.executable), at_model) if config.kind == "audiotext" else (fw_python, str(fw_dir))
         return Worker(config, python, {"kind": config.kind, "model": model, "models_dir": str(cache / "models"),
                                        "threads": config.threads or args.threads, "vad": config.vad,
