@@ -6,6 +6,7 @@ times on a shared machine mean little; the ratio of two engines measured side by
     python bench/bench_peers.py --waits [--hogs 2] # audiotext's thread waits against bounded spins
     python bench/bench_peers.py --audiotext-model ggml-base   # f16 instead of what cpu-lite resolves to
     python bench/bench_peers.py --previous-text    # both decode each 30 s after the text before it
+    python bench/bench_peers.py --http --clips notes   # audiotext as users call it: `audiotext serve`, HTTP
 
 Run it with the project's venv python: audiotext is imported from this checkout and its workers
 run with the same interpreter. faster-whisper is not a dependency of the project: it gets a venv
@@ -24,6 +25,15 @@ configuration's memory nor what an earlier clip left resident counts in a clip's
 - faster-whisper: base converted to int8 by CTranslate2, in process with the model loaded, beam 1,
   condition_on_previous_text=False (audiotext's default too: AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT;
   --previous-text turns it on for both), vad_filter off (its default);
+- --http: audiotext is instead a daemon, `python -m audiotext serve` from this checkout, started for
+  the group on a free loopback port with a token of its own, a temporary state dir and the cache's
+  models dir (AUDIOTEXT_MODELS_DIR), everything else at its defaults as the README's install runs it
+  (one worker, all cores' threads; --threads is faster-whisper's only), waited on via GET /healthz;
+  each clip is POSTed to /v1/audio/transcriptions as its WAV file (response_format=verbose_json,
+  language only where the row gives it), with urllib. Wall time is the client's, around the
+  request (upload, decoding the file, VAD, the engine, the answer); CPU and peak RSS are the
+  daemon process's over it (/proc/PID/stat, VmHWM reset through /proc/PID/clear_refs);
+  VAD cost is not measured. faster-whisper stays in process, alternated with the daemon;
 - on s75 and gap60 also audiotext with vad=false (as a request asks) and faster-whisper with
   vad_filter=True, so that each side is compared with and without skipping silence;
 - --waits: audiotext alone, as it is (OMP_WAIT_POLICY=PASSIVE), against libgomp's spin bounded by
@@ -60,13 +70,17 @@ import json
 import os
 import random
 import re
+import secrets
 import select
+import socket
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -590,6 +604,108 @@ class Worker:
         self._stderr.close()
 
 
+class Daemon:
+    """--http: an audiotext configuration as `audiotext serve`, answering run() as a Worker does."""
+
+    def __init__(self, config: Config, settings: dict[str, str], start_timeout: float) -> None:
+        self.config = config
+        self.state = tempfile.TemporaryDirectory(prefix="bench-peers-")  # uploads in flight, jobs
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url, self.token = f"http://127.0.0.1:{port}", secrets.token_urlsafe(16)
+        # as the README's install runs it: no AUDIOTEXT_* or wait policy of the caller's
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIOTEXT_", "OMP_WAIT_POLICY", "GOMP_"))}
+        env.update(config.env, AUDIOTEXT_API_TOKEN=self.token, AUDIOTEXT_PORT=str(port),
+                   AUDIOTEXT_STATE_DIR=self.state.name, **settings)
+        self.env = env
+        self._log: IO[bytes] = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "audiotext", "serve"], cwd=ROOT, env=env,
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self.info = self._wait_ready(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self._died("starting")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as response:
+                    return daemon_info(json.load(response), self.env)
+            except OSError:
+                time.sleep(0.2)
+        raise BenchError(f"{self.config.label}: `audiotext serve` not ready within {timeout:.0f} s")
+
+    def run(self, clip: Path, timeout: float, language: str | None = LANGUAGE) -> dict[str, Any]:
+        fields = {"response_format": "verbose_json", **({"language": language} if language else {}),
+                  **({} if self.config.vad else {"vad": "false"})}
+        boundary = secrets.token_hex(16)
+        body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                        for k, v in fields.items())
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{clip.name}"\r\n'
+                 "Content-Type: audio/wav\r\n\r\n").encode() + clip.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(f"{self.url}/v1/audio/transcriptions", data=body, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # VmHWM := current RSS, as the worker
+        cpu0, wall0 = self._cpu_seconds(), time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise BenchError(f"{self.config.label} failed on {clip.stem}: {exc.code} {exc.read().decode()}") from None
+        except OSError as exc:
+            raise self._died(f"on {clip.stem} ({exc})") from None
+        wall, cpu = time.perf_counter() - wall0, self._cpu_seconds() - cpu0
+        codes = {name: code for code, name in _audiotext().LANGUAGE_NAMES.items()}  # verbose_json names it
+        return {"wall": wall, "cpu": cpu, "rss_mib": self._peak_rss_mib(), "text": answer["text"],
+                "language": codes.get(answer["language"], answer["language"])}
+
+    def _cpu_seconds(self) -> float:
+        # utime and stime, all threads: fields 14 and 15, counted after the ")" that ends the name
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def _died(self, doing: str) -> BenchError:
+        self._log.seek(0)
+        tail = self._log.read().decode(errors="replace").strip().splitlines()[-15:]
+        return BenchError(f"daemon {self.config.label} failed {doing} (exit status {self.proc.poll()}); its log:\n  "
+                          + "\n  ".join(tail or ["(nothing)"]))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # a clean stop, as systemd's
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.state.cleanup()
+
+
+def daemon_info(health: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """What the header says of the daemon: from /healthz, and the settings its environment makes."""
+    audiotext = _audiotext()
+    settings = audiotext.Settings.from_env(env)
+    store = audiotext.ModelStore.for_settings(settings)
+    return {"file": store.resolve(None)[1].name, "vad": health["vad"] is not None,
+            "wait_policy": "unset" if settings.spin_threads else "PASSIVE",  # as set_thread_wait_policy does
+            "spincount": env.get("GOMP_SPINCOUNT", "libgomp's default"),
+            "fit_short_audio": settings.fit_short_audio, "threads": settings.threads_per_worker,
+            "pywhispercpp": health["engine"]["package"].split()[-1], "audiotext": health["version"],
+            "engine_build": health["engine"]["build"]}
+
+
 class Hogs:
     """n busy-looping processes, the other work of a shared box, until close (killed by pid)."""
 
@@ -649,7 +765,7 @@ def configs_for(group: str, configs: list[Config], every: bool) -> list[Config]:
     return [c for c in configs if c.label in ("audiotext", "faster-whisper")]
 
 
-def measure_group(items: list[Item], start: Callable[[Config], Worker], configs: list[Config], warmup: Path,
+def measure_group(items: list[Item], start: Callable[[Config], Worker | Daemon], configs: list[Config], warmup: Path,
                   runs: int, hogs: int) -> tuple[Results, dict[str, dict[str, Any]]]:
     """Rounds over the items, each item by every configuration in turn, the first one rotated from
     item to item and round to round, in workers started for this group: a transcription leaves
@@ -657,7 +773,7 @@ def measure_group(items: list[Item], start: Callable[[Config], Worker], configs:
     had done a longer clip before would show that clip's peak. Returns the answers and each
     worker's info."""
     results: Results = {}
-    workers: dict[str, Worker] = {}
+    workers: dict[str, Worker | Daemon] = {}
     try:
         for config in configs:
             workers[config.label] = start(config)
@@ -845,10 +961,14 @@ def print_header(args: argparse.Namespace, load: tuple[float, float, float], inf
     window = "short clips on a window fitted to them" if at["fit_short_audio"] else "whole 30 s encoder window"
     rounds = "/".join(map(str, run_counts)) + (f" ({args.long_runs} for clips of 5 min or more)"
                                                if len(run_counts) > 1 else "")
+    if args.http:
+        print(f"audiotext over HTTP: `audiotext serve` at its defaults, {at['threads']} threads, each clip POSTed as "
+              "its WAV file; wall time the client's around the request, CPU and peak RSS the daemon process's")
     print(f"audiotext at the daemon's defaults: {at_model} -> {at['file']}, VAD {'on' if at['vad'] else 'off'}, "
           f"OMP_WAIT_POLICY {at['wait_policy']}, {window}" +
           (f"; faster-whisper: {family.fw_name} int8, beam 1, vad_filter off (wait policy: {fw['wait_policy']})"
-           if fw else "") + f"; {args.threads} threads each; median of {rounds} alternated round(s)"
+           if fw else "") + (f"; faster-whisper in process, {args.threads} threads" if args.http else
+                             f"; {args.threads} threads each") + f"; median of {rounds} alternated round(s)"
           f"{'; both decode each 30 s after the text before it' if args.previous_text else ''}")
     for label, info in infos.items():
         if label != "audiotext" and "spincount" in info:
@@ -878,6 +998,8 @@ def main() -> None:
     parser.add_argument("--waits", action="store_true",
                         help=f"audiotext alone: its thread waits against GOMP_SPINCOUNT {SPINCOUNTS} and one "
                              "thread fewer (the voice notes with their language given)")
+    parser.add_argument("--http", action="store_true", help="audiotext as a daemon, `audiotext serve` at its "
+                        "defaults, each clip POSTed to it (faster-whisper stays in process)")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
                         help="clips, models and the faster-whisper venv (default bench/.cache)")
     parser.add_argument("--quick", action="store_true", help=f"smoke check: 1 run of {QUICK_CLIPS}")
@@ -911,7 +1033,13 @@ def main() -> None:
     runs = {n: (args.long_runs or args.runs) if n != NOTES and CLIP_SPECS[n].seconds >= 300 else args.runs
             for n in names}
 
-    def start(config: Config) -> Worker:
+    def start(config: Config) -> Worker | Daemon:
+        if args.http and config.kind == "audiotext":
+            asked = {"AUDIOTEXT_DEFAULT_MODEL": args.audiotext_model, "AUDIOTEXT_THREADS": config.threads,
+                     "AUDIOTEXT_SPIN_THREADS": (args.spin_threads or config.spin) and 1,
+                     "AUDIOTEXT_CONDITION_ON_PREVIOUS_TEXT": args.previous_text and 1}
+            return Daemon(config, {"AUDIOTEXT_MODELS_DIR": str(cache / "models"),
+                                   **{key: str(value) for key, value in asked.items() if value}}, start_timeout=300)
         python, model = (Path(sys.executable), at_model) if config.kind == "audiotext" else (fw_python, str(fw_dir))
         return Worker(config, python, {"kind": config.kind, "model": model, "models_dir": str(cache / "models"),
                                        "threads": config.threads or args.threads, "vad": config.vad,
