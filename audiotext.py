@@ -3801,6 +3801,8 @@ class LoadedModel:
             return allowed[0]
         first = audio[:WHISPER_WINDOW_SECONDS * SAMPLE_RATE]
         windows = detection_windows_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else [0]
+        if options.quick:  # a partial text is decoded again soon, and its turn's final text detects with care
+            windows = windows[:1]
         likeliest = allowed[0] if allowed else "en"  # what whisper says of too little to tell
         for window in windows:
             probabilities = self._language_probabilities(first, window, abort)

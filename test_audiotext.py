@@ -2831,7 +2831,7 @@ def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> Non
 
 
 def detections(model: audiotext.LoadedModel, clip: str, *, before: str | None = None,
-               languages: tuple[str, ...] = ()) -> tuple[str, list[tuple[int, dict[str, float]]]]:
+               languages: tuple[str, ...] = (), quick: bool = False) -> tuple[str, list[tuple[int, dict[str, float]]]]:
     """The language `model` hears in `clip` without being told it (after transcribing `before`, if
     given), and each detection it ran to decide: its encoder window and the probabilities."""
     if before is not None:
@@ -2847,7 +2847,8 @@ def detections(model: audiotext.LoadedModel, clip: str, *, before: str | None = 
     model._language_probabilities = recorded  # type: ignore[method-assign]
     try:
         audio = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
-        result = model.transcribe(audio, audiotext.TranscribeOptions(languages=languages), abort=threading.Event())
+        options = audiotext.TranscribeOptions(languages=languages, quick=quick)
+        result = model.transcribe(audio, options, abort=threading.Event())
     finally:
         del model._language_probabilities
     return result.language, ran
@@ -2884,6 +2885,8 @@ def test_a_voice_note_s_language_is_detected_over_its_own_window_unless_whisper_
     assert max(ran[0][1].values()) < audiotext.DETECTION_CONFIDENCE
     language, ran = detections(fitted, "voice_fr.webm", languages=("it", "fr"))
     assert language == "fr" and [window for window, _ in ran] == [step]
+    language, ran = detections(fitted, "en.webm", quick=True)  # a live turn's partial text: no second pass
+    assert [window for window, _ in ran] == [step] and language == max(ran[0][1], key=ran[0][1].__getitem__)
 
 
 def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:
