@@ -539,14 +539,14 @@ def detection(args: argparse.Namespace) -> None:
     audiotext = import_audiotext()
     variant = VARIANTS[args.variant]
     runner = Runner(audiotext, variant, args.models_dir, args.threads)
-    fitted = audiotext.LoadedModel._set_encoder_window
+    engine_windows = audiotext.detection_windows_for
 
-    def whole_window(self: Any, audio_ctx: int, abort: Any, vad_params: Any) -> None:
-        fitted(self, 0, abort, vad_params)  # as a context whose previous call had whisper's whole window
+    def whole_window(seconds: float) -> list[int]:
+        return [0]  # as whisper.cpp on a context whose previous call had whisper's whole window
 
     picked = sorted(clips, key=lambda c: c.seconds)[::max(1, len(clips) // args.clips)][:args.clips]
     ways = {"given": (None, True), "detected over 30 s": (whole_window, False),
-            "detected over its detection window": (fitted, False)}
+            "detected over its detection windows": (engine_windows, False)}
     times: dict[tuple[str, str], list[float]] = {}
     found: dict[tuple[str, str], str] = {}
     warm = load_audio(args.scratch / f"{picked[0].name}.wav")
@@ -558,19 +558,19 @@ def detection(args: argparse.Namespace) -> None:
             for way in names[(i + round_) % 3:] + names[:(i + round_) % 3]:
                 window_setter, given = ways[way]
                 if window_setter is not None:
-                    audiotext.LoadedModel._set_encoder_window = window_setter
+                    audiotext.detection_windows_for = window_setter
                 _, language, seconds, _ = runner.transcribe(audio, clip.language if given else None)
-                audiotext.LoadedModel._set_encoder_window = fitted
+                audiotext.detection_windows_for = engine_windows
                 times.setdefault((clip.name, way), []).append(seconds)
                 found[(clip.name, way)] = language
     print(f"{variant.name}, {args.threads} threads, {args.rounds} rounds, median seconds, on {cpu_model()}:\n")
-    print("| clip | seconds | window, detection window | " + " | ".join(ways) + " |")
+    print("| clip | seconds | window, detection windows | " + " | ".join(ways) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in ways) + " |")
     for clip in picked:
         apply(audiotext, variant)
         cells = [f"{statistics.median(times[(clip.name, w)]):.2f} ({found[(clip.name, w)]})" for w in ways]
         print(f"| {clip.name} ({clip.language}) | {clip.seconds} | {audiotext.audio_ctx_for(clip.seconds)}, "
-              f"{audiotext.detection_window_for(clip.seconds)} | "
+              f"{'/'.join(map(str, audiotext.detection_windows_for(clip.seconds)))} | "
               + " | ".join(cells) + " |")
 
 
@@ -581,10 +581,14 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 FLOOR_WAY = f"at least {FLOOR_FRAMES}"
 
 
+FIRST_WAY = "first 256"  # the first 5.12 s, whatever the clip's length
+
+
 def detection_windows(audiotext: Any, seconds: float) -> dict[str, int]:
     """The windows a clip's language is detected over, in frames (0: whisper's whole window)."""
     fitted = audiotext.audio_ctx_for(seconds)
-    return {"fitted": fitted, FLOOR_WAY: max(fitted, FLOOR_FRAMES) if fitted else 0, "whole": 0}
+    return {"fitted": fitted, FIRST_WAY: 256 if fitted else 0, FLOOR_WAY: max(fitted, FLOOR_FRAMES) if fitted else 0,
+            "whole": 0}
 
 
 def heard_speech(audiotext: Any, audio: Any) -> Any:
@@ -596,15 +600,12 @@ def heard_speech(audiotext: Any, audio: Any) -> Any:
 def probabilities_over(model: Any, audio: Any, window: int) -> tuple[dict[str, float], float]:
     """Every language's probability over `window` frames of `audio`, as the engine asks for them:
     the window primed (a call on a moment of silence that stops before encoding), the audio's mel
-    put in the context, whisper_lang_auto_detect over it. Seconds: the detection alone."""
-    import _pywhispercpp as pw
-
+    put in the context, whisper_lang_auto_detect over it. Seconds: all three."""
     with model.lock:
-        model._set_encoder_window(window, threading.Event())
-        if pw.whisper_pcm_to_mel(model._model._ctx, audio, audio.size, model.threads) != 0:
-            sys.exit("whisper_pcm_to_mel failed")
         started = time.perf_counter()
-        probabilities = model._language_probabilities()
+        probabilities = model._language_probabilities(audio, window, threading.Event())
+        if not probabilities:
+            sys.exit("whisper_lang_auto_detect failed")
         return probabilities, time.perf_counter() - started
 
 
@@ -622,14 +623,19 @@ def languages(args: argparse.Namespace) -> None:
     for fit, window in ((True, 256), (True, FLOOR_FRAMES), (False, 0)):
         probabilities_over(contexts[fit], warm, window)
     load_before = os.getloadavg()[0]
-    with open(args.scratch / "languages.jsonl", "w") as out:
+    only = set(args.ways.split(",")) if args.ways else None
+    results = args.scratch / "languages.jsonl"
+    kept = [line for line in (results.read_text().splitlines() if only and results.exists() else [])
+            if json.loads(line)["way"] not in only]
+    with open(results, "w") as out:
+        out.writelines(line + "\n" for line in kept)
         for i, clip in enumerate(clips):
             heard = heard_speech(audiotext, load_audio(args.scratch / f"{clip.name}.wav"))
             if heard is None:
                 print(f"{clip.name}: no speech found", file=sys.stderr)
                 continue
             windows = detection_windows(audiotext, len(heard) / SR)
-            ways = list(windows)
+            ways = [way for way in windows if only is None or way in only]
             for way in ways[i % len(ways):] + ways[:i % len(ways)]:
                 frames = windows[way]
                 probabilities, seconds = probabilities_over(contexts[frames > 0], heard, frames)
@@ -687,6 +693,14 @@ def confidence(args: argparse.Namespace) -> None:
         print(policy_line(f"fitted if p >= {theta}, else {FLOOR_WAY}",
                           {n: (fitted if n in sure else floor)[n]["top"] for n in names}, truth, floor_right,
                           f"{len(again)}/{len(short)} ({len(again) / max(1, len(short)):.0%}) | {cost:.1f}"))
+    if all((n, FIRST_WAY) in by for n in names):  # the engine's policy since: the first 5.12 s, for every clip
+        first = {n: by[(n, FIRST_WAY)] for n in names}
+        for theta in THRESHOLDS:
+            sure = {n for n in names if first[n]["p_top"] >= theta}
+            cost = sum(first[n]["seconds"] for n in names) + sum(floor[n]["seconds"] for n in names if n not in sure)
+            print(policy_line(f"{FIRST_WAY} if p >= {theta}, else {FLOOR_WAY}",
+                              {n: (first if n in sure else floor)[n]["top"] for n in names}, truth, floor_right,
+                              f"{len(names) - len(sure)}/{len(names)} | {cost:.1f}"))
     print(policy_line("whole window", {n: whole[n]["top"] for n in names}, truth, floor_right,
                       f"- | {sum(whole[n]['seconds'] for n in names):.1f}"))
     print(f"\nBy fitted window under {FLOOR_WAY}: clips detected again, and the detection seconds of the policy "
@@ -739,6 +753,8 @@ def main() -> None:
     parser.add_argument("--differences", action="store_true", help="table: list the clips that differ from full")
     parser.add_argument("--variant", default="b256+d768",
                         help="detection, languages: the fitted variant (default b256+d768, the daemon's)")
+    parser.add_argument("--ways", help="languages: only these windows (comma-separated: fitted, "
+                        f"{FIRST_WAY}, {FLOOR_WAY}, whole), the other windows' results kept")
     parser.add_argument("--clips", type=int, default=6, help="detection: clips, spread over the lengths")
     parser.add_argument("--rounds", type=int, default=3, help="detection: alternated rounds")
     args = parser.parse_args()
