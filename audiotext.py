@@ -3617,12 +3617,13 @@ def fitted_windows_allow_flash_attn() -> bool:
     return AUDIO_CTX_STEP_FRAMES % FLASH_ATTN_BLOCK_FRAMES == 0
 
 
-# A fitted clip's language is detected over its own window first, which costs no more than the
-# encoder pass of its transcription, and whisper's answer there is taken when it is at least this
-# sure of it. Otherwise the language is detected again over at least DETECTION_MIN_FRAMES (15.36
-# s): over a voice note's own window, base took 2 of the 61 evaluation clips it recognised over the
-# whole window for another language; from 768 frames on it recognised the same 61, and it was
-# unsure of both over their own windows (bench/eval_voice_notes.md).
+# A fitted clip's language is detected over its first 5.12 s (AUDIO_CTX_STEP_FRAMES), which costs
+# no more than the encoder pass of its transcription, and whisper's answer there is taken when it
+# is at least DETECTION_CONFIDENCE sure of it. Otherwise it is detected again over at least
+# DETECTION_MIN_FRAMES (15.36 s): on the 76 evaluation clips, the first 5.12 s lost one that 768
+# frames got right (Dutch heard as Welsh, p 0.28), and none of its wrong answers was surer than
+# p 0.78; so one clip in three is detected twice, and detection costs half of what a pass over
+# 768 frames alone did (bench/eval_voice_notes.md).
 DETECTION_CONFIDENCE = 0.8
 DETECTION_MIN_FRAMES = 768
 
