@@ -3617,7 +3617,7 @@ def fitted_windows_allow_flash_attn() -> bool:
     return AUDIO_CTX_STEP_FRAMES % FLASH_ATTN_BLOCK_FRAMES == 0
 
 
-# A fitted clip's language is detected over its first 5.12 s (AUDIO_CTX_STEP_FRAMES), which costs
+# A fitted clip's language is detected over its first 5.12 s (DETECTION_FIRST_FRAMES), which costs
 # no more than the encoder pass of its transcription, and whisper's answer there is taken when it
 # is at least DETECTION_CONFIDENCE sure of it. Otherwise it is detected again over at least
 # DETECTION_MIN_FRAMES (15.36 s): on the 76 evaluation clips, the first 5.12 s lost one that 768
@@ -3625,6 +3625,7 @@ def fitted_windows_allow_flash_attn() -> bool:
 # p 0.78; so one clip in three is detected twice, and detection costs half of what a pass over
 # 768 frames alone did (bench/eval_voice_notes.md).
 DETECTION_CONFIDENCE = 0.8
+DETECTION_FIRST_FRAMES = 256
 DETECTION_MIN_FRAMES = 768
 
 
@@ -3634,7 +3635,7 @@ def detection_windows_for(seconds: float) -> list[int]:
     window = audio_ctx_for(seconds)
     if not window:
         return [0]
-    return [AUDIO_CTX_STEP_FRAMES, max(window, DETECTION_MIN_FRAMES)]
+    return [DETECTION_FIRST_FRAMES, max(window, DETECTION_MIN_FRAMES)]
 
 
 # A fifth of a second of silence: enough for whisper.cpp to take in a call's parameters (see
@@ -3751,9 +3752,8 @@ class LoadedModel:
         self.multilingual = bool(pw.whisper_is_multilingual(self._model._ctx))
         self._address = _context_address(self._model._ctx) if self.multilingual else None
         if self.multilingual and self._address is None:
-            logger.warning("cannot call whisper.cpp directly with %s: a detection among AUDIOTEXT_LANGUAGES or "
-                           "languages[] that whisper's first choice is not in holds the GIL, and stalls "
-                           "every request, for an encoder pass", name)
+            logger.warning("cannot call whisper.cpp directly with %s: detecting a language holds the GIL, and "
+                           "stalls every request, for an encoder pass", name)
         self.load_seconds = time.monotonic() - started
         # Weights and whisper.cpp's buffers, as the process grew by them; never less than the file,
         # nor more than a context ever takes (the process may grow by other work meanwhile). The
@@ -3793,7 +3793,8 @@ class LoadedModel:
 
     def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, abort: threading.Event) -> str:
         """The allowed language (any, without a list) whisper finds likeliest in the first 30 s of
-        speech: over each of the clip's detection windows in turn, until whisper is sure of one.
+        speech: over each of the clip's detection windows in turn, until whisper is sure of one
+        (among the allowed: one listed language can be sure where whisper is unsure of all).
 
         Detected here rather than by whisper_full, which would detect over whatever window the
         context's previous call left and tell only its first choice, without how sure it is."""
@@ -3807,13 +3808,14 @@ class LoadedModel:
         likeliest = allowed[0] if allowed else "en"  # what whisper says of too little to tell
         for window in windows:
             probabilities = self._language_probabilities(first, window, abort)
+            if not probabilities:
+                logger.debug("whisper.cpp could not detect a language in %d samples", len(first))
+                break
             if allowed:
                 probabilities = {code: probabilities.get(code, 0.0) for code in allowed}
-            if not probabilities:
-                break
             likeliest = max(probabilities, key=probabilities.__getitem__)  # ties: the first listed
-            if probabilities[likeliest] >= DETECTION_CONFIDENCE:
-                break
+            if probabilities[likeliest] >= DETECTION_CONFIDENCE * sum(probabilities.values()):
+                break  # sure of it among the languages it may be
         return likeliest
 
     def _set_encoder_window(self, audio_ctx: int, abort: threading.Event) -> None:
@@ -3864,8 +3866,10 @@ class LoadedModel:
         return min(max(measured, self._file_bytes), int(self._file_bytes * CONTEXT_MAX_RATIO) + CONTEXT_OVERHEAD_BYTES * 4)
 
     def _params(self, audio: np.ndarray, options: TranscribeOptions) -> dict[str, Any]:
-        # An English-only model cannot detect languages; asked to, it guesses among all of them.
-        language = options.language or ("auto" if self.multilingual else "en")
+        # A multilingual model's language is detected before (_likeliest_language), never by
+        # whisper_full: it would detect over the window the previous call left. An English-only model
+        # cannot detect languages; asked to, it guesses among all of them.
+        language = options.language or "en"
         return dict(BASE_PARAMS, n_threads=self.threads, language=language,
                     translate=options.translate, temperature=options.temperature,
                     initial_prompt=(options.prompt or "")[-MAX_PROMPT_CHARS:],
@@ -3947,8 +3951,7 @@ class LoadedModel:
             if options.logprobs:
                 token_logprobs.extend({"token": raw.decode("utf-8", "replace"), "bytes": list(raw),
                                        "logprob": round(d.plog, 6)} for d, raw in text_tokens)
-        language = options.language or (pw.whisper_lang_str(pw.whisper_full_lang_id(ctx))
-                                         if self.multilingual else "en")
+        language = options.language or "en"  # given, detected before (_likeliest_language), or English-only
         return Transcript(
             text="".join(s.text for s in segments).strip(), language=language,
             duration=round(len(audio) / SAMPLE_RATE, 3), segments=segments, words=words,
@@ -4561,7 +4564,7 @@ class Engine:
         if beside is not None and beside.cancel():  # it never started: the loop does it next
             beside = None
         if run.language is None and transcript.segments:
-            run.language = transcript.language  # detected once, as whisper.cpp does within a call
+            run.language = transcript.language  # detected once, in the first window with speech
         run.parts.append((offset, transcript))
         run.inference_seconds += seconds
         done_beside = self._result_beside(beside, run.abort) if beside is not None else None

@@ -2832,8 +2832,9 @@ def test_short_clips_may_be_encoded_at_their_own_length(models_dir: Path) -> Non
 
 def detections(model: audiotext.LoadedModel, clip: str, *, before: str | None = None,
                languages: tuple[str, ...] = (), quick: bool = False) -> tuple[str, list[tuple[int, dict[str, float]]]]:
-    """The language `model` hears in `clip` without being told it (after transcribing `before`, if
-    given), and each detection it ran to decide: its encoder window and the probabilities."""
+    """The language `model` hears in the speech of `clip` (VAD on, as the engine runs it) without
+    being told it, after transcribing `before` if given, and each detection it ran to decide: its
+    encoder window and the probabilities."""
     if before is not None:
         earlier = audiotext.decode_audio(CLIPS / before, max_seconds=120)
         model.transcribe(earlier, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
@@ -2848,7 +2849,7 @@ def detections(model: audiotext.LoadedModel, clip: str, *, before: str | None = 
     try:
         audio = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
         options = audiotext.TranscribeOptions(languages=languages, quick=quick)
-        result = model.transcribe(audio, options, abort=threading.Event())
+        result = model.transcribe(audio, options, abort=threading.Event(), speech=audiotext.find_speech(audio))
     finally:
         del model._language_probabilities
     return result.language, ran
@@ -2876,17 +2877,27 @@ def test_a_voice_note_s_language_is_detected_over_its_own_window_unless_whisper_
     """The first detection costs no more than the note's own encoder pass; only an answer whisper
     is unsure of there is asked again over at least DETECTION_MIN_FRAMES."""
     fitted = audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2, fit_short_audio=True)
-    step, floor = audiotext.AUDIO_CTX_STEP_FRAMES, audiotext.DETECTION_MIN_FRAMES
+    step, floor = audiotext.DETECTION_FIRST_FRAMES, audiotext.DETECTION_MIN_FRAMES
     language, ran = detections(fitted, "voice_de.webm")  # 8.5 s: its own window is 512 frames
     assert language == "de" and [window for window, _ in ran] == [step]
-    assert ran[0][1]["de"] >= audiotext.DETECTION_CONFIDENCE
+    first_de = ran[0][1]["de"]
+    assert first_de >= audiotext.DETECTION_CONFIDENCE
     language, ran = detections(fitted, "en.webm")  # espeak-ng's English: Vietnamese, unsure, over 256
     assert language == "en" and [window for window, _ in ran] == [step, floor], ran
     assert max(ran[0][1].values()) < audiotext.DETECTION_CONFIDENCE
     language, ran = detections(fitted, "voice_fr.webm", languages=("it", "fr"))
     assert language == "fr" and [window for window, _ in ran] == [step]
+    # Among the listed: unsure of Catalan against Spanish over 256 frames (0.35 against 0.32), not over 768
+    language, ran = detections(fitted, "ca_greeting.wav", languages=("es", "ca"))
+    assert language == "ca" and [window for window, _ in ran] == [step, floor], ran
+    silence = np.zeros(10, np.float32)  # too little for whisper to tell: the first listed, or English
+    assert fitted._likeliest_language(silence, audiotext.TranscribeOptions(languages=("es", "ca")),
+                                      threading.Event()) == "es"
+    assert fitted._likeliest_language(silence, audiotext.TranscribeOptions(), threading.Event()) == "en"
     language, ran = detections(fitted, "en.webm", quick=True)  # a live turn's partial text: no second pass
     assert [window for window, _ in ran] == [step] and language == max(ran[0][1], key=ran[0][1].__getitem__)
+    fitted._address = None  # a binding whose context cannot be reached by ctypes: through its own calls
+    assert detections(fitted, "voice_de.webm")[1][0][1]["de"] == pytest.approx(first_de, abs=1e-3)
 
 
 def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:

@@ -35,9 +35,11 @@ differ only in the encoder window of a clip under 30 s (audio_ctx_for's module c
           setting as it was, but it also fits clips of 20-25 s here);
 - b256:   the clip's length plus 64 frames, rounded up to a multiple of 256 frames (5.12 s), with
           flash attention: windows that fill flash attention's blocks leave no padding behind;
-- b256+d768: b256, the language detected over at least 768 frames (what the daemon does).
+- b256+d768: b256, the language detected over at least 768 frames (what the daemon did before);
+- b256+first: b256, the language detected as the daemon does now: over the first 256 frames,
+          and again over at least 768 when whisper is less than 0.8 sure there.
 The fitted variants detect the language over the clip's window (b256+d768: over at least 768
-frames), never over the window the context's previous call left.
+frames; b256+first: as the daemon), never over the window the context's previous call left.
 Each clip is transcribed by every variant twice: with its language given, and without (detected).
 The variants take turns clip by clip (the first one rotated), so that the machine's load falls on
 all alike; a warm-up transcription each comes first. Measured: the text's word error rate against
@@ -322,18 +324,29 @@ class Variant:
     margin: int = 64  # frames after the clip's own
     step: int = 1  # the window rounded up to a multiple of this many frames
     detect_floor: int = 0  # the language detected over at least this many frames (0: the clip's window)
+    first_pass: bool = False  # detected as the engine does: first over 256 frames, then the floor if unsure
 
 
 VARIANTS = {v.name: v for v in (Variant("full", False), Variant("fit64", True, 64), Variant("fit128", True, 128),
                                 Variant("fit256", True, 256), Variant("b256", True, 64, 256),
-                                Variant("b256+d768", True, 64, 256, 768))}
+                                Variant("b256+d768", True, 64, 256, 768),
+                                Variant("b256+first", True, 64, 256, 768, first_pass=True))}
+ENGINE_RULES: dict[str, Any] = {}  # the engine's own detection_windows_for, kept before any variant replaces it
 
 
 def apply(audiotext: Any, variant: Variant) -> None:
-    """audio_ctx_for's rule for this variant: read at each call, and at a context's load (flash attention)."""
+    """audio_ctx_for's rule for this variant: read at each call, and at a context's load (flash
+    attention); and its detection windows: one, or the engine's own (first_pass)."""
     audiotext.AUDIO_CTX_MARGIN_FRAMES = variant.margin
     audiotext.AUDIO_CTX_STEP_FRAMES = variant.step
     audiotext.DETECTION_MIN_FRAMES = variant.detect_floor
+    engine_rule = ENGINE_RULES.setdefault("detection_windows_for", audiotext.detection_windows_for)
+
+    def one_window(seconds: float) -> list[int]:
+        window = audiotext.audio_ctx_for(seconds)
+        return [max(window, variant.detect_floor) if window else 0]
+
+    audiotext.detection_windows_for = engine_rule if variant.first_pass else one_window
 
 
 class Runner:
@@ -751,8 +764,8 @@ def main() -> None:
     parser.add_argument("--modes", default="given,detected", help="run: language given, detected, or both")
     parser.add_argument("--fresh", action="store_true", help="run: start results.jsonl over (default: resume)")
     parser.add_argument("--differences", action="store_true", help="table: list the clips that differ from full")
-    parser.add_argument("--variant", default="b256+d768",
-                        help="detection, languages: the fitted variant (default b256+d768, the daemon's)")
+    parser.add_argument("--variant", default="b256+first",
+                        help="detection, languages: the fitted variant (default b256+first, the daemon's)")
     parser.add_argument("--ways", help="languages: only these windows (comma-separated: fitted, "
                         f"{FIRST_WAY}, {FLOOR_WAY}, whole), the other windows' results kept")
     parser.add_argument("--clips", type=int, default=6, help="detection: clips, spread over the lengths")
