@@ -8183,8 +8183,9 @@ def test_engine_build_keeps_a_faster_build_that_hears_the_same(tmp_path: Path, m
     assert (env["GGML_NATIVE"], env["GGML_LLAMAFILE"], env["PYWHISPERCPP_VERSION"]) == ("ON", "ON", ENGINE_VERSION)
     assert "-DCMAKE_INSTALL_RPATH=$ORIGIN" in env["CMAKE_ARGS"]
     cpu_model, cpu_flags = audiotext.cpu_description()
-    assert ("-mno-amx-tile" in env.get("CXXFLAGS", "")) == ("amx_tile" in cpu_flags)
-    assert f"CPU: {cpu_model}\n" in out
+    kept_amx = audiotext.clang_for_amx() is not None
+    assert ("-mno-amx-tile" in env.get("CXXFLAGS", "")) == ("amx_tile" in cpu_flags and not kept_amx)
+    assert f"CPU: {cpu_model}\n" in out and f"compiler: {env.get('CXX') or ''}" in out
     # Alternated: the installed engine first, then the built one first.
     assert re.findall(r"round (\d)/2: (\w+) engine", out) == [("1", "installed"), ("1", "built"),
                                                                ("2", "built"), ("2", "installed")]
@@ -8206,6 +8207,46 @@ def test_engine_build_keeps_a_faster_build_that_hears_the_same(tmp_path: Path, m
     assert body["engine"] == {"package": f"pywhispercpp {ENGINE_VERSION}", "build": "built-here",
                               "cpu_features": body["cpu_features"]}
     assert f"engine: pywhispercpp {ENGINE_VERSION}, built-here" in server.log()
+
+
+def fake_compilers(folder: Path, said: dict[str, str]) -> str:
+    """A PATH of compilers that accept anything and say `said[name]` to --version."""
+    folder.mkdir()
+    for name, version in said.items():
+        (folder / name).write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "{version}"\nexit 0\n')
+        (folder / name).chmod(0o755)
+    return str(folder)
+
+
+AMX_CPU = {"avx2", "avx512f", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16"}
+
+
+@pytest.mark.parametrize(("compilers", "chosen", "amx_kept"), [
+    pytest.param({"cc": "cc (Debian 12.2.0-14) 12.2.0", "c++": "g++ (Debian 12.2.0-14) 12.2.0",
+                  "clang-16": "Debian clang version 16.0.6", "clang++-16": "Debian clang version 16.0.6",
+                  "clang-17": "Ubuntu clang version 17.0.1", "clang++-17": "Ubuntu clang version 17.0.1"},
+                 "clang++-17", True, id="newest_clang"),
+    pytest.param({"cc": "cc (Debian 12.2.0-14) 12.2.0", "c++": "g++ (Debian 12.2.0-14) 12.2.0",
+                  "clang": "Debian clang version 14.0.6", "clang++": "Debian clang version 14.0.6"},
+                 None, False, id="clang_too_old"),
+    pytest.param({"cc": "cc (Debian 12.2.0-14) 12.2.0", "c++": "g++ (Debian 12.2.0-14) 12.2.0"}, None, False,
+                 id="gcc_only"),
+])
+def test_an_engine_for_a_cpu_with_amx_is_built_by_clang_or_without_amx(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compilers: dict[str, str], chosen: str | None,
+        amx_kept: bool) -> None:
+    """GCC 12 miscompiles ggml's AMX kernels; Clang 16 and later build them right."""
+    path = fake_compilers(tmp_path / "bin", compilers)
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CXXFLAGS", raising=False)
+    env = audiotext.engine_build_env(ENGINE_VERSION, AMX_CPU)
+    assert env.get("CXX") == (chosen and f"{path}/{chosen}")
+    assert ("-mno-amx-int8" not in env["CXXFLAGS"]) == amx_kept and "-mno-avx512fp16" in env["CXXFLAGS"]
+    assert audiotext.engine_build_env(ENGINE_VERSION, AMX_CPU - {"amx_tile", "amx_int8", "amx_bf16"}).get("CXX") is None
+    monkeypatch.setenv("CXX", f"{path}/c++")  # the operator's choice stands
+    assert audiotext.engine_build_env(ENGINE_VERSION, AMX_CPU)["CXX"] == f"{path}/c++"
 
 
 @pytest.mark.parametrize(("patch", "why"), [
