@@ -9626,6 +9626,15 @@ def _audio_format(value: Any) -> str:
     return str(kind)
 
 
+def user_audio_item(item: str, transcript: str | None) -> dict[str, Any]:
+    """A committed turn as OpenAI's conversation holds it: a user message of one input_audio part
+    (its audio is not sent back), whose transcript is null until the turn's text is final. The
+    item is "completed" from its commit on, as OpenAI's are: its audio is whole; the text is not
+    the item's status."""
+    return {"id": item, "object": "realtime.item", "type": "message", "status": "completed", "role": "user",
+            "content": [{"type": "input_audio", "transcript": transcript}]}
+
+
 class RealtimeSession:
     """One WebSocket client: its settings, its live stream, and the events it is sent.
 
@@ -9650,6 +9659,7 @@ class RealtimeSession:
         self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
         self._items: dict[int, str] = {}  # turn number -> item id
         self._told: set[int] = set()  # the turns whose item the client has heard of
+        self._added: dict[int, str | None] = {}  # committed turns not yet done -> the item before theirs
         self._last_item: str | None = None
         self.audio_seconds = 0.0
         self._quiet_engine = quiet_engine(state.models, state.scheduler,
@@ -9769,6 +9779,7 @@ class RealtimeSession:
                                "type": "invalid_request_error", "code": "session_updated", "param": None,
                                "message": "the session's transcription settings changed before this turn's "
                                           "text was finished: it was dropped"}})
+                self._item_done(turn, item, None)
         self._items.clear()
         self._told.clear()
 
@@ -9815,6 +9826,9 @@ class RealtimeSession:
                 self.send({"type": "input_audio_buffer.speech_stopped",
                            "audio_end_ms": event.at * 1000 // SAMPLE_RATE, "item_id": item})
             self.send({"type": "input_audio_buffer.committed", "item_id": item, "previous_item_id": self._last_item})
+            self._added[event.turn] = self._last_item
+            self.send({"type": "conversation.item.created" if self.beta else "conversation.item.added",
+                       "previous_item_id": self._last_item, "item": user_audio_item(item, None)})
             self._last_item = item
         elif event.kind == "delta":
             self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item,
@@ -9826,6 +9840,7 @@ class RealtimeSession:
             envelope = error_envelope(event.error)["error"]
             self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
                        "content_index": 0, "error": envelope})
+            self._item_done(event.turn, item, None)
             self._items.pop(event.turn, None)
             self._told.discard(event.turn)
 
@@ -9838,8 +9853,17 @@ class RealtimeSession:
         if self.config.logprobs:
             completed["logprobs"] = transcript.logprobs or []
         self.send(completed)
+        self._item_done(event.turn, item, event.text)
         self._items.pop(event.turn, None)
         self._told.discard(event.turn)
+
+    def _item_done(self, turn: int, item: str, transcript: str | None) -> None:
+        """A committed turn's item is final, with its text, or with none when its transcription
+        failed (the `.failed` event before says why). The beta shape has no such event."""
+        if turn in self._added and not self.beta:
+            self.send({"type": "conversation.item.done", "previous_item_id": self._added[turn],
+                       "item": user_audio_item(item, transcript)})
+        self._added.pop(turn, None)
 
     def _session_object(self) -> dict[str, Any]:
         return self.config.beta_object(self.id) if self.beta else self.config.ga_object(self.id)

@@ -7236,7 +7236,8 @@ class LiveRun:
 def stream_live(url: str, session: dict[str, Any], chunks: list[bytes], *, beta: bool = False,
                 commit_after: Iterable[int] = (), turns: int, chunk_seconds: float = 0.1) -> LiveRun:
     """The official SDK, unmodified: a transcription session, the chunks appended in real time
-    (a commit after those listed), until `turns` items completed or failed."""
+    (a commit after those listed), until `turns` items completed or failed (in the GA shape, until
+    their items are done, which comes last)."""
     # The beta client makes wss:// of base_url whatever its scheme: a plain ws:// server is named.
     websocket_base_url = url.replace("http://", "ws://") + "/v1" if beta else None
     client = openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0, websocket_base_url=websocket_base_url)
@@ -7250,7 +7251,9 @@ def stream_live(url: str, session: dict[str, Any], chunks: list[bytes], *, beta:
         def read() -> None:
             for event in connection:
                 events.append((time.monotonic() - started, event.model_dump()))
-                finished = [e for _, e in events if e["type"] in (COMPLETED, "error") or e["type"].endswith(".failed")]
+                finished = [e for _, e in events if e["type"] == "error" or (
+                    e["type"] == "conversation.item.done" if not beta
+                    else e["type"] == COMPLETED or e["type"].endswith(".failed"))]
                 if len(finished) >= turns:
                     return
 
@@ -7285,6 +7288,45 @@ def assert_live_turns(run: LiveRun, sentences: Iterable[str], *, while_speaking:
                                      for deltas, stopped, _, _ in turns), turns
 
 
+def at(run: LiveRun, event: dict[str, Any]) -> int:
+    """Where an event came among all the session sent."""
+    return next(i for i, (_, e) in enumerate(run.events) if e["event_id"] == event["event_id"])
+
+
+def assert_conversation_items(run: LiveRun, *, beta: bool = False) -> None:
+    """Each committed turn is a user message of the conversation, as OpenAI's SDK parses it: added
+    (beta: created) just after its commit, with the same id and the item before it; in the GA shape,
+    done after its `.completed`, with that transcript."""
+    from openai.types.beta.realtime import ConversationItemCreatedEvent
+    from openai.types.realtime import ConversationItemAdded, ConversationItemDone, RealtimeConversationItemUserMessage
+
+    committed = run.of("input_audio_buffer.committed")
+    added = run.of("conversation.item.created" if beta else "conversation.item.added")
+    assert committed and [e["item"]["id"] for e in added] == [e["item_id"] for e in committed], run.events
+    previous = None
+    for commit, item_added in zip(committed, added):
+        (ConversationItemCreatedEvent if beta else ConversationItemAdded).model_validate(item_added)
+        item = RealtimeConversationItemUserMessage.model_validate(item_added["item"])
+        assert (item.type, item.role, item.status) == ("message", "user", "completed")
+        assert [(part.type, part.transcript) for part in item.content] == [("input_audio", None)]
+        assert at(run, item_added) == at(run, commit) + 1
+        assert commit["previous_item_id"] == item_added["previous_item_id"] == previous
+        previous = commit["item_id"]
+    done = run.of("conversation.item.done")
+    if beta:
+        assert not done
+        return
+    completed = {e["item_id"]: e for e in run.of(COMPLETED)}
+    assert [e["item"]["id"] for e in done] == list(completed), (done, completed)
+    for item_done in done:
+        ConversationItemDone.model_validate(item_done)
+        item = RealtimeConversationItemUserMessage.model_validate(item_done["item"])
+        finished = completed[item.id or ""]
+        assert [(part.type, part.transcript) for part in item.content] == [("input_audio", finished["transcript"])]
+        assert at(run, item_done) > at(run, finished)
+        assert item_done["previous_item_id"] == next(e["previous_item_id"] for e in committed if e["item_id"] == item.id)
+
+
 def test_realtime_sdk_streams_turns_found_by_the_daemons_vad(realtime_daemon: Daemon) -> None:
     session = {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": LIVE_MODEL, "language": "en"},
@@ -7296,6 +7338,7 @@ def test_realtime_sdk_streams_turns_found_by_the_daemons_vad(realtime_daemon: Da
     assert updated["session"]["audio"]["input"]["transcription"]["model"] == LIVE_MODEL
     assert len(run.of("input_audio_buffer.speech_started")) == len(run.of("input_audio_buffer.committed")) == 3
     assert_live_turns(run, LIVE_SENTENCES)
+    assert_conversation_items(run)
     usage = run.of(COMPLETED)[0]["usage"]
     assert usage["type"] == "duration" and 2 < usage["seconds"] < 5
 
@@ -7315,6 +7358,7 @@ def test_realtime_sdk_with_manual_commits(realtime_daemon: Daemon) -> None:
     for deltas, _, _, transcript in run.turns():
         assert deltas and transcript.startswith("".join(text for _, text in deltas))
     assert [word_error_rate(s, t[3]) <= 0.2 for s, t in zip(LIVE_SENTENCES, run.turns())] == [True] * 3, run.turns()
+    assert_conversation_items(run)
 
 
 def test_realtime_sdk_beta_shape_with_g711(realtime_daemon: Daemon) -> None:
@@ -7331,6 +7375,7 @@ def test_realtime_sdk_beta_shape_with_g711(realtime_daemon: Daemon) -> None:
     told = {name: value for name, value in updated["session"]["turn_detection"].items() if value is not None}
     assert told == {"type": "semantic_vad", "eagerness": "low"}  # as asked (the SDK's model adds its own fields as None)
     assert_live_turns(run, LIVE_SENTENCES[:1], while_speaking=False)  # one short turn: its text may come after
+    assert_conversation_items(run, beta=True)
 
 
 def realtime_url(daemon: Daemon) -> str:
