@@ -43,7 +43,7 @@ import uuid
 import wave
 import zipfile
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -7474,6 +7474,66 @@ def test_a_realtime_session_the_daemon_fails_gets_a_server_error_and_is_closed(
     counted = 'audiotext_sessions_total{outcome="storage_error",protocol="realtime"} 1.0'
     metrics = client.get("/metrics", headers=AUTH).text
     assert counted in metrics, [line for line in metrics.splitlines() if "sessions" in line]
+
+
+def test_a_session_update_that_rebuilds_the_stream_fails_the_turn_waiting_for_its_text(realtime_daemon: Daemon) -> None:
+    """A commit and at once a session.update that needs a new stream: the turn's final decode waits
+    behind a long request on the daemon's one worker, so the update drops it: `.failed` with
+    session_updated and its item done without text; the session goes on with the next turn."""
+    from openai.types.realtime import (ConversationItemDone, ConversationItemInputAudioTranscriptionFailedEvent,
+                                       RealtimeConversationItemUserMessage)
+    from websockets.sync.client import connect
+
+    def health() -> dict[str, Any]:
+        return httpx.get(realtime_daemon.url + "/healthz", timeout=60).json()
+
+    wait_until(lambda: (h := health())["busy_workers"] == 0 and h["queue_depth"] == 0, what="an idle worker")
+    clip = as_pcm16(live_clip())
+    manual = {"type": "transcription", "audio": {"input": {"transcription": {"model": LIVE_MODEL, "language": "en"},
+                                                           "turn_detection": None}}}
+    with ThreadPoolExecutor(1) as pool, connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        def send(kind: str, **fields: Any) -> None:
+            connection.send(json.dumps({"type": kind, **fields}))
+
+        def until(kind: str) -> list[dict[str, Any]]:
+            events = []
+            while not events or events[-1]["type"] not in (kind, "error"):
+                events.append(json.loads(connection.recv(timeout=120)))
+            assert events[-1]["type"] == kind, events
+            return events
+
+        send("session.update", session=manual)
+        until("session.updated")
+        hold = pool.submit(post_clip, realtime_daemon.url, "long_en.webm", model=LIVE_MODEL)
+        wait_until(lambda: health()["busy_workers"] == 1 or hold.done(), what="the long request running")
+        # 0.6 s of speech: too short for a partial decode, so the commit leaves one decode to run
+        send("input_audio_buffer.append", audio=base64.b64encode(clip[:int(0.6 * 24_000) * 2]).decode())
+        send("input_audio_buffer.commit")
+        send("session.update", session={"audio": {"input": {"transcription": {
+            "model": LIVE_MODEL, "language": "en", "prompt": "Good morning."}}}})
+        events = until("session.updated")
+        # Still queued now, the turn's decode never ran: the only outcome left is the failure. Had
+        # it run before the update (the long request over first), its text would have come instead.
+        held = health()["queue_depth"] > 0
+        (committed,) = [e for e in events if e["type"] == "input_audio_buffer.committed"]
+        ended = [e for e in events if e["type"] in (COMPLETED, "conversation.item.input_audio_transcription.failed")]
+        assert [e["item_id"] for e in ended] == [committed["item_id"]], events
+        if held or ended[0]["type"] != COMPLETED:
+            failed = ConversationItemInputAudioTranscriptionFailedEvent.model_validate(ended[0])
+            assert failed.error.code == "session_updated", failed
+        (done,) = [e for e in events if e["type"] == "conversation.item.done"]
+        ConversationItemDone.model_validate(done)
+        item = RealtimeConversationItemUserMessage.model_validate(done["item"])
+        assert item.id == committed["item_id"] and events.index(done) > events.index(ended[0])
+        assert [part.transcript for part in item.content] == [ended[0].get("transcript")]  # None for a failed turn
+        assert hold.result().status_code == 200
+        # The session goes on: the next turn, the first sentence, completes after the dropped one.
+        send("input_audio_buffer.append", audio=base64.b64encode(clip[:int(3.0 * 24_000) * 2]).decode())
+        send("input_audio_buffer.commit")
+        events = until(COMPLETED)
+        (next_commit,) = [e for e in events if e["type"] == "input_audio_buffer.committed"]
+        assert next_commit["previous_item_id"] == committed["item_id"]
+        assert word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2, events[-1]
 
 
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
