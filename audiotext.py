@@ -9629,8 +9629,7 @@ def _audio_format(value: Any) -> str:
 def user_audio_item(item: str, transcript: str | None) -> dict[str, Any]:
     """A committed turn as OpenAI's conversation holds it: a user message of one input_audio part
     (its audio is not sent back), whose transcript is null until the turn's text is final. The
-    item is "completed" from its commit on, as OpenAI's are: its audio is whole; the text is not
-    the item's status."""
+    item is "completed" from its commit on: its audio is whole, and its text has events of its own."""
     return {"id": item, "object": "realtime.item", "type": "message", "status": "completed", "role": "user",
             "content": [{"type": "input_audio", "transcript": transcript}]}
 
