@@ -8352,6 +8352,11 @@ def test_an_engine_for_a_cpu_with_amx_is_built_by_clang_or_without_amx(
     assert audiotext.engine_build_env(ENGINE_VERSION, AMX_CPU - {"amx_tile", "amx_int8", "amx_bf16"}).get("CXX") is None
     monkeypatch.setenv("CXX", f"{path}/c++")  # the operator's choice stands
     assert audiotext.engine_build_env(ENGINE_VERSION, AMX_CPU)["CXX"] == f"{path}/c++"
+    # `check` says what a build for this CPU needs
+    hint = audiotext.engine_build_hint("pypi-wheel", AMX_CPU)
+    assert "AMX" in hint and ("apt-get install clang-16" in hint) == (chosen is None)
+    assert "AMX" not in audiotext.engine_build_hint("pypi-wheel", AMX_CPU - {"amx_int8"})
+    assert audiotext.engine_build_hint("built-here", AMX_CPU) == ""
 
 
 @pytest.mark.parametrize(("patch", "why"), [
