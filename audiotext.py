@@ -10578,14 +10578,32 @@ def clang_version(compiler: str) -> int:
 
 
 def clang_for_amx() -> tuple[str, str] | None:
-    """The newest Clang (C and C++ compilers) on the PATH that builds ggml's AMX kernels right:
-    Debian and Ubuntu name them clang-16, clang++-16..., or clang and clang++."""
+    """The newest Clang (C and C++ compilers) on the PATH that builds ggml's AMX kernels right, and
+    OpenMP programs (Clang's OpenMP library is a package of its own): Debian and Ubuntu name them
+    clang-16, clang++-16..., or clang and clang++."""
     found = []
     for c_name, cxx_name in [("clang", "clang++"), *((f"clang-{v}", f"clang++-{v}") for v in range(AMX_MIN_CLANG, 41))]:
         c, cxx = shutil.which(c_name), shutil.which(cxx_name)
-        if c and cxx and (version := clang_version(cxx)) >= AMX_MIN_CLANG:
+        if c and cxx and (version := clang_version(cxx)) >= AMX_MIN_CLANG and builds_openmp(cxx):
             found.append((version, c, cxx))
     return max(found)[1:] if found else None
+
+
+# ggml's threads wait for each other at every step; with OpenMP they wait as OMP_WAIT_POLICY says
+# (the daemon makes them sleep), without it they spin, which beside other work is ruinous.
+OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+
+
+def builds_openmp(compiler: str) -> bool:
+    """Whether `compiler` compiles and links an OpenMP program."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "probe.cpp"
+        source.write_text(OPENMP_PROBE)
+        try:
+            return subprocess.run([compiler, "-fopenmp", str(source), "-o", str(Path(scratch) / "probe")],
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
 
 def engine_build_hint(build: str, cpu_flags: set[str]) -> str:
@@ -10593,7 +10611,7 @@ def engine_build_hint(build: str, cpu_flags: set[str]) -> str:
     if build != "pypi-wheel":
         return ""
     if "amx_int8" in cpu_flags:
-        needs = "" if clang_for_amx() else " with Clang 16 or later (apt-get install clang-16)"
+        needs = "" if clang_for_amx() else " with Clang 16 or later (apt-get install clang-16 libomp-16-dev)"
         return (f" (this CPU has AMX, which the wheel leaves unused: `audiotext engine build`{needs} took "
                 "under half the time on a Xeon with AMX)")
     return " (`audiotext engine build` may make a faster one for this CPU)"
@@ -10810,6 +10828,10 @@ class EngineComparison:
 
     def refusal(self) -> str | None:
         """Why the built engine is not to be kept, or None."""
+        if "OPENMP" in self.installed[0].engine["cpu_features"] and "OPENMP" not in self.built[0].engine["cpu_features"]:
+            return ("it was built without OpenMP: its threads would spin while they wait for each other, and "
+                    "beside other busy processes such a build took several times as long as the wheel (for "
+                    "Clang: apt-get install libomp-dev, or libomp-16-dev for clang-16)")
         if self.differing_words > ENGINE_WORD_BUDGET * self.words:
             return f"its words differ from the installed engine's in more than {ENGINE_WORD_BUDGET:.0%} of them"
         if self.wrong_words(self.built) > self.wrong_words(self.installed):
