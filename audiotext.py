@@ -10486,13 +10486,11 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
 ENGINE_BUILD_ENV = {"GGML_NATIVE": "ON", "GGML_LLAMAFILE": "ON",
                     "CMAKE_ARGS": "-DCMAKE_INSTALL_RPATH=$ORIGIN -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"}
 # Left out on CPUs that have them: with AVX512-FP16 ggml's attention takes scalar loops for base's
-# head size; and AMX, unless Clang builds it: GCC 12 miscompiles ggml's AMX tile set-up (SIGILL on
-# quantised models), while built by Clang 16 ggml's AMX kernels encoded 2.8 times as fast as its
-# AVX-512 ones on a Xeon with AMX, with the same words (docs/performance.md).
+# head size; and AMX: GCC 12 miscompiles ggml's AMX tile set-up (SIGILL on quantised models). Clang
+# 16 builds it right (its encoder 2.8 times as fast), but with LLVM's OpenMP library, with which
+# the daemon beside busy processes took many times as long (docs/performance.md).
 ENGINE_BUILD_FEATURES_OFF = {"amx_tile": "-mno-amx-tile", "amx_int8": "-mno-amx-int8",
                              "amx_bf16": "-mno-amx-bf16", "avx512_fp16": "-mno-avx512fp16"}
-AMX_FEATURES = ("amx_tile", "amx_int8", "amx_bf16")
-AMX_MIN_CLANG = 16
 CLIP_SUFFIXES = (".flac", ".m4a", ".mp3", ".mp4", ".ogg", ".opus", ".wav", ".webm")
 CHECKOUT_CLIPS = Path(__file__).resolve().parent / "testdata"  # a checkout's; an installed audiotext has none
 ENGINE_TRIAL_ROUNDS = 3
@@ -10566,55 +10564,9 @@ def cpu_description() -> tuple[str, set[str]]:
     return (model[1].strip() if model else "unknown"), set(flags[1].split() if flags else ())
 
 
-def clang_version(compiler: str) -> int:
-    """The major version of a Clang, 0 for any other compiler (or one that does not answer)."""
-    try:
-        said = subprocess.run([compiler, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    found = re.search(r"clang version (\d+)", said)
-    return int(found[1]) if found else 0
-
-
-def clang_for_amx() -> tuple[str, str] | None:
-    """The newest Clang (C and C++ compilers) on the PATH that builds ggml's AMX kernels right, and
-    OpenMP programs (Clang's OpenMP library is a package of its own): Debian and Ubuntu name them
-    clang-16, clang++-16..., or clang and clang++."""
-    found = []
-    for c_name, cxx_name in [("clang", "clang++"), *((f"clang-{v}", f"clang++-{v}") for v in range(AMX_MIN_CLANG, 41))]:
-        c, cxx = shutil.which(c_name), shutil.which(cxx_name)
-        if c and cxx and (version := clang_version(cxx)) >= AMX_MIN_CLANG and builds_openmp(cxx):
-            found.append((version, c, cxx))
-    return max(found)[1:] if found else None
-
-
-# ggml's threads wait for each other at every step; with OpenMP they wait as OMP_WAIT_POLICY says
-# (the daemon makes them sleep), without it they spin, which beside other work is ruinous.
-OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
-
-
-def builds_openmp(compiler: str) -> bool:
-    """Whether `compiler` compiles and links an OpenMP program."""
-    with tempfile.TemporaryDirectory() as scratch:
-        source = Path(scratch) / "probe.cpp"
-        source.write_text(OPENMP_PROBE)
-        try:
-            return subprocess.run([compiler, "-fopenmp", str(source), "-o", str(Path(scratch) / "probe")],
-                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=120).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
-
-
-def engine_build_hint(build: str, cpu_flags: set[str]) -> str:
-    """What `check` adds to the engine it names: whether a build for this CPU is worth making."""
-    if build != "pypi-wheel":
-        return ""
-    if "amx_int8" in cpu_flags:
-        needs = "" if clang_for_amx() else " with Clang 16 or later (apt-get install clang-16 libomp-16-dev)"
-        return (f" (this CPU has AMX, which the wheel leaves unused: `audiotext engine build`{needs} took "
-                "under half the time on a Xeon with AMX)")
-    return " (`audiotext engine build` may make a faster one for this CPU)"
+def engine_build_hint(build: str) -> str:
+    """What `check` adds to the engine it names."""
+    return " (`audiotext engine build` may make a faster one for this CPU)" if build == "pypi-wheel" else ""
 
 
 def compiler_accepts(compiler: str, flags: list[str]) -> bool:
@@ -10627,15 +10579,8 @@ def engine_build_env(version: str, cpu_flags: set[str]) -> dict[str, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # The version as installed: built inside a git checkout, pywhispercpp would add +git<commit>.
     env = {**os.environ, **ENGINE_BUILD_ENV, "CMAKE_BUILD_PARALLEL_LEVEL": str(cores), "PYWHISPERCPP_VERSION": version}
-    clang = None
-    if any(feature in cpu_flags for feature in AMX_FEATURES) and not (env.get("CC") or env.get("CXX")):
-        clang = clang_for_amx()  # whatever `cc` is: only a Clang builds AMX right
-    if clang is not None:
-        env["CC"], env["CXX"] = clang
-    compiler = find_compiler("CXX", ("c++", "g++", "clang++")) if clang is None else clang[1]
-    keeps_amx = compiler is not None and clang_version(compiler) >= AMX_MIN_CLANG
-    off = [flag for feature, flag in ENGINE_BUILD_FEATURES_OFF.items()
-           if feature in cpu_flags and not (keeps_amx and feature in AMX_FEATURES)]
+    off = [flag for feature, flag in ENGINE_BUILD_FEATURES_OFF.items() if feature in cpu_flags]
+    compiler = find_compiler("CXX", ("c++", "g++", "clang++"))
     if off and compiler and compiler_accepts(compiler, off):  # one that knows them not cannot emit them
         for variable in ("CFLAGS", "CXXFLAGS"):
             env[variable] = " ".join([env.get(variable, ""), *off]).strip()
@@ -10730,6 +10675,17 @@ class EngineTrial:
     module: str  # the _pywhispercpp file it loaded
     seconds: float  # transcribing the clips; the model's load left out
     texts: dict[str, str]  # by clip
+    openmp: str = ""  # the OpenMP library it ran with (libgomp, libomp, ...), "" for none
+
+
+def openmp_library() -> str:
+    """The OpenMP library this process has loaded, by its file name; "" for none."""
+    try:
+        maps = Path("/proc/self/maps").read_text(errors="replace")
+    except OSError:
+        return ""
+    found = re.search(r"/(lib(?:g|i)?omp5?)(?:[-.][^/\s]*)?\.so", maps)
+    return found[1] if found else ""
 
 
 def engine_trial_main() -> None:
@@ -10747,7 +10703,8 @@ def engine_trial_main() -> None:
         started = time.perf_counter()
         texts[clip] = model.transcribe(audio, TranscribeOptions(), abort=threading.Event()).text
         seconds += time.perf_counter() - started
-    trial = EngineTrial(engine=engine_info(), module=str(pw.__file__), seconds=seconds, texts=texts)
+    trial = EngineTrial(engine=engine_info(), module=str(pw.__file__), seconds=seconds, texts=texts,
+                        openmp=openmp_library())
     Path(spec["result"]).write_text(json.dumps(dataclasses.asdict(trial)))
     store.close()
 
@@ -10830,8 +10787,11 @@ class EngineComparison:
         """Why the built engine is not to be kept, or None."""
         if "OPENMP" in self.installed[0].engine["cpu_features"] and "OPENMP" not in self.built[0].engine["cpu_features"]:
             return ("it was built without OpenMP: its threads would spin while they wait for each other, and "
-                    "beside other busy processes such a build took several times as long as the wheel (for "
-                    "Clang: apt-get install libomp-dev, or libomp-16-dev for clang-16)")
+                    "beside other busy processes such a build took several times as long as the wheel")
+        if self.installed[0].openmp and self.built[0].openmp != self.installed[0].openmp:
+            return (f"it runs with {self.built[0].openmp or 'no OpenMP library'} where the installed engine runs "
+                    f"with {self.installed[0].openmp}: beside busy processes the daemon with a Clang build on "
+                    "LLVM's libomp took many times as long as the wheel (build with GCC)")
         if self.differing_words > ENGINE_WORD_BUDGET * self.words:
             return f"its words differ from the installed engine's in more than {ENGINE_WORD_BUDGET:.0%} of them"
         if self.wrong_words(self.built) > self.wrong_words(self.installed):
@@ -11017,8 +10977,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  VAD: {vad}" if vad else "--  VAD: off (AUDIOTEXT_VAD=0)")
     print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
     engine = engine_info()
-    print(f"ok  engine: {engine['package']}, {engine['build']}" + engine_build_hint(engine["build"],
-                                                                                    cpu_description()[1]))
+    print(f"ok  engine: {engine['package']}, {engine['build']}" + engine_build_hint(engine["build"]))
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
         bind_wyoming(settings).close()  # type: ignore[union-attr]
