@@ -3805,7 +3805,7 @@ class LoadedModel:
         windows = detection_windows_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else [0]
         if options.quick:  # a partial text is decoded again soon, and its turn's final text detects with care
             windows = windows[:1]
-        likeliest = allowed[0] if allowed else "en"  # what whisper says of too little to tell
+        likeliest = allowed[0] if allowed else "en"  # where there is too little to tell
         for window in windows:
             probabilities = self._language_probabilities(first, window, abort)
             if not probabilities:
@@ -10491,6 +10491,7 @@ ENGINE_BUILD_ENV = {"GGML_NATIVE": "ON", "GGML_LLAMAFILE": "ON",
 # the daemon beside busy processes took many times as long (docs/performance.md).
 ENGINE_BUILD_FEATURES_OFF = {"amx_tile": "-mno-amx-tile", "amx_int8": "-mno-amx-int8",
                              "amx_bf16": "-mno-amx-bf16", "avx512_fp16": "-mno-avx512fp16"}
+CC_COMPILERS, CXX_COMPILERS = ("cc", "gcc", "clang"), ("c++", "g++", "clang++")  # after $CC and $CXX, as CMake looks
 CLIP_SUFFIXES = (".flac", ".m4a", ".mp3", ".mp4", ".ogg", ".opus", ".wav", ".webm")
 CHECKOUT_CLIPS = Path(__file__).resolve().parent / "testdata"  # a checkout's; an installed audiotext has none
 ENGINE_TRIAL_ROUNDS = 3
@@ -10540,9 +10541,9 @@ def missing_build_tools() -> list[str]:
     """What compiling pywhispercpp needs that pip does not fetch: CMake and Ninja are among its
     build requirements, which pip installs from the package index for the build."""
     missing = []
-    if find_compiler("CC", ("cc", "gcc", "clang")) is None:
+    if find_compiler("CC", CC_COMPILERS) is None:
         missing.append("a C compiler (cc, gcc or clang, or $CC; on Debian and Ubuntu: apt-get install build-essential)")
-    if find_compiler("CXX", ("c++", "g++", "clang++")) is None:
+    if find_compiler("CXX", CXX_COMPILERS) is None:
         missing.append("a C++ compiler (c++, g++ or clang++, or $CXX; on Debian and Ubuntu: "
                        "apt-get install build-essential)")
     if not (python_include_dir() / "Python.h").is_file():
@@ -10564,11 +10565,6 @@ def cpu_description() -> tuple[str, set[str]]:
     return (model[1].strip() if model else "unknown"), set(flags[1].split() if flags else ())
 
 
-def engine_build_hint(build: str) -> str:
-    """What `check` adds to the engine it names."""
-    return " (`audiotext engine build` may make a faster one for this CPU)" if build == "pypi-wheel" else ""
-
-
 def compiler_accepts(compiler: str, flags: list[str]) -> bool:
     probe = subprocess.run([compiler, *flags, "-x", "c++", "-c", "-o", os.devnull, os.devnull],
                            stdin=subprocess.DEVNULL, capture_output=True)
@@ -10580,7 +10576,7 @@ def engine_build_env(version: str, cpu_flags: set[str]) -> dict[str, str]:
     # The version as installed: built inside a git checkout, pywhispercpp would add +git<commit>.
     env = {**os.environ, **ENGINE_BUILD_ENV, "CMAKE_BUILD_PARALLEL_LEVEL": str(cores), "PYWHISPERCPP_VERSION": version}
     off = [flag for feature, flag in ENGINE_BUILD_FEATURES_OFF.items() if feature in cpu_flags]
-    compiler = find_compiler("CXX", ("c++", "g++", "clang++"))
+    compiler = find_compiler("CXX", CXX_COMPILERS)
     if off and compiler and compiler_accepts(compiler, off):  # one that knows them not cannot emit them
         for variable in ("CFLAGS", "CXXFLAGS"):
             env[variable] = " ".join([env.get(variable, ""), *off]).strip()
@@ -10977,7 +10973,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  VAD: {vad}" if vad else "--  VAD: off (AUDIOTEXT_VAD=0)")
     print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
     engine = engine_info()
-    print(f"ok  engine: {engine['package']}, {engine['build']}" + engine_build_hint(engine["build"]))
+    print(f"ok  engine: {engine['package']}, {engine['build']}" + (
+        " (`audiotext engine build` may make a faster one for this CPU)" if engine["build"] == "pypi-wheel" else ""))
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
         bind_wyoming(settings).close()  # type: ignore[union-attr]
@@ -11010,8 +11007,7 @@ def cmd_engine_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
     source = download_engine_source(version, dirs, run_pip)
     env = engine_build_env(version, cpu_flags)
-    compiler = env.get("CXX") or find_compiler("CXX", ("c++", "g++", "clang++"))
-    print(f"compiler: {compiler}; CXXFLAGS: {env.get('CXXFLAGS') or '(none)'}", flush=True)
+    print(f"compiler: {find_compiler('CXX', CXX_COMPILERS)}; CXXFLAGS: {env.get('CXXFLAGS') or '(none)'}", flush=True)
     wheel = build_engine_wheel(source, dirs, run_pip, env)
     print(f"built {wheel} in {(time.monotonic() - started) / 60:.1f} min", flush=True)
     if spec is not None and not _built_engine_is_better(spec, dirs, wheel, rounds=args.rounds):
