@@ -485,8 +485,8 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _peak_rss_mib(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -661,19 +661,13 @@ class Daemon:
             raise self._died(f"on {clip.stem} ({exc})") from None
         wall, cpu = time.perf_counter() - wall0, self._cpu_seconds() - cpu0
         codes = {name: code for code, name in _audiotext().LANGUAGE_NAMES.items()}  # verbose_json names it
-        return {"wall": wall, "cpu": cpu, "rss_mib": self._peak_rss_mib(), "text": answer["text"],
+        return {"wall": wall, "cpu": cpu, "rss_mib": _peak_rss_mib(self.proc.pid), "text": answer["text"],
                 "language": codes.get(answer["language"], answer["language"])}
 
     def _cpu_seconds(self) -> float:
         # utime and stime, all threads: fields 14 and 15, counted after the ")" that ends the name
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def _peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
 
     def _died(self, doing: str) -> BenchError:
         self._log.seek(0)
