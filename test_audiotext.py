@@ -8626,6 +8626,18 @@ def test_models_import_names_the_model_after_what_it_is(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ggml-tiny.en-q8_0.bin"]
 
 
+def test_models_import_takes_the_starter_model_without_its_directories(tmp_path: Path) -> None:
+    run = run_cli("models", "import", "--starter", "--quantize", "q4_k", "--models-dir", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "as model 'ggml-base-q4_k'" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ggml-base-q4_k.bin"]
+    assert audiotext.ModelStore(tmp_path, default="cpu-lite", threads=2).find("cpu-lite") == tmp_path / "ggml-base-q4_k.bin"
+    for argv, message in ((["--starter", str(tmp_path)], "model directories or --starter, not both"),
+                          ([], "needs a model directory, or --starter")):
+        refused = run_cli("models", "import", *argv, "--models-dir", str(tmp_path))
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
 def test_a_taken_port_fails_check_and_serve_before_ready(tmp_path: Path, models_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

