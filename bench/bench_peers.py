@@ -7,6 +7,7 @@ times on a shared machine mean little; the ratio of two engines measured side by
     python bench/bench_peers.py --audiotext-model ggml-base   # f16 instead of what cpu-lite resolves to
     python bench/bench_peers.py --previous-text    # both decode each 30 s after the text before it
     python bench/bench_peers.py --http --clips notes   # audiotext as users call it: `audiotext serve`, HTTP
+    python bench/bench_peers.py --http --clips notes,real --real-notes bench/.cache/vn-real  # real speech too
 
 Run it with the project's venv python: audiotext is imported from this checkout and its workers
 run with the same interpreter. faster-whisper is not a dependency of the project: it gets a venv
@@ -14,7 +15,10 @@ of its own in the cache dir, created on first use (`python -m venv` + `pip insta
 
 Clips: `notes`, testdata's nine voice notes (2-13 s, five languages, each once with its language
 given and once detected; a row sums them); `s75`, 75 s of dense speech; `gap60`, 60 s that is
-half silence; s5, s11, s60 and s300 of dense speech.
+half silence; s5, s11, s60 and s300 of dense speech. testdata's notes are synthetic voices; `real`
+is recordings of people instead, as a group like `notes`: --real-per-language of each language
+(default 3) from a directory that bench/eval_voice_notes.py made (`make --real-only --scratch
+DIR`: FLEURS recordings read out of a git clone, not kept in this repository), --real-notes DIR.
 
 Configurations, each in a worker subprocess of its own, started afresh for each clip (or the
 notes), model loaded once, one warm-up run on the 5 s clip, so that neither another
@@ -190,6 +194,7 @@ CLIP_SPECS = {"s5": ClipSpec(5, False, 10), "s11": ClipSpec(11, False, 26), "s60
 VOICE_NOTES = {"voice_en": "en", "voice_de": "de", "voice_fr": "fr", "voice_it": "it", "voice_pt": "pt",
                "en": "en", "ca_greeting": "ca", "ca": "ca", "pauses": "en"}
 NOTES = "notes"  # in --clips: all of VOICE_NOTES, as one group
+REAL_NOTES = "real"  # in --clips: real recordings from --real-notes, as one group
 DEFAULT_CLIPS = "notes,s75,gap60"
 QUICK_CLIPS = "notes,s11"
 
@@ -736,12 +741,15 @@ class Item:
 
 
 NOTES_GIVEN, NOTES_DETECTED = "notes, language given", "notes, detected"
+REAL_GIVEN, REAL_DETECTED = "real notes, language given", "real notes, detected"
 
 
 def groups_for(names: list[str], clips_dir: Path) -> dict[str, list[Item]]:
     """The items of each name in --clips, a group each: a group's workers are started afresh."""
     groups: dict[str, list[Item]] = {}
     for name in names:
+        if name == REAL_NOTES:
+            continue  # real_note_items
         if name == NOTES:
             notes = [(clips_dir / f"note_{stem}.wav", language, (clips_dir / f"note_{stem}.txt").read_text().strip())
                      for stem, language in VOICE_NOTES.items()]
@@ -751,6 +759,21 @@ def groups_for(names: list[str], clips_dir: Path) -> dict[str, list[Item]]:
             path = clips_dir / f"{name}.wav"
             groups[name] = [Item(name, path, LANGUAGE, LANGUAGE, (clips_dir / f"{name}.txt").read_text().strip())]
     return groups
+
+
+def real_note_items(directory: Path, per_language: int) -> list[Item]:
+    """The first recordings of each language in an eval_voice_notes scratch dir (clips.json and
+    NAME.wav, 16 kHz), each with its language given and detected."""
+    listed = json.loads((directory / "clips.json").read_text())
+    chosen: list[dict[str, Any]] = []
+    for clip in sorted((c for c in listed if c["kind"] == "real"), key=lambda c: c["name"]):
+        if sum(c["language"] == clip["language"] for c in chosen) < per_language:
+            chosen.append(clip)
+    if not chosen:
+        sys.exit(f"bench_peers: no real recordings listed in {directory / 'clips.json'}")
+    notes = [(directory / f"{c['name']}.wav", c["language"], c["text"]) for c in chosen]
+    return [Item(REAL_GIVEN, path, language, language, text) for path, language, text in notes] + [
+        Item(REAL_DETECTED, path, None, language, text) for path, language, text in notes]
 
 
 Results = dict[tuple[str, str], list[list[dict[str, Any]]]]  # (row, configuration) -> by round, its items' answers
@@ -898,7 +921,8 @@ def print_acceptance(table: list[Row], hogs: int) -> None:
     shared box's timings are evidence, not a test)."""
     busy = hogs > 0
     print(f"\nacceptance ({'with' if busy else 'without'} busy-loop hogs; wall ratios audiotext / faster-whisper):")
-    for clip, quiet, loaded in ((NOTES_DETECTED, 0.6, 0.8), (NOTES_GIVEN, None, None), ("s75", 1.4, 1.8)):
+    for clip, quiet, loaded in ((NOTES_DETECTED, 0.6, 0.8), (NOTES_GIVEN, None, None), (REAL_DETECTED, 0.6, 0.8),
+                                (REAL_GIVEN, None, None), ("s75", 1.4, 1.8)):
         at, fw = find_row(table, clip, "audiotext", "faster-whisper"), find_row(table, clip, "faster-whisper")
         if at is None or fw is None or at.ratios is None:
             continue
@@ -985,7 +1009,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="alternated rounds per clip (default 3)")
     parser.add_argument("--long-runs", type=int, help="rounds for clips of 5 minutes or more (default: --runs)")
     parser.add_argument("--clips", default=DEFAULT_CLIPS,
-                        help=f"comma-separated, of {NOTES}, {', '.join(CLIP_SPECS)} (default {DEFAULT_CLIPS})")
+                        help=f"comma-separated, of {NOTES}, {REAL_NOTES}, {', '.join(CLIP_SPECS)} (default {DEFAULT_CLIPS})")
+    parser.add_argument("--real-notes", type=Path, metavar="DIR",
+                        help=f"for {REAL_NOTES}: a dir made by `eval_voice_notes.py make --real-only --scratch DIR`")
+    parser.add_argument("--real-per-language", type=int, default=3, help=f"{REAL_NOTES}: recordings a language (default 3)")
     parser.add_argument("--hogs", type=int, default=0, help="busy-loop processes running the whole time")
     parser.add_argument("--threads", type=int, default=2, help="inference threads of each engine (default 2)")
     parser.add_argument("--model", choices=list(FAMILIES), default="base", help="model family (default base)")
@@ -1008,14 +1035,16 @@ def main() -> None:
     if args.quick:
         args.runs, args.clips = 1, QUICK_CLIPS
     names = args.clips.split(",")
-    unknown = [n for n in names if n not in CLIP_SPECS and n != NOTES]
+    unknown = [n for n in names if n not in CLIP_SPECS and n not in (NOTES, REAL_NOTES)]
     if unknown or args.runs < 1 or args.threads < 1 or args.hogs < 0:
         parser.error(f"unknown clips {unknown}" if unknown else "--runs and --threads want at least 1, --hogs 0 or more")
+    if REAL_NOTES in names and args.real_notes is None:
+        parser.error(f"{REAL_NOTES} needs --real-notes DIR")
     family = FAMILIES[args.model]
     at_model = args.audiotext_model or family.alias
 
     cache = args.cache.resolve()
-    ensure_clips(sorted({n for n in names if n != NOTES} | {WARMUP_CLIP}), cache / "clips")
+    ensure_clips(sorted({n for n in names if n not in (NOTES, REAL_NOTES)} | {WARMUP_CLIP}), cache / "clips")
     if NOTES in names:
         ensure_notes(cache / "clips")
     ensure_ggml_models(family, cache / "models")
@@ -1027,9 +1056,11 @@ def main() -> None:
                    Config("audiotext vad=off", "audiotext", False), Config("faster-whisper vad", "fw", True)]
         pairs = PAIRS
     groups = groups_for(names, cache / "clips")
+    if REAL_NOTES in names:
+        groups[REAL_NOTES] = real_note_items(args.real_notes.resolve(), args.real_per_language)
     if args.waits and NOTES in groups:
         groups[NOTES] = [item for item in groups[NOTES] if item.row == NOTES_GIVEN]
-    runs = {n: (args.long_runs or args.runs) if n != NOTES and CLIP_SPECS[n].seconds >= 300 else args.runs
+    runs = {n: (args.long_runs or args.runs) if n in CLIP_SPECS and CLIP_SPECS[n].seconds >= 300 else args.runs
             for n in names}
 
     def start(config: Config) -> Worker | Daemon:
