@@ -706,7 +706,7 @@ def confidence(args: argparse.Namespace) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     print(policy_line("fitted alone", {n: fitted[n]["top"] for n in names}, truth, floor_right,
                       f"0 | {sum(fitted[n]['seconds'] for n in names):.1f}"))
-    print(policy_line(f"{FLOOR_WAY} alone (the engine now)", {n: floor[n]["top"] for n in names}, truth,
+    print(policy_line(f"{FLOOR_WAY} alone (the engine before {FIRST_WAY})", {n: floor[n]["top"] for n in names}, truth,
                       floor_right, f"- | {seconds_now:.1f}"))
     for theta in THRESHOLDS:
         sure = {n for n in names if fitted[n]["p_top"] >= theta}
@@ -718,6 +718,8 @@ def confidence(args: argparse.Namespace) -> None:
                           f"{len(again)}/{len(short)} ({len(again) / max(1, len(short)):.0%}) | {cost:.1f}"))
     if all((n, FIRST_WAY) in by for n in names):  # the engine's policy since: the first 5.12 s, for every clip
         first = {n: by[(n, FIRST_WAY)] for n in names}
+        print(policy_line(f"{FIRST_WAY} alone", {n: first[n]["top"] for n in names}, truth, floor_right,
+                          f"0/{len(names)} | {sum(first[n]['seconds'] for n in names):.1f}"))
         for theta in THRESHOLDS:
             sure = {n for n in names if first[n]["p_top"] >= theta}
             cost = sum(first[n]["seconds"] for n in names) + sum(floor[n]["seconds"] for n in names if n not in sure)
