@@ -42,6 +42,7 @@ language's detection, or (the last) the weights' quantisation:
           and again over at least 768 when whisper is less than 0.8 sure there.
 - b256+first/q4_k: b256+first with base's weights quantised to q4_K (`models import --starter
           --quantize q4_k`), whose matrix products ggml repacks for AVX2.
+- fit64+first: fit64's windows (no flash attention), the language detected as b256+first.
 The fitted variants detect the language over the clip's window (b256+d768: over at least 768
 frames; b256+first: as the daemon), never over the window the context's previous call left.
 Each clip is transcribed by every variant twice: with its language given, and without (detected).
@@ -337,7 +338,8 @@ VARIANTS = {v.name: v for v in (Variant("full", False), Variant("fit64", True, 6
                                 Variant("fit256", True, 256), Variant("b256", True, 64, 256),
                                 Variant("b256+d768", True, 64, 256, 768),
                                 Variant("b256+first", True, 64, 256, 768, first_pass=True),
-                                Variant("b256+first/q4_k", True, 64, 256, 768, first_pass=True, model=MODEL_Q4_K))}
+                                Variant("b256+first/q4_k", True, 64, 256, 768, first_pass=True, model=MODEL_Q4_K),
+                                Variant("fit64+first", True, 64, 1, 768, first_pass=True))}
 ENGINE_RULES: dict[str, Any] = {}  # the engine's own detection_windows_for, kept before any variant replaces it
 
 
