@@ -5025,7 +5025,7 @@ class LiveStream:
 
     def __init__(self, decode: LiveDecode, emit: LiveEmit, *, vad: VoiceActivity | None,
                  prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS, partial_seconds: float,
-                 max_turn_seconds: float) -> None:
+                 max_turn_seconds: float, origin: int = 0) -> None:
         self._decode = decode
         self._emit = emit
         self._vad = vad
@@ -5034,7 +5034,10 @@ class LiveStream:
         self._partial_samples = int(partial_seconds * SAMPLE_RATE)
         self._max_turn_samples = int(max_turn_seconds * SAMPLE_RATE)
         self._tail = np.zeros(0, np.float32)  # the latest audio outside any turn, up to the position
-        self.position = 0  # samples fed so far
+        # Samples fed so far, counted from `origin`: a session that replaces its stream goes on counting
+        # from where the one before it stopped, as the times it tells a client are since it began.
+        self._origin = origin
+        self.position = origin
         self._turn: LiveTurn | None = None
         self._closed: list[LiveTurn] = []  # waiting for their final decode
         self._max_pending = LIVE_PENDING_TURNS * self._max_turn_samples
@@ -5079,12 +5082,13 @@ class LiveStream:
         if self._vad is None and self._turn is None and samples.size:
             await self._open(start)
         for event in events:
+            at = self._origin + event.at  # the VAD counts from this stream's start
             if event.kind == "start" and self._turn is None:
-                await self._open(max(0, event.at - self._prefix))
+                await self._open(max(self._origin, at - self._prefix))
             elif event.kind == "end" and self._turn is not None:
-                end = min(event.at + self._end_pad, self.position)
+                end = min(at + self._end_pad, self.position)
                 self._tail = self._turn.trim(max(0, end - self._turn.start))
-                await self._close_turn(event.at)
+                await self._close_turn(at)
         if self._turn is not None and self._turn.samples >= self._max_turn_samples:
             await self._close_turn(self.position)  # speech that goes on goes on in a new turn
             if self._vad is not None:
@@ -9798,7 +9802,8 @@ class RealtimeSession:
         vad = None if tuning is None else await asyncio.to_thread(VoiceActivity, tuning)
         self._stream = LiveStream(decode, self._on_live_event, vad=vad,
                                   prefix_padding_ms=int(padding), partial_seconds=self.settings.live_partial_seconds,
-                                  max_turn_seconds=self.settings.live_max_turn_seconds)
+                                  max_turn_seconds=self.settings.live_max_turn_seconds,
+                                  origin=self._stream.position if self._stream is not None else 0)
         self._stream.on_failure = self.end
         self._stream.start()
         self._stream_key = config.stream_key()

@@ -7536,6 +7536,37 @@ def test_a_session_update_that_rebuilds_the_stream_fails_the_turn_waiting_for_it
         assert word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2, events[-1]
 
 
+def test_a_session_update_that_rebuilds_the_stream_keeps_counting_the_sessions_audio(realtime_daemon: Daemon) -> None:
+    """audio_start_ms and audio_end_ms count from the session's first audio, as OpenAI's do: a
+    session.update that builds a new stream (here a prompt) does not start them from zero again."""
+    from websockets.sync.client import connect
+
+    first = as_pcm16(live_clip())[:int(4.2 * 24_000) * 2]  # the first sentence and its pause
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        def send(kind: str, **fields: Any) -> None:
+            connection.send(json.dumps({"type": kind, **fields}))
+
+        def turn() -> tuple[int, int]:
+            """The next turn's speech_started and speech_stopped, once it is committed."""
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["type"] not in ("input_audio_buffer.committed", "error"):
+                events.append(json.loads(connection.recv(timeout=120)))
+            assert events[-1]["type"] == "input_audio_buffer.committed", events
+            (started,) = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
+            (stopped,) = [e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+            return started["audio_start_ms"], stopped["audio_end_ms"]
+
+        transcription = {"model": LIVE_MODEL, "language": "en"}
+        send("session.update", session={"audio": {"input": {"transcription": transcription}}})
+        send("input_audio_buffer.append", audio=base64.b64encode(first).decode())
+        before = turn()
+        send("session.update", session={"audio": {"input": {"transcription": {**transcription, "prompt": "Hello."}}}})
+        send("input_audio_buffer.append", audio=base64.b64encode(first).decode())
+        after = turn()
+    assert 0 < before[0] < before[1] < 4200, before
+    assert [a - b for a, b in zip(after, before)] == [4200, 4200], (before, after)
+
+
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
     """Its events pile up to the limit, its socket stays full, or it falls silent: each ends it,
     and the events waiting for it are dropped with the connection."""
