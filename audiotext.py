@@ -2799,6 +2799,11 @@ class SpeechTracker:
         self._settle()
         return events
 
+    @property
+    def hearing(self) -> bool:
+        """Speech whose start was told is under way, and no pause in it has begun."""
+        return self._start is not None and self._told and self._pause is None
+
     def finish(self, total_samples: int) -> list[SpeechEvent]:
         """The stream ended after `total_samples`: speech under way ends there, as Silero ends it."""
         events = self._end(total_samples) if self._start is not None else []
@@ -5045,6 +5050,7 @@ class LiveStream:
         self._wake = asyncio.Event()
         self._decoded = asyncio.Event()  # a closed turn was decoded, or the decoding ended
         self._decoding = False
+        self._resume: int | None = None  # where a commit ended a turn while the VAD heard speech go on
         self._task: asyncio.Task[None] | None = None
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
 
@@ -5083,12 +5089,18 @@ class LiveStream:
             await self._open(start)
         for event in events:
             at = self._origin + event.at  # the VAD counts from this stream's start
+            if event.kind == "end" and self._turn is None and self._resume is not None and at > self._resume:
+                await self._open(self._resume)  # speech went on after a commit, and ended within this piece
             if event.kind == "start" and self._turn is None:
                 await self._open(max(self._origin, at - self._prefix))
             elif event.kind == "end" and self._turn is not None:
                 end = min(at + self._end_pad, self.position)
                 self._tail = self._turn.trim(max(0, end - self._turn.start))
                 await self._close_turn(at)
+            elif event.kind == "end":
+                self._resume = None
+        if self._resume is not None and self._turn is None and self._vad is not None and self._vad.tracker.hearing:
+            await self._open(max(self._resume, start - self._prefix))  # what is said after a commit is a turn too
         if self._turn is not None and self._turn.samples >= self._max_turn_samples:
             await self._close_turn(self.position)  # speech that goes on goes on in a new turn
             if self._vad is not None:
@@ -5102,7 +5114,7 @@ class LiveStream:
         turn = LiveTurn(next(self._turns), start=max(at, tail_start))
         turn.add(self._tail[turn.start - tail_start:])
         self._tail = np.zeros(0, np.float32)
-        self._turn = turn
+        self._turn, self._resume = turn, None
         await self._emit(LiveEvent("started", turn.number, at=turn.start))
 
     async def _close_turn(self, at: int) -> None:
@@ -5121,6 +5133,8 @@ class LiveStream:
         assert self._turn is not None
         number = self._turn.number
         await self._close_turn(self.position)
+        if self._vad is not None:  # the VAD may still hear speech: what follows the commit begins a turn
+            self._resume = self.position
         self._wake.set()
         return number
 

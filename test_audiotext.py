@@ -7567,6 +7567,36 @@ def test_a_session_update_that_rebuilds_the_stream_keeps_counting_the_sessions_a
     assert [a - b for a, b in zip(after, before)] == [4200, 4200], (before, after)
 
 
+def test_a_commit_while_the_daemons_vad_hears_speech_leaves_what_follows_a_turn_of_its_own(
+        realtime_daemon: Daemon) -> None:
+    """turn_detection server_vad and a commit in mid-sentence: the words after it are a second
+    turn, which the VAD ends, whether they come in small pieces or in one."""
+    from websockets.sync.client import connect
+
+    sentence = as_pcm16(live_clip())[:int(4.2 * 24_000) * 2]
+    cut = int(1.6 * 24_000) * 2  # "Good morning, and | welcome to the show."
+    for rest in (pieces(sentence[cut:], 4800), [sentence[cut:]]):
+        with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+            def send(kind: str, **fields: Any) -> None:
+                connection.send(json.dumps({"type": kind, **fields}))
+
+            send("session.update", session={"audio": {"input": {"transcription": {"model": LIVE_MODEL,
+                                                                                   "language": "en"}}}})
+            send("input_audio_buffer.append", audio=base64.b64encode(sentence[:cut]).decode())
+            send("input_audio_buffer.commit")
+            for piece in rest:
+                send("input_audio_buffer.append", audio=base64.b64encode(piece).decode())
+            events: list[dict[str, Any]] = []
+            while [e["type"] for e in events].count("conversation.item.done") < 2:
+                events.append(json.loads(connection.recv(timeout=60)))
+                assert events[-1]["type"] != "error", events
+        committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+        texts = {e["item_id"]: e["transcript"] for e in events if e["type"] == COMPLETED}
+        assert len(committed) == 2 and list(texts) == committed, events
+        assert "show" in texts[committed[1]].lower(), texts
+        assert word_error_rate(LIVE_SENTENCES[0], " ".join(texts.values())) <= 0.3, texts
+
+
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
     """Its events pile up to the limit, its socket stays full, or it falls silent: each ends it,
     and the events waiting for it are dropped with the connection."""
