@@ -5019,8 +5019,9 @@ class LiveStream:
     """One live stream of 16 kHz mono float32 audio, fed in pieces on the event loop.
 
     With `vad` (a VoiceActivity, made off the event loop: a new Silero detector takes 0.4 s), the
-    daemon's VAD opens and closes turns and the stream closes it; without it, all audio goes into
-    one open turn until commit(). A task of its own (started by start(), ended
+    daemon's VAD opens and closes turns and the stream closes it (a commit() while it hears speech
+    ends the turn there, and the speech after it is a turn the VAD ends); without it, all audio
+    goes into one open turn until commit(). A task of its own (started by start(), ended
     by close()) decodes: a closed turn's final decode first, in order, else a partial decode of
     the open turn once it has grown enough. While closed turns hold over LIVE_PENDING_TURNS
     longest turns of audio, feed() waits for their decodes before it takes more. Events go to `emit` in order for each turn: started,
