@@ -413,7 +413,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("live_session_seconds", "AUDIOTEXT_LIVE_SESSION_SECONDS", "--live-session-seconds", _positive_float,
             "a live session is ended after this many seconds, however it goes on"),
     Setting("live_idle_seconds", "AUDIOTEXT_LIVE_IDLE_SECONDS", "--live-idle-seconds", _positive_float,
-            "a live client that sends nothing, or reads nothing, for this many seconds is disconnected"),
+            "a live client that sends nothing while no turn's text is owed to it, or reads nothing, for this many "
+            "seconds is disconnected"),
     Setting("live_max_turn_seconds", "AUDIOTEXT_LIVE_MAX_TURN_SECONDS", "--live-max-turn-seconds",
             _positive_float, "audio per turn of live speech, seconds: a turn that goes on is ended there and "
             "a new one begins"),
@@ -5058,6 +5059,10 @@ class LiveStream:
     def start(self) -> None:
         self._decoding = True
         self._task = asyncio.ensure_future(self._decode_turns())
+
+    def owes_text(self) -> bool:
+        """Whether closed turns still wait for their final decode."""
+        return bool(self._closed)
 
     def pending_samples(self) -> int:
         """The audio of the closed turns that wait for their final decode."""
@@ -9722,6 +9727,8 @@ class RealtimeSession:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if self.ended.done():
                     return self.ended.result()
+                if not done and self._stream is not None and self._stream.owes_text():
+                    continue  # a client waiting for a turn's text is not idle
                 if not done:
                     raise LiveSessionError("idle_timeout", "nothing was received for "
                                            f"{self.settings.live_idle_seconds:g} s (AUDIOTEXT_LIVE_IDLE_SECONDS)",

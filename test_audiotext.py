@@ -7476,6 +7476,32 @@ def test_a_realtime_session_the_daemon_fails_gets_a_server_error_and_is_closed(
     assert counted in metrics, [line for line in metrics.splitlines() if "sessions" in line]
 
 
+def test_a_realtime_client_waiting_for_its_text_is_not_idle(make_client: Callable[..., TestClient]) -> None:
+    """A client that commits its last turn and then only waits for the text is not let go as idle
+    while that text is owed, however long the busy worker makes it wait."""
+    client = make_client(live_idle_seconds=1.0)
+    scheduler = client.app.state.audiotext.scheduler  # type: ignore[attr-defined]
+    gate = threading.Event()
+    busy = scheduler.submit(lambda abort: gate.wait(60), priority=audiotext.PRIORITY_SYNC)  # the one worker
+    speech = as_pcm16(live_clip())[:int(3.0 * 24_000) * 2]
+    try:
+        with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+            connection.send_json({"type": "session.update", "session": {"audio": {"input": {
+                "transcription": {"model": LIVE_MODEL, "language": "en"}, "turn_detection": None}}}})
+            connection.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+            connection.send_json({"type": "input_audio_buffer.commit"})
+            while (event := connection.receive_json())["type"] != "input_audio_buffer.committed":
+                assert event["type"] != "error", event
+            time.sleep(3.0)  # three idle limits without a message, the turn's decode held back meanwhile
+            gate.set()
+            while (event := connection.receive_json())["type"] != COMPLETED:
+                assert event["type"] != "error", event
+    finally:
+        gate.set()
+    busy.future.result(timeout=60)
+    assert word_error_rate(LIVE_SENTENCES[0], event["transcript"]) <= 0.2, event
+
+
 def test_a_session_update_that_rebuilds_the_stream_fails_the_turn_waiting_for_its_text(realtime_daemon: Daemon) -> None:
     """A commit and at once a session.update that needs a new stream: the turn's final decode waits
     behind a long request on the daemon's one worker, so the update drops it: `.failed` with
