@@ -7323,7 +7323,7 @@ class PcmCollector:
     def _checked_format(rate: Any, width: Any, channels: Any) -> tuple[int, int, int]:
         if not (type(rate) is int and 1 <= rate <= WYOMING_MAX_RATE):
             raise WyomingSessionError("bad_audio_format", f"rate must be 1 to {WYOMING_MAX_RATE} Hz, got {rate!r}")
-        if width not in WYOMING_SAMPLE_TYPES or type(width) is not int:
+        if type(width) is not int or width not in WYOMING_SAMPLE_TYPES:  # the type first: a list is no key
             raise WyomingSessionError("bad_audio_format", f"width must be 1, 2 or 4 bytes, got {width!r}")
         if not (type(channels) is int and 1 <= channels <= WYOMING_MAX_CHANNELS):
             raise WyomingSessionError("bad_audio_format",
@@ -9612,7 +9612,7 @@ def updated_config(config: RealtimeConfig, session: Any, *, beta: bool) -> Realt
     new = dataclasses.replace(config)
     if beta:
         if "input_audio_format" in session:
-            if session["input_audio_format"] not in BETA_FORMATS:
+            if not isinstance(session["input_audio_format"], str) or session["input_audio_format"] not in BETA_FORMATS:
                 raise LiveSessionError("invalid_value", "session.input_audio_format must be one of "
                                        f"{', '.join(BETA_FORMATS)}", param="session.input_audio_format")
             new.audio_format = BETA_FORMATS[session["input_audio_format"]]
@@ -9645,7 +9645,7 @@ def updated_config(config: RealtimeConfig, session: Any, *, beta: bool) -> Realt
 def _audio_format(value: Any) -> str:
     section = _object(value, "session.audio.input.format")
     kind = section.get("type", "audio/pcm")
-    if kind not in REALTIME_FORMATS:
+    if not isinstance(kind, str) or kind not in REALTIME_FORMATS:
         raise LiveSessionError("invalid_value", "session.audio.input.format.type must be one of "
                                f"{', '.join(REALTIME_FORMATS)}", param="session.audio.input.format.type")
     rate = section.get("rate")

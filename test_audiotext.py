@@ -5887,6 +5887,8 @@ def bad_session_cases() -> dict[str, tuple[list[Any] | bytes, str]]:
         "odd bytes": ([AudioStart(rate=16_000, width=2, channels=1),
                        AudioChunk(rate=16_000, width=2, channels=1, audio=b"\0\0\0")], "bad_audio_format"),
         "absurd rate": ([AudioStart(rate=10**9, width=2, channels=1)], "bad_audio_format"),
+        "a width that is no number": (b'{"type": "audio-start", "data": {"rate": 16000, "width": [2], '
+                                      b'"channels": 1}}\n', "bad_audio_format"),
         "unknown model": ([Transcribe(name="no-such-model")], "model_not_found"),
         "language the model lacks": ([Transcribe(name="ggml-tiny.en", language="ca")], "unsupported_language"),
         # As Catalan audio under a code whisper does not know: it came back as English labelled xx.
@@ -7425,6 +7427,10 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
         assert next_error(connection)["code"] == "invalid_event"
         connection.send(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
         assert next_error(connection)["param"] == "session.type"
+        for session in ({"audio": {"input": {"format": {"type": ["audio/pcm"]}}}}, {"input_audio_format": ["pcm16"]}):
+            kind = "transcription_session.update" if "input_audio_format" in session else "session.update"
+            connection.send(json.dumps({"type": kind, "session": session}))  # no format, and no key to one
+            assert next_error(connection)["param"] in ("session.audio.input.format.type", "session.input_audio_format")
         connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
             "transcription": {"model": "no-such-model"}}}}}))
         assert next_error(connection)["code"] == "model_not_found"
