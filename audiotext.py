@@ -413,7 +413,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("live_session_seconds", "AUDIOTEXT_LIVE_SESSION_SECONDS", "--live-session-seconds", _positive_float,
             "a live session is ended after this many seconds, however it goes on"),
     Setting("live_idle_seconds", "AUDIOTEXT_LIVE_IDLE_SECONDS", "--live-idle-seconds", _positive_float,
-            "a live client that sends nothing, or reads nothing, for this many seconds is disconnected"),
+            "a live client that sends nothing while no turn's text is owed to it, or reads nothing, for this many "
+            "seconds is disconnected"),
     Setting("live_max_turn_seconds", "AUDIOTEXT_LIVE_MAX_TURN_SECONDS", "--live-max-turn-seconds",
             _positive_float, "audio per turn of live speech, seconds: a turn that goes on is ended there and "
             "a new one begins"),
@@ -2799,6 +2800,11 @@ class SpeechTracker:
         self._settle()
         return events
 
+    @property
+    def hearing(self) -> bool:
+        """Speech whose start was told is under way, and no pause in it has begun."""
+        return self._start is not None and self._told and self._pause is None
+
     def finish(self, total_samples: int) -> list[SpeechEvent]:
         """The stream ended after `total_samples`: speech under way ends there, as Silero ends it."""
         events = self._end(total_samples) if self._start is not None else []
@@ -5021,8 +5027,9 @@ class LiveStream:
     """One live stream of 16 kHz mono float32 audio, fed in pieces on the event loop.
 
     With `vad` (a VoiceActivity, made off the event loop: a new Silero detector takes 0.4 s), the
-    daemon's VAD opens and closes turns and the stream closes it; without it, all audio goes into
-    one open turn until commit(). A task of its own (started by start(), ended
+    daemon's VAD opens and closes turns and the stream closes it (a commit() while it hears speech
+    ends the turn there, and the speech after it is a turn the VAD ends); without it, all audio
+    goes into one open turn until commit(). A task of its own (started by start(), ended
     by close()) decodes: a closed turn's final decode first, in order, else a partial decode of
     the open turn once it has grown enough. While closed turns hold over LIVE_PENDING_TURNS
     longest turns of audio, feed() waits for their decodes before it takes more. Events go to `emit` in order for each turn: started,
@@ -5032,7 +5039,7 @@ class LiveStream:
 
     def __init__(self, decode: LiveDecode, emit: LiveEmit, *, vad: VoiceActivity | None,
                  prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS, partial_seconds: float,
-                 max_turn_seconds: float) -> None:
+                 max_turn_seconds: float, origin: int = 0) -> None:
         self._decode = decode
         self._emit = emit
         self._vad = vad
@@ -5041,7 +5048,10 @@ class LiveStream:
         self._partial_samples = int(partial_seconds * SAMPLE_RATE)
         self._max_turn_samples = int(max_turn_seconds * SAMPLE_RATE)
         self._tail = np.zeros(0, np.float32)  # the latest audio outside any turn, up to the position
-        self.position = 0  # samples fed so far
+        # Samples fed so far, counted from `origin`: a session that replaces its stream goes on counting
+        # from where the one before it stopped, as the times it tells a client are since it began.
+        self._origin = origin
+        self.position = origin
         self._turn: LiveTurn | None = None
         self._closed: list[LiveTurn] = []  # waiting for their final decode
         self._max_pending = LIVE_PENDING_TURNS * self._max_turn_samples
@@ -5049,12 +5059,17 @@ class LiveStream:
         self._wake = asyncio.Event()
         self._decoded = asyncio.Event()  # a closed turn was decoded, or the decoding ended
         self._decoding = False
+        self._resume: int | None = None  # where a commit ended a turn while the VAD heard speech go on
         self._task: asyncio.Task[None] | None = None
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
 
     def start(self) -> None:
         self._decoding = True
         self._task = asyncio.ensure_future(self._decode_turns())
+
+    def owes_text(self) -> bool:
+        """Whether closed turns still wait for their final decode."""
+        return bool(self._closed)
 
     def pending_samples(self) -> int:
         """The audio of the closed turns that wait for their final decode."""
@@ -5086,12 +5101,19 @@ class LiveStream:
         if self._vad is None and self._turn is None and samples.size:
             await self._open(start)
         for event in events:
+            at = self._origin + event.at  # the VAD counts from this stream's start
+            if event.kind == "end" and self._turn is None and self._resume is not None and at > self._resume:
+                await self._open(self._resume)  # speech went on after a commit, and ended within this piece
             if event.kind == "start" and self._turn is None:
-                await self._open(max(0, event.at - self._prefix))
+                await self._open(max(self._origin, at - self._prefix))
             elif event.kind == "end" and self._turn is not None:
-                end = min(event.at + self._end_pad, self.position)
+                end = min(at + self._end_pad, self.position)
                 self._tail = self._turn.trim(max(0, end - self._turn.start))
-                await self._close_turn(event.at)
+                await self._close_turn(at)
+            elif event.kind == "end":
+                self._resume = None
+        if self._resume is not None and self._turn is None and self._vad is not None and self._vad.tracker.hearing:
+            await self._open(max(self._resume, start - self._prefix))  # what is said after a commit is a turn too
         if self._turn is not None and self._turn.samples >= self._max_turn_samples:
             await self._close_turn(self.position)  # speech that goes on goes on in a new turn
             if self._vad is not None:
@@ -5105,7 +5127,7 @@ class LiveStream:
         turn = LiveTurn(next(self._turns), start=max(at, tail_start))
         turn.add(self._tail[turn.start - tail_start:])
         self._tail = np.zeros(0, np.float32)
-        self._turn = turn
+        self._turn, self._resume = turn, None
         await self._emit(LiveEvent("started", turn.number, at=turn.start))
 
     async def _close_turn(self, at: int) -> None:
@@ -5124,6 +5146,8 @@ class LiveStream:
         assert self._turn is not None
         number = self._turn.number
         await self._close_turn(self.position)
+        if self._vad is not None:  # the VAD may still hear speech: what follows the commit begins a turn
+            self._resume = self.position
         self._wake.set()
         return number
 
@@ -7306,7 +7330,7 @@ class PcmCollector:
     def _checked_format(rate: Any, width: Any, channels: Any) -> tuple[int, int, int]:
         if not (type(rate) is int and 1 <= rate <= WYOMING_MAX_RATE):
             raise WyomingSessionError("bad_audio_format", f"rate must be 1 to {WYOMING_MAX_RATE} Hz, got {rate!r}")
-        if width not in WYOMING_SAMPLE_TYPES or type(width) is not int:
+        if type(width) is not int or width not in WYOMING_SAMPLE_TYPES:  # the type first: a list is no key
             raise WyomingSessionError("bad_audio_format", f"width must be 1, 2 or 4 bytes, got {width!r}")
         if not (type(channels) is int and 1 <= channels <= WYOMING_MAX_CHANNELS):
             raise WyomingSessionError("bad_audio_format",
@@ -9595,7 +9619,7 @@ def updated_config(config: RealtimeConfig, session: Any, *, beta: bool) -> Realt
     new = dataclasses.replace(config)
     if beta:
         if "input_audio_format" in session:
-            if session["input_audio_format"] not in BETA_FORMATS:
+            if not isinstance(session["input_audio_format"], str) or session["input_audio_format"] not in BETA_FORMATS:
                 raise LiveSessionError("invalid_value", "session.input_audio_format must be one of "
                                        f"{', '.join(BETA_FORMATS)}", param="session.input_audio_format")
             new.audio_format = BETA_FORMATS[session["input_audio_format"]]
@@ -9628,7 +9652,7 @@ def updated_config(config: RealtimeConfig, session: Any, *, beta: bool) -> Realt
 def _audio_format(value: Any) -> str:
     section = _object(value, "session.audio.input.format")
     kind = section.get("type", "audio/pcm")
-    if kind not in REALTIME_FORMATS:
+    if not isinstance(kind, str) or kind not in REALTIME_FORMATS:
         raise LiveSessionError("invalid_value", "session.audio.input.format.type must be one of "
                                f"{', '.join(REALTIME_FORMATS)}", param="session.audio.input.format.type")
     rate = section.get("rate")
@@ -9710,6 +9734,8 @@ class RealtimeSession:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if self.ended.done():
                     return self.ended.result()
+                if not done and self._stream is not None and self._stream.owes_text():
+                    continue  # a client waiting for a turn's text is not idle
                 if not done:
                     raise LiveSessionError("idle_timeout", "nothing was received for "
                                            f"{self.settings.live_idle_seconds:g} s (AUDIOTEXT_LIVE_IDLE_SECONDS)",
@@ -9805,7 +9831,8 @@ class RealtimeSession:
         vad = None if tuning is None else await asyncio.to_thread(VoiceActivity, tuning)
         self._stream = LiveStream(decode, self._on_live_event, vad=vad,
                                   prefix_padding_ms=int(padding), partial_seconds=self.settings.live_partial_seconds,
-                                  max_turn_seconds=self.settings.live_max_turn_seconds)
+                                  max_turn_seconds=self.settings.live_max_turn_seconds,
+                                  origin=self._stream.position if self._stream is not None else 0)
         self._stream.on_failure = self.end
         self._stream.start()
         self._stream_key = config.stream_key()

@@ -5911,6 +5911,8 @@ def bad_session_cases() -> dict[str, tuple[list[Any] | bytes, str]]:
         "odd bytes": ([AudioStart(rate=16_000, width=2, channels=1),
                        AudioChunk(rate=16_000, width=2, channels=1, audio=b"\0\0\0")], "bad_audio_format"),
         "absurd rate": ([AudioStart(rate=10**9, width=2, channels=1)], "bad_audio_format"),
+        "a width that is no number": (b'{"type": "audio-start", "data": {"rate": 16000, "width": [2], '
+                                      b'"channels": 1}}\n', "bad_audio_format"),
         "unknown model": ([Transcribe(name="no-such-model")], "model_not_found"),
         "language the model lacks": ([Transcribe(name="ggml-tiny.en", language="ca")], "unsupported_language"),
         # As Catalan audio under a code whisper does not know: it came back as English labelled xx.
@@ -7449,6 +7451,10 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
         assert next_error(connection)["code"] == "invalid_event"
         connection.send(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
         assert next_error(connection)["param"] == "session.type"
+        for session in ({"audio": {"input": {"format": {"type": ["audio/pcm"]}}}}, {"input_audio_format": ["pcm16"]}):
+            kind = "transcription_session.update" if "input_audio_format" in session else "session.update"
+            connection.send(json.dumps({"type": kind, "session": session}))  # no format, and no key to one
+            assert next_error(connection)["param"] in ("session.audio.input.format.type", "session.input_audio_format")
         connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
             "transcription": {"model": "no-such-model"}}}}}))
         assert next_error(connection)["code"] == "model_not_found"
@@ -7498,6 +7504,32 @@ def test_a_realtime_session_the_daemon_fails_gets_a_server_error_and_is_closed(
     counted = 'audiotext_sessions_total{outcome="storage_error",protocol="realtime"} 1.0'
     metrics = client.get("/metrics", headers=AUTH).text
     assert counted in metrics, [line for line in metrics.splitlines() if "sessions" in line]
+
+
+def test_a_realtime_client_waiting_for_its_text_is_not_idle(make_client: Callable[..., TestClient]) -> None:
+    """A client that commits its last turn and then only waits for the text is not let go as idle
+    while that text is owed, however long the busy worker makes it wait."""
+    client = make_client(live_idle_seconds=1.0)
+    scheduler = client.app.state.audiotext.scheduler  # type: ignore[attr-defined]
+    gate = threading.Event()
+    busy = scheduler.submit(lambda abort: gate.wait(60), priority=audiotext.PRIORITY_SYNC)  # the one worker
+    speech = as_pcm16(live_clip())[:int(3.0 * 24_000) * 2]
+    try:
+        with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+            connection.send_json({"type": "session.update", "session": {"audio": {"input": {
+                "transcription": {"model": LIVE_MODEL, "language": "en"}, "turn_detection": None}}}})
+            connection.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+            connection.send_json({"type": "input_audio_buffer.commit"})
+            while (event := connection.receive_json())["type"] != "input_audio_buffer.committed":
+                assert event["type"] != "error", event
+            time.sleep(3.0)  # three idle limits without a message, the turn's decode held back meanwhile
+            gate.set()
+            while (event := connection.receive_json())["type"] != COMPLETED:
+                assert event["type"] != "error", event
+    finally:
+        gate.set()
+    busy.future.result(timeout=60)
+    assert word_error_rate(LIVE_SENTENCES[0], event["transcript"]) <= 0.2, event
 
 
 def test_a_session_update_that_rebuilds_the_stream_fails_the_turn_waiting_for_its_text(realtime_daemon: Daemon) -> None:
@@ -7558,6 +7590,67 @@ def test_a_session_update_that_rebuilds_the_stream_fails_the_turn_waiting_for_it
         (next_commit,) = [e for e in events if e["type"] == "input_audio_buffer.committed"]
         assert next_commit["previous_item_id"] == committed["item_id"]
         assert word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2, events[-1]
+
+
+def test_a_session_update_that_rebuilds_the_stream_keeps_counting_the_sessions_audio(realtime_daemon: Daemon) -> None:
+    """audio_start_ms and audio_end_ms count from the session's first audio, as OpenAI's do: a
+    session.update that builds a new stream (here a prompt) does not start them from zero again."""
+    from websockets.sync.client import connect
+
+    first = as_pcm16(live_clip())[:int(4.2 * 24_000) * 2]  # the first sentence and its pause
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        def send(kind: str, **fields: Any) -> None:
+            connection.send(json.dumps({"type": kind, **fields}))
+
+        def turn() -> tuple[int, int]:
+            """The next turn's speech_started and speech_stopped, once it is committed."""
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["type"] not in ("input_audio_buffer.committed", "error"):
+                events.append(json.loads(connection.recv(timeout=120)))
+            assert events[-1]["type"] == "input_audio_buffer.committed", events
+            (started,) = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
+            (stopped,) = [e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+            return started["audio_start_ms"], stopped["audio_end_ms"]
+
+        transcription = {"model": LIVE_MODEL, "language": "en"}
+        send("session.update", session={"audio": {"input": {"transcription": transcription}}})
+        send("input_audio_buffer.append", audio=base64.b64encode(first).decode())
+        before = turn()
+        send("session.update", session={"audio": {"input": {"transcription": {**transcription, "prompt": "Hello."}}}})
+        send("input_audio_buffer.append", audio=base64.b64encode(first).decode())
+        after = turn()
+    assert 0 < before[0] < before[1] < 4200, before
+    assert [a - b for a, b in zip(after, before)] == [4200, 4200], (before, after)
+
+
+def test_a_commit_while_the_daemons_vad_hears_speech_leaves_what_follows_a_turn_of_its_own(
+        realtime_daemon: Daemon) -> None:
+    """turn_detection server_vad and a commit in mid-sentence: the words after it are a second
+    turn, which the VAD ends, whether they come in small pieces or in one."""
+    from websockets.sync.client import connect
+
+    sentence = as_pcm16(live_clip())[:int(4.2 * 24_000) * 2]
+    cut = int(1.6 * 24_000) * 2  # "Good morning, and | welcome to the show."
+    for rest in (pieces(sentence[cut:], 4800), [sentence[cut:]]):
+        with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+            def send(kind: str, **fields: Any) -> None:
+                connection.send(json.dumps({"type": kind, **fields}))
+
+            send("session.update", session={"audio": {"input": {"transcription": {"model": LIVE_MODEL,
+                                                                                   "language": "en"}}}})
+            send("input_audio_buffer.append", audio=base64.b64encode(sentence[:cut]).decode())
+            send("input_audio_buffer.commit")
+            for piece in rest:
+                send("input_audio_buffer.append", audio=base64.b64encode(piece).decode())
+            events: list[dict[str, Any]] = []
+            while [e["type"] for e in events].count("conversation.item.done") < 2:
+                events.append(json.loads(connection.recv(timeout=60)))
+                assert events[-1]["type"] != "error", events
+        committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+        texts = {e["item_id"]: e["transcript"] for e in events if e["type"] == COMPLETED}
+        assert len(committed) == 2 and list(texts) == committed, events
+        assert "show" in texts[committed[1]].lower(), texts
+        assert word_error_rate(LIVE_SENTENCES[0], " ".join(texts.values())) <= 0.3, texts
 
 
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
