@@ -21,7 +21,8 @@ AUDIOTEXT_CORS_ORIGINS lists them.
 
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
-client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part. Audio
+client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part; a known
+speaker's reference clip (a data URL) up to AUDIOTEXT_MAX_REFERENCE_MB, 4 MiB, at most 4 of them. Audio
 is decoded as it is read and transcribed in windows of AUDIOTEXT_WINDOW_SECONDS cut at pauses, so
 memory holds one window however long the recording; a damaged packet is skipped and the answer
 says how many seconds were (X-Audiotext-Skipped-Audio, skipped_audio_seconds).
