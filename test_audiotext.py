@@ -4084,6 +4084,24 @@ def test_a_job_keeps_its_languages_and_unknown_ones_are_refused() -> None:
         audiotext.job_from_record(record)
 
 
+def test_a_job_keeps_known_speakers_voiceprints_and_a_bad_one_is_refused() -> None:
+    voiceprint = [round(0.0625 * (-1) ** i, 6) for i in range(audiotext.SPEAKER_WIDTH)]
+    spec = audiotext.JobSpec(model="cpu-tiny", diarize=True, speaker_voiceprints={"Ann": voiceprint})
+    job = audiotext.Job("job_" + "3" * 32, 0, spec, "job_" + "3" * 32 + ".wav", 1.0)
+    record = json.loads(json.dumps(job.record()))
+    assert audiotext.job_from_record(record) == job
+    assert job.spec.options().speakers == audiotext.SpeakerOptions(voiceprints=(("Ann", tuple(voiceprint)),))
+    del record["spec"]["speaker_voiceprints"]  # written before the field existed
+    assert audiotext.job_from_record(record).spec.speaker_voiceprints == {}
+    for bad in (voiceprint[:-1], voiceprint[:-1] + ["0.1"], voiceprint[:-1] + [True], "AAAA"):
+        record["spec"]["speaker_voiceprints"] = {"Ann": bad}
+        with pytest.raises(audiotext.CorruptRecord, match="malformed speaker_voiceprints"):
+            audiotext.job_from_record(record)
+    record["spec"]["speaker_voiceprints"] = {"Ann": voiceprint[:-1] + [math.nan]}
+    with pytest.raises(audiotext.CorruptRecord, match="malformed speaker_voiceprints"):  # as json.loads reads NaN
+        audiotext.job_from_record(json.loads(json.dumps(record)))
+
+
 def test_job_records_from_before_webhooks_still_load() -> None:
     job = audiotext.Job("job_" + "0" * 32, 0, audiotext.JobSpec(model="cpu-tiny"), "job_" + "0" * 32 + ".wav", 1.0)
     record = job.record()
