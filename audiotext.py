@@ -5469,14 +5469,19 @@ def job_failure(exc: BaseException) -> JobFailure:
     return JobFailure(meaning.job_code or meaning.code or "invalid_request", describe(exc))
 
 
+def without_voices(spec: JobSpec) -> JobSpec:
+    """The spec without its known speakers' voiceprints or clips: records of people's voices, kept
+    no longer than the job's own audio."""
+    return dataclasses.replace(spec, speaker_references={}, speaker_voiceprints={})
+
+
 def mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
     job.status = status
     job.finished_at = time.time()
     job.heard = []  # the result file has the segments now; events streams read them there
     job.error = {"message": str(error), "code": error.code} if error is not None else None
-    # People's voices (and voiceprints of them), kept no longer than the job's own audio.
     if job.spec.speaker_references or job.spec.speaker_voiceprints:
-        job.spec = dataclasses.replace(job.spec, speaker_references={}, speaker_voiceprints={})
+        job.spec = without_voices(job.spec)
     for name, value in changes.items():
         setattr(job, name, value)
 
@@ -5590,8 +5595,9 @@ class JobFiles:
             raise
 
     def write_result(self, finished: Job, transcript: Transcript) -> None:
+        record = dataclasses.replace(finished, spec=without_voices(finished.spec)).record()
         write_atomically(self.result(finished), dump_json(
-            {"schema": JOBS_SCHEMA, "job": finished.record(), "transcript": transcript_to_json(transcript)}),
+            {"schema": JOBS_SCHEMA, "job": record, "transcript": transcript_to_json(transcript)}),
             mode=PRIVATE_FILE_MODE)
 
     def read_result(self, job: Job) -> Transcript:

@@ -3219,7 +3219,8 @@ def test_a_job_keeps_voiceprints_not_voices_and_runs_old_jobs_with_references(
             result = client.get(f"{JOBS}/{job_id}/result", headers=AUTH, params={"response_format": "diarized_json"})
             assert_adam_is_named(result.json()["segments"])
     assert daemon.stop() == 0
-    for record in json.loads((state / "jobs.json").read_text())["jobs"]:  # not kept once the job is done
+    results = [json.loads((state / "results" / f"{job_id}.json").read_text())["job"] for job_id in ids]
+    for record in json.loads((state / "jobs.json").read_text())["jobs"] + results:  # not kept once the job is done
         assert record["spec"]["speaker_references"] == {} and record["spec"]["speaker_voiceprints"] == {}
 
 
