@@ -21,7 +21,8 @@ AUDIOTEXT_CORS_ORIGINS lists them.
 
 Limits, each quoted by the error that hits it: request body 512 MiB and audio duration 3 hours
 (settings AUDIOTEXT_MAX_UPLOAD_MB and AUDIOTEXT_MAX_AUDIO_SECONDS); a form's shape is fixed, as no
-client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part. Audio
+client of this API needs more: a text field 64 KiB, 64 parts, 16 KiB of headers per part; a known
+speaker's reference clip (a data URL) up to AUDIOTEXT_MAX_REFERENCE_MB, 4 MiB, at most 4 of them. Audio
 is decoded as it is read and transcribed in windows of AUDIOTEXT_WINDOW_SECONDS cut at pauses, so
 memory holds one window however long the recording; a damaged packet is skipped and the answer
 says how many seconds were (X-Audiotext-Skipped-Audio, skipped_audio_seconds).
@@ -373,6 +374,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_idle_seconds", "AUDIOTEXT_MODEL_IDLE_SECONDS", "--model-idle-seconds", _seconds_or_zero,
             "a model other than the default unused this long is unloaded, seconds (0: never)"),
     Setting("max_upload_mb", "AUDIOTEXT_MAX_UPLOAD_MB", "--max-upload-mb", _positive_int, "largest request body, MiB"),
+    Setting("max_reference_mb", "AUDIOTEXT_MAX_REFERENCE_MB", "--max-reference-mb", _positive_int,
+            "largest known speaker's reference clip (a known_speaker_references[] data URL), MiB"),
     Setting("max_audio_seconds", "AUDIOTEXT_MAX_AUDIO_SECONDS", "--max-audio-seconds", _positive_float,
             "longest audio accepted, seconds"),
     Setting("window_seconds", "AUDIOTEXT_WINDOW_SECONDS", "--window-seconds", _window_seconds,
@@ -477,6 +480,7 @@ class Settings:
     model_memory_mb: int | None = None
     model_idle_seconds: float = 1800.0
     max_upload_mb: int = 512
+    max_reference_mb: int = 4  # 10 s of 48 kHz 16-bit stereo WAV as base64 is 2.5 MiB
     max_audio_seconds: float = 3 * 3600.0
     window_seconds: float = 300.0
     max_queue: int = 1000
@@ -990,6 +994,12 @@ class FormLimits:
     max_field_bytes: int = 64 * 1024  # a text field's value
     max_parts: int = 64
     max_header_bytes: int = 16 * 1024  # all header lines of one part together, line ends included
+    # Text fields that may be larger than max_field_bytes (audio as a data URL), each up to
+    # max_large_field_bytes and at most max_large_fields of them in a form, so that a form's
+    # fields stay within max_parts * max_field_bytes + max_large_fields * max_large_field_bytes.
+    large_fields: frozenset[str] = frozenset()
+    max_large_field_bytes: int = 0
+    max_large_fields: int = 0
 
 
 def _format_size(size: int) -> str:
@@ -1287,7 +1297,9 @@ class _FormCollector:
         self.form = Form()
         self._spool_dir = spool_dir
         self._file_fields = file_fields
+        self._limits = limits
         self._max_field_bytes = limits.max_field_bytes
+        self._large_fields_seen = 0
         self._spool: tuple[BinaryIO, UploadedFile] | None = None
         self._field_name: str | None = None  # set while a text field's part is open
         self._field_chunks: list[bytes] = []
@@ -1300,7 +1312,17 @@ class _FormCollector:
             self._field_name = headers.name
             self._field_chunks = []
             self._field_bytes = 0
+            self._max_field_bytes = self._field_limit(headers.name)
         # Any other part is an upload nobody asked for: its bytes are counted, then dropped.
+
+    def _field_limit(self, name: str) -> int:
+        limits = self._limits
+        if name not in limits.large_fields:
+            return limits.max_field_bytes
+        self._large_fields_seen += 1
+        if self._large_fields_seen > limits.max_large_fields:
+            raise MultipartError(f"form has more than {limits.max_large_fields} {name!r} fields", param=name)
+        return limits.max_large_field_bytes
 
     def _open_spool(self, headers: PartHeaders) -> None:
         if headers.name in self.form.files:
@@ -2585,11 +2607,12 @@ class TranscribeOptions:
 
 @dataclass(frozen=True)
 class SpeakerOptions:
-    """A diarization request: how many speak, when known, and known speakers' reference clips
-    (the bytes of each data URL) by name."""
+    """A diarization request: how many speak, when known, and the known speakers by name: their
+    reference clips (the bytes of each data URL) until with_voiceprints turns them into voiceprints."""
 
     count: int | None = None
     references: tuple[tuple[str, bytes], ...] = ()
+    voiceprints: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass
@@ -3021,6 +3044,8 @@ SPEAKER_NAME_SIMILARITY = 0.6  # a known speaker's reference must be at least th
 # quiet ones), so that a voice is not told apart by how loud it is.
 SPEAKER_TARGET_RMS = 10 ** (-30 / 20)
 MAX_KNOWN_SPEAKERS = 4  # as OpenAI takes them
+# The form fields that carry them, as data URLs: larger than other text fields (AUDIOTEXT_MAX_REFERENCE_MB).
+REFERENCE_FIELDS = frozenset({"known_speaker_references[]", "known_speaker_references"})
 SPEAKER_REFERENCE_SECONDS = (1.0, 30.0)
 
 
@@ -3410,9 +3435,22 @@ def with_speakers(transcript: Transcript, labels: list[str]) -> Transcript:
 
 
 def known_voiceprints(options: SpeakerOptions, model_path: Path) -> dict[str, np.ndarray]:
-    """The known speakers' voiceprints by name; InvalidRequest for a reference that is no use."""
-    encoder = speaker_encoder(model_path)
-    return {name: reference_voiceprint(reference_audio(name, data), encoder) for name, data in options.references}
+    """The known speakers' voiceprints by name; InvalidRequest for a reference that is no use.
+    References still as audio are those of a job accepted before jobs kept voiceprints."""
+    known = {name: np.asarray(voiceprint, dtype=np.float32) for name, voiceprint in options.voiceprints}
+    if options.references:
+        encoder = speaker_encoder(model_path)
+        known |= {name: reference_voiceprint(reference_audio(name, data), encoder) for name, data in options.references}
+    return known
+
+
+def with_voiceprints(options: SpeakerOptions, model_path: Path) -> SpeakerOptions:
+    """The options with each reference clip turned into its voiceprint (a few KB, where a clip is
+    up to AUDIOTEXT_MAX_REFERENCE_MB), as a job keeps them; rounded to 6 places, which moves a
+    similarity by less than 1e-4. InvalidRequest for a reference that is no use. It blocks."""
+    known = known_voiceprints(options, model_path)
+    voiceprints = tuple((name, tuple(round(float(x), 6) for x in voiceprint)) for name, voiceprint in known.items())
+    return dataclasses.replace(options, references=(), voiceprints=voiceprints)
 
 
 def diarize_file(transcript: Transcript, path: Path, model_path: Path, options: SpeakerOptions, *,
@@ -5254,12 +5292,16 @@ class JobSpec:
     languages: tuple[str, ...] | None = None  # None: the daemon's AUDIOTEXT_LANGUAGES when the job runs
     diarize: bool = False  # who says what (see Speakers)
     speaker_count: int | None = None
-    # Known speakers' reference clips by name, base64 (each within a form field's 64 KiB).
+    # Known speakers' voiceprints by name (SPEAKER_WIDTH numbers each), never their voices' audio.
+    speaker_voiceprints: dict[str, list[float]] = field(default_factory=dict)
+    # Known speakers' reference clips by name, base64: only in a job accepted before jobs kept
+    # voiceprints, read from its record and turned into voiceprints when it runs.
     speaker_references: dict[str, str] = field(default_factory=dict)
 
     def options(self) -> TranscribeOptions:
-        speakers = SpeakerOptions(self.speaker_count, tuple((name, base64.b64decode(data)) for name, data
-                                                            in self.speaker_references.items()))
+        references = tuple((name, base64.b64decode(data)) for name, data in self.speaker_references.items())
+        voiceprints = tuple((name, tuple(v)) for name, v in self.speaker_voiceprints.items())
+        speakers = SpeakerOptions(self.speaker_count, references, voiceprints)
         return TranscribeOptions(language=self.language, prompt=self.prompt, temperature=self.temperature,
                                  translate=self.task == "translate", word_timestamps=self.word_timestamps,
                                  vad=self.vad, vad_tuning=tuple(sorted(self.vad_tuning.items())),
@@ -5330,6 +5372,7 @@ class Job:
         spec["vad_tuning"] = dict(self.spec.vad_tuning)
         spec["languages"] = None if self.spec.languages is None else list(self.spec.languages)
         spec["speaker_references"] = dict(self.spec.speaker_references)
+        spec["speaker_voiceprints"] = {name: list(v) for name, v in self.spec.speaker_voiceprints.items()}
         return {name: getattr(self, name) for name in _RECORD_FIELDS} | {"spec": spec}
 
 
@@ -5347,12 +5390,13 @@ _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "temperature": _NUMBER, "word_timestamps": (bool,), "response_format": (str,), "granularities": (list,),
     "vad": (bool, type(None)), "vad_tuning": (dict,), "webhook_url": _OPTIONAL_STR,
     "languages": (list, type(None)), "diarize": (bool,), "speaker_count": (int, type(None)),
-    "speaker_references": (dict,),
+    "speaker_references": (dict,), "speaker_voiceprints": (dict,),
 }
 _WEBHOOK_FIELDS: dict[str, tuple[type, ...]] = {"url": (str,), "id": (str,), "body": (str,), "created_at": _NUMBER}
 # Fields added since schema 1 began, with the value a record written before them means.
 _SPEC_ADDED: dict[str, Any] = {"vad": None, "vad_tuning": {}, "webhook_url": None, "languages": None,
-                               "diarize": False, "speaker_count": None, "speaker_references": {}}
+                               "diarize": False, "speaker_count": None, "speaker_references": {},
+                               "speaker_voiceprints": {}}
 _RECORD_ADDED: dict[str, Any] = {"skipped_audio_seconds": 0.0, "webhook": None}
 
 
@@ -5364,6 +5408,11 @@ def _check_fields(data: Any, fields: dict[str, tuple[type, ...]], what: str) -> 
         # bool is an int to isinstance; only a bool field may hold one.
         if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
             raise CorruptRecord(f"{what} has a missing or mistyped '{name}'")
+
+
+def _is_voiceprint(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == SPEAKER_WIDTH
+            and all(isinstance(x, _NUMBER) and not isinstance(x, bool) and math.isfinite(x) for x in value))
 
 
 def job_from_record(data: Any) -> Job:
@@ -5393,6 +5442,8 @@ def job_from_record(data: Any) -> Job:
         _check_fields(data["webhook"], _WEBHOOK_FIELDS, f"job {job_id}'s webhook")
     if not all(isinstance(v, str) for v in data["spec"]["speaker_references"].values()):
         raise CorruptRecord(f"job {job_id} has malformed speaker_references")
+    if not all(_is_voiceprint(v) for v in data["spec"]["speaker_voiceprints"].values()):
+        raise CorruptRecord(f"job {job_id} has malformed speaker_voiceprints")
     spec = JobSpec(**{name: data["spec"][name] for name in _SPEC_FIELDS}
                    | {"granularities": tuple(map(str, data["spec"]["granularities"])),
                       "languages": None if languages is None else tuple(languages)})
@@ -5442,13 +5493,19 @@ def job_failure(exc: BaseException) -> JobFailure:
     return JobFailure(meaning.job_code or meaning.code or "invalid_request", describe(exc))
 
 
+def without_voices(spec: JobSpec) -> JobSpec:
+    """The spec without its known speakers' voiceprints or clips: records of people's voices, kept
+    no longer than the job's own audio."""
+    return dataclasses.replace(spec, speaker_references={}, speaker_voiceprints={})
+
+
 def mark_finished(job: Job, status: str, *, error: JobFailure | None = None, **changes: Any) -> None:
     job.status = status
     job.finished_at = time.time()
     job.heard = []  # the result file has the segments now; events streams read them there
     job.error = {"message": str(error), "code": error.code} if error is not None else None
-    if job.spec.speaker_references:  # people's voices, kept no longer than the job's own audio
-        job.spec = dataclasses.replace(job.spec, speaker_references={})
+    if job.spec.speaker_references or job.spec.speaker_voiceprints:
+        job.spec = without_voices(job.spec)
     for name, value in changes.items():
         setattr(job, name, value)
 
@@ -5562,8 +5619,9 @@ class JobFiles:
             raise
 
     def write_result(self, finished: Job, transcript: Transcript) -> None:
+        record = dataclasses.replace(finished, spec=without_voices(finished.spec)).record()
         write_atomically(self.result(finished), dump_json(
-            {"schema": JOBS_SCHEMA, "job": finished.record(), "transcript": transcript_to_json(transcript)}),
+            {"schema": JOBS_SCHEMA, "job": record, "transcript": transcript_to_json(transcript)}),
             mode=PRIVATE_FILE_MODE)
 
     def read_result(self, job: Job) -> Transcript:
@@ -8851,6 +8909,7 @@ def _form_list(form: Form, name: str) -> list[str]:
     return [v.strip() for v in form.fields.get(f"{name}[]", []) + form.fields.get(name, []) if v.strip()]
 
 
+_ASCII_SPACE = str.maketrans("", "", " \t\n\r\f\v")
 DATA_URL = re.compile(r"data:(?:audio|video|application)/[A-Za-z0-9.+-]+(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -8872,8 +8931,8 @@ def _parse_references(form: Form) -> tuple[tuple[str, bytes], ...]:
     pairs = []
     for name, url in zip(names, references):
         match = DATA_URL.fullmatch(url)
-        try:
-            data = base64.b64decode(match["data"], validate=True) if match else b""
+        try:  # without the line breaks `base64` wraps its output with, or other ASCII spaces
+            data = base64.b64decode(match["data"].translate(_ASCII_SPACE), validate=True) if match else b""
         except ValueError:
             data = b""
         if not data:
@@ -9212,7 +9271,8 @@ async def read_paced(chunks: AsyncIterator[bytes], pace: UploadPace) -> AsyncIte
 
 
 def form_limits(settings: Settings) -> FormLimits:
-    return FormLimits(max_body_bytes=settings.max_upload_mb * MiB)
+    return FormLimits(max_body_bytes=settings.max_upload_mb * MiB, large_fields=REFERENCE_FIELDS,
+                      max_large_field_bytes=settings.max_reference_mb * MiB, max_large_fields=MAX_KNOWN_SPEAKERS)
 
 
 def spool_dir(settings: Settings) -> Path:
@@ -9256,12 +9316,16 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
     return parsed, upload, model
 
 
-def probe_upload(state: AppState, parsed: TranscriptionRequest, upload: UploadedFile) -> float | None:
-    """The upload's length, once its container opens and any known speakers' references decode:
-    refused here, before a job is accepted or a stream begins. It blocks: run it on a thread."""
-    for name, data in parsed.options.speakers.references if parsed.options.speakers else ():
-        reference_audio(name, data)
-    return probe_audio(upload.path, max_seconds=state.settings.max_audio_seconds)
+def probe_upload(state: AppState, parsed: TranscriptionRequest,
+                 upload: UploadedFile) -> tuple[TranscriptionRequest, float | None]:
+    """The request with its known speakers' voiceprints in place of their references, and the
+    upload's length, once its container opens and the references decode: refused here, before a
+    job is accepted or a stream begins. It blocks: run it on a thread."""
+    speakers = parsed.options.speakers
+    if speakers is not None and speakers.references:
+        speakers = with_voiceprints(speakers, require_diarization(state.models.models_dir))
+        parsed = dataclasses.replace(parsed, options=dataclasses.replace(parsed.options, speakers=speakers))
+    return parsed, probe_audio(upload.path, max_seconds=state.settings.max_audio_seconds)
 
 
 async def transcribe_upload(request: Request, *, translate: bool) -> Response:
@@ -9272,7 +9336,7 @@ async def transcribe_upload(request: Request, *, translate: bool) -> Response:
     try:
         parsed, upload, _ = validate_upload(state, form, translate=translate)
         # Opening the container blocks; a thread keeps the event loop answering.
-        await run_in_threadpool(probe_upload, state, parsed, upload)
+        parsed, _ = await run_in_threadpool(probe_upload, state, parsed, upload)
         if parsed.stream:
             response = stream_transcription(request, state, form, parsed, upload)
             form = None  # the stream removes the upload when it ends
@@ -10202,7 +10266,7 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
         raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",
                              param="include[]")
     # FFmpeg opening the container blocks; a thread keeps the status polls answered meanwhile.
-    seconds = await run_in_threadpool(probe_upload, state, parsed, upload)
+    parsed, seconds = await run_in_threadpool(probe_upload, state, parsed, upload)
     options = parsed.options
     spec = JobSpec(model=model, task=task, language=options.language, prompt=options.prompt,
                    temperature=options.temperature, word_timestamps=options.word_timestamps,
@@ -10210,8 +10274,8 @@ async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
                    vad=options.vad, vad_tuning=dict(options.vad_tuning), webhook_url=webhook_url,
                    languages=options.languages, diarize=options.speakers is not None,
                    speaker_count=options.speakers.count if options.speakers else None,
-                   speaker_references={name: base64.b64encode(data).decode("ascii") for name, data
-                                       in (options.speakers.references if options.speakers else ())})
+                   speaker_voiceprints={name: list(voiceprint) for name, voiceprint
+                                        in (options.speakers.voiceprints if options.speakers else ())})
     # Several fsyncs happen before the job exists; they must not stall the event loop either.
     return await run_in_threadpool(store.create, spec, upload.path, audio_suffix(upload.filename), seconds)
 

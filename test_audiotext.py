@@ -1516,6 +1516,23 @@ def test_read_form_field_limit_at_n_passes_and_n_plus_1_fails(spool_dir: Path) -
     assert spooled(spool_dir) == []
 
 
+def test_read_form_large_fields_have_their_own_limit_and_count(spool_dir: Path) -> None:
+    limits = FormLimits(max_field_bytes=KIB, large_fields=frozenset({"ref[]"}), max_large_field_bytes=2 * KIB,
+                        max_large_fields=2)
+    form = read(sized_chunks(multipart_body({"ref[]": ["a" * 2 * KIB, "b" * 2 * KIB], "prompt": "x" * KIB}), 100),
+                spool_dir, limits=limits)
+    assert form.fields == {"ref[]": ["a" * 2 * KIB, "b" * 2 * KIB], "prompt": ["x" * KIB]}
+    refused = [
+        ({"ref[]": "a" * (2 * KIB + 1)}, "form field 'ref[]' exceeds the 2 KiB limit", "ref[]"),
+        ({"ref[]": ["a", "b", "c"]}, "form has more than 2 'ref[]' fields", "ref[]"),
+        ({"ref[]": "a", "prompt": "x" * (KIB + 1)}, "form field 'prompt' exceeds the 1 KiB limit", "prompt"),
+    ]
+    for fields, message, param in refused:
+        with pytest.raises(MultipartError) as caught:
+            read(sized_chunks(multipart_body(fields), 100), spool_dir, limits=limits)
+        assert (str(caught.value), caught.value.status_code, caught.value.param) == (message, 400, param)
+
+
 def test_read_form_default_limit_messages(spool_dir: Path) -> None:
     cases = [
         (multipart_body({"prompt": "x" * (64 * KIB + 1)}), "form field 'prompt' exceeds the 64 KiB limit"),
@@ -3132,6 +3149,81 @@ def test_a_diarized_job_keeps_its_speakers_across_a_restart(daemon_factory: Call
             assert f"<v {turn['speaker']}>{turn['text']}" in vtt and f"[{turn['speaker']}] {turn['text']}" in srt
 
 
+def wav_reference(clip: str, start: float, end: float) -> bytes:
+    """A stretch of a test clip as 16 kHz 16-bit mono WAV, as a client records a reference."""
+    rate = audiotext.SAMPLE_RATE
+    audio = audiotext.decode_audio(CLIPS / clip, max_seconds=600)[int(start * rate):int(end * rate)]
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def adam_reference() -> bytes:
+    """3 s of dialogue_2's first turn, the espeak voice: over a text field's 64 KiB as base64."""
+    return wav_reference("dialogue_2.webm", 0.6, 3.6)
+
+
+def wrapped_data_url(data: bytes) -> str:
+    return "data:audio/wav;base64," + base64.encodebytes(data).decode()  # 76 columns, as `base64` writes
+
+
+def assert_adam_is_named(segments: list[dict[str, Any]]) -> None:
+    """dialogue_2's espeak voice is Adam, the other one A."""
+    turns = json.loads((CLIPS / "dialogue_2.json").read_text())["turns"]
+    named = [(s["speaker"], truth_speaker(turns, (s["start"] + s["end"]) / 2)) for s in segments]
+    assert {speaker for speaker, _ in named} == {"Adam", "A"}, named
+    assert sum(n in (("Adam", "espeak"), ("A", "festival")) for n in named) >= 0.9 * len(named), named
+
+
+def test_a_3_s_wav_reference_wrapped_as_base64_writes_it_names_its_speaker(diarizer: Daemon,
+                                                                          adam_reference: bytes) -> None:
+    url = wrapped_data_url(adam_reference)
+    assert len(url) > 64 * KIB and "\n" in url
+    answer = diarize(diarizer, "dialogue_2.webm", response_format="diarized_json",
+                     **{"known_speaker_names[]": "Adam", "known_speaker_references[]": url})
+    assert answer.status_code == 200, answer.text
+    assert_adam_is_named(answer.json()["segments"])
+
+
+def test_a_job_keeps_voiceprints_not_voices_and_runs_old_jobs_with_references(
+        daemon_factory: Callable[..., Daemon], speaker_models: Path, tmp_path: Path, adam_reference: bytes) -> None:
+    fields = {"response_format": "diarized_json", "known_speaker_names[]": "Adam",
+              "known_speaker_references[]": wrapped_data_url(adam_reference)}
+    with job_client(tmp_path, speaker_models, stop_grace_seconds=0.1) as client:
+        held = worker_held(client)
+        held.__enter__()
+        ids = [submit_job(client, "dialogue_2.webm", **fields)["id"] for _ in range(2)]
+    held.__exit__(None, None, None)  # released once the app has stopped: both jobs stay queued on disk
+    state = tmp_path / "state"
+    table = json.loads((state / "jobs.json").read_text())
+    sidecars = [json.loads((state / "uploads" / f"{job_id}.json").read_text()) for job_id in ids]
+    for spec in [r["spec"] for r in table["jobs"]] + [s["job"]["spec"] for s in sidecars]:
+        assert spec["speaker_references"] == {} and list(spec["speaker_voiceprints"]) == ["Adam"], spec
+        assert len(spec["speaker_voiceprints"]["Adam"]) == audiotext.SPEAKER_WIDTH
+    assert len((state / "jobs.json").read_bytes()) < 16 * KIB  # two jobs; a reference alone is 128 KiB as base64
+    # The second job as a daemon that kept references as base64 wrote it: it still runs, by them.
+    for record in [r for r in table["jobs"] if r["id"] == ids[1]] + [sidecars[1]["job"]]:
+        del record["spec"]["speaker_voiceprints"]
+        record["spec"]["speaker_references"] = {"Adam": base64.b64encode(adam_reference).decode()}
+    (state / "jobs.json").write_text(json.dumps(table))
+    (state / "uploads" / f"{ids[1]}.json").write_text(json.dumps(sidecars[1]))
+    daemon = daemon_factory(state, models=speaker_models)
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        for job_id in ids:
+            assert wait_for_job(client, job_id, timeout=300)["status"] == "succeeded"
+            result = client.get(f"{JOBS}/{job_id}/result", headers=AUTH, params={"response_format": "diarized_json"})
+            assert_adam_is_named(result.json()["segments"])
+    assert daemon.stop() == 0
+    results = [json.loads((state / "results" / f"{job_id}.json").read_text())["job"] for job_id in ids]
+    for record in json.loads((state / "jobs.json").read_text())["jobs"] + results:  # not kept once the job is done
+        assert record["spec"]["speaker_references"] == {} and record["spec"]["speaker_voiceprints"] == {}
+
+
 def test_many_voiceprints_are_clustered_in_a_bounded_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     import scipy.cluster.hierarchy as hierarchy
 
@@ -3991,6 +4083,24 @@ def test_a_job_keeps_its_languages_and_unknown_ones_are_refused() -> None:
     record["spec"]["languages"] = ["ca", "../x"]
     with pytest.raises(audiotext.CorruptRecord, match="malformed languages"):
         audiotext.job_from_record(record)
+
+
+def test_a_job_keeps_known_speakers_voiceprints_and_a_bad_one_is_refused() -> None:
+    voiceprint = [round(0.0625 * (-1) ** i, 6) for i in range(audiotext.SPEAKER_WIDTH)]
+    spec = audiotext.JobSpec(model="cpu-tiny", diarize=True, speaker_voiceprints={"Ann": voiceprint})
+    job = audiotext.Job("job_" + "3" * 32, 0, spec, "job_" + "3" * 32 + ".wav", 1.0)
+    record = json.loads(json.dumps(job.record()))
+    assert audiotext.job_from_record(record) == job
+    assert job.spec.options().speakers == audiotext.SpeakerOptions(voiceprints=(("Ann", tuple(voiceprint)),))
+    del record["spec"]["speaker_voiceprints"]  # written before the field existed
+    assert audiotext.job_from_record(record).spec.speaker_voiceprints == {}
+    for bad in (voiceprint[:-1], voiceprint[:-1] + ["0.1"], voiceprint[:-1] + [True], "AAAA"):
+        record["spec"]["speaker_voiceprints"] = {"Ann": bad}
+        with pytest.raises(audiotext.CorruptRecord, match="malformed speaker_voiceprints"):
+            audiotext.job_from_record(record)
+    record["spec"]["speaker_voiceprints"] = {"Ann": voiceprint[:-1] + [math.nan]}
+    with pytest.raises(audiotext.CorruptRecord, match="malformed speaker_voiceprints"):  # as json.loads reads NaN
+        audiotext.job_from_record(json.loads(json.dumps(record)))
 
 
 def test_job_records_from_before_webhooks_still_load() -> None:
@@ -6452,6 +6562,19 @@ def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemo
 # ---------------------------------------------------------------------------------------------
 
 
+def test_a_known_speaker_s_reference_has_its_own_size_limit(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_reference_mb=1)
+    prefix = "data:audio/wav;base64,"
+    for size, message in [(MiB_BYTES, "speaker diarization needs its model in the models dir (speakers-ge2e.npz): "
+                                      "run `audiotext models import-diarization`"),
+                          (MiB_BYTES + 1, "form field 'known_speaker_references[]' exceeds the 1 MiB limit")]:
+        fields = {"response_format": "diarized_json", "known_speaker_names[]": "Ann",
+                  # Two spaces pad the base64 to its size; they are no part of it.
+                  "known_speaker_references[]": prefix + "A" * (size - len(prefix) - 2) + "  "}
+        param = "response_format" if size == MiB_BYTES else "known_speaker_references[]"
+        assert_error(post_clip(client, model="cpu-tiny", **fields), 400, message, param=param)
+
+
 def test_bad_diarization_fields_are_400s_naming_them(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     reference = "data:audio/webm;base64," + base64.b64encode((CLIPS / "ref_espeak.webm").read_bytes()).decode()
@@ -6471,7 +6594,7 @@ def test_bad_diarization_fields_are_400s_naming_them(make_client: Callable[..., 
          "known_speaker_names[] has 2 name(s) and known_speaker_references[] 1: give one reference per name",
          "known_speaker_names[]"),
         ({**diarized, "known_speaker_names[]": list("ABCDE"), "known_speaker_references[]": [reference] * 5},
-         "at most 4 known speakers, got 5", "known_speaker_names[]"),
+         "form has more than 4 'known_speaker_references[]' fields", "known_speaker_references[]"),
         ({**diarized, "known_speaker_names[]": ["Ann"], "known_speaker_references[]": ["https://example.com/a.wav"]},
          "the reference for 'Ann' must be a base64 data URL of audio, such as data:audio/wav;base64,...",
          "known_speaker_references[]"),
