@@ -9513,6 +9513,11 @@ REALTIME_MAX_MESSAGE_BYTES = 2 * MiB
 REALTIME_MAX_QUEUED_EVENTS = 256  # events not yet written to a client that does not read, before it is let go
 REALTIME_SUBPROTOCOL = "realtime"
 REALTIME_CLOSE_SECONDS = 5.0  # for the events still queued when a session ends, and for its close
+# How a session's connection is closed (RFC 6455, section 7.4.1): 1012 when the daemon stops (as
+# uvicorn closes the sessions it ends itself), 1011 when it failed, which the SDKs' reconnecting
+# clients take as a reason to connect again; any other end (the client's doing, or a limit) is a
+# normal closure.
+REALTIME_CLOSE_NORMAL, REALTIME_CLOSE_RESTART, REALTIME_CLOSE_FAILED = 1000, 1012, 1011
 REALTIME_KEY_PROTOCOL = "openai-insecure-api-key."  # what a browser, which cannot set headers, sends the token in
 REALTIME_LOGPROBS = "item.input_audio_transcription.logprobs"
 # format -> the rate it comes at; the beta names for the same formats
@@ -9752,6 +9757,7 @@ class RealtimeSession:
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(REALTIME_MAX_QUEUED_EVENTS)
         self._events = itertools.count(1)
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._close_code = REALTIME_CLOSE_NORMAL
         self._sender: asyncio.Task[None] | None = None
         self._stream: LiveStream | None = None
         self._stream_key: tuple[Any, ...] | None = None
@@ -9993,6 +9999,8 @@ class RealtimeSession:
         if is_unexpected(exc):
             log_unexpected(exc, "in a live transcription session")
         self.send_error(LiveSessionError(meaning.code or "internal_error", describe(exc)), kind=meaning.type)
+        if meaning.type == _SERVER:
+            self._close_code = REALTIME_CLOSE_RESTART if meaning.code == "shutting_down" else REALTIME_CLOSE_FAILED
         if not self.ended.done():
             self.ended.set_result(meaning.code or "internal_error")
 
@@ -10026,7 +10034,7 @@ class RealtimeSession:
             await self._sender
         with contextlib.suppress(Exception):  # TimeoutError too: uvicorn closes the transport as the app returns
             async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
-                await self.websocket.close(1000)
+                await self.websocket.close(self._close_code)
 
 
 def realtime_protocol() -> type[asyncio.Protocol]:
