@@ -679,6 +679,72 @@ def languages(args: argparse.Namespace) -> None:
     confidence(args)
 
 
+def decoder_languages(model: Any) -> dict[str, float]:
+    """Every language's probability from the cross-attention the context's last encoder pass left:
+    one decoder step on [SOT] and a softmax over the language tokens, as whisper_lang_auto_detect
+    does after its own encoder pass."""
+    import ctypes
+
+    import numpy as np
+
+    audiotext = import_audiotext()
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    decode = audiotext._whisper_function("whisper_decode", c_int, c_void_p, ctypes.POINTER(c_int), c_int, c_int, c_int)
+    logits = audiotext._whisper_function("whisper_get_logits", ctypes.POINTER(ctypes.c_float), c_void_p)
+    sot = audiotext._whisper_function("whisper_token_sot", c_int, c_void_p)
+    token_of = audiotext._whisper_function("whisper_token_lang", c_int, c_void_p, c_int)
+    code_of = audiotext._whisper_function("whisper_lang_str", ctypes.c_char_p, c_int)
+    last = audiotext._whisper_function("whisper_lang_max_id", c_int)
+    ctx = model._address
+    if decode(ctx, (c_int * 1)(sot(ctx)), 1, 0, model.threads) != 0:
+        sys.exit("whisper_decode failed")
+    values = logits(ctx)
+    scores = np.array([values[token_of(ctx, i)] for i in range(last() + 1)], np.float64)
+    probabilities = np.exp(scores - scores.max())
+    probabilities /= probabilities.sum()
+    return {code_of(i).decode(): float(p) for i, p in enumerate(probabilities)}
+
+
+def onepass(args: argparse.Namespace) -> None:
+    """Whether a clip's language can be read from its own transcription's encoder pass: each clip
+    transcribed (VAD-packed, on its fitted window, with its language given: the encoder does not
+    depend on it), then the languages from the cross-attention that pass left (decoder_languages),
+    against the engine's detection (its own encoder passes, detection_windows_for)."""
+    clips = load_clips(args.scratch)[:args.clips]
+    ensure_models(args.models_dir)
+    audiotext = import_audiotext()
+    store = audiotext.ModelStore(args.models_dir, default=MODEL, threads=args.threads, vad=True, fit_short_audio=True)
+    model = store.get(MODEL, fit_short_audio=True)
+    agree = right = right_engine = 0
+    one_times: list[float] = []
+    engine_times: list[float] = []
+    print("| clip | seconds heard | window | engine: top | one pass: top (p) | engine s | one pass s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for clip in clips:
+        heard = heard_speech(audiotext, load_audio(args.scratch / f"{clip.name}.wav"))
+        if heard is None or len(heard) > audiotext.WHISPER_WINDOW_SECONDS * SR:
+            continue  # no speech, or more than one window: the last window's pass is all that is left
+        options = audiotext.TranscribeOptions(fit_short_audio=True)
+        with model.lock:
+            started = time.perf_counter()
+            engine = model._likeliest_language(heard, options, threading.Event())
+            engine_times.append(time.perf_counter() - started)
+        model.transcribe(heard, dataclasses.replace(options, language=clip.language), abort=threading.Event())
+        with model.lock:
+            started = time.perf_counter()
+            found = decoder_languages(model)
+            one_times.append(time.perf_counter() - started)
+        top = max(found, key=found.__getitem__)
+        agree += top == engine
+        right += top == clip.language
+        right_engine += engine == clip.language
+        print(f"| {clip.name} ({clip.language}) | {len(heard) / SR:.1f} | {audiotext.audio_ctx_for(len(heard) / SR)} "
+              f"| {engine} | {top} ({found[top]:.3f}) | {engine_times[-1]:.3f} | {one_times[-1]:.4f} |")
+    print(f"\n{len(one_times)} clips on {cpu_model()}: the same language {agree} times; right {right_engine} (engine) "
+          f"and {right} (one pass); median seconds {statistics.median(engine_times):.3f} (engine) against "
+          f"{statistics.median(one_times):.4f} (one pass)")
+
+
 def policy_line(label: str, answers: dict[str, str], truth: dict[str, str], floor_right: set[str],
                 fallbacks: str) -> str:
     right = {name for name, language in answers.items() if language == truth[name]}
@@ -766,7 +832,7 @@ def confidence(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["make", "run", "table", "detection", "languages", "confidence"])
+    parser.add_argument("command", choices=["make", "run", "table", "detection", "languages", "confidence", "onepass"])
     parser.add_argument("--scratch", type=Path, default=ROOT / "bench" / ".cache" / "voice-notes",
                         help="clips and results (default bench/.cache/voice-notes)")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "bench" / ".cache" / "models",
@@ -785,7 +851,8 @@ def main() -> None:
                         help="detection, languages: the fitted variant (default b256+first, the daemon's)")
     parser.add_argument("--ways", help="languages: only these windows (comma-separated: fitted, "
                         f"{FIRST_WAY}, {FLOOR_WAY}, whole), the other windows' results kept")
-    parser.add_argument("--clips", type=int, default=6, help="detection: clips, spread over the lengths")
+    parser.add_argument("--clips", type=int, default=6, help="detection: clips, spread over the lengths; onepass: "
+                        "the first N clips")
     parser.add_argument("--rounds", type=int, default=3, help="detection: alternated rounds")
     args = parser.parse_args()
     args.scratch = args.scratch.resolve()
@@ -805,6 +872,8 @@ def main() -> None:
         languages(args)
     elif args.command == "confidence":
         confidence(args)
+    elif args.command == "onepass":
+        onepass(args)
     else:
         detection(args)
 
