@@ -112,6 +112,21 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def as_pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """16 kHz float samples as a 16-bit mono WAV file, as a client records one."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(audiotext.SAMPLE_RATE)
+        wav.writeframes(as_pcm16(samples))
+    return buffer.getvalue()
+
+
 def make_settings(tmp_path: Path, models: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(api_token=TOKEN, state_dir=tmp_path / "state", models_dir=models, threads=2)
     values.update(overrides)
@@ -592,11 +607,7 @@ def ninety_seconds_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """long_en three times over: long enough that a cancel or a shutdown lands mid-inference."""
     audio = audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60)
     path = tmp_path_factory.mktemp("clips") / "long90.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(audiotext.SAMPLE_RATE)
-        out.writeframes((np.tile(audio, 3) * 32767).astype("<i2").tobytes())
+    path.write_bytes(wav_bytes(np.tile(audio, 3)))
     return path
 
 
@@ -3152,14 +3163,7 @@ def test_a_diarized_job_keeps_its_speakers_across_a_restart(daemon_factory: Call
 def wav_reference(clip: str, start: float, end: float) -> bytes:
     """A stretch of a test clip as 16 kHz 16-bit mono WAV, as a client records a reference."""
     rate = audiotext.SAMPLE_RATE
-    audio = audiotext.decode_audio(CLIPS / clip, max_seconds=600)[int(start * rate):int(end * rate)]
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return wav_bytes(audiotext.decode_audio(CLIPS / clip, max_seconds=600)[int(start * rate):int(end * rate)])
 
 
 @pytest.fixture(scope="module")
@@ -6516,11 +6520,7 @@ def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemo
     """The page's microphone is Chromium's fake capture device, playing testdata/live_en.webm once."""
     speech = tmp_path / "speech.wav"
     audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
-    with wave.open(str(speech), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(audiotext.SAMPLE_RATE)
-        out.writeframes(as_pcm16(audio))
+    speech.write_bytes(wav_bytes(audio))
     devtools = DevTools(tmp_path, args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                                         f"--use-file-for-fake-audio-capture={speech}%noloop",
                                         "--autoplay-policy=no-user-gesture-required"])
@@ -7342,10 +7342,6 @@ def live_clip(rate: int = 24_000) -> np.ndarray:
     audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
     count = int(len(audio) * rate / audiotext.SAMPLE_RATE)
     return np.interp(np.arange(count) * audiotext.SAMPLE_RATE / rate, np.arange(len(audio)), audio).astype(np.float32)
-
-
-def as_pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 def as_ulaw(samples: np.ndarray) -> bytes:
