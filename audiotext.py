@@ -10596,12 +10596,16 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
 # CPU with its llamafile matrix kernels, no BLAS, and its libraries looked for beside the module.
 ENGINE_BUILD_ENV = {"GGML_NATIVE": "ON", "GGML_LLAMAFILE": "ON",
                     "CMAKE_ARGS": "-DCMAKE_INSTALL_RPATH=$ORIGIN -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"}
-# Left out on CPUs that have them: with AVX512-FP16 ggml's attention takes scalar loops for base's
-# head size; and AMX: GCC 12 miscompiles ggml's AMX tile set-up (SIGILL on quantised models). Clang
-# 16 builds it right (its encoder 2.8 times as fast), but with LLVM's OpenMP library, with which
-# the daemon beside busy processes took many times as long (docs/performance.md).
-ENGINE_BUILD_FEATURES_OFF = {"amx_tile": "-mno-amx-tile", "amx_int8": "-mno-amx-int8",
-                             "amx_bf16": "-mno-amx-bf16", "avx512_fp16": "-mno-avx512fp16"}
+# Left out on CPUs that have it: with AVX512-FP16 ggml's attention takes scalar loops for base's
+# head size.
+ENGINE_BUILD_FEATURES_OFF = {"avx512_fp16": "-mno-avx512fp16"}
+# ggml's AMX kernels (Intel Xeon from Sapphire Rapids on) take the encoder's matrix products of a
+# quantised model: base q8_0's encoder 2.2 times as fast (docs/performance.md). GCC's
+# _tile_loadconfig tells the compiler that it reads 8 of the tile configuration's 64 bytes, so
+# GCC drops the stores that fill in the rest as dead, and the first tile instruction raises
+# SIGILL; without dead-store elimination the configuration is whole. (A Clang build gets it
+# right, but runs on LLVM's OpenMP library, which `engine build` does not keep.)
+ENGINE_BUILD_AMX_GCC_FLAGS = ("-fno-dse", "-fno-tree-dse")
 CC_COMPILERS, CXX_COMPILERS = ("cc", "gcc", "clang"), ("c++", "g++", "clang++")  # after $CC and $CXX, as CMake looks
 CLIP_SUFFIXES = (".flac", ".m4a", ".mp3", ".mp4", ".ogg", ".opus", ".wav", ".webm")
 CHECKOUT_CLIPS = Path(__file__).resolve().parent / "testdata"  # a checkout's; an installed audiotext has none
@@ -10682,15 +10686,32 @@ def compiler_accepts(compiler: str, flags: list[str]) -> bool:
     return probe.returncode == 0
 
 
+def is_gcc(compiler: str) -> bool:
+    """Whether the compiler is GCC (Clang defines __GNUC__ too, and __clang__ besides)."""
+    probe = subprocess.run([compiler, "-dM", "-E", "-x", "c++", os.devnull], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True)
+    return probe.returncode == 0 and "__GNUC__" in probe.stdout and "__clang__" not in probe.stdout
+
+
+def engine_build_flags(compiler: str | None, cpu_flags: set[str]) -> list[str]:
+    """What CFLAGS and CXXFLAGS gain for this CPU and compiler (see ENGINE_BUILD_FEATURES_OFF and
+    ENGINE_BUILD_AMX_GCC_FLAGS); a compiler that knows a flag not cannot emit what it turns off."""
+    flags = [flag for feature, flag in ENGINE_BUILD_FEATURES_OFF.items() if feature in cpu_flags]
+    if compiler is None or (flags and not compiler_accepts(compiler, flags)):
+        flags = []
+    if compiler is not None and "amx_tile" in cpu_flags and is_gcc(compiler):
+        flags.extend(ENGINE_BUILD_AMX_GCC_FLAGS)
+    return flags
+
+
 def engine_build_env(version: str, cpu_flags: set[str]) -> dict[str, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # The version as installed: built inside a git checkout, pywhispercpp would add +git<commit>.
     env = {**os.environ, **ENGINE_BUILD_ENV, "CMAKE_BUILD_PARALLEL_LEVEL": str(cores), "PYWHISPERCPP_VERSION": version}
-    off = [flag for feature, flag in ENGINE_BUILD_FEATURES_OFF.items() if feature in cpu_flags]
-    compiler = find_compiler("CXX", CXX_COMPILERS)
-    if off and compiler and compiler_accepts(compiler, off):  # one that knows them not cannot emit them
+    flags = engine_build_flags(find_compiler("CXX", CXX_COMPILERS), cpu_flags)
+    if flags:
         for variable in ("CFLAGS", "CXXFLAGS"):
-            env[variable] = " ".join([env.get(variable, ""), *off]).strip()
+            env[variable] = " ".join([env.get(variable, ""), *flags]).strip()
     return env
 
 

@@ -8500,6 +8500,19 @@ def engine_build(tmp_path: Path, models_dir: Path, *args: str, clips: Iterable[s
             "--models-dir", str(models_dir), "--state-dir", str(tmp_path / "state"), *args]
 
 
+def test_engine_build_turns_on_amx_with_gcc_only_with_the_tile_configuration_kept_whole() -> None:
+    gcc, clang = shutil.which("g++"), shutil.which("clang++") or shutil.which("clang++-16")
+    if gcc is None or not audiotext.is_gcc(gcc):
+        pytest.skip("no GCC here")
+    amx = {"avx512f", "amx_tile", "amx_int8", "avx512_fp16"}
+    assert audiotext.engine_build_flags(gcc, amx) == ["-mno-avx512fp16", "-fno-dse", "-fno-tree-dse"]
+    assert audiotext.engine_build_flags(gcc, {"avx2", "fma"}) == []
+    assert audiotext.engine_build_flags(None, amx) == []
+    if clang is not None:
+        assert not audiotext.is_gcc(clang)
+        assert audiotext.engine_build_flags(clang, amx) == ["-mno-avx512fp16"]
+
+
 def test_engine_build_keeps_a_faster_build_that_hears_the_same(tmp_path: Path, models_dir: Path,
                                                                  stand_in_pip: StandInPip,
                                                                  monkeypatch: pytest.MonkeyPatch,
@@ -8525,7 +8538,11 @@ def test_engine_build_keeps_a_faster_build_that_hears_the_same(tmp_path: Path, m
     assert (env["GGML_NATIVE"], env["GGML_LLAMAFILE"], env["PYWHISPERCPP_VERSION"]) == ("ON", "ON", ENGINE_VERSION)
     assert "-DCMAKE_INSTALL_RPATH=$ORIGIN" in env["CMAKE_ARGS"]
     cpu_model, cpu_flags = audiotext.cpu_description()
-    assert ("-mno-amx-tile" in env.get("CXXFLAGS", "")) == ("amx_tile" in cpu_flags)
+    compiler = audiotext.find_compiler("CXX", audiotext.CXX_COMPILERS)
+    assert compiler is not None and "-mno-amx" not in env.get("CXXFLAGS", "")
+    # GCC keeps the AMX tile configuration whole only without dead-store elimination.
+    amx_with_gcc = "amx_tile" in cpu_flags and audiotext.is_gcc(compiler)
+    assert ("-fno-dse -fno-tree-dse" in env.get("CXXFLAGS", "")) == amx_with_gcc
     assert f"CPU: {cpu_model}\n" in out and "compiler: " in out
     # Alternated: the installed engine first, then the built one first.
     assert re.findall(r"round (\d)/2: (\w+) engine", out) == [("1", "installed"), ("1", "built"),
