@@ -7735,11 +7735,18 @@ class WyomingSession:
             raise ConnectionResetError("the client stopped reading") from None
 
     async def send_error(self, code: str, message: str) -> None:
+        """The error event; once transcript-start is out, a transcript-stop after it, so that a
+        streaming client sees its stream end (the protocol frames one with start and stop)."""
+        from wyoming.asr import TranscriptStop
         from wyoming.error import Error
 
         logger.info("wyoming %s error %s: %s", self.peer, code, message)
+        if self._live is not None:
+            await self._live.close()  # no partial text may come after the error
         with contextlib.suppress(Exception):  # the client may be gone already
             await self._write(Error(text=message, code=code).event())
+            if self._started:
+                await self._write(TranscriptStop().event())
 
 
 # After an error event, what the client had already sent is read and dropped for a moment before

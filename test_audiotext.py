@@ -5996,6 +5996,49 @@ def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: 
     assert word_error_rate(" ".join(LIVE_SENTENCES), transcript) <= 0.2, transcript
 
 
+def test_wyoming_an_error_after_transcript_start_ends_the_stream_with_transcript_stop(
+        wyoming_daemon: tuple[Daemon, int]) -> None:
+    """A streaming client waits for transcript-stop once transcript-start came: an error later in
+    the session comes before it, and no chunk comes after the error."""
+    from wyoming.asr import Transcribe
+    from wyoming.audio import AudioChunk, AudioStart
+    from wyoming.client import AsyncTcpClient
+
+    _, port = wyoming_daemon
+    pcm = pcm_of("live_en.webm")
+
+    async def talk() -> list[Any]:
+        client = AsyncTcpClient("127.0.0.1", port)
+        await client.connect()
+        received: list[Any] = []
+        chunked = asyncio.Event()
+
+        async def read() -> None:
+            while (event := await client.read_event()) is not None:
+                received.append(event)
+                if event.type == "transcript-chunk":
+                    chunked.set()
+
+        reader = asyncio.ensure_future(read())
+        await client.write_event(Transcribe(name="ggml-tiny.en", language="en").event())
+        await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+        for at in range(0, len(pcm), 3200):  # 0.1 s a chunk, until partial text has come
+            await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[at:at + 3200]).event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(chunked.wait(), 0.05)
+            if chunked.is_set():
+                break
+        assert chunked.is_set(), [event.type for event in received]
+        await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=b"\0\0\0").event())
+        await asyncio.wait_for(reader, 120)
+        await client.disconnect()
+        return received
+
+    types = [event.type for event in asyncio.run(talk())]
+    assert types[0] == "transcript-start" and types[-2:] == ["error", "transcript-stop"], types
+    assert set(types[1:-2]) == {"transcript-chunk"} and "transcript" not in types, types
+
+
 def test_a_voice_command_goes_ahead_of_queued_jobs(wyoming_daemon: tuple[Daemon, int]) -> None:
     daemon, port = wyoming_daemon
     with httpx.Client(base_url=daemon.url, timeout=60) as client:
