@@ -4969,7 +4969,11 @@ def reconciled_text(sent: str, final: str) -> str:
 @dataclass(frozen=True)
 class LiveEvent:
     """What a live stream made known: a turn "started" or "stopped" (`at`, samples since the
-    stream began), a "delta" of its text, its "completed" transcript, or that it "failed"."""
+    stream began), a "delta" of its text, its "completed" transcript, or that it "failed".
+
+    A turn the VAD ends "stopped" where the pause that ended it had lasted long enough, as OpenAI
+    counts audio_end_ms (its silence_duration_ms after the speech); its audio ends sooner, at its
+    end padding, and the next turn begins no sooner than that stop."""
 
     kind: str
     turn: int
@@ -5082,6 +5086,7 @@ class LiveStream:
         self._emit = emit
         self._vad = vad
         self._end_pad = self._vad.tracker.params.pad if self._vad is not None else 0
+        self._end_silence = self._vad.tracker.params.min_silence if self._vad is not None else 0
         self._prefix = int(prefix_padding_ms * SAMPLE_RATE / 1000)
         self._partial_samples = int(partial_seconds * SAMPLE_RATE)
         self._max_turn_samples = int(max_turn_seconds * SAMPLE_RATE)
@@ -5091,6 +5096,7 @@ class LiveStream:
         self._origin = origin
         self.position = origin
         self._turn: LiveTurn | None = None
+        self._stopped = origin  # where the last turn was told to stop: the next begins no sooner
         self._closed: list[LiveTurn] = []  # waiting for their final decode
         self._max_pending = LIVE_PENDING_TURNS * self._max_turn_samples
         self._turns = itertools.count(1)
@@ -5147,7 +5153,7 @@ class LiveStream:
             elif event.kind == "end" and self._turn is not None:
                 end = min(at + self._end_pad, self.position)
                 self._tail = self._turn.trim(max(0, end - self._turn.start))
-                await self._close_turn(at)
+                await self._close_turn(min(max(at + self._end_silence, end), self.position))
             elif event.kind == "end":
                 self._resume = None
         if self._resume is not None and self._turn is None and self._vad is not None and self._vad.tracker.hearing:
@@ -5162,7 +5168,7 @@ class LiveStream:
     async def _open(self, at: int) -> None:
         """A turn from `at`: what the tail holds of it is laid in first."""
         tail_start = self.position - self._tail.size
-        turn = LiveTurn(next(self._turns), start=max(at, tail_start))
+        turn = LiveTurn(next(self._turns), start=max(at, tail_start, self._stopped))
         turn.add(self._tail[turn.start - tail_start:])
         self._tail = np.zeros(0, np.float32)
         self._turn, self._resume = turn, None
@@ -5171,6 +5177,7 @@ class LiveStream:
     async def _close_turn(self, at: int) -> None:
         turn, self._turn = self._turn, None
         assert turn is not None
+        self._stopped = max(self._stopped, at)
         self._closed.append(turn)
         await self._emit(LiveEvent("stopped", turn.number, at=at))
 

@@ -7786,6 +7786,35 @@ def test_a_session_update_that_rebuilds_the_stream_keeps_counting_the_sessions_a
     assert [a - b for a, b in zip(after, before)] == [4200, 4200], (before, after)
 
 
+def test_speech_stopped_counts_the_silence_that_ended_the_turn_and_the_turn_keeps_its_audio(
+        realtime_daemon: Daemon) -> None:
+    """audio_end_ms is where the speech ended plus silence_duration_ms, as OpenAI defines it; the
+    turn's audio (its usage seconds) still ends at the speech's end and its padding."""
+    from websockets.sync.client import connect
+
+    silence_ms, pad_ms = 700, audiotext.VAD_PARAMS["speech_pad_ms"]
+    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)[:int(4.2 * audiotext.SAMPLE_RATE)]
+    ((_, padded_end),) = audiotext.find_speech(audio, (("min_silence_duration_ms", silence_ms),))
+    speech_end_ms = padded_end * 1000 / audiotext.SAMPLE_RATE - pad_ms
+    first = as_pcm16(live_clip())[:int(4.2 * 24_000) * 2]  # the first sentence and its 1.5 s pause
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "transcription": {"model": LIVE_MODEL, "language": "en"},
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms}}}}}))
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(first).decode()}))
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] not in (COMPLETED, "error"):
+            events.append(json.loads(connection.recv(timeout=120)))
+    (started,) = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    (stopped,) = [e["audio_end_ms"] for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert events[-1]["type"] == COMPLETED, events
+    assert abs(stopped - (speech_end_ms + silence_ms)) <= 64, (stopped, speech_end_ms)
+    assert stopped <= 4200
+    turn_ms = events[-1]["usage"]["seconds"] * 1000
+    assert abs(turn_ms - (stopped - silence_ms + pad_ms - started)) <= 10, (turn_ms, started, stopped)
+    assert word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2, events[-1]
+
+
 def test_a_commit_while_the_daemons_vad_hears_speech_leaves_what_follows_a_turn_of_its_own(
         realtime_daemon: Daemon) -> None:
     """turn_detection server_vad and a commit in mid-sentence: the words after it are a second
