@@ -5197,12 +5197,16 @@ class LiveStream:
         return number
 
     def clear(self) -> int | None:
-        """Drop the open turn's audio; nothing is decoded of it. The dropped turn's number."""
+        """Drop the open turn's audio; nothing is decoded of it. The dropped turn's number. What
+        comes after is heard afresh: speech the VAD still hears is a turn from here, as after a
+        commit."""
         dropped = self._turn.number if self._turn is not None else None
         if self._turn is not None:
             self._turn.cleared = True
         self._turn = None
         self._tail = np.zeros(0, np.float32)
+        if self._vad is not None:
+            self._resume = self.position
         return dropped
 
     async def _decode_turns(self) -> None:

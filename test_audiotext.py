@@ -7845,6 +7845,41 @@ def test_a_commit_while_the_daemons_vad_hears_speech_leaves_what_follows_a_turn_
         assert word_error_rate(LIVE_SENTENCES[0], " ".join(texts.values())) <= 0.3, texts
 
 
+def test_a_clear_in_mid_speech_leaves_the_speech_after_it_a_turn_of_its_own(realtime_daemon: Daemon) -> None:
+    """turn_detection server_vad and a clear in mid-sentence: the words after it are heard afresh,
+    a turn of their own that the VAD ends, before the next sentence's."""
+    from websockets.sync.client import connect
+
+    clip = as_pcm16(live_clip())
+    cut, second_end = int(1.6 * 24_000) * 2, int(8.4 * 24_000) * 2  # "Good morning, and | welcome to the show."
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        def send(kind: str, **fields: Any) -> None:
+            connection.send(json.dumps({"type": kind, **fields}))
+
+        def until(kind: str, count: int = 1) -> list[dict[str, Any]]:
+            events: list[dict[str, Any]] = []
+            while [e["type"] for e in events].count(kind) < count:
+                events.append(json.loads(connection.recv(timeout=120)))
+                assert events[-1]["type"] != "error", events
+            return events
+
+        send("session.update", session={"audio": {"input": {"transcription": {"model": LIVE_MODEL, "language": "en"}}}})
+        send("input_audio_buffer.append", audio=base64.b64encode(clip[:cut]).decode())
+        (cleared_item,) = [e["item_id"] for e in until("input_audio_buffer.speech_started")
+                           if e["type"] == "input_audio_buffer.speech_started"]
+        send("input_audio_buffer.clear")
+        until("input_audio_buffer.cleared")
+        for piece in pieces(clip[cut:second_end], 4800):
+            send("input_audio_buffer.append", audio=base64.b64encode(piece).decode())
+        events = until(COMPLETED, 2)
+    texts = {e["item_id"]: e["transcript"] for e in events if e["type"] == COMPLETED}
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert len(committed) == 2 and list(texts) == committed and cleared_item not in texts, events
+    first, second = texts.values()
+    assert "show" in first.lower() and "morning" not in first.lower(), texts
+    assert word_error_rate(LIVE_SENTENCES[1], second) <= 0.2, texts
+
+
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
     """Its events pile up to the limit, its socket stays full, or it falls silent: each ends it,
     and the events waiting for it are dropped with the connection."""
