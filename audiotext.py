@@ -9757,6 +9757,20 @@ def user_audio_item(item: str, transcript: str | None) -> dict[str, Any]:
             "content": [{"type": "input_audio", "transcript": transcript}]}
 
 
+# Why a turn the client's doing dropped is `.failed`: every item the client has heard of ends in
+# `.completed` or `.failed`, as OpenAI's clients expect.
+DROPPED_TURN_MESSAGES = {
+    "input_audio_buffer_cleared": "the audio buffer was cleared before this turn was committed: its text so far "
+                                  "was dropped",
+    "session_updated": "the session's transcription settings changed before this turn's text was finished: it "
+                       "was dropped",
+}
+
+
+def dropped_turn_error(code: str) -> dict[str, Any]:
+    return {"type": "invalid_request_error", "code": code, "param": None, "message": DROPPED_TURN_MESSAGES[code]}
+
+
 class RealtimeSession:
     """One WebSocket client: its settings, its live stream, and the events it is sent.
 
@@ -9782,6 +9796,7 @@ class RealtimeSession:
         self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
         self._items: dict[int, str] = {}  # turn number -> item id
         self._told: set[int] = set()  # the turns whose item the client has heard of
+        self._spoken: set[int] = set()  # the open turns whose item had deltas: a clear owes them `.failed`
         self._added: dict[int, str | None] = {}  # committed turns not yet done -> the item before theirs
         self._last_item: str | None = None
         self.audio_seconds = 0.0
@@ -9872,9 +9887,10 @@ class RealtimeSession:
         elif kind == "input_audio_buffer.clear":
             assert self._stream is not None
             dropped = self._stream.clear()
-            if dropped is not None:
-                self._items.pop(dropped, None)
-                self._told.discard(dropped)
+            if dropped in self._spoken:  # deltas came for it: its item is owed an end
+                self._fail(dropped, dropped_turn_error("input_audio_buffer_cleared"))
+            elif dropped is not None:
+                self._forget(dropped)
             self.send({"type": "input_audio_buffer.cleared"})
         else:
             raise LiveSessionError("invalid_event", f"unknown event type {kind[:64]!r}: a transcription session "
@@ -9895,16 +9911,9 @@ class RealtimeSession:
                    "session": self._session_object()})
 
     def _drop_turns(self) -> None:
-        """The turns a replaced stream had not finished: each the client was told of is `.failed`, so
-        that every committed item ends in `.completed` or `.failed`, as OpenAI's clients expect."""
-        for turn, item in self._items.items():
-            if turn in self._told:
-                self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
-                           "content_index": 0, "error": {
-                               "type": "invalid_request_error", "code": "session_updated", "param": None,
-                               "message": "the session's transcription settings changed before this turn's "
-                                          "text was finished: it was dropped"}})
-                self._item_done(turn, item, None)
+        """The turns a replaced stream had not finished: each the client was told of is `.failed`."""
+        for turn in [turn for turn in self._items if turn in self._told]:
+            self._fail(turn, dropped_turn_error("session_updated"))
         self._items.clear()
         self._told.clear()
 
@@ -9957,18 +9966,14 @@ class RealtimeSession:
                        "previous_item_id": self._last_item, "item": user_audio_item(item, None)})
             self._last_item = item
         elif event.kind == "delta":
+            self._spoken.add(event.turn)
             self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item,
                        "content_index": 0, "delta": event.text})
         elif event.kind == "completed":
             self._completed(item, event)
         elif event.kind == "failed":
             assert event.error is not None
-            envelope = error_envelope(event.error)["error"]
-            self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
-                       "content_index": 0, "error": envelope})
-            self._item_done(event.turn, item, None)
-            self._items.pop(event.turn, None)
-            self._told.discard(event.turn)
+            self._fail(event.turn, error_envelope(event.error)["error"])
 
     def _completed(self, item: str, event: LiveEvent) -> None:
         transcript = event.transcript
@@ -9980,8 +9985,20 @@ class RealtimeSession:
             completed["logprobs"] = transcript.logprobs or []
         self.send(completed)
         self._item_done(event.turn, item, event.text)
-        self._items.pop(event.turn, None)
-        self._told.discard(event.turn)
+        self._forget(event.turn)
+
+    def _fail(self, turn: int, error: dict[str, Any]) -> None:
+        """The turn's item ends in `.failed` with `error` (OpenAI's error object), and is done."""
+        item = self._items.get(turn, "")
+        self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
+                   "content_index": 0, "error": error})
+        self._item_done(turn, item, None)
+        self._forget(turn)
+
+    def _forget(self, turn: int) -> None:
+        self._items.pop(turn, None)
+        self._told.discard(turn)
+        self._spoken.discard(turn)
 
     def _item_done(self, turn: int, item: str, transcript: str | None) -> None:
         """A committed turn's item is final, with its text, or with none when its transcription

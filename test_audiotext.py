@@ -7880,6 +7880,48 @@ def test_a_clear_in_mid_speech_leaves_the_speech_after_it_a_turn_of_its_own(real
     assert word_error_rate(LIVE_SENTENCES[1], second) <= 0.2, texts
 
 
+def test_a_cleared_turn_that_had_deltas_ends_in_failed(realtime_daemon: Daemon) -> None:
+    """turn_detection null: deltas come for the open turn before any commit; a clear then drops it,
+    and its item, which the client has seen, ends in `.failed` before `.cleared`. The session goes on."""
+    from openai.types.realtime import ConversationItemInputAudioTranscriptionFailedEvent
+    from websockets.sync.client import connect
+
+    clip = as_pcm16(live_clip())
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        def send(kind: str, **fields: Any) -> None:
+            connection.send(json.dumps({"type": kind, **fields}))
+
+        def until(kind: str) -> list[dict[str, Any]]:
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["type"] not in (kind, "error"):
+                events.append(json.loads(connection.recv(timeout=120)))
+            assert events[-1]["type"] == kind, events
+            return events
+
+        send("session.update", session={"audio": {"input": {"transcription": {"model": LIVE_MODEL, "language": "en"},
+                                                            "turn_detection": None}}})
+        until("session.updated")
+        seen: list[dict[str, Any]] = []
+        for piece in pieces(clip, 4800):  # in real time, uncommitted, until partial text has come
+            send("input_audio_buffer.append", audio=base64.b64encode(piece).decode())
+            with contextlib.suppress(TimeoutError):
+                seen.append(json.loads(connection.recv(timeout=0.1)))
+            if any(e["type"] in (DELTA, "error") for e in seen):
+                break
+        (item,) = {e["item_id"] for e in seen if e["type"] == DELTA} or {e["type"] for e in seen}
+        send("input_audio_buffer.clear")
+        events = until("input_audio_buffer.cleared")
+        ended = [e for e in events if e["type"] in (COMPLETED, "conversation.item.input_audio_transcription.failed")]
+        assert [e["item_id"] for e in ended] == [item], events
+        failed = ConversationItemInputAudioTranscriptionFailedEvent.model_validate(ended[0])
+        assert failed.error.code == "input_audio_buffer_cleared" and failed.error.message, failed
+        assert not [e for e in events if e["type"] == "conversation.item.done"]  # never committed, never added
+        send("input_audio_buffer.append", audio=base64.b64encode(clip[:int(3.0 * 24_000) * 2]).decode())
+        send("input_audio_buffer.commit")
+        events = until(COMPLETED)
+    assert events[-1]["item_id"] != item and word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2
+
+
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
     """Its events pile up to the limit, its socket stays full, or it falls silent: each ends it,
     and the events waiting for it are dropped with the connection."""
