@@ -8922,18 +8922,29 @@ def _parse_stream(form: Form, response_format: str) -> bool:
     return stream
 
 
-def _form_list(form: Form, name: str) -> list[str]:
-    """A list field as the SDKs send it (`name[]`, repeated), or under its bare name."""
-    return [v.strip() for v in form.fields.get(f"{name}[]", []) + form.fields.get(name, []) if v.strip()]
-
-
 _ASCII_SPACE = str.maketrans("", "", " \t\n\r\f\v")
 DATA_URL = re.compile(r"data:(?:audio|video|application)/[A-Za-z0-9.+-]+(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL)
 
 
+def _known_speaker_lists(form: Form) -> tuple[list[str], list[str]]:
+    """known_speaker_names[] and known_speaker_references[] (each repeated as `name[]`, as the SDKs
+    send them, or under its bare name): both empty or absent, or every entry of each given. An
+    empty entry is refused, not dropped: names and references pair by their order, so dropping one
+    would leave counts that do not match, or pair a name with another's reference."""
+    fields = ("known_speaker_names", "known_speaker_references")
+    names, references = ([v.strip() for v in form.fields.get(f"{f}[]", []) + form.fields.get(f, [])] for f in fields)
+    if not any(names) and not any(references):
+        return [], []
+    for field_name, values, what in zip(fields, (names, references), ("a name", "a reference")):
+        if "" in values:
+            raise InvalidRequest(f"{field_name}[] entry {values.index('') + 1} of {len(values)} is empty: give "
+                                 f"each known speaker {what}", param=f"{field_name}[]")
+    return names, references
+
+
 def _parse_references(form: Form) -> tuple[tuple[str, bytes], ...]:
     """known_speaker_names[] and known_speaker_references[] (data URLs), as OpenAI takes them."""
-    names, references = _form_list(form, "known_speaker_names"), _form_list(form, "known_speaker_references")
+    names, references = _known_speaker_lists(form)
     if len(names) != len(references):
         raise InvalidRequest(f"known_speaker_names[] has {len(names)} name(s) and known_speaker_references[] "
                              f"{len(references)}: give one reference per name", param="known_speaker_names[]")
