@@ -3068,15 +3068,6 @@ def require_diarization(models_dir: Path) -> Path:
     return path
 
 
-def diarization_description(models_dir: Path) -> str | None:
-    """What diarizes, as /healthz names it: "speakers-ge2e.npz (Resemblyzer 0.1.4)"; None: nothing can."""
-    try:
-        path = require_diarization(models_dir)
-    except DiarizationUnavailable:
-        return None
-    return f"{path.name} ({' '.join(SPEAKER_MODEL_PACKAGE)})"
-
-
 def read_torch_weights(data: bytes) -> dict[str, np.ndarray]:
     """The tensors of a state dict PyTorch saved in its legacy format, without PyTorch: the
     pickle may only name the few classes a state dict is made of."""
@@ -3185,10 +3176,10 @@ class SpeakerEncoder:
 
     @classmethod
     def load(cls, path: Path) -> SpeakerEncoder:
-        try:
-            with np.load(path) as archive:
+        try:  # opened here: np.load leaves the file it opened open when it is no zip
+            with open(path, "rb") as f, np.load(f) as archive:
                 return cls({name: archive[name].astype(np.float32) for name in archive.files})
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise ModelError(f"{path.name} is not a speaker model ({exc}); run `audiotext models "
                              "import-diarization` again") from exc
 
@@ -3221,6 +3212,28 @@ def _loaded_encoder(path: Path, mtime_ns: int) -> SpeakerEncoder:
 def speaker_encoder(path: Path) -> SpeakerEncoder:
     """The process's encoder for the file (about 6 MB of arrays, read-only once loaded: threads share it)."""
     return _loaded_encoder(path, path.stat().st_mtime_ns)
+
+
+def usable_speaker_model(models_dir: Path) -> Path:
+    """require_diarization, and the model's file loaded (once for each version of it), so that a
+    file that is not a speaker model refuses a request before its transcription, not after it:
+    DiarizationUnavailable, as for a missing one. It blocks: run it on a worker or a thread."""
+    path = require_diarization(models_dir)
+    try:
+        speaker_encoder(path)
+    except (ModelError, OSError) as exc:  # OSError: the file went between the look and the read
+        raise DiarizationUnavailable(str(exc)) from None
+    return path
+
+
+def diarization_description(models_dir: Path) -> str | None:
+    """What diarizes, as /healthz names it: "speakers-ge2e.npz (Resemblyzer 0.1.4)"; None: nothing
+    can (see usable_speaker_model; it blocks)."""
+    try:
+        path = usable_speaker_model(models_dir)
+    except DiarizationUnavailable:
+        return None
+    return f"{path.name} ({' '.join(SPEAKER_MODEL_PACKAGE)})"
 
 
 def speaker_windows(stretches: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -4507,7 +4520,7 @@ class Engine:
     def transcribe_file(self, path: Path, model_name: str | None, options: TranscribeOptions,
                         abort: threading.Event, *, on_progress: Progress | None = None,
                         on_segment: SegmentSink | None = None) -> Transcript:
-        speaker_model = require_diarization(self.models.models_dir) if options.speakers is not None else None
+        speaker_model = usable_speaker_model(self.models.models_dir) if options.speakers is not None else None
         # A reference that is no use is refused before the transcription, not after it.
         known = known_voiceprints(options.speakers, speaker_model) if speaker_model and options.speakers else None
         heard_progress = on_progress if speaker_model is None else progress_share(on_progress, 0.0, SPEECH_SHARE)
@@ -9348,12 +9361,14 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
 def probe_upload(state: AppState, parsed: TranscriptionRequest,
                  upload: UploadedFile) -> tuple[TranscriptionRequest, float | None]:
     """The request with its known speakers' voiceprints in place of their references, and the
-    upload's length, once its container opens and the references decode: refused here, before a
-    job is accepted or a stream begins. It blocks: run it on a thread."""
+    upload's length, once its container opens, the speaker model loads and the references decode:
+    refused here, before a job is accepted or a stream begins. It blocks: run it on a thread."""
     speakers = parsed.options.speakers
-    if speakers is not None and speakers.references:
-        speakers = with_voiceprints(speakers, require_diarization(state.models.models_dir))
-        parsed = dataclasses.replace(parsed, options=dataclasses.replace(parsed.options, speakers=speakers))
+    if speakers is not None:
+        speaker_model = usable_speaker_model(state.models.models_dir)
+        if speakers.references:
+            speakers = with_voiceprints(speakers, speaker_model)
+            parsed = dataclasses.replace(parsed, options=dataclasses.replace(parsed.options, speakers=speakers))
     return parsed, probe_audio(upload.path, max_seconds=state.settings.max_audio_seconds)
 
 
@@ -9507,7 +9522,7 @@ async def healthz(request: Request) -> Response:
                          "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
                          "vad": vad_description() if state.models.vad else None, "cpu_features": cpu_features(),
-                         "diarization": diarization_description(state.models.models_dir),
+                         "diarization": await asyncio.to_thread(diarization_description, state.models.models_dir),
                          "engine": engine_info()})
 
 

@@ -3123,6 +3123,34 @@ def test_known_speakers_are_named(diarizer: Daemon) -> None:
     assert job.json() == refused.json() and job.status_code == 400, job.text
 
 
+@pytest.mark.parametrize("content", [pytest.param(b"PK\x03\x04" + bytes(64), id="not_a_zip"),
+                                     pytest.param(b"", id="empty")])
+def test_a_speaker_model_that_does_not_load_refuses_diarization_before_transcribing(
+        make_client: Callable[..., TestClient], models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        content: bytes) -> None:
+    """A speakers-ge2e.npz that is not one (a copy cut short, a disk error): /healthz says no
+    diarization, and a request, stream or job that needs it gets the 400 a missing model gets,
+    saying why, before any transcription; other requests are served."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    for model in models_dir.glob("*.bin"):
+        (directory / model.name).symlink_to(model)
+    (directory / audiotext.SPEAKER_MODEL_FILE).write_bytes(content)
+    client = make_client(models_dir=directory)
+    caplog.set_level("INFO")
+    assert client.get("/healthz").json()["diarization"] is None
+    message = re.compile(r"^speakers-ge2e\.npz is not a speaker model \(.+\); run `audiotext models import-diarization` "
+                         r"again$")
+    for fields in ({"response_format": "diarized_json"}, {"response_format": "diarized_json", "stream": "true"},
+                   {"model": "gpt-4o-transcribe-diarize", "response_format": "verbose_json"}):
+        assert_error(post_clip(client, model=fields.pop("model", "cpu-tiny"), **fields), 400, message,
+                     param="response_format")
+    assert_error(post_clip(client, path=JOBS, model="cpu-tiny", response_format="diarized_json"), 400, message,
+                 param="response_format")
+    assert not [r for r in caplog.records if r.getMessage().startswith("transcribed model=")]
+    assert_heard(post_clip(client, model="cpu-tiny").json()["text"], EN_WORDS)
+
+
 def test_one_voice_is_one_speaker_and_silence_no_one(diarizer: Daemon) -> None:
     one = diarize(diarizer, "one_voice.webm", response_format="diarized_json")
     assert one.status_code == 200, one.text
