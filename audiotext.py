@@ -9822,7 +9822,7 @@ class RealtimeSession:
         self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
         self._items: dict[int, str] = {}  # turn number -> item id
         self._told: set[int] = set()  # the turns whose item the client has heard of
-        self._spoken: set[int] = set()  # the open turns whose item had deltas: a clear owes them `.failed`
+        self._spoken: set[int] = set()  # turns with deltas and no end yet: a clear that drops one owes it `.failed`
         self._added: dict[int, str | None] = {}  # committed turns not yet done -> the item before theirs
         self._last_item: str | None = None
         self.audio_seconds = 0.0

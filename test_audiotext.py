@@ -6050,10 +6050,10 @@ def test_wyoming_an_error_after_transcript_start_ends_the_stream_with_transcript
         reader = asyncio.ensure_future(read())
         await client.write_event(Transcribe(name="ggml-tiny.en", language="en").event())
         await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
-        for at in range(0, len(pcm), 3200):  # 0.1 s a chunk, until partial text has come
+        for at in range(0, len(pcm), 3200):  # 0.1 s a chunk until partial text has come
             await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[at:at + 3200]).event())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(chunked.wait(), 0.05)
+                await asyncio.wait_for(chunked.wait(), 0.1)  # in real time, as a satellite sends
             if chunked.is_set():
                 break
         assert chunked.is_set(), [event.type for event in received]
