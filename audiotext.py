@@ -3068,15 +3068,6 @@ def require_diarization(models_dir: Path) -> Path:
     return path
 
 
-def diarization_description(models_dir: Path) -> str | None:
-    """What diarizes, as /healthz names it: "speakers-ge2e.npz (Resemblyzer 0.1.4)"; None: nothing can."""
-    try:
-        path = require_diarization(models_dir)
-    except DiarizationUnavailable:
-        return None
-    return f"{path.name} ({' '.join(SPEAKER_MODEL_PACKAGE)})"
-
-
 def read_torch_weights(data: bytes) -> dict[str, np.ndarray]:
     """The tensors of a state dict PyTorch saved in its legacy format, without PyTorch: the
     pickle may only name the few classes a state dict is made of."""
@@ -3185,10 +3176,10 @@ class SpeakerEncoder:
 
     @classmethod
     def load(cls, path: Path) -> SpeakerEncoder:
-        try:
-            with np.load(path) as archive:
+        try:  # opened here: np.load leaves the file it opened open when it is no zip
+            with open(path, "rb") as f, np.load(f) as archive:
                 return cls({name: archive[name].astype(np.float32) for name in archive.files})
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise ModelError(f"{path.name} is not a speaker model ({exc}); run `audiotext models "
                              "import-diarization` again") from exc
 
@@ -3221,6 +3212,28 @@ def _loaded_encoder(path: Path, mtime_ns: int) -> SpeakerEncoder:
 def speaker_encoder(path: Path) -> SpeakerEncoder:
     """The process's encoder for the file (about 6 MB of arrays, read-only once loaded: threads share it)."""
     return _loaded_encoder(path, path.stat().st_mtime_ns)
+
+
+def usable_speaker_model(models_dir: Path) -> Path:
+    """require_diarization, and the model's file loaded (once for each version of it), so that a
+    file that is not a speaker model refuses a request before its transcription, not after it:
+    DiarizationUnavailable, as for a missing one. It blocks: run it on a worker or a thread."""
+    path = require_diarization(models_dir)
+    try:
+        speaker_encoder(path)
+    except (ModelError, OSError) as exc:  # OSError: the file went between the look and the read
+        raise DiarizationUnavailable(str(exc)) from None
+    return path
+
+
+def diarization_description(models_dir: Path) -> str | None:
+    """What diarizes, as /healthz names it: "speakers-ge2e.npz (Resemblyzer 0.1.4)"; None: nothing
+    can (see usable_speaker_model; it blocks)."""
+    try:
+        path = usable_speaker_model(models_dir)
+    except DiarizationUnavailable:
+        return None
+    return f"{path.name} ({' '.join(SPEAKER_MODEL_PACKAGE)})"
 
 
 def speaker_windows(stretches: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -4507,7 +4520,7 @@ class Engine:
     def transcribe_file(self, path: Path, model_name: str | None, options: TranscribeOptions,
                         abort: threading.Event, *, on_progress: Progress | None = None,
                         on_segment: SegmentSink | None = None) -> Transcript:
-        speaker_model = require_diarization(self.models.models_dir) if options.speakers is not None else None
+        speaker_model = usable_speaker_model(self.models.models_dir) if options.speakers is not None else None
         # A reference that is no use is refused before the transcription, not after it.
         known = known_voiceprints(options.speakers, speaker_model) if speaker_model and options.speakers else None
         heard_progress = on_progress if speaker_model is None else progress_share(on_progress, 0.0, SPEECH_SHARE)
@@ -4969,7 +4982,11 @@ def reconciled_text(sent: str, final: str) -> str:
 @dataclass(frozen=True)
 class LiveEvent:
     """What a live stream made known: a turn "started" or "stopped" (`at`, samples since the
-    stream began), a "delta" of its text, its "completed" transcript, or that it "failed"."""
+    stream began), a "delta" of its text, its "completed" transcript, or that it "failed".
+
+    A turn the VAD ends "stopped" where the pause that ended it had lasted long enough, as OpenAI
+    counts audio_end_ms (its silence_duration_ms after the speech); its audio ends sooner, at its
+    end padding, and the next turn begins no sooner than that stop."""
 
     kind: str
     turn: int
@@ -5082,6 +5099,7 @@ class LiveStream:
         self._emit = emit
         self._vad = vad
         self._end_pad = self._vad.tracker.params.pad if self._vad is not None else 0
+        self._end_silence = self._vad.tracker.params.min_silence if self._vad is not None else 0
         self._prefix = int(prefix_padding_ms * SAMPLE_RATE / 1000)
         self._partial_samples = int(partial_seconds * SAMPLE_RATE)
         self._max_turn_samples = int(max_turn_seconds * SAMPLE_RATE)
@@ -5091,6 +5109,7 @@ class LiveStream:
         self._origin = origin
         self.position = origin
         self._turn: LiveTurn | None = None
+        self._stopped = origin  # where the last turn was told to stop: the next begins no sooner
         self._closed: list[LiveTurn] = []  # waiting for their final decode
         self._max_pending = LIVE_PENDING_TURNS * self._max_turn_samples
         self._turns = itertools.count(1)
@@ -5147,7 +5166,7 @@ class LiveStream:
             elif event.kind == "end" and self._turn is not None:
                 end = min(at + self._end_pad, self.position)
                 self._tail = self._turn.trim(max(0, end - self._turn.start))
-                await self._close_turn(at)
+                await self._close_turn(min(max(at + self._end_silence, end), self.position))
             elif event.kind == "end":
                 self._resume = None
         if self._resume is not None and self._turn is None and self._vad is not None and self._vad.tracker.hearing:
@@ -5162,7 +5181,7 @@ class LiveStream:
     async def _open(self, at: int) -> None:
         """A turn from `at`: what the tail holds of it is laid in first."""
         tail_start = self.position - self._tail.size
-        turn = LiveTurn(next(self._turns), start=max(at, tail_start))
+        turn = LiveTurn(next(self._turns), start=max(at, tail_start, self._stopped))
         turn.add(self._tail[turn.start - tail_start:])
         self._tail = np.zeros(0, np.float32)
         self._turn, self._resume = turn, None
@@ -5171,6 +5190,7 @@ class LiveStream:
     async def _close_turn(self, at: int) -> None:
         turn, self._turn = self._turn, None
         assert turn is not None
+        self._stopped = max(self._stopped, at)
         self._closed.append(turn)
         await self._emit(LiveEvent("stopped", turn.number, at=at))
 
@@ -5190,12 +5210,16 @@ class LiveStream:
         return number
 
     def clear(self) -> int | None:
-        """Drop the open turn's audio; nothing is decoded of it. The dropped turn's number."""
+        """Drop the open turn's audio; nothing is decoded of it. The dropped turn's number. What
+        comes after is heard afresh: speech the VAD still hears is a turn from here, as after a
+        commit."""
         dropped = self._turn.number if self._turn is not None else None
         if self._turn is not None:
             self._turn.cleared = True
         self._turn = None
         self._tail = np.zeros(0, np.float32)
+        if self._vad is not None:
+            self._resume = self.position
         return dropped
 
     async def _decode_turns(self) -> None:
@@ -7735,11 +7759,18 @@ class WyomingSession:
             raise ConnectionResetError("the client stopped reading") from None
 
     async def send_error(self, code: str, message: str) -> None:
+        """The error event; once transcript-start is out, a transcript-stop after it, so that a
+        streaming client sees its stream end (the protocol frames one with start and stop)."""
+        from wyoming.asr import TranscriptStop
         from wyoming.error import Error
 
         logger.info("wyoming %s error %s: %s", self.peer, code, message)
+        if self._live is not None:
+            await self._live.close()  # no partial text may come after the error
         with contextlib.suppress(Exception):  # the client may be gone already
             await self._write(Error(text=message, code=code).event())
+            if self._started:
+                await self._write(TranscriptStop().event())
 
 
 # After an error event, what the client had already sent is read and dropped for a moment before
@@ -8904,18 +8935,29 @@ def _parse_stream(form: Form, response_format: str) -> bool:
     return stream
 
 
-def _form_list(form: Form, name: str) -> list[str]:
-    """A list field as the SDKs send it (`name[]`, repeated), or under its bare name."""
-    return [v.strip() for v in form.fields.get(f"{name}[]", []) + form.fields.get(name, []) if v.strip()]
-
-
 _ASCII_SPACE = str.maketrans("", "", " \t\n\r\f\v")
 DATA_URL = re.compile(r"data:(?:audio|video|application)/[A-Za-z0-9.+-]+(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL)
 
 
+def _known_speaker_lists(form: Form) -> tuple[list[str], list[str]]:
+    """known_speaker_names[] and known_speaker_references[] (each repeated as `name[]`, as the SDKs
+    send them, or under its bare name): both empty or absent, or every entry of each given. An
+    empty entry is refused, not dropped: names and references pair by their order, so dropping one
+    would leave counts that do not match, or pair a name with another's reference."""
+    fields = ("known_speaker_names", "known_speaker_references")
+    names, references = ([v.strip() for v in form.fields.get(f"{f}[]", []) + form.fields.get(f, [])] for f in fields)
+    if not any(names) and not any(references):
+        return [], []
+    for field_name, values, what in zip(fields, (names, references), ("a name", "a reference")):
+        if "" in values:
+            raise InvalidRequest(f"{field_name}[] entry {values.index('') + 1} of {len(values)} is empty: give "
+                                 f"each known speaker {what}", param=f"{field_name}[]")
+    return names, references
+
+
 def _parse_references(form: Form) -> tuple[tuple[str, bytes], ...]:
     """known_speaker_names[] and known_speaker_references[] (data URLs), as OpenAI takes them."""
-    names, references = _form_list(form, "known_speaker_names"), _form_list(form, "known_speaker_references")
+    names, references = _known_speaker_lists(form)
     if len(names) != len(references):
         raise InvalidRequest(f"known_speaker_names[] has {len(names)} name(s) and known_speaker_references[] "
                              f"{len(references)}: give one reference per name", param="known_speaker_names[]")
@@ -9319,12 +9361,14 @@ def validate_upload(state: AppState, form: Form, *, translate: bool) -> tuple[Tr
 def probe_upload(state: AppState, parsed: TranscriptionRequest,
                  upload: UploadedFile) -> tuple[TranscriptionRequest, float | None]:
     """The request with its known speakers' voiceprints in place of their references, and the
-    upload's length, once its container opens and the references decode: refused here, before a
-    job is accepted or a stream begins. It blocks: run it on a thread."""
+    upload's length, once its container opens, the speaker model loads and the references decode:
+    refused here, before a job is accepted or a stream begins. It blocks: run it on a thread."""
     speakers = parsed.options.speakers
-    if speakers is not None and speakers.references:
-        speakers = with_voiceprints(speakers, require_diarization(state.models.models_dir))
-        parsed = dataclasses.replace(parsed, options=dataclasses.replace(parsed.options, speakers=speakers))
+    if speakers is not None:
+        speaker_model = usable_speaker_model(state.models.models_dir)
+        if speakers.references:
+            speakers = with_voiceprints(speakers, speaker_model)
+            parsed = dataclasses.replace(parsed, options=dataclasses.replace(parsed.options, speakers=speakers))
     return parsed, probe_audio(upload.path, max_seconds=state.settings.max_audio_seconds)
 
 
@@ -9478,7 +9522,7 @@ async def healthz(request: Request) -> Response:
                          "model_memory_budget_mb": state.models.memory_budget // MiB,
                          "queue_depth": state.scheduler.depth(), "busy_workers": len(state.scheduler.running),
                          "vad": vad_description() if state.models.vad else None, "cpu_features": cpu_features(),
-                         "diarization": diarization_description(state.models.models_dir),
+                         "diarization": await asyncio.to_thread(diarization_description, state.models.models_dir),
                          "engine": engine_info()})
 
 
@@ -9739,6 +9783,20 @@ def user_audio_item(item: str, transcript: str | None) -> dict[str, Any]:
             "content": [{"type": "input_audio", "transcript": transcript}]}
 
 
+# Why a turn the client's doing dropped is `.failed`: every item the client has heard of ends in
+# `.completed` or `.failed`, as OpenAI's clients expect.
+DROPPED_TURN_MESSAGES = {
+    "input_audio_buffer_cleared": "the audio buffer was cleared before this turn was committed: its text so far "
+                                  "was dropped",
+    "session_updated": "the session's transcription settings changed before this turn's text was finished: it "
+                       "was dropped",
+}
+
+
+def dropped_turn_error(code: str) -> dict[str, Any]:
+    return {"type": "invalid_request_error", "code": code, "param": None, "message": DROPPED_TURN_MESSAGES[code]}
+
+
 class RealtimeSession:
     """One WebSocket client: its settings, its live stream, and the events it is sent.
 
@@ -9764,6 +9822,7 @@ class RealtimeSession:
         self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
         self._items: dict[int, str] = {}  # turn number -> item id
         self._told: set[int] = set()  # the turns whose item the client has heard of
+        self._spoken: set[int] = set()  # turns with deltas and no end yet: a clear that drops one owes it `.failed`
         self._added: dict[int, str | None] = {}  # committed turns not yet done -> the item before theirs
         self._last_item: str | None = None
         self.audio_seconds = 0.0
@@ -9854,9 +9913,10 @@ class RealtimeSession:
         elif kind == "input_audio_buffer.clear":
             assert self._stream is not None
             dropped = self._stream.clear()
-            if dropped is not None:
-                self._items.pop(dropped, None)
-                self._told.discard(dropped)
+            if dropped in self._spoken:  # deltas came for it: its item is owed an end
+                self._fail(dropped, dropped_turn_error("input_audio_buffer_cleared"))
+            elif dropped is not None:
+                self._forget(dropped)
             self.send({"type": "input_audio_buffer.cleared"})
         else:
             raise LiveSessionError("invalid_event", f"unknown event type {kind[:64]!r}: a transcription session "
@@ -9877,16 +9937,9 @@ class RealtimeSession:
                    "session": self._session_object()})
 
     def _drop_turns(self) -> None:
-        """The turns a replaced stream had not finished: each the client was told of is `.failed`, so
-        that every committed item ends in `.completed` or `.failed`, as OpenAI's clients expect."""
-        for turn, item in self._items.items():
-            if turn in self._told:
-                self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
-                           "content_index": 0, "error": {
-                               "type": "invalid_request_error", "code": "session_updated", "param": None,
-                               "message": "the session's transcription settings changed before this turn's "
-                                          "text was finished: it was dropped"}})
-                self._item_done(turn, item, None)
+        """The turns a replaced stream had not finished: each the client was told of is `.failed`."""
+        for turn in [turn for turn in self._items if turn in self._told]:
+            self._fail(turn, dropped_turn_error("session_updated"))
         self._items.clear()
         self._told.clear()
 
@@ -9939,18 +9992,14 @@ class RealtimeSession:
                        "previous_item_id": self._last_item, "item": user_audio_item(item, None)})
             self._last_item = item
         elif event.kind == "delta":
+            self._spoken.add(event.turn)
             self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item,
                        "content_index": 0, "delta": event.text})
         elif event.kind == "completed":
             self._completed(item, event)
         elif event.kind == "failed":
             assert event.error is not None
-            envelope = error_envelope(event.error)["error"]
-            self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
-                       "content_index": 0, "error": envelope})
-            self._item_done(event.turn, item, None)
-            self._items.pop(event.turn, None)
-            self._told.discard(event.turn)
+            self._fail(event.turn, error_envelope(event.error)["error"])
 
     def _completed(self, item: str, event: LiveEvent) -> None:
         transcript = event.transcript
@@ -9962,8 +10011,20 @@ class RealtimeSession:
             completed["logprobs"] = transcript.logprobs or []
         self.send(completed)
         self._item_done(event.turn, item, event.text)
-        self._items.pop(event.turn, None)
-        self._told.discard(event.turn)
+        self._forget(event.turn)
+
+    def _fail(self, turn: int, error: dict[str, Any]) -> None:
+        """The turn's item ends in `.failed` with `error` (OpenAI's error object), and is done."""
+        item = self._items.get(turn, "")
+        self.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": item,
+                   "content_index": 0, "error": error})
+        self._item_done(turn, item, None)
+        self._forget(turn)
+
+    def _forget(self, turn: int) -> None:
+        self._items.pop(turn, None)
+        self._told.discard(turn)
+        self._spoken.discard(turn)
 
     def _item_done(self, turn: int, item: str, transcript: str | None) -> None:
         """A committed turn's item is final, with its text, or with none when its transcription

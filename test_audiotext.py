@@ -3123,6 +3123,34 @@ def test_known_speakers_are_named(diarizer: Daemon) -> None:
     assert job.json() == refused.json() and job.status_code == 400, job.text
 
 
+@pytest.mark.parametrize("content", [pytest.param(b"PK\x03\x04" + bytes(64), id="not_a_zip"),
+                                     pytest.param(b"", id="empty")])
+def test_a_speaker_model_that_does_not_load_refuses_diarization_before_transcribing(
+        make_client: Callable[..., TestClient], models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        content: bytes) -> None:
+    """A speakers-ge2e.npz that is not one (a copy cut short, a disk error): /healthz says no
+    diarization, and a request, stream or job that needs it gets the 400 a missing model gets,
+    saying why, before any transcription; other requests are served."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    for model in models_dir.glob("*.bin"):
+        (directory / model.name).symlink_to(model)
+    (directory / audiotext.SPEAKER_MODEL_FILE).write_bytes(content)
+    client = make_client(models_dir=directory)
+    caplog.set_level("INFO")
+    assert client.get("/healthz").json()["diarization"] is None
+    message = re.compile(r"^speakers-ge2e\.npz is not a speaker model \(.+\); run `audiotext models import-diarization` "
+                         r"again$")
+    for fields in ({"response_format": "diarized_json"}, {"response_format": "diarized_json", "stream": "true"},
+                   {"model": "gpt-4o-transcribe-diarize", "response_format": "verbose_json"}):
+        assert_error(post_clip(client, model=fields.pop("model", "cpu-tiny"), **fields), 400, message,
+                     param="response_format")
+    assert_error(post_clip(client, path=JOBS, model="cpu-tiny", response_format="diarized_json"), 400, message,
+                 param="response_format")
+    assert not [r for r in caplog.records if r.getMessage().startswith("transcribed model=")]
+    assert_heard(post_clip(client, model="cpu-tiny").json()["text"], EN_WORDS)
+
+
 def test_one_voice_is_one_speaker_and_silence_no_one(diarizer: Daemon) -> None:
     one = diarize(diarizer, "one_voice.webm", response_format="diarized_json")
     assert one.status_code == 200, one.text
@@ -5996,6 +6024,49 @@ def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: 
     assert word_error_rate(" ".join(LIVE_SENTENCES), transcript) <= 0.2, transcript
 
 
+def test_wyoming_an_error_after_transcript_start_ends_the_stream_with_transcript_stop(
+        wyoming_daemon: tuple[Daemon, int]) -> None:
+    """A streaming client waits for transcript-stop once transcript-start came: an error later in
+    the session comes before it, and no chunk comes after the error."""
+    from wyoming.asr import Transcribe
+    from wyoming.audio import AudioChunk, AudioStart
+    from wyoming.client import AsyncTcpClient
+
+    _, port = wyoming_daemon
+    pcm = pcm_of("live_en.webm")
+
+    async def talk() -> list[Any]:
+        client = AsyncTcpClient("127.0.0.1", port)
+        await client.connect()
+        received: list[Any] = []
+        chunked = asyncio.Event()
+
+        async def read() -> None:
+            while (event := await client.read_event()) is not None:
+                received.append(event)
+                if event.type == "transcript-chunk":
+                    chunked.set()
+
+        reader = asyncio.ensure_future(read())
+        await client.write_event(Transcribe(name="ggml-tiny.en", language="en").event())
+        await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+        for at in range(0, len(pcm), 3200):  # 0.1 s a chunk until partial text has come
+            await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[at:at + 3200]).event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(chunked.wait(), 0.1)  # in real time, as a satellite sends
+            if chunked.is_set():
+                break
+        assert chunked.is_set(), [event.type for event in received]
+        await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=b"\0\0\0").event())
+        await asyncio.wait_for(reader, 120)
+        await client.disconnect()
+        return received
+
+    types = [event.type for event in asyncio.run(talk())]
+    assert types[0] == "transcript-start" and types[-2:] == ["error", "transcript-stop"], types
+    assert set(types[1:-2]) == {"transcript-chunk"} and "transcript" not in types, types
+
+
 def test_a_voice_command_goes_ahead_of_queued_jobs(wyoming_daemon: tuple[Daemon, int]) -> None:
     daemon, port = wyoming_daemon
     with httpx.Client(base_url=daemon.url, timeout=60) as client:
@@ -6593,6 +6664,13 @@ def test_bad_diarization_fields_are_400s_naming_them(make_client: Callable[..., 
         ({**diarized, "known_speaker_names[]": ["Ann", "Bob"], "known_speaker_references[]": [reference]},
          "known_speaker_names[] has 2 name(s) and known_speaker_references[] 1: give one reference per name",
          "known_speaker_names[]"),
+        ({**diarized, "known_speaker_names[]": [""], "known_speaker_references[]": [reference]},
+         "known_speaker_names[] entry 1 of 1 is empty: give each known speaker a name", "known_speaker_names[]"),
+        ({**diarized, "known_speaker_names[]": ["Ann", " "], "known_speaker_references[]": [reference] * 2},
+         "known_speaker_names[] entry 2 of 2 is empty: give each known speaker a name", "known_speaker_names[]"),
+        ({**diarized, "known_speaker_names[]": ["Ann", "Bob"], "known_speaker_references[]": ["", reference]},
+         "known_speaker_references[] entry 1 of 2 is empty: give each known speaker a reference",
+         "known_speaker_references[]"),
         ({**diarized, "known_speaker_names[]": list("ABCDE"), "known_speaker_references[]": [reference] * 5},
          "form has more than 4 'known_speaker_references[]' fields", "known_speaker_references[]"),
         ({**diarized, "known_speaker_names[]": ["Ann"], "known_speaker_references[]": ["https://example.com/a.wav"]},
@@ -7743,6 +7821,35 @@ def test_a_session_update_that_rebuilds_the_stream_keeps_counting_the_sessions_a
     assert [a - b for a, b in zip(after, before)] == [4200, 4200], (before, after)
 
 
+def test_speech_stopped_counts_the_silence_that_ended_the_turn_and_the_turn_keeps_its_audio(
+        realtime_daemon: Daemon) -> None:
+    """audio_end_ms is where the speech ended plus silence_duration_ms, as OpenAI defines it; the
+    turn's audio (its usage seconds) still ends at the speech's end and its padding."""
+    from websockets.sync.client import connect
+
+    silence_ms, pad_ms = 700, audiotext.VAD_PARAMS["speech_pad_ms"]
+    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)[:int(4.2 * audiotext.SAMPLE_RATE)]
+    ((_, padded_end),) = audiotext.find_speech(audio, (("min_silence_duration_ms", silence_ms),))
+    speech_end_ms = padded_end * 1000 / audiotext.SAMPLE_RATE - pad_ms
+    first = as_pcm16(live_clip())[:int(4.2 * 24_000) * 2]  # the first sentence and its 1.5 s pause
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "transcription": {"model": LIVE_MODEL, "language": "en"},
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms}}}}}))
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(first).decode()}))
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] not in (COMPLETED, "error"):
+            events.append(json.loads(connection.recv(timeout=120)))
+    (started,) = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    (stopped,) = [e["audio_end_ms"] for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert events[-1]["type"] == COMPLETED, events
+    assert abs(stopped - (speech_end_ms + silence_ms)) <= 64, (stopped, speech_end_ms)
+    assert stopped <= 4200
+    turn_ms = events[-1]["usage"]["seconds"] * 1000
+    assert abs(turn_ms - (stopped - silence_ms + pad_ms - started)) <= 10, (turn_ms, started, stopped)
+    assert word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2, events[-1]
+
+
 def test_a_commit_while_the_daemons_vad_hears_speech_leaves_what_follows_a_turn_of_its_own(
         realtime_daemon: Daemon) -> None:
     """turn_detection server_vad and a commit in mid-sentence: the words after it are a second
@@ -7771,6 +7878,83 @@ def test_a_commit_while_the_daemons_vad_hears_speech_leaves_what_follows_a_turn_
         assert len(committed) == 2 and list(texts) == committed, events
         assert "show" in texts[committed[1]].lower(), texts
         assert word_error_rate(LIVE_SENTENCES[0], " ".join(texts.values())) <= 0.3, texts
+
+
+def test_a_clear_in_mid_speech_leaves_the_speech_after_it_a_turn_of_its_own(realtime_daemon: Daemon) -> None:
+    """turn_detection server_vad and a clear in mid-sentence: the words after it are heard afresh,
+    a turn of their own that the VAD ends, before the next sentence's."""
+    from websockets.sync.client import connect
+
+    clip = as_pcm16(live_clip())
+    cut, second_end = int(1.6 * 24_000) * 2, int(8.4 * 24_000) * 2  # "Good morning, and | welcome to the show."
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        def send(kind: str, **fields: Any) -> None:
+            connection.send(json.dumps({"type": kind, **fields}))
+
+        def until(kind: str, count: int = 1) -> list[dict[str, Any]]:
+            events: list[dict[str, Any]] = []
+            while [e["type"] for e in events].count(kind) < count:
+                events.append(json.loads(connection.recv(timeout=120)))
+                assert events[-1]["type"] != "error", events
+            return events
+
+        send("session.update", session={"audio": {"input": {"transcription": {"model": LIVE_MODEL, "language": "en"}}}})
+        send("input_audio_buffer.append", audio=base64.b64encode(clip[:cut]).decode())
+        (cleared_item,) = [e["item_id"] for e in until("input_audio_buffer.speech_started")
+                           if e["type"] == "input_audio_buffer.speech_started"]
+        send("input_audio_buffer.clear")
+        until("input_audio_buffer.cleared")
+        for piece in pieces(clip[cut:second_end], 4800):
+            send("input_audio_buffer.append", audio=base64.b64encode(piece).decode())
+        events = until(COMPLETED, 2)
+    texts = {e["item_id"]: e["transcript"] for e in events if e["type"] == COMPLETED}
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert len(committed) == 2 and list(texts) == committed and cleared_item not in texts, events
+    first, second = texts.values()
+    assert "show" in first.lower() and "morning" not in first.lower(), texts
+    assert word_error_rate(LIVE_SENTENCES[1], second) <= 0.2, texts
+
+
+def test_a_cleared_turn_that_had_deltas_ends_in_failed(realtime_daemon: Daemon) -> None:
+    """turn_detection null: deltas come for the open turn before any commit; a clear then drops it,
+    and its item, which the client has seen, ends in `.failed` before `.cleared`. The session goes on."""
+    from openai.types.realtime import ConversationItemInputAudioTranscriptionFailedEvent
+    from websockets.sync.client import connect
+
+    clip = as_pcm16(live_clip())
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        def send(kind: str, **fields: Any) -> None:
+            connection.send(json.dumps({"type": kind, **fields}))
+
+        def until(kind: str) -> list[dict[str, Any]]:
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["type"] not in (kind, "error"):
+                events.append(json.loads(connection.recv(timeout=120)))
+            assert events[-1]["type"] == kind, events
+            return events
+
+        send("session.update", session={"audio": {"input": {"transcription": {"model": LIVE_MODEL, "language": "en"},
+                                                            "turn_detection": None}}})
+        until("session.updated")
+        seen: list[dict[str, Any]] = []
+        for piece in pieces(clip, 4800):  # in real time, uncommitted, until partial text has come
+            send("input_audio_buffer.append", audio=base64.b64encode(piece).decode())
+            with contextlib.suppress(TimeoutError):
+                seen.append(json.loads(connection.recv(timeout=0.1)))
+            if any(e["type"] in (DELTA, "error") for e in seen):
+                break
+        (item,) = {e["item_id"] for e in seen if e["type"] == DELTA} or {e["type"] for e in seen}
+        send("input_audio_buffer.clear")
+        events = until("input_audio_buffer.cleared")
+        ended = [e for e in events if e["type"] in (COMPLETED, "conversation.item.input_audio_transcription.failed")]
+        assert [e["item_id"] for e in ended] == [item], events
+        failed = ConversationItemInputAudioTranscriptionFailedEvent.model_validate(ended[0])
+        assert failed.error.code == "input_audio_buffer_cleared" and failed.error.message, failed
+        assert not [e for e in events if e["type"] == "conversation.item.done"]  # never committed, never added
+        send("input_audio_buffer.append", audio=base64.b64encode(clip[:int(3.0 * 24_000) * 2]).decode())
+        send("input_audio_buffer.commit")
+        events = until(COMPLETED)
+    assert events[-1]["item_id"] != item and word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2
 
 
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
