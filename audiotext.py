@@ -10677,6 +10677,19 @@ ENGINE_WORD_BUDGET = 0.02
 PIP_TAIL_LINES = 20  # of pip's output, quoted when it fails; the whole of it is in the log
 
 
+# What PyPI's wheel leaves unused on CPUs that have it, by /proc/cpuinfo's flag.
+WHEEL_UNUSED_FEATURES = {"avx512f": "AVX-512", "amx_int8": "AMX"}
+
+
+def engine_build_hint(cpu_flags: set[str]) -> str:
+    """What `audiotext check` says beside PyPI's wheel: what a build for this CPU would add."""
+    unused = [name for flag, name in WHEEL_UNUSED_FEATURES.items() if flag in cpu_flags]
+    if not unused:
+        return " (`audiotext engine build` may make a faster one for this CPU)"
+    return (f" (this CPU has {' and '.join(unused)}, which it leaves unused: "
+            "`audiotext engine build` may make a faster one)")
+
+
 class PipRunner(Protocol):
     def __call__(self, args: list[str], *, log: Path, failure: str, env: Mapping[str, str] | None = None) -> None: ...
 
@@ -11168,7 +11181,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok  CPU features ggml uses: {', '.join(cpu_features())}")
     engine = engine_info()
     print(f"ok  engine: {engine['package']}, {engine['build']}" + (
-        " (`audiotext engine build` may make a faster one for this CPU)" if engine["build"] == "pypi-wheel" else ""))
+        engine_build_hint(cpu_description()[1]) if engine["build"] == "pypi-wheel" else ""))
     if settings.wyoming_port is not None:
         check_wyoming_service(settings, store)
         bind_wyoming(settings).close()  # type: ignore[union-attr]
