@@ -3179,7 +3179,8 @@ class SpeakerEncoder:
         try:  # opened here: np.load leaves the file it opened open when it is no zip
             with open(path, "rb") as f, np.load(f) as archive:
                 return cls({name: archive[name].astype(np.float32) for name in archive.files})
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        # TypeError: one array (.npy) rather than an archive, or one of records rather than numbers
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise ModelError(f"{path.name} is not a speaker model ({exc}); run `audiotext models "
                              "import-diarization` again") from exc
 

@@ -3123,8 +3123,18 @@ def test_known_speakers_are_named(diarizer: Daemon) -> None:
     assert job.json() == refused.json() and job.status_code == 400, job.text
 
 
-@pytest.mark.parametrize("content", [pytest.param(b"PK\x03\x04" + bytes(64), id="not_a_zip"),
-                                     pytest.param(b"", id="empty")])
+def numpy_file(save: Callable[..., None], *args: Any, **arrays: Any) -> bytes:
+    """What np.save or np.savez writes, as bytes."""
+    buffer = io.BytesIO()
+    save(buffer, *args, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(b"PK\x03\x04" + bytes(64), id="not_a_zip"), pytest.param(b"", id="empty"),
+    pytest.param(numpy_file(np.save, np.zeros(3, np.float32)), id="one_array_not_an_archive"),
+    pytest.param(numpy_file(np.savez, **{"linear.bias": np.zeros(2, [("a", "<i4"), ("b", "<i4")])}),
+                 id="records_not_numbers")])
 def test_a_speaker_model_that_does_not_load_refuses_diarization_before_transcribing(
         make_client: Callable[..., TestClient], models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         content: bytes) -> None:
