@@ -3173,6 +3173,12 @@ class SpeakerEncoder:
                         np.ascontiguousarray(weights[f"lstm.weight_hh_l{n}"].T),
                         weights[f"lstm.bias_ih_l{n}"] + weights[f"lstm.bias_hh_l{n}"]) for n in range(SPEAKER_LAYERS)]
         self.projection = (np.ascontiguousarray(weights["linear.weight"].T), weights["linear.bias"])
+        gates = 4 * SPEAKER_WIDTH
+        wanted = [((SPEAKER_MELS if n == 0 else SPEAKER_WIDTH, gates), (SPEAKER_WIDTH, gates), (gates,))
+                  for n in range(SPEAKER_LAYERS)] + [((SPEAKER_WIDTH, SPEAKER_WIDTH), (SPEAKER_WIDTH,))]
+        shapes = [tuple(array.shape for array in arrays) for arrays in [*self.layers, self.projection]]
+        if shapes != wanted:  # another network's arrays under these names would fail only as they run
+            raise ValueError(f"its arrays are shaped {shapes}, not as GE2E's {wanted}")
 
     @classmethod
     def load(cls, path: Path) -> SpeakerEncoder:

@@ -3134,7 +3134,10 @@ def numpy_file(save: Callable[..., None], *args: Any, **arrays: Any) -> bytes:
     pytest.param(b"PK\x03\x04" + bytes(64), id="not_a_zip"), pytest.param(b"", id="empty"),
     pytest.param(numpy_file(np.save, np.zeros(3, np.float32)), id="one_array_not_an_archive"),
     pytest.param(numpy_file(np.savez, **{"linear.bias": np.zeros(2, [("a", "<i4"), ("b", "<i4")])}),
-                 id="records_not_numbers")])
+                 id="records_not_numbers"),
+    pytest.param(numpy_file(np.savez, **{name: np.zeros(2, np.float32) for name in (
+        *(f"lstm.{kind}_l{n}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for n in range(3)),
+        "linear.weight", "linear.bias")}), id="other_shapes")])
 def test_a_speaker_model_that_does_not_load_refuses_diarization_before_transcribing(
         make_client: Callable[..., TestClient], models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         content: bytes) -> None:
