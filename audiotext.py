@@ -10790,10 +10790,13 @@ def engine_build_env(version: str, cpu_flags: set[str]) -> dict[str, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # The version as installed: built inside a git checkout, pywhispercpp would add +git<commit>.
     env = {**os.environ, **ENGINE_BUILD_ENV, "CMAKE_BUILD_PARALLEL_LEVEL": str(cores), "PYWHISPERCPP_VERSION": version}
-    flags = engine_build_flags(find_compiler("CXX", CXX_COMPILERS), cpu_flags)
-    if flags:
-        for variable in ("CFLAGS", "CXXFLAGS"):
-            env[variable] = " ".join([env.get(variable, ""), *flags]).strip()
+    compilers = {"CFLAGS": find_compiler("CC", CC_COMPILERS), "CXXFLAGS": find_compiler("CXX", CXX_COMPILERS)}
+    flags = engine_build_flags(compilers["CXXFLAGS"], cpu_flags)
+    for variable, compiler in compilers.items():
+        # GCC's own flags reach the C compiler only when it is GCC too: Clang refuses them.
+        wanted = [flag for flag in flags if flag not in ENGINE_BUILD_AMX_GCC_FLAGS or compiler and is_gcc(compiler)]
+        if wanted:
+            env[variable] = " ".join([env.get(variable, ""), *wanted]).strip()
     return env
 
 

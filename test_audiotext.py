@@ -8697,7 +8697,8 @@ def engine_build(tmp_path: Path, models_dir: Path, *args: str, clips: Iterable[s
             "--models-dir", str(models_dir), "--state-dir", str(tmp_path / "state"), *args]
 
 
-def test_engine_build_turns_on_amx_with_gcc_only_with_the_tile_configuration_kept_whole() -> None:
+def test_engine_build_turns_on_amx_with_gcc_only_with_the_tile_configuration_kept_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     gcc, clang = shutil.which("g++"), shutil.which("clang++") or shutil.which("clang++-16")
     if gcc is None or not audiotext.is_gcc(gcc):
         pytest.skip("no GCC here")
@@ -8708,6 +8709,14 @@ def test_engine_build_turns_on_amx_with_gcc_only_with_the_tile_configuration_kep
     if clang is not None:
         assert not audiotext.is_gcc(clang)
         assert audiotext.engine_build_flags(clang, amx) == ["-mno-avx512fp16"]
+        # C++ by GCC and C by Clang: GCC's own flags go to the C++ compiler alone, as Clang refuses them.
+        monkeypatch.setenv("CC", clang)
+        monkeypatch.setenv("CXX", gcc)
+        monkeypatch.delenv("CFLAGS", raising=False)
+        monkeypatch.delenv("CXXFLAGS", raising=False)
+        env = audiotext.engine_build_env(ENGINE_VERSION, amx)
+        assert (env["CFLAGS"].split(), env["CXXFLAGS"].split()) == (
+            ["-mno-avx512fp16"], ["-mno-avx512fp16", "-fno-dse", "-fno-tree-dse"])
 
 
 def test_engine_build_keeps_a_faster_build_that_hears_the_same(tmp_path: Path, models_dir: Path,
