@@ -10658,8 +10658,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
 # kept only if it hears the same words as the installed engine on the same clips, faster. The
 # PyPI wheel's ggml is built for AVX2 alone and without ggml's llamafile kernels; built for the
 # machine it took 0.57-0.84 of the wheel's time, and 0.65 with AMX on a Xeon that has it
-# (docs/performance.md). Offline work for an
-# operator: nothing the daemon does uses this section.
+# (docs/performance.md). Offline work for an operator: nothing the daemon does uses this section.
 
 # What pywhispercpp's build hands CMake (it passes on every environment variable): ggml for this
 # CPU with its llamafile matrix kernels, no BLAS, and its libraries looked for beside the module.
