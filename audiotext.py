@@ -3185,9 +3185,11 @@ class SpeakerEncoder:
         try:  # opened here: np.load leaves the file it opened open when it is no zip
             with open(path, "rb") as f, np.load(f) as archive:
                 return cls({name: archive[name].astype(np.float32) for name in archive.files})
-        # TypeError: one array (.npy) rather than an archive, or one of records rather than numbers
-        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-            raise ModelError(f"{path.name} is not a speaker model ({exc}); run `audiotext models "
+        # Whatever a damaged file makes numpy, zipfile or zlib raise (a damaged array header fails in
+        # Python's tokenizer), and a file of other arrays (TypeError, KeyError, ValueError).
+        except Exception as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # no path in a client's 400
+            raise ModelError(f"{path.name} is not a speaker model ({why}); run `audiotext models "
                              "import-diarization` again") from exc
 
     def embed(self, mels: np.ndarray) -> np.ndarray:
@@ -3212,13 +3214,21 @@ class SpeakerEncoder:
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded_encoder(path: Path, mtime_ns: int) -> SpeakerEncoder:
-    return SpeakerEncoder.load(path)
+def _loaded_encoder(path: Path, mtime_ns: int) -> SpeakerEncoder | str:
+    """The file's encoder, or why it has none: a file that does not load is read once, not again
+    on every health check."""
+    try:
+        return SpeakerEncoder.load(path)
+    except ModelError as exc:
+        return str(exc)
 
 
 def speaker_encoder(path: Path) -> SpeakerEncoder:
     """The process's encoder for the file (about 6 MB of arrays, read-only once loaded: threads share it)."""
-    return _loaded_encoder(path, path.stat().st_mtime_ns)
+    loaded = _loaded_encoder(path, path.stat().st_mtime_ns)
+    if isinstance(loaded, str):
+        raise ModelError(loaded)
+    return loaded
 
 
 def usable_speaker_model(models_dir: Path) -> Path:

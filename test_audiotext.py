@@ -3130,6 +3130,14 @@ def numpy_file(save: Callable[..., None], *args: Any, **arrays: Any) -> bytes:
     return buffer.getvalue()
 
 
+def damaged_archive(at: int) -> bytes:
+    """A compressed archive of one array with the byte at `at` inverted."""
+    numbers = np.random.default_rng(1).random(4000).astype(np.float32)
+    data = bytearray(numpy_file(np.savez_compressed, **{"linear.bias": numbers}))
+    data[at] ^= 0xFF
+    return bytes(data)
+
+
 @pytest.mark.parametrize("content", [
     pytest.param(b"PK\x03\x04" + bytes(64), id="not_a_zip"), pytest.param(b"", id="empty"),
     pytest.param(numpy_file(np.save, np.zeros(3, np.float32)), id="one_array_not_an_archive"),
@@ -3137,13 +3145,19 @@ def numpy_file(save: Callable[..., None], *args: Any, **arrays: Any) -> bytes:
                  id="records_not_numbers"),
     pytest.param(numpy_file(np.savez, **{name: np.zeros(2, np.float32) for name in (
         *(f"lstm.{kind}_l{n}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for n in range(3)),
-        "linear.weight", "linear.bias")}), id="other_shapes")])
+        "linear.weight", "linear.bias")}), id="other_shapes"),
+    # A byte of a compressed archive changed: in its deflate stream (zlib's error), in its array's
+    # header (which numpy reads with Python's tokenizer).
+    *(pytest.param(damaged_archive(at), id=f"damaged_at_{at}") for at in (67, 179))])
 def test_a_speaker_model_that_does_not_load_refuses_diarization_before_transcribing(
         make_client: Callable[..., TestClient], models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        content: bytes) -> None:
+        monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:
     """A speakers-ge2e.npz that is not one (a copy cut short, a disk error): /healthz says no
     diarization, and a request, stream or job that needs it gets the 400 a missing model gets,
-    saying why, before any transcription; other requests are served."""
+    saying why, before any transcription; other requests are served. The file is read once."""
+    reads = []
+    load = audiotext.SpeakerEncoder.load
+    monkeypatch.setattr(audiotext.SpeakerEncoder, "load", lambda path: reads.append(path) or load(path))
     directory = tmp_path / "models"
     directory.mkdir()
     for model in models_dir.glob("*.bin"):
@@ -3162,6 +3176,8 @@ def test_a_speaker_model_that_does_not_load_refuses_diarization_before_transcrib
                  param="response_format")
     assert not [r for r in caplog.records if r.getMessage().startswith("transcribed model=")]
     assert_heard(post_clip(client, model="cpu-tiny").json()["text"], EN_WORDS)
+    assert client.get("/healthz").json()["diarization"] is None
+    assert reads == [directory / audiotext.SPEAKER_MODEL_FILE]
 
 
 def test_one_voice_is_one_speaker_and_silence_no_one(diarizer: Daemon) -> None:
