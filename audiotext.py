@@ -4958,6 +4958,11 @@ class Scheduler:
 LIVE_HISTORY_SECONDS = 3.0  # audio kept from before a turn begins, for its prefix padding
 LIVE_MIN_PARTIAL_SECONDS = 0.8  # a turn shorter than this holds too little for a word to be agreed on
 LIVE_HELD_WORDS = 1  # of the words two decodes agree on, the last this many wait for a later decode
+# Where the session gives no language, a partial decode takes the language its turn's last
+# detection found, until the turn has grown this many times over since: detecting costs an encoder
+# pass of its own, as much as the decode, and a turn's language is found again as it grows (at 1,
+# 2, 4, 8 s...), not at every partial; the final decode detects over the whole turn.
+LIVE_REDETECT_GROWTH = 2
 # Closed turns waiting for their final decode, in longest turns, before feed() waits for them: a
 # client sending audio faster than it is decoded is slowed to the decodes' pace (for a WebSocket,
 # its messages are not read meanwhile, so TCP holds it back) rather than held in memory.
@@ -5025,6 +5030,8 @@ class LiveTurn:
     last_text: str | None = None  # what the last partial decode heard
     sent: str = ""  # the deltas so far, joined
     cleared: bool = False  # dropped by clear(): what a decode still running hears of it is not sent
+    language: str | None = None  # what a partial decode last detected, in the first `detected_samples`
+    detected_samples: int = 0
 
     def add(self, samples: np.ndarray) -> None:
         if samples.size:
@@ -5042,6 +5049,12 @@ class LiveTurn:
         self.pieces, self.samples = [audio[:samples]], min(samples, audio.size)
         return audio[samples:]
 
+    def known_language(self) -> str | None:
+        """The language for the next partial decode; None: detect it (LIVE_REDETECT_GROWTH)."""
+        if self.language is None or self.samples >= LIVE_REDETECT_GROWTH * self.detected_samples:
+            return None
+        return self.language
+
     def heard(self, text: str) -> str:
         """A partial decode's text; the delta it makes sure of ("" for none)."""
         earlier, self.last_text = self.last_text, text
@@ -5056,8 +5069,9 @@ class LiveTurn:
         return delta
 
 
-# Decode a turn's audio: `final` for its completed text, else a partial one.
-LiveDecode = Callable[[np.ndarray, bool], Awaitable[Transcript]]
+# Decode a turn's audio: `final` for its completed text, else a partial one, in the language given
+# (None: the session's, or detected).
+LiveDecode = Callable[[np.ndarray, bool, str | None], Awaitable[Transcript]]
 LiveEmit = Callable[[LiveEvent], Awaitable[None]]
 
 
@@ -5080,8 +5094,10 @@ def live_decoder(scheduler: Scheduler, engine: Engine, quiet_engine: Engine, mod
     """Turn decodes through the scheduler: a final one as sync work, a partial one at
     PRIORITY_PARTIAL. A partial decode goes through `quiet_engine`, which neither logs nor counts
     it: only what a client is finally given is."""
-    async def decode(audio: np.ndarray, final: bool) -> Transcript:
+    async def decode(audio: np.ndarray, final: bool, language: str | None) -> Transcript:
         chosen, how = (engine, options) if final else (quiet_engine, dataclasses.replace(options, quick=True))
+        if language is not None and options.language is None:
+            how = dataclasses.replace(how, language=language)
         work = scheduler.submit(lambda abort: chosen.transcribe(audio, model, how, abort),
                                 priority=PRIORITY_SYNC if final else PRIORITY_PARTIAL)
         return cast(Transcript, await await_work(work))
@@ -5267,7 +5283,10 @@ class LiveStream:
     async def _partial(self, turn: LiveTurn) -> None:
         audio = turn.audio()
         turn.decoded_samples = audio.size
-        transcript = await self._decode(audio, False)
+        known = turn.known_language()
+        transcript = await self._decode(audio, False, known)
+        if known is None and transcript.segments:  # detected in what it heard (none: nothing to tell by)
+            turn.language, turn.detected_samples = transcript.language, audio.size
         if turn.cleared:
             return
         delta = turn.heard(transcript.text)
@@ -5276,7 +5295,7 @@ class LiveStream:
 
     async def _finish(self, turn: LiveTurn) -> None:
         try:
-            transcript = await self._decode(turn.audio(), True)
+            transcript = await self._decode(turn.audio(), True, None)
         except (asyncio.CancelledError, SchedulerStopped):
             raise
         except Exception as exc:  # the turn fails; the session goes on

@@ -4025,7 +4025,7 @@ def test_a_client_faster_than_the_decodes_is_held_back() -> None:
     async def scenario() -> tuple[list[int], list[int]]:
         gate, finals, pending = asyncio.Event(), [], []
 
-        async def decode(audio: np.ndarray, final: bool) -> audiotext.Transcript:
+        async def decode(audio: np.ndarray, final: bool, language: str | None) -> audiotext.Transcript:
             if final:
                 await gate.wait()  # the final decodes are slow
                 finals.append(audio.size)
@@ -4065,7 +4065,7 @@ def test_a_cleared_turn_gets_no_delta_from_a_decode_still_running() -> None:
         gate, decoding, events = asyncio.Event(), asyncio.Event(), []
         partials = 0
 
-        async def decode(audio: np.ndarray, final: bool) -> audiotext.Transcript:
+        async def decode(audio: np.ndarray, final: bool, language: str | None) -> audiotext.Transcript:
             nonlocal partials
             partials += 1
             if partials == 2:  # the decode that would agree with the first: it is slow
@@ -4091,6 +4091,45 @@ def test_a_cleared_turn_gets_no_delta_from_a_decode_still_running() -> None:
         return events
 
     assert asyncio.run(scenario()) == ["started"]  # no delta for the turn that was dropped
+
+
+def test_a_turns_partial_decodes_detect_its_language_again_only_as_it_doubles() -> None:
+    """Without a session language, a partial decode takes the language its turn's last detection
+    found, until the turn is twice as long as it was then; a decode that heard nothing detected
+    nothing; the final decode detects on its own. (The decodes here stand in for the engine's.)"""
+    async def scenario() -> list[tuple[float, bool, str | None]]:
+        calls: list[tuple[float, bool, str | None]] = []
+
+        async def decode(audio: np.ndarray, final: bool, language: str | None) -> audiotext.Transcript:
+            seconds = audio.size / audiotext.SAMPLE_RATE
+            calls.append((seconds, final, language))
+            heard = seconds >= 1.5  # the first decode hears nothing to tell a language by
+            segments = [audiotext.Segment(0, 0.0, seconds, " Guten Morgen", tokens=[], avg_logprob=0.0)] if heard else []
+            return audiotext.Transcript(text=" Guten Morgen" if heard else "", language=language or "de",
+                                        duration=seconds, segments=segments, words=[])
+
+        async def emit(event: audiotext.LiveEvent) -> None:
+            pass
+
+        stream = audiotext.LiveStream(decode, emit, vad=None, partial_seconds=0.5, max_turn_seconds=30.0)
+        stream.start()
+        await stream.feed(np.zeros(audiotext.SAMPLE_RATE, np.float32))
+        for _ in range(7):
+            while not calls or calls[-1][0] * audiotext.SAMPLE_RATE < stream.position:
+                await asyncio.sleep(0.01)  # the partial decode of what was fed so far is done
+            await stream.feed(np.zeros(audiotext.SAMPLE_RATE // 2, np.float32))
+        while calls[-1][0] < 4.5:
+            await asyncio.sleep(0.01)
+        await stream.commit()
+        while not calls[-1][1]:
+            await asyncio.sleep(0.01)
+        await stream.close()
+        return calls
+
+    calls = asyncio.run(scenario())
+    assert [(seconds, language) for seconds, final, language in calls if not final] == [
+        (1.0, None), (1.5, None), (2.0, "de"), (2.5, "de"), (3.0, None), (3.5, "de"), (4.0, "de"), (4.5, "de")]
+    assert calls[-1] == (4.5, True, None)
 
 
 def test_realtime_audio_formats_become_16_khz() -> None:
@@ -7444,9 +7483,9 @@ def realtime_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) 
     assert not daemon.problems_since_checked(), daemon.log()
 
 
-def live_clip(rate: int = 24_000) -> np.ndarray:
-    """testdata/live_en.webm at `rate`, as float samples."""
-    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
+def live_clip(rate: int = 24_000, name: str = "live_en.webm") -> np.ndarray:
+    """A clip of testdata/ (live_en.webm) at `rate`, as float samples."""
+    audio = audiotext.decode_audio(CLIPS / name, max_seconds=60)
     count = int(len(audio) * rate / audiotext.SAMPLE_RATE)
     return np.interp(np.arange(count) * audiotext.SAMPLE_RATE / rate, np.arange(len(audio)), audio).astype(np.float32)
 
@@ -7593,6 +7632,18 @@ def test_realtime_sdk_streams_turns_found_by_the_daemons_vad(realtime_daemon: Da
     assert_conversation_items(run)
     usage = run.of(COMPLETED)[0]["usage"]
     assert usage["type"] == "duration" and 2 < usage["seconds"] < 5
+
+
+def test_a_realtime_turn_without_a_language_is_heard_in_its_own(realtime_daemon: Daemon) -> None:
+    """No language in the session, a multilingual model: the partial text comes in the language
+    the turn is spoken in (its later partial decodes take the language an earlier one found), and
+    the whole turn's text begins with it."""
+    session = {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "ggml-base"},
+        "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}}
+    speech = np.concatenate([live_clip(name="voice_de.webm"), np.zeros(36_000, np.float32)])  # 1.5 s of pause
+    run = stream_live(realtime_daemon.url, session, pieces(as_pcm16(speech), 4800), turns=1)
+    assert_live_turns(run, [(CLIPS / "voice_de.ref.txt").read_text()], while_speaking=False)
 
 
 def test_realtime_sdk_with_manual_commits(realtime_daemon: Daemon) -> None:
