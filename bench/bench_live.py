@@ -2,7 +2,7 @@
 partial text (`...transcription.delta`), and from the end of speech to the turn's whole text
 (`...transcription.completed`), median and 90th percentile.
 
-    python bench/bench_live.py --url http://127.0.0.1:8791 [--model cpu-lite] [--runs 3] [--hogs 2]
+    python bench/bench_live.py --url http://127.0.0.1:8791 [--model cpu-lite] [--runs 3] [--hogs 2] [--language auto]
 
 Run it with the project's venv python (it has `websockets` and audiotext's own VAD) against a
 running daemon; AUDIOTEXT_API_TOKEN is the token. testdata/live_en.webm (three sentences, a 1.5 s
@@ -63,7 +63,8 @@ def as_24k_pcm(audio: np.ndarray) -> bytes:
     return (np.clip(resampled, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-def one_run(url: str, token: str, model: str | None, pcm: bytes, turns: int) -> list[tuple[float | None, float]]:
+def one_run(url: str, token: str, model: str | None, language: str | None, pcm: bytes,
+            turns: int) -> list[tuple[float | None, float]]:
     """(first delta, completed) of each turn, in seconds since the audio began."""
     from websockets.sync.client import connect
 
@@ -71,7 +72,7 @@ def one_run(url: str, token: str, model: str | None, pcm: bytes, turns: int) -> 
     ws_url = url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/realtime?intent=transcription"
     with connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None) as ws:
         ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
-            "transcription": {"model": model, "language": "en"}, "turn_detection": {"type": "server_vad"}}}}}))
+            "transcription": {"model": model, "language": language}, "turn_detection": {"type": "server_vad"}}}}}))
         started = time.monotonic()
 
         def read() -> None:
@@ -108,19 +109,22 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a model of the daemon (default: its default model)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--hogs", type=int, default=0, help="busy loops run beside it")
+    parser.add_argument("--language", default="en", help="the session's language (default en); auto: none, "
+                        "so that the daemon detects it")
     args = parser.parse_args()
+    language = None if args.language == "auto" else args.language
     token = os.environ.get("AUDIOTEXT_API_TOKEN", "")
     audio = audiotext.decode_audio(CLIP, max_seconds=60)
     edges = speech_edges(audio)
     pcm = as_24k_pcm(audio)
-    print(f"CPU: {cpu_model()}; model {args.model or '(the default)'}; {args.runs} run(s) of {len(edges)} turns; "
-          f"{args.hogs} hog(s)")
+    print(f"CPU: {cpu_model()}; model {args.model or '(the default)'}; language {args.language}; {args.runs} run(s) "
+          f"of {len(edges)} turns; {args.hogs} hog(s)")
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
     first_deltas, completions = [], []
     try:
         for run in range(args.runs):
-            for turn, ((delta, done), (begin, end)) in enumerate(zip(one_run(args.url, token, args.model, pcm,
-                                                                             len(edges)), edges), 1):
+            for turn, ((delta, done), (begin, end)) in enumerate(zip(one_run(args.url, token, args.model, language,
+                                                                             pcm, len(edges)), edges), 1):
                 if delta is not None:
                     first_deltas.append(delta - begin)
                 completions.append(done - end)
