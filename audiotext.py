@@ -4967,6 +4967,7 @@ LIVE_REDETECT_GROWTH = 2
 # client sending audio faster than it is decoded is slowed to the decodes' pace (for a WebSocket,
 # its messages are not read meanwhile, so TCP holds it back) rather than held in memory.
 LIVE_PENDING_TURNS = 2
+LIVE_FEED_SLICE_SECONDS = 0.5  # the VAD's work on this much audio takes a few milliseconds of the event loop
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses a commit of less; so does the daemon
 DEFAULT_PREFIX_PADDING_MS = 300  # OpenAI's server_vad default
 
@@ -5122,7 +5123,8 @@ class LiveStream:
     the open turn once it has grown enough. While closed turns hold over LIVE_PENDING_TURNS
     longest turns of audio, feed() waits for their decodes before it takes more. Events go to `emit` in order for each turn: started,
     deltas, stopped, deltas, completed (or failed). The VAD runs on the event loop: it costs
-    under 1% of the audio's duration (see Voice activity), less than a thread hop per piece.
+    under 1% of the audio's duration (see Voice activity), less than a thread hop per piece, and a
+    large piece is taken in slices that let the loop serve others between them.
     """
 
     def __init__(self, decode: LiveDecode, emit: LiveEmit, *, vad: VoiceActivity | None,
@@ -5179,8 +5181,17 @@ class LiveStream:
             self._vad.close()
 
     async def feed(self, samples: np.ndarray) -> None:
-        await self._room()
+        """Take a piece of audio, in slices of LIVE_FEED_SLICE_SECONDS: between them other sessions
+        and requests have the event loop (a client may append minutes of audio in one event)."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        step = int(LIVE_FEED_SLICE_SECONDS * SAMPLE_RATE)
+        for at in range(0, max(samples.size, 1), step):
+            if at:
+                await asyncio.sleep(0)
+            await self._feed_slice(samples[at:at + step])
+
+    async def _feed_slice(self, samples: np.ndarray) -> None:
+        await self._room()
         start = self.position
         self.position += samples.size
         events = self._vad.feed(samples) if self._vad is not None else []

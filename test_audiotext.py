@@ -4060,6 +4060,50 @@ def test_a_client_faster_than_the_decodes_is_held_back() -> None:
     assert max(pending) == 5 * audiotext.SAMPLE_RATE // 2
 
 
+def test_a_large_append_leaves_the_event_loop_to_others_as_its_speech_is_found() -> None:
+    """A client may append minutes of audio in one event: the daemon's VAD takes it in slices, and
+    other sessions and requests have the loop between them; the turns come out as in small pieces."""
+    audio = np.concatenate([live_clip(rate=audiotext.SAMPLE_RATE)] * 8)  # 24 sentences, each a turn
+
+    async def scenario(piece_seconds: float | None) -> tuple[list[tuple[str, int]], int]:
+        events: list[tuple[str, int]] = []
+
+        async def decode(audio: np.ndarray, final: bool, language: str | None) -> audiotext.Transcript:
+            return audiotext.Transcript(text="", language="en", duration=audio.size / audiotext.SAMPLE_RATE,
+                                        segments=[], words=[])
+
+        async def emit(event: audiotext.LiveEvent) -> None:
+            if event.kind in ("started", "stopped"):
+                events.append((event.kind, event.at))
+
+        vad = audiotext.VoiceActivity(())
+        stream = audiotext.LiveStream(decode, emit, vad=vad, partial_seconds=60, max_turn_seconds=30.0)
+        stream.start()
+        ticks, feeding = 0, True
+
+        async def others() -> None:  # another client's work on the same loop
+            nonlocal ticks
+            while feeding:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.ensure_future(others())
+        await asyncio.sleep(0)
+        step = len(audio) if piece_seconds is None else int(piece_seconds * audiotext.SAMPLE_RATE)
+        ticks = 0
+        for at in range(0, len(audio), step):
+            await stream.feed(audio[at:at + step])
+        feeding = False
+        await other
+        await stream.close()
+        return events, ticks
+
+    whole, ticks = asyncio.run(scenario(None))
+    assert ticks >= len(audio) / audiotext.SAMPLE_RATE, ticks  # a turn of the loop to others each 0.5 s at least
+    in_pieces, _ = asyncio.run(scenario(0.1))
+    assert len(whole) >= 40 and whole == in_pieces
+
+
 def test_a_cleared_turn_gets_no_delta_from_a_decode_still_running() -> None:
     async def scenario() -> list[str]:
         gate, decoding, events = asyncio.Event(), asyncio.Event(), []
