@@ -9617,7 +9617,12 @@ BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "a
 DEFAULT_TURN_DETECTION: dict[str, Any] = {"type": "server_vad", "threshold": VAD_PARAMS["threshold"],
                                           "prefix_padding_ms": DEFAULT_PREFIX_PADDING_MS,
                                           "silence_duration_ms": int(VAD_PARAMS["min_silence_duration_ms"])}
-SEMANTIC_EAGERNESS = ("low", "medium", "high", "auto")  # accepted and told back; the VAD is the same
+# semantic_vad's eagerness, as the pause that ends a turn: the daemon's VAD hears no meaning, so
+# `low` lets a speaker pause longer before the turn is over, `high` ends it at a shorter pause;
+# `medium` and `auto` (OpenAI's default, the same as medium) wait as server_vad does by default.
+SEMANTIC_SILENCE_MS = {"low": 1000, "medium": DEFAULT_TURN_DETECTION["silence_duration_ms"], "high": 300,
+                       "auto": DEFAULT_TURN_DETECTION["silence_duration_ms"]}
+SEMANTIC_EAGERNESS = tuple(SEMANTIC_SILENCE_MS)
 
 
 def _g711_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -9694,6 +9699,8 @@ class RealtimeConfig:
         if self.turn_detection is None:
             return None
         chosen = {**DEFAULT_TURN_DETECTION, **self.turn_detection}  # semantic_vad names none of them
+        if chosen["type"] == "semantic_vad":
+            chosen["silence_duration_ms"] = SEMANTIC_SILENCE_MS[chosen["eagerness"]]
         return (("threshold", float(chosen["threshold"])),
                 ("min_silence_duration_ms", float(chosen["silence_duration_ms"])))
 
@@ -9736,8 +9743,8 @@ def _optional_text(section: dict[str, Any], name: str, param: str) -> str | None
 
 def _turn_detection(value: Any, param: str) -> dict[str, Any] | None:
     """server_vad's settings with the daemon's defaults and ranges; semantic_vad is served by the
-    same VAD at its defaults, and kept as asked (with its eagerness), since that is what a client is
-    told back; idle_timeout_ms is accepted and has no effect."""
+    same VAD, its eagerness a pause (SEMANTIC_SILENCE_MS), and kept as asked, since that is what a
+    client is told back; idle_timeout_ms is accepted and has no effect."""
     if value is None:
         return None
     section = _object(value, param)

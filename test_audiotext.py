@@ -4060,6 +4060,20 @@ def test_a_client_faster_than_the_decodes_is_held_back() -> None:
     assert max(pending) == 5 * audiotext.SAMPLE_RATE // 2
 
 
+async def nothing_heard(audio: np.ndarray, final: bool, language: str | None) -> audiotext.Transcript:
+    """A live stream's decoder, standing in for the engine where only turns matter."""
+    return audiotext.Transcript(text="", language="en", duration=audio.size / audiotext.SAMPLE_RATE,
+                                segments=[], words=[])
+
+
+def turn_bounds_into(events: list[tuple[str, int]]) -> audiotext.LiveEmit:
+    """A live stream's emit that keeps where turns started and stopped."""
+    async def emit(event: audiotext.LiveEvent) -> None:
+        if event.kind in ("started", "stopped"):
+            events.append((event.kind, event.at))
+    return emit
+
+
 def test_a_large_append_leaves_the_event_loop_to_others_as_its_speech_is_found() -> None:
     """A client may append minutes of audio in one event: the daemon's VAD takes it in slices, and
     other sessions and requests have the loop between them; the turns come out as in small pieces."""
@@ -4067,17 +4081,8 @@ def test_a_large_append_leaves_the_event_loop_to_others_as_its_speech_is_found()
 
     async def scenario(piece_seconds: float | None) -> tuple[list[tuple[str, int]], int]:
         events: list[tuple[str, int]] = []
-
-        async def decode(audio: np.ndarray, final: bool, language: str | None) -> audiotext.Transcript:
-            return audiotext.Transcript(text="", language="en", duration=audio.size / audiotext.SAMPLE_RATE,
-                                        segments=[], words=[])
-
-        async def emit(event: audiotext.LiveEvent) -> None:
-            if event.kind in ("started", "stopped"):
-                events.append((event.kind, event.at))
-
-        vad = audiotext.VoiceActivity(())
-        stream = audiotext.LiveStream(decode, emit, vad=vad, partial_seconds=60, max_turn_seconds=30.0)
+        stream = audiotext.LiveStream(nothing_heard, turn_bounds_into(events), vad=audiotext.VoiceActivity(()),
+                                      partial_seconds=60, max_turn_seconds=30.0)
         stream.start()
         ticks, feeding = 0, True
 
@@ -4102,6 +4107,31 @@ def test_a_large_append_leaves_the_event_loop_to_others_as_its_speech_is_found()
     assert ticks >= len(audio) / audiotext.SAMPLE_RATE, ticks  # a turn of the loop to others each 0.5 s at least
     in_pieces, _ = asyncio.run(scenario(0.1))
     assert len(whole) >= 40 and whole == in_pieces
+
+
+def test_semantic_vads_eagerness_is_how_long_a_pause_ends_a_turn() -> None:
+    """Two sentences 0.8 s apart: one turn when a speaker may take their time (low), two when the
+    turn ends at a shorter pause (medium, auto and high)."""
+    audio = audiotext.decode_audio(CLIPS / "live_en.webm", max_seconds=60)
+    (a, b), (c, d) = audiotext.find_speech(audio)[:2]
+    speech = np.concatenate([audio[a:b], np.zeros(int(0.6 * audiotext.SAMPLE_RATE), np.float32), audio[c:d],
+                             np.zeros(2 * audiotext.SAMPLE_RATE, np.float32)])
+
+    async def turns(eagerness: str) -> int:
+        config = audiotext.RealtimeConfig(turn_detection=audiotext._turn_detection(
+            {"type": "semantic_vad", "eagerness": eagerness}, "turn_detection"))
+        tuning = config.vad_tuning()
+        assert tuning is not None
+        events: list[tuple[str, int]] = []
+        stream = audiotext.LiveStream(nothing_heard, turn_bounds_into(events), vad=audiotext.VoiceActivity(tuning),
+                                      partial_seconds=60, max_turn_seconds=30.0)
+        stream.start()
+        await stream.feed(speech)
+        await stream.close()
+        return sum(kind == "stopped" for kind, _ in events)
+
+    assert {eagerness: asyncio.run(turns(eagerness)) for eagerness in audiotext.SEMANTIC_EAGERNESS} == \
+        {"low": 1, "medium": 2, "high": 2, "auto": 2}
 
 
 def test_a_cleared_turn_gets_no_delta_from_a_decode_still_running() -> None:
