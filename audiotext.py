@@ -10775,9 +10775,13 @@ def python_include_dir() -> Path:
 
 
 def find_compiler(variable: str, names: tuple[str, ...]) -> str | None:
-    """The compiler CMake will pick: $CC or $CXX when set, else the first of names on PATH."""
-    chosen = os.environ.get(variable, "").split()[:1]
-    return next((found for name in chosen or names if (found := shutil.which(name))), None)
+    """The compiler command CMake will run: $CC or $CXX when set (with what follows its first word,
+    as a launcher such as `ccache g++` needs), else the first of names on PATH."""
+    given = os.environ.get(variable, "").split()
+    if given:
+        found = shutil.which(given[0])
+        return " ".join([found, *given[1:]]) if found else None
+    return next((found for name in names if (found := shutil.which(name))), None)
 
 
 def missing_build_tools() -> list[str]:
@@ -10809,14 +10813,14 @@ def cpu_description() -> tuple[str, set[str]]:
 
 
 def compiler_accepts(compiler: str, flags: list[str]) -> bool:
-    probe = subprocess.run([compiler, *flags, "-x", "c++", "-c", "-o", os.devnull, os.devnull],
+    probe = subprocess.run([*compiler.split(), *flags, "-x", "c++", "-c", "-o", os.devnull, os.devnull],
                            stdin=subprocess.DEVNULL, capture_output=True)
     return probe.returncode == 0
 
 
 def is_gcc(compiler: str) -> bool:
     """Whether the compiler is GCC (Clang defines __GNUC__ too, and __clang__ besides)."""
-    probe = subprocess.run([compiler, "-dM", "-E", "-x", "c++", os.devnull], stdin=subprocess.DEVNULL,
+    probe = subprocess.run([*compiler.split(), "-dM", "-E", "-x", "c++", os.devnull], stdin=subprocess.DEVNULL,
                            capture_output=True, text=True)
     return probe.returncode == 0 and "__GNUC__" in probe.stdout and "__clang__" not in probe.stdout
 

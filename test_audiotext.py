@@ -8867,6 +8867,13 @@ def test_engine_build_turns_on_amx_with_gcc_only_with_the_tile_configuration_kep
         env = audiotext.engine_build_env(ENGINE_VERSION, amx)
         assert (env["CFLAGS"].split(), env["CXXFLAGS"].split()) == (
             ["-mno-avx512fp16"], ["-mno-avx512fp16", "-fno-dse", "-fno-tree-dse"])
+    # A compiler behind a launcher (`ccache g++`; `env` stands in for one here) is still GCC.
+    monkeypatch.setenv("CXX", "env g++")
+    assert audiotext.find_compiler("CXX", audiotext.CXX_COMPILERS) == f"{shutil.which('env')} g++"
+    assert audiotext.engine_build_flags(f"{shutil.which('env')} g++", amx) == [
+        "-mno-avx512fp16", "-fno-dse", "-fno-tree-dse"]
+    monkeypatch.setenv("CXX", "no-such-compiler g++")
+    assert audiotext.find_compiler("CXX", audiotext.CXX_COMPILERS) is None
 
 
 def test_engine_build_keeps_a_faster_build_that_hears_the_same(tmp_path: Path, models_dir: Path,
