@@ -9996,6 +9996,7 @@ class RealtimeSession:
             self._fail(turn, dropped_turn_error("session_updated"))
         self._items.clear()
         self._told.clear()
+        self._spoken.clear()
 
     async def _new_stream(self) -> None:
         config = self.config
