@@ -7640,14 +7640,20 @@ def pieces(data: bytes, size: int) -> list[bytes]:
 
 
 def assert_live_turns(run: LiveRun, sentences: Iterable[str], *, while_speaking: bool = True) -> None:
-    """Each turn: partial text before its end, never taken back, the whole heard as said; with
-    `while_speaking`, some turn's first words before its speech has stopped."""
+    """Each turn: partial text before its end, of words said, never taken back, the whole heard
+    as said; with `while_speaking`, some turn's first words before its speech has stopped."""
     turns = run.turns()
     assert [t[3] for t in turns] and len(turns) == len(list(sentences)), run.events
     assert not run.of("error"), run.of("error")
     for (deltas, stopped, done_at, transcript), sentence in zip(turns, sentences):
         assert deltas and all(at <= done_at for at, _ in deltas), (sentence, deltas)
-        assert transcript.startswith("".join(text for _, text in deltas)), (deltas, transcript)
+        sent = "".join(text for _, text in deltas)
+        # What was sent begins the text where the final decode heard the same words, however it
+        # wrote them; where it heard others ("angekommen" for "angekomen"), its own text stands.
+        heard_the_same = audiotext._bare_words(transcript)[:len(sent.split())] == audiotext._bare_words(sent)
+        assert transcript.startswith(sent) or not heard_the_same, (deltas, transcript)
+        sent_words = normalized(sent).split()
+        assert sum(word in normalized(sentence).split() for word in sent_words) * 3 >= len(sent_words) * 2, sent
         assert word_error_rate(sentence, transcript) <= 0.2, (sentence, transcript)
     assert not while_speaking or any(stopped is not None and deltas[0][0] < stopped
                                      for deltas, stopped, _, _ in turns), turns
@@ -7711,22 +7717,13 @@ def test_realtime_sdk_streams_turns_found_by_the_daemons_vad(realtime_daemon: Da
 def test_a_realtime_turn_without_a_language_is_heard_in_its_own(realtime_daemon: Daemon) -> None:
     """No language in the session, a multilingual model: the partial text comes in the language
     the turn is spoken in (its later partial decodes take the language an earlier one found), and
-    so does the whole turn's. The final decode may hear a word better than the partial ones did
-    ("angekommen" where they heard "angekomen"), and its text then stands, so the deltas are held
-    to the words said, not to the completed text's letters."""
+    so does the whole turn's."""
     session = {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "ggml-base"},
         "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}}
     speech = np.concatenate([live_clip(name="voice_de.webm"), np.zeros(36_000, np.float32)])  # 1.5 s of pause
     run = stream_live(realtime_daemon.url, session, pieces(as_pcm16(speech), 4800), turns=1)
-    said = (CLIPS / "voice_de.ref.txt").read_text()
-    assert not run.of("error") and len(run.turns()) == 1, run.events
-    [(deltas, _, done_at, transcript)] = run.turns()
-    partial = "".join(text for _, text in deltas)
-    assert deltas and all(at <= done_at for at, _ in deltas), deltas
-    heard_words = normalized(partial).split()
-    assert sum(word in normalized(said).split() for word in heard_words) * 3 >= len(heard_words) * 2, partial
-    assert word_error_rate(said, transcript) <= 0.2, (said, transcript)
+    assert_live_turns(run, [(CLIPS / "voice_de.ref.txt").read_text()], while_speaking=False)
 
 
 def test_realtime_sdk_with_manual_commits(realtime_daemon: Daemon) -> None:
