@@ -337,7 +337,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_token", "AUDIOTEXT_API_TOKEN", "--token", str,
             "bearer token clients must send (required; the variable keeps it out of `ps`)", private=True),
     Setting("host", "AUDIOTEXT_HOST", "--host", str, "address to bind"),
-    Setting("port", "AUDIOTEXT_PORT", "--port", int, "port to bind"),
+    Setting("port", "AUDIOTEXT_PORT", "--port", _port, "port to bind"),
     Setting("state_dir", "AUDIOTEXT_STATE_DIR", "--state-dir", Path,
             "jobs, uploads and models ($STATE_DIRECTORY under systemd, else ~/.local/share/audiotext)"),
     Setting("models_dir", "AUDIOTEXT_MODELS_DIR", "--models-dir", Path, "ggml model files (default <state>/models)"),
@@ -11418,15 +11418,14 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag_parser(setting: Setting) -> Callable[[str], Any]:
-    """argparse quotes a value its parser refused; a private one goes out with the reason only."""
-    if not setting.private:
-        return setting.parse
+    """A refused value is told with the reason, as its variable's is (argparse alone would name the
+    parser's function); a private value goes out with the reason only."""
 
     def parse(text: str) -> Any:
         try:
             return setting.parse(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(str(exc) if setting.private else f"{text!r}: {exc}") from None
 
     return parse
 

@@ -918,6 +918,22 @@ def test_a_bad_setting_names_the_variable(tmp_path: Path) -> None:
     assert "AUDIOTEXT_WORKERS='zero'" in run.stderr
 
 
+def test_a_port_out_of_range_stops_check_and_serve(tmp_path: Path) -> None:
+    for command in ("check", "serve"):
+        run = run_cli(command, env={"AUDIOTEXT_API_TOKEN": TOKEN, "AUDIOTEXT_PORT": "99999",
+                                    "AUDIOTEXT_STATE_DIR": str(tmp_path)})
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "AUDIOTEXT_PORT='99999': a port is 1 to 65535" in run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def test_a_bad_flag_says_why_as_its_variable_does(tmp_path: Path) -> None:
+    run = run_cli("check", "--window-seconds", "10", env={"AUDIOTEXT_API_TOKEN": TOKEN,
+                                                          "AUDIOTEXT_STATE_DIR": str(tmp_path)})
+    assert run.returncode == 2
+    assert "argument --window-seconds: '10': must be at least 30 seconds, got 10" in run.stderr
+
+
 SETTINGS_PAGE = ROOT / "docs" / "settings.md"
 
 
