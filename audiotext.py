@@ -2666,6 +2666,8 @@ class Transcript:
     # How it was made, not what it says: left out of comparisons.
     model_file: str = field(default="", compare=False)  # the ggml file that ran, without .bin
     processing_seconds: float = field(default=0.0, compare=False)  # VAD's and whisper.cpp's time for it
+    # False: the language was detected, and whisper was less than DETECTION_CONFIDENCE sure of it.
+    language_sure: bool = field(default=True, compare=False)
 
 
 def words_by_segment(segments: list[Segment], words: list[Word]) -> list[range]:
@@ -3859,8 +3861,10 @@ class LoadedModel:
         with self.lock:
             rss_before = _rss_bytes()
             # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
+            sure = True
             if options.language is None and self.multilingual:
-                options = dataclasses.replace(options, language=self._likeliest_language(heard, options, abort))
+                language, sure = self._likeliest_language(heard, options, abort)
+                options = dataclasses.replace(options, language=language)
             status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction,
                                until=audio_end_seconds(audio))
             if not self._first_run_measured:
@@ -3871,23 +3875,25 @@ class LoadedModel:
             if status != 0:
                 # Its segments would be the previous call's: say so rather than answer with them.
                 raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
-            return self._collect(audio, options, layout)
+            return dataclasses.replace(self._collect(audio, options, layout), language_sure=sure)
 
-    def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions, abort: threading.Event) -> str:
+    def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions,
+                            abort: threading.Event) -> tuple[str, bool]:
         """The allowed language (any, without a list) whisper finds likeliest in the first 30 s of
-        speech: over each of the clip's detection windows in turn, until whisper is sure of one
-        (among the allowed: one listed language can be sure where whisper is unsure of all).
+        speech, and whether whisper is sure of it: over each of the clip's detection windows in
+        turn, until it is sure of one (among the allowed: one listed language can be sure where
+        whisper is unsure of all).
 
         Detected here rather than by whisper_full, which would detect over whatever window the
         context's previous call left and tell only its first choice, without how sure it is."""
         allowed = options.languages or ()
         if len(allowed) == 1:
-            return allowed[0]
+            return allowed[0], True
         first = audio[:WHISPER_WINDOW_SECONDS * SAMPLE_RATE]
         windows = detection_windows_for(len(audio) / SAMPLE_RATE) if self.fit_short_audio else [0]
         if options.quick:  # a partial text is decoded again soon, and its turn's final text detects with care
             windows = windows[:1]
-        likeliest = allowed[0] if allowed else "en"  # where there is too little to tell
+        likeliest, sure = allowed[0] if allowed else "en", False  # where there is too little to tell
         for window in windows:
             probabilities = self._language_probabilities(first, window, abort)
             if not probabilities:
@@ -3896,9 +3902,10 @@ class LoadedModel:
             if allowed:
                 probabilities = {code: probabilities.get(code, 0.0) for code in allowed}
             likeliest = max(probabilities, key=probabilities.__getitem__)  # ties: the first listed
-            if probabilities[likeliest] >= DETECTION_CONFIDENCE * sum(probabilities.values()):
+            sure = probabilities[likeliest] >= DETECTION_CONFIDENCE * sum(probabilities.values())
+            if sure:
                 break  # sure of it among the languages it may be
-        return likeliest
+        return likeliest, sure
 
     def _set_encoder_window(self, audio_ctx: int, abort: threading.Event) -> None:
         """whisper.cpp takes in a window (audio_ctx) only through whisper_full, and detects the
@@ -4460,7 +4467,8 @@ def join_windows(parts: list[tuple[float, Transcript]], *, language: str, durati
                      for w in transcript.words)
     logprobs = [p for _, t in parts for p in t.logprobs or ()] if parts[0][1].logprobs is not None else None
     return Transcript(text="".join(s.text for s in segments).strip(), language=language, duration=duration,
-                      segments=segments, words=words, task=parts[0][1].task, logprobs=logprobs)
+                      segments=segments, words=words, task=parts[0][1].task, logprobs=logprobs,
+                      language_sure=parts[0][1].language_sure)
 
 
 # Of a diarized transcription's progress, the share the transcription takes; diarization the rest.
@@ -4961,7 +4969,10 @@ LIVE_HELD_WORDS = 1  # of the words two decodes agree on, the last this many wai
 # Where the session gives no language, a partial decode takes the language its turn's last
 # detection found, until the turn has grown this many times over since: detecting costs an encoder
 # pass of its own, as much as the decode, and a turn's language is found again as it grows (at 1,
-# 2, 4, 8 s...), not at every partial; the final decode detects over the whole turn.
+# 2, 4, 8 s...), not at every partial; the final decode detects over the whole turn. A partial
+# decode whose detection whisper was unsure of (a turn's first second often sounds like another
+# language) is neither sent nor kept: its words may be that other language's, and a delta cannot
+# be taken back.
 LIVE_REDETECT_GROWTH = 2
 # Closed turns waiting for their final decode, in longest turns, before feed() waits for them: a
 # client sending audio faster than it is decoded is slowed to the decodes' pace (for a WebSocket,
@@ -5296,6 +5307,8 @@ class LiveStream:
         turn.decoded_samples = audio.size
         known = turn.known_language()
         transcript = await self._decode(audio, False, known)
+        if not transcript.language_sure:  # its words may be another language's: none are sent or kept
+            return
         if known is None and transcript.segments:  # detected in what it heard (none: nothing to tell by)
             turn.language, turn.detected_samples = transcript.language, audio.size
         if turn.cleared:

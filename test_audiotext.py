@@ -2936,10 +2936,14 @@ def test_a_voice_note_s_language_is_detected_over_its_own_window_unless_whisper_
     assert language == "ca" and [window for window, _ in ran] == [step, floor], ran
     silence = np.zeros(10, np.float32)  # too little for whisper to tell: the first listed, or English
     assert fitted._likeliest_language(silence, audiotext.TranscribeOptions(languages=("es", "ca")),
-                                      threading.Event()) == "es"
-    assert fitted._likeliest_language(silence, audiotext.TranscribeOptions(), threading.Event()) == "en"
+                                      threading.Event()) == ("es", False)
+    assert fitted._likeliest_language(silence, audiotext.TranscribeOptions(), threading.Event()) == ("en", False)
     language, ran = detections(fitted, "en.webm", quick=True)  # a live turn's partial text: no second pass
     assert [window for window, _ in ran] == [step] and language == max(ran[0][1], key=ran[0][1].__getitem__)
+    for clip, sure in [("en.webm", False), ("voice_de.webm", True)]:  # the transcript says whether it was
+        audio = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
+        heard = fitted.transcribe(audio, audiotext.TranscribeOptions(quick=True), abort=threading.Event())
+        assert heard.language_sure is sure, clip
     fitted._address = None  # a binding whose context cannot be reached by ctypes: through its own calls
     assert detections(fitted, "voice_de.webm")[1][0][1]["de"] == pytest.approx(first_de, abs=1e-3)
 
@@ -4220,6 +4224,42 @@ def test_a_turns_partial_decodes_detect_its_language_again_only_as_it_doubles() 
     assert [(seconds, language) for seconds, final, language in calls if not final] == [
         (1.0, None), (1.5, None), (2.0, "de"), (2.5, "de"), (3.0, None), (3.5, "de"), (4.0, "de"), (4.5, "de")]
     assert calls[-1] == (4.5, True, None)
+
+
+def test_a_partial_decode_unsure_of_its_language_sends_nothing() -> None:
+    """A turn's first second often sounds like another language ("The spacket is" for "Das Paket
+    ist"): a partial decode whose detection whisper was unsure of is neither sent nor kept, and the
+    next one detects again. (The decodes here stand in for the engine's.)"""
+    async def scenario() -> tuple[list[str], list[str | None]]:
+        deltas: list[str] = []
+        asked: list[str | None] = []
+
+        async def decode(audio: np.ndarray, final: bool, language: str | None) -> audiotext.Transcript:
+            asked.append(language)
+            seconds = audio.size / audiotext.SAMPLE_RATE
+            sure = seconds >= 2.0
+            text = " Das Paket ist heute Morgen angekommen" if sure else " The spacket is done today"
+            segments = [audiotext.Segment(0, 0.0, seconds, text, tokens=[], avg_logprob=0.0)]
+            return audiotext.Transcript(text=text.strip(), language="de" if sure else "en", duration=seconds,
+                                        segments=segments, words=[], language_sure=sure)
+
+        async def emit(event: audiotext.LiveEvent) -> None:
+            if event.kind == "delta":
+                deltas.append(event.text)
+
+        stream = audiotext.LiveStream(decode, emit, vad=None, partial_seconds=0.5, max_turn_seconds=30.0)
+        stream.start()
+        for _ in range(7):
+            await stream.feed(np.zeros(audiotext.SAMPLE_RATE // 2, np.float32))
+            while len(asked) * audiotext.SAMPLE_RATE // 2 < stream.position - audiotext.SAMPLE_RATE // 2:
+                await asyncio.sleep(0.01)  # each partial decode is done before more audio comes
+        await stream.close()
+        return deltas, asked
+
+    deltas, asked = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert deltas and all("spacket" not in delta and "The" not in delta for delta in deltas), deltas
+    assert "".join(deltas).startswith("Das Paket")
+    assert asked[:3] == [None, None, None] and "de" in asked, asked  # detected again until sure, then kept
 
 
 def test_realtime_audio_formats_become_16_khz() -> None:
