@@ -9784,6 +9784,15 @@ def _turn_detection(value: Any, param: str) -> dict[str, Any] | None:
     return chosen
 
 
+def _session_language(value: str | None, param: str) -> str | None:
+    """A code whisper knows (or its English name): whisper.cpp would take another for none and
+    transcribe in whatever language it heard, as the HTTP routes refuse it too."""
+    try:
+        return _parse_language(value)
+    except UnsupportedLanguage as exc:
+        raise LiveSessionError("unsupported_language", str(exc), param=param) from None
+
+
 def _include(value: Any) -> bool:
     if value is None:
         return False
@@ -9820,7 +9829,7 @@ def updated_config(config: RealtimeConfig, session: Any, *, beta: bool) -> Realt
     if transcription is not None:
         section = _object(transcription, where)
         new.model = _optional_text(section, "model", where) or new.model
-        new.language = _optional_text(section, "language", where)
+        new.language = _session_language(_optional_text(section, "language", where), f"{where}.language")
         new.prompt = _optional_text(section, "prompt", where)
     if turn_key in turn_section:
         new.turn_detection = _turn_detection(turn_section[turn_key], turn_where)

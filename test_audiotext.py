@@ -7901,6 +7901,29 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
     assert counted.get("too_many_sessions") == 100 - LIVE_MAX_SESSIONS and counted.get("invalid_api_key") == 1
 
 
+def test_a_realtime_language_whisper_does_not_know_is_refused(make_client: Callable[..., TestClient]) -> None:
+    """As the HTTP routes refuse it: whisper.cpp would take an unknown code for none, and every
+    turn would come out in whatever language it heard. A name is taken for its code."""
+    client = make_client()
+    with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+        assert connection.receive_json()["type"] == "session.created"
+        for kind, session, where in (
+                ("session.update", {"audio": {"input": {"transcription": {"language": "zz"}}}},
+                 "session.audio.input.transcription.language"),
+                ("transcription_session.update", {"input_audio_transcription": {"language": "en-GB"}},
+                 "session.input_audio_transcription.language")):
+            connection.send_json({"type": kind, "session": session, "event_id": "ev_lang"})
+            error = connection.receive_json()
+            assert error["type"] == "error", error
+            assert (error["error"]["code"], error["error"]["param"], error["error"]["event_id"]) == (
+                "unsupported_language", where, "ev_lang")
+        connection.send_json({"type": "session.update", "session": {"audio": {"input": {
+            "transcription": {"language": "Catalan"}}}}})
+        updated = connection.receive_json()
+        assert updated["type"] == "session.updated", updated
+        assert updated["session"]["audio"]["input"]["transcription"]["language"] == "ca"
+
+
 def test_a_realtime_session_the_daemon_fails_gets_a_server_error_and_is_closed(
         make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
     client = make_client()
