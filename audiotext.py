@@ -10239,6 +10239,14 @@ def realtime_refusal(websocket: WebSocket, state: AppState, sessions: set[Any]) 
     return None
 
 
+async def realtime_without_upgrade(request: Request) -> Response:
+    """A plain GET of the WebSocket's path, most often through a proxy that does not pass the
+    upgrade on: the path is right, the connection is not (RFC 6455, section 4.2.2)."""
+    raise APIError(426, f"{REALTIME_PATH} is a WebSocket: connect with ws:// or wss://; a proxy in front "
+                   "of the daemon must pass the Upgrade and Connection headers on", code="websocket_required",
+                   headers={"Upgrade": "websocket"})
+
+
 async def realtime(websocket: WebSocket) -> None:
     state: AppState = websocket.app.state.audiotext
     sessions: set[Any] = websocket.app.state.live_sessions
@@ -10709,6 +10717,7 @@ def build_app(settings: Settings, *, models: ModelStore | None = None,
         Route("/v1/audio/translations", protected(create_translation), methods=["POST"]),
         Route("/v1/models", protected(list_models), methods=["GET"]),
         WebSocketRoute(REALTIME_PATH, realtime),
+        Route(REALTIME_PATH, protected(realtime_without_upgrade), methods=["GET"]),
         Route("/v1/models/{model_id:path}", protected(get_model), methods=["GET"]),
         *job_routes(),
     ]

@@ -7901,6 +7901,19 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
     assert counted.get("too_many_sessions") == 100 - LIVE_MAX_SESSIONS and counted.get("invalid_api_key") == 1
 
 
+def test_a_plain_get_of_the_realtime_path_is_told_to_upgrade(make_client: Callable[..., TestClient]) -> None:
+    """A proxy that does not pass the WebSocket upgrade on leaves a plain GET: the answer says the
+    path is right and the connection is not, rather than that there is no such route."""
+    client = make_client()
+    response = client.get("/v1/realtime?intent=transcription", headers=AUTH)
+    assert response.status_code == 426, response.text
+    assert response.headers["upgrade"] == "websocket"
+    error = response.json()["error"]
+    assert error["code"] == "websocket_required" and "Upgrade" in error["message"], error
+    assert client.get("/v1/realtime").status_code == 401
+    assert client.post("/v1/realtime", headers=AUTH).status_code == 405
+
+
 def test_a_realtime_language_whisper_does_not_know_is_refused(make_client: Callable[..., TestClient]) -> None:
     """As the HTTP routes refuse it: whisper.cpp would take an unknown code for none, and every
     turn would come out in whatever language it heard. A name is taken for its code."""
