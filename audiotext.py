@@ -10178,7 +10178,9 @@ class RealtimeSession:
 def realtime_protocol() -> type[asyncio.Protocol]:
     """uvicorn's WebSocket protocol on the websockets package (its sans-I/O one), which logs an
     ERROR, "returned without completing handshake", after every refusal answered in HTTP (a 401,
-    a 429): a refusal is an answer, so it counts as the handshake's end here."""
+    a 429): a refusal is an answer, so it counts as the handshake's end here. It logs an ERROR
+    with a traceback for a text message that is not UTF-8 too: a client's fault, closed with
+    1007 here as there, and logged as the client's."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     class RealtimeProtocol(WebSocketsSansIOProtocol):
@@ -10186,6 +10188,18 @@ def realtime_protocol() -> type[asyncio.Protocol]:
             await super().send(message)
             if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
                 self.handshake_complete = True
+
+        def send_receive_event_to_app(self) -> None:
+            if self.curr_msg_data_type == "text" and not self.close_sent:
+                try:
+                    b"".join(self.frames).decode()
+                except UnicodeDecodeError:
+                    self.frames = []
+                    logger.info("realtime: a text message that is not UTF-8; the connection is closed with 1007")
+                    self.conn.send_close(1007)
+                    self.handle_parser_exception()
+                    return
+            super().send_receive_event_to_app()
 
     return RealtimeProtocol
 

@@ -7901,6 +7901,24 @@ def test_realtime_bad_input_gets_error_events_and_the_api_keeps_answering(realti
     assert counted.get("too_many_sessions") == 100 - LIVE_MAX_SESSIONS and counted.get("invalid_api_key") == 1
 
 
+def test_a_realtime_text_message_that_is_not_utf8_closes_with_1007_quietly(realtime_daemon: Daemon) -> None:
+    """RFC 6455 closes the connection with 1007; one client's bad frame is not the daemon's error,
+    and leaves no traceback in its log. The next session is served."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        assert json.loads(connection.recv(timeout=60))["type"] == "session.created"
+        connection.send(b'{"type": "\xff"}', text=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                connection.recv(timeout=60)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+    with connect(realtime_url(realtime_daemon), additional_headers=AUTH) as connection:
+        assert json.loads(connection.recv(timeout=60))["type"] == "session.created"
+    assert not realtime_daemon.problems_since_checked()
+
+
 def test_a_plain_get_of_the_realtime_path_is_told_to_upgrade(make_client: Callable[..., TestClient]) -> None:
     """A proxy that does not pass the WebSocket upgrade on leaves a plain GET: the answer says the
     path is right and the connection is not, rather than that there is no such route."""
