@@ -9751,6 +9751,11 @@ def _optional_text(section: dict[str, Any], name: str, param: str) -> str | None
     value = section.get(name)
     if value is not None and not isinstance(value, str):
         raise LiveSessionError("invalid_value", f"{param}.{name} must be a string", param=f"{param}.{name}")
+    try:  # JSON may escape half of a surrogate pair, which whisper.cpp cannot take as text
+        (value or "").encode()
+    except UnicodeEncodeError:
+        raise LiveSessionError("invalid_value", f"{param}.{name} holds half of a surrogate pair, which is "
+                               "no text", param=f"{param}.{name}") from None
     return value or None
 
 

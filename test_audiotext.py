@@ -7919,6 +7919,26 @@ def test_a_realtime_text_message_that_is_not_utf8_closes_with_1007_quietly(realt
     assert not realtime_daemon.problems_since_checked()
 
 
+def test_a_realtime_prompt_that_is_not_unicode_text_is_refused(make_client: Callable[..., TestClient]) -> None:
+    """JSON may escape half of a surrogate pair, which no UTF-8 text holds: whisper.cpp could not
+    take such a prompt, and every decode of the session failed as the daemon's own error."""
+    client = make_client()
+    speech = as_pcm16(live_clip())[:int(2.0 * 24_000) * 2]
+    with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+        assert connection.receive_json()["type"] == "session.created"
+        connection.send_text(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "turn_detection": None, "transcription": {"model": LIVE_MODEL, "prompt": "\ud800 Good"}}}}}))
+        error = connection.receive_json()
+        assert error["type"] == "error", error
+        assert (error["error"]["code"], error["error"]["param"]) == (
+            "invalid_value", "session.audio.input.transcription.prompt")
+        connection.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+        connection.send_json({"type": "input_audio_buffer.commit"})
+        while (event := connection.receive_json())["type"] != COMPLETED:
+            assert event["type"] != "error", event
+    assert "Good morning" in event["transcript"], event
+
+
 def test_a_plain_get_of_the_realtime_path_is_told_to_upgrade(make_client: Callable[..., TestClient]) -> None:
     """A proxy that does not pass the WebSocket upgrade on leaves a plain GET: the answer says the
     path is right and the connection is not, rather than that there is no such route."""
