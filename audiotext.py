@@ -7651,6 +7651,11 @@ class WyomingSession:
 
         if not isinstance(event.type, str) or not isinstance(event.data, dict):
             raise WyomingSessionError("bad_event", "an event's type must be a string and its data an object")
+        try:  # JSON may escape half of a surrogate pair: no answer that repeats it could be written
+            json.dumps(event.data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise WyomingSessionError("bad_event", "an event's data holds half of a surrogate pair, which is "
+                                      "no text") from None
         if Describe.is_type(event.type):
             await self._write(wyoming_info(self.state).event())
         elif Ping.is_type(event.type):

@@ -6311,6 +6311,9 @@ def bad_session_cases() -> dict[str, tuple[list[Any] | bytes, str]]:
         "data that is no object": (b'{"type": "audio-start", "data": [1]}\n', "bad_event"),
         "a language that is no string": (b'{"type": "transcribe", "data": {"language": 5}}\n', "bad_event"),
         "nesting beyond reason": (b"[" * 100_000 + b"\n", "bad_event"),
+        # Half of a surrogate pair, which JSON may escape and no UTF-8 answer can carry back.
+        "a ping whose text is no text": (b'{"type": "ping", "data": {"text": "\\ud800"}}\n', "bad_event"),
+        "a model name that is no text": (b'{"type": "transcribe", "data": {"name": "\\udfff"}}\n', "bad_event"),
     }
 
 
