@@ -1280,6 +1280,7 @@ class UploadedFile:
 class Form:
     fields: dict[str, list[str]] = field(default_factory=dict)
     files: dict[str, UploadedFile] = field(default_factory=dict)
+    dropped_files: set[str] = field(default_factory=set)  # names of file parts nobody asked for
 
     def get(self, name: str) -> str | None:
         values = self.fields.get(name)
@@ -1313,7 +1314,8 @@ class _FormCollector:
             self._field_chunks = []
             self._field_bytes = 0
             self._max_field_bytes = self._field_limit(headers.name)
-        # Any other part is an upload nobody asked for: its bytes are counted, then dropped.
+        else:  # an upload nobody asked for: its bytes are counted, then dropped
+            self.form.dropped_files.add(headers.name)
 
     def _field_limit(self, name: str) -> int:
         limits = self._limits
@@ -9010,6 +9012,10 @@ def _known_speaker_lists(form: Form) -> tuple[list[str], list[str]]:
     empty entry is refused, not dropped: names and references pair by their order, so dropping one
     would leave counts that do not match, or pair a name with another's reference."""
     fields = ("known_speaker_names", "known_speaker_references")
+    for field_name in fields:  # `curl -F 'known_speaker_references[]=@ref.wav'` sends a file
+        if {field_name, f"{field_name}[]"} & form.dropped_files:
+            raise InvalidRequest(f"{field_name}[] came as a file upload; send each as a text field, a reference "
+                                 "as a data URL such as data:audio/wav;base64,...", param=f"{field_name}[]")
     names, references = ([v.strip() for v in form.fields.get(f"{f}[]", []) + form.fields.get(f, [])] for f in fields)
     if not any(names) and not any(references):
         return [], []

@@ -6884,6 +6884,14 @@ def test_bad_diarization_fields_are_400s_naming_them(make_client: Callable[..., 
     ]
     for fields, message, param in cases:
         assert_error(post_clip(client, model="cpu-tiny", **fields), 400, message, param=param)
+    # A reference as curl sends `-F 'known_speaker_references[]=@ref.webm'`: a file, not a data URL.
+    as_file = ("known_speaker_references[]", ("ref.webm", (CLIPS / "ref_espeak.webm").read_bytes()))
+    with open(CLIPS / "en.wav", "rb") as f:
+        uploaded = client.post("/v1/audio/transcriptions", headers=AUTH, files=[("file", ("en.wav", f)), as_file],
+                               data={**diarized, "known_speaker_names[]": "Ann"})
+    assert_error(uploaded, 400, "known_speaker_references[] came as a file upload; send each as a text field, a "
+                                "reference as a data URL such as data:audio/wav;base64,...",
+                 param="known_speaker_references[]")
     translated = post_clip(client, path="/v1/audio/translations", model="cpu-tiny", **diarized)
     assert_error(translated, 400, "translations are not diarized; ask /v1/audio/transcriptions", param="response_format")
 
