@@ -3394,6 +3394,10 @@ def reference_audio(name: str, data: bytes) -> np.ndarray:
     if len(audio) < low * SAMPLE_RATE:
         raise InvalidRequest(f"the reference for '{name}' is {len(audio) / SAMPLE_RATE:.1f} s long; a known "
                              f"speaker's reference must be {low:g} to {high:g} s long", param=param)
+    # Silence or noise has a voiceprint too, which no voice matches: the name would never be given.
+    if not find_speech(audio, SPEAKER_VAD_TUNING):
+        raise InvalidRequest(f"the reference for '{name}' has no speech in it: a known speaker's reference must "
+                             "be a recording of that person speaking", param=param)
     return audio
 
 

@@ -3143,6 +3143,18 @@ def test_known_speakers_are_named(diarizer: Daemon) -> None:
     assert job.json() == refused.json() and job.status_code == 400, job.text
 
 
+@pytest.mark.parametrize("samples", [pytest.param(np.zeros(3 * audiotext.SAMPLE_RATE), id="silence"),
+                                     pytest.param(np.random.default_rng(5).normal(0, 0.05, 3 * audiotext.SAMPLE_RATE),
+                                                  id="noise")])
+def test_a_reference_without_speech_is_refused(diarizer: Daemon, samples: np.ndarray) -> None:
+    """A silent clip (a muted microphone) or noise would match no voice, and its name silently never show."""
+    reference = "data:audio/wav;base64," + base64.b64encode(wav_bytes(samples)).decode()
+    refused = diarize(diarizer, "one_voice.webm", response_format="diarized_json",
+                      **{"known_speaker_names[]": ["Adam"], "known_speaker_references[]": [reference]})
+    assert_error(refused, 400, "the reference for 'Adam' has no speech in it: a known speaker's reference must be a "
+                               "recording of that person speaking", param="known_speaker_references[]")
+
+
 def numpy_file(save: Callable[..., None], *args: Any, **arrays: Any) -> bytes:
     """What np.save or np.savez writes, as bytes."""
     buffer = io.BytesIO()
