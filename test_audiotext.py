@@ -3416,6 +3416,15 @@ def test_import_diarization_refuses_a_wheel_that_is_not_resemblyzer_s(tmp_path: 
     assert not (tmp_path / "models" / audiotext.SPEAKER_MODEL_FILE).exists()
 
 
+def test_import_diarization_into_a_dir_it_cannot_write_says_so(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """As for a models dir owned by the service's user: an error, not a traceback."""
+    not_a_dir = tmp_path / "models"
+    not_a_dir.write_text("")
+    assert audiotext.main(["models", "import-diarization", "--models-dir", str(not_a_dir)]) == 2
+    assert f"audiotext: cannot write the speaker model into {not_a_dir}: " in capsys.readouterr().err
+
+
 def test_a_word_in_a_pause_goes_to_the_nearer_turn() -> None:
     # dialogue_3's "We" (11.48 s) in the pause between a short turn of one voice (10.15-10.91 s)
     # and a long one of another (11.55-14.33 s): nearer the second's start than the first's end,
