@@ -3548,6 +3548,9 @@ def segment_speakers(transcript: Transcript, labels: list[str]) -> Transcript:
 # pause would come early by the pause's length.
 VAD_GAP_CS = 10  # the silence after each stretch, in centiseconds, as whisper's times are (whisper.cpp's too)
 VAD_EDGE_CS = 10  # the most of a stretch's padding taken as its edge (see SpeechLayout)
+# whisper often begins a segment where the words before it ended, up to this much before a pause's
+# padding; a segment that begins there and goes on past the pause begins after it.
+SEGMENT_LEAD_CS = 10
 _SAMPLES_PER_CS = SAMPLE_RATE // 100
 
 
@@ -3596,7 +3599,7 @@ class SpeechLayout:
         side where the segment's words are. A segment that ends within the padding that begins a
         stretch has no word in it, only whisper's next timestamp."""
         for before, after in zip(self.stretches, self.stretches[1:]):
-            if before.end - self.edge_cs <= start < after.start and end > after.start + self.edge_cs:
+            if before.end - self.edge_cs - SEGMENT_LEAD_CS <= start < after.start and end > after.start + self.edge_cs:
                 start = after.start
             if start < before.end < end <= after.start + self.edge_cs:
                 end = before.end

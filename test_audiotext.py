@@ -2820,6 +2820,8 @@ def test_a_speech_layout_maps_whisper_s_times_back_to_the_recording() -> None:
     assert unpadded.from_packed(second + 2, start=False) == 2363
     assert layout.mend_segment(0, 2359) == (0, 330)  # ended at whisper's next timestamp
     assert layout.mend_segment(330, 2680) == (2361, 2680)  # began in the pause
+    assert layout.mend_segment(311, 2680) == (2361, 2680)  # where the words before the pause ended
+    assert layout.mend_segment(300, 2680) == (300, 2680)  # a word just before the pause: left as it is
     assert layout.mend_segment(0, 2680) == (0, 2680)  # words on both sides: left as it is
     assert layout.mend_segment(2400, 2500) == (2400, 2500)
     empty = audiotext.SpeechLayout(())
