@@ -7431,6 +7431,7 @@ WYOMING_MAX_EVENT_BYTES = 1 * MiB
 WYOMING_SAMPLE_TYPES = {1: np.uint8, 2: np.int16, 4: np.int32}  # bytes per sample -> PCM type
 WYOMING_MAX_RATE = 192_000
 WYOMING_MAX_CHANNELS = 8
+WYOMING_DRAIN_BYTES = 64 * 1024  # what is read at once of talk after audio-stop, which is dropped
 WYOMING_PROGRAM_URL = "https://github.com/ggml-org/whisper.cpp"
 WHISPER_URL = "https://github.com/openai/whisper"
 
@@ -7813,7 +7814,8 @@ class WyomingSession:
         """The worker's transcript; the work is aborted if the client leaves or the stop's grace
         ends first."""
         outcome = asyncio.wrap_future(work.future)
-        gone = asyncio.ensure_future(self._raw_reader.read(1))  # b"" once the client has closed
+        # b"" once the client has closed; whatever it sends meanwhile is read in large pieces and dropped.
+        gone = asyncio.ensure_future(self._raw_reader.read(WYOMING_DRAIN_BYTES))
         grace_over = asyncio.ensure_future(self.state.grace_over.wait())
         try:
             while not outcome.done():
@@ -7822,7 +7824,7 @@ class WyomingSession:
                     raise SchedulerStopped()
                 if gone.done():
                     if not gone.exception() and gone.result():
-                        gone = asyncio.ensure_future(self._raw_reader.read(1))  # talk after audio-stop: ignored
+                        gone = asyncio.ensure_future(self._raw_reader.read(WYOMING_DRAIN_BYTES))  # ignored
                         continue
                     raise ConnectionResetError("the client left before its transcript")
             return outcome.result()
