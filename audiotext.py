@@ -9022,7 +9022,10 @@ def _parse_stream(form: Form, response_format: str) -> bool:
 
 
 _ASCII_SPACE = str.maketrans("", "", " \t\n\r\f\v")
-DATA_URL = re.compile(r"data:(?:audio|video|application)/[A-Za-z0-9.+-]+(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL)
+# A type's parameters may hold commas (a browser's MediaRecorder: video/webm;codecs=vp8,opus), and
+# data URLs are case-insensitive but for their data.
+DATA_URL = re.compile(r"data:(?:audio|video|application)/[a-z0-9.+-]+(?:;[^;]*)*;base64,(?P<data>.*)",
+                      re.DOTALL | re.IGNORECASE)
 
 
 def _known_speaker_lists(form: Form) -> tuple[list[str], list[str]]:

@@ -3120,8 +3120,10 @@ def test_the_sdk_reads_diarized_json_and_its_stream(diarizer: Daemon) -> None:
 
 def test_known_speakers_are_named(diarizer: Daemon) -> None:
     turns = json.loads((CLIPS / "dialogue_2.json").read_text())["turns"]
-    references = [f"data:audio/webm;base64,{base64.b64encode((CLIPS / f'ref_{voice}.webm').read_bytes()).decode()}"
-                  for voice in ("festival", "espeak")]
+    # As a browser's FileReader writes a MediaRecorder's clip, and a data URL in capitals.
+    references = [f"{scheme}{base64.b64encode((CLIPS / f'ref_{voice}.webm').read_bytes()).decode()}"
+                  for scheme, voice in (("data:video/webm;codecs=vp8,opus;base64,", "festival"),
+                                        ("DATA:AUDIO/WEBM;BASE64,", "espeak"))]
     client = openai.OpenAI(base_url=diarizer.url + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
     with open(CLIPS / "dialogue_2.webm", "rb") as f:  # the SDK sends the lists as it sends them to OpenAI
         answer = client.audio.transcriptions.create(file=f, model="cpu-tiny", response_format="diarized_json",
