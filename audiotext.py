@@ -11430,8 +11430,11 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     if is_whole_model_file(dest):
         print(f"already there and whole: {dest}")
         return 0
-    dest = pull_model(args.name, settings.models_path, base_url=base_url,
-                      progress=sys.stderr if sys.stderr.isatty() else None)
+    try:
+        dest = pull_model(args.name, settings.models_path, base_url=base_url,
+                          progress=sys.stderr if sys.stderr.isatty() else None)
+    except OSError as exc:  # the models dir's, or a connection's once the download began
+        raise PullError(f"cannot pull {args.name} into {settings.models_path}: {exc}") from None
     print(f"saved {dest}")
     return 0
 
@@ -11442,15 +11445,21 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     name = args.as_name.removesuffix(".bin") if args.as_name else None
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"--as must be a plain file name, got {name!r}")
-    settings.models_path.mkdir(parents=True, exist_ok=True)
     # Without --as the name comes from what the model is, known only once it is read; until then
     # the file has a suffix the models dir does not list.
     dest = settings.models_path / (f"{name}.bin" if name else f".import-{os.getpid()}.bin.partial")
-    size = convert_ctranslate2(model_dir, dest, weight_files=weights, quantize=args.quantize)
-    if name is None:
-        name = f"ggml-{size}" + (f"-{args.quantize}" if args.quantize else "")
-        os.replace(dest, settings.models_path / f"{name}.bin")
-        dest = settings.models_path / f"{name}.bin"
+    try:
+        settings.models_path.mkdir(parents=True, exist_ok=True)
+        size = convert_ctranslate2(model_dir, dest, weight_files=weights, quantize=args.quantize)
+        if name is None:
+            name = f"ggml-{size}" + (f"-{args.quantize}" if args.quantize else "")
+            os.replace(dest, settings.models_path / f"{name}.bin")
+            dest = settings.models_path / f"{name}.bin"
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # what a full disk left of a file not yet named
+            if args.as_name is None:
+                dest.unlink(missing_ok=True)
+        raise ModelImportError(f"cannot import the model into {settings.models_path}: {exc}") from None
     read = dict.fromkeys([model_dir, *(path.parent for path in weights)])  # the model's own first
     print(f"imported {', '.join(map(str, read))} as model '{name}' ({dest.stat().st_size / MiB:.0f} MiB)")
     return 0

@@ -3429,6 +3429,19 @@ def test_import_diarization_into_a_dir_it_cannot_write_says_so(tmp_path: Path,
     assert f"audiotext: cannot write the speaker model into {not_a_dir}: " in capsys.readouterr().err
 
 
+def test_models_pull_and_import_into_a_dir_they_cannot_write_say_so(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A models dir that is a file, as a wrong --models-dir makes it: an error, not a traceback."""
+    not_a_dir = tmp_path / "models"
+    not_a_dir.write_text("")
+    assert audiotext.main(["models", "pull", "tiny", "--models-dir", str(not_a_dir),
+                           "--base-url", "http://127.0.0.1:9"]) == 2
+    assert f"audiotext: cannot pull tiny into {not_a_dir}: " in capsys.readouterr().err
+    assert audiotext.main(["models", "import", "--starter", "--models-dir", str(not_a_dir)]) == 2
+    assert f"audiotext: cannot import the model into {not_a_dir}: " in capsys.readouterr().err
+    assert not_a_dir.read_text() == ""
+
+
 def test_a_word_in_a_pause_goes_to_the_nearer_turn() -> None:
     # dialogue_3's "We" (11.48 s) in the pause between a short turn of one voice (10.15-10.91 s)
     # and a long one of another (11.55-14.33 s): nearer the second's start than the first's end,
