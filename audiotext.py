@@ -1427,6 +1427,10 @@ async def read_form(
 MAX_FRAME_SECONDS = 10.0
 # Silence standing in for a skipped packet is handed out in pieces no longer than this.
 FILL_CHUNK_SAMPLES = SAMPLE_RATE
+# A frame that begins this much after the previous one ended follows audio that was lost without
+# an error: damage that FFmpeg's parser took for fewer, longer frames (seen in FLAC). Timestamps
+# in milliseconds (WebM) waver by far less.
+LOST_AUDIO_SECONDS = 0.05
 
 
 @contextlib.contextmanager
@@ -1516,6 +1520,7 @@ def _samples(container: Any, stream: Any, report: DecodeReport) -> Iterator[np.n
     resampler = _Resampler()
     gap = 0.0  # seconds skipped since the last frame, filled only once audio follows them
     frame_seconds = 0.0  # the last frame's length: the best guess for a packet that states none
+    clock: float | None = None  # where the next frame should begin, on the stream's timestamps
     for packet in _packets(container, stream, report):
         try:
             frames = packet.decode()
@@ -1525,11 +1530,22 @@ def _samples(container: Any, stream: Any, report: DecodeReport) -> Iterator[np.n
             report.skipped_packets += 1
             report.skipped_seconds += seconds
             gap += seconds
+            clock = None if clock is None else clock + seconds
             logger.debug("skipped a packet FFmpeg cannot decode: %s", exc)
             continue
         for frame in frames:
             report.decoded_frames += 1
             frame_seconds = frame.samples / frame.sample_rate if frame.sample_rate else frame_seconds
+            lost = frame.time - clock if frame.time is not None and clock is not None else 0.0
+            if lost > LOST_AUDIO_SECONDS:
+                report.skipped_packets += 1
+                report.skipped_seconds += lost
+                gap += lost
+                logger.debug("%.3f s of audio lost before %.3f s, without an error from FFmpeg", lost, frame.time)
+            if frame.time is not None:
+                clock = frame.time + frame_seconds
+            elif clock is not None:
+                clock += frame_seconds
             if gap:
                 yield from _silence(gap)
                 gap = 0.0

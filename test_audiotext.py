@@ -2256,6 +2256,21 @@ def test_a_damaged_packet_is_skipped_and_counted(tmp_path: Path) -> None:
     assert seconds == report.seconds
 
 
+def test_audio_lost_without_an_error_is_counted_and_filled(tmp_path: Path) -> None:
+    """FLAC damaged so that FFmpeg's parser takes a few frames for fewer ones that decode without an
+    error: the frames' timestamps tell the audio that is missing, and silence keeps its place."""
+    whole = CLIPS / "pauses.flac"
+    data = bytearray(whole.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 3000] = b"\x55" * 3000
+    path = tmp_path / "damaged.flac"
+    path.write_bytes(bytes(data))
+    with audiotext.stream_audio(path, max_seconds=60) as (chunks, report):
+        samples = sum(chunk.size for chunk in chunks)
+    assert samples == audiotext.decode_audio(whole, max_seconds=60).size, report
+    assert report.skipped_packets >= 1 and 0.1 < report.skipped_seconds < 0.5, report
+
+
 def test_a_file_with_nothing_decodable_is_refused(tmp_path: Path) -> None:
     flac = (CLIPS / "en.flac").read_bytes()
     first_frame = flac.index(b"\xff\xf8")  # the metadata blocks stay, every frame is noise
