@@ -8955,7 +8955,7 @@ def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
     if raw is not None and raw.startswith("{"):
         try:
             fields = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: objects nested thousands deep
             raise InvalidRequest("chunking_strategy is not valid JSON", param="chunking_strategy") from None
         if not isinstance(fields, dict):
             raise InvalidRequest("chunking_strategy must be \"auto\" or an object", param="chunking_strategy")

@@ -7005,6 +7005,7 @@ def test_curl_chunking_strategy_as_json(daemon: Daemon) -> None:
     ({"chunking_strategy": '{"type": "server_vad", "silence_duration_ms": "soon"}'},
      "chunking_strategy[silence_duration_ms]", "must be a number from 0 to 10000; got 'soon'"),
     ({"chunking_strategy": "{not json"}, "chunking_strategy", "is not valid JSON"),
+    ({"chunking_strategy": '{"a":' * 10_000}, "chunking_strategy", "is not valid JSON"),  # deeper than Python recurses
 ])
 def test_bad_chunking_strategy_is_a_400_naming_the_field(make_client: Callable[..., TestClient],
                                                           fields: dict[str, str], param: str, message: str) -> None:
