@@ -9175,8 +9175,12 @@ def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> 
         per_cue = layout.count or len(lines)
         for i in range(0, len(lines), per_cue):
             group = lines[i:i + per_cue]
-            end = segment.end if i + per_cue >= len(lines) else group[-1][-1].end
-            cues.append((group[0][0].start, end, "\n".join(" ".join(w.word for w in line) for line in group)))
+            start, end = group[0][0].start, group[-1][-1].end
+            if i + per_cue >= len(lines):
+                end = max(end, segment.end)  # a word timed past its segment's end still shows
+            elif end <= start:  # a word whisper gave no length shows until the next cue
+                end = lines[i + per_cue][0].start
+            cues.append((start, end, "\n".join(" ".join(w.word for w in line) for line in group)))
     return cues
 
 

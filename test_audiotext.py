@@ -7215,6 +7215,19 @@ def test_subtitle_layout_keeps_every_word_once_and_skips_empty_segments() -> Non
     assert " ".join(text.replace("\n", " ") for _, _, text in without_times) == "one two three four five"
 
 
+def test_subtitle_cues_cut_at_words_each_last_a_while_in_order() -> None:
+    segments = [audiotext.Segment(id=0, start=0.0, end=2.0, text=" The numbers add", tokens=[], avg_logprob=0.0),
+                audiotext.Segment(id=1, start=2.0, end=3.0, text=" up", tokens=[], avg_logprob=0.0)]
+    # whisper gives short words no length (8.26 --> 8.26), and may time a word past its segment's end
+    words = [audiotext.Word(" The", 0.3, 0.3), audiotext.Word(" numbers", 0.4, 0.9), audiotext.Word(" add", 2.1, 2.4),
+             audiotext.Word(" up", 2.5, 2.8)]
+    transcript = audiotext.Transcript("The numbers add up", "en", 3.0, segments, words)
+    cues = audiotext.subtitle_cues(transcript, audiotext.LineLayout(width=3, count=1))
+    assert [text for _, _, text in cues] == ["The", "numbers", "add", "up"]
+    assert all(start < end for start, end, _ in cues), cues
+    assert all(end <= following for (_, end, _), (following, _, _) in zip(cues, cues[1:])), cues
+
+
 def test_subtitle_layout_for_a_job_result_and_bad_values(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     job = submit_job(client, "en.wav")  # type: ignore[arg-type]
