@@ -9164,7 +9164,7 @@ Cue = tuple[float, float, str]
 
 def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> list[Cue]:
     if layout.width is None and layout.count is None:
-        return [(s.start, s.end, s.text.strip()) for s in transcript.segments]
+        return [(s.start, s.end, s.text.strip()) for s in transcript.segments if s.text.strip()]  # no empty cue
     cues: list[Cue] = []
     words = transcript.words
     for segment, span in zip(transcript.segments, words_by_segment(transcript.segments, words)):

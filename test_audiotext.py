@@ -7213,6 +7213,8 @@ def test_subtitle_layout_keeps_every_word_once_and_skips_empty_segments() -> Non
     assert " ".join(text.replace("\n", " ") for _, _, text in cues) == "one two three four five"
     without_times = audiotext.subtitle_cues(dataclasses.replace(transcript, words=[]), audiotext.LineLayout(width=8))
     assert " ".join(text.replace("\n", " ") for _, _, text in without_times) == "one two three four five"
+    assert [text for _, _, text in audiotext.subtitle_cues(transcript)] == ["one two three", "four five"]
+    assert audiotext.to_srt(transcript).startswith("1\n00:00:00,000 --> 00:00:02,000\none two three\n\n2\n00:00:03,000")
 
 
 def test_subtitle_cues_cut_at_words_each_last_a_while_in_order() -> None:
