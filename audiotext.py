@@ -10566,6 +10566,14 @@ def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
                  "text": text})
 
 
+def _status_again(store: JobStore, job: Job) -> bytes:
+    """A run a storage fault stopped: the job is back in the queue, or running again from the start."""
+    position = store.position(job.id) if job.status == QUEUED else None
+    at = job.started_at if job.status == RUNNING and job.started_at is not None else time.time()
+    return _sse({"type": "transcription.job.status", "status": job.status, "at": round(at, 3),
+                 "job": _job_as_it_was(job, job.status, position)})
+
+
 async def _job_event_stream(store: JobStore, job_id: str, *, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
     try:
         async for event in _job_events(store, job_id, stopping):
@@ -10580,6 +10588,7 @@ async def _job_event_stream(store: JobStore, job_id: str, *, stopping: Callable[
 async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
     """The stream's events; it ends with the job, or when the daemon stops (a client reconnects)."""
     sent_statuses: set[str] = set()
+    told = ""  # the status last told of
     sent_segments, sent_progress, quiet_since = 0, -1.0, time.monotonic()
     while True:
         try:
@@ -10592,9 +10601,13 @@ async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]
         for status, at in history[:-1] if job.status in FINISHED_STATUSES else history:
             if status not in sent_statuses:  # the terminal one waits for the last segments
                 sent_statuses.add(status)
+                told = status
                 position = store.position(job_id) if job.status == QUEUED else None
                 yield _sse({"type": "transcription.job.status", "status": status, "at": round(at, 3),
                             "job": _job_as_it_was(job, status, position)})
+        if told and job.status in (QUEUED, RUNNING) and job.status != told:
+            told = job.status
+            yield _status_again(store, job)
         heard = job.heard
         if job.status == SUCCEEDED and not heard:  # the result file holds them now
             transcript = await run_in_threadpool(store.result, job_id)

@@ -8798,6 +8798,46 @@ def test_job_events_for_an_unknown_job_are_a_404(daemon: Daemon) -> None:
                  f"no transcription job with id 'job_{'0' * 32}'")
 
 
+def test_a_job_s_events_tell_of_its_return_to_the_queue_after_a_storage_fault(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run a full disk stopped goes back to the queue: a stream following the job says so, rather
+    than leaving its reader with `running` while the job waits for the disk."""
+    monkeypatch.setattr(audiotext, "JOB_EVENTS_POLL_SECONDS", 0.0)
+    monkeypatch.setattr(audiotext, "JOB_EVENTS_KEEPALIVE_SECONDS", 0.0)  # a poll with no news says so at once
+    fail_result_writes(monkeypatch, errno.ENOSPC, times=1)
+    engine, scheduler = FakeEngine(), FakeScheduler()
+    (tmp_path / "tmp").mkdir()
+    store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=3600))
+    store.open()
+    spooled = tmp_path / "tmp" / "upload"
+    spooled.write_bytes(b"audio of a meeting")
+    job_id = store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id
+    loop = asyncio.new_event_loop()
+    stream = audiotext._job_events(store, job_id, lambda: False)
+    told: list[tuple[str, int | None]] = []
+
+    def read_news(*_: Any) -> None:
+        """The stream's status events until it has nothing new to say, or ends."""
+        with contextlib.suppress(StopAsyncIteration):
+            while (chunk := loop.run_until_complete(anext(stream))).startswith(b"data: "):
+                event = json.loads(chunk.removeprefix(b"data: "))
+                if event["type"] == "transcription.job.status":
+                    told.append((event["status"], event["job"]["queue_position"]))
+
+    try:
+        read_news()
+        engine.meanwhile = read_news  # as whisper.cpp transcribes
+        assert scheduler.run_next() == job_id and store.get(job_id).status == "queued"  # its result was refused
+        read_news()
+        store.retry_storage(math.inf)  # the pause is over: the run that only writes the result
+        assert scheduler.run_next() == job_id
+        read_news()
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()
+    assert told == [("queued", 1), ("running", None), ("queued", 1), ("succeeded", None)]
+
+
 # ---------------------------------------------------------------------------------------------
 # App
 # ---------------------------------------------------------------------------------------------
