@@ -698,6 +698,11 @@ class QueueFull(JobError):
                          "retry later")
 
 
+class ResultUnreadable(JobError):
+    """A succeeded job's result file no longer holds a transcript: damaged on disk since it was
+    written whole."""
+
+
 class JobTableTooNew(Exception):
     """jobs.json was written by a newer audiotext; starting would drop what it cannot read."""
 
@@ -774,6 +779,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorMeaning] = {
                                    "the client disconnected before the upload was complete"),
     JobNotFound: ErrorMeaning(404, _NOT_FOUND, "job_not_found"),
     JobConflict: ErrorMeaning(409, _CLIENT, "job_state_conflict"),
+    ResultUnreadable: ErrorMeaning(500, _SERVER, "result_unreadable"),
     QueueFull: ErrorMeaning(429, _SERVER, "queue_full", retry_after=QUEUE_FULL_RETRY_SECONDS),
     SchedulerStopped: ErrorMeaning(503, _SERVER, "shutting_down", retry_after=RETRY_AFTER_STOP_SECONDS),
     ModelError: ErrorMeaning(500, _SERVER, "model_load_failed"),
@@ -5744,8 +5750,13 @@ class JobFiles:
             mode=PRIVATE_FILE_MODE)
 
     def read_result(self, job: Job) -> Transcript:
-        data = json.loads(self.result(job).read_bytes())
-        return transcript_from_json(data["transcript"])
+        raw = self.result(job).read_bytes()
+        try:
+            return transcript_from_json(json.loads(raw)["transcript"])
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            logger.error("the result file of job %s is damaged: %s", job.id, exc)
+            raise ResultUnreadable(f"the result of job {job.id} cannot be read: its file in the state "
+                                   "directory is damaged") from None
 
     def write_table(self, records: list[dict[str, Any]]) -> None:
         write_atomically(self.layout.job_table, dump_json({"schema": JOBS_SCHEMA, "jobs": records}),

@@ -8798,6 +8798,23 @@ def test_job_events_for_an_unknown_job_are_a_404(daemon: Daemon) -> None:
                  f"no transcription job with id 'job_{'0' * 32}'")
 
 
+def test_a_damaged_result_file_is_a_clear_error_not_a_traceback(
+        make_client: Callable[..., TestClient], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client()
+    job = wait_for_job(client, submit_job(client)["id"])
+    assert job["status"] == "succeeded", job
+    result = tmp_path / "state" / "results" / f"{job['id']}.json"
+    result.write_bytes(result.read_bytes()[:100])  # a sector lost since it was written whole
+    message = f"the result of job {job['id']} cannot be read: its file in the state directory is damaged"
+    response = client.get(job["result_url"], headers=AUTH)
+    assert_error(response, 500, message)
+    assert response.json()["error"]["code"] == "result_unreadable"
+    events = client.get(f"{JOBS}/{job['id']}/events", headers=AUTH).text
+    assert json.loads(events.rstrip().rsplit("data: ", 1)[1])["error"]["code"] == "result_unreadable"
+    assert not [r for r in caplog.records if r.exc_info], "no traceback: the file is to blame, not the code"
+    assert f"the result file of job {job['id']} is damaged" in caplog.text
+
+
 def test_a_job_s_events_tell_of_its_return_to_the_queue_after_a_storage_fault(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run a full disk stopped goes back to the queue: a stream following the job says so, rather
