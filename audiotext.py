@@ -6486,7 +6486,11 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 def _url_host(url: str) -> str:
     """What a log line names of a receiver: its scheme, host and port, never a path or query that may
     hold a token."""
-    return _shown_origin(urllib.parse.urlsplit(url))
+    try:
+        return _shown_origin(urllib.parse.urlsplit(url))
+    except ValueError:  # a host urllib cannot read ("[::1"), owed since before such URLs were refused
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{re.split(r'[/?#]', rest, maxsplit=1)[0].rpartition('@')[2].lower()}"
 
 
 def _failure_reason(exc: BaseException) -> str:

@@ -5471,13 +5471,17 @@ def test_a_webhook_still_owed_survives_a_job_table_rebuilt_from_the_files(
     assert [h["webhook-id"] for h in hooks.attempts[tried:]] == [headers["webhook-id"]]
 
 
+@pytest.mark.parametrize(("url", "shown"), [("http://127.0.0.1:9/hook/tok3n\x7f", "http://127.0.0.1:9"),
+                                            ("http://[::1/hook/tok3n", "http://[::1")],
+                         ids=["control_character", "unreadable_host"])
 def test_a_webhook_owed_to_a_url_that_cannot_be_sent_is_given_up_on_at_once(
-        make_client: Callable[..., TestClient], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        make_client: Callable[..., TestClient], tmp_path: Path, caplog: pytest.LogCaptureFixture, url: str,
+        shown: str) -> None:
     # As a table written before such URLs were refused may still owe one.
     job_id = "job_" + "1" * 32
     now = time.time()
     job = audiotext.Job(job_id, 0, audiotext.JobSpec(model="cpu-tiny"), job_id + ".wav", now - 5, status="canceled",
-                        finished_at=now, webhook={"url": "http://127.0.0.1:9/hook/tok3n\x7f", "body": "{}",
+                        finished_at=now, webhook={"url": url, "body": "{}",
                                                   "id": f"msg_{job_id}_canceled", "created_at": now})
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "jobs.json").write_text(json.dumps({"schema": 1, "jobs": [job.record()]}))
@@ -5487,7 +5491,7 @@ def test_a_webhook_owed_to_a_url_that_cannot_be_sent_is_given_up_on_at_once(
     page = wait_until(lambda: (p := scrape(client)).get(expired) and p, what="the webhook given up on", timeout=60)
     assert ("audiotext_webhook_deliveries_total", frozenset({("outcome", "failed")})) not in page
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webhook ")]
-    assert lines == [f"webhook msg_{job_id}_canceled to http://127.0.0.1:9 given up on: its URL cannot be sent"]
+    assert lines == [f"webhook msg_{job_id}_canceled to {shown} given up on: its URL cannot be sent"]
     wait_until(lambda: json.loads((tmp_path / "state" / "jobs.json").read_text())["jobs"][0]["webhook"] is None,
                what="jobs.json to owe nothing")
 
