@@ -10581,6 +10581,10 @@ def _segment_event(index: int, start: float, end: float, text: str) -> bytes:
                  "text": text})
 
 
+def _deleted_event(job_id: str) -> bytes:
+    return _sse({"type": "transcription.job.deleted", "id": job_id})
+
+
 def _status_again(store: JobStore, job: Job) -> bytes:
     """A run a storage fault stopped: the job is back in the queue, or running again from the start."""
     position = store.position(job.id) if job.status == QUEUED else None
@@ -10609,7 +10613,7 @@ async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]
         try:
             job = store.get(job_id)
         except JobNotFound:
-            yield _sse({"type": "transcription.job.deleted", "id": job_id})
+            yield _deleted_event(job_id)
             return
         before = (len(sent_statuses), sent_segments, sent_progress)
         history = _status_history(job)
@@ -10625,7 +10629,11 @@ async def _job_events(store: JobStore, job_id: str, stopping: Callable[[], bool]
             yield _status_again(store, job)
         heard = job.heard
         if job.status == SUCCEEDED and not heard:  # the result file holds them now
-            transcript = await run_in_threadpool(store.result, job_id)
+            try:
+                transcript = await run_in_threadpool(store.result, job_id)
+            except JobNotFound:  # deleted or expired since it was read
+                yield _deleted_event(job_id)
+                return
             heard = [(s.start, s.end, s.text) for s in transcript.segments]
         sent_segments = min(sent_segments, len(heard))  # a run started again (a storage fault) starts over
         for index in range(sent_segments, len(heard)):

@@ -8819,6 +8819,31 @@ def test_a_damaged_result_file_is_a_clear_error_not_a_traceback(
     assert f"the result file of job {job['id']} is damaged" in caplog.text
 
 
+def test_a_job_s_events_say_deleted_when_it_goes_as_its_result_is_read(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, scheduler = FakeEngine(), FakeScheduler()
+    (tmp_path / "tmp").mkdir()
+    store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=3600))
+    store.open()
+    spooled = tmp_path / "tmp" / "upload"
+    spooled.write_bytes(b"audio of a meeting")
+    job_id = store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id
+    assert scheduler.run_next() == job_id and store.get(job_id).status == "succeeded"
+    read_result = store.result
+
+    def deleted_first(job_id: str) -> audiotext.Transcript:  # a delete, or the TTL, just before the read
+        store.delete(job_id)
+        return read_result(job_id)
+
+    monkeypatch.setattr(store, "result", deleted_first)
+
+    async def read() -> list[bytes]:
+        return [chunk async for chunk in audiotext._job_event_stream(store, job_id, stopping=lambda: False)]
+
+    events = [json.loads(chunk.removeprefix(b"data: ")) for chunk in asyncio.run(read())]
+    assert events[-1] == {"type": "transcription.job.deleted", "id": job_id}, events[-1]
+
+
 def test_a_job_s_events_tell_of_its_return_to_the_queue_after_a_storage_fault(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run a full disk stopped goes back to the queue: a stream following the job says so, rather
