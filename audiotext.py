@@ -5772,7 +5772,7 @@ class JobFiles:
         try:
             raw = table.read_bytes()
         except FileNotFoundError:
-            return []
+            return self._recover_missing()
         try:
             return parse_job_table(raw)
         except (ValueError, TypeError) as exc:  # JSON, UTF-8 and record errors are all ValueErrors
@@ -5784,6 +5784,18 @@ class JobFiles:
                          f"; {webhooks} webhook(s) of the last AUDIOTEXT_WEBHOOK_MAX_AGE_HOURS are sent "
                          "(again, for those already delivered)" if webhooks else "")
             return jobs
+
+    def _recover_missing(self) -> list[Job]:
+        """No jobs.json, though job files remain (a first start has none: it writes jobs.json before
+        any job is accepted). A start set an unreadable one aside and then failed, on a full disk or
+        killed, or it was removed by hand: the jobs are rebuilt as from an unreadable one."""
+        if not any(self.layout.uploads.glob("job_*.json")) and not any(self.layout.results.glob("job_*.json")):
+            return []
+        jobs = self._recover_from_files()
+        logger.error("JOB TABLE MISSING: %s is gone; recovered %d job(s) from uploads/ and results/, whose "
+                     "webhooks of the last AUDIOTEXT_WEBHOOK_MAX_AGE_HOURS are sent (again, for those already "
+                     "delivered)", self.layout.job_table, len(jobs))
+        return jobs
 
     def _move_aside(self) -> Path:
         table = self.layout.job_table

@@ -4980,6 +4980,44 @@ def test_a_fault_in_a_job_fails_it_with_a_traceback_and_the_daemon_serves_on(
     assert wait_for_job(client, submit_job(client, model="cpu-tiny")["id"])["status"] == "succeeded"
 
 
+def test_a_job_table_set_aside_by_a_start_that_failed_is_rebuilt_not_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A start that finds jobs.json unreadable sets it aside; when it then cannot write the rebuilt
+    table (a full disk), the next start finds none, and must rebuild the jobs again from their files."""
+    engine, scheduler = FakeEngine(), FakeScheduler()
+    (tmp_path / "tmp").mkdir()
+    policy = audiotext.JobPolicy(max_queue=10, ttl_seconds=3600)
+    store = audiotext.JobStore(tmp_path, scheduler, engine, policy)
+    store.open()
+    ids = []
+    for n in range(2):
+        spooled = tmp_path / "tmp" / f"upload-{n}"
+        spooled.write_bytes(b"audio of %d" % n)
+        ids.append(store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id)
+    assert scheduler.run_next() == ids[0]
+    files = state_files(tmp_path)
+    (tmp_path / "jobs.json").write_text('{"schema": 1, "jobs": [')  # torn
+    full = {"on": True}
+    real_write = audiotext.JobFiles.write_table
+
+    def write_table(self: audiotext.JobFiles, records: list[dict[str, Any]]) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, records)
+
+    monkeypatch.setattr(audiotext.JobFiles, "write_table", write_table)
+    with pytest.raises(OSError):
+        audiotext.JobStore(tmp_path, FakeScheduler(), engine, policy).open()
+    assert not (tmp_path / "jobs.json").exists()  # set aside, and nothing written in its place
+    full["on"] = False
+    again = audiotext.JobStore(tmp_path, FakeScheduler(), engine, policy)
+    again.open()
+    assert [(job.id, job.status) for job in again.find(lambda job: True)] == [(ids[0], "succeeded"),
+                                                                             (ids[1], "queued")]
+    assert state_files(tmp_path) == files
+    assert "JOB TABLE MISSING" in caplog.text
+
+
 def fail_result_writes(monkeypatch: pytest.MonkeyPatch, code: int, times: float) -> list[int]:
     """The disk refuses the next `times` result writes with `code`; returns the list of refusals."""
     real = audiotext.JobFiles.write_result
