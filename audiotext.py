@@ -5676,7 +5676,8 @@ def parse_job_table(raw: bytes) -> list[Job]:
         raise CorruptRecord("not a job table")
     if data["schema"] > JOBS_SCHEMA:
         raise JobTableTooNew(f"jobs.json has schema version {data['schema']}, newer than the {JOBS_SCHEMA} this "
-                             "audiotext reads; run the newer version, or move the file away to start empty")
+                             "audiotext reads; run the newer version, or move the file away to start with the "
+                             "jobs this version can rebuild from their files")
     jobs = [job_from_record(record) for record in data["jobs"]]
     if len({j.id for j in jobs}) != len(jobs):
         raise CorruptRecord("a job id appears twice")
