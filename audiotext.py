@@ -11325,8 +11325,12 @@ def check_state_usable(directory: Path) -> None:
                 raise ConfigError(f"{folder} in the state dir is not a directory; move it away")
             if folder.is_dir():
                 fd, probe = tempfile.mkstemp(prefix="check-", dir=folder)
-                os.close(fd)
-                os.unlink(probe)
+                try:  # a byte, not only a name: a full disk still makes empty files
+                    os.write(fd, b"\0")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"state dir {directory} is not usable: {exc.strerror or exc}") from None
 

@@ -9617,11 +9617,24 @@ def read_only_state_dir(state: Path) -> str:
     return f"state dir {state} is not usable: Read-only file system"
 
 
+def full_state_dir(state: Path) -> str:
+    mount = contextlib.ExitStack()
+    mount.enter_context(tmpfs(state, "1m"))
+    unmount_after_test.append(mount)
+    (state / "results").mkdir()  # as the first start left it
+    with contextlib.suppress(OSError), open(state / "filler", "wb") as filler:
+        while True:
+            filler.write(b"\0" * 65536)
+            filler.flush()
+    return f"state dir {state} "  # check: too little free for an upload; serve: not usable, no space left
+
+
 unmount_after_test: list[contextlib.ExitStack] = []
 
 
 @pytest.mark.parametrize("prepare", [pytest.param(job_table_is_a_directory, id="jobs_json_is_a_directory"),
-                                     pytest.param(read_only_state_dir, id="read_only_state_dir")])
+                                     pytest.param(read_only_state_dir, id="read_only_state_dir"),
+                                     pytest.param(full_state_dir, id="full_state_dir")])
 def test_an_unusable_state_dir_is_a_message_not_a_traceback(tmp_path: Path, models_dir: Path,
                                                             prepare: Callable[[Path], str]) -> None:
     try:
