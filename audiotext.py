@@ -8026,7 +8026,8 @@ DICTATION_SCRIPT = r"""
 (() => {
   const RATE = 24000;  // what OpenAI's audio/pcm format is
   const byId = (id) => document.getElementById(id);
-  const dictation = {socket: null, stream: null, context: null, starting: false, turns: [], heard: new Map()};
+  const dictation = {socket: null, stream: null, context: null, starting: false, turns: [], heard: new Map(),
+                     reason: ""};  // the last error the server sent: why it ends the session, if it does
 
   function say(text, kind = "") {
     byId("dictation-state").textContent = text;
@@ -8072,6 +8073,7 @@ DICTATION_SCRIPT = r"""
     } else if (event.type === "input_audio_buffer.speech_stopped") {
       say("Listening");
     } else if (event.type === "error") {
+      dictation.reason = event.error.message;
       say(event.error.message, "bad");
     }
     show();
@@ -8131,8 +8133,12 @@ DICTATION_SCRIPT = r"""
       transcription: {model: model || null, language: language || null},
       turn_detection: {type: "server_vad"}}}}}));
     const socket = dictation.socket;
-    socket.addEventListener("close", () => {  // not the close that stop() asked for
-      if (dictation.socket === socket) { stop(); say("The connection dropped; press the button to go on.", "bad"); }
+    dictation.reason = "";
+    socket.addEventListener("close", (event) => {  // not the close that stop() asked for
+      if (dictation.socket !== socket) return;
+      stop();  // a server that ends the session says why first; a dropped connection (1006) says nothing
+      say(event.code !== 1006 && dictation.reason ? `The session ended: ${dictation.reason}. Press the button to go on.`
+        : "The connection dropped; press the button to go on.", "bad");
     });
     // The browser resamples to 24 kHz; ScriptProcessor, as an AudioWorklet needs a module this page's policy refuses.
     dictation.context = new AudioContext({sampleRate: RATE});
@@ -8288,6 +8294,7 @@ progress::-webkit-progress-value { background: var(--accent); border-radius: 99p
 progress::-moz-progress-bar { background: var(--accent); border-radius: 99px; }
 .text { white-space: pre-wrap; margin: .5rem 0 0; max-height: 18rem; overflow: auto; }
 .text:empty { display: none; }
+.text.none { color: var(--muted); font-style: italic; }
 .actions { display: flex; flex-wrap: wrap; align-items: center; gap: .4rem; margin-top: .7rem; }
 .actions .gap { margin-left: auto; }
 .downloads { display: flex; align-items: center; gap: .4rem; }
@@ -8315,7 +8322,7 @@ const MAX_STREAMS = 2;
 let streams = 0;
 const KEY = {token: "audiotext.token", names: "audiotext.names", options: "audiotext.options"};
 const $ = (id) => document.getElementById(id);
-const cardOf = new WeakMap();  // li -> its card: {el, name, id, job, phase, sent, error, text, said}
+const cardOf = new WeakMap();  // li -> its card: {el, name, id, job, phase, sent, error, trouble, text, said}
 let uploads = Promise.resolve();  // one upload at a time, in the order the files came
 
 class ApiError extends Error {
@@ -8361,8 +8368,9 @@ function messageOf(xhr) {
 // How a job's news arrives, until it finishes or is gone: while it waits, by asking now and then
 // (its place in the queue moves as others finish); while it runs, from its events stream, whose
 // segments show the text as it is heard. `update` gets each state, or null once the job no longer
-// exists, and returns false when nobody shows the job any more.
-async function follow(job, update) {
+// exists, and returns false when nobody shows the job any more; `trouble` gets what keeps it from
+// asking (the daemon stopped, the network is down) until the next state comes.
+async function follow(job, update, trouble) {
   for (let ask = false; ; ) {
     await sleep(POLL_MS[job.status] || POLL_MS.queued);
     try {
@@ -8372,6 +8380,7 @@ async function follow(job, update) {
     } catch (error) {
       if (error.status === 404) return update(null);
       if (error.status === 401) return;
+      if (error instanceof ApiError && error.message) trouble(error.message + " Trying again…");
       ask = true;  // the daemon restarting, a network blip, a stream's error: ask plainly next
       continue;
     }
@@ -8513,11 +8522,12 @@ function render(card) {
   const bar = el.querySelector("progress");
   bar.hidden = !moving;
   bar.value = status === "uploading" ? card.sent : status === "running" ? job.progress : 0;
-  el.querySelector(".error").textContent = card.error || (job && job.error ? job.error.message : "");
+  el.querySelector(".error").textContent = card.error || card.trouble || (job && job.error ? job.error.message : "");
   const heard = (status === "running" || status === "succeeded") && job && job.heard ? job.heard.join("").trim() : "";
-  el.querySelector(".text").textContent = card.text || heard;
   const done = status === "succeeded" && card.text !== null;
-  el.querySelector("[data-action=copy]").hidden = !done;
+  el.querySelector(".text").textContent = card.text || heard || (done ? "No speech was heard." : "");
+  el.querySelector(".text").classList.toggle("none", done && !card.text);
+  el.querySelector("[data-action=copy]").hidden = !done || !card.text;
   el.querySelector(".downloads").hidden = !done;
   el.querySelector("[data-action=cancel]").hidden = !running;
   el.querySelector("[data-action=delete]").textContent = card.id ? "Delete" : "Dismiss";
@@ -8529,7 +8539,7 @@ function render(card) {
 
 function addCard(name, {atTop}) {
   const el = $("job-card").content.firstElementChild.cloneNode(true);
-  const card = {el, name, id: null, job: null, phase: null, sent: 0, error: "", text: null, size: ""};
+  const card = {el, name, id: null, job: null, phase: null, sent: 0, error: "", trouble: "", text: null, size: ""};
   el.querySelector(".name").textContent = name;
   cardOf.set(el, card);
   if (atTop) $("jobs").prepend(el); else $("jobs").append(el);
@@ -8552,9 +8562,10 @@ async function track(card, job) {
       if (card.removed) return false;
       if (next === null) { removeCard(card); return false; }
       card.job = next;
+      card.trouble = "";
       render(card);
       return true;
-    });
+    }, (message) => { card.trouble = message; render(card); });
   }
   if (card.job.status === "succeeded" && !card.removed) {
     try {

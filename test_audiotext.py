@@ -6924,6 +6924,49 @@ def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemo
         devtools.close()
 
 
+@needs_chromium
+def test_the_web_page_says_what_went_wrong_and_carries_on(daemon_factory: Callable[..., Daemon], tmp_path: Path,
+                                                         ninety_seconds_wav: Path) -> None:
+    """A dictation the daemon ends, a file with no speech, a daemon that stops while a job runs."""
+    port = free_port()
+    state = tmp_path / "state"
+    daemon = daemon_factory(state, AUDIOTEXT_PORT=str(port), AUDIOTEXT_LIVE_SESSION_SECONDS="2", AUDIOTEXT_WORKERS="1")
+    devtools = DevTools(tmp_path, args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                        "--autoplay-policy=no-user-gesture-required"])
+    try:
+        tab = Tab(devtools)
+        tab.open(daemon.url + "/")
+        tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
+        tab.reload()
+        tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
+        choose(tab, model="cpu-tiny", language="en")
+        tab.evaluate("document.getElementById('dictate').click()")
+        tab.wait_for("document.getElementById('dictate').getAttribute('aria-pressed') === 'true'", what="dictation")
+        tab.wait_for("document.getElementById('dictate').getAttribute('aria-pressed') === 'false'", what="its end")
+        assert tab.evaluate("document.getElementById('dictation-state').textContent") == \
+            "The session ended: the session went on for longer than 2 s (AUDIOTEXT_LIVE_SESSION_SECONDS). " \
+            "Press the button to go on."
+
+        silence = tmp_path / "silence.wav"
+        silence.write_bytes(wav_bytes(np.zeros(audiotext.SAMPLE_RATE * 3, dtype=np.float32)))
+        tab.set_files("#files", [silence])
+        tab.wait_for(f"({CARD_JS})('silence.wav')?.querySelector('.downloads').hidden === false", what="its result")
+        assert card(tab, "silence.wav", "[li.querySelector('.text').textContent, "
+                                        "li.querySelector('[data-action=copy]').hidden]") == ["No speech was heard.", True]
+
+        tab.set_files("#files", [ninety_seconds_wav])
+        wait_for_card(tab, ninety_seconds_wav.name, ["running"])
+        assert daemon.stop() == 0
+        error = f"({CARD_JS})({json.dumps(ninety_seconds_wav.name)}).querySelector('.error').textContent"
+        tab.wait_for(f"{error} === 'The server could not be reached. Trying again…'", what="the card to say so")
+        daemon_factory(state, AUDIOTEXT_PORT=str(port), AUDIOTEXT_WORKERS="1")
+        wait_for_card(tab, ninety_seconds_wav.name, ["succeeded"])
+        assert tab.evaluate(error) == ""
+        assert tab.problems() == []
+    finally:
+        devtools.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP requests
 # ---------------------------------------------------------------------------------------------
