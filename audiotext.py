@@ -8512,6 +8512,7 @@ function metaText(card) {
 
 function render(card) {
   const {el, job} = card;
+  const focused = el.contains(document.activeElement) ? document.activeElement : null;
   const status = card.phase || job.status;
   const running = status === "uploading" || status === "queued" || status === "running";
   const moving = status === "uploading" || status === "running";
@@ -8532,6 +8533,9 @@ function render(card) {
   el.querySelector("[data-action=cancel]").hidden = !running;
   el.querySelector("[data-action=delete]").textContent = card.id ? "Delete" : "Dismiss";
   el.querySelector("[data-action=delete]").hidden = status === "uploading";
+  if (focused && focused.closest("[hidden]")) {  // its button went with the state: the keyboard stays on the card
+    [...el.querySelectorAll("button")].find((button) => !button.closest("[hidden]"))?.focus();
+  }
   // Said once per change of state, not per percent: a screen reader need not count along.
   if (card.said !== undefined && card.said !== status) $("announce").textContent = `${card.name}: ${status}`;
   card.said = status;

@@ -6812,6 +6812,8 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
 
     press_button(tab, "en.webm", "Cancel")
     wait_for_card(tab, "en.webm", ["canceled"])
+    # The Cancel button went with the state; the keyboard is still on the card.
+    assert card(tab, "en.webm", "li.contains(document.activeElement) && document.activeElement.textContent") == "Delete"
     canceled = job_named(client, tab, "en.webm")
     assert (canceled["status"], canceled["started_at"]) == ("canceled", None), "canceled while queued"
     # While the long one runs, its text grows from the job's events stream, segment by segment.
