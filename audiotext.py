@@ -8097,7 +8097,13 @@ DICTATION_SCRIPT = r"""
     const url = new URL("v1/realtime?intent=transcription", location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     const key = localStorage.getItem("audiotext.token") || "";
-    const socket = new WebSocket(url, ["realtime", "openai-insecure-api-key." + key]);
+    let socket;
+    try {
+      socket = new WebSocket(url, ["realtime", "openai-insecure-api-key." + key]);
+    } catch (error) {  // its message would show the token
+      throw new Error("The token has characters a WebSocket cannot carry; dictation needs one made of letters, " +
+                      "digits and -._~!#$&'*+^`| only.");
+    }
     socket.addEventListener("message", (message) => onEvent(JSON.parse(message.data)));
     return new Promise((resolve, reject) => {
       socket.addEventListener("open", () => resolve(socket), {once: true});
@@ -8304,7 +8310,7 @@ main { padding-bottom: 2rem; }
   header, main { padding-left: .75rem; padding-right: .75rem; }
   .panel, .job { padding-left: .8rem; padding-right: .8rem; }
   .actions button { padding-left: .6rem; padding-right: .6rem; }
-  .downloads { order: 1; flex-basis: 100%; }
+  .downloads { order: 1; flex-basis: 100%; flex-wrap: wrap; }
   .downloads span { margin-left: 0; }
 }
 """

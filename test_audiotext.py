@@ -6870,6 +6870,8 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     tab.call("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "dark"}])
     assert tab.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(17, 20, 24)"
     shots.append(tab.screenshot(tmp_path / "web-phone-dark.png", width=390, height=844, phone=True))
+    shots.append(tab.screenshot(tmp_path / "web-phone-small.png", width=320, height=640, phone=True))
+    assert tab.evaluate("document.documentElement.scrollWidth") <= 320, "nothing wider than a small phone"
     print("screenshots:", *shots)
 
     press_button(tab, "en.webm", "Delete")
@@ -6942,6 +6944,13 @@ def test_the_web_page_says_what_went_wrong_and_carries_on(daemon_factory: Callab
         tab.reload()
         tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
         choose(tab, model="cpu-tiny", language="en")
+        # A token a WebSocket cannot carry (a space in it) is said to be so, and not shown.
+        tab.evaluate("localStorage.setItem('audiotext.token', 'a token')")
+        tab.evaluate("document.getElementById('dictate').click()")
+        said = "document.getElementById('dictation-state').textContent"
+        tab.wait_for(f"{said}.includes('cannot carry')", what="the token to be refused")
+        assert "a token" not in tab.evaluate(said)
+        tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
         tab.evaluate("document.getElementById('dictate').click()")
         tab.wait_for("document.getElementById('dictate').getAttribute('aria-pressed') === 'true'", what="dictation")
         tab.wait_for("document.getElementById('dictate').getAttribute('aria-pressed') === 'false'", what="its end")
