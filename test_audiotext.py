@@ -4980,20 +4980,26 @@ def test_a_fault_in_a_job_fails_it_with_a_traceback_and_the_daemon_serves_on(
     assert wait_for_job(client, submit_job(client, model="cpu-tiny")["id"])["status"] == "succeeded"
 
 
+def store_with_jobs(tmp_path: Path, count: int) -> tuple[audiotext.JobStore, FakeEngine, FakeScheduler, list[str]]:
+    """A job store in tmp_path on stand-ins for the engine and the scheduler, with `count` jobs queued."""
+    engine, scheduler = FakeEngine(), FakeScheduler()
+    (tmp_path / "tmp").mkdir()
+    store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=3600))
+    store.open()
+    ids = []
+    for n in range(count):
+        spooled = tmp_path / "tmp" / f"upload-{n}"
+        spooled.write_bytes(b"audio of %d" % n)
+        ids.append(store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id)
+    return store, engine, scheduler, ids
+
+
 def test_a_job_table_set_aside_by_a_start_that_failed_is_rebuilt_not_lost(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A start that finds jobs.json unreadable sets it aside; when it then cannot write the rebuilt
     table (a full disk), the next start finds none, and must rebuild the jobs again from their files."""
-    engine, scheduler = FakeEngine(), FakeScheduler()
-    (tmp_path / "tmp").mkdir()
-    policy = audiotext.JobPolicy(max_queue=10, ttl_seconds=3600)
-    store = audiotext.JobStore(tmp_path, scheduler, engine, policy)
-    store.open()
-    ids = []
-    for n in range(2):
-        spooled = tmp_path / "tmp" / f"upload-{n}"
-        spooled.write_bytes(b"audio of %d" % n)
-        ids.append(store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id)
+    store, engine, scheduler, ids = store_with_jobs(tmp_path, 2)
+    policy = store.policy
     assert scheduler.run_next() == ids[0]
     files = state_files(tmp_path)
     (tmp_path / "jobs.json").write_text('{"schema": 1, "jobs": [')  # torn
@@ -5120,15 +5126,7 @@ class ReadOnlyDisk:
 
 def test_cancel_delete_and_finish_on_a_read_only_disk_leave_nothing_behind_once_writable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine, scheduler = FakeEngine(), FakeScheduler()
-    (tmp_path / "tmp").mkdir()
-    store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=3600))
-    store.open()
-    ids = []
-    for n in range(4):
-        spooled = tmp_path / "tmp" / f"upload-{n}"
-        spooled.write_bytes(b"audio of %d" % n)
-        ids.append(store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id)
+    store, engine, scheduler, ids = store_with_jobs(tmp_path, 4)
     canceled, deleted, succeeded, failed = ids
     before = (tmp_path / "jobs.json").read_bytes()
     files_before = state_files(tmp_path)
@@ -6887,6 +6885,15 @@ def test_the_web_page_from_token_to_subtitles(daemon_factory: Callable[..., Daem
     assert tab.problems() == []
 
 
+def page_signed_in(devtools: DevTools, url: str) -> Tab:
+    """The daemon's web page, its token kept as by a user who gave it before."""
+    tab = Tab(devtools)
+    tab.open(url + "/")
+    tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
+    tab.reload()
+    return tab
+
+
 def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemon, tmp_path: Path) -> None:
     """The page's microphone is Chromium's fake capture device, playing testdata/live_en.webm once."""
     speech = tmp_path / "speech.wav"
@@ -6896,10 +6903,7 @@ def test_dictation_shows_the_words_before_the_speech_ends(realtime_daemon: Daemo
                                         f"--use-file-for-fake-audio-capture={speech}%noloop",
                                         "--autoplay-policy=no-user-gesture-required"])
     try:
-        tab = Tab(devtools)
-        tab.open(realtime_daemon.url + "/")
-        tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
-        tab.reload()
+        tab = page_signed_in(devtools, realtime_daemon.url)
         tab.wait_for(f"[...document.getElementById('model').options].some((o) => o.value === {json.dumps(LIVE_MODEL)})",
                      what="the models to be listed")
         choose(tab, model=LIVE_MODEL, language="en")
@@ -6938,10 +6942,7 @@ def test_the_web_page_says_what_went_wrong_and_carries_on(daemon_factory: Callab
     devtools = DevTools(tmp_path, args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                                         "--autoplay-policy=no-user-gesture-required"])
     try:
-        tab = Tab(devtools)
-        tab.open(daemon.url + "/")
-        tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
-        tab.reload()
+        tab = page_signed_in(devtools, daemon.url)
         tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
         choose(tab, model="cpu-tiny", language="en")
         # A token a WebSocket cannot carry (a space in it) is said to be so, and not shown.
@@ -8913,13 +8914,7 @@ def test_a_damaged_result_file_is_a_clear_error_not_a_traceback(
 
 def test_a_job_s_events_say_deleted_when_it_goes_as_its_result_is_read(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    engine, scheduler = FakeEngine(), FakeScheduler()
-    (tmp_path / "tmp").mkdir()
-    store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=3600))
-    store.open()
-    spooled = tmp_path / "tmp" / "upload"
-    spooled.write_bytes(b"audio of a meeting")
-    job_id = store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id
+    store, engine, scheduler, [job_id] = store_with_jobs(tmp_path, 1)
     assert scheduler.run_next() == job_id and store.get(job_id).status == "succeeded"
     read_result = store.result
 
@@ -8943,13 +8938,7 @@ def test_a_job_s_events_tell_of_its_return_to_the_queue_after_a_storage_fault(
     monkeypatch.setattr(audiotext, "JOB_EVENTS_POLL_SECONDS", 0.0)
     monkeypatch.setattr(audiotext, "JOB_EVENTS_KEEPALIVE_SECONDS", 0.0)  # a poll with no news says so at once
     fail_result_writes(monkeypatch, errno.ENOSPC, times=1)
-    engine, scheduler = FakeEngine(), FakeScheduler()
-    (tmp_path / "tmp").mkdir()
-    store = audiotext.JobStore(tmp_path, scheduler, engine, audiotext.JobPolicy(max_queue=10, ttl_seconds=3600))
-    store.open()
-    spooled = tmp_path / "tmp" / "upload"
-    spooled.write_bytes(b"audio of a meeting")
-    job_id = store.create(audiotext.JobSpec(model="fake"), spooled, ".webm", 1.0).id
+    store, engine, scheduler, [job_id] = store_with_jobs(tmp_path, 1)
     loop = asyncio.new_event_loop()
     stream = audiotext._job_events(store, job_id, lambda: False)
     told: list[tuple[str, int | None]] = []
