@@ -3763,6 +3763,37 @@ def detection_windows_for(seconds: float) -> list[int]:
     return [DETECTION_FIRST_FRAMES, max(window, DETECTION_MIN_FRAMES)]
 
 
+# A clip without a language is transcribed in the one whisper was sure of on this many clips in a
+# row before it, and kept when whisper is as sure of it there (LoadedModel._in_heard_language):
+# two, so that a daemon whose clips change language seldom guesses wrong.
+LANGUAGE_GUESS_AFTER = 2
+
+
+def _surest(probabilities: dict[str, float], allowed: Iterable[str] | None) -> tuple[str, bool]:
+    """The likeliest of the allowed languages (any, without a list; ties: the first listed), and
+    whether whisper is sure of it among them: one listed language can be sure where whisper is
+    unsure of all."""
+    if allowed:
+        probabilities = {code: probabilities.get(code, 0.0) for code in allowed}
+    likeliest = max(probabilities, key=probabilities.__getitem__)
+    return likeliest, probabilities[likeliest] >= DETECTION_CONFIDENCE * sum(probabilities.values())
+
+
+def _rising(on_fraction: Callable[[float], None] | None) -> Callable[[float], None] | None:
+    """on_fraction told only of progress past what it was told before: a clip transcribed again
+    (in another language) does not send a bar back to the start."""
+    if on_fraction is None:
+        return None
+    told = -1.0
+
+    def tell(fraction: float) -> None:
+        nonlocal told
+        if fraction > told:
+            told = fraction
+            on_fraction(fraction)
+    return tell
+
+
 # A fifth of a second of silence: enough for whisper.cpp to take in a call's parameters (see
 # LoadedModel._set_encoder_window), too little to cost anything.
 WINDOW_PRIMER = np.zeros(SAMPLE_RATE // 5, np.float32)
@@ -3843,6 +3874,29 @@ def _context_address(ctx: Any) -> int | None:
     return address
 
 
+def languages_of_last_encoding(address: int, threads: int) -> dict[str, float]:
+    """Every language's probability in the encoding the context's last encoder pass left: one
+    decoder step on [SOT] over it, as whisper_lang_auto_detect does after an encoder pass of its
+    own (bench/eval_voice_notes.md, `onepass`: after a transcription, the same language as a
+    detection of its own on 70 of 76 clips, and on every one it was sure of). Empty where
+    whisper.cpp cannot tell."""
+    import ctypes
+
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    decode = _whisper_function("whisper_decode", c_int, c_void_p, ctypes.POINTER(c_int), c_int, c_int, c_int)
+    logits = _whisper_function("whisper_get_logits", ctypes.POINTER(ctypes.c_float), c_void_p)
+    sot = _whisper_function("whisper_token_sot", c_int, c_void_p)
+    token_of = _whisper_function("whisper_token_lang", c_int, c_void_p, c_int)
+    code_of = _whisper_function("whisper_lang_str", ctypes.c_char_p, c_int)
+    last = _whisper_function("whisper_lang_max_id", c_int)
+    if None in (decode, logits, sot, token_of, code_of, last) or decode(address, (c_int * 1)(sot(address)), 1, 0, threads):
+        return {}
+    values = logits(address)
+    scores = np.array([values[token_of(address, i)] for i in range(last() + 1)], np.float64)
+    probabilities = np.exp(scores - scores.max())
+    return {code_of(i).decode(): float(p) for i, p in enumerate(probabilities / probabilities.sum())}
+
+
 # Until a context of a file has been loaded and measured, what it is expected to take: the
 # file, plus whisper.cpp's buffers (its KV caches and compute graphs grow with the model).
 CONTEXT_OVERHEAD_RATIO = 1.15
@@ -3886,6 +3940,7 @@ class LoadedModel:
         self._file_bytes = path.stat().st_size
         self.memory_bytes = self._plausible(_rss_bytes() - rss_before)
         self._first_run_measured = False
+        self._recent_languages: collections.deque[str] = collections.deque(maxlen=LANGUAGE_GUESS_AFTER)
         logger.info("loaded model %s from %s in %.1f s", name, path, self.load_seconds)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *, abort: threading.Event,
@@ -3899,24 +3954,85 @@ class LoadedModel:
         if speech is not None:
             edge_cs = min(VAD_EDGE_CS, SpeechParams.tuned(options.vad_tuning).pad // _SAMPLES_PER_CS)
             heard, layout = pack_speech(audio, speech, edge_cs=edge_cs)
+        on_fraction = _rising(on_fraction)  # a clip transcribed again does not send a bar back
+
+        def once(language: str | None, sink: SegmentSink | None) -> Transcript:
+            return self._transcribe_once(audio, heard, layout, dataclasses.replace(options, language=language),
+                                         abort, sink, on_fraction)
+
         with self.lock:
             rss_before = _rss_bytes()
-            # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
-            sure = True
-            if options.language is None and self.multilingual:
-                language, sure = self._likeliest_language(heard, options, abort)
-                options = dataclasses.replace(options, language=language)
-            status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction,
-                               until=audio_end_seconds(audio))
-            if not self._first_run_measured:
-                self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
-                self._first_run_measured = True
-            if abort.is_set():
-                raise Aborted()
-            if status != 0:
-                # Its segments would be the previous call's: say so rather than answer with them.
-                raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
-            return dataclasses.replace(self._collect(audio, options, layout), language_sure=sure)
+            try:
+                if options.language is None and self.multilingual:
+                    return self._in_heard_language(heard, options, once, on_segment, abort)
+                return once(options.language, on_segment)
+            finally:
+                if not self._first_run_measured:
+                    self.memory_bytes = self._plausible(self.memory_bytes + max(0, _rss_bytes() - rss_before))
+                    self._first_run_measured = True
+
+    def _transcribe_once(self, audio: np.ndarray, heard: np.ndarray, layout: SpeechLayout,
+                         options: TranscribeOptions, abort: threading.Event, on_segment: SegmentSink | None,
+                         on_fraction: Callable[[float], None] | None) -> Transcript:
+        """One whisper_full over `heard` in options.language, told on the recording's clock."""
+        # The GIL is released inside whisper_full, so the event loop keeps serving meanwhile.
+        status = self._run(heard, self._params(heard, options), abort, on_segment, layout, on_fraction,
+                           until=audio_end_seconds(audio))
+        if abort.is_set():
+            raise Aborted()
+        if status != 0:
+            # Its segments would be the previous call's: say so rather than answer with them.
+            raise ModelError(f"whisper.cpp failed to transcribe with {self.path.name} (status {status})")
+        return self._collect(audio, options, layout)
+
+    def _in_heard_language(self, heard: np.ndarray, options: TranscribeOptions,
+                           once: Callable[[str | None, SegmentSink | None], Transcript],
+                           on_segment: SegmentSink | None, abort: threading.Event) -> Transcript:
+        """`heard` transcribed (by `once`) in the language whisper hears in it. Detecting a language
+        costs encoder passes of its own, as many as the transcription's. So where this context's
+        last answers agree on a language, the clip is first transcribed in it, and the language read
+        from that pass's own encoding (_language_of_last_pass); only where whisper is unsure there is
+        it detected as without a guess. Kept when the language is the guessed one (its segments told
+        then); otherwise transcribed again in the language heard. A daemon that hears one language
+        pays for no detection; one whose languages change pays as before."""
+        guess = self._guess_language(heard, options)
+        if guess is None:
+            language, sure = self._likeliest_language(heard, options, abort)
+            self._remember_language(language, sure)
+            return dataclasses.replace(once(language, on_segment), language_sure=sure)
+        held: list[tuple[float, float, str]] = []
+        guessed = once(guess, (lambda start, end, text: held.append((start, end, text))) if on_segment else None)
+        language, sure = self._language_of_last_pass(options)
+        if not sure:
+            language, sure = self._likeliest_language(heard, options, abort)
+        self._remember_language(language, sure)
+        if language != guess:
+            logger.debug("heard %s, not %s, in %d samples: transcribing again", language, guess, len(heard))
+            return dataclasses.replace(once(language, on_segment), language_sure=sure)
+        for segment in held:
+            on_segment(*segment)  # type: ignore[misc]
+        return dataclasses.replace(guessed, language_sure=sure)
+
+    def _guess_language(self, heard: np.ndarray, options: TranscribeOptions) -> str | None:
+        """The language this context's last sure answers agree on, to transcribe `heard` in before
+        knowing: only for a clip heard in one encoder pass, whose encoding is left to read its
+        language from. A partial text (quick) detects as before: its turn's final text decides."""
+        recent = set(self._recent_languages)
+        if (len(self._recent_languages) < LANGUAGE_GUESS_AFTER or len(recent) != 1 or options.quick
+                or not self.fit_short_audio or not audio_ctx_for(len(heard) / SAMPLE_RATE) or self._address is None):
+            return None
+        guess = recent.pop()
+        return guess if not options.languages or guess in options.languages else None
+
+    def _remember_language(self, language: str, sure: bool) -> None:
+        if sure:
+            self._recent_languages.append(language)
+
+    def _language_of_last_pass(self, options: TranscribeOptions) -> tuple[str, bool]:
+        """The allowed language whisper finds likeliest in the encoding the context's last whisper_full
+        left, and whether it is sure of it; ("", False) where whisper.cpp cannot tell."""
+        probabilities = languages_of_last_encoding(self._address, self.threads) if self._address else {}
+        return _surest(probabilities, options.languages) if probabilities else ("", False)
 
     def _likeliest_language(self, audio: np.ndarray, options: TranscribeOptions,
                             abort: threading.Event) -> tuple[str, bool]:
@@ -3940,10 +4056,7 @@ class LoadedModel:
             if not probabilities:
                 logger.debug("whisper.cpp could not detect a language in %d samples", len(first))
                 break
-            if allowed:
-                probabilities = {code: probabilities.get(code, 0.0) for code in allowed}
-            likeliest = max(probabilities, key=probabilities.__getitem__)  # ties: the first listed
-            sure = probabilities[likeliest] >= DETECTION_CONFIDENCE * sum(probabilities.values())
+            likeliest, sure = _surest(probabilities, allowed)
             if sure:
                 break  # sure of it among the languages it may be
         return likeliest, sure

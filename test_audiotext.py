@@ -2901,6 +2901,7 @@ def detections(model: audiotext.LoadedModel, clip: str, *, before: str | None = 
         model.transcribe(earlier, audiotext.TranscribeOptions(language="en"), abort=threading.Event())
     ran: list[tuple[int, dict[str, float]]] = []
     detect = model._language_probabilities
+    model._recent_languages.clear()  # detected, not guessed from the clips before (_in_heard_language)
 
     def recorded(audio: np.ndarray, audio_ctx: int, abort: threading.Event) -> dict[str, float]:
         ran.append((audio_ctx, detect(audio, audio_ctx, abort)))
@@ -2963,6 +2964,46 @@ def test_a_voice_note_s_language_is_detected_over_its_own_window_unless_whisper_
         assert heard.language_sure is sure, clip
     fitted._address = None  # a binding whose context cannot be reached by ctypes: through its own calls
     assert detections(fitted, "voice_de.webm")[1][0][1]["de"] == pytest.approx(first_de, abs=1e-3)
+
+
+def test_a_voice_note_in_the_language_of_the_notes_before_is_heard_without_a_detection_pass(models_dir: Path) -> None:
+    """After two notes surely heard in English, a third is transcribed in English at once and its
+    language read from that pass: no detection of its own, the words of a call told the language.
+    A German note then is heard in German, and its segments are told only once it is known: no
+    English word reaches a stream. Languages that change are detected again, as without a guess."""
+    fitted = audiotext.LoadedModel("cpu-lite", models_dir / "ggml-base.bin", 2, fit_short_audio=True)
+    detected: list[int] = []
+    detect = fitted._language_probabilities
+
+    def counted(audio: np.ndarray, audio_ctx: int, abort: threading.Event) -> dict[str, float]:
+        detected.append(audio_ctx)
+        return detect(audio, audio_ctx, abort)
+
+    fitted._language_probabilities = counted  # type: ignore[method-assign]
+
+    def heard(clip: str, **options: Any) -> tuple[audiotext.Transcript, list[str]]:
+        told: list[str] = []
+        audio = audiotext.decode_audio(CLIPS / clip, max_seconds=60)
+        result = fitted.transcribe(audio, audiotext.TranscribeOptions(**options), abort=threading.Event(),
+                                   speech=audiotext.find_speech(audio), on_segment=lambda s, e, text: told.append(text))
+        return result, told
+
+    for clip in ("live_en.webm", "voice_en.webm"):
+        assert heard(clip)[0].language == "en" and detected, clip
+        detected.clear()
+    english, told = heard("pauses.flac")
+    assert (english.language, english.language_sure, detected) == ("en", True, [])
+    given = heard("pauses.flac", language="en")[0]
+    assert english.text == given.text and "lunch" in english.text
+    assert [s.text for s in english.segments] == told
+    german, told = heard("voice_de.webm")
+    assert (german.language, german.language_sure) == ("de", True)
+    assert german.text == heard("voice_de.webm", language="de")[0].text and "Paket" in german.text
+    assert [s.text for s in german.segments] == told
+    detected.clear()
+    assert heard("voice_en.webm")[0].language == "en" and detected  # English again after German: detected
+    detected.clear()
+    assert heard("pauses.flac", languages=("de", "fr"))[0].language in ("de", "fr")  # a guess outside the list
 
 
 def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:
