@@ -992,6 +992,7 @@ _HEADER_PARAM = re.compile(
 # Only these two escapes are undone: a backslash before anything else is kept, so a
 # Windows path sent unescaped by an old client keeps its separators.
 _QUOTED_ESCAPE = re.compile(r'\\(["\\])')
+_TRANSPORT_PADDING = re.compile(rb"[ \t]+")
 
 
 @dataclass(frozen=True)
@@ -1102,6 +1103,7 @@ def _part_headers(headers: dict[str, str]) -> PartHeaders:
 class _ParserState(enum.IntEnum):
     PREAMBLE = enum.auto()  # before the first delimiter
     DELIMITER_END = enum.auto()  # just after a delimiter: CRLF opens a part, "--" closes the body
+    PADDING = enum.auto()  # spaces or tabs after a delimiter, which only CRLF may follow
     HEADERS = enum.auto()
     DATA = enum.auto()
     EPILOGUE = enum.auto()  # after the close delimiter
@@ -1163,7 +1165,7 @@ class MultipartParser:
             raise MultipartError("multipart body ended before the first boundary")
         elif state is _ParserState.HEADERS:
             raise MultipartError("multipart body ended inside a part's headers")
-        elif state in (_ParserState.DATA, _ParserState.DELIMITER_END):
+        elif state in (_ParserState.DATA, _ParserState.DELIMITER_END, _ParserState.PADDING):
             raise MultipartError("multipart body ended before the closing boundary", param=self._part_name)
         else:
             raise RuntimeError(f"finish() called on a parser in state {state.name}")
@@ -1180,6 +1182,8 @@ class MultipartParser:
             return self._skip_preamble(buf, pos)
         elif state is _ParserState.DELIMITER_END:
             return self._read_delimiter_end(buf, pos)
+        elif state is _ParserState.PADDING:
+            return self._read_padding(buf, pos)
         elif state is _ParserState.HEADERS:
             return self._read_header_line(buf, pos)
         elif state is _ParserState.DATA:
@@ -1203,15 +1207,30 @@ class MultipartParser:
         return found + len(self._delimiter)
 
     def _read_delimiter_end(self, buf: bytes, pos: int) -> int:
+        if buf.startswith((b" ", b"\t"), pos):
+            self._state = _ParserState.PADDING
+            return pos
         if len(buf) - pos < 2:
             return pos
         ending = buf[pos : pos + 2]
-        if ending == b"\r\n":
-            self._start_part()
-        elif ending == b"--":
+        if ending == b"--":
             self._state = _ParserState.EPILOGUE
-        else:
+            return pos + 2
+        return self._read_line_end(buf, pos)
+
+    def _read_padding(self, buf: bytes, pos: int) -> int:
+        # RFC 2046 lets a sender pad a delimiter line with spaces and tabs (transport padding).
+        padding = _TRANSPORT_PADDING.match(buf, pos)
+        if padding is not None and padding.end() > pos:
+            return padding.end()
+        if len(buf) - pos < 2:
+            return pos
+        return self._read_line_end(buf, pos)
+
+    def _read_line_end(self, buf: bytes, pos: int) -> int:
+        if buf[pos : pos + 2] != b"\r\n":
             raise MultipartError("unexpected data after a multipart boundary", param=self._part_name)
+        self._start_part()
         return pos + 2
 
     def _start_part(self) -> None:

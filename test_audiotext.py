@@ -402,10 +402,11 @@ def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def part(disposition: str, content: bytes, *, boundary: bytes = BOUNDARY, extra: str = "") -> bytes:
+def part(disposition: str, content: bytes, *, boundary: bytes = BOUNDARY, extra: str = "",
+         padding: bytes = b"") -> bytes:
     """One raw part, delimiter line included, for bodies the builder below cannot express."""
     head = f"Content-Disposition: {disposition}\r\n{extra}\r\n".encode()
-    return b"--" + boundary + b"\r\n" + head + content + b"\r\n"
+    return b"--" + boundary + padding + b"\r\n" + head + content + b"\r\n"
 
 
 def multipart_body(
@@ -415,18 +416,20 @@ def multipart_body(
     boundary: bytes = BOUNDARY,
     preamble: bytes = b"",
     epilogue: bytes = b"\r\n",
+    padding: bytes = b"",
 ) -> bytes:
-    """A well-formed body: text fields first (lists repeat the name), then files."""
+    """A well-formed body: text fields first (lists repeat the name), then files. Padding
+    (spaces and tabs) goes after each delimiter that opens a part."""
     body = [preamble]
     for name, values in (fields or {}).items():
         for value in [values] if isinstance(values, str) else values:
-            body.append(part(f"form-data; name={quote(name)}", value.encode(), boundary=boundary))
+            body.append(part(f"form-data; name={quote(name)}", value.encode(), boundary=boundary, padding=padding))
     for name, (filename, content, content_type) in (files or {}).items():
         disposition = f"form-data; name={quote(name)}"
         if filename is not None:
             disposition += f"; filename={quote(filename)}"
         extra = f"Content-Type: {content_type}\r\n" if content_type else ""
-        body.append(part(disposition, content, boundary=boundary, extra=extra))
+        body.append(part(disposition, content, boundary=boundary, extra=extra, padding=padding))
     body.append(b"--" + boundary + b"--" + epilogue)
     return b"".join(body)
 
@@ -1164,6 +1167,15 @@ def test_boundary_inside_data_needs_crlf_before_it() -> None:
     assert summary(parse([multipart_body({}, {"file": (None, content, None)})])) == [("file", None, None, content)]
 
 
+def test_spaces_and_tabs_after_a_delimiter_are_transport_padding() -> None:
+    # RFC 2046 section 5.1.1: dash-boundary transport-padding CRLF.
+    padded = b"--" + BOUNDARY + b" \t \r\n"
+    body = multipart_body({"a": "1", "b": "2"}).replace(b"--" + BOUNDARY + b"\r\n", padded)
+    assert body.count(padded) == 2
+    for chunking in (whole, byte_at_a_time):
+        assert summary(parse(chunking(body))) == [("a", None, None, b"1"), ("b", None, None, b"2")]
+
+
 def test_close_delimiter_may_end_the_body_without_crlf() -> None:
     assert summary(parse([multipart_body({"a": "1"}, epilogue=b"")])) == [("a", None, None, b"1")]
 
@@ -1235,8 +1247,13 @@ GOOD_PART = part('form-data; name="a"', b"1")
             GOOD_PART + DELIM + b"X\r\n", "unexpected data after a multipart boundary", id="garbage_after_delimiter"
         ),
         pytest.param(
-            GOOD_PART + DELIM + b" \r\n", "unexpected data after a multipart boundary", id="space_after_delimiter"
+            GOOD_PART + DELIM + b" x\r\n", "unexpected data after a multipart boundary", id="garbage_after_padding"
         ),
+        pytest.param(
+            GOOD_PART + DELIM + b" --", "unexpected data after a multipart boundary", id="padding_before_close"
+        ),
+        pytest.param(GOOD_PART + DELIM + b" \t", "multipart body ended before the closing boundary",
+                     id="ends_inside_padding"),
         pytest.param(DELIM + b"-x", "unexpected data after a multipart boundary", id="garbage_after_first_delimiter"),
         pytest.param(
             DELIM + b"\r\nContent-Type: text/plain\r\n\r\nv\r\n" + DELIM + b"--",
@@ -1698,9 +1715,11 @@ class Sample:
     boundary: bytes
     fields: dict[str, list[str]]
     files: dict[str, FileSpec]
+    padding: bytes = b""
 
     def body(self) -> bytes:
-        return multipart_body(self.fields, self.files, boundary=self.boundary, preamble=b"pre\r\n", epilogue=b"\r\nepi")
+        return multipart_body(self.fields, self.files, boundary=self.boundary, preamble=b"pre\r\n",
+                              epilogue=b"\r\nepi", padding=self.padding)
 
 
 @st.composite
@@ -1722,7 +1741,9 @@ def samples(draw: st.DrawFn) -> Sample:
     if draw(st.booleans()):
         filename = draw(st.none() | st.text(NAME_CHARS, max_size=10))
         files["file"] = (filename, draw(content), draw(st.none() | st.just("audio/webm")))
-    return Sample(raw, fields, files)
+    # Transport padding after the delimiters, which a chunking may split anywhere.
+    padding = draw(st.binary(max_size=0) | st.text(" \t", min_size=1, max_size=6).map(str.encode))
+    return Sample(raw, fields, files, padding)
 
 
 @st.composite
