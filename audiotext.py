@@ -1228,6 +1228,10 @@ class MultipartParser:
         return self._read_line_end(buf, pos)
 
     def _read_line_end(self, buf: bytes, pos: int) -> int:
+        if buf.startswith(b"\n", pos):
+            # Hand-written bodies (printf, heredocs) end lines in LF alone; every HTTP client
+            # library and browser sends CRLF, as RFC 7578 requires, so say what to change.
+            raise MultipartError("multipart lines must end in CRLF; this body's boundary line ends in a bare LF")
         if buf[pos : pos + 2] != b"\r\n":
             raise MultipartError("unexpected data after a multipart boundary", param=self._part_name)
         self._start_part()

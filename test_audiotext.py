@@ -1176,6 +1176,18 @@ def test_spaces_and_tabs_after_a_delimiter_are_transport_padding() -> None:
         assert summary(parse(chunking(body))) == [("a", None, None, b"1"), ("b", None, None, b"2")]
 
 
+LF_ONLY_BODY = multipart_body({"model": "cpu-tiny"}, {"file": ("a.webm", b"audio", None)}).replace(b"\r\n", b"\n")
+LF_ONLY_MESSAGE = "multipart lines must end in CRLF; this body's boundary line ends in a bare LF"
+
+
+@pytest.mark.parametrize("padding", [b"", b" "], ids=["bare", "padded"])
+def test_a_body_with_bare_lf_line_ends_is_refused_saying_so(padding: bytes) -> None:
+    body = LF_ONLY_BODY.replace(BOUNDARY + b"\n", BOUNDARY + padding + b"\n")
+    for chunking in (whole, byte_at_a_time):
+        with pytest.raises(MultipartError, match=f"^{LF_ONLY_MESSAGE}$"):
+            parse(chunking(body))
+
+
 def test_close_delimiter_may_end_the_body_without_crlf() -> None:
     assert summary(parse([multipart_body({"a": "1"}, epilogue=b"")])) == [("a", None, None, b"1")]
 
@@ -7797,6 +7809,13 @@ def test_upload_limit_is_413_before_reading(make_client: Callable[..., TestClien
     for path in ("/v1/audio/transcriptions", "/v1/transcription-jobs"):
         response = client.post(path, content=big, headers={**AUTH, "Content-Type": CONTENT_TYPE})
         assert_error(response, 413, "request body exceeds the 1 MiB limit")
+
+
+def test_a_bare_lf_body_is_a_400_that_names_line_endings(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    for path in ("/v1/audio/transcriptions", JOBS):
+        response = client.post(path, content=LF_ONLY_BODY, headers={**AUTH, "Content-Type": CONTENT_TYPE})
+        assert_error(response, 400, LF_ONLY_MESSAGE)
 
 
 def test_audio_duration_limit(make_client: Callable[..., TestClient]) -> None:
