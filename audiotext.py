@@ -1462,20 +1462,77 @@ FILL_CHUNK_SAMPLES = SAMPLE_RATE
 LOST_AUDIO_SECONDS = 0.05
 
 
+# A WAV file's chunks are walked this far at most, looking for its data chunk and for what follows it.
+MAX_WAV_CHUNKS = 1000
+# A RIFF chunk's identifier: four printable ASCII characters ("LIST", "id3 ", "bext").
+_RIFF_CHUNK_ID = re.compile(rb"[\x21-\x7e][\x20-\x7e]{3}")
+
+
+def wav_holds_more_than_its_header_states(path: Path) -> bool:
+    """Whether a WAV file goes on past the end its data chunk states, with bytes that are not
+    chunks of tags: audio a recorder wrote after the size it put in the header (one that crashed,
+    or streamed and never came back to fix it). FFmpeg stops where the header says; the sizes
+    0 and 0xFFFFFFFF it already reads as "to the end of the file"."""
+    with open(path, "rb") as file:
+        file_size = os.fstat(file.fileno()).st_size
+        head = file.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return False
+        pos = 12
+        for _ in range(MAX_WAV_CHUNKS):
+            chunk_id, chunk_size = _riff_chunk_header(file, pos)
+            if chunk_id == b"data":
+                data_end = pos + 8 + chunk_size
+                if chunk_size in (0, 0xFFFFFFFF) or data_end >= file_size:
+                    return False
+                return not _chunks_fill(file, data_end + chunk_size % 2, file_size)
+            if chunk_id is None:
+                return False
+            pos += 8 + chunk_size + chunk_size % 2
+    return False
+
+
+def _riff_chunk_header(file: BinaryIO, pos: int) -> tuple[bytes | None, int]:
+    file.seek(pos)
+    header = file.read(8)
+    if len(header) < 8 or not _RIFF_CHUNK_ID.fullmatch(header[:4]):
+        return None, 0
+    return header[:4], int.from_bytes(header[4:], "little")
+
+
+def _chunks_fill(file: BinaryIO, pos: int, file_size: int) -> bool:
+    """Whether whole chunks run from pos to the end of the file, as tags written after the audio do.
+    Fewer than 8 bytes left over are not audio worth reading."""
+    for _ in range(MAX_WAV_CHUNKS):
+        if file_size - pos < 8:
+            return True
+        chunk_id, chunk_size = _riff_chunk_header(file, pos)
+        if chunk_id is None or pos + 8 + chunk_size > file_size:
+            return False
+        pos += 8 + chunk_size + chunk_size % 2
+    return True
+
+
 @contextlib.contextmanager
-def open_audio(path: Path) -> Iterator[tuple[Any, Any]]:
-    """The container and its first audio stream; any FFmpeg error inside is the file's fault."""
+def open_audio(path: Path) -> Iterator[tuple[Any, Any, float | None]]:
+    """The container, its first audio stream and the length the container states, when it states
+    one it can be trusted for; any FFmpeg error inside is the file's fault."""
     import av
 
     if path.stat().st_size == 0:
         raise AudioError("the uploaded file is empty")
+    options: dict[str, str] = {}
+    if wav_holds_more_than_its_header_states(path):
+        logger.debug("%s holds more audio than its WAV header states: reading it to the end", path.name)
+        options["ignore_length"] = "1"  # the WAV demuxer's own switch for this
     try:
         # Tags written by old tools in a legacy encoding must not make the audio unreadable.
-        with av.open(str(path), mode="r", metadata_errors="replace") as container:
+        with av.open(str(path), mode="r", metadata_errors="replace", options=options) as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioError("the uploaded file has no audio track")
-            yield container, stream
+            duration = container.duration
+            yield container, stream, float(duration) / av.time_base if duration and not options else None
     except av.FFmpegError as exc:
         logger.debug("decode failed for %s: %s", path.name, exc)
         raise AudioError("the uploaded file is not audio that FFmpeg can decode") from None
@@ -1501,10 +1558,8 @@ def stream_audio(path: Path, *, max_seconds: float) -> Iterator[tuple[Iterator[n
     """An upload as 16 kHz mono float32 chunks, decoded as they are read and never kept, so memory
     does not grow with the recording. The limit and the samples' values are checked chunk by
     chunk: a header that lies about the length stops at the limit, not after it."""
-    import av
-
-    with open_audio(path) as (container, stream):
-        report = DecodeReport(header_seconds=float(container.duration) / av.time_base if container.duration else None)
+    with open_audio(path) as (container, stream, stated_seconds):
+        report = DecodeReport(header_seconds=stated_seconds)
         yield _checked(_samples(container, stream, report), report, max_seconds=max_seconds), report
 
 
@@ -1517,13 +1572,10 @@ def decode_audio(path: Path, *, max_seconds: float) -> np.ndarray:
 
 def probe_audio(path: Path, *, max_seconds: float) -> float | None:
     """Cheap check at upload time that a file is audio; its duration when the container says."""
-    import av
-
-    with open_audio(path) as (container, _):
-        seconds = float(container.duration) / av.time_base if container.duration else None
-    if seconds is not None and seconds > max_seconds:
-        raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
-    return seconds
+    with open_audio(path) as (_, _, seconds):
+        if seconds is not None and seconds > max_seconds:
+            raise AudioError(f"audio is longer than the {_seconds(max_seconds)} limit")
+        return seconds
 
 
 def _checked(chunks: Iterator[np.ndarray], report: DecodeReport, *, max_seconds: float) -> Iterator[np.ndarray]:

@@ -2252,6 +2252,47 @@ def test_tags_in_a_legacy_encoding_do_not_stop_decoding(tmp_path: Path) -> None:
                                                                                            max_seconds=60))
 
 
+def wav_stating(tmp_path: Path, data_size: int, *, riff_size: int | None = None, tail: bytes = b"") -> Path:
+    """testdata/en.wav (a fmt chunk, then its data chunk) with its data chunk's size edited, as a
+    recorder that crashed or streamed leaves it, and the RIFF size too when given."""
+    wav = bytearray((CLIPS / "en.wav").read_bytes() + tail)
+    assert wav[36:40] == b"data"
+    wav[40:44] = data_size.to_bytes(4, "little")
+    if riff_size is not None:
+        wav[4:8] = riff_size.to_bytes(4, "little")
+    path = tmp_path / f"stated-{data_size}.wav"
+    path.write_bytes(bytes(wav))
+    return path
+
+
+@pytest.mark.parametrize(("data_size", "riff_size"), [
+    pytest.param(1000, None, id="too_small"),
+    pytest.param(1000, 1036, id="riff_size_too_small_too"),
+    pytest.param(1, None, id="odd"),
+    pytest.param(0, None, id="zero"),
+    pytest.param(0xFFFFFFFF, None, id="placeholder"),
+    pytest.param(10_000_000, None, id="too_large"),
+])
+def test_a_wav_header_that_states_the_wrong_length_loses_no_audio(tmp_path: Path, data_size: int,
+                                                                   riff_size: int | None) -> None:
+    whole = audiotext.decode_audio(CLIPS / "en.wav", max_seconds=60)
+    path = wav_stating(tmp_path, data_size, riff_size=riff_size)
+    with audiotext.stream_audio(path, max_seconds=60) as (chunks, report):
+        samples = sum(chunk.size for chunk in chunks)
+    assert abs(samples - whole.size) <= 1, report
+    assert report.skipped_packets == 0, report
+
+
+def test_tags_after_a_wav_data_chunk_are_not_read_as_audio(tmp_path: Path) -> None:
+    tag = b"id3 " + (11).to_bytes(4, "little") + b"ID3 tag....\0"  # odd: a pad byte follows
+    wav = (CLIPS / "en.wav").read_bytes()
+    path = tmp_path / "tagged.wav"
+    path.write_bytes(wav + tag)
+    assert not audiotext.wav_holds_more_than_its_header_states(path)
+    assert audiotext.decode_audio(path, max_seconds=60).size == audiotext.decode_audio(CLIPS / "en.wav",
+                                                                                        max_seconds=60).size
+
+
 def test_decode_audio_stops_at_the_duration_limit() -> None:
     assert len(audiotext.decode_audio(CLIPS / "en.webm", max_seconds=4)) > 0
     with pytest.raises(audiotext.AudioError, match="^audio is longer than the 2 s limit$"):
@@ -7414,6 +7455,18 @@ def test_subtitle_layout_for_a_job_result_and_bad_values(make_client: Callable[.
                  "max_line_width applies to response_format srt or vtt, not 'json'", param="max_line_width")
     assert_error(post_clip(client, model="cpu-tiny", response_format="srt", max_line_count="0"), 400,
                  "max_line_count must be a whole number from 1 to 20; got '0'", param="max_line_count")
+
+
+def test_a_wav_whose_header_states_less_audio_than_it_holds_is_transcribed_whole(
+        make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    """The header says 1000 bytes (31 ms) of audio; the file holds 3.6 s of speech."""
+    client = make_client()
+    path = wav_stating(tmp_path, 1000, riff_size=1036)
+    verbose = post_file(client, path, model="cpu-tiny", response_format="verbose_json")
+    assert verbose.status_code == 200, verbose.text
+    body = verbose.json()
+    assert_heard(body["text"], EN_WORDS)
+    assert body["duration"] > 3.5 and "skipped_audio_seconds" not in body, body
 
 
 LONG_WORDS = ("weekly news", "library", "beach")  # testdata/long_en.*, before and after the damage
