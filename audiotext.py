@@ -9261,12 +9261,16 @@ def _parse_include(form: Form, response_format: str) -> bool:
     return bool(values)
 
 
-def _parse_stream(form: Form, response_format: str) -> bool:
+def _stream_requested(form: Form) -> bool:
     value = _field_text(form, "stream")
     try:
-        stream = value is not None and _flag(value)
+        return value is not None and _flag(value)
     except ValueError:
         raise InvalidRequest(f"stream must be true or false, got '{value}'", param="stream") from None
+
+
+def _parse_stream(form: Form, response_format: str) -> bool:
+    stream = _stream_requested(form)
     if stream and response_format not in STREAM_FORMATS:
         raise InvalidRequest(f"stream=true needs response_format json, text or diarized_json, not "
                              f"'{response_format}'",
@@ -10724,6 +10728,9 @@ def _parse_webhook_url(value: str | None, settings: Settings) -> str | None:
 async def _accept_job(state: AppState, store: JobStore, form: Form) -> Job:
     task = _parse_choice(_field_text(form, "task"), TASKS, param="task", default="transcribe")
     webhook_url = _parse_webhook_url(_field_text(form, "webhook_url"), state.settings)
+    if _stream_requested(form):  # before the other fields: a job never answers as a stream, whatever its format
+        raise InvalidRequest(f"stream=true is for POST /v1/audio/transcriptions; a job streams its progress and "
+                             f"segments from GET {JOBS_PATH}/{{id}}/events", param="stream")
     parsed, upload, model = validate_upload(state, form, translate=task == "translate")
     if parsed.options.logprobs:  # the caller's cleanup removes the upload
         raise InvalidRequest("include[]=logprobs is for transcriptions answered at once, not jobs",

@@ -8980,6 +8980,17 @@ def test_include_logprobs_is_refused_for_a_job(daemon: Daemon) -> None:
                  "include[]=logprobs is for transcriptions answered at once, not jobs", param="include[]")
 
 
+@pytest.mark.parametrize("response_format", ["json", "srt"])
+def test_stream_is_refused_for_a_job_naming_its_events_stream(make_client: Callable[..., TestClient],
+                                                              response_format: str) -> None:
+    client = make_client()
+    assert_error(post_clip(client, path=JOBS, model="cpu-tiny", stream="true", response_format=response_format),
+                 400, "stream=true is for POST /v1/audio/transcriptions; a job streams its progress and segments "
+                      "from GET /v1/transcription-jobs/{id}/events", param="stream")
+    assert client.get(JOBS, headers=AUTH).json()["data"] == []
+    assert submit_job(client, stream="false")["status"] in ("queued", "running")
+
+
 def job_events(url: str, job_id: str) -> list[dict[str, Any]]:
     """A job's events stream read to its end with a plain SSE reading of httpx."""
     events = []
