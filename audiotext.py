@@ -9184,6 +9184,10 @@ def _parse_vad(form: Form) -> tuple[bool | None, tuple[tuple[str, float], ...]]:
         raise InvalidRequest(f"vad must be true or false, got '{vad}'", param="vad") from None
 
 
+CHUNKING_STRATEGIES = ("'auto' or a server_vad object, as JSON ({\"type\": \"server_vad\", \"threshold\": 0.5}) "
+                       "or as fields (chunking_strategy[type]=server_vad, chunking_strategy[threshold]=0.5)")
+
+
 def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
     """None when absent; else the VAD tuning it asks for ({} for "auto")."""
     raw = _field_text(form, "chunking_strategy")
@@ -9195,10 +9199,10 @@ def _parse_chunking_strategy(form: Form) -> dict[str, float] | None:
         except (ValueError, RecursionError):  # RecursionError: objects nested thousands deep
             raise InvalidRequest("chunking_strategy is not valid JSON", param="chunking_strategy") from None
         if not isinstance(fields, dict):
-            raise InvalidRequest("chunking_strategy must be \"auto\" or an object", param="chunking_strategy")
+            raise InvalidRequest(f"chunking_strategy must be {CHUNKING_STRATEGIES}", param="chunking_strategy")
     elif raw is not None:
         if raw != "auto" or fields:  # a plain string; the other form is an object
-            raise InvalidRequest(f"chunking_strategy must be 'auto' (voice activity detection); got '{raw}'",
+            raise InvalidRequest(f"chunking_strategy must be {CHUNKING_STRATEGIES}; got '{raw}'",
                                  param="chunking_strategy")
         return {}
     if not fields:

@@ -7217,6 +7217,9 @@ def test_curl_chunking_strategy_as_json(daemon: Daemon) -> None:
     ({"chunking_strategy": '{"type": "server_vad", "silence_duration_ms": "soon"}'},
      "chunking_strategy[silence_duration_ms]", "must be a number from 0 to 10000; got 'soon'"),
     ({"chunking_strategy": "{not json"}, "chunking_strategy", "is not valid JSON"),
+    ({"chunking_strategy": "bogus"}, "chunking_strategy",
+     "chunking_strategy must be 'auto' or a server_vad object, as JSON ({\"type\": \"server_vad\", \"threshold\": 0.5}) "
+     "or as fields (chunking_strategy[type]=server_vad, chunking_strategy[threshold]=0.5); got 'bogus'"),
     ({"chunking_strategy": '{"a":' * 10_000}, "chunking_strategy", "is not valid JSON"),  # deeper than Python recurses
 ])
 def test_bad_chunking_strategy_is_a_400_naming_the_field(make_client: Callable[..., TestClient],
@@ -7277,7 +7280,9 @@ BAD_REQUESTS = [
                  "use a multilingual model such as cpu-lite",
                  "languages[]", id="languages_for_an_english_only_model"),
     pytest.param(multipart_body({"chunking_strategy": "magic"}, {"file": ("a.webm", AUDIO_BYTES, None)}), 400,
-                 "chunking_strategy must be 'auto' (voice activity detection); got 'magic'", "chunking_strategy",
+                 "chunking_strategy must be 'auto' or a server_vad object, as JSON ({\"type\": \"server_vad\", "
+                 "\"threshold\": 0.5}) or as fields (chunking_strategy[type]=server_vad, "
+                 "chunking_strategy[threshold]=0.5); got 'magic'", "chunking_strategy",
                  id="chunking_strategy"),
 ]
 
