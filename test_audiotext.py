@@ -8255,6 +8255,22 @@ def test_a_realtime_prompt_that_is_not_unicode_text_is_refused(make_client: Call
     assert "Good morning" in event["transcript"], event
 
 
+def test_a_realtime_connection_without_intent_is_a_transcription_session(
+        make_client: Callable[..., TestClient]) -> None:
+    """OpenAI's GA clients connect with only a model and choose the session's type in session.update:
+    the daemon serves them a transcription session, and tells one that asks for a conversation."""
+    client = make_client()
+    with client.websocket_connect("/v1/realtime?model=gpt-realtime", headers=dict(AUTH)) as connection:
+        created = connection.receive_json()
+        assert (created["type"], created["session"]["type"]) == ("session.created", "transcription"), created
+        connection.send_json({"type": "session.update", "session": {"type": "realtime"}})
+        error = connection.receive_json()
+        assert error["type"] == "error" and error["error"]["param"] == "session.type", error
+        assert "holds no conversations" in error["error"]["message"], error
+        connection.send_json({"type": "session.update", "session": {"type": "transcription"}})
+        assert connection.receive_json()["type"] == "session.updated"
+
+
 def test_a_plain_get_of_the_realtime_path_is_told_to_upgrade(make_client: Callable[..., TestClient]) -> None:
     """A proxy that does not pass the WebSocket upgrade on leaves a plain GET: the answer says the
     path is right and the connection is not, rather than that there is no such route."""
