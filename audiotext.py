@@ -8537,7 +8537,11 @@ function api(method, path, {body = null, json = true, onProgress = null, onStart
     }
     xhr.addEventListener("load", () => {
       if (xhr.status >= 200 && xhr.status < 300) {
-        resolve(json ? JSON.parse(xhr.responseText) : xhr.responseText);
+        try {
+          resolve(json ? JSON.parse(xhr.responseText) : xhr.responseText);
+        } catch (e) {  // a proxy's page, or an answer cut short: said, not left spinning
+          reject(new ApiError(xhr.status, `The server answered ${xhr.status} with something that is not JSON.`));
+        }
         return;
       }
       const error = new ApiError(xhr.status, messageOf(xhr));

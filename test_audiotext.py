@@ -7094,6 +7094,40 @@ def test_the_web_page_says_what_went_wrong_and_carries_on(daemon_factory: Callab
         devtools.close()
 
 
+@needs_chromium
+def test_the_web_page_says_so_when_a_2xx_answer_is_not_json(daemon: Daemon, tmp_path: Path) -> None:
+    """A proxy in front of the daemon may answer an upload 200 with a page of its own: the card says
+    so and the next upload goes on, instead of a card stuck uploading and every later one waiting."""
+    devtools = DevTools(tmp_path)
+    try:
+        tab = page_signed_in(devtools, daemon.url)
+        tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
+        choose(tab, model="cpu-tiny", language="en")
+        tab.call("Fetch.enable", patterns=[{"urlPattern": "*/v1/transcription-jobs", "requestStage": "Request"}])
+        first, second = tmp_path / "first.wav", tmp_path / "second.wav"
+        for path in (first, second):
+            shutil.copyfile(CLIPS / "en.wav", path)
+        tab.set_files("#files", [first])
+
+        def paused() -> str | None:
+            return next((event["params"]["requestId"] for event in list(devtools.events)
+                         if event["method"] == "Fetch.requestPaused"), None)
+
+        request_id = wait_until(paused, what="the upload to be caught", timeout=120)
+        tab.call("Fetch.fulfillRequest", requestId=request_id, responseCode=200,
+                 responseHeaders=[{"name": "Content-Type", "value": "text/html"}],
+                 body=base64.b64encode(b"<html><body>Welcome to the proxy</body></html>").decode())
+        tab.call("Fetch.disable")
+        wait_for_card(tab, first.name, ["refused"], timeout=120)
+        assert card(tab, first.name, "li.querySelector('.error').textContent") == \
+            "The server answered 200 with something that is not JSON."
+        tab.set_files("#files", [second])
+        wait_for_card(tab, second.name, ["succeeded"])
+        assert tab.problems() == []
+    finally:
+        devtools.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP requests
 # ---------------------------------------------------------------------------------------------
