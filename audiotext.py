@@ -698,6 +698,16 @@ class QueueFull(JobError):
                          "retry later")
 
 
+class JobChangeNotWritten(JobError):
+    """A cancel or a delete that jobs.json could not be made to hold, and so was not made: what a
+    client is told of a job must hold after a crash too."""
+
+    def __init__(self, job_id: str, done: str, fault: OSError) -> None:
+        super().__init__(f"job {job_id} was not {done}: the state directory cannot be written "
+                         f"({fault.strerror or fault}) and the change is answered only once it is on disk; "
+                         "the job is as it was, retry later")
+
+
 class ResultUnreadable(JobError):
     """A succeeded job's result file no longer holds a transcript: damaged on disk since it was
     written whole."""
@@ -744,6 +754,7 @@ class LiveSessionError(Exception):
 RETRY_AFTER_STOP_SECONDS = 30
 QUEUE_FULL_RETRY_SECONDS = 30
 BUSY_RETRY_SECONDS = 5  # connections free up as fast as requests finish
+STORAGE_FAULT_RETRY_SECONDS = 30  # an operator frees the disk or remounts it; that takes a while
 
 
 @dataclass(frozen=True)
@@ -780,6 +791,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorMeaning] = {
     JobNotFound: ErrorMeaning(404, _NOT_FOUND, "job_not_found"),
     JobConflict: ErrorMeaning(409, _CLIENT, "job_state_conflict"),
     ResultUnreadable: ErrorMeaning(500, _SERVER, "result_unreadable"),
+    JobChangeNotWritten: ErrorMeaning(503, _SERVER, "storage_error", retry_after=STORAGE_FAULT_RETRY_SECONDS),
     QueueFull: ErrorMeaning(429, _SERVER, "queue_full", retry_after=QUEUE_FULL_RETRY_SECONDS),
     SchedulerStopped: ErrorMeaning(503, _SERVER, "shutting_down", retry_after=RETRY_AFTER_STOP_SECONDS),
     ModelError: ErrorMeaning(500, _SERVER, "model_load_failed"),
@@ -6048,8 +6060,10 @@ class JobDisk:
     the files of the jobs it no longer needs them for removed. When the disk refuses (full,
     read-only, out of file handles), the write is tried again after a pause that doubles, the
     table staying the authority meanwhile; the runs a storage fault stopped wait here for their
-    time to run again. Locks: `_save_lock` (one writer of jobs.json), then the table's lock, which
-    the store shares so that a snapshot and the files it frees are taken at one moment.
+    time to run again. A change a client is answered about (a cancel, a delete) is written
+    ahead instead, and not made when the disk refuses it. Locks: `_save_lock` (one writer of
+    jobs.json), then the table's lock, which the store shares so that a snapshot and the files it
+    frees are taken at one moment.
     """
 
     def __init__(self, files: JobFiles, table_lock: threading.Lock, *, records: Callable[[], list[dict[str, Any]]],
@@ -6086,6 +6100,22 @@ class JobDisk:
         self._runs_at.pop(job_id, None)
 
     # -- writing
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """No other write of jobs.json meanwhile: for a change written ahead of being made, which
+        a write of the table without it must not overtake."""
+        with self._save_lock:
+            yield
+
+    def write_ahead(self, records: list[dict[str, Any]], job_id: str, done: str) -> None:
+        """Write jobs.json as it will be once job_id is `done` (within holding()); the change is
+        made only if this returns."""
+        try:
+            self.files.write_table(records)
+        except OSError as exc:
+            self._refused(exc)
+            raise JobChangeNotWritten(job_id, done, exc) from None
 
     def save(self) -> None:
         """Write jobs.json atomically, then remove the files of the jobs it no longer needs them for."""
@@ -6254,6 +6284,20 @@ class JobTable:
     def _records(self) -> list[dict[str, Any]]:
         return [j.record() for j in sorted(self._jobs.values(), key=lambda j: j.seq)]
 
+    def _cancelable(self, job_id: str) -> Job:
+        """Under the lock: the job, if a cancel can still stop it."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.status in FINISHED_STATUSES:
+            raise JobConflict(f"job {job_id} is already {job.status} and cannot be canceled")
+        return job
+
+    def _records_with(self, changed: Job, *, gone: bool = False) -> list[dict[str, Any]]:
+        """The records as they will be once the job of `changed`'s id is `changed`, or is gone."""
+        return [(changed.record() if j.id == changed.id else j.record())
+                for j in sorted(self._jobs.values(), key=lambda j: j.seq) if not (gone and j.id == changed.id)]
+
     def _holds(self, job: Job) -> bool:
         return self._jobs.get(job.id) is job
 
@@ -6341,37 +6385,54 @@ class JobStore(JobTable):
     def cancel(self, job_id: str) -> Job:
         """The job is canceled now, queued or running. A running one's work is aborted: whisper.cpp
         notices at its next check (the end of an encoder pass or a decoder step, seconds away on a
-        busy CPU), and the worker is free from then on; whatever that run returns is dropped."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise JobNotFound(job_id)
-            if job.status in FINISHED_STATUSES:
-                raise JobConflict(f"job {job_id} is already {job.status} and cannot be canceled")
-            job.cancel_requested = True
-            work = self._work.pop(job_id, None)
-            self.disk.forget_run(job_id)
-            # A stop drains the queue, cancelling its futures: such work will never run either.
-            if work is not None and not work.future.cancelled() and not self._scheduler.remove(job_id):
-                work.abort.set()  # running, or about to start: the runner finds the job canceled
-            mark_finished(job, CANCELED)
-        self._after_finish(job)
+        busy CPU), and the worker is free from then on; whatever that run returns is dropped.
+
+        jobs.json says canceled before the job does: a cancel the disk refuses is not made
+        (JobChangeNotWritten), as a crash would bring the job back to run again."""
+        with self.disk.holding():
+            with self._lock:
+                canceled = dataclasses.replace(self._cancelable(job_id))
+                mark_finished(canceled, CANCELED)
+                canceled.webhook = self.hooks.webhook_for(canceled)
+                records = self._records_with(canceled)
+            self.disk.write_ahead(records, job_id, "canceled")
+            with self._lock:
+                # A run that ended meanwhile said so in memory only: its save waits for this one.
+                job = self._cancelable(job_id)
+                job.cancel_requested = True
+                work = self._work.pop(job_id, None)
+                self.disk.forget_run(job_id)
+                # A stop drains the queue, cancelling its futures: such work will never run either.
+                if work is not None and not work.future.cancelled() and not self._scheduler.remove(job_id):
+                    work.abort.set()  # running, or about to start: the runner finds the job canceled
+                mark_finished(job, CANCELED, finished_at=canceled.finished_at, webhook=canceled.webhook)
+                self.disk.untidy(job)
+                if job.webhook is not None:
+                    self.webhook_owed.set()
+        self.disk.save_quietly()  # the files jobs.json no longer needs go now
+        self._announce(job)
         return self.get(job_id)
 
     def delete(self, job_id: str) -> None:
-        """Forget the job and remove its files, stopping it first if it is queued or running."""
-        with self._lock:
-            job = self._jobs.pop(job_id, None)
-            if job is None:
-                raise JobNotFound(job_id)
-            job.cancel_requested = True
-            self.disk.forget_run(job_id)
-            work = self._work.pop(job_id, None)
-            if work is not None and not self._scheduler.remove(job_id):
-                work.abort.set()
-            self.disk.untidy(job)
-        # On a disk that refuses the write, the delete still stands: the sweeper writes it later.
-        self.disk.save_quietly()
+        """Forget the job and remove its files, stopping it first if it is queued or running.
+        As with cancel(), jobs.json is without the job before the table is."""
+        with self.disk.holding():
+            with self._lock:
+                job = self._jobs.get(job_id)
+                if job is None:
+                    raise JobNotFound(job_id)
+                records = self._records_with(job, gone=True)
+            self.disk.write_ahead(records, job_id, "deleted")
+            with self._lock:
+                if self._jobs.pop(job_id, None) is None:
+                    return  # expired meanwhile: gone as asked, its removal waiting for this write
+                job.cancel_requested = True
+                self.disk.forget_run(job_id)
+                work = self._work.pop(job_id, None)
+                if work is not None and not self._scheduler.remove(job_id):
+                    work.abort.set()
+                self.disk.untidy(job)
+        self.disk.save_quietly()  # the job's files go now
         logger.info("job %s deleted", job_id)
 
     def sweep(self, now: float) -> int:

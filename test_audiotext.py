@@ -5242,14 +5242,17 @@ class ReadOnlyDisk:
 def test_cancel_delete_and_finish_on_a_read_only_disk_leave_nothing_behind_once_writable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, engine, scheduler, ids = store_with_jobs(tmp_path, 4)
-    canceled, deleted, succeeded, failed = ids
+    succeeded, failed, canceled, deleted = ids
     before = (tmp_path / "jobs.json").read_bytes()
     files_before = state_files(tmp_path)
 
     disk = ReadOnlyDisk(monkeypatch)
-    assert store.cancel(canceled).status == "canceled"
-    store.delete(deleted)
-    scheduler.remove(canceled)
+    # Refused, not answered from memory: a crash would undo them.
+    with pytest.raises(audiotext.JobChangeNotWritten):
+        store.cancel(canceled)
+    with pytest.raises(audiotext.JobChangeNotWritten):
+        store.delete(deleted)
+    assert (store.get(canceled).status, store.get(deleted).status) == ("queued", "queued")
     assert scheduler.run_next() == succeeded  # its result cannot be written: queued again
     assert store.get(succeeded).status == "queued"
     engine.outcome = "fail"  # a decoding failure, not a storage fault: the job fails, as it should
@@ -5262,12 +5265,63 @@ def test_cancel_delete_and_finish_on_a_read_only_disk_leave_nothing_behind_once_
 
     disk.writable()
     engine.outcome = "succeed"
+    assert store.cancel(canceled).status == "canceled"
+    store.delete(deleted)
     store.retry_storage(math.inf)  # what the sweeper does: write jobs.json, remove what it no longer needs
     assert scheduler.run_next() == succeeded
     on_disk = {j["id"]: j["status"] for j in json.loads((tmp_path / "jobs.json").read_text())["jobs"]}
     assert on_disk == {canceled: "canceled", succeeded: "succeeded", failed: "failed"}
     assert state_files(tmp_path) == {"tmp": [], "uploads": [], "results": [f"{succeeded}.json"]}
     assert store.result(succeeded) == FAKE_TRANSCRIPT
+
+
+def test_a_cancel_or_delete_the_disk_refuses_is_refused_rather_than_undone_by_a_crash(
+        make_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a cancel or a delete answers must hold after a kill -9, which leaves jobs.json as it is
+    on disk: while it cannot be written, the change is refused and the job stays as it was."""
+    client = make_client()
+    table = tmp_path / "state" / "jobs.json"
+
+    def on_disk() -> list[tuple[str, str]]:  # what a start after a kill -9 would find
+        return [(j["id"], j["status"]) for j in json.loads(table.read_text())["jobs"]]
+
+    with worker_held(client):
+        job = submit_job(client)
+        disk = ReadOnlyDisk(monkeypatch)
+        for done, refused in (("canceled", client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)),
+                              ("deleted", client.delete(f"{JOBS}/{job['id']}", headers=AUTH))):
+            assert_error(refused, 503, f"job {job['id']} was not {done}: the state directory cannot be written "
+                                       "(Read-only file system) and the change is answered only once it is on "
+                                       "disk; the job is as it was, retry later")
+            assert (refused.json()["error"]["code"], refused.headers["retry-after"]) == ("storage_error", "30")
+            assert get_job(client, job["id"])["status"] == "queued"
+            assert on_disk() == [(job["id"], "queued")]
+        disk.writable()
+        canceled = client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled", canceled.text
+        assert on_disk() == [(job["id"], "canceled")]
+        assert client.delete(f"{JOBS}/{job['id']}", headers=AUTH).status_code == 200
+        assert on_disk() == []
+
+
+@pytest.mark.daemon_errors("a state dir that refuses writes is an ERROR line the operator must see")
+def test_a_cancel_on_a_read_only_disk_answers_what_a_restart_after_sigkill_finds(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, ninety_seconds_wav: Path) -> None:
+    with tmpfs(tmp_path / "state", "32m") as state:
+        server = daemon_factory(tmp_path / "home", AUDIOTEXT_STATE_DIR=str(state))
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            job = submit_file(client, ninety_seconds_wav)
+            wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+            subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+            answer = client.post(f"{JOBS}/{job['id']}/cancel", headers=AUTH)
+        server.stop(signal.SIGKILL)
+        subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
+        restarted = daemon_factory(tmp_path / "home", AUDIOTEXT_STATE_DIR=str(state))
+        with httpx.Client(base_url=restarted.url, timeout=60) as client:
+            after = wait_for_job(client, job["id"])
+        assert restarted.stop() == 0
+    # Refused, so the job carried on: not a cancel answered and then undone by the kill.
+    assert (answer.status_code, after["status"]) == (503, "succeeded"), answer.text
 
 
 def test_a_job_whose_audio_goes_while_the_daemon_runs_fails_audio_missing(
