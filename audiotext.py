@@ -772,6 +772,9 @@ class ErrorMeaning:
 
 _CLIENT, _SERVER, _NOT_FOUND = "invalid_request_error", "server_error", "not_found_error"
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A disk that filled up or turned read-only, a process or system out of file handles, an I/O
+# error: faults an operator clears, after which the same write succeeds.
+TRANSIENT_STORAGE_ERRNOS = _DISK_FULL_ERRNOS | {errno.EROFS, errno.EMFILE, errno.ENFILE, errno.EIO}
 
 # Looked up along the exception's class hierarchy, so the most specific class wins.
 ERROR_TABLE: dict[type[BaseException], ErrorMeaning] = {
@@ -802,11 +805,15 @@ ERROR_TABLE: dict[type[BaseException], ErrorMeaning] = {
 DISK_FULL = ErrorMeaning(507, _SERVER, "insufficient_storage",
                          "not enough free disk space in the state directory to store the upload",
                          job_code="storage_error")
+# Any other fault that clears: the same request succeeds once it has.
+STORAGE_FAULT = ErrorMeaning(503, _SERVER, "storage_error", retry_after=STORAGE_FAULT_RETRY_SECONDS)
 
 
 def meaning_of(exc: BaseException) -> ErrorMeaning:
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
         return DISK_FULL
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_STORAGE_ERRNOS:
+        return STORAGE_FAULT
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
@@ -824,7 +831,8 @@ def describe(exc: BaseException) -> str:
     if meaning.message is not None:
         return meaning.message
     if isinstance(exc, OSError):
-        return f"storage error: {exc.strerror or exc}"
+        retry = "; the request was not carried out, retry later" if meaning is STORAGE_FAULT else ""
+        return f"storage error: {exc.strerror or exc}{retry}"
     return str(exc)
 
 
@@ -833,12 +841,6 @@ def error_envelope(exc: BaseException) -> dict[str, Any]:
     meaning = meaning_of(exc)
     return {"error": {"message": describe(exc), "type": meaning.type, "param": getattr(exc, "param", None),
                       "code": meaning.code}}
-
-
-# A disk that filled up or turned read-only, a process or system out of file handles, an I/O
-# error: faults an operator clears, after which the same write succeeds.
-TRANSIENT_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE,
-                                      errno.EIO})
 
 
 def transient_storage_fault(exc: BaseException) -> OSError | None:

@@ -5366,6 +5366,22 @@ def fill_up(directory: Path) -> Path:
     return filler
 
 
+def test_a_state_dir_that_turns_read_only_answers_503_to_retry_not_a_server_fault(
+        tmp_path: Path, models_dir: Path) -> None:
+    """A fault an operator clears is told as one: 503 with Retry-After, for a job as for a transcription."""
+    with tmpfs(tmp_path / "state", "64m") as state, job_client(tmp_path, models_dir) as client:
+        subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+        with open(CLIPS / "en.webm", "rb") as f:
+            job = client.post(JOBS, headers=AUTH, files={"file": ("en.webm", f)}, data={"model": "cpu-tiny"})
+        for refused in (job, post_clip(client, model="cpu-tiny")):
+            assert_error(refused, 503, "storage error: Read-only file system; the request was not carried out, "
+                                       "retry later")
+            assert (refused.json()["error"]["code"], refused.headers["retry-after"]) == ("storage_error", "30")
+        assert state_files(state) == {"tmp": [], "uploads": [], "results": []}
+        subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
+        assert wait_for_job(client, submit_job(client)["id"])["status"] == "succeeded"
+
+
 @pytest.mark.daemon_errors("a state dir that refuses writes is an ERROR line the operator must see")
 @pytest.mark.parametrize("fault", ["disk_full", "read_only"])
 def test_a_disk_that_fails_under_a_running_job_loses_nothing(daemon_factory: Callable[..., Daemon], tmp_path: Path,
