@@ -6587,7 +6587,9 @@ class JobStore(JobTable):
         self._seq = itertools.count(max((j.seq for j in jobs), default=-1) + 1)
         self.files.remove_strays(list(self._jobs.values()))
         self.sweep(time.time())
-        self.disk.save()
+        # A disk with no room for the table (or read-only) is a fault that clears like any other:
+        # the table serves from memory, and the sweeper writes it once the disk takes it.
+        self.disk.save_quietly()
         pending = [j.id for j in self._jobs.values() if j.status == QUEUED]
         for job_id in pending:
             self._submit(job_id)

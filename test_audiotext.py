@@ -5127,8 +5127,7 @@ def test_a_job_table_set_aside_by_a_start_that_failed_is_rebuilt_not_lost(
         real_write(self, records)
 
     monkeypatch.setattr(audiotext.JobFiles, "write_table", write_table)
-    with pytest.raises(OSError):
-        audiotext.JobStore(tmp_path, FakeScheduler(), engine, policy).open()
+    audiotext.JobStore(tmp_path, FakeScheduler(), engine, policy).open()  # serves from memory, then is killed
     assert not (tmp_path / "jobs.json").exists()  # set aside, and nothing written in its place
     full["on"] = False
     again = audiotext.JobStore(tmp_path, FakeScheduler(), engine, policy)
@@ -5380,6 +5379,34 @@ def test_a_state_dir_that_turns_read_only_answers_503_to_retry_not_a_server_faul
         assert state_files(state) == {"tmp": [], "uploads": [], "results": []}
         subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
         assert wait_for_job(client, submit_job(client)["id"])["status"] == "succeeded"
+
+
+@pytest.mark.daemon_errors("a state dir that refuses writes is an ERROR line the operator must see")
+def test_serve_on_a_disk_too_full_for_its_job_table_serves_and_writes_it_once_there_is_room(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Room for serve's check of the state dir (a byte), none for a new jobs.json beside the old."""
+    with tmpfs(tmp_path / "state", "1m") as state:
+        store, _, scheduler, ids = store_with_jobs(state, 1)
+        for n in range(30):
+            scheduler.run_next()
+            (state / "tmp" / "upload").write_bytes(b"audio of another")
+            ids.append(store.create(audiotext.JobSpec(model="fake"), state / "tmp" / "upload", ".webm", 1.0).id)
+        scheduler.run_next()
+        assert len((state / "jobs.json").read_bytes()) > 4 * 4096  # more pages than are left free
+        filler = fill_up(state)
+        os.truncate(filler, (filler.stat().st_size // 4096 - 1) * 4096)  # a page or two free
+        server = daemon_factory(tmp_path / "home", AUDIOTEXT_STATE_DIR=str(state))
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            assert get_job(client, ids[0])["status"] == "succeeded"
+            assert client.get(f"{JOBS}/{ids[0]}/result", headers=AUTH).json()["text"] == "ok"
+            wait_until(lambda: "the state dir refuses writes (No space left on device)" in server.log(),
+                       what="the storage fault to be logged")
+            filler.unlink()
+            wait_until(lambda: "the state dir takes writes again" in server.log(), what="jobs.json to be written",
+                       timeout=120)
+            assert wait_for_job(client, submit_job(client)["id"])["status"] == "succeeded"
+        assert server.stop() == 0, server.log()
+        assert "Traceback" not in server.log(), server.log()
 
 
 @pytest.mark.daemon_errors("a state dir that refuses writes is an ERROR line the operator must see")
