@@ -915,6 +915,7 @@ class StateLayout:
     """The state directory, the one place that names what lives in it.
 
     jobs.json         the job table, the authority on every job
+    jobs.json.reserve room kept for the last write of jobs.json a stop makes on a full disk
     uploads/<id><ext> a job's audio, from acceptance until it finishes (longer with keep_audio)
     uploads/<id>.json the job as accepted, while it is pending, so a lost jobs.json can be rebuilt
     results/<id>.json the job as finished plus its transcript, written before it turns succeeded
@@ -926,6 +927,10 @@ class StateLayout:
     @property
     def job_table(self) -> Path:
         return self.root / "jobs.json"
+
+    @property
+    def job_table_reserve(self) -> Path:
+        return self.root / "jobs.json.reserve"
 
     @property
     def uploads(self) -> Path:
@@ -5964,6 +5969,31 @@ class JobFiles:
     def write_table(self, records: list[dict[str, Any]]) -> None:
         write_atomically(self.layout.job_table, dump_json({"schema": JOBS_SCHEMA, "jobs": records}),
                          mode=PRIVATE_FILE_MODE)
+        self._keep_room_for_the_table()
+
+    def _keep_room_for_the_table(self) -> None:
+        """Keep room for jobs.json allocated in jobs.json.reserve, while the disk has it: twice the
+        table's size when it is reallocated, which it is once it holds less than 1.5 times."""
+        reserve = self.layout.job_table_reserve
+        try:
+            size = self.layout.job_table.stat().st_size
+            if reserve.exists() and reserve.stat().st_size >= 1.5 * size:
+                return
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+            try:
+                os.posix_fallocate(fd, 0, 2 * size)  # blocks of its own, which a sparse file would not hold
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the table itself was written; the next write tries again
+
+    def give_up_reserve(self) -> bool:
+        """Free the room kept for the table; False when there was none to free."""
+        try:
+            self.layout.job_table_reserve.unlink()
+        except OSError:
+            return False
+        return True
 
     # -- at start
 
@@ -6140,6 +6170,18 @@ class JobDisk:
             self.save()
         except OSError:
             return False
+        return True
+
+    def save_last(self) -> bool:
+        """A stop's write of jobs.json. On a full disk it takes the room kept for it: otherwise the
+        runs the stop put back in the queue would count as interrupted at the next start, as the
+        table on disk still shows them running."""
+        try:
+            self.save()
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL_ERRNOS or not self.files.give_up_reserve():
+                return False
+            return self.save_quietly()
         return True
 
     def _tidy(self, jobs: list[Job]) -> None:
@@ -6389,8 +6431,7 @@ class JobStore(JobTable):
         notices at its next check (the end of an encoder pass or a decoder step, seconds away on a
         busy CPU), and the worker is free from then on; whatever that run returns is dropped.
 
-        jobs.json says canceled before the job does: a cancel the disk refuses is not made
-        (JobChangeNotWritten), as a crash would bring the job back to run again."""
+        jobs.json says canceled first: a cancel a crash could undo is not made (JobChangeNotWritten)."""
         with self.disk.holding():
             with self._lock:
                 canceled = dataclasses.replace(self._cancelable(job_id))
@@ -6602,8 +6643,9 @@ class JobStore(JobTable):
         """After the workers have stopped: stop sweeping, write the final table. Runs waiting
         out a storage fault stay queued in it for the next start."""
         self._sweeper.stop()
-        if not self.disk.save_quietly():
-            logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files")
+        if not self.disk.save_last():
+            logger.error("stopping with jobs.json behind the job table; the next start reconciles it with the files, "
+                         "and counts an interrupted attempt against each job it shows as running")
 
 
 class JobRunner:

@@ -1050,7 +1050,7 @@ def test_job_files_are_private_whatever_the_umask(make_client: Callable[..., Tes
             pending = [state / "uploads" / f"{job['id']}.webm", state / "uploads" / f"{job['id']}.json"]
             assert {oct(p.stat().st_mode & 0o777) for p in pending} == {"0o600"}
         assert wait_for_job(client, job["id"])["status"] == "succeeded"
-        for path in (state / "jobs.json", state / "results" / f"{job['id']}.json"):
+        for path in (state / "jobs.json", state / "jobs.json.reserve", state / "results" / f"{job['id']}.json"):
             assert oct(path.stat().st_mode & 0o777) == "0o600", path
         for folder in ("uploads", "results", "tmp"):
             assert oct((state / folder).stat().st_mode & 0o777) == "0o700", folder
@@ -5407,6 +5407,24 @@ def test_serve_on_a_disk_too_full_for_its_job_table_serves_and_writes_it_once_th
             assert wait_for_job(client, submit_job(client)["id"])["status"] == "succeeded"
         assert server.stop() == 0, server.log()
         assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.mark.daemon_errors("a state dir that refuses writes is an ERROR line the operator must see")
+def test_a_stop_on_a_full_disk_puts_a_running_job_back_without_counting_it_interrupted(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, ninety_seconds_wav: Path) -> None:
+    """SIGTERM is no crash: the job a stop puts back in the queue is queued in jobs.json, with no
+    interrupted attempt against it, even when the disk filled up under it."""
+    with tmpfs(tmp_path / "state", "32m") as state:
+        server = daemon_factory(tmp_path / "home", AUDIOTEXT_STATE_DIR=str(state), AUDIOTEXT_STOP_GRACE_SECONDS="0.5")
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            job = submit_file(client, ninety_seconds_wav)
+            wait_until(lambda: get_job(client, job["id"])["progress"] > 0, what="the job to be mid-inference")
+            fill_up(state)
+            assert json.loads((state / "jobs.json").read_text())["jobs"][0]["status"] == "running"
+        assert server.stop() == 0, server.log()
+        on_disk = json.loads((state / "jobs.json").read_text())["jobs"]
+        assert [(j["id"], j["status"], j["attempts"]) for j in on_disk] == [(job["id"], "queued", 0)], server.log()
+        assert "Traceback" not in server.log()
 
 
 @pytest.mark.daemon_errors("a state dir that refuses writes is an ERROR line the operator must see")
