@@ -11562,9 +11562,12 @@ class EngineComparison:
 
 def trial_spec(settings: Settings, model: str | None, clips: list[Path]) -> dict[str, Any]:
     """What each trial runs: the model (the default one unless named) as the daemon runs it."""
+    store = ModelStore.for_settings(settings)
     try:
-        _, path = ModelStore.for_settings(settings).resolve(model)
-    except UnknownModel as exc:
+        if model is None:
+            ensure_default_model(store)  # as `serve` does: a build may come before the first start
+        _, path = store.resolve(model)
+    except (UnknownModel, ConfigError) as exc:
         raise EngineBuildError(str(exc)) from None
     return {"models_dir": str(settings.models_path), "model": path.stem, "threads": settings.threads_per_worker,
             "vad": settings.vad, "spin_threads": settings.spin_threads, "max_seconds": settings.max_audio_seconds,

@@ -9745,6 +9745,17 @@ def clips_that_are_not_audio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     return f"clip {tmp_path}/clips/notes.wav: the uploaded file is not audio that FFmpeg can decode"
 
 
+def test_engine_build_before_the_first_start_imports_the_starter_model_as_serve_does(tmp_path: Path) -> None:
+    """Installed with the starter and never started: the trials run on the default model, which
+    the build imports from the starter as `serve` would, rather than stop for want of a file."""
+    settings = Settings.from_env({"AUDIOTEXT_STATE_DIR": str(tmp_path / "state")})
+    spec = audiotext.trial_spec(settings, None, [CLIPS / "en.wav"])
+    assert spec["model"] == f"ggml-base-{audiotext.STARTER_QUANTIZATION}"
+    assert (settings.models_path / f"{spec['model']}.bin").is_file()
+    with pytest.raises(audiotext.EngineBuildError, match="model 'cpu-max' has no file"):  # one named is not imported
+        audiotext.trial_spec(settings, "cpu-max", [CLIPS / "en.wav"])
+
+
 @pytest.mark.parametrize("prepare", [no_compilers, no_python_headers, no_clips_outside_a_checkout,
                                      clips_that_are_not_audio])
 def test_engine_build_says_what_is_missing_before_building(tmp_path: Path, models_dir: Path,
