@@ -1733,6 +1733,55 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
+# Streams that arrive in pieces (a realtime session's appends): G.711 decoded by table, and any
+# rate brought to 16 kHz without FFmpeg, which wants whole frames.
+def _g711_tables() -> tuple[np.ndarray, np.ndarray]:
+    """μ-law and A-law (ITU-T G.711) byte -> float32 sample."""
+    codes = np.arange(256, dtype=np.int32)
+    u = ~codes & 0xFF
+    ulaw = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)) - 0x84
+    ulaw = np.where(u & 0x80, -ulaw, ulaw)
+    a = codes ^ 0x55
+    exponent, mantissa = (a >> 4) & 7, a & 0x0F
+    alaw = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    alaw = np.where(a & 0x80, alaw, -alaw)
+    return (ulaw / 32768.0).astype(np.float32), (alaw / 32768.0).astype(np.float32)
+
+
+ULAW_TABLE, ALAW_TABLE = _g711_tables()
+RESAMPLE_TAPS = 31
+
+
+class Resampler:
+    """A stream at `rate` to 16 kHz, piece by piece: a windowed-sinc low-pass below the lower of the
+    two Nyquist rates, then linear interpolation at the new rate's instants. Whisper hears speech up
+    to 8 kHz; this keeps what lies below it and folds nothing back."""
+
+    def __init__(self, rate: int) -> None:
+        self.step = rate / SAMPLE_RATE
+        cutoff = 0.45 * min(1.0, SAMPLE_RATE / rate)  # in cycles per input sample
+        n = np.arange(RESAMPLE_TAPS) - (RESAMPLE_TAPS - 1) / 2
+        taps = np.sinc(2 * cutoff * n) * np.hamming(RESAMPLE_TAPS)
+        self._taps = (taps / taps.sum()).astype(np.float32)
+        self._held = np.zeros(RESAMPLE_TAPS - 1, np.float32)
+        self._last = np.float32(0.0)  # the last filtered sample, at position 0 of the next piece
+        self._next = 1.0  # where the next output sample lies, from that last one
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        if self.step == 1.0 or not samples.size:
+            return samples
+        joined = np.concatenate([self._held, samples])
+        self._held = joined[-(RESAMPLE_TAPS - 1):]
+        filtered = np.concatenate([[self._last], np.convolve(joined, self._taps, mode="valid")]).astype(np.float32)
+        span = filtered.size - 1
+        count = int((span - self._next) // self.step) + 1 if self._next <= span else 0
+        at = self._next + self.step * np.arange(count)
+        out = np.interp(at, np.arange(filtered.size), filtered).astype(np.float32)
+        self._next = (at[-1] + self.step if count else self._next) - span
+        self._last = filtered[-1]
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Model files
 # ---------------------------------------------------------------------------------------------
@@ -10047,53 +10096,6 @@ SEMANTIC_SILENCE_MS = {"low": 1000, "medium": DEFAULT_TURN_DETECTION["silence_du
 SEMANTIC_EAGERNESS = tuple(SEMANTIC_SILENCE_MS)
 
 
-def _g711_tables() -> tuple[np.ndarray, np.ndarray]:
-    """μ-law and A-law (ITU-T G.711) byte -> float32 sample."""
-    codes = np.arange(256, dtype=np.int32)
-    u = ~codes & 0xFF
-    ulaw = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)) - 0x84
-    ulaw = np.where(u & 0x80, -ulaw, ulaw)
-    a = codes ^ 0x55
-    exponent, mantissa = (a >> 4) & 7, a & 0x0F
-    alaw = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
-    alaw = np.where(a & 0x80, alaw, -alaw)
-    return (ulaw / 32768.0).astype(np.float32), (alaw / 32768.0).astype(np.float32)
-
-
-ULAW_TABLE, ALAW_TABLE = _g711_tables()
-RESAMPLE_TAPS = 31
-
-
-class Resampler:
-    """A stream at `rate` to 16 kHz, piece by piece: a windowed-sinc low-pass below the lower of the
-    two Nyquist rates, then linear interpolation at the new rate's instants. Whisper hears speech up
-    to 8 kHz; this keeps what lies below it and folds nothing back."""
-
-    def __init__(self, rate: int) -> None:
-        self.step = rate / SAMPLE_RATE
-        cutoff = 0.45 * min(1.0, SAMPLE_RATE / rate)  # in cycles per input sample
-        n = np.arange(RESAMPLE_TAPS) - (RESAMPLE_TAPS - 1) / 2
-        taps = np.sinc(2 * cutoff * n) * np.hamming(RESAMPLE_TAPS)
-        self._taps = (taps / taps.sum()).astype(np.float32)
-        self._held = np.zeros(RESAMPLE_TAPS - 1, np.float32)
-        self._last = np.float32(0.0)  # the last filtered sample, at position 0 of the next piece
-        self._next = 1.0  # where the next output sample lies, from that last one
-
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
-        if self.step == 1.0 or not samples.size:
-            return samples
-        joined = np.concatenate([self._held, samples])
-        self._held = joined[-(RESAMPLE_TAPS - 1):]
-        filtered = np.concatenate([[self._last], np.convolve(joined, self._taps, mode="valid")]).astype(np.float32)
-        span = filtered.size - 1
-        count = int((span - self._next) // self.step) + 1 if self._next <= span else 0
-        at = self._next + self.step * np.arange(count)
-        out = np.interp(at, np.arange(filtered.size), filtered).astype(np.float32)
-        self._next = (at[-1] + self.step if count else self._next) - span
-        self._last = filtered[-1]
-        return out
-
-
 def decode_realtime_audio(payload: bytes, audio_format: str) -> np.ndarray:
     """An append's bytes as float32 at the format's own rate."""
     if audio_format == "audio/pcm":
@@ -10287,11 +10289,72 @@ def dropped_turn_error(code: str) -> dict[str, Any]:
     return {"type": "invalid_request_error", "code": code, "param": None, "message": DROPPED_TURN_MESSAGES[code]}
 
 
+class RealtimeEvents:
+    """What a session sends its client, in order: events queued, at most REALTIME_MAX_QUEUED_EVENTS,
+    and written one at a time, each within `write_seconds`, by a task of its own (started by
+    start(), ended by close()); then the close. A client that lets them pile up or stops reading
+    sets `ended` to "slow_reader", one that is gone to "closed"; once `ended` is set nothing more
+    is queued."""
+
+    def __init__(self, websocket: WebSocket, ended: asyncio.Future[str], *, write_seconds: float) -> None:
+        self._websocket = websocket
+        self._ended = ended
+        self._write_seconds = write_seconds
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(REALTIME_MAX_QUEUED_EVENTS)
+        self._ids = itertools.count(1)
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.ensure_future(self._write_all())
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Queue an event; a client that lets REALTIME_MAX_QUEUED_EVENTS pile up is let go."""
+        if self._ended.done():
+            return
+        try:
+            self._queue.put_nowait({"event_id": f"event_{next(self._ids)}", **event})
+        except asyncio.QueueFull:
+            self._ended.set_result("slow_reader")
+
+    def _let_go(self, why: str) -> None:
+        if not self._ended.done():
+            self._ended.set_result(why)
+
+    async def _write_all(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes as
+                # the send completes, and this task would then wait on the queue for ever.
+                async with asyncio.timeout(self._write_seconds):
+                    await self._websocket.send_text(json.dumps(event))
+            except TimeoutError:
+                self._let_go("slow_reader")
+                return
+            except Exception:  # the client is gone
+                self._let_go("closed")
+                return
+
+    async def close(self, code: int, *, flush: bool) -> None:
+        """What is queued goes out (with `flush`), then the close, each within REALTIME_CLOSE_SECONDS:
+        a client that reads nothing gets its connection closed without either."""
+        assert self._writer is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
+                while flush and not self._queue.empty() and not self._writer.done():
+                    await asyncio.sleep(0.01)
+        self._writer.cancel()
+        with contextlib.suppress(BaseException):
+            await self._writer
+        with contextlib.suppress(Exception):  # TimeoutError too: uvicorn closes the transport as the app returns
+            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
+                await self._websocket.close(code)
+
+
 class RealtimeSession:
     """One WebSocket client: its settings, its live stream, and the events it is sent.
 
-    Tasks: a sender (events are queued, at most REALTIME_MAX_QUEUED_EVENTS, and written one at a
-    time within AUDIOTEXT_LIVE_IDLE_SECONDS each) and the live stream's decoder; both end with the
+    Tasks: the events' writer (RealtimeEvents) and the live stream's decoder; both end with the
     session. `ended` is set with the outcome when either of them ends it.
     """
 
@@ -10302,11 +10365,9 @@ class RealtimeSession:
         self.beta = beta
         self.id = "sess_" + secrets.token_hex(12)
         self.config = RealtimeConfig(model=model)
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(REALTIME_MAX_QUEUED_EVENTS)
-        self._events = itertools.count(1)
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._events = RealtimeEvents(websocket, self.ended, write_seconds=self.settings.live_idle_seconds)
         self._close_code = REALTIME_CLOSE_NORMAL
-        self._sender: asyncio.Task[None] | None = None
         self._stream: LiveStream | None = None
         self._stream_key: tuple[Any, ...] | None = None
         self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
@@ -10321,7 +10382,7 @@ class RealtimeSession:
 
     async def run(self) -> str:
         """Serve the session to its end; what ended it, for the metrics."""
-        self._sender = asyncio.ensure_future(self._send_events())
+        self._events.start()
         try:
             await self._new_stream()
             created = "transcription_session.created" if self.beta else "session.created"
@@ -10342,7 +10403,8 @@ class RealtimeSession:
         finally:
             if self._stream is not None:
                 await self._stream.close()
-            await self._flush_and_close(flush=not (self.ended.done() and self.ended.result() == "slow_reader"))
+            await self._events.close(self._close_code,
+                                     flush=not (self.ended.done() and self.ended.result() == "slow_reader"))
 
     async def _serve(self) -> str:
         receive: asyncio.Future[Any] | None = None
@@ -10529,13 +10591,7 @@ class RealtimeSession:
         return self.config.beta_object(self.id) if self.beta else self.config.ga_object(self.id)
 
     def send(self, event: dict[str, Any]) -> None:
-        """Queue an event; a client that lets REALTIME_MAX_QUEUED_EVENTS pile up is let go."""
-        if self.ended.done():
-            return
-        try:
-            self._queue.put_nowait({"event_id": f"event_{next(self._events)}", **event})
-        except asyncio.QueueFull:
-            self.ended.set_result("slow_reader")
+        self._events.send(event)
 
     def send_error(self, exc: LiveSessionError, event_id: str | None = None, *, kind: str | None = None) -> None:
         logger.debug("realtime error %s: %s", exc.code, exc)
@@ -10555,38 +10611,6 @@ class RealtimeSession:
             self._close_code = REALTIME_CLOSE_RESTART if meaning.code == "shutting_down" else REALTIME_CLOSE_FAILED
         if not self.ended.done():
             self.ended.set_result(meaning.code or "internal_error")
-
-    async def _send_events(self) -> None:
-        while True:
-            event = await self._queue.get()
-            try:
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes as
-                # the send completes, and this task would then wait on the queue for ever.
-                async with asyncio.timeout(self.settings.live_idle_seconds):
-                    await self.websocket.send_text(json.dumps(event))
-            except TimeoutError:
-                if not self.ended.done():
-                    self.ended.set_result("slow_reader")
-                return
-            except Exception:  # the client is gone
-                if not self.ended.done():
-                    self.ended.set_result("closed")
-                return
-
-    async def _flush_and_close(self, *, flush: bool) -> None:
-        """What is queued goes out, then the close, each within REALTIME_CLOSE_SECONDS: a client
-        that reads nothing gets its connection closed without either."""
-        assert self._sender is not None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
-                while flush and not self._queue.empty() and not self._sender.done():
-                    await asyncio.sleep(0.01)
-        self._sender.cancel()
-        with contextlib.suppress(BaseException):
-            await self._sender
-        with contextlib.suppress(Exception):  # TimeoutError too: uvicorn closes the transport as the app returns
-            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
-                await self.websocket.close(self._close_code)
 
 
 def realtime_protocol() -> type[asyncio.Protocol]:
