@@ -5079,6 +5079,10 @@ class Scheduler:
     stop(). What a work item raises goes to its future for the submitter to read; one that no
     layer raised on purpose is also logged with its traceback here, since a job's future has no
     reader. Lock: `_cond`, taken last (the job store holds its own lock while it submits).
+
+    A stop comes in two steps: drain() refuses new work, and stop() ends the pool. In between, the
+    workers still take work that finishes what a client was already promised (a live turn's final
+    text), until the grace is over.
     """
 
     def __init__(self, workers: int) -> None:
@@ -5087,6 +5091,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._stopping = False
         self._deadline: float | None = None  # when running work gets aborted, once stopping
+        self._closed = False  # stop() was called: the workers leave
         self._threads = [threading.Thread(target=self._loop, name=f"audiotext-worker-{i}", daemon=True)
                          for i in range(workers)]
         self.running: dict[int, Work] = {}
@@ -5096,10 +5101,13 @@ class Scheduler:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, fn: Callable[[threading.Event], Any], *, priority: int, key: str | None = None) -> Work:
+    def submit(self, fn: Callable[[threading.Event], Any], *, priority: int, key: str | None = None,
+               finishing: bool = False) -> Work:
+        """Queue work; SchedulerStopped once a stop has begun, unless it is `finishing` work and the
+        grace is not over."""
         work = Work(priority, next(self._seq), fn, key=key)
         with self._cond:
-            if self._stopping:
+            if self._stopping and not (finishing and self._in_grace()):
                 raise SchedulerStopped()
             heapq.heappush(self._heap, work)
             self._cond.notify()
@@ -5154,9 +5162,15 @@ class Scheduler:
             ordered = sorted(self._heap)
         return {w.key: i for i, w in enumerate(ordered) if w.key is not None}
 
+    def _in_grace(self) -> bool:
+        return not self._closed and self._deadline is not None and time.monotonic() < self._deadline
+
     def stop(self, *, grace: float) -> None:
         """Drain, let running work finish until the deadline, then abort it; join."""
         self.drain(grace=grace)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         assert self._deadline is not None
         for thread in self._threads:
             thread.join(max(0.0, self._deadline - time.monotonic()))
@@ -5193,8 +5207,13 @@ class Scheduler:
             self._cond.notify_all()
 
     def abort_running(self) -> None:
+        """Abort what runs; once stopping, drop what is queued too (finishing work the grace let in)."""
         with self._cond:
             running = [*self.running.values(), *self._paused.values()]
+            if self._stopping:
+                for work in self._heap:
+                    work.future.cancel()
+                self._heap.clear()
         for work in running:
             work.abort.set()
 
@@ -5202,9 +5221,9 @@ class Scheduler:
         ident = threading.get_ident()
         while True:
             with self._cond:
-                while not self._heap and not self._stopping:
+                while not self._heap and not self._closed:
                     self._cond.wait()
-                if self._stopping:
+                if self._closed:
                     return
                 work = heapq.heappop(self._heap)
                 if not work.future.set_running_or_notify_cancel():
@@ -5402,14 +5421,20 @@ def live_decoder(scheduler: Scheduler, engine: Engine, quiet_engine: Engine, mod
                  options: TranscribeOptions) -> LiveDecode:
     """Turn decodes through the scheduler: a final one as sync work, a partial one at
     PRIORITY_PARTIAL. A partial decode goes through `quiet_engine`, which neither logs nor counts
-    it: only what a client is finally given is."""
+    it: only what a client is finally given is. A final decode is finishing work: a stop's grace
+    lets it in, since the turn it ends is one the client was told of."""
     async def decode(audio: np.ndarray, final: bool, language: str | None) -> Transcript:
         chosen, how = (engine, options) if final else (quiet_engine, dataclasses.replace(options, quick=True))
         if language is not None and options.language is None:
             how = dataclasses.replace(how, language=language)
         work = scheduler.submit(lambda abort: chosen.transcribe(audio, model, how, abort),
-                                priority=PRIORITY_SYNC if final else PRIORITY_PARTIAL)
-        return cast(Transcript, await await_work(work))
+                                priority=PRIORITY_SYNC if final else PRIORITY_PARTIAL, finishing=final)
+        try:
+            return cast(Transcript, await await_work(work))
+        except Aborted:
+            if scheduler.stopping:  # the end of a stop's grace: the decode is one the stop refused
+                raise SchedulerStopped() from None
+            raise
 
     return decode
 
@@ -5460,6 +5485,7 @@ class LiveStream:
         self._decoded = asyncio.Event()  # a closed turn was decoded, or the decoding ended
         self._decoding = False
         self._resume: int | None = None  # where a commit ended a turn while the VAD heard speech go on
+        self._partials = True  # False once a stop refused a partial decode: only closed turns are decoded
         self._task: asyncio.Task[None] | None = None
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
 
@@ -5474,6 +5500,12 @@ class LiveStream:
     def pending_samples(self) -> int:
         """The audio of the closed turns that wait for their final decode."""
         return sum(turn.samples for turn in self._closed)
+
+    async def settled(self) -> None:
+        """Wait until no closed turn waits for its final decode, or the decoding has ended."""
+        while self._decoding and self._closed:
+            self._decoded.clear()
+            await self._decoded.wait()
 
     async def _room(self) -> None:
         """Back-pressure: wait while the closed turns hold more than their bound (and are decoded)."""
@@ -5585,18 +5617,29 @@ class LiveStream:
                         self._closed.pop(0)
                         self._decoded.set()
                     elif self._turn is not None:
-                        await self._partial(self._turn)
+                        await self._partial_unless_stopping(self._turn)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the session learns of it and ends
+        except Exception as exc:  # the closed turns fail with it; the session learns of it and ends
+            for turn in self._closed:
+                await self._emit(LiveEvent("failed", turn.number, error=exc))
+            self._closed.clear()
             self.on_failure(exc)
         finally:
             self._decoding = False  # a feed waiting for room waits no more
             self._decoded.set()
 
+    async def _partial_unless_stopping(self, turn: LiveTurn) -> None:
+        """A partial decode; a stop that refuses it ends partial text, while the closed turns'
+        final text is still owed (the grace lets their decodes in)."""
+        try:
+            await self._partial(turn)
+        except SchedulerStopped:
+            self._partials = False
+
     def _partial_due(self) -> bool:
         turn = self._turn
-        return (turn is not None and turn.samples >= LIVE_MIN_PARTIAL_SECONDS * SAMPLE_RATE
+        return (self._partials and turn is not None and turn.samples >= LIVE_MIN_PARTIAL_SECONDS * SAMPLE_RATE
                 and turn.samples - turn.decoded_samples >= self._partial_samples)
 
     async def _partial(self, turn: LiveTurn) -> None:
@@ -7197,6 +7240,8 @@ class AppState:
     webhooks: WebhookSender | None = None
     metrics: Metrics = field(init=False)
     engine: Engine = field(init=False)
+    # Set on the event loop when a stop begins: live sessions finish the turns they owe text for, and end.
+    stop_begun: asyncio.Event = field(default_factory=asyncio.Event)
     # Set on the event loop when a stop's grace is over: clients still waiting are answered then.
     grace_over: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -7344,6 +7389,7 @@ def begin_stop(state: AppState) -> None:
     grace is over, abort what still runs and answer the clients still waiting for it."""
     grace = state.settings.stop_grace_seconds
     state.scheduler.drain(grace=grace)
+    state.stop_begun.set()
     asyncio.get_running_loop().call_later(grace, end_grace, state)
     logger.info("stopping: %d transcription(s) running get %g s to finish", len(state.scheduler.running_keys()),
                 grace)
@@ -7729,9 +7775,11 @@ class NotifyingServer(uvicorn.Server):
                  its waiting clients get the 503 and its jobs stay queued on disk.
         grace    (AUDIOTEXT_STOP_GRACE_SECONDS) running transcriptions may finish and answer;
                  new connections are still answered (an upload with that 503, a status read).
+                 A live session finishes the turns it owes text for, then ends itself.
         abort    end_grace(): what still runs is aborted, and each client still waiting gets its
                  503 at once, without waiting for whisper.cpp to notice the abort. uvicorn stops
-                 accepting connections once nothing runs or the grace is over.
+                 accepting connections once nothing runs and no live session is left, or the
+                 grace is over.
         settle   (ABORT_SETTLE_SECONDS) uvicorn lets those answers go out, then closes what is left.
         join     the lifespan's stop_service(): workers joined (an aborted job goes back to
                  queued), jobs.json written, models freed. The unit's TimeoutStopSec covers all this.
@@ -7741,7 +7789,8 @@ class NotifyingServer(uvicorn.Server):
         if state is not None:
             begin_stop(state)
             started = time.monotonic()
-            while state.scheduler.running_keys() and not state.grace_over.is_set() and not self.force_exit:
+            sessions = getattr(self._app.state, "live_sessions", ())  # realtime sessions, set by the lifespan
+            while (state.scheduler.running_keys() or sessions) and not state.grace_over.is_set() and not self.force_exit:
                 await asyncio.sleep(0.1)
             # uvicorn's own wait then covers only what is left of grace and settle.
             self.config.timeout_graceful_shutdown = max(  # type: ignore[assignment]  # typed int, awaited as a float
@@ -10334,15 +10383,16 @@ class RealtimeEvents:
             except Exception:  # the client is gone
                 self._let_go("closed")
                 return
+            self._queue.task_done()  # written: the queue empty is not enough, its last event may be on its way
 
     async def close(self, code: int, *, flush: bool) -> None:
         """What is queued goes out (with `flush`), then the close, each within REALTIME_CLOSE_SECONDS:
         a client that reads nothing gets its connection closed without either."""
         assert self._writer is not None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REALTIME_CLOSE_SECONDS):
-                while flush and not self._queue.empty() and not self._writer.done():
-                    await asyncio.sleep(0.01)
+        if flush:
+            written = asyncio.ensure_future(self._queue.join())
+            await asyncio.wait({written, self._writer}, timeout=REALTIME_CLOSE_SECONDS)
+            written.cancel()
         self._writer.cancel()
         with contextlib.suppress(BaseException):
             await self._writer
@@ -10404,17 +10454,20 @@ class RealtimeSession:
             if self._stream is not None:
                 await self._stream.close()
             await self._events.close(self._close_code,
-                                     flush=not (self.ended.done() and self.ended.result() == "slow_reader"))
+                                     flush=not (self.ended.done() and self.ended.result() in ("slow_reader", "closed")))
 
     async def _serve(self) -> str:
         receive: asyncio.Future[Any] | None = None
+        stopping = asyncio.ensure_future(self.state.stop_begun.wait())
         try:
             while True:
                 receive = receive or asyncio.ensure_future(self.websocket.receive())
-                done, _ = await asyncio.wait({receive, self.ended}, timeout=self.settings.live_idle_seconds,
+                done, _ = await asyncio.wait({receive, self.ended, stopping}, timeout=self.settings.live_idle_seconds,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if self.ended.done():
                     return self.ended.result()
+                if stopping.done() and receive not in done:
+                    return await self._stop()
                 if not done and self._stream is not None and self._stream.owes_text():
                     continue  # a client waiting for a turn's text is not idle
                 if not done:
@@ -10423,11 +10476,22 @@ class RealtimeSession:
                                            fatal=True)
                 message, receive = receive.result(), None
                 if message["type"] == "websocket.disconnect":
+                    self.ended.set_result("closed")  # nothing more can reach the client: nothing is flushed
                     return "closed"
                 await self._handle_message(message)
         finally:
             if receive is not None:
                 receive.cancel()
+            stopping.cancel()
+
+    async def _stop(self) -> str:
+        """The daemon stops: nothing more is read, the committed turns get their text (their final
+        decodes are let in until the grace is over, and fail after it), then the session ends."""
+        assert self._stream is not None
+        await self._stream.settled()
+        if self.ended.done():
+            return self.ended.result()
+        raise SchedulerStopped()
 
     async def _handle_message(self, message: dict[str, Any]) -> None:
         event_id = None

@@ -8501,6 +8501,104 @@ def test_a_realtime_client_waiting_for_its_text_is_not_idle(make_client: Callabl
     assert word_error_rate(LIVE_SENTENCES[0], event["transcript"]) <= 0.2, event
 
 
+@pytest.mark.parametrize("grace_passes", [pytest.param(False, id="within_the_grace"),
+                                          pytest.param(True, id="after_the_grace")])
+def test_a_stop_ends_the_turn_committed_during_a_partial_decode_before_the_session(
+        make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch, grace_passes: bool) -> None:
+    """A partial decode runs; the client commits the turn; the daemon begins to stop. The turn's
+    final decode still runs within the grace: its item completes (or, once the grace is over,
+    fails with shutting_down), then the session ends with shutting_down and closes with 1012."""
+    running, gate = threading.Event(), threading.Event()
+    real_quiet_engine = audiotext.quiet_engine
+
+    class HeldPartials:
+        """Partial decodes that wait for the test before they run."""
+
+        def __init__(self, engine: Any) -> None:
+            self.engine = engine
+
+        def transcribe(self, *args: Any, **kwargs: Any) -> Any:
+            running.set()
+            gate.wait(60)
+            return self.engine.transcribe(*args, **kwargs)
+
+    monkeypatch.setattr(audiotext, "quiet_engine", lambda *args, **kwargs: HeldPartials(
+        real_quiet_engine(*args, **kwargs)))
+    client = make_client(stop_grace_seconds=0.5 if grace_passes else 60)
+    state = client.app.state.audiotext  # type: ignore[attr-defined]
+    speech = as_pcm16(live_clip())[:int(3.0 * 24_000) * 2]
+    try:
+        with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+            connection.send_json({"type": "session.update", "session": {"audio": {"input": {
+                "transcription": {"model": LIVE_MODEL, "language": "en"}, "turn_detection": None}}}})
+            connection.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+            assert running.wait(60), "no partial decode ran"
+            connection.send_json({"type": "input_audio_buffer.commit"})
+            events = [connection.receive_json()]
+            while events[-1]["type"] != "input_audio_buffer.committed":
+                assert events[-1]["type"] != "error", events
+                events.append(connection.receive_json())
+            item = events[-1]["item_id"]
+            client.portal.call(audiotext.begin_stop, state)  # what SIGTERM starts
+            if grace_passes:
+                wait_until(state.grace_over.is_set, what="the end of the grace")
+            gate.set()
+            while (event := connection.receive())["type"] == "websocket.send":
+                events.append(json.loads(event["text"]))
+    finally:
+        gate.set()
+    failed = "conversation.item.input_audio_transcription.failed"
+    ended = [e for e in events if e["type"] in (COMPLETED, failed)]
+    assert [(e["type"], e["item_id"]) for e in ended] == [(failed if grace_passes else COMPLETED, item)], events
+    if grace_passes:
+        assert ended[0]["error"]["code"] == "shutting_down", ended
+    else:
+        assert word_error_rate(LIVE_SENTENCES[0], ended[0]["transcript"]) <= 0.2, ended
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "shutting_down", events
+    assert events.index(ended[0]) < len(events) - 1
+    assert (event["type"], event["code"]) == ("websocket.close", 1012), event
+
+
+def test_sigterm_lets_a_realtime_session_finish_its_committed_turn_and_exits_0(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    """A real stop: the one worker transcribes a long upload, the session's partial decode waits
+    behind it, the client commits, SIGTERM comes. The stop drops the partial decode, yet the
+    committed turn's final decode runs within the grace, and only then is the session ended
+    (shutting_down, 1012) and the daemon gone."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    server = daemon_factory(AUDIOTEXT_STOP_GRACE_SECONDS="120")
+
+    def health() -> dict[str, Any]:
+        return httpx.get(server.url + "/healthz", timeout=60).json()
+
+    speech = as_pcm16(live_clip())[:int(3.0 * 24_000) * 2]
+    with ThreadPoolExecutor(1) as pool, connect(realtime_url(server), additional_headers=AUTH) as connection:
+        hold = pool.submit(post_clip, server.url, "long_en.webm", model="ggml-base")
+        wait_until(lambda: health()["busy_workers"] == 1 or hold.done(), what="the long request running")
+        connection.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "transcription": {"model": LIVE_MODEL, "language": "en"}, "turn_detection": None}}}}))
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()}))
+        connection.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] != "input_audio_buffer.committed":
+            events.append(json.loads(connection.recv(timeout=120)))
+            assert events[-1]["type"] != "error", events
+        item = events[-1]["item_id"]
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(json.loads(connection.recv(timeout=120)))
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012, closed.value
+    ended = [e for e in events if e["type"] in (COMPLETED, "conversation.item.input_audio_transcription.failed")]
+    assert [(e["type"], e["item_id"]) for e in ended] == [(COMPLETED, item)], events
+    assert word_error_rate(LIVE_SENTENCES[0], ended[0]["transcript"]) <= 0.2, ended
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "shutting_down", events
+    assert hold.result().status_code == 200
+    assert server.proc.wait(120) == 0, server.log()
+
+
 def test_a_session_update_that_rebuilds_the_stream_fails_the_turn_waiting_for_its_text(realtime_daemon: Daemon) -> None:
     """A commit and at once a session.update that needs a new stream: the turn's final decode waits
     behind a long request on the daemon's one worker, so the update drops it: `.failed` with
