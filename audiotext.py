@@ -10327,8 +10327,8 @@ def user_audio_item(item: str, transcript: str | None) -> dict[str, Any]:
 # Why a turn the client's doing dropped is `.failed`: every item the client has heard of ends in
 # `.completed` or `.failed`, as OpenAI's clients expect.
 DROPPED_TURN_MESSAGES = {
-    "input_audio_buffer_cleared": "the audio buffer was cleared before this turn was committed: its text so far "
-                                  "was dropped",
+    "input_audio_buffer_cleared": "the audio buffer was cleared before this turn was committed: its audio "
+                                  "and any text so far were dropped",
     "session_updated": "the session's transcription settings changed before this turn's text was finished: it "
                        "was dropped",
 }
@@ -10336,6 +10336,13 @@ DROPPED_TURN_MESSAGES = {
 
 def dropped_turn_error(code: str) -> dict[str, Any]:
     return {"type": "invalid_request_error", "code": code, "param": None, "message": DROPPED_TURN_MESSAGES[code]}
+
+
+def realtime_error(exc: LiveSessionError, kind: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object for `exc`; its type the one given, else told by its code."""
+    if kind is None:
+        kind = "server_error" if exc.code in ("shutting_down", "internal_error") else "invalid_request_error"
+    return {"type": kind, "code": exc.code, "message": str(exc), "param": exc.param}
 
 
 class RealtimeEvents:
@@ -10422,8 +10429,7 @@ class RealtimeSession:
         self._stream_key: tuple[Any, ...] | None = None
         self._resampler = Resampler(REALTIME_FORMATS[self.config.audio_format])
         self._items: dict[int, str] = {}  # turn number -> item id
-        self._told: set[int] = set()  # the turns whose item the client has heard of
-        self._spoken: set[int] = set()  # turns with deltas and no end yet: a clear that drops one owes it `.failed`
+        self._told: set[int] = set()  # the turns whose item the client has heard of: each is owed an end
         self._added: dict[int, str | None] = {}  # committed turns not yet done -> the item before theirs
         self._last_item: str | None = None
         self.audio_seconds = 0.0
@@ -10440,12 +10446,12 @@ class RealtimeSession:
             async with asyncio.timeout(self.settings.live_session_seconds):
                 return await self._serve()
         except TimeoutError:
-            self.send_error(LiveSessionError("session_expired", "the session went on for longer than "
-                                             f"{self.settings.live_session_seconds:g} s "
-                                             "(AUDIOTEXT_LIVE_SESSION_SECONDS)"))
+            self._end_with(LiveSessionError("session_expired", "the session went on for longer than "
+                                            f"{self.settings.live_session_seconds:g} s "
+                                            "(AUDIOTEXT_LIVE_SESSION_SECONDS)"))
             return "session_expired"
         except LiveSessionError as exc:
-            self.send_error(exc)
+            self._end_with(exc)
             return exc.code
         except Exception as exc:  # no rule broken and no limit: the daemon's fault, the session's end
             self.end(exc)
@@ -10529,7 +10535,7 @@ class RealtimeSession:
         elif kind == "input_audio_buffer.clear":
             assert self._stream is not None
             dropped = self._stream.clear()
-            if dropped in self._spoken:  # deltas came for it: its item is owed an end
+            if dropped in self._told:  # by speech_started or deltas: its item is owed an end
                 self._fail(dropped, dropped_turn_error("input_audio_buffer_cleared"))
             elif dropped is not None:
                 self._forget(dropped)
@@ -10546,19 +10552,19 @@ class RealtimeSession:
         if config.stream_key() != self._stream_key:
             if self._stream is not None:
                 await self._stream.close()
-                self._drop_turns()
+                self._drop_turns(dropped_turn_error("session_updated"))
             await self._new_stream()
         self.beta = self.beta or beta
         self.send({"type": "transcription_session.updated" if self.beta else "session.updated",
                    "session": self._session_object()})
 
-    def _drop_turns(self) -> None:
-        """The turns a replaced stream had not finished: each the client was told of is `.failed`."""
+    def _drop_turns(self, error: dict[str, Any]) -> None:
+        """The turns a replaced or ended stream had not finished: each the client was told of is
+        `.failed` with `error`."""
         for turn in [turn for turn in self._items if turn in self._told]:
-            self._fail(turn, dropped_turn_error("session_updated"))
+            self._fail(turn, error)
         self._items.clear()
         self._told.clear()
-        self._spoken.clear()
 
     async def _new_stream(self) -> None:
         config = self.config
@@ -10609,7 +10615,6 @@ class RealtimeSession:
                        "previous_item_id": self._last_item, "item": user_audio_item(item, None)})
             self._last_item = item
         elif event.kind == "delta":
-            self._spoken.add(event.turn)
             self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item,
                        "content_index": 0, "delta": event.text})
         elif event.kind == "completed":
@@ -10641,7 +10646,6 @@ class RealtimeSession:
     def _forget(self, turn: int) -> None:
         self._items.pop(turn, None)
         self._told.discard(turn)
-        self._spoken.discard(turn)
 
     def _item_done(self, turn: int, item: str, transcript: str | None) -> None:
         """A committed turn's item is final, with its text, or with none when its transcription
@@ -10659,10 +10663,13 @@ class RealtimeSession:
 
     def send_error(self, exc: LiveSessionError, event_id: str | None = None, *, kind: str | None = None) -> None:
         logger.debug("realtime error %s: %s", exc.code, exc)
-        if kind is None:
-            kind = "server_error" if exc.code in ("shutting_down", "internal_error") else "invalid_request_error"
-        self.send({"type": "error", "error": {"type": kind, "code": exc.code, "message": str(exc),
-                                              "param": exc.param, "event_id": event_id}})
+        self.send({"type": "error", "error": {**realtime_error(exc, kind), "event_id": event_id}})
+
+    def _end_with(self, exc: LiveSessionError, *, kind: str | None = None) -> None:
+        """The session's last error; first, each item the client heard of that has not ended is
+        `.failed` with it: every item ends."""
+        self._drop_turns(realtime_error(exc, kind))
+        self.send_error(exc, kind=kind)
 
     def end(self, exc: BaseException) -> None:
         """The live stream (or the daemon, serving the session) failed: the session ends with an
@@ -10670,7 +10677,7 @@ class RealtimeSession:
         meaning = meaning_of(exc)
         if is_unexpected(exc):
             log_unexpected(exc, "in a live transcription session")
-        self.send_error(LiveSessionError(meaning.code or "internal_error", describe(exc)), kind=meaning.type)
+        self._end_with(LiveSessionError(meaning.code or "internal_error", describe(exc)), kind=meaning.type)
         if meaning.type == _SERVER:
             self._close_code = REALTIME_CLOSE_RESTART if meaning.code == "shutting_down" else REALTIME_CLOSE_FAILED
         if not self.ended.done():

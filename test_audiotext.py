@@ -8826,6 +8826,49 @@ def test_a_cleared_turn_that_had_deltas_ends_in_failed(realtime_daemon: Daemon) 
     assert events[-1]["item_id"] != item and word_error_rate(LIVE_SENTENCES[0], events[-1]["transcript"]) <= 0.2
 
 
+def test_an_item_told_only_by_speech_started_ends_in_failed_when_dropped(make_client: Callable[..., TestClient]) -> None:
+    """server_vad: speech_started names the turn's item, and that item ends, however it is dropped
+    before its commit: a clear makes it `.failed` (input_audio_buffer_cleared) before `.cleared`,
+    as a session.update that starts afresh makes it `.failed` (session_updated); a session that
+    ends (here idle) makes it `.failed` with the session's error before that error."""
+    from openai.types.realtime import ConversationItemInputAudioTranscriptionFailedEvent
+
+    failed = "conversation.item.input_audio_transcription.failed"
+    client = make_client(live_idle_seconds=2.0)
+    # Half a second of speech: the VAD hears it begin, and the turn is too short for partial text.
+    opening = base64.b64encode(as_pcm16(live_clip())[:int(1.0 * 24_000) * 2]).decode()
+    with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+        def until(kind: str) -> list[dict[str, Any]]:
+            events = [connection.receive_json()]
+            while events[-1]["type"] != kind:
+                events.append(connection.receive_json())
+            return events
+
+        connection.send_json({"type": "session.update", "session": {"audio": {"input": {
+            "transcription": {"model": LIVE_MODEL, "language": "en"},
+            "turn_detection": {"type": "server_vad", "prefix_padding_ms": 0}}}}})
+        until("session.updated")
+        connection.send_json({"type": "input_audio_buffer.append", "audio": opening})
+        cleared_item = until("input_audio_buffer.speech_started")[-1]["item_id"]
+        connection.send_json({"type": "input_audio_buffer.clear"})
+        events = until("input_audio_buffer.cleared")
+        connection.send_json({"type": "input_audio_buffer.append", "audio": opening})
+        events += until("input_audio_buffer.speech_started")
+        idle_item = events[-1]["item_id"]
+        events += until("error")  # nothing more is sent: the session ends idle
+        closed = connection.receive()
+    assert not [e for e in events if e["type"] in (DELTA, COMPLETED, "input_audio_buffer.committed")], events
+    ended = [e for e in events if e["type"] == failed]
+    assert [(e["item_id"], e["error"]["code"]) for e in ended] == [
+        (cleared_item, "input_audio_buffer_cleared"), (idle_item, "idle_timeout")], events
+    for event in ended:
+        ConversationItemInputAudioTranscriptionFailedEvent.model_validate(event)
+    kinds = [e["type"] for e in events]
+    assert kinds.index(failed) < kinds.index("input_audio_buffer.cleared"), kinds
+    assert kinds[-2:] == [failed, "error"] and events[-1]["error"]["code"] == "idle_timeout", events
+    assert (closed["type"], closed["code"]) == ("websocket.close", 1000), closed
+
+
 def test_a_realtime_client_that_never_reads_is_let_go(realtime_daemon: Daemon) -> None:
     """Its events pile up to the limit, its socket stays full, or it falls silent: each ends it,
     and the events waiting for it are dropped with the connection."""
