@@ -8179,7 +8179,12 @@ class WyomingSession:
             self._choose(Transcribe())
         state = self.state
         quiet = quiet_engine(state.models, state.scheduler, max_audio_seconds=self.settings.wyoming_max_audio_seconds)
-        decode = live_decoder(state.scheduler, state.engine, quiet, self._model, self._options())
+
+        def decode(audio: np.ndarray, final: bool, language: str | None) -> Awaitable[Transcript]:
+            # The model and language chosen when it runs: a `transcribe` after audio-start is heard
+            # by the partial decodes after it, as by the whole command's.
+            return live_decoder(state.scheduler, state.engine, quiet, self._model, self._options())(audio, final, language)
+
         self._live = LiveStream(decode, self._live_event, vad=None,
                                 partial_seconds=self.settings.live_partial_seconds,
                                 max_turn_seconds=self.settings.wyoming_max_audio_seconds + 1)

@@ -6500,18 +6500,14 @@ def test_wyoming_streams_a_transcript_in_the_order_clients_expect(wyoming_daemon
     assert "".join(chunks).strip() == answer.text.strip()
 
 
-def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: tuple[Daemon, int]) -> None:
-    """A command streamed in real time, as a satellite's microphone sends it: transcript-chunks come
-    before audio-stop, never taken back, and the transcript after it is the whole."""
-    from wyoming.asr import Transcribe
+def stream_wyoming(port: int, pcm: bytes, transcribe: Any, *, after_start: Any = None) -> list[tuple[Any, bool]]:
+    """A command streamed in real time, as a satellite's microphone sends it: `transcribe`,
+    audio-start (then `after_start`, if any), 0.1 s chunks, audio-stop. Each event received, with
+    whether audio-stop had been sent by then."""
     from wyoming.audio import AudioChunk, AudioStart, AudioStop
     from wyoming.client import AsyncTcpClient
 
-    _, port = wyoming_daemon
-    pcm = pcm_of("live_en.webm")
-    assert len(pcm) / 32_000 >= 8
-
-    async def talk() -> tuple[list[tuple[Any, bool]], float]:
+    async def talk() -> list[tuple[Any, bool]]:
         client = AsyncTcpClient("127.0.0.1", port)
         await client.connect()
         received: list[tuple[Any, bool]] = []  # (event, whether audio-stop had been sent)
@@ -6524,8 +6520,10 @@ def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: 
                     return
 
         reader = asyncio.ensure_future(read())
-        await client.write_event(Transcribe(name="ggml-tiny.en", language="en").event())
+        await client.write_event(transcribe.event())
         await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+        if after_start is not None:
+            await client.write_event(after_start.event())
         started = time.monotonic()
         for index, at in enumerate(range(0, len(pcm), 3200)):  # 0.1 s a chunk, in real time
             await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[at:at + 3200]).event())
@@ -6534,15 +6532,49 @@ def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: 
         await client.write_event(AudioStop().event())
         await asyncio.wait_for(reader, 120)
         await client.disconnect()
-        return received, time.monotonic() - started
+        return received
 
-    received, _ = asyncio.run(talk())
+    return asyncio.run(talk())
+
+
+def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: tuple[Daemon, int]) -> None:
+    """A command streamed in real time: transcript-chunks come before audio-stop, never taken back,
+    and the transcript after it is the whole."""
+    from wyoming.asr import Transcribe
+
+    _, port = wyoming_daemon
+    pcm = pcm_of("live_en.webm")
+    assert len(pcm) / 32_000 >= 8
+    received = stream_wyoming(port, pcm, Transcribe(name="ggml-tiny.en", language="en"))
     chunks = [(event.data["text"], before) for event, before in received if event.type == "transcript-chunk"]
     assert any(not after_stop for _, after_stop in chunks), chunks
     (transcript,) = [event.data["text"] for event, _ in received if event.type == "transcript"]
     assert transcript.startswith("".join(text for text, _ in chunks)), (chunks, transcript)
     assert received[0][0].type == "transcript-start"
     assert word_error_rate(" ".join(LIVE_SENTENCES), transcript) <= 0.2, transcript
+
+
+def test_wyoming_a_transcribe_after_audio_start_holds_for_the_partial_text_as_for_the_whole(
+        wyoming_daemon: tuple[Daemon, int]) -> None:
+    """A `transcribe` that comes after audio-start chooses the model and language of what is decoded
+    after it, the partial decodes as the whole command's (a server that transcribes at audio-stop
+    takes the last one): German speech, first announced as English for an English-only model,
+    then as German for a multilingual one, streams German words while it is spoken."""
+    from wyoming.asr import Transcribe
+
+    _, port = wyoming_daemon
+    said = (CLIPS / "voice_de.ref.txt").read_text()
+    pcm = pcm_of("voice_de.webm") + bytes(2 * 32_000)  # and 2 s of pause, for the partial decodes to catch up
+    received = stream_wyoming(port, pcm, Transcribe(name="ggml-tiny.en", language="en"),
+                              after_start=Transcribe(name="ggml-base", language="de"))
+    assert not [event for event, _ in received if event.type == "error"], received
+    streamed = "".join(event.data["text"] for event, after_stop in received
+                       if event.type == "transcript-chunk" and not after_stop)
+    assert streamed, received
+    words = normalized(streamed).split()
+    assert sum(word in normalized(said).split() for word in words) * 3 >= len(words) * 2, (streamed, said)
+    (transcript,) = [event.data for event, _ in received if event.type == "transcript"]
+    assert transcript["language"] == "de" and word_error_rate(said, transcript["text"]) <= 0.3, transcript
 
 
 def test_wyoming_an_error_after_transcript_start_ends_the_stream_with_transcript_stop(
