@@ -367,7 +367,8 @@ SETTINGS: tuple[Setting, ...] = (
             _flag, "decode each 30 s after the text heard before it: more consistent spelling over a long "
             "recording, but slower, and whisper may then repeat itself or skip what it hears"),
     Setting("spin_threads", "AUDIOTEXT_SPIN_THREADS", "--spin-threads", _flag,
-            "inference threads spin while they wait: slightly faster on an idle box, far slower on a busy one"),
+            "inference threads spin long while they wait for each other (OpenMP's default), not briefly: "
+            "for a box that runs nothing else; far slower on a busy one"),
     Setting("model_memory_mb", "AUDIOTEXT_MODEL_MEMORY_MB", "--model-memory-mb", _positive_int,
             "memory for loaded models, MiB; the least recently used are unloaded to stay within it "
             "(default: half the machine's memory)"),
@@ -3793,15 +3794,23 @@ def pack_speech(audio: np.ndarray, stretches: Iterable[tuple[int, int]], *,
 _whisper_logger = logging.getLogger("audiotext.whisper")
 
 
+# How many times ggml's OpenMP threads check for each other's work before they sleep, waiting at
+# each step of a graph (libgomp's GOMP_SPINCOUNT). Sleeping at once (OMP_WAIT_POLICY=PASSIVE) pays
+# a futex wake-up per step; libgomp's own default spins 300,000 times, which starves anything else
+# on a shared CPU. 500, on the daemon's path, on a quiet 2-core AMD EPYC: 0.65-0.77 of sleeping's
+# time, with less CPU; beside two busy processes 0.80-1.00. On a 2-core Intel Xeon: 0.99-1.09
+# quiet, 0.94-1.30 beside busy processes (docs/performance.md, bench/bench_peers.py --waits).
+THREAD_SPIN_COUNT = 500
+
+
 def set_thread_wait_policy(*, spin: bool) -> None:
-    """ggml's OpenMP threads spin a while as they wait for each other (libgomp's default): a
-    little faster on an idle box, 2-5x slower when anything else wants the CPU, as on a home
-    server. PASSIVE makes them sleep at once. libgomp reads the policy once, as it loads, so this
-    must run before the first model is; an OMP_WAIT_POLICY the operator set is left alone, and
-    spin leaves libgomp's default (ACTIVE would spin for minutes after each transcription)."""
-    if spin or "_pywhispercpp" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+    """Bound how long ggml's threads spin as they wait for each other (THREAD_SPIN_COUNT); `spin`
+    leaves libgomp's default, a long spin, for a box that runs nothing else. libgomp reads its
+    settings once, as it loads, so this must run before the first model is; an OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT the operator set is left alone."""
+    if spin or "_pywhispercpp" in sys.modules or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = str(THREAD_SPIN_COUNT)
 
 
 def _on_whisper_log(level: int, text: str) -> None:

@@ -3080,6 +3080,24 @@ def test_a_voice_note_in_the_language_of_the_notes_before_is_heard_without_a_det
     assert heard("pauses.flac", languages=("de", "fr"))[0].language in ("de", "fr")  # a guess outside the list
 
 
+@pytest.mark.parametrize(("env", "spin", "expected"), [
+    ({}, False, ("unset", "500")),  # a short spin, then sleep: the default
+    ({}, True, ("unset", "unset")),  # AUDIOTEXT_SPIN_THREADS=1: libgomp's own long spin
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, False, ("PASSIVE", "unset")),  # the operator's choice stands
+    ({"GOMP_SPINCOUNT": "2000"}, False, ("unset", "2000")),
+])
+def test_inference_threads_spin_briefly_before_they_sleep_unless_told_otherwise(
+        env: dict[str, str], spin: bool, expected: tuple[str, str]) -> None:
+    """libgomp reads its wait settings as it loads: the model store sets them first, in a process
+    of its own here as in the daemon."""
+    code = ("import os, audiotext; audiotext.set_thread_wait_policy(spin=%r); "
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), os.environ.get('GOMP_SPINCOUNT', 'unset'))" % spin)
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    run = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         cwd=Path(audiotext.__file__).parent, check=True)
+    assert tuple(run.stdout.split()) == expected
+
+
 def test_abort_stops_a_running_transcription(store: audiotext.ModelStore) -> None:
     model = store.get("cpu-tiny")
     # Three 30-second windows: whisper.cpp reports segments a window at a time.

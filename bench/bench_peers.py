@@ -40,8 +40,8 @@ configuration's memory nor what an earlier clip left resident counts in a clip's
   VAD cost is not measured. faster-whisper stays in process, alternated with the daemon;
 - on s75 and gap60 also audiotext with vad=false (as a request asks) and faster-whisper with
   vad_filter=True, so that each side is compared with and without skipping silence;
-- --waits: audiotext alone, as it is (OMP_WAIT_POLICY=PASSIVE), against libgomp's spin bounded by
-  GOMP_SPINCOUNT (500 to 5000) and against one thread.
+- --waits: audiotext alone, as it is (its threads spin THREAD_SPIN_COUNT times, then sleep), against
+  sleeping at once (OMP_WAIT_POLICY=PASSIVE), longer spins (GOMP_SPINCOUNT 1000 to 5000) and one thread.
 The measurements go round-robin over the configurations (A,B,A,B..., the first one rotated per
 clip and round), so a change in the machine's load hits all of them alike. Per measurement:
 - wall: seconds around one transcription of decoded 16 kHz audio (no file decoding), worker side;
@@ -553,7 +553,7 @@ class Worker:
         self.config = config
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         # The wait policy must be in the environment before libgomp loads: leave it to audiotext's
-        # ModelStore (passive unless --spin-threads) and to faster-whisper's defaults, never the caller's.
+        # ModelStore (a short spin unless --spin-threads) and to faster-whisper's defaults, never the caller's.
         for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
             env.pop(key, None)
         env.update(config.env)
@@ -706,8 +706,9 @@ def daemon_info(health: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     settings = audiotext.Settings.from_env(env)
     store = audiotext.ModelStore.for_settings(settings)
     return {"file": store.resolve(None)[1].name, "vad": health["vad"] is not None,
-            "wait_policy": "unset" if settings.spin_threads else "PASSIVE",  # as set_thread_wait_policy does
-            "spincount": env.get("GOMP_SPINCOUNT", "libgomp's default"),
+            "wait_policy": env.get("OMP_WAIT_POLICY", "unset"),  # as set_thread_wait_policy leaves it
+            "spincount": env.get("GOMP_SPINCOUNT") or ("libgomp's default" if settings.spin_threads or "OMP_WAIT_POLICY" in env
+                                                       else str(audiotext.THREAD_SPIN_COUNT)),
             "fit_short_audio": settings.fit_short_audio, "threads": settings.threads_per_worker,
             "pywhispercpp": health["engine"]["package"].split()[-1], "audiotext": health["version"],
             "engine_build": health["engine"]["build"]}
@@ -971,14 +972,16 @@ def source_state() -> str:
         return "not a git checkout"
 
 
-SPINCOUNTS = (500, 1000, 2000, 5000)
+SPINCOUNTS = (1000, 2000, 5000)
 
 
 def wait_configs() -> list[Config]:
-    """--waits: audiotext as it is (threads sleep at once: OMP_WAIT_POLICY=PASSIVE), against libgomp's
-    spin before sleeping bounded to GOMP_SPINCOUNT, and against one thread fewer."""
-    spins = [Config(f"spin {n}", "audiotext", True, env=(("GOMP_SPINCOUNT", str(n)),), spin=True) for n in SPINCOUNTS]
-    return [Config("audiotext", "audiotext", True), *spins, Config("audiotext 1 thread", "audiotext", True, threads=1)]
+    """--waits: audiotext as it is (a spin bounded to THREAD_SPIN_COUNT, then sleep), against sleeping
+    at once (OMP_WAIT_POLICY=PASSIVE), longer spins (GOMP_SPINCOUNT) and one thread fewer."""
+    spins = [Config(f"spin {n}", "audiotext", True, env=(("GOMP_SPINCOUNT", str(n)),)) for n in SPINCOUNTS]
+    return [Config("audiotext", "audiotext", True), Config("sleep (PASSIVE)", "audiotext", True,
+                                                           env=(("OMP_WAIT_POLICY", "PASSIVE"),)),
+            *spins, Config("audiotext 1 thread", "audiotext", True, threads=1)]
 
 
 def print_header(args: argparse.Namespace, load: tuple[float, float, float], infos: dict[str, dict[str, Any]],
