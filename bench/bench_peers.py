@@ -3,7 +3,7 @@ times on a shared machine mean little; the ratio of two engines measured side by
 
     python bench/bench_peers.py [--runs 3] [--hogs 2] [--clips notes,s75,gap60] [--markdown]
     python bench/bench_peers.py --quick            # 1 run of the notes and s11: does it work end to end
-    python bench/bench_peers.py --waits [--hogs 2] # audiotext's thread waits against bounded spins
+    python bench/bench_peers.py --waits [--hogs 2] # audiotext's thread waits against others
     python bench/bench_peers.py --audiotext-model ggml-base   # f16 instead of what cpu-lite resolves to
     python bench/bench_peers.py --previous-text    # both decode each 30 s after the text before it
     python bench/bench_peers.py --http --clips notes   # audiotext as users call it: `audiotext serve`, HTTP
@@ -14,7 +14,8 @@ run with the same interpreter. faster-whisper is not a dependency of the project
 of its own in the cache dir, created on first use (`python -m venv` + `pip install faster-whisper`).
 
 Clips: `notes`, testdata's nine voice notes (2-13 s, five languages, each once with its language
-given and once detected; a row sums them); `s75`, 75 s of dense speech; `gap60`, 60 s that is
+given and once detected; a row sums them); `notes-en`, the three English ones twice over with
+their language detected, as a daemon that hears one language does; `s75`, 75 s of dense speech; `gap60`, 60 s that is
 half silence; s5, s11, s60 and s300 of dense speech. testdata's notes are synthetic voices; `real`
 is recordings of people instead, as a group like `notes`: --real-per-language of each language
 (default 3) from a directory that bench/eval_voice_notes.py made (`make --real-only --scratch
