@@ -8525,6 +8525,13 @@ def test_a_realtime_session_the_daemon_fails_gets_a_server_error_and_is_closed(
     assert counted in metrics, [line for line in metrics.splitlines() if "sessions" in line]
 
 
+def append_to_a_manual_session(connection: Any, speech: bytes) -> None:
+    """English on the live model, turns ended by the client (no turn detection), then `speech`."""
+    connection.send_json({"type": "session.update", "session": {"audio": {"input": {
+        "transcription": {"model": LIVE_MODEL, "language": "en"}, "turn_detection": None}}}})
+    connection.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+
+
 def test_a_realtime_client_waiting_for_its_text_is_not_idle(make_client: Callable[..., TestClient]) -> None:
     """A client that commits its last turn and then only waits for the text is not let go as idle
     while that text is owed, however long the busy worker makes it wait."""
@@ -8535,9 +8542,7 @@ def test_a_realtime_client_waiting_for_its_text_is_not_idle(make_client: Callabl
     speech = as_pcm16(live_clip())[:int(3.0 * 24_000) * 2]
     try:
         with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
-            connection.send_json({"type": "session.update", "session": {"audio": {"input": {
-                "transcription": {"model": LIVE_MODEL, "language": "en"}, "turn_detection": None}}}})
-            connection.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+            append_to_a_manual_session(connection, speech)
             connection.send_json({"type": "input_audio_buffer.commit"})
             while (event := connection.receive_json())["type"] != "input_audio_buffer.committed":
                 assert event["type"] != "error", event
@@ -8579,9 +8584,7 @@ def test_a_stop_ends_the_turn_committed_during_a_partial_decode_before_the_sessi
     speech = as_pcm16(live_clip())[:int(3.0 * 24_000) * 2]
     try:
         with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
-            connection.send_json({"type": "session.update", "session": {"audio": {"input": {
-                "transcription": {"model": LIVE_MODEL, "language": "en"}, "turn_detection": None}}}})
-            connection.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+            append_to_a_manual_session(connection, speech)
             assert running.wait(60), "no partial decode ran"
             connection.send_json({"type": "input_audio_buffer.commit"})
             events = [connection.receive_json()]
