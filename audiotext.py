@@ -4143,10 +4143,11 @@ class LoadedModel:
         """`heard` transcribed (by `once`) in the language whisper hears in it. Detecting a language
         costs encoder passes of its own, as many as the transcription's. So where this context's
         last answers agree on a language, the clip is first transcribed in it, and the language read
-        from that pass's own encoding (_language_of_last_pass); only where whisper is unsure there is
-        it detected as without a guess. Kept when the language is the guessed one (its segments told
-        then); otherwise transcribed again in the language heard. A daemon that hears one language
-        pays for no detection; one whose languages change pays as before."""
+        from that pass's own encoding (_language_of_last_pass); where whisper is unsure there, it is
+        detected as without a guess. The text is kept when the language is the guessed one (its
+        segments told then), and the clip transcribed again in the language heard otherwise. A
+        daemon that hears one language pays for no detection; one whose languages change pays as
+        before."""
         guess = self._guess_language(heard, options)
         if guess is None:
             language, sure = self._likeliest_language(heard, options, abort)
