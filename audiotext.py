@@ -2852,6 +2852,30 @@ def words_by_segment(segments: list[Segment], words: list[Word]) -> list[range]:
     return spans
 
 
+def word_gaps(segments: list[Segment], words: list[Word]) -> list[str]:
+    """What stood before each word in whisper's text: a space, or nothing where the words of a
+    language written without spaces (Chinese, Japanese, Thai...) run on, or a segment begins
+    without one. Words are kept stripped, as OpenAI gives them; text made of them puts these back
+    (join_words) rather than a space between every two. A word not found goes after a space."""
+    text = "".join(s.text for s in segments)
+    gaps: list[str] = []
+    at = 0
+    for word in words:
+        piece = word.word.strip()
+        found = text.find(piece, at)
+        if found < 0:
+            gaps.append(" ")
+            continue
+        gaps.append("" if found == at else " ")
+        at = found + len(piece)
+    return gaps
+
+
+def join_words(words: Iterable[Word], gaps: Iterable[str]) -> str:
+    """The words as whisper wrote them, each after its gap (word_gaps), the first after none."""
+    return "".join(gap + word.word for gap, word in zip(gaps, words) if word.word).lstrip()
+
+
 # Speech is 2 to 4 words a second, and a word a token or two: a segment of a quick decode
 # (TranscribeOptions.quick) stops past this many tokens a second of the audio.
 QUICK_TOKENS_PER_SECOND = 8
@@ -3624,12 +3648,13 @@ def speaker_turns(transcript: Transcript, labels: list[str]) -> list[SpeakerTurn
     """The transcript's segments, each split where the speaker of its words changes."""
     turns: list[SpeakerTurn] = []
     words = transcript.words
+    gaps = word_gaps(transcript.segments, words)
     for segment, own in zip(transcript.segments, words_by_segment(transcript.segments, words)):
         runs = [list(run) for _, run in itertools.groupby(own, key=lambda i: labels[i])]
         for n, run in enumerate(runs):
             start = segment.start if n == 0 else words[run[0]].start
             end = segment.end if n == len(runs) - 1 else words[run[-1]].end
-            text = " ".join(words[i].word for i in run if words[i].word)
+            text = join_words((words[i] for i in run), (gaps[i] for i in run))
             turns.append(SpeakerTurn(f"seg_{len(turns)}", start, max(start, end), labels[run[0]], text,
                                      run[0], run[-1] + 1))
     return turns
@@ -9636,24 +9661,33 @@ def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> 
         return [(s.start, s.end, s.text.strip()) for s in transcript.segments if s.text.strip()]  # no empty cue
     cues: list[Cue] = []
     words = transcript.words
+    gaps = word_gaps(transcript.segments, words)
     for segment, span in zip(transcript.segments, words_by_segment(transcript.segments, words)):
-        own = [Word(words[i].word.strip(), words[i].start, words[i].end) for i in span if words[i].word.strip()]
+        own = [(gaps[i], Word(words[i].word.strip(), words[i].start, words[i].end))
+               for i in span if words[i].word.strip()]
         lines = _wrap(own or _spread_words(segment), layout.width or SUBTITLE_LINE_WIDTH)
         if not lines:
             continue  # a segment with no words is no cue
         per_cue = layout.count or len(lines)
         for i in range(0, len(lines), per_cue):
             group = lines[i:i + per_cue]
-            start, end = group[0][0].start, group[-1][-1].end
+            start, end = group[0][0][1].start, group[-1][-1][1].end
             if i + per_cue >= len(lines):
                 end = max(end, segment.end)  # a word timed past its segment's end still shows
             elif end <= start:  # a word whisper gave no length shows until the next cue
-                end = lines[i + per_cue][0].start
-            cues.append((start, end, "\n".join(" ".join(w.word for w in line) for line in group)))
+                end = lines[i + per_cue][0][1].start
+            cues.append((start, end, "\n".join(_line_text(line) for line in group)))
     return cues
 
 
-def _spread_words(segment: Segment) -> list[Word]:
+GappedWord = tuple[str, Word]  # a word and what stood before it (word_gaps)
+
+
+def _line_text(line: list[GappedWord]) -> str:
+    return join_words((word for _, word in line), (gap for gap, _ in line))
+
+
+def _spread_words(segment: Segment) -> list[GappedWord]:
     """Without word times, the segment's words spread over it in proportion to their length."""
     texts = segment.text.split()
     total = sum(len(t) + 1 for t in texts) or 1
@@ -9661,18 +9695,18 @@ def _spread_words(segment: Segment) -> list[Word]:
     for text in texts:
         start = segment.start + (segment.end - segment.start) * done / total
         done += len(text) + 1
-        spread.append(Word(text, start, segment.start + (segment.end - segment.start) * done / total))
+        spread.append((" ", Word(text, start, segment.start + (segment.end - segment.start) * done / total)))
     return spread
 
 
-def _wrap(words: list[Word], width: int) -> list[list[Word]]:
+def _wrap(words: list[GappedWord], width: int) -> list[list[GappedWord]]:
     """Lines of whole words, each at most `width` characters unless one word is longer."""
-    lines: list[list[Word]] = []
-    for word in words:
-        if lines and sum(len(w.word) + 1 for w in lines[-1]) + len(word.word) <= width:
-            lines[-1].append(word)
+    lines: list[list[GappedWord]] = []
+    for gap, word in words:
+        if lines and len(_line_text(lines[-1])) + len(gap) + len(word.word) <= width:
+            lines[-1].append((gap, word))
         else:
-            lines.append([word])
+            lines.append([(gap, word)])
     return lines
 
 

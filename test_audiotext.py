@@ -3590,6 +3590,37 @@ def test_models_pull_and_import_into_a_dir_they_cannot_write_say_so(tmp_path: Pa
     assert not_a_dir.read_text() == ""
 
 
+def chinese_transcript() -> audiotext.Transcript:
+    """As whisper.cpp writes Chinese: no space before a segment or between its characters, one
+    after a comma. The last word of the second segment is held at that segment's end, where the
+    third begins (a word time is kept within its segment's): by its time, it is the third's."""
+    texts = [("今天天气很好，", 0.0, 2.0), ("你熬我, 明字是", 2.0, 3.0), ("再见。", 3.0, 3.5)]
+    segments = [audiotext.Segment(id=n, start=start, end=end, text=text, tokens=[], avg_logprob=0.0)
+                for n, (text, start, end) in enumerate(texts)]
+    words = [audiotext.Word(*word) for word in
+             (("今天天气很好，", 0.0, 1.9), ("你熬我,", 2.0, 2.6), ("明字是", 3.0, 3.0), ("再见。", 3.0, 3.5))]
+    return audiotext.Transcript("今天天气很好，你熬我, 明字是再见。", "zh", 3.5, segments, words)
+
+
+def test_turns_and_cues_of_a_language_written_without_spaces_put_none_between_its_words() -> None:
+    transcript = chinese_transcript()
+    diarized = audiotext.with_speakers(transcript, ["A", "B", "B", "B"])
+    assert [(t.speaker, t.text) for t in diarized.speaker_turns or ()] == [
+        ("A", "今天天气很好，"), ("B", "你熬我,"), ("B", "明字是再见。")]
+    cues = audiotext.subtitle_cues(transcript, audiotext.LineLayout(width=42))
+    assert [text for _, _, text in cues] == ["今天天气很好，", "你熬我,", "明字是再见。"]
+    assert "\n00:00:03,000 --> 00:00:03,500\n[B] 明字是再见。\n" in audiotext.to_srt(diarized)
+    assert "\n00:00:03.000 --> 00:00:03.500\n<v B>明字是再见。\n" in audiotext.to_vtt(diarized, audiotext.LineLayout(8))
+
+
+def test_word_gaps_keep_the_spaces_whisper_wrote_and_no_others() -> None:
+    segments = [audiotext.Segment(id=0, start=0.0, end=2.0, text=" Hello, my name", tokens=[], avg_logprob=0.0),
+                audiotext.Segment(id=1, start=2.0, end=4.0, text="你熬我, 明字是", tokens=[], avg_logprob=0.0)]
+    words = [audiotext.Word(w, 0.0, 0.0) for w in ("Hello,", "my", "name", "你熬我,", "明字是")]
+    assert audiotext.word_gaps(segments, words) == [" ", " ", " ", "", " "]
+    assert audiotext.join_words(words, audiotext.word_gaps(segments, words)) == "Hello, my name你熬我, 明字是"
+
+
 def test_a_word_in_a_pause_goes_to_the_nearer_turn() -> None:
     # dialogue_3's "We" (11.48 s) in the pause between a short turn of one voice (10.15-10.91 s)
     # and a long one of another (11.55-14.33 s): nearer the second's start than the first's end,
