@@ -9665,7 +9665,7 @@ def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> 
     for segment, span in zip(transcript.segments, words_by_segment(transcript.segments, words)):
         own = [(gaps[i], Word(words[i].word.strip(), words[i].start, words[i].end))
                for i in span if words[i].word.strip()]
-        lines = _wrap(own or _spread_words(segment), layout.width or SUBTITLE_LINE_WIDTH)
+        lines = _wrap(_breakable(own or _spread_words(segment)), layout.width or SUBTITLE_LINE_WIDTH)
         if not lines:
             continue  # a segment with no words is no cue
         per_cue = layout.count or len(lines)
@@ -9697,6 +9697,28 @@ def _spread_words(segment: Segment) -> list[GappedWord]:
         done += len(text) + 1
         spread.append((" ", Word(text, start, segment.start + (segment.end - segment.start) * done / total)))
     return spread
+
+
+# Chinese and Japanese are written without spaces, and whisper's "word" there is all it wrote
+# between two spaces, often a whole clause: a line may break between any two of their characters,
+# though not before closing punctuation nor after an opening bracket. (Thai, Lao, Khmer and Burmese
+# break only between words, which takes a dictionary to find: their words stay whole.)
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and ideographs
+_CJK_UNIT = re.compile(f"[「『（(［【〈《]*[{_CJK}][、。，．・：；！？」』）)］】〉》ー…,.!?:;]*|[^{_CJK}]+")
+
+
+def _breakable(words: list[GappedWord]) -> list[GappedWord]:
+    """The words, each of Chinese or Japanese characters cut into the pieces a line may break
+    between, each piece timed in proportion to its length within its word."""
+    pieces: list[GappedWord] = []
+    for gap, word in words:
+        units = _CJK_UNIT.findall(word.word) if re.search(f"[{_CJK}]", word.word) else [word.word]
+        length, done = sum(map(len, units)), 0
+        for n, unit in enumerate(units):
+            start = word.start + (word.end - word.start) * done / length
+            done += len(unit)
+            pieces.append((gap if n == 0 else "", Word(unit, start, word.start + (word.end - word.start) * done / length)))
+    return pieces
 
 
 def _wrap(words: list[GappedWord], width: int) -> list[list[GappedWord]]:

@@ -3613,6 +3613,20 @@ def test_turns_and_cues_of_a_language_written_without_spaces_put_none_between_it
     assert "\n00:00:03.000 --> 00:00:03.500\n<v B>明字是再见。\n" in audiotext.to_vtt(diarized, audiotext.LineLayout(8))
 
 
+def test_subtitle_lines_of_chinese_and_japanese_break_between_characters_within_the_width() -> None:
+    segments = [audiotext.Segment(id=0, start=0.0, end=2.6, text="今天天气很好，我住在北京。", tokens=[], avg_logprob=0.0),
+                audiotext.Segment(id=1, start=2.6, end=4.0, text="「こんにちは」と言った。", tokens=[], avg_logprob=0.0)]
+    transcript = audiotext.Transcript("今天天气很好，我住在北京。「こんにちは」と言った。", "zh", 4.0, segments, [])
+    cues = audiotext.subtitle_cues(transcript, audiotext.LineLayout(width=5, count=2))
+    assert [text for _, _, text in cues] == ["今天天气很\n好，我住在", "北京。", "「こんにち\nは」と言っ", "た。"]
+    assert [(round(start, 3), round(end, 3)) for start, end, _ in cues] == [
+        (0.0, 2.0), (2.0, 2.6), (2.6, 3.767), (3.767, 4.0)]  # each piece's time in proportion to its length
+    timed = dataclasses.replace(transcript, segments=segments[:1],
+                                words=[audiotext.Word("今天天气很好，我住在北京。", 0.0, 2.6)])
+    assert [text for _, _, text in audiotext.subtitle_cues(timed, audiotext.LineLayout(width=8))] == [
+        "今天天气很好，我\n住在北京。"]
+
+
 def test_word_gaps_keep_the_spaces_whisper_wrote_and_no_others() -> None:
     segments = [audiotext.Segment(id=0, start=0.0, end=2.0, text=" Hello, my name", tokens=[], avg_logprob=0.0),
                 audiotext.Segment(id=1, start=2.0, end=4.0, text="你熬我, 明字是", tokens=[], avg_logprob=0.0)]
