@@ -2871,6 +2871,22 @@ def word_gaps(segments: list[Segment], words: list[Word]) -> list[str]:
     return gaps
 
 
+# Chinese and Japanese are written without spaces, and whisper's "word" there is all it wrote
+# between two spaces, often a whole clause: text may be cut (a subtitle line, a live turn's partial
+# text) between any two of their characters, though not before closing punctuation nor after an
+# opening bracket. (Thai, Lao, Khmer and Burmese are cut only between words, which takes a
+# dictionary to find: their words stay whole.)
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and ideographs
+_CJK_OPENING, _CJK_CLOSING = "「『（(［【〈《", "、。，．・：；！？」』）)］】〉》ー…,.!?:;"
+CJK_UNIT = re.compile(f"[{_CJK_OPENING}]*[{CJK}][{_CJK_CLOSING}]*|[^{CJK}]+")
+_WORD_START = re.compile(f"(?<= )|[{_CJK_OPENING}]*[{CJK}]")
+
+
+def word_starts(text: str) -> list[int]:
+    """Where text may be cut before a word: the start, after a space, at a Chinese or Japanese unit."""
+    return sorted({0, *(m.start() for m in _WORD_START.finditer(text))})
+
+
 def join_words(words: Iterable[Word], gaps: Iterable[str]) -> str:
     """The words as whisper wrote them, each after its gap (word_gaps), the first after none."""
     return "".join(gap + word.word for gap, word in zip(gaps, words) if word.word).lstrip()
@@ -5339,10 +5355,12 @@ def agreed_text(earlier: str, later: str, *, held_words: int = LIVE_HELD_WORDS) 
     last are heard with the least after them to go by (and may be cut off, or carry whisper's
     closing full stop), so they wait for the decodes to come."""
     common = os.path.commonprefix([earlier, later])
-    if len(common) < min(len(earlier), len(later)) or len(earlier) != len(later):
-        common = common[:common.rfind(" ") + 1]  # a word both have whole, not one that goes on differently
-    words = common.split(" ")
-    return " ".join(words[:max(0, len(words) - 1 - held_words)]).rstrip() if len(words) > 1 else ""
+    starts = word_starts(common)
+    if earlier != later:  # a word both have whole, not one that goes on differently
+        common = common[:starts[-1]]
+        starts = [*starts[:-1], len(common)]
+    kept = len(starts) - 1 - held_words
+    return common[:starts[kept]].rstrip() if kept > 0 else ""
 
 
 def _bare_words(text: str) -> list[str]:
@@ -5426,8 +5444,8 @@ class LiveTurn:
         agreed = agreed_text(earlier, text)
         if len(agreed) <= len(self.sent) or not agreed.startswith(self.sent):
             return ""
-        if self.sent and agreed[len(self.sent)] != " ":  # "world" sent, "worldwide" heard: the word goes on
-            return ""
+        if self.sent and agreed[len(self.sent)] != " " and len(self.sent) not in word_starts(agreed):
+            return ""  # "world" sent, "worldwide" heard: the word goes on
         delta, self.sent = agreed[len(self.sent):], agreed
         return delta
 
@@ -9699,20 +9717,12 @@ def _spread_words(segment: Segment) -> list[GappedWord]:
     return spread
 
 
-# Chinese and Japanese are written without spaces, and whisper's "word" there is all it wrote
-# between two spaces, often a whole clause: a line may break between any two of their characters,
-# though not before closing punctuation nor after an opening bracket. (Thai, Lao, Khmer and Burmese
-# break only between words, which takes a dictionary to find: their words stay whole.)
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and ideographs
-_CJK_UNIT = re.compile(f"[「『（(［【〈《]*[{_CJK}][、。，．・：；！？」』）)］】〉》ー…,.!?:;]*|[^{_CJK}]+")
-
-
 def _breakable(words: list[GappedWord]) -> list[GappedWord]:
     """The words, each of Chinese or Japanese characters cut into the pieces a line may break
     between, each piece timed in proportion to its length within its word."""
     pieces: list[GappedWord] = []
     for gap, word in words:
-        units = _CJK_UNIT.findall(word.word) if re.search(f"[{_CJK}]", word.word) else [word.word]
+        units = CJK_UNIT.findall(word.word) if re.search(f"[{CJK}]", word.word) else [word.word]
         length, done = sum(map(len, units)), 0
         for n, unit in enumerate(units):
             start = word.start + (word.end - word.start) * done / length

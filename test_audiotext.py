@@ -4272,6 +4272,15 @@ def test_a_delta_begins_only_where_a_word_does() -> None:
     assert [turn.heard("Hello world is good today") for _ in range(2)] == ["", " is"]  # after a space: sent
 
 
+def test_partial_text_of_a_language_written_without_spaces_comes_a_character_at_a_time() -> None:
+    turn = audiotext.LiveTurn(1, start=0)
+    decodes = ["今天天。", "今天天气很好。", "今天天气很好，我住在。", "今天天气很好，我住在北京。", "今天天气很好，我住在北京。"]
+    # Each character is a word here; a comma goes with the character before it.
+    assert [turn.heard(text) for text in decodes] == ["", "今", "天天气", "很好，我", "住在"]
+    assert turn.sent == "今天天气很好，我住在"
+    assert audiotext.reconciled_text(turn.sent, "今天天气很好，我住在北京。") == "今天天气很好，我住在北京。"
+
+
 def test_a_client_faster_than_the_decodes_is_held_back() -> None:
     async def scenario() -> tuple[list[int], list[int]]:
         gate, finals, pending = asyncio.Event(), [], []
