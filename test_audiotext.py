@@ -7668,6 +7668,16 @@ def test_subtitle_lines_are_cut_at_words_within_the_asked_width(make_client: Cal
     assert srt_words(shaped.text) == srt_words(plain.text)  # the same words, only laid out anew
 
 
+def test_subtitle_lines_of_spoken_chinese_keep_within_the_asked_width(make_client: Callable[..., TestClient]) -> None:
+    """whisper writes Chinese without spaces: a line is cut between characters."""
+    client = make_client()
+    srt = post_clip(client, "zh.webm", model="cpu-lite", language="zh", response_format="srt", max_line_width="8")
+    assert srt.status_code == 200, srt.text
+    lines = [line for block in srt.text.strip().split("\n\n") for line in block.split("\n")[2:]]
+    assert len(lines) > 1 and all(len(line) <= 8 for line in lines), lines
+    assert re.search("[\u4e00-\u9fff]{4}", "".join(lines)), lines
+
+
 def srt_words(srt: str) -> list[str]:
     return normalized(" ".join(line for block in srt.strip().split("\n\n") for line in block.split("\n")[2:])).split()
 

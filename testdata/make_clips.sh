@@ -107,6 +107,13 @@ sox "${live_parts[@]}" "$TMP/live_en.wav"
 "${FF[@]}" -f lavfi -i "anoisesrc=r=16000:c=pink:a=0.05:seed=7" -t 3 -c:a libopus -b:a 16k -application voip \
   "${BX[@]}" "$OUT/noise.webm"
 
+# zh.webm: Mandarin, which whisper writes without spaces, for subtitle lines cut between
+# characters. espeak-ng's Mandarin reads only pinyin here (its character dictionary is not
+# installed); the base model hears Chinese in it when told the language.
+espeak-ng -v cmn-latn-pinyin -s 130 -w "$TMP/zh.raw.wav" \
+  "ni3 hao3. wo3 de ming2 zi4 shi4 wang2 xiao3 ming2. wo3 zhu4 zai4 bei3 jing1."
+"${FF[@]}" -i "$TMP/zh.raw.wav" -ac 1 -ar 16000 -c:a libopus -b:a 8k -application voip "${BX[@]}" "$OUT/zh.webm"
+
 # NAME.ref.txt: what is said in NAME.* (empty: nobody speaks), for `audiotext engine build`'s check.
 reference() { if [[ -n $2 ]]; then printf '%s\n' "$2" > "$OUT/$1.ref.txt"; else : > "$OUT/$1.ref.txt"; fi; }
 
