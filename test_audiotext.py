@@ -3266,6 +3266,16 @@ def test_the_sdk_reads_diarized_json_and_its_stream(diarizer: Daemon) -> None:
     assert " ".join(s.text for s in segments).split() == events[-1].text.split()
 
 
+def test_diarized_chinese_turns_are_the_transcript_s_own_text(diarizer: Daemon) -> None:
+    """whisper writes Chinese without spaces: no turn's text has one the transcript has not."""
+    answer = diarize(diarizer, "zh.webm", model="cpu-lite", language="zh", response_format="diarized_json")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert re.search("[\u4e00-\u9fff]{4}", body["text"]) and body["segments"], body
+    assert all(turn["text"] and turn["text"] in body["text"] for turn in body["segments"]), body
+    assert "".join(turn["text"] for turn in body["segments"]).replace(" ", "") == body["text"].replace(" ", "")
+
+
 def test_known_speakers_are_named(diarizer: Daemon) -> None:
     turns = json.loads((CLIPS / "dialogue_2.json").read_text())["turns"]
     # As a browser's FileReader writes a MediaRecorder's clip, and a data URL in capitals.
