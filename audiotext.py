@@ -9683,7 +9683,9 @@ def subtitle_cues(transcript: Transcript, layout: LineLayout = LineLayout()) -> 
     for segment, span in zip(transcript.segments, words_by_segment(transcript.segments, words)):
         own = [(gaps[i], Word(words[i].word.strip(), words[i].start, words[i].end))
                for i in span if words[i].word.strip()]
-        lines = _wrap(_breakable(own or _spread_words(segment)), layout.width or SUBTITLE_LINE_WIDTH)
+        # Without word times, the segment's text spread over it; with them, a segment whose words
+        # all began at or after its end shows them in the next segment's cue, not twice.
+        lines = _wrap(_breakable(own if words else _spread_words(segment)), layout.width or SUBTITLE_LINE_WIDTH)
         if not lines:
             continue  # a segment with no words is no cue
         per_cue = layout.count or len(lines)

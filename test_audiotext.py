@@ -7707,6 +7707,19 @@ def test_subtitle_layout_keeps_every_word_once_and_skips_empty_segments() -> Non
     assert audiotext.to_srt(transcript).startswith("1\n00:00:00,000 --> 00:00:02,000\none two three\n\n2\n00:00:03,000")
 
 
+def test_subtitle_layout_shows_the_words_of_a_segment_that_lent_them_to_the_next_once() -> None:
+    """A segment whose word times are all held at its end, where the next begins: by their
+    times its words are the next segment's, and show there."""
+    texts = [(" one two", 0.0, 2.0), (" three four", 2.0, 3.0), (" five", 3.0, 4.0)]
+    segments = [audiotext.Segment(id=n, start=start, end=end, text=text, tokens=[], avg_logprob=0.0)
+                for n, (text, start, end) in enumerate(texts)]
+    words = [audiotext.Word(w, start, end) for w, start, end in
+             (("one", 0.0, 0.9), ("two", 1.0, 1.9), ("three", 3.0, 3.0), ("four", 3.0, 3.0), ("five", 3.0, 3.8))]
+    transcript = audiotext.Transcript("one two three four five", "en", 4.0, segments, words)
+    cues = audiotext.subtitle_cues(transcript, audiotext.LineLayout(width=42))
+    assert [(start, end, text) for start, end, text in cues] == [(0.0, 2.0, "one two"), (3.0, 4.0, "three four five")]
+
+
 def test_subtitle_cues_cut_at_words_each_last_a_while_in_order() -> None:
     segments = [audiotext.Segment(id=0, start=0.0, end=2.0, text=" The numbers add", tokens=[], avg_logprob=0.0),
                 audiotext.Segment(id=1, start=2.0, end=3.0, text=" up", tokens=[], avg_logprob=0.0)]
