@@ -5118,6 +5118,7 @@ class Work:
     future: Future = field(compare=False, default_factory=Future)
     key: str | None = field(compare=False, default=None)
     yields: bool = field(compare=False, default=False)  # run beside: aborted when urgent work needs its worker
+    finishing: bool = field(compare=False, default=False)  # a stop's grace lets it in and keeps it queued
 
 
 class Scheduler:
@@ -5156,7 +5157,7 @@ class Scheduler:
                finishing: bool = False) -> Work:
         """Queue work; SchedulerStopped once a stop has begun, unless it is `finishing` work and the
         grace is not over."""
-        work = Work(priority, next(self._seq), fn, key=key)
+        work = Work(priority, next(self._seq), fn, key=key, finishing=finishing)
         with self._cond:
             if self._stopping and not (finishing and self._in_grace()):
                 raise SchedulerStopped()
@@ -5246,15 +5247,18 @@ class Scheduler:
         return self._stopping
 
     def drain(self, *, grace: float) -> None:
-        """Refuse new work and cancel what is queued; running work may go on for `grace` seconds,
+        """Refuse new work and cancel what is queued, but for finishing work: it was promised
+        before the stop, as much as what runs. Running work may go on for `grace` seconds,
         counted from the first call, so a later stop() does not grant a second grace."""
         with self._cond:
             if self._deadline is None:
                 self._deadline = time.monotonic() + grace
             self._stopping = True
             for work in self._heap:
-                work.future.cancel()
-            self._heap.clear()
+                if not work.finishing:
+                    work.future.cancel()
+            self._heap = [work for work in self._heap if work.finishing]
+            heapq.heapify(self._heap)
             self._cond.notify_all()
 
     def abort_running(self) -> None:
@@ -7828,7 +7832,7 @@ class NotifyingServer(uvicorn.Server):
                  its waiting clients get the 503 and its jobs stay queued on disk.
         grace    (AUDIOTEXT_STOP_GRACE_SECONDS) running transcriptions may finish and answer;
                  new connections are still answered (an upload with that 503, a status read).
-                 A live session finishes the turns it owes text for, then ends itself.
+                 A live session, or a Wyoming command heard to its end, gets the text it is owed.
         abort    end_grace(): what still runs is aborted, and each client still waiting gets its
                  503 at once, without waiting for whisper.cpp to notice the abort. uvicorn stops
                  accepting connections once nothing runs and no live session is left, or the
@@ -8105,6 +8109,7 @@ class WyomingSession:
         self._live: LiveStream | None = None  # partial text while the audio comes (Live transcription)
         self._started = False  # transcript-start is sent
         self._sent = ""  # the transcript-chunks sent while the audio came, joined
+        self.finishing = False  # audio-stop came: the command's transcript is owed, a stop's grace lets it come
 
     async def run(self) -> str:
         """Serve the session to its end; what ended it, for the log and the metrics."""
@@ -8189,6 +8194,7 @@ class WyomingSession:
         elif AudioStop.is_type(event.type):
             if self._audio is None:
                 raise WyomingSessionError("bad_sequence", "audio-stop came before audio-start")
+            self.finishing = True
             if self._live is not None:
                 await self._live.close()  # a partial decode under way gives way to the whole
             await self._transcribe(self._audio)
@@ -8286,7 +8292,8 @@ class WyomingSession:
                                                 on_segment=None if self._sent else on_segment)
 
         started = time.monotonic()
-        work = self.state.scheduler.submit(run, priority=PRIORITY_SYNC)
+        # Finishing work: the user has said the whole command, so a stop's grace lets it be answered.
+        work = self.state.scheduler.submit(run, priority=PRIORITY_SYNC, finishing=True)
         outcome = asyncio.ensure_future(self._wait_for(work))
         try:
             await self._begin()
@@ -8385,7 +8392,7 @@ class WyomingListener:
         self.settings = state.settings
         self._sock = sock
         self._server: asyncio.base_events.Server | None = None
-        self._sessions: set[asyncio.Task[Any]] = set()
+        self._sessions: dict[asyncio.Task[Any], WyomingSession] = {}
 
     async def start(self) -> None:
         # The first voice command should not wait for a model to load, and a model that cannot
@@ -8399,11 +8406,14 @@ class WyomingListener:
         logger.info("Wyoming speech-to-text on %s:%d", host, port)
 
     async def close(self) -> None:
-        """Stop accepting, end the sessions left (their work is aborted), close the socket."""
+        """Stop accepting, end the sessions left (their work is aborted), close the socket. A
+        session whose audio has ended is let finish: its transcript comes within the stop's grace,
+        or its error when the grace is over."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._sessions):
-            task.cancel()
+        for task, session in list(self._sessions.items()):
+            if not session.finishing:
+                task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
@@ -8422,8 +8432,8 @@ class WyomingListener:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._sessions.add(task)
         session = WyomingSession(self.state, reader, writer)
+        self._sessions[task] = session
         started = time.monotonic()
         outcome = "disconnected"
         try:
@@ -8431,7 +8441,7 @@ class WyomingListener:
             if outcome not in ("closed", "transcript", "refused"):
                 await _drain_before_close(reader, writer)
         finally:
-            self._sessions.discard(task)
+            self._sessions.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

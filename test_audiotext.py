@@ -6636,6 +6636,45 @@ def test_wyoming_sends_partial_text_while_the_audio_still_comes(wyoming_daemon: 
     assert word_error_rate(" ".join(LIVE_SENTENCES), transcript) <= 0.2, transcript
 
 
+def test_sigterm_after_a_wyoming_audio_stop_still_answers_the_command_and_exits_0(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    """The user has said the whole command (audio-stop came) while the one worker transcribes a
+    long upload, so the command's decode waits in the queue; SIGTERM comes. The stop keeps that
+    decode: the command gets its transcript within the grace, then the daemon exits 0."""
+    from wyoming.asr import Transcribe
+    from wyoming.client import AsyncTcpClient
+
+    port = free_port()
+    server = daemon_factory(AUDIOTEXT_WYOMING_PORT=str(port), AUDIOTEXT_STOP_GRACE_SECONDS="120")
+
+    def health() -> dict[str, Any]:
+        return httpx.get(server.url + "/healthz", timeout=60).json()
+
+    async def talk() -> list[Any]:
+        client = AsyncTcpClient("127.0.0.1", port)
+        await client.connect()
+        for event in command("en.wav", name="ggml-tiny.en", language="en"):
+            await client.write_event(event.event())
+        received = []
+        while (event := await asyncio.wait_for(client.read_event(), 120)) is not None:
+            received.append(event)
+            if event.type == "transcript-start":  # sent once the command's decode is queued
+                assert not hold.done(), "the long request ended before the stop"
+                server.proc.send_signal(signal.SIGTERM)
+        await client.disconnect()
+        return received
+
+    with ThreadPoolExecutor(1) as pool:
+        hold = pool.submit(post_clip, server.url, "long_en.webm", model="ggml-base")
+        wait_until(lambda: health()["busy_workers"] == 1 or hold.done(), what="the long request running")
+        answer = WyomingAnswer(asyncio.run(talk()), closed=True)
+    assert not answer.of("error"), answer.events
+    assert_heard(answer.text, EN_WORDS)
+    assert answer.events[-1].type == "transcript-stop", answer.events
+    assert hold.result().status_code == 200
+    assert server.proc.wait(120) == 0, server.log()
+
+
 def test_wyoming_a_transcribe_after_audio_start_holds_for_the_partial_text_as_for_the_whole(
         wyoming_daemon: tuple[Daemon, int]) -> None:
     """A `transcribe` that comes after audio-start chooses the model and language of what is decoded
