@@ -5554,6 +5554,10 @@ class LiveStream:
         """Whether closed turns still wait for their final decode."""
         return bool(self._closed)
 
+    def turn_open(self) -> bool:
+        """Whether audio is held that neither a commit nor the end of speech has closed yet."""
+        return self._turn is not None
+
     def pending_samples(self) -> int:
         """The audio of the closed turns that wait for their final decode."""
         return sum(turn.samples for turn in self._closed)
@@ -10557,16 +10561,20 @@ class RealtimeSession:
 
     async def _serve(self) -> str:
         receive: asyncio.Future[Any] | None = None
-        stopping = asyncio.ensure_future(self.state.stop_begun.wait())
+        stopping = asyncio.ensure_future(self.state.stop_begun.wait())  # once the stop began: its grace's end
         try:
             while True:
+                stopped = self.state.stop_begun.is_set() and not (receive and receive.done())
+                if stopped and (self.state.grace_over.is_set() or not (self._stream and self._stream.turn_open())):
+                    return await self._stop()
                 receive = receive or asyncio.ensure_future(self.websocket.receive())
                 done, _ = await asyncio.wait({receive, self.ended, stopping}, timeout=self.settings.live_idle_seconds,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if self.ended.done():
                     return self.ended.result()
-                if stopping.done() and receive not in done:
-                    return await self._stop()
+                if done and receive not in done:  # the stop began, or its grace ended: the loop's first test decides
+                    stopping = asyncio.ensure_future(self.state.grace_over.wait())
+                    continue
                 if not done and self._stream is not None and self._stream.owes_text():
                     continue  # a client waiting for a turn's text is not idle
                 if not done:
@@ -10584,8 +10592,8 @@ class RealtimeSession:
             stopping.cancel()
 
     async def _stop(self) -> str:
-        """The daemon stops: nothing more is read, the committed turns get their text (their final
-        decodes are let in until the grace is over, and fail after it), then the session ends."""
+        """The daemon stops (a client holding audio was read on in its grace: the commit may be on its way):
+        no more is read, the committed turns get their text (a final decode fails after the grace), it ends."""
         assert self._stream is not None
         await self._stream.settled()
         if self.ended.done():

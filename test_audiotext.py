@@ -8738,6 +8738,41 @@ def test_a_stop_ends_the_turn_committed_during_a_partial_decode_before_the_sessi
     assert (event["type"], event["code"]) == ("websocket.close", 1012), event
 
 
+@pytest.mark.parametrize("grace_passes", [pytest.param(False, id="within_the_grace"),
+                                          pytest.param(True, id="after_the_grace")])
+def test_a_stop_honours_the_commit_of_the_turn_the_client_has_begun(make_client: Callable[..., TestClient],
+                                                                    grace_passes: bool) -> None:
+    """The client has appended speech and not committed it yet when the daemon begins to stop; its
+    commit reaches the server after that, as one sent just before the stop does when it waits in
+    the socket behind what the session still has to read. The commit is honoured: the turn is
+    committed and completed within the grace, then the session ends with shutting_down and
+    closes with 1012. A client that does not commit within the grace is not waited for longer."""
+    client = make_client(stop_grace_seconds=0.5 if grace_passes else 60)
+    state = client.app.state.audiotext  # type: ignore[attr-defined]
+    speech = as_pcm16(live_clip())[:int(3.0 * 24_000) * 2]
+    events: list[dict[str, Any]] = []
+    with client.websocket_connect("/v1/realtime?intent=transcription", headers=dict(AUTH)) as connection:
+        append_to_a_manual_session(connection, speech)
+        connection.send_json({"type": "input_audio_buffer.append", "audio": 0})  # its error: the speech is read
+        while (event := connection.receive_json())["type"] != "error":
+            events.append(event)
+        assert event["error"]["param"] == "audio", event
+        client.portal.call(audiotext.begin_stop, state)  # what SIGTERM starts
+        if grace_passes:
+            wait_until(state.grace_over.is_set, what="the end of the grace")
+        else:
+            connection.send_json({"type": "input_audio_buffer.commit"})
+        while (event := connection.receive())["type"] == "websocket.send":
+            events.append(json.loads(event["text"]))
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    completed = [e for e in events if e["type"] == COMPLETED]
+    assert len(committed) == (0 if grace_passes else 1) and [e["item_id"] for e in completed] == committed, events
+    if not grace_passes:
+        assert word_error_rate(LIVE_SENTENCES[0], completed[0]["transcript"]) <= 0.2, completed
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "shutting_down", events
+    assert (event["type"], event["code"]) == ("websocket.close", 1012), event
+
+
 def test_sigterm_lets_a_realtime_session_finish_its_committed_turn_and_exits_0(
         daemon_factory: Callable[..., Daemon]) -> None:
     """A real stop: the one worker transcribes a long upload, the session's partial decode waits
