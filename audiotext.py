@@ -8791,10 +8791,12 @@ const POLL_MS = {running: 1000, queued: 3000};  // a long queue of waiting jobs 
 // holds one for as long as its job runs, so most running jobs are asked after instead.
 const MAX_STREAMS = 2;
 let streams = 0;
+const RETRY_MS = {first: 1000, most: 30000};  // after a failure: wait 1 s, then twice as long each time, up to 30 s
 const KEY = {token: "audiotext.token", names: "audiotext.names", options: "audiotext.options"};
 const $ = (id) => document.getElementById(id);
 const cardOf = new WeakMap();  // li -> its card: {el, name, id, job, phase, sent, error, trouble, text, said}
 let uploads = Promise.resolve();  // one upload at a time, in the order the files came
+let signins = 0;  // counts sign-ins and Forgets: a start() still loading for an earlier one gives up
 
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -8840,24 +8842,45 @@ function messageOf(xhr) {
   return `The server answered ${xhr.status} ${xhr.statusText}`.trim() + ".";
 }
 
+// Tries `call` until it answers, saying why it did not meanwhile (the daemon restarting, a proxy's
+// 502, the network down): `trouble` gets each such message and returns false once nobody waits
+// for the answer any more, and retrying then gives up with null. The pause between tries doubles,
+// up to RETRY_MS.most, so a daemon that is down for long is not asked every second by every card.
+// A refused token (401) and a job that is gone (404) are no trouble that passes: they are thrown.
+async function retrying(call, trouble) {
+  for (let pause = RETRY_MS.first; ; pause = Math.min(2 * pause, RETRY_MS.most)) {
+    let message;
+    try {
+      return await call();
+    } catch (error) {
+      if (error.status === 401 || error.status === 404) throw error;
+      message = error instanceof ApiError && error.message ? error.message + " Trying again…" : "";
+    }
+    if (trouble(message) === false) return null;
+    await sleep(pause);
+  }
+}
+
 // How a job's news arrives, until it finishes or is gone: while it waits, by asking now and then
 // (its place in the queue moves as others finish); while it runs, from its events stream, whose
 // segments show the text as it is heard. `update` gets each state, or null once the job no longer
 // exists, and returns false when nobody shows the job any more; `trouble` gets what keeps it from
-// asking (the daemon stopped, the network is down) until the next state comes.
+// asking (the daemon stopped, the network is down) until the next state comes, and returns false
+// once nobody shows the job any more.
 async function follow(job, update, trouble) {
-  for (let ask = false; ; ) {
+  for (;;) {
     await sleep(POLL_MS[job.status] || POLL_MS.queued);
+    let tried = false;
+    const next = () => {  // after a failed try, ask plainly: a stream's error, a network blip, the daemon restarting
+      const stream = job.status === "running" && !tried && streams < MAX_STREAMS;
+      tried = true;
+      return stream ? readEvents(job, update) : api("GET", `${JOBS}/${job.id}`);
+    };
     try {
-      const stream = job.status === "running" && !ask && streams < MAX_STREAMS;
-      ask = false;
-      job = stream ? await readEvents(job, update) : await api("GET", `${JOBS}/${job.id}`);
+      job = await retrying(next, trouble);
     } catch (error) {
       if (error.status === 404) return update(null);
-      if (error.status === 401) return;
-      if (error instanceof ApiError && error.message) trouble(error.message + " Trying again…");
-      ask = true;  // the daemon restarting, a network blip, a stream's error: ask plainly next
-      continue;
+      return;  // 401: the token is asked for again
     }
     if (job === null || !update(job) || FINISHED.has(job.status)) return;
   }
@@ -9044,7 +9067,12 @@ async function track(card, job) {
       card.trouble = "";
       render(card);
       return true;
-    }, (message) => { card.trouble = message; render(card); });
+    }, (message) => {
+      if (card.removed) return false;
+      if (message) card.trouble = message;
+      render(card);
+      return true;
+    });
   }
   if (card.job.status === "succeeded" && !card.removed) {
     try {
@@ -9143,6 +9171,7 @@ async function download(card, format) {
 }
 
 function askForToken(message) {
+  signins += 1;
   localStorage.removeItem(KEY.token);
   document.querySelectorAll("#jobs > li").forEach((li) => removeCard(cardOf.get(li)));
   $("work").hidden = true;
@@ -9163,18 +9192,27 @@ function restoreOptions() {
 }
 
 async function start() {
+  const signin = ++signins;
   $("signin").hidden = true;
   $("work").hidden = false;
   $("forget").hidden = false;
   $("notice").textContent = "";
   const saved = restoreOptions();
-  let models, list;
+  const trouble = (message) => {  // the daemon restarting, say: the page comes to life once it answers
+    if (signin !== signins) return false;
+    if (message) $("notice").textContent = message;
+    return true;
+  };
+  let loaded;
   try {
-    [models, list] = await Promise.all([api("GET", "v1/models"), api("GET", `${JOBS}?limit=100`)]);
+    loaded = await retrying(() => Promise.all([api("GET", "v1/models"), api("GET", `${JOBS}?limit=100`)]), trouble);
   } catch (error) {
-    if (error.status !== 401) $("notice").textContent = error.message;
+    if (error.status !== 401 && signin === signins) $("notice").textContent = error.message;
     return;
   }
+  if (!loaded || signin !== signins) return;  // the token was forgotten meanwhile
+  const [models, list] = loaded;
+  $("notice").textContent = "";
   const select = $("model");
   select.length = 1;
   for (const model of models.data) select.add(new Option(model.id, model.id));

@@ -7396,6 +7396,49 @@ def test_the_web_page_says_so_when_a_2xx_answer_is_not_json(daemon: Daemon, tmp_
         devtools.close()
 
 
+@needs_chromium
+def test_the_web_page_waits_for_a_daemon_it_cannot_reach_at_first(daemon: Daemon, tmp_path: Path) -> None:
+    """The daemon restarting, then a proxy's 502, as the page loads: it says so, and comes to life
+    without a reload once the daemon answers."""
+    devtools = DevTools(tmp_path)
+    try:
+        tab = Tab(devtools)
+        tab.open(daemon.url + "/")
+        tab.evaluate(f"localStorage.setItem('audiotext.token', {json.dumps(TOKEN)})")
+        tab.call("Fetch.enable", patterns=[{"urlPattern": "*/v1/models", "requestStage": "Request"}])
+        tab.reload()
+        seen: set[str] = set()
+
+        def caught() -> str | None:
+            for event in list(devtools.events):
+                if event["method"] == "Fetch.requestPaused" and event["params"]["requestId"] not in seen:
+                    seen.add(event["params"]["requestId"])
+                    return str(event["params"]["requestId"])
+            return None
+
+        notice = "document.getElementById('notice').textContent"
+        tab.call("Fetch.failRequest", requestId=wait_until(caught, what="the models to be asked for"),
+                 errorReason="ConnectionRefused")
+        tab.wait_for(f"{notice} === 'The server could not be reached. Trying again…'", what="the page to say so")
+        tab.call("Fetch.fulfillRequest", requestId=wait_until(caught, what="the models to be asked for again"),
+                 responseCode=502, responsePhrase="Bad Gateway",
+                 responseHeaders=[{"name": "Content-Type", "value": "text/html"}],
+                 body=base64.b64encode(b"<html><body>502 Bad Gateway</body></html>").decode())
+        tab.wait_for(f"{notice} === 'The server answered 502 Bad Gateway. Trying again…'", what="the 502 to be said")
+        tab.call("Fetch.continueRequest", requestId=wait_until(caught, what="a third try"))
+        tab.call("Fetch.disable")
+        tab.wait_for("[...document.getElementById('model').options].some((o) => o.value === 'cpu-lite')",
+                     what="the models to be listed")
+        assert tab.evaluate(notice) == ""
+        with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=30) as client:
+            jobs = len(client.get(JOBS, params={"limit": 100}).json()["data"])
+        assert tab.evaluate("[document.querySelectorAll('#jobs > li').length, "
+                            "document.getElementById('empty').hidden]") == [jobs, jobs > 0]
+        assert tab.problems() == []
+    finally:
+        devtools.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP requests
 # ---------------------------------------------------------------------------------------------
