@@ -8473,7 +8473,8 @@ class WyomingListener:
 # The web page's microphone button: the microphone streamed to GET /v1/realtime (Live
 # transcription) as 24 kHz 16-bit PCM, the text shown as it is heard, the finished turns kept as a
 # transcript to copy or save. A script, a style and a panel of their own, which the Web page
-# section lays into the page's one script, style and body. A browser cannot set a WebSocket's
+# section lays into the page's one script, style and body: the page sends the panel `signedout`
+# when the token is forgotten, and the panel sends `tokenneeded` when it has none. A browser cannot set a WebSocket's
 # headers: the token travels as the `openai-insecure-api-key.` subprotocol, as OpenAI's own
 # browser clients send it.
 
@@ -8490,7 +8491,10 @@ DICTATION_STYLE = """
 DICTATION_SCRIPT = r"""
 (() => {
   const RATE = 24000;  // what OpenAI's audio/pcm format is
+  const NO_TOKEN = "Dictation needs the API token.";
   const byId = (id) => document.getElementById(id);
+  const token = () => localStorage.getItem("audiotext.token") || "";
+  const hint = byId("dictation-state").textContent;
   const dictation = {socket: null, stream: null, context: null, starting: false, turns: [], heard: new Map(),
                      reason: ""};  // the last error the server sent: why it ends the session, if it does
 
@@ -8561,7 +8565,8 @@ DICTATION_SCRIPT = r"""
   function connect() {
     const url = new URL("v1/realtime?intent=transcription", location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-    const key = localStorage.getItem("audiotext.token") || "";
+    const key = token();
+    if (!key) throw new Error(NO_TOKEN);  // forgotten while the microphone was asked for
     let socket;
     try {
       socket = new WebSocket(url, ["realtime", "openai-insecure-api-key." + key]);
@@ -8578,6 +8583,11 @@ DICTATION_SCRIPT = r"""
   }
 
   async function start() {
+    if (!token()) {  // a browser cannot see why a WebSocket was refused: asked for before, not guessed after
+      say(NO_TOKEN, "bad");
+      byId("dictation").dispatchEvent(new CustomEvent("tokenneeded", {bubbles: true, detail: NO_TOKEN}));
+      return;
+    }
     say("Starting…");
     dictation.starting = true;
     try {
@@ -8662,6 +8672,11 @@ DICTATION_SCRIPT = r"""
     setTimeout(() => URL.revokeObjectURL(link.href), 60000);
   });
   byId("dictation-clear").addEventListener("click", () => { dictation.turns = []; show(); });
+  // The token forgotten: the microphone is not left recording, nor the session open, behind the sign-in form.
+  byId("dictation").addEventListener("signedout", () => {
+    if (dictation.socket || dictation.stream) stop();
+    say(hint);
+  });
 })();
 """
 
@@ -9172,6 +9187,7 @@ async function download(card, format) {
 
 function askForToken(message) {
   signins += 1;
+  $("dictation").dispatchEvent(new Event("signedout"));
   localStorage.removeItem(KEY.token);
   document.querySelectorAll("#jobs > li").forEach((li) => removeCard(cardOf.get(li)));
   $("work").hidden = true;
@@ -9229,6 +9245,7 @@ $("signin").addEventListener("submit", (event) => {
   start();
 });
 $("forget").addEventListener("click", () => askForToken(""));
+$("dictation").addEventListener("tokenneeded", (event) => askForToken(event.detail));
 $("upload").addEventListener("submit", (event) => event.preventDefault());
 $("upload").addEventListener("change", (event) => {
   if (event.target === $("files")) {

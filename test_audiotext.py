@@ -7396,6 +7396,49 @@ def test_the_web_page_says_so_when_a_2xx_answer_is_not_json(daemon: Daemon, tmp_
         devtools.close()
 
 
+# Keeps the WebSockets the page opens and the microphones it is given.
+KEEP_SOCKETS_AND_MICROPHONES = """(() => {
+    const devices = navigator.mediaDevices, open = devices.getUserMedia.bind(devices), Socket = WebSocket;
+    Object.assign(window, {sockets: [], microphones: []});
+    devices.getUserMedia = async (asked) => { const stream = await open(asked); microphones.push(stream); return stream; };
+    window.WebSocket = class extends Socket { constructor(...args) { super(...args); sockets.push(this); } };
+})()"""
+ALL_CLOSED = """sockets.every((s) => s.readyState >= WebSocket.CLOSING)
+    && microphones.every((m) => m.getTracks().every((t) => t.readyState === "ended"))"""
+
+
+@needs_chromium
+def test_dictation_without_a_token_asks_for_one(realtime_daemon: Daemon, tmp_path: Path) -> None:
+    """Forget token ends a dictation under way; a dictation started once the token is gone (forgotten
+    in another tab) asks for it, without opening a microphone or a connection."""
+    devtools = DevTools(tmp_path, args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                        "--autoplay-policy=no-user-gesture-required"])
+    try:
+        tab = page_signed_in(devtools, realtime_daemon.url)
+        tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
+        choose(tab, model=LIVE_MODEL, language="en")
+        tab.evaluate(KEEP_SOCKETS_AND_MICROPHONES)
+        pressed = "document.getElementById('dictate').getAttribute('aria-pressed')"
+        tab.evaluate("document.getElementById('dictate').click()")
+        tab.wait_for(f"{pressed} === 'true'", what="dictation")
+        tab.evaluate("document.getElementById('forget').click()")
+        tab.wait_for("!document.getElementById('signin').hidden", what="the token to be asked for")
+        assert tab.evaluate(f"[{pressed}, {ALL_CLOSED}]") == ["false", True], \
+            "neither the microphone nor the session is left open behind the sign-in form"
+
+        tab.type(TOKEN)
+        tab.press("Enter")
+        tab.wait_for("document.getElementById('model').options.length > 1", what="the models again")
+        tab.evaluate("localStorage.removeItem('audiotext.token')")  # as Forget token in another tab does
+        tab.evaluate("document.getElementById('dictate').click()")
+        tab.wait_for("!document.getElementById('signin').hidden", what="the token to be asked for again")
+        assert tab.evaluate("[document.getElementById('signin-error').textContent, document.activeElement.id, "
+                            "microphones.length, sockets.length]") == ["Dictation needs the API token.", "token", 1, 1]
+        assert tab.problems() == []
+    finally:
+        devtools.close()
+
+
 @needs_chromium
 def test_the_web_page_waits_for_a_daemon_it_cannot_reach_at_first(daemon: Daemon, tmp_path: Path) -> None:
     """The daemon restarting, then a proxy's 502, as the page loads: it says so, and comes to life
