@@ -9186,6 +9186,9 @@ async function download(card, format) {
 }
 
 function askForToken(message) {
+  // Asking already: a card still asking after its job without a token (it was just forgotten) is
+  // refused, which is no news and must not wipe the token being typed.
+  if (!$("signin").hidden) return;
   signins += 1;
   $("dictation").dispatchEvent(new Event("signedout"));
   localStorage.removeItem(KEY.token);

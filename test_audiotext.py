@@ -7440,6 +7440,34 @@ def test_dictation_without_a_token_asks_for_one(realtime_daemon: Daemon, tmp_pat
 
 
 @needs_chromium
+def test_the_token_being_typed_after_forget_token_is_kept(daemon_factory: Callable[..., Daemon], tmp_path: Path,
+                                                          ninety_seconds_wav: Path) -> None:
+    """The cards of jobs still under way go on asking after them for a moment, without a token:
+    the daemon's 401 must not wipe the token someone is typing, nor say it was refused."""
+    daemon = daemon_factory(AUDIOTEXT_WORKERS="1")  # one at a time, so the second job waits in the queue
+    devtools = DevTools(tmp_path)
+    try:
+        tab = page_signed_in(devtools, daemon.url)
+        tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
+        choose(tab, model="cpu-tiny", language="en")
+        tab.set_files("#files", [ninety_seconds_wav])
+        wait_for_card(tab, ninety_seconds_wav.name, ["running"])
+        tab.set_files("#files", [CLIPS / "en.wav"])
+        wait_for_card(tab, "en.wav", ["queued"])
+        with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60) as client:
+            queued = job_named(client, tab, "en.wav")["id"]
+        tab.evaluate("document.getElementById('forget').click()")
+        tab.wait_for("document.activeElement === document.getElementById('token')", what="the token field's focus")
+        tab.type("half-typed")
+        wait_until(lambda: f"GET {JOBS}/{queued} 401" in daemon.log(), what="the card to ask without a token")
+        assert tab.evaluate("[document.getElementById('token').value, document.getElementById('signin-error')"
+                            ".textContent, document.activeElement.id]") == ["half-typed", "", "token"]
+        assert tab.problems() == []
+    finally:
+        devtools.close()
+
+
+@needs_chromium
 def test_the_web_page_waits_for_a_daemon_it_cannot_reach_at_first(daemon: Daemon, tmp_path: Path) -> None:
     """The daemon restarting, then a proxy's 502, as the page loads: it says so, and comes to life
     without a reload once the daemon answers."""
