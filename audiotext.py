@@ -8495,6 +8495,7 @@ DICTATION_SCRIPT = r"""
   const byId = (id) => document.getElementById(id);
   const token = () => localStorage.getItem("audiotext.token") || "";
   const hint = byId("dictation-state").textContent;
+  const tokenError = (message) => Object.assign(new Error(message), {token: true});  // the page asks for another
   const dictation = {socket: null, stream: null, context: null, starting: false, turns: [], heard: new Map(),
                      reason: ""};  // the last error the server sent: why it ends the session, if it does
 
@@ -8566,7 +8567,7 @@ DICTATION_SCRIPT = r"""
     const url = new URL("v1/realtime?intent=transcription", location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     const key = token();
-    if (!key) throw new Error(NO_TOKEN);  // forgotten while the microphone was asked for
+    if (!key) throw tokenError(NO_TOKEN);  // forgotten while the microphone was asked for
     let socket;
     try {
       socket = new WebSocket(url, ["realtime", "openai-insecure-api-key." + key]);
@@ -8576,16 +8577,34 @@ DICTATION_SCRIPT = r"""
     }
     socket.addEventListener("message", (message) => onEvent(JSON.parse(message.data)));
     return new Promise((resolve, reject) => {
-      socket.addEventListener("open", () => resolve(socket), {once: true});
-      socket.addEventListener("close", () => reject(new Error(
-        "The server refused the connection (is the token right?).")), {once: true});
+      let opened = false;
+      socket.addEventListener("open", () => { opened = true; resolve(socket); }, {once: true});
+      socket.addEventListener("close", () => { if (!opened) whyRefused(key).then(reject); }, {once: true});
     });
   }
 
+  // A browser tells a page nothing of why its WebSocket was refused, not even whether the daemon
+  // answered: a call to the API with the same token tells a refused token from a daemon that
+  // cannot be reached; what is left is one of the daemon's own limits, or a proxy.
+  async function whyRefused(key) {
+    let response;
+    try {
+      response = await fetch("v1/models", {headers: {Authorization: "Bearer " + key}});
+    } catch (error) {
+      return new Error("The server could not be reached.");
+    }
+    if (response.status === 401) return tokenError("The token was refused.");
+    return new Error("The server refused dictation (too many live sessions, the daemon stopping, or a proxy " +
+                     "that does not pass WebSockets on); press the button to try again.");
+  }
+
+  function needToken(message) {  // the page then asks for it, and says `message` there
+    byId("dictation").dispatchEvent(new CustomEvent("tokenneeded", {bubbles: true, detail: message}));
+  }
+
   async function start() {
-    if (!token()) {  // a browser cannot see why a WebSocket was refused: asked for before, not guessed after
-      say(NO_TOKEN, "bad");
-      byId("dictation").dispatchEvent(new CustomEvent("tokenneeded", {bubbles: true, detail: NO_TOKEN}));
+    if (!token()) {  // asked for before a microphone and a connection are opened for nothing
+      needToken(NO_TOKEN);
       return;
     }
     say("Starting…");
@@ -8597,6 +8616,7 @@ DICTATION_SCRIPT = r"""
     } catch (error) {  // what was opened is closed again
       stop();
       say(error.message, "bad");
+      if (error.token) needToken(error.message);
       return;
     } finally {
       dictation.starting = false;

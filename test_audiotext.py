@@ -7440,6 +7440,34 @@ def test_dictation_without_a_token_asks_for_one(realtime_daemon: Daemon, tmp_pat
 
 
 @needs_chromium
+def test_dictation_says_why_it_could_not_connect(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """A browser tells the page nothing of why its WebSocket was refused: a wrong token is asked for
+    again, and a daemon that is not there is said to be so, instead of a guess at the token."""
+    daemon = daemon_factory()
+    devtools = DevTools(tmp_path, args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                        "--autoplay-policy=no-user-gesture-required"])
+    try:
+        tab = page_signed_in(devtools, daemon.url)
+        tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
+        tab.evaluate("localStorage.setItem('audiotext.token', 'not-the-token')")
+        tab.evaluate("document.getElementById('dictate').click()")
+        tab.wait_for("!document.getElementById('signin').hidden", what="the token to be asked for")
+        assert tab.evaluate("[document.getElementById('signin-error').textContent, document.activeElement.id]") \
+            == ["The token was refused.", "token"]
+        tab.type(TOKEN)
+        tab.press("Enter")
+        tab.wait_for("document.getElementById('model').options.length > 1", what="the models again")
+        assert daemon.stop() == 0
+        tab.evaluate("document.getElementById('dictate').click()")
+        tab.wait_for("document.getElementById('dictation-state').textContent === 'The server could not be reached.'",
+                     what="dictation to say so")
+        assert tab.evaluate("document.getElementById('dictate').getAttribute('aria-pressed')") == "false"
+        assert tab.problems() == []
+    finally:
+        devtools.close()
+
+
+@needs_chromium
 def test_the_token_being_typed_after_forget_token_is_kept(daemon_factory: Callable[..., Daemon], tmp_path: Path,
                                                           ninety_seconds_wav: Path) -> None:
     """The cards of jobs still under way go on asking after them for a moment, without a token:
