@@ -9236,6 +9236,7 @@ async function start() {
   $("work").hidden = false;
   $("forget").hidden = false;
   $("notice").textContent = "";
+  $("empty").hidden = true;  // not known until the list comes: "No jobs yet" would be untrue while the daemon is away
   const saved = restoreOptions();
   const trouble = (message) => {  // the daemon restarting, say: the page comes to life once it answers
     if (signin !== signins) return false;

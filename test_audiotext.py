@@ -7519,6 +7519,7 @@ def test_the_web_page_waits_for_a_daemon_it_cannot_reach_at_first(daemon: Daemon
         tab.call("Fetch.failRequest", requestId=wait_until(caught, what="the models to be asked for"),
                  errorReason="ConnectionRefused")
         tab.wait_for(f"{notice} === 'The server could not be reached. Trying again…'", what="the page to say so")
+        assert tab.evaluate("document.getElementById('empty').hidden"), "no 'No jobs yet' before the list came"
         tab.call("Fetch.fulfillRequest", requestId=wait_until(caught, what="the models to be asked for again"),
                  responseCode=502, responsePhrase="Bad Gateway",
                  responseHeaders=[{"name": "Content-Type", "value": "text/html"}],
