@@ -7468,18 +7468,22 @@ def test_dictation_says_why_it_could_not_connect(daemon_factory: Callable[..., D
 
 
 @needs_chromium
-def test_the_token_being_typed_after_forget_token_is_kept(daemon_factory: Callable[..., Daemon], tmp_path: Path,
-                                                          ninety_seconds_wav: Path) -> None:
+def test_the_token_being_typed_after_forget_token_is_kept(daemon_factory: Callable[..., Daemon],
+                                                          tmp_path: Path) -> None:
     """The cards of jobs still under way go on asking after them for a moment, without a token:
     the daemon's 401 must not wipe the token someone is typing, nor say it was refused."""
     daemon = daemon_factory(AUDIOTEXT_WORKERS="1")  # one at a time, so the second job waits in the queue
+    # Half an hour of speech: tiny hears 90 s in about 3 s on a quiet fast box, and the second job
+    # must still be waiting when the token is forgotten.
+    long_recording = tmp_path / "long30min.wav"
+    long_recording.write_bytes(wav_bytes(np.tile(audiotext.decode_audio(CLIPS / "long_en.webm", max_seconds=60), 60)))
     devtools = DevTools(tmp_path)
     try:
         tab = page_signed_in(devtools, daemon.url)
         tab.wait_for("document.getElementById('model').options.length > 1", what="the models to be listed")
         choose(tab, model="cpu-tiny", language="en")
-        tab.set_files("#files", [ninety_seconds_wav])
-        wait_for_card(tab, ninety_seconds_wav.name, ["running"])
+        tab.set_files("#files", [long_recording])
+        wait_for_card(tab, long_recording.name, ["running"])
         tab.set_files("#files", [CLIPS / "en.wav"])
         wait_for_card(tab, "en.wav", ["queued"])
         with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60) as client:
