@@ -681,28 +681,12 @@ def languages(args: argparse.Namespace) -> None:
 
 def decoder_languages(model: Any) -> dict[str, float]:
     """Every language's probability from the cross-attention the context's last encoder pass left:
-    one decoder step on [SOT] and a softmax over the language tokens, as whisper_lang_auto_detect
-    does after its own encoder pass."""
-    import ctypes
-
-    import numpy as np
-
-    audiotext = import_audiotext()
-    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
-    decode = audiotext._whisper_function("whisper_decode", c_int, c_void_p, ctypes.POINTER(c_int), c_int, c_int, c_int)
-    logits = audiotext._whisper_function("whisper_get_logits", ctypes.POINTER(ctypes.c_float), c_void_p)
-    sot = audiotext._whisper_function("whisper_token_sot", c_int, c_void_p)
-    token_of = audiotext._whisper_function("whisper_token_lang", c_int, c_void_p, c_int)
-    code_of = audiotext._whisper_function("whisper_lang_str", ctypes.c_char_p, c_int)
-    last = audiotext._whisper_function("whisper_lang_max_id", c_int)
-    ctx = model._address
-    if decode(ctx, (c_int * 1)(sot(ctx)), 1, 0, model.threads) != 0:
+    one decoder step on [SOT] and a softmax over the language tokens, as the engine reads a guessed
+    language back (audiotext.languages_of_last_encoding)."""
+    found = import_audiotext().languages_of_last_encoding(model._address, model.threads)
+    if not found:
         sys.exit("whisper_decode failed")
-    values = logits(ctx)
-    scores = np.array([values[token_of(ctx, i)] for i in range(last() + 1)], np.float64)
-    probabilities = np.exp(scores - scores.max())
-    probabilities /= probabilities.sum()
-    return {code_of(i).decode(): float(p) for i, p in enumerate(probabilities)}
+    return dict(found)
 
 
 def onepass(args: argparse.Namespace) -> None:
